@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make demo   - curate the embedded sample pool
+#   make test   - run the test suite
+# Both create or reuse .venv and install what they need into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mode_fast sample --out demo_out/pool
+	$(PY) -m mode_fast curate demo_out/pool --out demo_out/curated --target-size 4000 --seed 0
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q
+
+clean:
+	rm -rf build demo_out *.egg-info

@@ -1,0 +1,188 @@
+// Python bindings for the matcher: the only file here that knows about Python.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "matcher.h"
+
+namespace py = pybind11;
+using modefast::Matcher;
+
+namespace {
+
+// UTF-8 view of a str (cached inside the str object, no copy for ASCII) or of bytes.
+std::string_view utf8_view(PyObject* obj, const char* what, size_t index) {
+    if (PyUnicode_Check(obj)) {
+        Py_ssize_t size = 0;
+        const char* data = PyUnicode_AsUTF8AndSize(obj, &size);
+        if (data == nullptr) {
+            PyErr_Clear();
+            throw py::value_error(std::string(what) + " at index " + std::to_string(index) +
+                                  " is not encodable as UTF-8 (lone surrogate?)");
+        }
+        return {data, static_cast<size_t>(size)};
+    }
+    if (PyBytes_Check(obj)) return {PyBytes_AS_STRING(obj), static_cast<size_t>(PyBytes_GET_SIZE(obj))};
+    throw py::type_error(std::string(what) + " at index " + std::to_string(index) + " must be str, not " +
+                         Py_TYPE(obj)->tp_name);
+}
+
+// Holds strong references so the texts outlive the GIL-free section even if the
+// caller's list is changed by another thread meanwhile.
+struct TextViews {
+    std::vector<py::object> owners;
+    std::vector<std::string_view> views;
+};
+
+TextViews collect_texts(const py::handle& seq, const char* what) {
+    if (PyUnicode_Check(seq.ptr()) || PyBytes_Check(seq.ptr()))
+        throw py::type_error(std::string("expected a sequence of ") + what + "s, got a single string");
+    py::sequence items = py::reinterpret_borrow<py::sequence>(seq);
+    TextViews t;
+    const size_t n = items.size();
+    t.owners.reserve(n);
+    t.views.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+        t.owners.push_back(items[i]);
+        t.views.push_back(utf8_view(t.owners.back().ptr(), what, i));
+    }
+    return t;
+}
+
+template <class T>
+py::array_t<T> to_numpy(std::vector<T>&& v) {
+    auto* heap = new std::vector<T>(std::move(v));
+    py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+    return py::array_t<T>({static_cast<py::ssize_t>(heap->size())}, {static_cast<py::ssize_t>(sizeof(T))},
+                          heap->data(), owner);
+}
+
+std::unique_ptr<Matcher> build(const py::handle& entries) {
+    TextViews t = collect_texts(entries, "entry");
+    std::vector<std::string> copies(t.views.begin(), t.views.end());
+    py::gil_scoped_release release;
+    return std::make_unique<Matcher>(copies);
+}
+
+std::unique_ptr<Matcher> load_file(const std::string& path) {
+    py::gil_scoped_release release;
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw std::runtime_error("cannot open matcher file: " + path);
+    try {
+        return std::make_unique<Matcher>(Matcher::load(in));
+    } catch (const std::runtime_error& e) {
+        throw std::runtime_error(path + ": " + e.what());
+    }
+}
+
+// Written to a temporary name and renamed, so a killed save never leaves a file
+// that looks complete.
+void save_file(const Matcher& m, const std::string& path) {
+    py::gil_scoped_release release;
+    std::string tmp = path + ".tmp." + std::to_string(getpid());
+    {
+        std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+        if (!out) throw std::runtime_error("cannot write matcher file: " + tmp);
+        m.save(out);
+        out.flush();
+        if (!out) throw std::runtime_error("could not write matcher file: " + tmp);
+    }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+        std::remove(tmp.c_str());
+        throw std::runtime_error("cannot rename " + tmp + " to " + path);
+    }
+}
+
+py::str decode(std::string_view s) { return py::str(s.data(), s.size()); }
+
+}  // namespace
+
+PYBIND11_MODULE(_matcher, m) {
+    m.doc() = "MetaCLIP substring matcher (C++ core of mode_fast.curate.Matcher)";
+
+    py::class_<Matcher>(m, "Matcher", R"doc(
+MetaCLIP substring matcher over a metadata list.
+
+Entry ids are positions in ``entries``. A text matches entry ``e`` iff
+``" " + e + " "`` occurs in the text after MetaCLIP's spacing (punctuation , . ; : ? ! `
+wrapped in spaces, tab/newline/CR turned into spaces, one space of padding each side).
+Every entry found anywhere, overlaps included, is reported once. Case-sensitive;
+texts are matched on their UTF-8 bytes. Duplicate entries are allowed and each of
+their ids is reported, as the naive reference would.
+)doc")
+        .def(py::init(&build), py::arg("entries"), "Build from a list of metadata entries (str).")
+        .def(
+            "match",
+            [](const Matcher& self, const py::handle& text) {
+                std::string_view view = utf8_view(text.ptr(), "text", 0);
+                std::vector<int32_t> out;
+                modefast::MatchScratch scratch;
+                self.match(view, out, scratch);
+                return out;
+            },
+            py::arg("text"), "Matched entry ids of one text, ascending.")
+        .def(
+            "match_batch",
+            [](const Matcher& self, const py::handle& texts, int threads) {
+                TextViews t = collect_texts(texts, "text");
+                std::vector<int64_t> offsets;
+                std::vector<int32_t> ids;
+                {
+                    py::gil_scoped_release release;
+                    self.match_batch(t.views, threads, offsets, ids);
+                }
+                return py::make_tuple(to_numpy(std::move(offsets)), to_numpy(std::move(ids)));
+            },
+            py::arg("texts"), py::arg("threads") = 0,
+            R"doc(Match many texts without the GIL; ``threads=0`` uses all cores.
+
+Returns ``(offsets, ids)`` in CSR form: ``offsets`` int64 of length n+1 and ``ids`` int32;
+the ids of text i are ``ids[offsets[i]:offsets[i+1]]``, ascending.)doc")
+        .def("save", &save_file, py::arg("path"), "Write the built matcher (atomically) for Matcher.load.")
+        .def_static("load", &load_file, py::arg("path"), "Load a matcher written by save, without rebuilding.")
+        .def("__len__", &Matcher::size)
+        .def(
+            "entry", [](const Matcher& self, size_t i) { return decode(self.entry(i)); }, py::arg("id"))
+        .def_property_readonly(
+            "entries",
+            [](const Matcher& self) {
+                py::list out(self.size());
+                for (size_t i = 0; i < self.size(); ++i) out[i] = decode(self.entry(i));
+                return out;
+            },
+            "The metadata entries, in id order.")
+        .def(py::pickle(
+            [](const Matcher& self) {
+                std::ostringstream out(std::ios::binary);
+                self.save(out);
+                return py::bytes(out.str());
+            },
+            [](const py::bytes& state) {
+                std::istringstream in(std::string(state), std::ios::binary);
+                return std::make_unique<Matcher>(Matcher::load(in));
+            }))
+        .def("__repr__", [](const Matcher& self) { return "<Matcher with " + std::to_string(self.size()) + " entries>"; });
+
+    m.def(
+        "hash_keys",
+        [](const py::handle& keys, uint64_t seed) {
+            TextViews t = collect_texts(keys, "key");
+            std::vector<uint64_t> out(t.views.size());
+            {
+                py::gil_scoped_release release;
+                for (size_t i = 0; i < t.views.size(); ++i)
+                    out[i] = modefast::hash_bytes(t.views[i].data(), t.views[i].size(), seed);
+            }
+            return to_numpy(std::move(out));
+        },
+        py::arg("keys"), py::arg("seed") = 0,
+        "Stable 64-bit hash of each key's UTF-8 bytes, mixed with seed (same on every platform).");
+}

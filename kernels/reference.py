@@ -1,0 +1,148 @@
+"""Pure-PyTorch reference paths: CPU fallback, test reference and benchmark baseline.
+
+Each kernel family keeps its references in its own section below.
+"""
+
+# ---- contrastive loss (see contrastive_loss.py) ----
+
+# ---- k-means assignment (see kmeans_assign.py) ----
+# Nearest center by squared L2 distance. The chunked path is the "torch" backend of
+# kmeans_assign() on every device; the fp64 brute force is the test reference; the
+# cdist path is the naive benchmark baseline (it materialises N x K).
+import torch as _torch
+
+_KM_U32 = 2.0**-24  # unit roundoff of fp32
+_KM_U64 = 2.0**-53  # unit roundoff of fp64
+# Pairs re-checked per batch in fp64 (each costs D doubles of scratch).
+_KM_RECHECK_PAIRS = 1 << 14
+
+
+def _km_gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n*u / (1 - n*u): bound on the relative error of an n-term dot product."""
+    return n * u / (1.0 - n * u)
+
+
+def _km_matmul_roundoff(device: _torch.device) -> float:
+    """Unit roundoff of an fp32 matmul as torch will run it (TF32/bf16 when allowed)."""
+    precision = _torch.get_float32_matmul_precision()
+    if device.type == "cuda" and _torch.backends.cuda.matmul.allow_tf32:
+        precision = "high" if precision == "highest" else precision
+    # "high" allows TF32 (10-bit mantissa), "medium" bf16 (7-bit); see torch docs.
+    return {"highest": _KM_U32, "high": 2.0**-11, "medium": 2.0**-8}.get(precision, _KM_U32)
+
+
+def kmeans_default_chunk(k: int, device: _torch.device) -> int:
+    """Rows per chunk so a chunk's N x K score block stays small.
+
+    CPU: about 1M floats (4 MB, cache-sized; measured best at K = 1024, chunk 256-1024).
+    CUDA: about 64M floats (256 MB), large enough to keep the GPU busy.
+    """
+    budget = (1 << 26) if device.type == "cuda" else (1 << 20)
+    return int(min(max(budget // max(k, 1), 128), 1 << 16))
+
+
+def kmeans_recheck_near_ties(
+    x_rows: _torch.Tensor, centroids: _torch.Tensor, candidates: _torch.Tensor
+) -> _torch.Tensor:
+    """Exact argmin over each row's candidate centers, by direct differences in fp64.
+
+    x_rows [R, D] and centroids [K, D] in fp32; candidates [R, K] bool (every row has at
+    least one True). Distances equal within fp64 rounding count as ties and go to the
+    lowest index, so the choice does not depend on summation order.
+    """
+    r, d = x_rows.shape
+    k = centroids.shape[0]
+    rows, cols = candidates.nonzero(as_tuple=True)
+    dist = _torch.empty(rows.numel(), dtype=_torch.float64, device=x_rows.device)
+    for s in range(0, rows.numel(), _KM_RECHECK_PAIRS):
+        ri, ci = rows[s : s + _KM_RECHECK_PAIRS], cols[s : s + _KM_RECHECK_PAIRS]
+        diff = x_rows[ri].double() - centroids[ci].double()
+        dist[s : s + _KM_RECHECK_PAIRS] = (diff * diff).sum(1)
+    inf = _torch.full((r,), float("inf"), dtype=_torch.float64, device=x_rows.device)
+    row_min = inf.scatter_reduce(0, rows, dist, "amin")
+    # All terms are >= 0, so the fp64 sum's relative error is at most gamma_{D+2}.
+    tied = dist <= row_min[rows] * (1.0 + 2.0 * _km_gamma(d + 2, _KM_U64))
+    idx = _torch.where(tied, cols, _torch.full_like(cols, k))
+    return _torch.full((r,), k, dtype=_torch.int64, device=x_rows.device).scatter_reduce(
+        0, rows, idx, "amin"
+    )
+
+
+def kmeans_assign_torch(
+    x: _torch.Tensor,
+    centroids: _torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    exact: bool = True,
+) -> tuple[_torch.Tensor, _torch.Tensor]:
+    """Chunked matmul + argmin; any device. Inputs are assumed validated (see kmeans_assign).
+
+    Scores ||c||^2 - 2 x.c are computed in fp32 by one addmm per chunk of rows, so peak
+    extra memory is O(chunk_size * K) plus an fp32 copy of the centroids.
+
+    exact=True makes labels the exact argmin of ||x - c||^2 over the fp32 values of the
+    inputs: each score's rounding error is at most g = gamma_{D+2} * (||x|| + max||c||)^2
+    (fp32 dot-product bound), so only centers scoring within 2g of the row's best can be
+    the true nearest; rows with more than one such center are re-checked in fp64 by direct
+    differences (kmeans_recheck_near_ties). Ties go to the lowest index.
+    sqdist is computed directly as sum((x - c)^2) in fp32, so it is accurate even for a
+    point sitting on its center (the expansion cancels catastrophically there).
+    """
+    n, d = x.shape
+    k = centroids.shape[0]
+    device = x.device
+    c = centroids.to(_torch.float32).contiguous()
+    c_sq = (c * c).sum(1)
+    c_t = c.t()
+    chunk = chunk_size or kmeans_default_chunk(k, device)
+    if exact:
+        g = _km_gamma(d + 2, _km_matmul_roundoff(device))
+        # c_sq itself is rounded: pad max||c|| by a relative 1e-6 (>> fp32 eps * few).
+        c_max = float(c_sq.max().sqrt()) * (1.0 + 1e-6)
+    labels = _torch.empty(n, dtype=_torch.int64, device=device)
+    sqdist = _torch.empty(n, dtype=_torch.float32, device=device)
+    for s in range(0, n, chunk):
+        xs = x[s : s + chunk].to(_torch.float32).contiguous()
+        scores = _torch.addmm(c_sq, xs, c_t, beta=1.0, alpha=-2.0)
+        best, arg = scores.min(1)  # first index of the minimum on exact ties
+        if exact and k > 1:
+            window = 2.0 * g * ((xs * xs).sum(1).sqrt() * (1.0 + 1e-6) + c_max) ** 2
+            # Second-best score: mask the best in place and take the min again (measured
+            # cheaper on CPU than topk(2) or counting scores under the threshold).
+            scores.scatter_(1, arg[:, None], float("inf"))
+            second = scores.min(1).values
+            # Rows with NaN/inf (bad input, rejected by the caller) are left alone.
+            ok = (second - best <= window) & window.isfinite() & best.isfinite()
+            near = ok.nonzero().squeeze(1)
+            if near.numel():
+                sub = scores[near]
+                sub.scatter_(1, arg[near, None], best[near, None])
+                cand = sub <= (best[near] + window[near])[:, None]
+                arg[near] = kmeans_recheck_near_ties(xs[near], c, cand)
+        diff = xs - c[arg]
+        sqdist[s : s + chunk] = (diff * diff).sum(1)
+        labels[s : s + chunk] = arg
+    return labels, sqdist
+
+
+def kmeans_assign_bruteforce(
+    x: _torch.Tensor, centroids: _torch.Tensor
+) -> tuple[_torch.Tensor, _torch.Tensor]:
+    """Test reference: fp64 direct differences over all N x K pairs (small inputs only).
+
+    Returns (labels int64 lowest index among fp64-equal minima, sqdist float64).
+    """
+    xd = x.detach().double().cpu()
+    cd = centroids.detach().double().cpu()
+    dist = ((xd[:, None, :] - cd[None, :, :]) ** 2).sum(-1)
+    best, arg = dist.min(1)
+    return arg, best
+
+
+def kmeans_assign_cdist(
+    x: _torch.Tensor, centroids: _torch.Tensor
+) -> tuple[_torch.Tensor, _torch.Tensor]:
+    """Naive baseline: torch.cdist then argmin, materialising the full N x K matrix."""
+    dist = _torch.cdist(x.float(), centroids.float())
+    best, arg = dist.min(1)
+    return arg, best * best

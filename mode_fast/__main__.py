@@ -1,0 +1,3 @@
+from mode_fast.cli import main
+
+raise SystemExit(main())

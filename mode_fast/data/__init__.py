@@ -1,0 +1,1 @@
+"""Readers and writers for the pools users have, and the embedded sample."""
