@@ -130,54 +130,60 @@ uint64_t hash_bytes(const char* data, size_t size, uint64_t seed) {
 
 // --- construction ----------------------------------------------------------------
 
+namespace {
+
+inline uint32_t slot_meta(uint64_t hash, size_t size) {
+    return (static_cast<uint32_t>(hash >> 32) & 0xFFFFFF00u) | static_cast<uint32_t>(std::min<size_t>(size, 255));
+}
+
+}  // namespace
+
 Matcher::Matcher(const std::vector<std::string>& entries) {
-    if (entries.size() >= static_cast<size_t>(INT32_MAX))
+    if (entries.size() >= static_cast<size_t>(INT32_MAX) - 1)
         throw std::invalid_argument("too many entries (ids are int32)");
     entry_offsets_.reserve(entries.size() + 1);
     entry_offsets_.push_back(0);
     size_t total = 0;
     for (const auto& e : entries) total += e.size();
     entry_bytes_.reserve(total);
-    // Rough token count sizes the tables once instead of rehashing while building.
-    vocab_slots_.assign(table_size_for(entries.size() + 1), 0);
-    edge_keys_.assign(table_size_for(entries.size() / 2 + 1), kEmptyKey);
-    edge_targets_.assign(edge_keys_.size(), 0);
+    vocab_slots_.assign(table_size_for(entries.size() + 1), VocabSlot{0, 0, 0});
+    edges_.assign(table_size_for(entries.size() / 2 + 1), Edge{kEmptyKey, 0, 0});
     next_same_entry_.assign(entries.size(), -1);
 
-    std::vector<int32_t> last_of_node;  // tail of each node's duplicate chain
-    std::vector<uint32_t> tokens;
-    for (size_t id = 0; id < entries.size(); ++id) {
-        const std::string& e = entries[id];
+    // Pass 1: the vocabulary, so that node ids 0..V-1 can be the one-token paths.
+    std::vector<uint32_t> entry_tokens;
+    std::vector<uint64_t> entry_token_offsets{0};
+    entry_token_offsets.reserve(entries.size() + 1);
+    for (const auto& e : entries) {
         entry_bytes_.append(e);
         entry_offsets_.push_back(entry_bytes_.size());
+        for_each_token(e, [&](const char* p, size_t n) { entry_tokens.push_back(add_token({p, n})); });
+        entry_token_offsets.push_back(entry_tokens.size());
+    }
 
-        tokens.clear();
-        for_each_token(e, [&](const char* p, size_t n) { tokens.push_back(add_token({p, n})); });
-
-        uint32_t node = root_child_[tokens[0]];
-        if (node == kNone) {
-            node = static_cast<uint32_t>(node_entry_.size());
-            root_child_[tokens[0]] = node;
-            node_entry_.push_back(-1);
-            node_has_children_.push_back(0);
-            last_of_node.push_back(-1);
-        }
-        for (size_t k = 1; k < tokens.size(); ++k) {
-            uint32_t next = child(node, tokens[k]);
+    // Pass 2: the trie.
+    const size_t n_tokens = token_offsets_.size() - 1;
+    node_info_.assign(n_tokens, 0);
+    std::vector<int32_t> last_of_node(n_tokens, -1);  // tail of each node's duplicate chain
+    for (size_t id = 0; id < entries.size(); ++id) {
+        const uint32_t* tok = entry_tokens.data() + entry_token_offsets[id];
+        const size_t len = entry_token_offsets[id + 1] - entry_token_offsets[id];
+        uint32_t node = tok[0];
+        for (size_t k = 1; k < len; ++k) {
+            uint32_t next = child(node, tok[k]);
             if (next == kNone) {
-                next = static_cast<uint32_t>(node_entry_.size());
-                node_entry_.push_back(-1);
-                node_has_children_.push_back(0);
+                next = static_cast<uint32_t>(node_info_.size());
+                node_info_.push_back(0);
                 last_of_node.push_back(-1);
-                add_edge(node, tokens[k], next);
-                node_has_children_[node] = 1;
+                add_edge(node, tok[k], next);
+                node_info_[node] |= kHasChildren;
             }
             node = next;
         }
         // Duplicate entries are legal input and all their ids are reported, as the
         // naive reference does; they are chained so the common case stays one int.
-        if (node_entry_[node] < 0) {
-            node_entry_[node] = static_cast<int32_t>(id);
+        if ((node_info_[node] & ~kHasChildren) == 0) {
+            node_info_[node] |= static_cast<uint32_t>(id) + 1;
         } else {
             next_same_entry_[last_of_node[node]] = static_cast<int32_t>(id);
         }
@@ -190,112 +196,122 @@ std::string_view Matcher::entry(size_t id) const {
     return std::string_view(entry_bytes_).substr(entry_offsets_[id], entry_offsets_[id + 1] - entry_offsets_[id]);
 }
 
+void Matcher::insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash) {
+    size_t mask = table.size() - 1;
+    size_t i = hash & mask;
+    while (table[i].id_plus1 != 0) i = (i + 1) & mask;
+    table[i] = slot;
+}
+
 uint32_t Matcher::add_token(std::string_view token) {
-    int32_t found = token_id(token.data(), token.size());
+    uint64_t h = hash_bytes(token.data(), token.size(), 0);
+    int32_t found = token.size() <= max_token_size_ ? token_id(token.data(), token.size(), h) : -1;
     if (found >= 0) return static_cast<uint32_t>(found);
     uint32_t id = static_cast<uint32_t>(token_offsets_.size() - 1);
     token_bytes_.append(token);
     token_offsets_.push_back(token_bytes_.size());
     max_token_size_ = std::max<uint32_t>(max_token_size_, static_cast<uint32_t>(token.size()));
-    root_child_.push_back(kNone);
-    if ((uint64_t{id} + 1) * 2 > vocab_slots_.size()) grow_vocab_table();
-    uint64_t h = hash_bytes(token.data(), token.size(), 0);
-    size_t mask = vocab_slots_.size() - 1;
-    size_t slot = h & mask;
-    while (vocab_slots_[slot] != 0) slot = (slot + 1) & mask;
-    vocab_slots_[slot] = (h & 0xFFFFFFFF00000000ull) | (uint64_t{id} + 1);
+    if ((uint64_t{id} + 1) * 2 > vocab_slots_.size()) {
+        std::vector<VocabSlot> bigger(vocab_slots_.size() * 2, VocabSlot{0, 0, 0});
+        for (const VocabSlot& s : vocab_slots_) {
+            if (s.id_plus1 == 0) continue;
+            uint32_t t = s.id_plus1 - 1;
+            insert_slot(bigger, s, hash_bytes(token_bytes_.data() + token_offsets_[t], token_offsets_[t + 1] - token_offsets_[t], 0));
+        }
+        vocab_slots_.swap(bigger);
+    }
+    insert_slot(vocab_slots_, VocabSlot{load_le(reinterpret_cast<const unsigned char*>(token.data()), std::min<size_t>(token.size(), 8)), slot_meta(h, token.size()), id + 1}, h);
     return id;
 }
 
-void Matcher::grow_vocab_table() {
-    std::vector<uint64_t> old;
-    old.swap(vocab_slots_);
-    vocab_slots_.assign(old.size() * 2, 0);
-    size_t mask = vocab_slots_.size() - 1;
-    for (uint64_t s : old) {
-        if (s == 0) continue;
-        uint32_t id = static_cast<uint32_t>(s & 0xFFFFFFFFu) - 1;
-        uint64_t h = hash_bytes(token_bytes_.data() + token_offsets_[id], token_offsets_[id + 1] - token_offsets_[id], 0);
-        size_t slot = h & mask;
-        while (vocab_slots_[slot] != 0) slot = (slot + 1) & mask;
-        vocab_slots_[slot] = s;
-    }
-}
-
 void Matcher::add_edge(uint32_t node, uint32_t token, uint32_t target) {
-    if ((edge_count_ + 1) * 2 > edge_keys_.size()) grow_edge_table();
+    if ((edge_count_ + 1) * 2 > edges_.size()) grow_edge_table();
     uint64_t key = edge_key(node, token);
-    size_t mask = edge_keys_.size() - 1;
+    size_t mask = edges_.size() - 1;
     size_t slot = mix64(key) & mask;
-    while (edge_keys_[slot] != kEmptyKey) slot = (slot + 1) & mask;
-    edge_keys_[slot] = key;
-    edge_targets_[slot] = target;
+    while (edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
+    edges_[slot] = Edge{key, target, 0};
     ++edge_count_;
 }
 
 void Matcher::grow_edge_table() {
-    std::vector<uint64_t> old_keys;
-    std::vector<uint32_t> old_targets;
-    old_keys.swap(edge_keys_);
-    old_targets.swap(edge_targets_);
-    edge_keys_.assign(old_keys.size() * 2, kEmptyKey);
-    edge_targets_.assign(edge_keys_.size(), 0);
-    size_t mask = edge_keys_.size() - 1;
-    for (size_t i = 0; i < old_keys.size(); ++i) {
-        if (old_keys[i] == kEmptyKey) continue;
-        size_t slot = mix64(old_keys[i]) & mask;
-        while (edge_keys_[slot] != kEmptyKey) slot = (slot + 1) & mask;
-        edge_keys_[slot] = old_keys[i];
-        edge_targets_[slot] = old_targets[i];
+    std::vector<Edge> old(edges_.size() * 2, Edge{kEmptyKey, 0, 0});
+    old.swap(edges_);
+    size_t mask = edges_.size() - 1;
+    for (const Edge& e : old) {
+        if (e.key == kEmptyKey) continue;
+        size_t slot = mix64(e.key) & mask;
+        while (edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
+        edges_[slot] = e;
     }
 }
 
 // --- look-ups ----------------------------------------------------------------------
 
-int32_t Matcher::token_id(const char* data, size_t size) const {
-    if (size > max_token_size_ || vocab_slots_.empty()) return -1;
-    uint64_t h = hash_bytes(data, size, 0);
-    uint64_t tag = h & 0xFFFFFFFF00000000ull;
-    size_t mask = vocab_slots_.size() - 1;
-    for (size_t slot = h & mask;; slot = (slot + 1) & mask) {
-        uint64_t s = vocab_slots_[slot];
-        if (s == 0) return -1;
-        if ((s & 0xFFFFFFFF00000000ull) == tag) {
-            uint32_t id = static_cast<uint32_t>(s & 0xFFFFFFFFu) - 1;
-            uint64_t begin = token_offsets_[id], end = token_offsets_[id + 1];
-            if (end - begin == size && std::memcmp(token_bytes_.data() + begin, data, size) == 0)
-                return static_cast<int32_t>(id);
-        }
+int32_t Matcher::token_id(const char* data, size_t size, uint64_t hash) const {
+    const uint64_t prefix = load_le(reinterpret_cast<const unsigned char*>(data), std::min<size_t>(size, 8));
+    const uint32_t meta = slot_meta(hash, size);
+    const size_t mask = vocab_slots_.size() - 1;
+    for (size_t i = hash & mask;; i = (i + 1) & mask) {
+        const VocabSlot& s = vocab_slots_[i];
+        if (s.id_plus1 == 0) return -1;
+        if (s.meta != meta || s.prefix != prefix) continue;
+        const uint32_t id = s.id_plus1 - 1;
+        if (size <= 8) return static_cast<int32_t>(id);  // size and all bytes are in the slot
+        const uint64_t begin = token_offsets_[id], end = token_offsets_[id + 1];
+        if (end - begin == size && std::memcmp(token_bytes_.data() + begin + 8, data + 8, size - 8) == 0)
+            return static_cast<int32_t>(id);
     }
 }
 
 uint32_t Matcher::child(uint32_t node, uint32_t token) const {
-    uint64_t key = edge_key(node, token);
-    size_t mask = edge_keys_.size() - 1;
+    const uint64_t key = edge_key(node, token);
+    const size_t mask = edges_.size() - 1;
     for (size_t slot = mix64(key) & mask;; slot = (slot + 1) & mask) {
-        uint64_t k = edge_keys_[slot];
-        if (k == key) return edge_targets_[slot];
-        if (k == kEmptyKey) return kNone;
+        const Edge& e = edges_[slot];
+        if (e.key == key) return e.target;
+        if (e.key == kEmptyKey) return kNone;
     }
 }
 
 void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScratch& scratch) const {
     normalize(text, scratch.normalized);
+
+    // Three short passes instead of one: hashing every token first lets the memory
+    // system fetch all their table slots at once (prefetch) rather than one by one.
+    auto& tokens = scratch.tokens;
+    tokens.clear();
+    const size_t mask = vocab_slots_.size() - 1;
+    for_each_token(scratch.normalized, [&](const char* p, size_t n) {
+        if (n > max_token_size_) {
+            tokens.push_back({nullptr, 0, 0});  // cannot be in the vocabulary
+            return;
+        }
+        uint64_t h = hash_bytes(p, n, 0);
+        __builtin_prefetch(&vocab_slots_[h & mask]);
+        tokens.push_back({p, static_cast<uint32_t>(n), h});
+    });
     auto& ids = scratch.token_ids;
-    ids.clear();
-    for_each_token(scratch.normalized, [&](const char* p, size_t n) { ids.push_back(token_id(p, n)); });
+    ids.resize(tokens.size());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        const auto& t = tokens[i];
+        ids[i] = t.data == nullptr ? -1 : token_id(t.data, t.size, t.hash);
+        if (ids[i] >= 0) __builtin_prefetch(&node_info_[ids[i]]);
+    }
 
     auto& found = scratch.found;
     found.clear();
     const size_t n_tokens = ids.size();
     for (size_t i = 0; i < n_tokens; ++i) {
         if (ids[i] < 0) continue;
-        uint32_t node = root_child_[ids[i]];
+        uint32_t node = static_cast<uint32_t>(ids[i]);
         for (size_t j = i + 1;; ++j) {
-            if (node == kNone) break;
-            for (int32_t e = node_entry_[node]; e >= 0; e = next_same_entry_[e]) found.push_back(e);
-            if (j == n_tokens || ids[j] < 0 || !node_has_children_[node]) break;
+            const uint32_t info = node_info_[node];
+            for (int32_t e = static_cast<int32_t>(info & ~kHasChildren) - 1; e >= 0; e = next_same_entry_[e])
+                found.push_back(e);
+            if (j == n_tokens || ids[j] < 0 || !(info & kHasChildren)) break;
             node = child(node, static_cast<uint32_t>(ids[j]));
+            if (node == kNone) break;
         }
     }
     if (found.size() > 1) {
@@ -358,12 +374,9 @@ void Matcher::save(std::ostream& out) const {
     write_vec(out, token_offsets_);
     write_vec(out, vocab_slots_);
     out.write(reinterpret_cast<const char*>(&max_token_size_), sizeof max_token_size_);
-    write_vec(out, root_child_);
-    write_vec(out, edge_keys_);
-    write_vec(out, edge_targets_);
+    write_vec(out, node_info_);
+    write_vec(out, edges_);
     out.write(reinterpret_cast<const char*>(&edge_count_), sizeof edge_count_);
-    write_vec(out, node_entry_);
-    write_vec(out, node_has_children_);
     write_vec(out, next_same_entry_);
     out.write(kMagic, sizeof kMagic);  // trailer: a cut-off file is caught on load
     if (!out) throw std::runtime_error("could not write matcher");
@@ -382,12 +395,9 @@ Matcher Matcher::load(std::istream& in) {
     read_vec(in, m.token_offsets_, kMax);
     read_vec(in, m.vocab_slots_, kMax);
     read_pod(in, m.max_token_size_);
-    read_vec(in, m.root_child_, kMax);
-    read_vec(in, m.edge_keys_, kMax);
-    read_vec(in, m.edge_targets_, kMax);
+    read_vec(in, m.node_info_, kMax);
+    read_vec(in, m.edges_, kMax);
     read_pod(in, m.edge_count_);
-    read_vec(in, m.node_entry_, kMax);
-    read_vec(in, m.node_has_children_, kMax);
     read_vec(in, m.next_same_entry_, kMax);
     in.read(magic, sizeof magic);
     if (!in || std::memcmp(magic, kMagic, sizeof kMagic) != 0)
@@ -396,20 +406,17 @@ Matcher Matcher::load(std::istream& in) {
     // Structural checks, so a damaged file fails here rather than reading out of bounds.
     const size_t n_entries = m.entry_offsets_.empty() ? 0 : m.entry_offsets_.size() - 1;
     const size_t n_tokens = m.token_offsets_.empty() ? 0 : m.token_offsets_.size() - 1;
-    const size_t n_nodes = m.node_entry_.size();
+    const size_t n_nodes = m.node_info_.size();
     auto pow2 = [](size_t x) { return x > 0 && (x & (x - 1)) == 0; };
     bool ok = !m.entry_offsets_.empty() && m.entry_offsets_.back() == m.entry_bytes_.size() &&
               !m.token_offsets_.empty() && m.token_offsets_.back() == m.token_bytes_.size() &&
-              pow2(m.vocab_slots_.size()) && pow2(m.edge_keys_.size()) &&
-              m.edge_targets_.size() == m.edge_keys_.size() && m.root_child_.size() == n_tokens &&
-              m.node_has_children_.size() == n_nodes && m.next_same_entry_.size() == n_entries;
+              pow2(m.vocab_slots_.size()) && pow2(m.edges_.size()) && n_nodes >= n_tokens &&
+              m.next_same_entry_.size() == n_entries;
     for (size_t i = 0; ok && i + 1 < m.entry_offsets_.size(); ++i) ok = m.entry_offsets_[i] <= m.entry_offsets_[i + 1];
     for (size_t i = 0; ok && i + 1 < m.token_offsets_.size(); ++i) ok = m.token_offsets_[i] <= m.token_offsets_[i + 1];
-    for (uint64_t s : m.vocab_slots_) ok = ok && (s == 0 || (s & 0xFFFFFFFFu) <= n_tokens);
-    for (uint32_t c : m.root_child_) ok = ok && (c == kNone || c < n_nodes);
-    for (size_t i = 0; ok && i < m.edge_keys_.size(); ++i)
-        ok = m.edge_keys_[i] == kEmptyKey || m.edge_targets_[i] < n_nodes;
-    for (int32_t e : m.node_entry_) ok = ok && e < static_cast<int64_t>(n_entries);
+    for (const VocabSlot& s : m.vocab_slots_) ok = ok && s.id_plus1 <= n_tokens;
+    for (const Edge& e : m.edges_) ok = ok && (e.key == kEmptyKey || e.target < n_nodes);
+    for (uint32_t info : m.node_info_) ok = ok && (info & ~kHasChildren) <= n_entries;
     for (int32_t e : m.next_same_entry_) ok = ok && e < static_cast<int64_t>(n_entries);
     if (!ok) throw std::runtime_error("matcher file is corrupt (inconsistent tables)");
     return m;

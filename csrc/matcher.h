@@ -26,7 +26,13 @@ uint64_t hash_bytes(const char* data, size_t size, uint64_t seed);
 
 // Per-thread working memory for Matcher::match, reused across texts.
 struct MatchScratch {
+    struct Token {
+        const char* data;
+        uint32_t size;
+        uint64_t hash;
+    };
     std::string normalized;
+    std::vector<Token> tokens;
     std::vector<int32_t> token_ids;
     std::vector<int32_t> found;
 };
@@ -50,35 +56,46 @@ public:
     void save(std::ostream& out) const;
     static Matcher load(std::istream& in);
 
+    // One slot of the vocabulary hash table. The first 8 bytes of the token live in
+    // the slot, so most look-ups (English words are short) touch one cache line.
+    struct VocabSlot {
+        uint64_t prefix;    // first min(size, 8) bytes, little-endian, zero padded
+        uint32_t meta;      // high 24 bits of the hash | min(size, 255)
+        uint32_t id_plus1;  // 0 marks an empty slot
+    };
+    struct Edge {
+        uint64_t key;  // node << 32 | token; kEmptyKey marks an empty slot
+        uint32_t target;
+        uint32_t unused;
+    };
+
 private:
     static constexpr uint32_t kNone = 0xFFFFFFFFu;
+    static constexpr uint32_t kHasChildren = 0x80000000u;
 
-    int32_t token_id(const char* data, size_t size) const;
+    int32_t token_id(const char* data, size_t size, uint64_t hash) const;
     uint32_t child(uint32_t node, uint32_t token) const;
     uint32_t add_token(std::string_view token);
     void add_edge(uint32_t node, uint32_t token, uint32_t target);
-    void grow_vocab_table();
+    static void insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash);
     void grow_edge_table();
 
     // Entries as given, for naming ids.
     std::string entry_bytes_;
     std::vector<uint64_t> entry_offsets_;
 
-    // Vocabulary of distinct entry tokens. Open addressing table of slots
-    // (hash high 32 bits << 32 | token id + 1); 0 marks an empty slot.
+    // Vocabulary of distinct entry tokens, and its open addressing hash table.
     std::string token_bytes_;
     std::vector<uint64_t> token_offsets_{0};
-    std::vector<uint64_t> vocab_slots_;
+    std::vector<VocabSlot> vocab_slots_;
     uint32_t max_token_size_ = 0;
 
-    // Trie over token ids. Depth-1 nodes are indexed by token id (root_child_);
-    // deeper edges live in an open addressing table keyed by (node << 32 | token).
-    std::vector<uint32_t> root_child_;
-    std::vector<uint64_t> edge_keys_;   // kEmptyKey marks an empty slot
-    std::vector<uint32_t> edge_targets_;
+    // Trie over token ids. Node t < vocabulary size is the one-token path [t], so a
+    // text token's id is already its trie node; deeper edges live in a hash table.
+    // node_info_: kHasChildren bit | (first entry ending here + 1, or 0).
+    std::vector<uint32_t> node_info_;
+    std::vector<Edge> edges_;
     uint64_t edge_count_ = 0;
-    std::vector<int32_t> node_entry_;    // first entry ending at this node, or -1
-    std::vector<uint8_t> node_has_children_;
     std::vector<int32_t> next_same_entry_;  // duplicates of an entry, chained, or -1
 };
 
