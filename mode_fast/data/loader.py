@@ -1,0 +1,535 @@
+"""Training loader for webdataset shards: streaming, shuffled, resumable, reader-count free.
+
+The order of one epoch is a pure function of (seed, epoch), whatever the number of loader
+workers or DDP ranks, so a resumed run and a two-process run see the same global batches
+as an uninterrupted one-process run:
+
+1. Index (once, before training): every shard's tar headers are scanned (data is seeked
+   over, not read) and the usable samples are kept: those with the image and caption keys,
+   in `keep_keys` (the uid list from `curate`), and passing the expert filter. This gives the
+   per-shard counts that size an epoch; an epoch is `total // global_batch` steps and the
+   tail is dropped, never wrapped around.
+2. Epoch plan: the shards are permuted with rng(seed, epoch) and their samples concatenated
+   into one stream; the stream is shuffled locally by sorting `position + U(0, window)`,
+   so each sample moves at most `window` places and a reader holds about `window` raw
+   samples at a time (a shuffle buffer whose effect is known in advance).
+3. Global batch b is plan[b*G:(b+1)*G]; rank r takes its contiguous 1/world slice; loader
+   worker w of a rank builds batches start+w, start+w+nw, ... (the DataLoader hands them
+   out round-robin, so they arrive in order). A worker scans the headers of the shards its
+   samples lie in and reads, decodes and transforms only its own samples. Resuming at
+   batch p skips the earlier batches without reading their data.
+4. Image augmentation draws from a torch RNG seeded by (seed, epoch, position), so a
+   sample's tensor does not depend on which process made it.
+
+Sample layout follows webdataset: `KEY.EXT` members, grouped while consecutive members
+share KEY (the path up to the first dot of the basename).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"
+DEFAULT_CAPTION_KEY = "txt"
+
+
+class DataKeyError(ValueError):
+    """The image or caption key named by the user is not in the shards."""
+
+
+# --------------------------------------------------------------------------- sample spec
+@dataclass(frozen=True)
+class SampleSpec:
+    """Which members of a sample hold the image and the caption.
+
+    image_key: extensions tried in order, ';'-separated (open_clip's "jpg;png;webp").
+    caption_key: an extension ("txt") whose member is the caption, or "json:FIELD" for a
+    field of the sample's .json member (dotted for nested fields: "json:meta.caption").
+    """
+
+    image_key: str = DEFAULT_IMAGE_KEY
+    caption_key: str = DEFAULT_CAPTION_KEY
+
+    @property
+    def image_exts(self) -> tuple[str, ...]:
+        exts = tuple(e.strip().lower().lstrip(".") for e in self.image_key.split(";") if e.strip())
+        if not exts:
+            raise DataKeyError(f"image key {self.image_key!r} names no extension")
+        return exts
+
+    @property
+    def caption_ext(self) -> str:
+        return "json" if self.caption_key.startswith("json:") else self.caption_key.lower().lstrip(".")
+
+    @property
+    def caption_field(self) -> list[str] | None:
+        if not self.caption_key.startswith("json:"):
+            return None
+        path = self.caption_key[len("json:"):]
+        if not path:
+            raise DataKeyError(f"caption key {self.caption_key!r}: give a field, e.g. json:caption")
+        return path.split(".")
+
+    def image_ext_of(self, members: Mapping[str, Any]) -> str | None:
+        return next((e for e in self.image_exts if e in members), None)
+
+    def caption_from_bytes(self, raw: bytes) -> str | None:
+        """The caption, or None when a json sample lacks the field."""
+        text = raw.decode("utf-8", errors="replace")
+        fields = self.caption_field
+        if fields is None:
+            return text.strip()
+        value: Any = json.loads(text)
+        for name in fields:
+            if not isinstance(value, dict) or name not in value:
+                return None
+            value = value[name]
+        return value.strip() if isinstance(value, str) else str(value)
+
+
+# --------------------------------------------------------------------------- tar reading
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, extension) the webdataset way: key is up to the first dot of the basename."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def iter_tar_samples(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """(key, {ext: TarInfo}) per sample; consecutive members with one key form a sample.
+
+    Only headers are parsed: on a seekable file tarfile seeks over member data.
+    """
+    key: str | None = None
+    members: dict[str, tarfile.TarInfo] = {}
+    for info in tf:
+        if not info.isfile():
+            continue
+        k, ext = split_member_name(info.name)
+        if k.rsplit("/", 1)[-1].startswith("__") or not ext:
+            continue  # webdataset metadata members such as __index__
+        if k != key:
+            if key is not None:
+                yield key, members
+            key, members = k, {}
+        members[ext] = info
+    if key is not None:
+        yield key, members
+
+
+def _read(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    f = tf.extractfile(info)
+    assert f is not None  # regular files only, see iter_tar_samples
+    return f.read()
+
+
+def _members_text(members: Mapping[str, Any]) -> str:
+    return ", ".join("." + e for e in sorted(members)) or "(none)"
+
+
+def check_first_sample(shard: Path, spec: SampleSpec) -> None:
+    """Raise DataKeyError when the first sample lacks the image or caption key.
+
+    open_clip's webdataset pipeline silently drops every such sample and then waits
+    forever for a batch; failing on the first sample names the problem instead.
+    """
+    with tarfile.open(shard, "r:") as tf:
+        first = next(iter_tar_samples(tf), None)
+        if first is None:
+            raise DataKeyError(f"shard {shard} holds no samples")
+        key, members = first
+        if spec.image_ext_of(members) is None:
+            raise DataKeyError(
+                f"image key {spec.image_key!r} not found in the first sample {key!r} of {shard}; "
+                f"its members are {_members_text(members)}: pass --image-key with one of them"
+            )
+        if spec.caption_ext not in members:
+            raise DataKeyError(
+                f"caption key {spec.caption_key!r} not found in the first sample {key!r} of {shard}; "
+                f"its members are {_members_text(members)}: pass --caption-key with one of them "
+                f"(or json:FIELD for a field of the .json member)"
+            )
+        if spec.caption_field is not None:
+            raw = _read(tf, members["json"])
+            if spec.caption_from_bytes(raw) is None:
+                fields = sorted(json.loads(raw)) if raw.strip().startswith(b"{") else []
+                raise DataKeyError(
+                    f"caption key {spec.caption_key!r}: field not found in {key}.json of {shard}; "
+                    f"its top-level fields are {fields}"
+                )
+
+
+# --------------------------------------------------------------------------- filters
+def share_hash(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, key), the same in every process.
+
+    Python's hash() is salted per process, so a keyed digest is used instead.
+    """
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+@dataclass
+class ExpertFilter:
+    """MoDE's data for expert k: its own cluster plus `other_share` of every other cluster.
+
+    Which other-cluster pairs come along is decided by share_hash(seed, key) < other_share,
+    so the choice is deterministic and independent of order, shards and processes.
+    Keys with no assignment are left out and counted in `unassigned`.
+    """
+
+    assignments: Mapping[str, int]
+    expert: int
+    other_share: float = 0.02
+    seed: int = 0
+    unassigned: int = 0
+    first_unassigned: str | None = None  # for error messages: keys that match no assignment
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.other_share <= 1.0:
+            raise ValueError(f"other_share must be in [0, 1], got {self.other_share}")
+
+    def __call__(self, key: str) -> bool:
+        expert = self.assignments.get(key)
+        if expert is None:
+            self.unassigned += 1
+            if self.first_unassigned is None:
+                self.first_unassigned = key
+            return False
+        return expert == self.expert or share_hash(self.seed, key) < self.other_share
+
+
+def read_key_list(path: str | Path) -> set[str]:
+    """A uid list, one key per line (curate's kept_keys.txt); blank lines ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"key list {path} not found (curate writes DIR/kept_keys.txt)")
+    with open(path, encoding="utf-8") as f:
+        return {line.strip() for line in f if line.strip()}
+
+
+@dataclass
+class ExpertAssignments:
+    """Per-pair expert ids from a `mode-fast cluster` folder."""
+
+    expert_of_key: dict[str, int]
+    n_experts: int | None  # from centers.npz; None when that file is absent
+
+
+def load_expert_assignments(cluster_dir: str | Path) -> ExpertAssignments:
+    """Read CLUSTER_DIR/assignments/*.parquet (columns key, fine, expert, ...; one file per
+    shard, as `mode-fast cluster` writes them) and the expert count from centers.npz."""
+    import pyarrow.parquet as pq
+
+    cluster_dir = Path(cluster_dir)
+    files = sorted((cluster_dir / "assignments").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"no assignments in {cluster_dir}/assignments/*.parquet: run `mode-fast cluster --out "
+            f"{cluster_dir} ...` first"
+        )
+    expert_of_key: dict[str, int] = {}
+    conflicts = 0
+    for f in files:
+        table = pq.read_table(f, columns=["key", "expert"])
+        for key, expert in zip(table.column("key").to_pylist(), table.column("expert").to_pylist()):
+            if expert_of_key.setdefault(key, int(expert)) != int(expert):
+                conflicts += 1
+    if conflicts:
+        log.warning("%d keys appear in several shards with different experts; the first is used", conflicts)
+    n_experts: int | None = None
+    centers = cluster_dir / "centers.npz"
+    if centers.is_file():
+        with np.load(centers, allow_pickle=False) as z:
+            n_experts = int(z["coarse_centroids"].shape[0])
+    return ExpertAssignments(expert_of_key, n_experts)
+
+
+# --------------------------------------------------------------------------- index
+@dataclass
+class DataIndex:
+    """Usable samples per shard, after the key checks and the filters."""
+
+    shards: list[Path]
+    keys: list[list[str]]  # per shard, usable keys in tar order
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.array([len(k) for k in self.keys], dtype=np.int64)
+
+    @property
+    def total(self) -> int:
+        return int(sum(len(k) for k in self.keys))
+
+
+def _usable(
+    tf: tarfile.TarFile, key: str, members: Mapping[str, tarfile.TarInfo], spec: SampleSpec
+) -> str | None:
+    """None when the sample can be trained on, else the reason it is skipped."""
+    if spec.image_ext_of(members) is None:
+        return "no image member"
+    if spec.caption_ext not in members:
+        return "no caption member"
+    if spec.caption_field is not None and spec.caption_from_bytes(_read(tf, members["json"])) is None:
+        return "no caption field in json"
+    return None
+
+
+def _scan_shard(
+    shard: Path, spec: SampleSpec, keep: Callable[[str], bool] | None, skipped: dict[str, int]
+) -> list[str]:
+    keys: list[str] = []
+    with tarfile.open(shard, "r:") as tf:
+        for key, members in iter_tar_samples(tf):
+            reason = _usable(tf, key, members, spec)
+            if reason is None and keep is not None and not keep(key):
+                reason = "filtered out"
+            if reason is None:
+                keys.append(key)
+            else:
+                skipped[reason] = skipped.get(reason, 0) + 1
+    return keys
+
+
+def build_index(
+    shards: Sequence[str | Path],
+    spec: SampleSpec,
+    keep: Callable[[str], bool] | None = None,
+) -> DataIndex:
+    """Scan shards (headers, plus .json members when the caption is a json field)."""
+    paths = [Path(s) for s in shards]
+    if not paths:
+        raise FileNotFoundError("no training shards given")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"training shard {p} not found")
+        if not p.name.endswith(".tar"):
+            raise ValueError(f"training reads webdataset .tar shards (uncompressed, seekable); got {p}")
+    skipped: dict[str, int] = {}
+    keys = []
+    for i, p in enumerate(paths):
+        try:
+            if i == 0:
+                check_first_sample(p, spec)
+            keys.append(_scan_shard(p, spec, keep, skipped))
+        except tarfile.TarError as e:
+            raise ValueError(f"cannot read shard {p} as a tar file: {e}") from e
+    index = DataIndex(paths, keys, skipped)
+    if index.total == 0:
+        raise ValueError(f"no usable samples in {len(paths)} shard(s); skipped: {skipped}")
+    return index
+
+
+# --------------------------------------------------------------------------- epoch plan
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]))
+
+
+def epoch_plan(counts: np.ndarray, seed: int, epoch: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard_order, order): shards in stream order, and order[i] = stream position of the
+    i-th sample of the epoch. A pure function of its arguments."""
+    rng = _rng(seed, epoch, 0x5EED)
+    shard_order = rng.permutation(len(counts))
+    total = int(counts.sum())
+    if window <= 1:
+        return shard_order, np.arange(total, dtype=np.int64)
+    jittered = np.arange(total, dtype=np.float64) + rng.random(total) * window
+    return shard_order, np.argsort(jittered, kind="stable").astype(np.int64)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of the augmentation RNG of one sample (same in every process)."""
+    return int(_rng(seed, epoch, position, 0xA06).integers(0, 2**63 - 1))
+
+
+# --------------------------------------------------------------------------- dataset
+Batch = dict[str, Any]  # {"images": [B,3,H,W], "texts": [B,L], "keys": list[str], "positions": [B]}
+
+
+class ShardStream:
+    """This rank's batches of one epoch from `start_batch` on (see the module doc);
+    used through `TrainLoader`."""
+
+    def __init__(
+        self,
+        index: DataIndex,
+        spec: SampleSpec,
+        preprocess: Callable[[Any], Any],
+        tokenizer: Callable[[list[str]], Any],
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_window: int = 5000,
+    ) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        if index.total < global_batch:
+            raise ValueError(
+                f"{index.total} usable samples are fewer than one global batch of {global_batch}"
+            )
+        self.index = index
+        self.spec = spec
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle_window = shuffle_window
+        self.steps_per_epoch = index.total // global_batch
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.steps_per_epoch:
+            raise ValueError(f"start batch {start_batch} outside epoch of {self.steps_per_epoch} steps")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batch_positions(self, batch: int) -> range:
+        """Epoch positions of this rank's part of global batch `batch`."""
+        lo = batch * self.global_batch + self.rank * self.local_batch
+        return range(lo, lo + self.local_batch)
+
+    def iter_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[Batch]:
+        counts = self.index.counts
+        shard_order, order = epoch_plan(counts, self.seed, self.epoch, self.shuffle_window)
+        my_batches = list(range(self.start_batch + worker, self.steps_per_epoch, num_workers))
+        if not my_batches:
+            return
+        # stream position -> (batch, slot, epoch position)
+        wanted: dict[int, tuple[int, int, int]] = {}
+        for b in my_batches:
+            for slot, pos in enumerate(self.batch_positions(b)):
+                wanted[int(order[pos])] = (b, slot, pos)
+        stream_start = np.concatenate([[0], np.cumsum(counts[shard_order])])
+        pending: dict[int, dict[int, tuple[str, bytes, bytes, int]]] = {b: {} for b in my_batches}
+        next_i = 0  # index into my_batches of the next batch to yield
+
+        for s, shard_i in enumerate(shard_order):
+            lo, hi = int(stream_start[s]), int(stream_start[s + 1])
+            if not any(q in wanted for q in range(lo, hi)):
+                continue  # none of this worker's samples here: do not open it
+            for q, key, image, caption in self._read_shard(int(shard_i), lo, wanted):
+                b, slot, pos = wanted[q]
+                pending[b][slot] = (key, image, caption, pos)
+                # yield as soon as the next batch is whole: raw samples held stay ~ the window
+                while next_i < len(my_batches) and len(pending[my_batches[next_i]]) == self.local_batch:
+                    yield self._make_batch(pending.pop(my_batches[next_i]))
+                    next_i += 1
+        if next_i != len(my_batches):
+            raise RuntimeError(
+                f"epoch {self.epoch}: {len(my_batches) - next_i} batch(es) incomplete after the "
+                "last shard; were shards changed during training?"
+            )
+
+    def _read_shard(
+        self, shard_i: int, stream_lo: int, wanted: Mapping[int, Any]
+    ) -> Iterator[tuple[int, str, bytes, bytes]]:
+        """(stream position, key, image bytes, caption bytes) of wanted samples of a shard."""
+        path = self.index.shards[shard_i]
+        expected = self.index.keys[shard_i]
+        keep = set(expected)
+        i = 0
+        with tarfile.open(path, "r:") as tf:
+            for key, members in iter_tar_samples(tf):
+                if key not in keep or _usable(tf, key, members, self.spec) is not None:
+                    continue
+                if i >= len(expected) or expected[i] != key:
+                    raise RuntimeError(f"shard {path} changed since it was indexed (at key {key!r})")
+                q = stream_lo + i
+                i += 1
+                if q in wanted:
+                    image_ext = self.spec.image_ext_of(members)
+                    assert image_ext is not None  # checked by _usable
+                    yield q, key, _read(tf, members[image_ext]), _read(tf, members[self.spec.caption_ext])
+        if i != len(expected):
+            raise RuntimeError(f"shard {path} changed since it was indexed ({i} of {len(expected)} samples)")
+
+    def _make_batch(self, items: Mapping[int, tuple[str, bytes, bytes, int]]) -> Batch:
+        images, captions, keys, positions = [], [], [], []
+        for slot in range(self.local_batch):
+            key, image_bytes, caption_bytes, pos = items[slot]
+            try:
+                with Image.open(io.BytesIO(image_bytes)) as im:
+                    image = im.convert("RGB")
+            except Exception as e:  # PIL raises several types for broken files
+                raise ValueError(f"cannot decode the image of sample {key!r}: {e}") from e
+            # Augmentation randomness tied to the sample, not to the process or worker;
+            # the CPU generator alone (torch.manual_seed would also queue CUDA seeding).
+            saved = torch.get_rng_state()
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, pos))
+            try:
+                images.append(self.preprocess(image))
+            finally:
+                torch.set_rng_state(saved)
+            caption = self.spec.caption_from_bytes(caption_bytes)
+            captions.append(caption or "")
+            keys.append(key)
+            positions.append(pos)
+        return {
+            "images": torch.stack(images),
+            "texts": self.tokenizer(captions),
+            "keys": keys,
+            "positions": torch.tensor(positions, dtype=torch.int64),
+        }
+
+
+class _TorchStream(IterableDataset):
+    """The DataLoader face of a ShardStream: each worker builds its share of the batches."""
+
+    def __init__(self, stream: ShardStream) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        if info is None:
+            return self.stream.iter_batches(0, 1)
+        return self.stream.iter_batches(info.id, info.num_workers)
+
+
+class TrainLoader:
+    """Batches of this rank, epoch by epoch, through a torch DataLoader with workers."""
+
+    def __init__(self, stream: ShardStream, num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.stream.steps_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterable[Batch]:
+        """This rank's batches start_batch, start_batch+1, ... of `epoch`, in order."""
+        self.stream.set_position(epoch, start_batch)
+        # batch_size=None: workers yield whole batches, handed out round-robin in order.
+        # Our own generator: the DataLoader draws worker seeds from it, and drawing them from
+        # the global RNG would make the trainer's random state depend on where epochs began.
+        generator = torch.Generator().manual_seed(sample_seed(self.stream.seed, epoch, -1))
+        return DataLoader(
+            _TorchStream(self.stream),
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=2 if self.num_workers else None,
+            pin_memory=self.pin_memory,
+            generator=generator,
+        )
