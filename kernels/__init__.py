@@ -1,22 +1,24 @@
 """Triton kernels with pure-PyTorch fallbacks, imported as ``mode_fast.kernels``.
 
 The backend is chosen per call: ``"auto"`` takes Triton on CUDA tensors and the
-PyTorch path everywhere else (the CPU included). Submodules are imported lazily so
-that ``import mode_fast.kernels`` stays cheap and never needs a GPU.
+PyTorch path everywhere else (the CPU included). Nothing here needs a GPU to import.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-# public name -> submodule that defines it
+# A function named like its submodule is imported eagerly: importing the submodule
+# first would otherwise bind the package attribute to the module, not the function.
+from .kmeans_assign import kmeans_assign
+
+# public name -> submodule that defines it, imported on first use
 _EXPORTS = {
     "clip_loss": "contrastive_loss",
     "siglip_loss": "contrastive_loss",
-    "kmeans_assign": "kmeans_assign",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "kmeans_assign"])
 
 
 def __getattr__(name: str) -> Any:
