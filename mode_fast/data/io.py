@@ -90,6 +90,15 @@ def list_shards(patterns: Iterable[str | os.PathLike]) -> list[Path]:
 # --- atomic output ---------------------------------------------------------------------
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()  # mkstemp makes 0600 files; outputs get the usual mode
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write to a temporary name beside `path`, then rename: never a half-written file."""
@@ -101,6 +110,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

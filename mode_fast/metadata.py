@@ -1,0 +1,167 @@
+"""Metadata lists for MetaCLIP curation: the shipped default, user lists, WordNet builds.
+
+A metadata list is a JSON list of strings (MetaCLIP's metadata.json); an entry's id is
+its position. Because ids are positions, a user list is never silently cleaned up:
+non-strings, empty or whitespace-only entries and duplicates are errors that name the
+file and the index (dropping or reordering one entry would shift every id after it).
+
+The default list (``mode_fast/data/metadata_wordnet.json.gz``) holds every lemma of
+every WordNet 3.0 synset, the WordNet part of MetaCLIP's metadata: read from the
+``data.noun``, ``data.verb``, ``data.adj``, ``data.adv`` files in that order and in
+file order, first occurrence kept; ``_`` becomes a space (``ice_cream`` -> ``ice
+cream``), adjective syntactic markers ``(a)``, ``(p)``, ``(ip)`` are stripped, case is
+kept as written (``Einstein``). WordNet 3.0 Copyright 2006 by Princeton University,
+redistributed under the WordNet licence (``mode_fast/data/WORDNET_LICENSE.txt``).
+Rebuild it with ``mode-fast metadata build --out FILE`` (Debian: ``wordnet-base``).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+DEFAULT_METADATA = Path(__file__).parent / "data" / "metadata_wordnet.json.gz"
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+WORDNET_DIRS = ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/share/wordnet-3.0/dict")
+_ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
+
+
+class MetadataError(ValueError):
+    """A metadata file that cannot be used as it is; the message names file and index."""
+
+
+def _read_json(path: Path):
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read metadata ({exc})") from exc
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MetadataError(f"{path}: not valid UTF-8 JSON ({exc})") from exc
+
+
+def validate_metadata(entries: object, source: str = "metadata") -> list[str]:
+    if not isinstance(entries, list):
+        raise MetadataError(f"{source}: expected a JSON list of strings, got {type(entries).__name__}")
+    first_index: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, str):
+            raise MetadataError(f"{source}: entry {i} is {type(e).__name__} ({e!r}), not a string")
+        if not e.strip():
+            raise MetadataError(f"{source}: entry {i} is empty or only whitespace ({e!r})")
+        if e in first_index:
+            raise MetadataError(f"{source}: entry {i} {e!r} duplicates entry {first_index[e]} (ids are positions, so one must go)")
+        first_index[e] = i
+    return entries  # type: ignore[return-value]
+
+
+def load_metadata(path: str | os.PathLike | None = None) -> list[str]:
+    """The shipped WordNet list (None) or a validated MetaCLIP-style metadata.json[.gz]."""
+    p = DEFAULT_METADATA if path is None else Path(path)
+    return validate_metadata(_read_json(p), str(p))
+
+
+def metadata_sha256(entries: list[str]) -> str:
+    """Stable hash of a list (order matters: it fixes the ids), for manifests."""
+    blob = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def default_wordnet_dir() -> Path | None:
+    for d in WORDNET_DIRS:
+        if all((Path(d) / f).is_file() for f in WORDNET_FILES):
+            return Path(d)
+    return None
+
+
+def _lemmas_of_data_line(line: str) -> Iterable[str]:
+    # offset lex_filenum ss_type w_cnt(2 hex) [word lex_id(1 hex)] * w_cnt ...
+    fields = line.split(" ")
+    count = int(fields[3], 16)
+    for k in range(count):
+        word = fields[4 + 2 * k]
+        yield _ADJ_MARKER.sub("", word).replace("_", " ")
+
+
+def build_from_wordnet(wordnet_dir: str | os.PathLike) -> list[str]:
+    d = Path(wordnet_dir)
+    missing = [f for f in WORDNET_FILES if not (d / f).is_file()]
+    if missing:
+        raise MetadataError(f"{d}: not a WordNet dict folder (missing {', '.join(missing)}); try `apt-get install wordnet-base`")
+    seen: dict[str, None] = {}
+    for name in WORDNET_FILES:
+        with open(d / name, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("  ") or not line.strip():
+                    continue  # the licence header lines
+                for lemma in _lemmas_of_data_line(line):
+                    seen.setdefault(lemma)
+    return list(seen)
+
+
+def merge_metadata(*lists: list[str]) -> list[str]:
+    """First list's order kept; later lists' new entries appended in order; exact
+    duplicates across lists dropped (ids of the first list never move)."""
+    merged: dict[str, None] = {}
+    for entries in lists:
+        for e in entries:
+            merged.setdefault(e)
+    return list(merged)
+
+
+def save_metadata(entries: list[str], path: str | os.PathLike) -> None:
+    from mode_fast.data.io import atomic_write
+
+    validate_metadata(entries, str(path))
+    blob = json.dumps(entries, ensure_ascii=False).encode("utf-8")
+    with atomic_write(path) as f:
+        if str(path).endswith(".gz"):
+            with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:  # mtime=0: byte-reproducible
+                gz.write(blob)
+        else:
+            f.write(blob)
+
+
+# --- CLI ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build a list from WordNet 3.0 and/or merge user lists")
+    build.add_argument("--out", required=True, help="output .json or .json.gz")
+    build.add_argument("--wordnet-dir", help="WordNet dict folder (default: the Debian wordnet-base location)")
+    build.add_argument("--no-wordnet", action="store_true", help="only merge the --merge lists")
+    build.add_argument("--merge", nargs="*", default=[], metavar="FILE", help="metadata.json files appended in order")
+    check = sub.add_parser("check", help="validate a metadata file and print its size")
+    check.add_argument("file")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "check":
+            entries = load_metadata(args.file)
+            print(f"{args.file}: {len(entries):,} entries, sha256 {metadata_sha256(entries)[:16]}; first: {entries[:5]}")
+            return 0
+        lists = []
+        if not args.no_wordnet:
+            wn = Path(args.wordnet_dir) if args.wordnet_dir else default_wordnet_dir()
+            if wn is None:
+                raise MetadataError("WordNet 3.0 not found: `apt-get install wordnet-base`, or pass --wordnet-dir / --no-wordnet")
+            lists.append(build_from_wordnet(wn))
+        lists += [load_metadata(p) for p in args.merge]
+        if not lists:
+            raise MetadataError("nothing to build: give --merge files or drop --no-wordnet")
+        entries = merge_metadata(*lists)
+        save_metadata(entries, args.out)
+        print(f"wrote {len(entries):,} entries to {args.out}")
+        return 0
+    except MetadataError as exc:
+        print(f"mode-fast metadata: error: {exc}", file=sys.stderr)
+        return 2
