@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mode_fast sample --out demo_out/pool
-	$(PY) -m mode_fast curate demo_out/pool --out demo_out/curated --target-size 4000 --seed 0
+	$(PY) -m mode_fast sample --out demo_out/sample
+	$(PY) -m mode_fast curate demo_out/sample/pool --out demo_out/curated --target-size 4000 --seed 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 DEFAULT_METADATA = Path(__file__).parent / "data" / "metadata_wordnet.json.gz"
@@ -36,7 +35,7 @@ class MetadataError(ValueError):
     """A metadata file that cannot be used as it is; the message names file and index."""
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> object:
     try:
         raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
     except OSError as exc:
@@ -48,6 +47,7 @@ def _read_json(path: Path):
 
 
 def validate_metadata(entries: object, source: str = "metadata") -> list[str]:
+    """Return `entries` unchanged if it is a usable list, else raise naming the index."""
     if not isinstance(entries, list):
         raise MetadataError(f"{source}: expected a JSON list of strings, got {type(entries).__name__}")
     first_index: dict[str, int] = {}
@@ -75,33 +75,42 @@ def metadata_sha256(entries: list[str]) -> str:
 
 
 def default_wordnet_dir() -> Path | None:
+    """The first standard folder holding all four WordNet data files, else None."""
     for d in WORDNET_DIRS:
         if all((Path(d) / f).is_file() for f in WORDNET_FILES):
             return Path(d)
     return None
 
 
-def _lemmas_of_data_line(line: str) -> Iterable[str]:
+def _lemmas_of_data_line(line: str) -> list[str]:
     # offset lex_filenum ss_type w_cnt(2 hex) [word lex_id(1 hex)] * w_cnt ...
     fields = line.split(" ")
     count = int(fields[3], 16)
-    for k in range(count):
-        word = fields[4 + 2 * k]
-        yield _ADJ_MARKER.sub("", word).replace("_", " ")
+    words = fields[4 : 4 + 2 * count : 2]
+    if count < 1 or len(words) != count:
+        raise ValueError(f"w_cnt {count} but {len(words)} words")
+    return [_ADJ_MARKER.sub("", w).replace("_", " ") for w in words]
 
 
 def build_from_wordnet(wordnet_dir: str | os.PathLike) -> list[str]:
+    """Every lemma of every synset in a WordNet dict folder (data.noun, data.verb,
+    data.adj, data.adv, in that order and in file order), first occurrence kept;
+    ``_`` -> space, adjective markers ``(a)``/``(p)``/``(ip)`` stripped, case kept."""
     d = Path(wordnet_dir)
     missing = [f for f in WORDNET_FILES if not (d / f).is_file()]
     if missing:
         raise MetadataError(f"{d}: not a WordNet dict folder (missing {', '.join(missing)}); try `apt-get install wordnet-base`")
-    seen: dict[str, None] = {}
+    seen: dict[str, None] = {}  # insertion-ordered set: first occurrence fixes the id
     for name in WORDNET_FILES:
         with open(d / name, encoding="utf-8") as f:
-            for line in f:
+            for lineno, line in enumerate(f, 1):
                 if line.startswith("  ") or not line.strip():
                     continue  # the licence header lines
-                for lemma in _lemmas_of_data_line(line):
+                try:
+                    lemmas = _lemmas_of_data_line(line.rstrip("\n"))
+                except (ValueError, IndexError) as exc:
+                    raise MetadataError(f"{d / name}:{lineno}: not a WordNet data line ({exc}): {line[:60]!r}") from exc
+                for lemma in lemmas:
                     seen.setdefault(lemma)
     return list(seen)
 
@@ -117,6 +126,8 @@ def merge_metadata(*lists: list[str]) -> list[str]:
 
 
 def save_metadata(entries: list[str], path: str | os.PathLike) -> None:
+    """Validate, then write atomically (temp file beside `path`, then os.replace);
+    gzip when the name ends in .gz, with mtime=0 and no file name so it is byte-reproducible."""
     from mode_fast.data.io import atomic_write
 
     validate_metadata(entries, str(path))

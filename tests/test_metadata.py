@@ -108,3 +108,46 @@ def test_cli_build_and_check(tmp_path, capsys):
     assert "14 entries" in capsys.readouterr().out
     assert main(["metadata", "check", str(_write(tmp_path, ["a", "a"], "dup.json"))]) == 2
     assert "duplicates entry 0" in capsys.readouterr().err
+
+
+def test_wordnet_parser_rejects_malformed_line(tmp_path):
+    for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
+        (tmp_path / name).write_text((MINI / name).read_text())
+    # w_cnt says 3 words, only 2 are there: a truncated or foreign file must fail, naming the line
+    (tmp_path / "data.verb").write_text("  1 header\n00004000 35 v 03 dog 0 chase 0\n")
+    with pytest.raises(MetadataError, match=r"data\.verb:2: not a WordNet data line"):
+        build_from_wordnet(tmp_path)
+
+
+def test_gz_save_is_byte_reproducible_and_failed_save_keeps_old_file(tmp_path):
+    entries = ["dog", "hot dog"]
+    save_metadata(entries, tmp_path / "a.json.gz")
+    save_metadata(entries, tmp_path / "b.json.gz")
+    assert (tmp_path / "a.json.gz").read_bytes() == (tmp_path / "b.json.gz").read_bytes()
+    before = (tmp_path / "a.json.gz").read_bytes()
+    with pytest.raises(MetadataError, match="entry 1 is empty"):
+        save_metadata(["dog", ""], tmp_path / "a.json.gz")
+    assert (tmp_path / "a.json.gz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json.gz", "b.json.gz"]  # no temp left
+
+
+@pytest.mark.skipif(default_wordnet_dir() is None, reason="wordnet-base not installed (apt-get install wordnet-base)")
+def test_shipped_file_is_byte_identical_to_a_fresh_build(tmp_path):
+    out = tmp_path / "m.json.gz"
+    assert main(["metadata", "build", "--out", str(out)]) == 0  # auto-detected WordNet dir
+    shipped = Path(__file__).parent.parent / "mode_fast" / "data" / "metadata_wordnet.json.gz"
+    assert out.read_bytes() == shipped.read_bytes()
+
+
+def test_cli_without_wordnet(tmp_path, capsys, monkeypatch):
+    import mode_fast.metadata as md
+
+    monkeypatch.setattr(md, "default_wordnet_dir", lambda: None)
+    out = tmp_path / "o.json"
+    assert main(["metadata", "build", "--out", str(out)]) == 2
+    assert "apt-get install wordnet-base" in capsys.readouterr().err and not out.exists()
+    a, b = _write(tmp_path, ["x", "y"], "a.json"), _write(tmp_path, ["y", "z"], "b.json")
+    assert main(["metadata", "build", "--no-wordnet", "--merge", str(a), str(b), "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == ["x", "y", "z"]
+    assert main(["metadata", "build", "--no-wordnet", "--out", str(out)]) == 2
+    assert "nothing to build" in capsys.readouterr().err
