@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q
+	$(PY) -m pytest benchmarks/bench_*.py -q
 
 clean:
 	rm -rf build demo_out *.egg-info
