@@ -4,6 +4,11 @@ A metadata list is a JSON list of strings (MetaCLIP's metadata.json); an entry's
 its position. Because ids are positions, a user list is never silently cleaned up:
 non-strings, empty or whitespace-only entries and duplicates are errors that name the
 file and the index (dropping or reordering one entry would shift every id after it).
+An empty list and strings that are not valid Unicode (lone surrogates, which JSON
+escapes can produce) are errors too. Entries are otherwise kept exactly as written:
+one with a tab, newline or leading/trailing space is legal MetaCLIP metadata, but can
+never match, because matching pads entries with single spaces and turns tabs/newlines
+in the text into spaces.
 
 The default list (``mode_fast/data/metadata_wordnet.json.gz``) holds every lemma of
 every WordNet 3.0 synset, the WordNet part of MetaCLIP's metadata: read from the
@@ -23,6 +28,7 @@ import json
 import os
 import re
 import sys
+import zlib
 from pathlib import Path
 
 DEFAULT_METADATA = Path(__file__).parent / "data" / "metadata_wordnet.json.gz"
@@ -37,11 +43,17 @@ class MetadataError(ValueError):
 
 def _read_json(path: Path) -> object:
     try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    except OSError as exc:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    # EOFError / zlib.error: a truncated or corrupt .gz, not an OSError
+    except (OSError, EOFError, zlib.error) as exc:
         raise MetadataError(f"{path}: cannot read metadata ({exc})") from exc
     try:
-        return json.loads(raw.decode("utf-8"))
+        # utf-8-sig: a BOM some editors add is not part of the first entry
+        return json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise MetadataError(f"{path}: not valid UTF-8 JSON ({exc})") from exc
 
@@ -50,12 +62,18 @@ def validate_metadata(entries: object, source: str = "metadata") -> list[str]:
     """Return `entries` unchanged if it is a usable list, else raise naming the index."""
     if not isinstance(entries, list):
         raise MetadataError(f"{source}: expected a JSON list of strings, got {type(entries).__name__}")
+    if not entries:
+        raise MetadataError(f"{source}: the list is empty (no entry could ever match)")
     first_index: dict[str, int] = {}
     for i, e in enumerate(entries):
         if not isinstance(e, str):
             raise MetadataError(f"{source}: entry {i} is {type(e).__name__} ({e!r}), not a string")
         if not e.strip():
             raise MetadataError(f"{source}: entry {i} is empty or only whitespace ({e!r})")
+        try:
+            e.encode("utf-8")  # hashing, saving and the matcher all need UTF-8
+        except UnicodeEncodeError as exc:
+            raise MetadataError(f"{source}: entry {i} ({e!r}) is not valid Unicode ({exc.reason})") from exc
         if e in first_index:
             raise MetadataError(f"{source}: entry {i} {e!r} duplicates entry {first_index[e]} (ids are positions, so one must go)")
         first_index[e] = i

@@ -36,6 +36,8 @@ def _write(tmp_path: Path, obj, name="m.json") -> Path:
         (["dog", ""], "entry 1 is empty"),
         (["dog", " \t"], "entry 1 is empty or only whitespace"),
         (["dog", "cat", "dog"], "entry 2 'dog' duplicates entry 0"),
+        ([], "the list is empty"),
+        ('["dog", "cat", "\\ud800x"]', "entry 2 .* is not valid Unicode"),  # a JSON escape of a lone surrogate
     ],
 )
 def test_validation_errors_name_problem_and_index(tmp_path, content, message):
@@ -48,6 +50,22 @@ def test_validation_errors_name_problem_and_index(tmp_path, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(MetadataError, match="cannot read"):
         load_metadata(tmp_path / "nope.json")
+
+
+def test_truncated_or_fake_gz_is_a_metadata_error(tmp_path):
+    blob = gzip.compress(json.dumps(["dog", "cat"] * 50, separators=(",", ":")).encode())
+    (tmp_path / "cut.json.gz").write_bytes(blob[: len(blob) // 2])  # gzip raises EOFError here, not OSError
+    with pytest.raises(MetadataError, match=r"cut\.json\.gz: cannot read"):
+        load_metadata(tmp_path / "cut.json.gz")
+    (tmp_path / "plain.json.gz").write_text('["dog"]')
+    with pytest.raises(MetadataError, match=r"plain\.json\.gz: cannot read"):
+        load_metadata(tmp_path / "plain.json.gz")
+
+
+def test_utf8_bom_is_not_part_of_the_first_entry(tmp_path):
+    p = tmp_path / "bom.json"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(["dog", "caf\u00e9"], ensure_ascii=False).encode())
+    assert load_metadata(p) == ["dog", "café"]
 
 
 def test_merge_keeps_first_order_and_appends_new():
