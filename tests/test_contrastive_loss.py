@@ -1,0 +1,212 @@
+"""clip_loss / siglip_loss, torch backend, against open_clip 3.3's ClipLoss / SigLipLoss (CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss as OpenClipLoss
+from open_clip.loss import SigLipLoss as OpenSigLipLoss
+
+from mode_fast.kernels import clip_loss, siglip_loss
+from mode_fast.kernels.contrastive_loss import infonce_loss
+
+torch.set_num_threads(1)  # shared machine: 2 threads under contention are slower
+
+# (B, D, chunk): odd B, odd D, chunks that do not divide B, one chunk larger than B
+SHAPES = [(1, 8, None), (7, 5, 3), (37, 24, 8), (64, 33, 64), (129, 64, 50), (96, 16, 1000)]
+# each dtype's tolerance on (loss, grads) vs the fp32 reference, relative to max |ref|
+DTYPE_TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def features(b: int, d: int, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(b, d, generator=g), dim=1).to(dtype).requires_grad_()
+    txt = F.normalize(torch.randn(b, d, generator=g), dim=1).to(dtype).requires_grad_()
+    return img, txt
+
+
+def run(fn, *tensors):
+    """(value, grads of every tensor) of fn(); grads None where none flowed."""
+    for x in tensors:
+        x.grad = None
+    loss = fn()
+    loss.backward()
+    return [loss.detach().float()] + [None if x.grad is None else x.grad.float() for x in tensors]
+
+
+def assert_close(got, want, rtol, what=""):
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None), f"{what} item {k}: gradient presence differs"
+        if a is None:
+            continue
+        err = (a - b).abs().max().item()
+        scale = max(b.abs().max().item(), 1e-30)
+        if err > rtol * scale:
+            bad = ((a - b).abs() > rtol * scale).nonzero()[:5].tolist()
+            pytest.fail(f"{what} item {k}: max error {err:.3g} > {rtol:g} * {scale:.3g}; first at {bad}")
+
+
+@pytest.mark.parametrize("b,d,chunk", SHAPES)
+def test_clip_matches_open_clip(b, d, chunk):
+    img, txt = features(b, d, seed=b)
+    scale = torch.tensor(17.0, requires_grad=True)
+    got = run(lambda: clip_loss(img, txt, scale, backend="torch", chunk_size=chunk), img, txt, scale)
+    want = run(lambda: OpenClipLoss()(img, txt, scale), img, txt, scale)
+    assert_close(got, want, 1e-5, "clip")
+
+
+@pytest.mark.parametrize("b,d,chunk", SHAPES)
+def test_siglip_matches_open_clip(b, d, chunk):
+    img, txt = features(b, d, seed=b + 1)
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    got = run(lambda: siglip_loss(img, txt, scale, bias, backend="torch", chunk_size=chunk), img, txt, scale, bias)
+    want = run(lambda: OpenSigLipLoss()(img, txt, scale, bias), img, txt, scale, bias)
+    assert_close(got, want, 1e-5, "siglip")
+
+
+def test_scale_from_parameter_and_large_logits():
+    # logit_scale as open_clip passes it (a parameter's exp), at the clamp value 100
+    img, txt = features(50, 32, seed=3)
+    log_scale = torch.tensor(4.6052, requires_grad=True)
+    got = run(lambda: clip_loss(img, txt, log_scale.exp(), backend="torch", chunk_size=16), img, txt, log_scale)
+    want = run(lambda: OpenClipLoss()(img, txt, log_scale.exp()), img, txt, log_scale)
+    assert_close(got, want, 1e-5, "clip at s=100")
+
+
+def test_non_contiguous_inputs():
+    base_i, base_t = features(40, 48, seed=5)
+    img = base_i.detach()[:, ::2].clone().t().contiguous().t().requires_grad_()  # column-major
+    txt = base_t.detach()[::2, :].t()[:24].t()  # row stride 96
+    txt = txt.detach().requires_grad_()
+    assert not img.is_contiguous() and not txt.is_contiguous()
+    img = img[:20]
+    scale = torch.tensor(9.0, requires_grad=True)
+    bias = torch.tensor(-4.0, requires_grad=True)
+    leaf_i, leaf_t = img, txt
+    got = run(lambda: clip_loss(leaf_i, leaf_t, scale, backend="torch", chunk_size=7), scale)
+    want = run(lambda: OpenClipLoss()(leaf_i.contiguous(), leaf_t.contiguous(), scale), scale)
+    assert_close(got, want, 1e-5, "non-contiguous clip")
+    got = run(lambda: siglip_loss(leaf_i, leaf_t, scale, bias, backend="torch", chunk_size=7), scale, bias)
+    want = run(lambda: OpenSigLipLoss()(leaf_i.contiguous(), leaf_t.contiguous(), scale, bias), scale, bias)
+    assert_close(got, want, 1e-5, "non-contiguous siglip")
+
+
+def test_non_contiguous_feature_grads():
+    img, txt = features(33, 20, seed=6)
+    wide_i = torch.zeros(33, 40).index_copy(1, torch.arange(0, 40, 2), img.detach()).requires_grad_()
+    scale = torch.tensor(12.0)
+    loss = clip_loss(wide_i[:, ::2], txt, scale, backend="torch", chunk_size=10)
+    loss.backward()
+    ref_i = img.detach().clone().requires_grad_()
+    OpenClipLoss()(ref_i, txt, scale).backward()
+    assert_close([wide_i.grad[:, ::2]], [ref_i.grad], 1e-5, "strided input grad")
+    assert wide_i.grad[:, 1::2].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_close_to_fp32(dtype):
+    img, txt = features(45, 32, seed=7, dtype=dtype)
+    scale = torch.tensor(20.0, requires_grad=True)
+    got = run(lambda: clip_loss(img, txt, scale, backend="torch", chunk_size=16), img, txt, scale)
+    i32 = img.detach().float().requires_grad_()
+    t32 = txt.detach().float().requires_grad_()
+    want = run(lambda: OpenClipLoss()(i32, t32, scale), i32, t32, scale)
+    assert img.grad.dtype == dtype
+    assert_close(got, want, DTYPE_TOL[dtype], f"clip {dtype}")
+
+
+def test_infonce_is_open_clip_local_rows():
+    # open_clip local_loss on rank 1 of 3: local rows against all columns, labels offset
+    img, txt = features(30, 16, seed=8)
+    scale = torch.tensor(15.0, requires_grad=True)
+    rows = slice(10, 20)
+
+    def ours():
+        return 0.5 * (infonce_loss(img[rows], txt, scale, 10, chunk_size=4)
+                      + infonce_loss(txt[rows], img, scale, 10, chunk_size=4))
+
+    def naive():
+        labels = torch.arange(10, 20)
+        return 0.5 * (F.cross_entropy(scale * img[rows] @ txt.t(), labels)
+                      + F.cross_entropy(scale * txt[rows] @ img.t(), labels))
+
+    assert_close(run(ours, img, txt, scale), run(naive, img, txt, scale), 1e-5, "infonce")
+
+
+def test_errors_name_the_problem():
+    img, txt = features(8, 4)
+    s = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        clip_loss(img, txt[:7], s)
+    with pytest.raises(ValueError, match="feature widths differ"):
+        clip_loss(img, txt[:, :3], s)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        clip_loss(img, txt.double().float().half(), s)
+    with pytest.raises(ValueError, match="2-D"):
+        clip_loss(img[None], txt, s)
+    with pytest.raises(ValueError, match="one number"):
+        clip_loss(img, txt, torch.ones(2))
+    with pytest.raises(ValueError, match="backend must be"):
+        clip_loss(img, txt, s, backend="cuda")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        clip_loss(img, txt, s, backend="triton")
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        siglip_loss(img.double(), txt.double(), s, s)
+    with pytest.raises(ValueError, match="runs past"):
+        infonce_loss(img, txt, s, offset=1)
+
+
+def test_device_mismatch_is_rejected():
+    img, txt = features(8, 4)
+    meta = txt.detach().to("meta")
+    with pytest.raises(ValueError, match="devices differ"):
+        clip_loss(img, meta, 1.0)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while fn() builds the graph (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("siglip", [False, True])
+def test_saved_memory_is_linear_in_batch(siglip):
+    b, d = 1024, 16
+    img, txt = features(b, d, seed=9)
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-5.0, requires_grad=True)
+    if siglip:
+        ours = lambda: siglip_loss(img, txt, scale, bias, backend="torch", chunk_size=128)  # noqa: E731
+        theirs = lambda: OpenSigLipLoss()(img, txt, scale, bias)  # noqa: E731
+    else:
+        ours = lambda: clip_loss(img, txt, scale, backend="torch", chunk_size=128)  # noqa: E731
+        theirs = lambda: OpenClipLoss()(img, txt, scale)  # noqa: E731
+    linear = 2 * b * d * 4 + 2 * b * 4 + 64  # the two inputs, two LSE vectors, scalars
+    assert saved_bytes(ours) <= linear
+    # the probe does see a B x B graph: open_clip keeps at least one B x B fp32 tensor
+    assert saved_bytes(theirs) >= b * b * 4
+
+
+def test_torch_backend_ignores_autocast():
+    # open_clip trains under autocast; the loss must not drop to bf16 matmuls inside.
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(96, 32, generator=g), dim=-1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(96, 32, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor(100.0)
+    plain = clip_loss(img, txt, scale, backend="torch")
+    (g_plain,) = torch.autograd.grad(plain, img)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = clip_loss(img, txt, scale, backend="torch")
+        (g_cast,) = torch.autograd.grad(cast, img)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_cast, g_plain, rtol=1e-6, atol=1e-9)

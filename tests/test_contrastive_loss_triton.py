@@ -1,0 +1,90 @@
+"""Triton kernels of clip_loss / siglip_loss under TRITON_INTERPRET=1 (CPU), and on CUDA when present.
+
+TRITON_INTERPRET must be set before triton is imported (triton.jit reads it when the
+kernels are decorated), and other test modules import the kernels first in the same
+pytest process, so the interpreted checks run in a fresh subprocess: this file run as
+a script (`python tests/test_contrastive_loss_triton.py B D STRIDED`) prints the max
+relative errors against the chunked torch backend as JSON.
+Interpreter pitfalls avoided: fp32 only (bf16 tl.dot is wrong there), one tile config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# (B, D, strided): odd B and D, B below one tile, widths 640 / 1152 (not powers of two)
+CASES = [(3, 16, False), (37, 20, False), (50, 33, True), (40, 640, False), (24, 1152, True)]
+
+
+def _features(b: int, d: int, strided: bool, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(b * 1000 + d)
+    img = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
+    if strided:  # column-major images, texts every other row of a larger buffer
+        img = img.t().contiguous().t()
+        txt = torch.stack([txt, torch.zeros_like(txt)], 1).reshape(2 * b, d)[::2]
+    return img.to(device, dtype), txt.to(device, dtype)
+
+
+def _max_rel_errors(b: int, d: int, strided: bool, device="cpu", dtype=torch.float32) -> dict:
+    from mode_fast.kernels import clip_loss, siglip_loss
+
+    img0, txt0 = _features(b, d, strided, device, dtype)
+    out = {}
+    for name in ("clip", "siglip"):
+        results = []
+        for backend in ("triton", "torch"):
+            img, txt = img0.clone().requires_grad_(), txt0.clone().requires_grad_()
+            if strided:  # keep the strides: clone() of a strided view may be contiguous
+                img = img0.detach().requires_grad_()
+                txt = txt0.detach().requires_grad_()
+            scale = torch.tensor(12.0, device=device, requires_grad=True)
+            bias = torch.tensor(-6.0, device=device, requires_grad=True)
+            if name == "clip":
+                loss = clip_loss(img, txt, scale, backend=backend, strict_fp32=True)
+                leaves = (img, txt, scale)
+            else:
+                loss = siglip_loss(img, txt, scale, bias, backend=backend, strict_fp32=True)
+                leaves = (img, txt, scale, bias)
+            loss.backward()
+            results.append([loss.detach().float()] + [x.grad.float() for x in leaves])
+        out[name] = [float((a - c).abs().max() / c.abs().max().clamp_min(1e-30)) for a, c in zip(*results)]
+        out[name + "_strided"] = [not img0.is_contiguous(), not txt0.is_contiguous()]
+    return out
+
+
+def _interpreted(b: int, d: int, strided: bool) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, str(b), str(d), str(int(strided))],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("b,d,strided", CASES)
+def test_interpreted_kernels_match_torch_backend(b, d, strided):
+    errs = _interpreted(b, d, strided)
+    for name in ("clip", "siglip"):
+        assert max(errs[name]) <= 1e-5, f"{name} relative errors (loss, grads...): {errs[name]}"
+        assert errs[name + "_strided"] == [strided, strided]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("b,d", [(1000, 768), (4099, 1152), (333, 640)])
+def test_cuda_kernels_match_torch_backend(b, d, dtype, tol):
+    errs = _max_rel_errors(b, d, False, "cuda", dtype)
+    for name in ("clip", "siglip"):
+        assert max(errs[name]) <= tol, f"{name} {dtype}: {errs[name]}"
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (sets TRITON_INTERPRET=1)"
+    torch.set_num_threads(1)
+    print(json.dumps(_max_rel_errors(int(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3])))))
