@@ -4,17 +4,30 @@ Semantics: ../shared/reference/curation.md. The pipeline is two passes over the 
 
 1. match + count (per shard, in parallel): each caption's matched entry ids are stored
    in ``OUT/.work/matches/<shard>.npz`` with the record keys; ``entry_count.npy`` is the
-   sum over shards. This pass is reused when only t, the target size or the seed change.
+   sum over shards. A shard's matches are reused while its file (path, size, mtime), the
+   metadata (sha256), the caption key and the key field are unchanged, so changing only
+   t, the target size or the seed never re-matches.
 2. sample (per shard, in parallel): a record with match set S is kept with probability
    ``1 - prod_{i in S} (1 - p_i)``, ``p_i = min(1, t / count_i)``.
 
 How sampling is made reproducible and independent of sharding and workers: every
 (record, entry) pair gets a uniform u from a hash of (seed, record key, entry id). The
 record is kept iff some matched entry has ``u < p``, which has the reference's
-probability, and since ``u < min(1, t/c)`` iff ``u*c < t``, each record has one score
-``r = min_{i in S} u_i * count_i`` and is kept iff ``r < t``. So a smaller t keeps a
-subset of a larger t's set, the kept size for any t is known exactly before sampling,
-and ``--target-size N`` solves t exactly from the stored match lists.
+probability (independent draws, one per entry), and since ``u < min(1, t/c)`` iff
+``u*c < t``, each record has one score ``r = min_{i in S} u_i * count_i`` and is kept iff
+``r < t``. So a smaller t keeps a subset of a larger t's set, the kept size for any t is
+known exactly before sampling, and ``--target-size N`` solves t exactly from the stored
+match lists. Records with the same key get the same draws (duplicate keys are reported).
+
+Outputs in OUT: ``entry_count.npy`` (uint64), ``entry_prob.npy`` (float64) and
+``summary.json`` describe the last run, ``--estimate`` included; ``manifest.json``,
+``kept_keys.txt`` and ``data/`` (curated shards, input names relative to the pools'
+common folder) describe the last finished curation: manifest.json and kept_keys.txt are
+removed before any curated shard is rewritten and written last, so their presence means
+``data/`` is complete. Every file is written atomically; a killed run resumes at the
+first shard whose outputs are missing or were made for another t, seed or input.
+Memory in the main process: about 16 bytes per record plus 4 per match (scores, key
+hashes, one shard's match lists at a time).
 """
 from __future__ import annotations
 
@@ -22,13 +35,13 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +55,36 @@ from mode_fast.data.io import (
     atomic_write,
     list_shards,
     read_shard,
+    remove_stale_temporaries,
     save_npy,
     write_json,
     write_kept,
 )
 
 __all__ = [
+    "DEFAULT_T",
     "Matcher",
+    "add_arguments",
     "curate",
     "entry_probabilities",
     "expected_kept",
+    "key_hashes",
+    "pair_uniforms",
     "record_scores",
+    "run",
     "solve_t",
 ]
 
-DEFAULT_T = 20_000.0  # MetaCLIP's t for its 400M set (from 1.6B pairs)
-MATCHES_FORMAT = 1
+DEFAULT_T = 20_000.0  # MetaCLIP's t for its 400M set (from ~1.6B pairs)
+METACLIP_POOL_SIZE = 1.6e9  # the pool DEFAULT_T was chosen for, to suggest a proportional t
+MATCHES_FORMAT = 1  # bump when the .npz layout changes: old files are then recomputed
+
+Log = Callable[[str], None]
+
+
+def key_hashes(keys: Sequence[str], seed: int = 0) -> np.ndarray:
+    """Stable 64-bit hash of each key (UTF-8), uint64. The one place keys are hashed."""
+    return hash_keys(list(keys), seed)
 
 
 # --- balancing maths -------------------------------------------------------------------
@@ -66,8 +93,7 @@ MATCHES_FORMAT = 1
 def entry_probabilities(counts: np.ndarray, t: float) -> np.ndarray:
     """p_i = min(1, t / count_i); entries never matched get p = 1."""
     counts = np.asarray(counts, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return np.where(counts > t, t / np.maximum(counts, 1.0), 1.0)
+    return np.where(counts > t, t / np.maximum(counts, 1.0), 1.0)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -82,26 +108,27 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def pair_uniforms(key_hashes: np.ndarray, offsets: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarray:
-    """One uniform in [0, 1) per (record, matched entry) pair, a pure function of
-    (seed, key, entry id): the same wherever and however the record is processed."""
-    per_pair_key = np.repeat(key_hashes.astype(np.uint64), np.diff(offsets))
-    seed_mix = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+def pair_uniforms(key_hash: np.ndarray, offsets: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarray:
+    """One uniform in [0, 1) per (record, matched entry) pair (53-bit mantissa), a pure
+    function of (seed, key hash, entry id): the same wherever the record is processed."""
+    per_pair_key = np.repeat(np.asarray(key_hash, dtype=np.uint64), np.diff(offsets))
     with np.errstate(over="ignore"):
+        seed_mix = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
         x = _mix64(per_pair_key ^ seed_mix ^ ((ids.astype(np.uint64) + np.uint64(1)) * _GOLDEN))
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def record_scores(key_hashes: np.ndarray, offsets: np.ndarray, ids: np.ndarray, counts: np.ndarray, seed: int) -> np.ndarray:
+def record_scores(key_hash: np.ndarray, offsets: np.ndarray, ids: np.ndarray, counts: np.ndarray, seed: int) -> np.ndarray:
     """r = min over matched entries of u * count; +inf for records with no match.
     A record is kept at threshold t iff r < t."""
     n = len(offsets) - 1
     scores = np.full(n, np.inf)
     if ids.size == 0:
         return scores
-    pair_score = pair_uniforms(key_hashes, offsets, ids, seed) * counts[ids].astype(np.float64)
+    pair_score = pair_uniforms(key_hash, offsets, ids, seed) * np.asarray(counts)[ids].astype(np.float64)
     matched = np.diff(offsets) > 0
-    # reduceat over the start of each non-empty segment (empty ones would misreport).
+    # reduceat over the starts of non-empty segments only (an empty one would report
+    # the next record's first value).
     scores[matched] = np.minimum.reduceat(pair_score, offsets[:-1][matched])
     return scores
 
@@ -111,45 +138,38 @@ def expected_kept(offsets: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> fl
     if ids.size == 0:
         return 0.0
     with np.errstate(divide="ignore"):
-        log_miss = np.log1p(-np.minimum(probs[ids], 1.0))
+        log_miss = np.log1p(-np.minimum(probs[ids], 1.0))  # -inf where p = 1: kept surely
     matched = np.diff(offsets) > 0
     per_record = np.add.reduceat(log_miss, offsets[:-1][matched])
-    return float(np.sum(1.0 - np.exp(per_record)))
+    return float(np.sum(-np.expm1(per_record)))
 
 
 def solve_t(scores: np.ndarray, target_size: int) -> float:
     """The t that keeps exactly `target_size` records (kept iff score < t).
 
-    t is the midpoint between the target_size-th and next smallest scores. Scores are
-    continuous, so ties have probability ~0; if two records tie at that boundary both
-    fall on the same side and the kept size differs from the target by the tie count.
-    A target at or above the number of matched records keeps them all.
+    t is the midpoint between the target_size-th and the next smallest score. Scores of
+    different keys are continuous and never tie in practice; records with the same key
+    and match set (duplicates) tie exactly, and if such a tie straddles the boundary
+    all of its records are dropped (t equals their score), so the kept size is below
+    the target by at most the tie's size. A target at or above the number of matched
+    records keeps them all.
     """
     if target_size <= 0:
         raise ValueError(f"target size must be positive, got {target_size}")
     finite = np.sort(scores[np.isfinite(scores)])
     if target_size >= len(finite):
-        return float(finite[-1] * 2 + 1) if len(finite) else 1.0
+        return float(np.nextafter(finite[-1], np.inf)) if len(finite) else 1.0
     lo, hi = finite[target_size - 1], finite[target_size]
-    return float((lo + hi) / 2)
+    return float(lo + (hi - lo) / 2)
 
 
 # --- pass 1: match and count -------------------------------------------------------------
 
 
-@dataclass
-class ShardMatches:
-    offsets: np.ndarray  # int64 [n+1]
-    ids: np.ndarray  # int32
-    key_hashes: np.ndarray  # uint64 [n]
-    keys: np.ndarray  # str [n]
-    skip_reasons: dict[str, int]
-
-
 def _shard_id(path: Path) -> str:
+    """File name plus a hash of the full path: unique, and readable in .work/."""
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    name = path.name.replace(os.sep, "_")
-    return f"{name}-{digest}"
+    return f"{path.name}-{digest}"
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
@@ -157,7 +177,7 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-_worker_matcher: Matcher | None = None
+_worker_matcher: Any = None
 
 
 def _init_worker(matcher_path: str) -> None:
@@ -167,61 +187,80 @@ def _init_worker(matcher_path: str) -> None:
 
 def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Read one shard, match its captions, write its npz; returns stats (runs in a worker)."""
-    assert _worker_matcher is not None
     path = Path(task["path"])
     captions: list[str] = []
     keys: list[str] = []
     has_caption: list[bool] = []
     skips: Counter[str] = Counter()
     for rec in read_shard(path, task["caption_key"], task["key_field"]):
-        if rec.skip_reason == "corrupt_tar_tail":
+        if rec.skip_reason == "corrupt_tar_tail":  # not a record: no index
             skips[rec.skip_reason] += 1
             continue
         keys.append(rec.key)
+        has_caption.append(rec.caption is not None)
         if rec.caption is None:
             skips[rec.skip_reason or "missing_caption"] += 1
-            has_caption.append(False)
-            captions.append("")
-        else:
-            has_caption.append(True)
-            captions.append(rec.caption)
+        captions.append(rec.caption or "")
     offsets, ids = _worker_matcher.match_batch(captions, threads=task["threads"])
     # Skipped records keep their index (the writer counts records the same way) but
-    # match nothing: an empty caption could match an empty-string entry.
+    # match nothing.
     if not all(has_caption):
         lengths = np.diff(offsets)
-        keep_pairs = np.repeat(np.asarray(has_caption), lengths)
-        ids = ids[keep_pairs]
+        ids = ids[np.repeat(np.asarray(has_caption), lengths)]
         offsets = np.concatenate([[0], np.cumsum(np.where(has_caption, lengths, 0))]).astype(np.int64)
-    key_hashes = hash_keys(keys, 0)
-    out = Path(task["out"])
-    with atomic_write(out) as f:
-        np.savez(
-            f, offsets=offsets, ids=ids, key_hashes=key_hashes, keys=np.array(keys, dtype=str),
-            meta=np.array(json.dumps({"format": MATCHES_FORMAT, "fingerprint": task["fingerprint"],
-                                      "skips": dict(skips), "config": task["config"]})),
-        )
-    return {"path": str(path), "records": len(keys), "matched": int((np.diff(offsets) > 0).sum()), "skips": dict(skips)}
+    meta = {"format": MATCHES_FORMAT, "fingerprint": task["fingerprint"], "skips": dict(skips), "config": task["config"]}
+    with atomic_write(task["out"]) as f:
+        np.savez(f, offsets=offsets, ids=ids, key_hashes=key_hashes(keys), keys=np.array(keys, dtype=str),
+                 meta=np.array(json.dumps(meta)))
+    return {"records": len(keys)}
 
 
-def load_matches(path: Path) -> tuple[ShardMatches, dict[str, Any]]:
-    with np.load(path) as z:
-        meta = json.loads(str(z["meta"]))
-        return ShardMatches(z["offsets"], z["ids"], z["key_hashes"], z["keys"], meta["skips"]), meta
+def _read_npz(path: Path, *names: str) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:  # npz arrays load lazily: only what is named
+        return [z[n] for n in names]
 
 
-def _matches_valid(path: Path, fingerprint: dict[str, Any], config: dict[str, Any]) -> bool:
-    if not path.exists():
-        return False
+def _matches_meta(path: Path) -> dict[str, Any] | None:
     try:
-        _, meta = load_matches(path)
-    except Exception:  # damaged or from another version: recompute
-        return False
-    return meta.get("format") == MATCHES_FORMAT and meta.get("fingerprint") == fingerprint and meta.get("config") == config
+        (meta,) = _read_npz(path, "meta")
+        return json.loads(str(meta))
+    except Exception:  # missing, damaged or another layout: recompute
+        return None
 
 
-def _run_parallel(fn, tasks: list[dict[str, Any]], workers: int, desc: str, initializer=None, initargs=()):
-    results = []
+def _build_matcher(work: Path, entries: list[str], meta_sha: str) -> Path:
+    """Build the matcher once per metadata list and save it for the workers to load."""
+    path = work / f"matcher-{__version__}-{meta_sha[:16]}.bin"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Matcher.save takes a path: save under a temporary name, then rename, so a
+        # killed build never leaves a half-written matcher that looks done.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            Matcher(entries).save(str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # Not fork: the parent runs tqdm's monitor thread (and maybe matcher threads), and
+    # forking a threaded process can deadlock the child.
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # The server imports this module (numpy, the matcher) once; each worker is a cheap
+    # fork of it. Only takes effect before the server's first start.
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _run_parallel(fn: Callable[[dict[str, Any]], dict[str, Any]], tasks: list[dict[str, Any]], workers: int,
+                  desc: str, initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    if not tasks:
+        return results
     bar = tqdm(total=len(tasks), desc=desc, unit="shard", disable=None)
     records = 0
     start = time.perf_counter()
@@ -233,16 +272,19 @@ def _run_parallel(fn, tasks: list[dict[str, Any]], workers: int, desc: str, init
         bar.set_postfix(records_per_s=f"{records / max(time.perf_counter() - start, 1e-9):,.0f}")
         bar.update()
 
-    if workers <= 1 or len(tasks) <= 1:
-        if initializer:
-            initializer(*initargs)
-        for t in tasks:
-            done(fn(t))
-    else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=initializer, initargs=initargs) as pool:
-            for r in pool.map(fn, tasks):
-                done(r)
-    bar.close()
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            if initializer:
+                initializer(*initargs)
+            for task in tasks:
+                done(fn(task))
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=_pool_context(),
+                                     initializer=initializer, initargs=initargs) as pool:
+                for future in as_completed([pool.submit(fn, task) for task in tasks]):
+                    done(future.result())
+    finally:
+        bar.close()
     return results
 
 
@@ -250,19 +292,19 @@ def _run_parallel(fn, tasks: list[dict[str, Any]], workers: int, desc: str, init
 
 
 def _sample_shard(task: dict[str, Any]) -> dict[str, Any]:
-    """Write one curated shard and its kept keys (runs in a worker)."""
-    m, _ = load_matches(Path(task["matches"]))
+    """Write one curated shard, its kept keys and its done stamp (runs in a worker)."""
+    offsets, ids, hashes, keys = _read_npz(Path(task["matches"]), "offsets", "ids", "key_hashes", "keys")
     counts = np.load(task["counts_path"])
-    scores = record_scores(m.key_hashes, m.offsets, m.ids, counts, task["seed"])
-    keep = scores < task["t"]
+    keep = record_scores(hashes, offsets, ids, counts, task["seed"]) < task["t"]
     written = write_kept(task["path"], task["dst"], keep)
     if written != int(keep.sum()):
-        raise ShardError(f"{task['path']}: wrote {written} records but meant to keep {int(keep.sum())}; the shard changed since it was matched")
+        raise ShardError(f"{task['path']}: wrote {written} records but meant to keep {int(keep.sum())}; "
+                         "the shard changed since it was matched")
     with atomic_write(task["kept_keys"], "w") as f:
-        for key in m.keys[keep]:
-            f.write(f"{key}\n")
+        f.writelines(f"{key}\n" for key in keys[keep])
+    # Written last: its presence (with this stamp) marks the shard done.
     write_json(task["done"], task["stamp"] | {"kept": written})
-    return {"path": task["path"], "records": len(keep), "kept": written}
+    return {"records": len(keep), "kept": written}
 
 
 # --- the job -------------------------------------------------------------------------------
@@ -284,99 +326,157 @@ def _t_ladder(t: float) -> list[float]:
     return sorted({t / 4, t / 2, t, t * 2, t * 4})
 
 
+def _load_entries(metadata: str | os.PathLike | Sequence[str] | None) -> tuple[list[str], str]:
+    from mode_fast.metadata import load_metadata, validate_metadata
+
+    if metadata is None:
+        return load_metadata(None), "mode_fast default (WordNet 3.0)"
+    if isinstance(metadata, (str, os.PathLike)):
+        return load_metadata(metadata), str(metadata)
+    entries = validate_metadata(list(metadata), "metadata list")
+    return entries, f"list of {len(entries)} entries given in code"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def curate(
     pools: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    metadata: str | os.PathLike | None = None,
+    metadata: str | os.PathLike | Sequence[str] | None = None,
     t: float | None = None,
     target_size: int | None = None,
     seed: int = 0,
-    workers: int | None = None,
+    workers: int | None = 1,
     caption_key: str = "caption",
     key_field: str | None = None,
     estimate_only: bool = False,
-    log=print,
+    log: Log = print,
 ) -> dict[str, Any]:
-    """Curate `pools` into `out_dir`; returns the summary (also written as summary.json)."""
-    from mode_fast.metadata import load_metadata, metadata_sha256
+    """Curate `pools` into `out_dir`; returns the summary (also written as summary.json).
 
+    metadata: a metadata.json path, a list of strings, or None for the shipped WordNet
+    list. Give t or target_size (neither: DEFAULT_T). workers: processes over shards
+    (None: all cores). estimate_only: counts, summary and the t table, no curated shards.
+    """
     if t is not None and target_size is not None:
         raise ValueError("give either t or target_size, not both")
     if t is not None and not (t > 0 and math.isfinite(t)):
         raise ValueError(f"t must be a positive number, got {t}")
+    if target_size is not None and target_size <= 0:
+        raise ValueError(f"target size must be positive, got {target_size}")
+    from mode_fast.metadata import metadata_sha256
+
     started = time.perf_counter()
     out = Path(out_dir)
     work = out / ".work"
     shards = list_shards(pools)
-    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    workers = max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
     workers = min(workers, len(shards))
-    entries = load_metadata(metadata)
+    entries, metadata_source = _load_entries(metadata)
     meta_sha = metadata_sha256(entries)
+    if out.exists():
+        remove_stale_temporaries(out)  # a killed run's half-written files: never outputs
 
-    # Pass 1 -------------------------------------------------------------------------
-    matcher_path = work / f"matcher-{meta_sha[:16]}.bin"
-    if not matcher_path.exists():
-        matcher_path.parent.mkdir(parents=True, exist_ok=True)
-        Matcher(entries).save(str(matcher_path))
-    config = {"metadata_sha256": meta_sha, "caption_key": caption_key, "key_field": key_field}
-    tasks, match_files = [], []
-    for path in shards:
-        fp = _fingerprint(path)
-        mpath = work / "matches" / f"{_shard_id(path)}.npz"
-        match_files.append(mpath)
-        if not _matches_valid(mpath, fp, config):
-            tasks.append({"path": str(path), "out": str(mpath), "fingerprint": fp, "config": config,
-                          "caption_key": caption_key, "key_field": key_field,
-                          "threads": 1 if workers > 1 else 0})
+    # Pass 1: match and count ------------------------------------------------------------
+    # The tool version too: a fixed matcher or reader must not reuse older match lists.
+    config = {"metadata_sha256": meta_sha, "caption_key": caption_key, "key_field": key_field,
+              "tool": __version__}
+    fingerprints = [_fingerprint(p) for p in shards]
+    match_files = [work / "matches" / f"{_shard_id(p)}.npz" for p in shards]
+    tasks: list[dict[str, Any]] = []
+    stale = 0
+    for path, fp, mpath in zip(shards, fingerprints, match_files):
+        meta = _matches_meta(mpath)
+        if meta is not None and meta.get("format") == MATCHES_FORMAT and meta.get("fingerprint") == fp \
+                and meta.get("config") == config:
+            continue
+        stale += meta is not None
+        tasks.append({"path": str(path), "out": str(mpath), "fingerprint": fp, "config": config,
+                      "caption_key": caption_key, "key_field": key_field,
+                      "threads": 1 if workers > 1 else 0})  # 0: all cores for one process
     reused = len(shards) - len(tasks)
     if reused:
         log(f"match: reusing stored matches for {reused} of {len(shards)} shards")
-    _run_parallel(_match_shard, tasks, workers, "match", _init_worker, (str(matcher_path),))
+    if stale:
+        log(f"match: recomputing {stale} shards whose file, metadata, caption key or key field changed")
+    if tasks:
+        matcher_path = _build_matcher(work, entries, meta_sha)
+        _run_parallel(_match_shard, tasks, workers, "match", _init_worker, (str(matcher_path),))
 
     counts = np.zeros(len(entries), dtype=np.uint64)
-    per_shard: list[ShardMatches] = []
+    records_per_shard: list[int] = []
     skips_total: Counter[str] = Counter()
     skips_by_shard: dict[str, dict[str, int]] = {}
     for path, mpath in zip(shards, match_files):
-        m, _ = load_matches(mpath)
-        per_shard.append(m)
-        counts += np.bincount(m.ids, minlength=len(entries)).astype(np.uint64)
-        if m.skip_reasons:
-            skips_total.update(m.skip_reasons)
-            skips_by_shard[str(path)] = m.skip_reasons
+        ids, offsets, meta_arr = _read_npz(mpath, "ids", "offsets", "meta")
+        counts += np.bincount(ids, minlength=len(entries)).astype(np.uint64)
+        records_per_shard.append(len(offsets) - 1)
+        skips = json.loads(str(meta_arr))["skips"]
+        if skips:
+            skips_total.update(skips)
+            skips_by_shard[str(path)] = skips
     counts_path = out / "entry_count.npy"
     save_npy(counts_path, counts)
 
-    # Choosing t -----------------------------------------------------------------------
-    all_offsets, all_ids, all_hashes = _concat_csr(per_shard)
-    scores = record_scores(all_hashes, all_offsets, all_ids, counts, seed)
+    # Scores (one per record, pool order) fix the kept set for every t ------------------
+    score_parts, hash_parts = [], []
+    for mpath in match_files:
+        offsets, ids, hashes = _read_npz(mpath, "offsets", "ids", "key_hashes")
+        score_parts.append(record_scores(hashes, offsets, ids, counts, seed))
+        hash_parts.append(hashes)
+    scores = np.concatenate(score_parts) if score_parts else np.zeros(0)
+    pool_size = len(scores)
+    duplicate_keys = pool_size - len(np.unique(np.concatenate(hash_parts))) if pool_size else 0
+    del score_parts, hash_parts
+    matched = int(np.isfinite(scores).sum())
+    if pool_size and not matched:
+        log(f"warning: none of the {pool_size:,} records matched the metadata; check --metadata and --caption-key")
+
     if target_size is not None:
         t = solve_t(scores, target_size)
         log(f"t solved for target size {target_size:,}: t = {t:,.6g}")
+        if target_size > matched:
+            log(f"note: only {matched:,} records match the metadata; all of them are kept")
     elif t is None:
         t = DEFAULT_T
-        log(f"t = {t:,.0f} (MetaCLIP's 400M setting); a small pool needs a proportionally small t: see the table")
+        suggestion = max(1.0, DEFAULT_T * pool_size / METACLIP_POOL_SIZE)
+        log(f"t = {t:,.0f} (MetaCLIP's setting for a 1.6B-pair pool); a small pool needs a proportionally "
+            f"small t (here about {suggestion:.3g}): see the table, or use --target-size")
     probs = entry_probabilities(counts, t)
     save_npy(out / "entry_prob.npy", probs)
-    pool_size = len(scores)
-    matched = int(np.isfinite(scores).sum())
     kept = int((scores < t).sum())
-    expected = expected_kept(all_offsets, all_ids, probs)
-    ladder = [{"t": lt, "expected_kept": expected_kept(all_offsets, all_ids, entry_probabilities(counts, lt)),
-               "kept_with_seed": int((scores < lt).sum())} for lt in _t_ladder(t)]
+    if target_size is not None and target_size <= matched and kept != target_size:
+        log(f"note: kept {kept:,}, not {target_size:,}: duplicate keys tie at the boundary")
+
+    ladder_ts = _t_ladder(t)
+    ladder_probs = {lt: entry_probabilities(counts, lt) for lt in ladder_ts}
+    expected_by_t = dict.fromkeys(ladder_ts, 0.0)
+    for mpath in match_files:
+        offsets, ids = _read_npz(mpath, "offsets", "ids")
+        for lt in ladder_ts:
+            expected_by_t[lt] += expected_kept(offsets, ids, ladder_probs[lt])
+    ladder = [{"t": lt, "expected_kept": expected_by_t[lt], "kept_with_seed": int((scores < lt).sum())}
+              for lt in ladder_ts]
     log(_ladder_table(ladder, t, pool_size, matched))
 
     summary: dict[str, Any] = {
         "pool_size": pool_size,
         "matched": matched,
         "kept": kept,
-        "expected_kept": expected,
+        "expected_kept": expected_by_t[t],
         "t": t,
         "seed": seed,
         "target_size": target_size,
         "estimate_only": estimate_only,
         "shards": len(shards),
         "matches_reused_shards": reused,
+        "matches_computed_shards": len(tasks),
+        "duplicate_keys": int(duplicate_keys),
         "entries": len(entries),
         "entries_with_count_over_t": int((counts > t).sum()),
         "entries_never_matched": int((counts == 0).sum()),
@@ -384,76 +484,90 @@ def curate(
         "tail_entries": _tail(entries, counts, 20),
         "t_ladder": ladder,
         "skipped": dict(skips_total),
+        # records skipped; corrupt_tar_tail counts damaged shard ends, not records
         "skipped_total": int(sum(v for k, v in skips_total.items() if k != "corrupt_tar_tail")),
         "skipped_by_shard": skips_by_shard,
     }
 
-    # Pass 2 -------------------------------------------------------------------------
+    # Pass 2: sample ---------------------------------------------------------------------
     if not estimate_only:
-        root = _common_root(shards)
-        counts_sha = _sha256_file(counts_path)
-        stamp = {"t": t, "seed": seed, "counts_sha256": counts_sha}
-        tasks = []
-        kept_files = []
-        for path, mpath in zip(shards, match_files):
-            sid = _shard_id(path)
-            dst = out / "data" / path.relative_to(root)
-            done = work / "sampled" / f"{sid}.json"
-            kept_keys = work / "kept" / f"{sid}.txt"
-            kept_files.append(kept_keys)
-            if _stamp_matches(done, stamp) and dst.exists() and kept_keys.exists():
-                continue
-            tasks.append({"path": str(path), "matches": str(mpath), "counts_path": str(counts_path),
-                          "seed": seed, "t": t, "dst": str(dst), "kept_keys": str(kept_keys),
-                          "done": str(done), "stamp": stamp})
-        if len(tasks) < len(shards):
-            log(f"sample: {len(shards) - len(tasks)} shards already written for this t and seed")
-        _run_parallel(_sample_shard, tasks, workers, "sample")
-        with atomic_write(out / "kept_keys.txt", "w") as f:
-            for kf in kept_files:
-                f.write(kf.read_text())
-        written = sum(json.loads((work / "sampled" / f"{_shard_id(p)}.json").read_text())["kept"] for p in shards)
-        if written != kept:
-            raise RuntimeError(f"wrote {written} records but the scores keep {kept}: the pool changed during the run")
-
-    manifest = {
-        "tool": f"mode-fast {__version__}",
-        "inputs": [_fingerprint(p) | {"records": len(m.offsets) - 1} for p, m in zip(shards, per_shard)],
-        "metadata": {"source": str(metadata) if metadata else "mode_fast default (WordNet 3.0)",
-                     "sha256": meta_sha, "entries": len(entries)},
-        "caption_key": caption_key,
-        "key_field": key_field,
-        "t": t,
-        "seed": seed,
-        "target_size": target_size,
-        "entry_count_sha256": _sha256_file(counts_path),
-        "pool_size": pool_size,
-        "matched": matched,
-        "kept": kept,
-    }
-    write_json(out / "manifest.json", manifest)
+        summary |= _write_curated(out, work, shards, fingerprints, match_files, config, counts_path, t, seed,
+                                  kept, workers, log)
+        manifest = {
+            "tool": f"mode-fast {__version__}",
+            "inputs": [fp | {"records": n} for fp, n in zip(fingerprints, records_per_shard)],
+            "metadata": {"source": metadata_source, "sha256": meta_sha, "entries": len(entries)},
+            "caption_key": caption_key,
+            "key_field": key_field,
+            "t": t,
+            "seed": seed,
+            "target_size": target_size,
+            "entry_count_sha256": _sha256_file(counts_path),
+            "pool_size": pool_size,
+            "matched": matched,
+            "kept": kept,
+        }
+        write_json(out / "manifest.json", manifest)  # last: marks the curation finished
     summary["seconds"] = time.perf_counter() - started
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _stamp_matches(path: Path, stamp: dict[str, Any]) -> bool:
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return all(done.get(k) == v for k, v in stamp.items())
+def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list[dict[str, Any]],
+                   match_files: list[Path], config: dict[str, Any], counts_path: Path, t: float, seed: int,
+                   kept: int, workers: int, log: Log) -> dict[str, Any]:
+    """Pass 2: curated shards under out/data, kept_keys.txt; resumes finished shards."""
+    root = _common_root(shards)
+    stamp_base = {"t": t, "seed": seed, "counts_sha256": _sha256_file(counts_path)}
+    tasks, done_files, kept_files, dsts = [], [], [], set()
+    for path, fp, mpath in zip(shards, fingerprints, match_files):
+        sid = _shard_id(path)
+        dst = out / "data" / path.relative_to(root)
+        done, kept_keys = work / "sampled" / f"{sid}.json", work / "kept" / f"{sid}.txt"
+        done_files.append(done)
+        kept_files.append(kept_keys)
+        dsts.add(str(dst))
+        stamp = stamp_base | {"input": fp, "config": config, "dst": str(dst)}
+        previous = _read_json(done)
+        if previous is not None and all(previous.get(k) == v for k, v in stamp.items()) \
+                and dst.exists() and kept_keys.exists():
+            continue
+        tasks.append({"path": str(path), "matches": str(mpath), "counts_path": str(counts_path),
+                      "seed": seed, "t": t, "dst": str(dst), "kept_keys": str(kept_keys),
+                      "done": str(done), "stamp": stamp})
+    if len(tasks) < len(shards):
+        log(f"sample: {len(shards) - len(tasks)} of {len(shards)} shards already written for this t, seed and input")
+    if tasks:
+        # From here until the end, data/ is a mix: no manifest or key list may claim otherwise.
+        for name in ("manifest.json", "kept_keys.txt"):
+            (out / name).unlink(missing_ok=True)
+    _run_parallel(_sample_shard, tasks, workers, "sample")
+    removed = _remove_stale_outputs(work, set(map(str, done_files)), dsts)
+    if removed:
+        log(f"sample: removed {removed} curated shards of inputs no longer in the pool")
+    written = sum(_read_json(d)["kept"] for d in done_files)  # type: ignore[index]
+    if written != kept:
+        raise RuntimeError(f"wrote {written} records but the scores keep {kept}: the pool changed during the run")
+    with atomic_write(out / "kept_keys.txt", "w") as f:
+        for part in kept_files:
+            f.write(part.read_text())
+    return {"sampled_shards": len(tasks), "stale_outputs_removed": removed}
 
 
-def _concat_csr(parts: Sequence[ShardMatches]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    offsets = [np.zeros(1, dtype=np.int64)]
-    base = 0
-    for m in parts:
-        offsets.append(m.offsets[1:] + base)
-        base += int(m.offsets[-1])
-    ids = np.concatenate([m.ids for m in parts]) if parts else np.zeros(0, np.int32)
-    hashes = np.concatenate([m.key_hashes for m in parts]) if parts else np.zeros(0, np.uint64)
-    return np.concatenate(offsets), ids, hashes
+def _remove_stale_outputs(work: Path, current_stamps: set[str], current_dsts: set[str]) -> int:
+    """Curated shards written by earlier runs for inputs that are not in this pool."""
+    removed = 0
+    for stamp_path in (work / "sampled").glob("*.json"):
+        if str(stamp_path) in current_stamps:
+            continue
+        stamp = _read_json(stamp_path) or {}
+        dst = stamp.get("dst")
+        if dst and dst not in current_dsts and Path(dst).exists():
+            Path(dst).unlink()
+            removed += 1
+        (work / "kept" / f"{stamp_path.stem}.txt").unlink(missing_ok=True)
+        stamp_path.unlink()
+    return removed
 
 
 def _head(entries: list[str], counts: np.ndarray, n: int) -> list[dict[str, Any]]:
@@ -468,10 +582,11 @@ def _tail(entries: list[str], counts: np.ndarray, n: int) -> list[dict[str, Any]
 
 
 def _ladder_table(ladder: list[dict[str, Any]], t: float, pool_size: int, matched: int) -> str:
-    lines = [f"pool {pool_size:,} records, {matched:,} matched", "       t   expected kept   kept (this seed)"]
+    lines = [f"pool {pool_size:,} records, {matched:,} matched",
+             "         t   expected kept   kept (this seed)"]
     for row in ladder:
         mark = "  <- chosen" if row["t"] == t else ""
-        lines.append(f"{row['t']:>8.4g}   {row['expected_kept']:>13,.0f}   {row['kept_with_seed']:>16,}{mark}")
+        lines.append(f"{row['t']:>10,.6g}   {row['expected_kept']:>13,.0f}   {row['kept_with_seed']:>16,}{mark}")
     return "\n".join(lines)
 
 
@@ -479,34 +594,40 @@ def _ladder_table(ladder: list[dict[str, Any]], t: float, pool_size: int, matche
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pools", nargs="+", metavar="POOL", help="shard files, folders, or glob/brace patterns (.tar, .parquet, .jsonl[.gz])")
+    parser.add_argument("pools", nargs="+", metavar="POOL",
+                        help="shard files, folders, or glob/brace patterns (.tar, .parquet, .jsonl[.gz])")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--metadata", help="MetaCLIP-style metadata.json (JSON list of strings); default: the shipped WordNet list")
+    parser.add_argument("--metadata", help="MetaCLIP-style metadata.json (JSON list of strings); "
+                                           "default: the shipped WordNet list")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--t", type=float, help=f"balancing threshold (default {DEFAULT_T:,.0f}, MetaCLIP 400M)")
+    group.add_argument("--t", type=float, help=f"balancing threshold (default {DEFAULT_T:,.0f}, MetaCLIP 400M; "
+                                               "a small pool needs a proportionally small t)")
     group.add_argument("--target-size", type=int, help="solve t so that exactly this many records are kept")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (kept set is independent of sharding and workers)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--caption-key", default="caption", help="caption field / member extension (default: json 'caption', else .txt)")
-    parser.add_argument("--key-field", default=None, help="parquet/jsonl column with the record uid (default: uid, else key)")
-    parser.add_argument("--estimate", action="store_true", help="count and print expected kept sizes for a ladder of t; write no curated shards")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed (the kept set is independent of sharding and workers)")
+    parser.add_argument("--workers", type=int, default=None, help="processes over shards (default: all cores)")
+    parser.add_argument("--caption-key", default="caption",
+                        help="caption member extension or json/column field (default: json 'caption', else .txt)")
+    parser.add_argument("--key-field", default=None,
+                        help="parquet/jsonl column holding the record uid (default: uid, else key)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="count and print expected kept sizes for a ladder of t; write no curated shards")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mode_fast.metadata import MetadataError
-
     try:
         summary = curate(
             args.pools, args.out, metadata=args.metadata, t=args.t, target_size=args.target_size,
             seed=args.seed, workers=args.workers, caption_key=args.caption_key, key_field=args.key_field,
             estimate_only=args.estimate, log=lambda msg: print(msg, file=sys.stderr),
         )
-    except (ShardError, MetadataError, ValueError) as exc:
+    except (ShardError, ValueError, OSError) as exc:  # MetadataError is a ValueError
         print(f"mode-fast curate: error: {exc}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
+    what = "estimated" if summary["estimate_only"] else "kept"
     print(
-        f"pool {summary['pool_size']:,}  matched {summary['matched']:,}  kept {summary['kept']:,} "
+        f"pool {summary['pool_size']:,}  matched {summary['matched']:,}  {what} {summary['kept']:,} "
         f"(expected {summary['expected_kept']:,.0f})  t={summary['t']:.6g}  skipped: {skipped}\n"
         f"outputs in {args.out}"
     )

@@ -1,17 +1,36 @@
 """Readers and writers for the pools users have: webdataset tars, parquet, jsonl.
 
 Every reader yields one `Record` per sample in file order, bad ones included (with a
-`skip_reason`), so that a record's index in its shard is stable between passes: the
+`skip_reason`), so that a record's index in its shard is the same in every pass: the
 curation's second pass re-reads a shard and keeps records by index, which avoids holding
-raw samples in memory and keeps the curated shard byte-for-byte the same as the input.
+raw samples in memory and keeps the curated records byte-for-byte those of the input.
 
 Caption lookup (``caption_key``):
-- webdataset: a member extension (``txt``, ``caption``...) if the sample has it; else a
-  field of the ``.json`` member; else, for the default ``caption``, the ``.txt`` member.
-- parquet / jsonl: the column / field of that name.
+- webdataset: a member extension of that name (``txt``, ``caption``...) if the sample has
+  one; else a field of the ``.json`` member; else, for the default ``caption`` only, the
+  ``.txt`` member. So the default finds ``{"caption": ...}`` in ``.json`` or a ``.txt``.
+- parquet / jsonl: the column / field of that name (string; parquet binary is UTF-8 decoded).
 Record keys: webdataset ``__key__``; parquet/jsonl the ``key_field`` column (default
-``uid`` if present, else ``key``), or ``<shard stem>/<row>`` when there is none (that
-last form depends on how the pool is sharded; sampling keyed on it does too).
+``uid`` if there is one, else ``key``). A row without one gets ``<shard stem>/<row>``,
+which depends on how the pool is sharded, and so does sampling keyed on it.
+
+Bad input is a record with ``caption=None`` and a ``skip_reason``, never an exception:
+``missing_caption``, ``invalid_utf8`` (undecodable bytes, or JSON text with lone
+surrogates), ``caption_not_text``, ``bad_json``, ``bad_key`` (a key with a line break,
+which kept_keys.txt could not hold), ``corrupt_member`` (see below), and one pseudo-record
+``corrupt_tar_tail`` (key "", not a sample, no index) when a tar ends in damage. A shard
+that cannot be read at all raises `ShardError` naming the file.
+
+Damaged tars: a member header with a bad checksum is skipped block by block up to the
+next valid header (tarfile's ``ignore_zeros`` resync), so one damaged member costs a
+record or two, not the rest of the shard. The member's name is unreadable, so the records
+just before and just after the damage (either may have lost a member) are skipped as
+``corrupt_member``; so is a record whose member data cannot be read. Whole records lost
+inside the damaged bytes are not seen. Data after the last readable member that is not
+zero padding (a truncated file) is reported as ``corrupt_tar_tail``. (This is why tars
+are walked with tarfile and webdataset's grouping rule rather than with webdataset's
+stream iterator, which stops at the first damaged header; importing webdataset would
+also import torch in every worker.)
 """
 from __future__ import annotations
 
@@ -21,17 +40,22 @@ import gzip
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+
 SHARD_SUFFIXES = (".tar", ".parquet", ".jsonl", ".jsonl.gz")
 GLOB_CHARS = set("*?[")
+PARQUET_BATCH_ROWS = 65536  # rows per record batch: bounded memory on big files
 
 
 class ShardError(RuntimeError):
@@ -40,6 +64,9 @@ class ShardError(RuntimeError):
 
 @dataclass
 class Record:
+    """One sample. `sample`: the raw webdataset sample ({"__key__", ext: bytes}) for tars,
+    the parsed object for jsonl, {} for parquet (writers copy rows by index instead)."""
+
     key: str
     caption: str | None
     sample: dict[str, Any] = field(default_factory=dict)
@@ -66,16 +93,22 @@ def _expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
+def _shards_in(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and str(p).endswith(SHARD_SUFFIXES)]
+
+
 def list_shards(patterns: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files, folders (searched recursively) and glob/brace patterns -> sorted shard paths."""
+    """Files, folders (searched recursively) and glob/brace patterns -> sorted, deduplicated
+    absolute shard paths. A pattern that names nothing, or no shard, is a ShardError."""
     found: set[Path] = set()
     for pattern in patterns:
         matched: list[Path] = []
         for item in _expand_braces(str(pattern)):
             if GLOB_CHARS & set(item):
-                matched += [Path(p) for p in glob.glob(item, recursive=True)]
+                for p in map(Path, glob.glob(item, recursive=True)):
+                    matched += _shards_in(p) if p.is_dir() else [p]
             elif os.path.isdir(item):
-                matched += [p for p in Path(item).rglob("*") if p.is_file() and str(p).endswith(SHARD_SUFFIXES)]
+                matched += _shards_in(Path(item))
             elif os.path.exists(item):
                 matched.append(Path(item))
             else:
@@ -97,14 +130,16 @@ def _default_file_mode() -> int:
 
 
 _FILE_MODE = _default_file_mode()  # mkstemp makes 0600 files; outputs get the usual mode
+TMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temporary name beside `path`, then rename: never a half-written file."""
+    """Write to a temporary name beside `path` (``.<name>.<random>.tmp``), then rename:
+    `path` is either absent, the old file or the whole new one, never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -118,6 +153,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete atomic_write's temporaries left under `folder` by a killed run."""
+    removed = 0
+    for p in Path(folder).rglob(f".*{TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink()
+            removed += 1
+    return removed
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -129,10 +174,63 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+# --- text checks -------------------------------------------------------------------------
+
+
+def _as_text(raw: Any) -> tuple[str | None, str | None]:
+    """(text, None) or (None, skip_reason) for a caption value of any origin."""
+    if raw is None:
+        return None, "missing_caption"
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8"), None
+        except UnicodeDecodeError:
+            return None, "invalid_utf8"
+    if not isinstance(raw, str):
+        return None, "caption_not_text"
+    if not _utf8_encodable(raw):
+        return None, "invalid_utf8"
+    return raw, None
+
+
+def _utf8_encodable(text: str) -> bool:
+    # JSON "\ud800" escapes decode to lone surrogates, which no UTF-8 consumer accepts
+    # (the matcher and key hashing reject them): catch them here, per record.
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_key(key: str) -> tuple[str, str | None]:
+    """(usable key, skip_reason or None): keys go one per line into kept_keys.txt and
+    are hashed as UTF-8, so line breaks and lone surrogates make a record unusable."""
+    if not _utf8_encodable(key):
+        return key.encode("utf-8", "backslashreplace").decode("ascii"), "invalid_utf8"
+    if "\n" in key or "\r" in key:
+        return key.replace("\n", "\\n").replace("\r", "\\r"), "bad_key"
+    return key, None
+
+
+def _record(key: str, raw_caption: Any, sample: dict[str, Any], reason: str | None = None) -> Record:
+    key, key_problem = _check_key(key)
+    if reason is None:
+        caption, reason = _as_text(raw_caption)
+    else:
+        caption = None
+    if key_problem is not None and reason is None:
+        caption, reason = None, key_problem
+    return Record(key, caption, sample, reason)
+
+
 # --- readers ---------------------------------------------------------------------------
 
 
 def read_shard(path: str | os.PathLike, caption_key: str = "caption", key_field: str | None = None) -> Iterator[Record]:
+    """Records of one shard in file order, the format from the suffix (module docstring)."""
     fmt = shard_format(path)
     if not os.path.isfile(path):
         raise ShardError(f"{path}: no such file")
@@ -143,96 +241,157 @@ def read_shard(path: str | os.PathLike, caption_key: str = "caption", key_field:
     return _read_jsonl(Path(path), caption_key, key_field)
 
 
-def _split_member_name(name: str) -> tuple[str | None, str | None]:
-    from webdataset.tariterators import base_plus_ext  # webdataset's rule for key vs extension
-
-    return base_plus_ext(name)
-
-
-class TarStats:
-    """Bytes left unread after the last good member: a corrupt header stops tarfile silently."""
-
-    def __init__(self) -> None:
-        self.corrupt_tail: str | None = None
+# webdataset's naming rule (webdataset.tariterators.base_plus_ext: the key is the name
+# up to the first dot of its last path component) and its metadata members
+# (``__name__``), restated here because importing webdataset imports torch (over a
+# second per process); tests check the two agree.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
-def iter_tar_samples(path: Path, stats: TarStats | None = None) -> Iterator[dict[str, bytes | str]]:
-    """Raw webdataset samples {"__key__": key, ext: bytes}, consecutive members grouped by key."""
-    try:
-        tf = tarfile.open(path, mode="r:")
-    except (tarfile.TarError, OSError) as exc:
-        raise ShardError(f"{path}: not a readable tar file ({exc})") from exc
-    current: dict[str, Any] | None = None
-    with tf:
-        while True:
-            try:
-                info = tf.next()
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """(key, extension) of a tar member name as webdataset groups it, or (None, None)."""
+    if "/" not in name and name.startswith("__") and name.endswith("__"):
+        return None, None
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+@dataclass
+class TarGroup:
+    """One webdataset sample as stored: its members (headers and bytes) in file order."""
+
+    key: str
+    members: list[tuple[tarfile.TarInfo, bytes]] = field(default_factory=list)
+    exts: set[str] = field(default_factory=set)  # lower-cased, as webdataset does
+    damaged: bool = False
+
+    def sample(self) -> dict[str, Any]:
+        sample: dict[str, Any] = {"__key__": self.key}
+        for info, data in self.members:
+            sample[split_member_name(info.name)[1].lower()] = data  # type: ignore[union-attr]
+        return sample
+
+
+class TarScan:
+    """Walks a tar's members, grouping them into samples and resyncing past damage.
+
+    Iterate for the `TarGroup`s; afterwards `tail_damage` says why the end was not
+    reached cleanly (None if it was). Reader and writer share this walk, so a record's
+    index is the same in both.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tail_damage: str | None = None
+
+    def _open(self) -> tarfile.TarFile:
+        try:
+            # Opened strictly: the first header must be valid, or this is not a tar.
+            tf = tarfile.open(self.path, mode="r:")
+        except (tarfile.TarError, OSError) as exc:
+            raise ShardError(f"{self.path}: not a readable tar file ({exc})") from exc
+        tf.ignore_zeros = True  # from here on, skip damaged headers block by block
+        return tf
+
+    def __iter__(self) -> Iterator[TarGroup]:
+        size = self.path.stat().st_size
+        with self._open() as tf, open(self.path, "rb") as raw:
+            current: TarGroup | None = None
+            damage_before_next = False
+            expected = 0  # where the next header starts if nothing is damaged
+            while True:
+                try:
+                    info = tf.next()
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    # A damaged extended (pax/GNU long-name) header, or data cut short.
+                    if tf.offset + tarfile.BLOCKSIZE >= size:
+                        self.tail_damage = f"{type(exc).__name__}: {exc}"
+                        break
+                    tf.offset += tarfile.BLOCKSIZE  # resync by hand, as ignore_zeros does
+                    continue
                 if info is None:
                     break
+                tf.members = []  # tarfile keeps every header otherwise: memory grows per member
+                gap_damaged = info.offset > expected and not _all_zero(raw, expected, info.offset)
+                expected = tf.offset
+                if gap_damaged:
+                    if current is not None:
+                        current.damaged = True
+                    damage_before_next = True
                 if not info.isreg():
                     continue
-                key, ext = _split_member_name(info.name)
-                data = tf.extractfile(info).read()  # type: ignore[union-attr]
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                if stats is not None:
-                    stats.corrupt_tail = f"{type(exc).__name__}: {exc}"
-                break
-            if key is None or ext is None:
-                continue  # a member webdataset would not group either (no extension)
-            if current is not None and (current["__key__"] != key or ext in current):
+                key, ext = split_member_name(info.name)
+                if key is None or ext is None:
+                    continue  # webdataset ignores these members too
+                ext = ext.lower()
+                # A new key starts a sample; so does a repeated extension (webdataset would
+                # raise there; we keep both records, with the same key).
+                if current is None or current.key != key or ext in current.exts:
+                    if current is not None:
+                        yield current
+                    current = TarGroup(key)
+                    if damage_before_next:
+                        current.damaged = True
+                damage_before_next = False
+                try:
+                    data = tf.extractfile(info).read()  # type: ignore[union-attr]
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    current.damaged = True
+                    self.tail_damage = f"member {info.name}: {type(exc).__name__}: {exc}"
+                    break
+                current.members.append((info, data))
+                current.exts.add(ext)
+            if self.tail_damage is None and not _all_zero(raw, expected, size):
+                # Bytes after the last good member that are not end-of-archive padding.
+                self.tail_damage = f"unreadable data from byte {expected} to {size}"
+                if current is not None:
+                    current.damaged = True
+            if current is not None:
                 yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = data
-        # tarfile ends quietly at a damaged header; anything but zero padding after
-        # the last member it read means records were lost.
-        if stats is not None and stats.corrupt_tail is None:
-            end = tf.offset
-            with open(path, "rb") as raw:
-                raw.seek(end)
-                rest = raw.read()
-            if rest.strip(b"\0"):
-                stats.corrupt_tail = f"unreadable data after byte {end} ({len(rest)} bytes not parsed)"
-    if current is not None:
-        yield current
 
 
-def _caption_from_sample(sample: dict[str, Any], caption_key: str) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, skip_reason)."""
-    raw: Any = None
+def _all_zero(raw: IO[bytes], start: int, end: int) -> bool:
+    raw.seek(start)
+    remaining = end - start
+    while remaining > 0:
+        block = raw.read(min(remaining, 1 << 20))
+        if not block:
+            return True  # past the end of the file: nothing there
+        if block.strip(b"\0"):
+            return False
+        remaining -= len(block)
+    return True
+
+
+def _caption_from_sample(sample: dict[str, Any], caption_key: str) -> tuple[Any, str | None]:
+    """(raw caption or None, None) or (None, skip_reason) for a webdataset sample."""
     if caption_key in sample:
-        raw = sample[caption_key]
-    elif "json" in sample:
+        return sample[caption_key], None
+    if "json" in sample:
         try:
             meta = json.loads(sample["json"])
         except (ValueError, UnicodeDecodeError):
             return None, "bad_json"
         if isinstance(meta, dict) and caption_key in meta:
-            raw = meta[caption_key]
-    if raw is None and caption_key == "caption" and "txt" in sample:
-        raw = sample["txt"]
-    if raw is None:
-        return None, "missing_caption"
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "invalid_utf8"
-    if not isinstance(raw, str):
-        return None, "caption_not_text"
-    return raw, None
+            return meta[caption_key], None
+    if caption_key == "caption" and "txt" in sample:
+        return sample["txt"], None
+    return None, None
 
 
 def _read_tar(path: Path, caption_key: str) -> Iterator[Record]:
-    stats = TarStats()
-    for sample in iter_tar_samples(path, stats):
-        caption, reason = _caption_from_sample(sample, caption_key)
-        yield Record(str(sample["__key__"]), caption, sample, reason)
-    if stats.corrupt_tail is not None:
-        # One pseudo-record carries the damage into the skip counts; it has no index in
-        # the curated output (the writer never sees it, its samples were unreadable).
-        yield Record("", None, {"__corrupt__": stats.corrupt_tail}, "corrupt_tar_tail")
+    scan = TarScan(path)
+    for group in scan:
+        sample = group.sample()
+        if group.damaged:
+            yield _record(group.key, None, sample, "corrupt_member")
+            continue
+        raw, reason = _caption_from_sample(sample, caption_key)
+        yield _record(group.key, raw, sample, reason)
+    if scan.tail_damage is not None:
+        # A pseudo-record carries the damage into the skip counts; it has no index in the
+        # curated output (no sample behind it).
+        yield Record("", None, {"__corrupt__": scan.tail_damage}, "corrupt_tar_tail")
 
 
 def _pick_key_field(columns: Iterable[str], key_field: str | None, path: Path) -> str | None:
@@ -244,45 +403,50 @@ def _pick_key_field(columns: Iterable[str], key_field: str | None, path: Path) -
     return next((c for c in ("uid", "key") if c in columns), None)
 
 
-def _read_parquet(path: Path, caption_key: str, key_field: str | None) -> Iterator[Record]:
-    import pyarrow.parquet as pq
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    import pyarrow.parquet as pq  # lazily: tar-only runs never load pyarrow
 
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise ShardError(f"{path}: not a readable parquet file ({exc})") from exc
+
+
+def _read_parquet(path: Path, caption_key: str, key_field: str | None) -> Iterator[Record]:
+    pf = _open_parquet(path)
     names = pf.schema_arrow.names
     if caption_key not in names:
         raise ShardError(f"{path}: caption column {caption_key!r} not found (columns: {', '.join(names)})")
     kf = _pick_key_field(names, key_field, path)
     row = 0
     columns = [caption_key] + ([kf] if kf and kf != caption_key else [])
-    for batch in pf.iter_batches(batch_size=65536, columns=columns):
-        captions = batch.column(caption_key).to_pylist()
-        keys = batch.column(kf).to_pylist() if kf else [None] * len(captions)
-        for caption, key in zip(captions, keys):
-            key = str(key) if key is not None else f"{path.stem}/{row}"
-            if caption is None:
-                yield Record(key, None, {}, "missing_caption")
-            elif not isinstance(caption, str):
-                yield Record(key, None, {}, "caption_not_text")
-            else:
-                yield Record(key, caption, {}, None)
-            row += 1
+    with contextlib.closing(pf):
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            captions = batch.column(caption_key).to_pylist()
+            keys = batch.column(kf).to_pylist() if kf else [None] * len(captions)
+            for caption, key in zip(captions, keys):
+                yield _record(str(key) if key is not None else f"{path.stem}/{row}", caption, {})
+                row += 1
 
 
-def _open_text_lines(path: Path) -> IO[bytes]:
+def _open_lines(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def _jsonl_stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".jsonl.gz")] if name.endswith(".jsonl.gz") else path.stem
 
 
 def _read_jsonl(path: Path, caption_key: str, key_field: str | None) -> Iterator[Record]:
     try:
-        f = _open_text_lines(path)
+        f = _open_lines(path)
     except OSError as exc:
         raise ShardError(f"{path}: cannot open ({exc})") from exc
+    stem = _jsonl_stem(path)
     with f:
         for row, line in enumerate(_jsonl_lines(f, path)):
-            fallback_key = f"{path.stem}/{row}"
+            fallback_key = f"{stem}/{row}"
             try:
                 obj = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError:
@@ -294,19 +458,15 @@ def _read_jsonl(path: Path, caption_key: str, key_field: str | None) -> Iterator
             if not isinstance(obj, dict):
                 yield Record(fallback_key, None, {}, "bad_json")
                 continue
+            # Per line, since jsonl has no schema; an explicit key_field missing from a
+            # line falls back to <stem>/<row> like a pool without keys.
             kf = key_field or next((c for c in ("uid", "key") if c in obj), None)
             key = str(obj[kf]) if kf and obj.get(kf) is not None else fallback_key
-            caption = obj.get(caption_key)
-            if caption is None:
-                yield Record(key, None, {}, "missing_caption")
-            elif not isinstance(caption, str):
-                yield Record(key, None, {}, "caption_not_text")
-            else:
-                yield Record(key, caption, {}, None)
+            yield _record(key, obj.get(caption_key), obj)
 
 
 def _jsonl_lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
-    """Non-blank lines; a gzip stream cut short ends the shard with a ShardError."""
+    """Non-blank lines; a gzip stream that cannot be read is a ShardError."""
     try:
         for line in f:
             if line.strip():
@@ -319,12 +479,14 @@ def _jsonl_lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
 
 
 def write_kept(src: str | os.PathLike, dst: str | os.PathLike, keep: np.ndarray) -> int:
-    """Copy the records of `src` whose index has keep[i] True into `dst` (same format, atomic).
+    """Copy the records of `src` with keep[i] True into `dst` (same format, atomically).
 
     `keep` is indexed like `read_shard(src)`'s records (the corrupt-tail pseudo-record
-    excluded). Returns the number of records written.
+    excluded). Tar members are copied with their headers and bytes in original order,
+    parquet rows with the same schema, jsonl lines as they are. Returns records written.
     """
     src, dst = Path(src), Path(dst)
+    keep = np.asarray(keep, dtype=bool)
     fmt = shard_format(src)
     if fmt == "tar":
         return _write_kept_tar(src, dst, keep)
@@ -334,37 +496,13 @@ def write_kept(src: str | os.PathLike, dst: str | os.PathLike, keep: np.ndarray)
 
 
 def _write_kept_tar(src: Path, dst: Path, keep: np.ndarray) -> int:
-    # Members are copied with their original headers (names, times, modes) and bytes.
     written = 0
-    with tarfile.open(src, mode="r:") as tf, atomic_write(dst) as out_f:
-        with tarfile.open(fileobj=out_f, mode="w:", format=tarfile.GNU_FORMAT) as out:
-            index = -1
-            current_key: str | None = None
-            current_exts: set[str] = set()
-            while True:
-                try:
-                    info = tf.next()
-                except (tarfile.TarError, OSError, EOFError):
-                    break  # the reader counted this damage already
-                if info is None:
-                    break
-                if not info.isreg():
-                    continue
-                key, ext = _split_member_name(info.name)
-                if key is None or ext is None:
-                    continue
-                if key != current_key or ext in current_exts:
-                    index += 1
-                    current_key, current_exts = key, set()
-                    if index < len(keep) and keep[index]:
-                        written += 1
-                current_exts.add(ext)
-                if index < len(keep) and keep[index]:
-                    try:
-                        data = tf.extractfile(info).read()  # type: ignore[union-attr]
-                    except (tarfile.TarError, OSError, EOFError):
-                        break
+    with atomic_write(dst) as out_f, tarfile.open(fileobj=out_f, mode="w:", format=tarfile.PAX_FORMAT) as out:
+        for index, group in enumerate(TarScan(src)):
+            if index < len(keep) and keep[index]:
+                for info, data in group.members:
                     out.addfile(info, io.BytesIO(data))
+                written += 1
     return written
 
 
@@ -372,28 +510,28 @@ def _write_kept_parquet(src: Path, dst: Path, keep: np.ndarray) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(src)
+    pf = _open_parquet(src)
     written = 0
     start = 0
-    with atomic_write(dst) as out_f:
-        writer = pq.ParquetWriter(out_f, pf.schema_arrow)
-        try:
-            for batch in pf.iter_batches(batch_size=65536):
-                mask = keep[start : start + batch.num_rows]
+    with contextlib.closing(pf), atomic_write(dst) as out_f:
+        with pq.ParquetWriter(out_f, pf.schema_arrow) as writer:
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                mask = np.zeros(batch.num_rows, dtype=bool)
+                part = keep[start : start + batch.num_rows]
+                mask[: len(part)] = part
                 start += batch.num_rows
                 if mask.any():
                     table = pa.Table.from_batches([batch]).filter(pa.array(mask))
                     writer.write_table(table)
                     written += table.num_rows
-        finally:
-            writer.close()
     return written
 
 
 def _write_kept_jsonl(src: Path, dst: Path, keep: np.ndarray) -> int:
     written = 0
     gz = str(dst).endswith(".gz")
-    with _open_text_lines(src) as f, atomic_write(dst) as out_f:
+    with _open_lines(src) as f, atomic_write(dst) as out_f:
+        # mtime=0: the same kept lines give the same bytes on every run
         out: IO[bytes] = gzip.GzipFile(fileobj=out_f, mode="wb", mtime=0) if gz else out_f
         for index, line in enumerate(_jsonl_lines(f, src)):
             if index < len(keep) and keep[index]:
