@@ -98,13 +98,8 @@ sys.path[:0] = {paths!r}
 from matcher_corpus import make_entries
 entries = make_entries({n})
 gc.collect()
-def status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
+from proc_memory import reset_peak, status_mb
+reset_peak()
 before = status_mb("VmRSS")
 start = time.perf_counter()
 if {provider!r} == "mode-fast":

@@ -86,13 +86,8 @@ torch.set_num_threads({threads})
 import bench_train_step as b
 step, _ = b.make_step({provider!r}, {batch})
 step()
-def status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
+from proc_memory import reset_peak, status_mb
+reset_peak()
 before = status_mb("VmRSS")
 step()
 print(json.dumps({{"peak_mb": status_mb("VmHWM") - before}}))
