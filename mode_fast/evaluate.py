@@ -1,0 +1,800 @@
+"""`mode-fast eval`: zero-shot scores of MoDE data experts, their ensembles and single models.
+
+For each task the experts (RUN/expert_K/checkpoints/final.pt, K < the cluster file's expert
+count) and the single models (the seed RUN/seed/checkpoints/final.pt, or --baseline CKPT,
+repeatable) are scored, and from the experts' logits:
+
+- best_expert: the expert with the highest score on this task (an oracle pick);
+- mean_ensemble: the plain mean of the experts' logits;
+- mode_ensemble: MoDE's weighted sum, weights from the task's class names embedded with the
+  clustering text encoder against the fine centers (mode_fast.ensemble, ../shared/reference/mode.md).
+
+Tasks (--data, each SPEC optionally NAME=SPEC):
+- webdataset shards (a .tar, a glob, or a folder of .tar): images in .jpg/.jpeg/.png/.webp,
+  label in .cls (an integer) or a field of .json (--label-field, an index or a class name);
+  class names from --classes or classes.json beside the shards;
+- a folder with one sub-folder of images per class (the sub-folder names are the classes);
+- a CSV of path,label (paths relative to the CSV; labels are indices or class names);
+- the embedded sample's eval split (DIR/eval, or the sample DIR itself).
+Prompt templates (each with one "{}") from --templates or templates.json beside the data,
+else open_clip's SIMPLE_IMAGENET_TEMPLATES. --retrieval SHARDS... adds image-text retrieval
+(recall@1/5/10 both ways) on captioned shards; the ensemble's weights come from the captions.
+
+Outputs in --out, each written atomically: results.json, results.md, accuracy.png,
+expert_weights.png (and retrieval.png with --retrieval).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import logging
+import sys
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mode_fast.data.io import atomic_write, write_json
+from mode_fast.ensemble import check_class_names, combine_logits, expert_weights
+
+log = logging.getLogger("mode_fast.evaluate")
+
+RESULTS_FORMAT = "mode_fast.eval/1"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+RECALL_KS = (1, 5, 10)
+
+
+class EvalError(ValueError):
+    """Bad input to the evaluation: the message names the file or value at fault."""
+
+
+# --------------------------------------------------------------------------- tasks
+@dataclass
+class ClassificationTask:
+    """Labelled images: `items()` yields (loader of a PIL image, label) in a fixed order."""
+
+    name: str
+    source: str
+    classes: list[str]
+    templates: list[str]
+    items: Callable[[], Iterator[tuple[Callable[[], Any], int]]]
+    kind: str = "classification"
+
+
+@dataclass
+class RetrievalTask:
+    """Captioned images: pair i is (image i, caption i)."""
+
+    name: str
+    source: str
+    items: Callable[[], Iterator[tuple[Callable[[], Any], str]]]
+    kind: str = "retrieval"
+
+
+def check_templates(templates: Sequence[str], source: str) -> list[str]:
+    out = list(templates)
+    if not out:
+        raise EvalError(f"{source}: the template list is empty")
+    for i, t in enumerate(out):
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise EvalError(f"{source}: template {i} ({t!r}) must be a string with exactly one '{{}}'")
+    return out
+
+
+def default_templates() -> list[str]:
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]  # open_clip keeps them as lambdas
+
+
+def _read_json_list(path: Path, what: str) -> list[Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{what} file {path}: cannot read a JSON list ({e})") from e
+    if not isinstance(value, list):
+        raise EvalError(f"{what} file {path}: expected a JSON list, got {type(value).__name__}")
+    return value
+
+
+def _checked_classes(names: Sequence[Any], source: str) -> list[str]:
+    try:
+        return check_class_names(names)
+    except (ValueError, TypeError) as e:
+        raise EvalError(f"{source}: bad class list: {e}") from e
+
+
+def _find_beside(base: Path, name: str) -> Path | None:
+    """`name` in the data's folder (or its parent, for a folder of shards)."""
+    folder = base if base.is_dir() else base.parent
+    for d in (folder, folder.parent):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def _pil_from_bytes(data: bytes, where: str) -> Callable[[], Any]:
+    def load() -> Any:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise EvalError(f"{where}: not a readable image ({e})") from e
+
+    return load
+
+
+def _pil_from_path(path: Path) -> Callable[[], Any]:
+    def load() -> Any:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise EvalError(f"{path}: not a readable image ({e})") from e
+
+    return load
+
+
+def _list_tars(spec: str) -> list[Path]:
+    p = Path(spec)
+    if p.is_dir():
+        found = sorted(p.glob("*.tar"))
+    elif any(c in spec for c in "*?["):
+        found = sorted(Path(x) for x in glob.glob(spec))
+    else:
+        found = [p] if p.is_file() else []
+    if not found:
+        raise EvalError(f"no webdataset shards found at {spec}")
+    return found
+
+
+def _iter_tar(shards: Sequence[Path]) -> Iterator[tuple[str, dict[str, bytes], Path]]:
+    """(key, {ext: bytes}, shard) per sample; members of one key are consecutive."""
+    for shard in shards:
+        try:
+            tf = tarfile.open(shard, "r")
+        except (OSError, tarfile.TarError) as e:
+            raise EvalError(f"{shard}: not a readable tar ({e})") from e
+        with tf:
+            key: str | None = None
+            members: dict[str, bytes] = {}
+            for info in tf:
+                if not info.isfile():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                dot = base.find(".")
+                if dot <= 0 or base.startswith("__"):
+                    continue
+                k = info.name[: len(info.name) - len(base) + dot]
+                ext = base[dot + 1:].lower()
+                if k != key:
+                    if key is not None:
+                        yield key, members, shard
+                    key, members = k, {}
+                f = tf.extractfile(info)
+                members[ext] = f.read() if f is not None else b""
+            if key is not None:
+                yield key, members, shard
+
+
+def _image_member(members: dict[str, bytes]) -> bytes | None:
+    return next((members[e] for e in IMAGE_EXTS if e in members), None)
+
+
+def _label_index(value: Any, classes: list[str], where: str) -> int:
+    """An integer label (or its digits) is an index; any other string is a class name."""
+    if isinstance(value, bool):
+        raise EvalError(f"{where}: label {value!r} is not an index or a class name")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, int):
+        if not 0 <= value < len(classes):
+            raise EvalError(f"{where}: label {value} is outside the {len(classes)} classes (0..{len(classes) - 1})")
+        return value
+    if isinstance(value, str):
+        try:
+            return classes.index(value)
+        except ValueError:
+            raise EvalError(f"{where}: label {value!r} is not one of the class names") from None
+    raise EvalError(f"{where}: label {value!r} is not an index or a class name")
+
+
+def _resolve_meta(base: Path, classes_file: Path | None, templates_file: Path | None,
+                  fallback_classes: list[str] | None = None) -> tuple[list[str], list[str]]:
+    cpath = classes_file or _find_beside(base, "classes.json")
+    if cpath is not None:
+        classes = _checked_classes(_read_json_list(cpath, "classes"), str(cpath))
+    elif fallback_classes is not None:
+        classes = _checked_classes(fallback_classes, str(base))
+    else:
+        raise EvalError(f"{base}: no class names: put classes.json beside the data or pass --classes FILE")
+    tpath = templates_file or _find_beside(base, "templates.json")
+    if tpath is not None:
+        templates = check_templates(_read_json_list(tpath, "templates"), str(tpath))
+    else:
+        templates = default_templates()
+    return classes, templates
+
+
+def load_task(spec: str, classes_file: Path | None = None, templates_file: Path | None = None,
+              label_field: str = "label") -> ClassificationTask:
+    """A classification task from one --data SPEC (see the module docstring)."""
+    name, _, path_text = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    path = Path(path_text)
+    # The sample's root folder: use its eval split.
+    if path.is_dir() and (path / "eval").is_dir() and not list(path.glob("*.tar")):
+        path = path / "eval"
+    name = name or (path.parent.name + "/" + path.name if path.name == "eval" else path.stem or path.name)
+
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise EvalError(f"CSV {path} not found")
+        rows = _read_csv(path)
+        labels = [lab for _, lab in rows]
+        fallback = None if all(lab.strip().isdigit() for lab in labels) else sorted(set(labels))
+        classes, templates = _resolve_meta(path, classes_file, templates_file, fallback)
+        resolved = [(path.parent / p, _label_index(lab, classes, f"{path} row {i + 1}")) for i, (p, lab) in enumerate(rows)]
+        for p, _ in resolved:
+            if not p.is_file():
+                raise EvalError(f"{path}: image {p} not found")
+
+        def items_csv() -> Iterator[tuple[Callable[[], Any], int]]:
+            for p, y in resolved:
+                yield _pil_from_path(p), y
+
+        return ClassificationTask(name, str(path), classes, templates, items_csv)
+
+    if path.is_dir() and not list(path.glob("*.tar")):
+        subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not subdirs:
+            raise EvalError(f"{path}: neither .tar shards nor one sub-folder per class")
+        folder_names = [d.name for d in subdirs]
+        classes, templates = _resolve_meta(path, classes_file, templates_file, [n.replace("_", " ") for n in folder_names])
+        if len(classes) != len(subdirs):
+            raise EvalError(f"{path}: {len(subdirs)} class folders but {len(classes)} class names")
+        files = [(f, y) for y, d in enumerate(subdirs) for f in sorted(d.rglob("*"))
+                 if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS]
+        if not files:
+            raise EvalError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in the class folders")
+
+        def items_folder() -> Iterator[tuple[Callable[[], Any], int]]:
+            for f, y in files:
+                yield _pil_from_path(f), y
+
+        return ClassificationTask(name, str(path), classes, templates, items_folder)
+
+    shards = _list_tars(str(path))
+    classes, templates = _resolve_meta(shards[0].parent if not path.is_dir() else path, classes_file, templates_file)
+
+    def items_tar() -> Iterator[tuple[Callable[[], Any], int]]:
+        for key, members, shard in _iter_tar(shards):
+            where = f"{shard} sample {key}"
+            image = _image_member(members)
+            if image is None:
+                raise EvalError(f"{where}: no image member ({', '.join('.' + e for e in IMAGE_EXTS)})")
+            if "cls" in members:
+                label: Any = members["cls"].decode("utf-8", "replace").strip()
+            elif "json" in members:
+                try:
+                    meta = json.loads(members["json"])
+                except ValueError as e:
+                    raise EvalError(f"{where}: bad .json ({e})") from e
+                if not isinstance(meta, dict) or label_field not in meta:
+                    raise EvalError(f"{where}: no .cls member and no {label_field!r} field in .json")
+                label = meta[label_field]
+            else:
+                raise EvalError(f"{where}: no label (.cls member or .json field {label_field!r})")
+            yield _pil_from_bytes(image, where), _label_index(label, classes, where)
+
+    return ClassificationTask(name, str(path), classes, templates, items_tar)
+
+
+def _read_csv(path: Path) -> list[tuple[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]  # header
+    if not rows:
+        raise EvalError(f"CSV {path} has no rows (expected path,label)")
+    for i, r in enumerate(rows):
+        if len(r) < 2 or not r[0].strip():
+            raise EvalError(f"CSV {path} row {i + 1}: expected path,label, got {r!r}")
+    return [(r[0].strip(), r[1].strip()) for r in rows]
+
+
+def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTask:
+    """Captioned webdataset shards: caption from .txt, else the .json field `caption_key`."""
+    name, _, path_text = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    shards = _list_tars(path_text)
+
+    def items() -> Iterator[tuple[Callable[[], Any], str]]:
+        for key, members, shard in _iter_tar(shards):
+            where = f"{shard} sample {key}"
+            image = _image_member(members)
+            caption = None
+            if "txt" in members:
+                caption = members["txt"].decode("utf-8", "replace")
+            elif "json" in members:
+                try:
+                    caption = json.loads(members["json"]).get(caption_key)
+                except (ValueError, AttributeError):
+                    caption = None
+            if image is None or not isinstance(caption, str) or not caption.strip():
+                log.warning("%s: skipped (no image or no caption)", where)
+                continue
+            yield _pil_from_bytes(image, where), caption
+
+    return RetrievalTask(name or Path(path_text).stem or "retrieval", path_text, items)
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class LoadedModel:
+    name: str
+    checkpoint: Path
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+
+
+def find_experts(run_dir: Path, n_experts: int) -> list[Path]:
+    """RUN/expert_K/checkpoints/final.pt for K < n_experts; errors name what is missing or extra."""
+    if not run_dir.is_dir():
+        raise EvalError(f"run folder {run_dir} not found")
+    present = sorted(int(d.name.split("_", 1)[1]) for d in run_dir.glob("expert_*")
+                     if d.is_dir() and d.name.split("_", 1)[1].isdigit())
+    extra = [k for k in present if k >= n_experts]
+    if extra:
+        raise EvalError(f"{run_dir} has expert folders {present} but the cluster file has {n_experts} experts "
+                        f"(0..{n_experts - 1}): expert_{extra[0]} does not match it")
+    paths = [run_dir / f"expert_{k}" / "checkpoints" / "final.pt" for k in range(n_experts)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise EvalError(f"the cluster file has {n_experts} experts but {len(missing)} expert checkpoint(s) are "
+                        f"missing: {', '.join(missing)}")
+    return paths
+
+
+def load_models(named: Sequence[tuple[str, Path]], device: str) -> list[LoadedModel]:
+    from mode_fast.train import load_model
+
+    out = []
+    for name, ckpt in named:
+        if not Path(ckpt).is_file():
+            raise EvalError(f"{name}: checkpoint {ckpt} not found")
+        model, preprocess, tokenizer = load_model(ckpt, device)
+        out.append(LoadedModel(name, Path(ckpt), model, preprocess, tokenizer))
+    return out
+
+
+def _encode_texts(m: LoadedModel, texts: Sequence[str], device: str, batch: int) -> Any:
+    import torch
+
+    parts = []
+    for s in range(0, len(texts), batch):
+        tokens = m.tokenizer(list(texts[s:s + batch])).to(device)
+        parts.append(m.model.encode_text(tokens, normalize=True).float())
+    return torch.cat(parts)
+
+
+def zero_shot_classifier(m: LoadedModel, classes: Sequence[str], templates: Sequence[str],
+                         device: str, batch: int = 256) -> Any:
+    """[C, D]: per class the normalised mean of its normalised prompt embeddings (CLIP's recipe)."""
+    import torch
+
+    texts = [t.format(c) for c in classes for t in templates]
+    emb = _encode_texts(m, texts, device, batch).view(len(classes), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def _image_features(models: Sequence[LoadedModel], loaders: Iterator[Callable[[], Any]],
+                    device: str, batch: int) -> list[Any]:
+    """One pass over the images: every model's normalised features [N, D] (each with its transform)."""
+    import torch
+
+    feats: list[list[Any]] = [[] for _ in models]
+    buf: list[Any] = []
+
+    def flush() -> None:
+        for i, m in enumerate(models):
+            x = torch.stack([m.preprocess(im) for im in buf]).to(device)
+            feats[i].append(m.model.encode_image(x, normalize=True).float())
+        buf.clear()
+
+    for load in loaders:
+        buf.append(load())
+        if len(buf) == batch:
+            flush()
+    if buf:
+        flush()
+    return [torch.cat(f) if f else torch.zeros(0) for f in feats]
+
+
+# --------------------------------------------------------------------------- metrics
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, logits.shape[1])
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return float((top == labels[:, None]).any(1).mean())
+
+
+def recall_at_k(sim: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """sim[i, j] = score of query i for item j; the right item of query i is i.
+    Rank of the right item = how many items score strictly higher (ties count for the query)."""
+    right = np.diag(sim)[:, None]
+    rank = (sim > right).sum(1)
+    return {f"R@{k}": float((rank < k).mean()) for k in ks}
+
+
+@dataclass
+class Ensembler:
+    """Weights of the experts for a list of texts (class names or captions)."""
+
+    centers: Any  # TwoLevel
+    embedder: Any
+
+    @property
+    def n_experts(self) -> int:
+        return self.centers.n_experts
+
+    def weights(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(weights [n], texts per expert [n])."""
+        emb = np.asarray(self.embedder(list(texts)), dtype=np.float64)
+        if not np.isfinite(emb).all():
+            bad = [t for t, row in zip(texts, emb) if not np.isfinite(row).all()]
+            raise EvalError(f"the clustering encoder gives no embedding for {bad[:3]!r}")
+        w = expert_weights(emb, self.centers.fine_centroids, self.centers.expert_of_fine, self.n_experts)
+        _, groups, _ = self.centers.assign(emb.astype(np.float32))
+        return w, np.bincount(groups, minlength=self.n_experts)
+
+
+def _embedder_for(centers: Any, override: str | None) -> Any:
+    from mode_fast.cluster import make_embedder
+
+    if override:
+        return make_embedder(override)
+    name = str(centers.config.get("embedder", ""))
+    if "minilm" in name.lower():
+        return make_embedder("minilm")
+    if name.startswith("hash"):
+        return make_embedder(name)
+    raise EvalError(f"cannot tell the clustering encoder from the cluster file (embedder {name!r}): pass --embedder")
+
+
+def evaluate_classification(task: ClassificationTask, experts: Sequence[LoadedModel],
+                            singles: Sequence[LoadedModel], ens: Ensembler, device: str,
+                            batch: int = 256) -> dict[str, Any]:
+    import torch
+
+    labels: list[int] = []
+
+    def loaders() -> Iterator[Callable[[], Any]]:
+        for load, y in task.items():
+            labels.append(y)
+            yield load
+
+    models = list(experts) + list(singles)
+    with torch.no_grad():
+        feats = _image_features(models, loaders(), device, batch)
+        if not labels:
+            raise EvalError(f"task {task.name}: no images in {task.source}")
+        logits = []
+        for m, f in zip(models, feats):
+            cls = zero_shot_classifier(m, task.classes, task.templates, device, batch)
+            logits.append((m.model.logit_scale.exp().float() * f @ cls.T).cpu().numpy().astype(np.float64))
+    y = np.asarray(labels)
+    weights, groups = ens.weights(task.classes)
+    n = len(experts)
+    scored: dict[str, np.ndarray] = {m.name: lg for m, lg in zip(models, logits)}
+    scored["mean_ensemble"] = combine_logits(logits[:n], np.full(n, 1.0 / n))
+    scored["mode_ensemble"] = combine_logits(logits[:n], weights)
+    top1 = {k: topk_accuracy(v, y, 1) for k, v in scored.items()}
+    top5 = {k: topk_accuracy(v, y, 5) for k, v in scored.items()}
+    best = max(range(n), key=lambda k: top1[experts[k].name])
+    for d in (top1, top5):
+        d["best_expert"] = d[experts[best].name]
+    return {
+        "kind": "classification", "source": task.source, "n_images": int(len(y)),
+        "n_classes": len(task.classes), "n_templates": len(task.templates),
+        "expert_weights": weights.tolist(), "classes_per_expert": groups.tolist(),
+        "best_expert": experts[best].name, "top1": top1, "top5": top5,
+    }
+
+
+def evaluate_retrieval(task: RetrievalTask, experts: Sequence[LoadedModel], singles: Sequence[LoadedModel],
+                       ens: Ensembler, device: str, batch: int = 256) -> dict[str, Any]:
+    import torch
+
+    captions: list[str] = []
+
+    def loaders() -> Iterator[Callable[[], Any]]:
+        for load, c in task.items():
+            captions.append(c)
+            yield load
+
+    models = list(experts) + list(singles)
+    with torch.no_grad():
+        feats = _image_features(models, loaders(), device, batch)
+        if not captions:
+            raise EvalError(f"retrieval task {task.name}: no captioned images in {task.source}")
+        sims = []
+        for m, f in zip(models, feats):
+            t = _encode_texts(m, captions, device, batch)
+            sims.append((m.model.logit_scale.exp().float() * f @ t.T).cpu().numpy().astype(np.float64))
+    weights, groups = ens.weights(captions)  # MoDE: the same weighting, from the query texts
+    n = len(experts)
+    scored = {m.name: s for m, s in zip(models, sims)}
+    scored["mean_ensemble"] = combine_logits(sims[:n], np.full(n, 1.0 / n))
+    scored["mode_ensemble"] = combine_logits(sims[:n], weights)
+    recall = {}
+    for k, s in scored.items():
+        i2t, t2i = recall_at_k(s), recall_at_k(s.T)
+        r = {f"image_to_text_{m}": v for m, v in i2t.items()} | {f"text_to_image_{m}": v for m, v in t2i.items()}
+        r["mean_recall"] = float(np.mean(list(r.values())))
+        recall[k] = r
+    best = max(range(n), key=lambda k: recall[experts[k].name]["mean_recall"])
+    recall["best_expert"] = recall[experts[best].name]
+    return {"kind": "retrieval", "source": task.source, "n_pairs": len(captions),
+            "expert_weights": weights.tolist(), "captions_per_expert": groups.tolist(),
+            "best_expert": experts[best].name, "recall": recall}
+
+
+# --------------------------------------------------------------------------- the job
+@dataclass
+class EvalConfig:
+    run: Path
+    clusters: Path
+    data: list[str]
+    out: Path
+    baselines: list[str] = field(default_factory=list)
+    retrieval: list[str] = field(default_factory=list)
+    classes: Path | None = None
+    templates: Path | None = None
+    label_field: str = "label"
+    caption_key: str = "caption"
+    embedder: str | None = None
+    device: str = "cpu"
+    batch_size: int = 256
+
+
+def _parse_baseline(spec: str) -> tuple[str, Path]:
+    if "=" in spec and not Path(spec).exists():
+        name, _, path = spec.partition("=")
+        return name, Path(path)
+    p = Path(spec)
+    # RUN/NAME/checkpoints/final.pt -> NAME; a run folder -> its seed checkpoint
+    if p.is_dir():
+        p = p / "seed" / "checkpoints" / "final.pt" if (p / "seed").is_dir() else p / "checkpoints" / "final.pt"
+    name = p.parent.parent.name if p.parent.name == "checkpoints" else p.stem
+    return name, p
+
+
+def method_order(results: dict[str, Any], n_experts: int) -> list[str]:
+    singles = results["single_models"]
+    return [f"expert_{k}" for k in range(n_experts)] + ["best_expert", "mean_ensemble", "mode_ensemble"] + singles
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every task; returns the results dict (also written under cfg.out)."""
+    from mode_fast.cluster import TwoLevel
+
+    centers_path = cfg.clusters / "centers.npz" if cfg.clusters.is_dir() else cfg.clusters
+    if not centers_path.is_file():
+        raise EvalError(f"cluster file {centers_path} not found (the `mode-fast cluster --out DIR` folder)")
+    try:
+        centers = TwoLevel.load(centers_path)
+    except (ValueError, KeyError, OSError) as e:
+        raise EvalError(f"{centers_path}: {e}") from e
+    n = centers.n_experts
+    expert_paths = find_experts(cfg.run, n)
+    singles: list[tuple[str, Path]] = [_parse_baseline(b) for b in cfg.baselines]
+    if not singles:
+        seed = cfg.run / "seed" / "checkpoints" / "final.pt"
+        if not seed.is_file():
+            raise EvalError(f"seed checkpoint {seed} not found: pass --baseline CKPT for the single model")
+        singles = [("seed", seed)]
+    names = [s[0] for s in singles]
+    clash = [x for x in names if names.count(x) > 1 or x.startswith("expert_")
+             or x in ("best_expert", "mean_ensemble", "mode_ensemble")]
+    if clash:
+        raise EvalError(f"single-model name {clash[0]!r} is used twice or clashes with a method: use NAME=CKPT")
+    # Tasks are parsed (and their class lists checked) before any model loads: fail fast.
+    tasks = [load_task(s, cfg.classes, cfg.templates, cfg.label_field) for s in cfg.data]
+    rtasks = [load_retrieval_task(s, cfg.caption_key) for s in cfg.retrieval]
+    all_names = [t.name for t in tasks] + [t.name for t in rtasks]
+    if len(set(all_names)) != len(all_names):
+        raise EvalError(f"two tasks are named alike in {all_names}: name them with NAME=SPEC")
+    ens = Ensembler(centers, _embedder_for(centers, cfg.embedder))
+    experts = load_models([(f"expert_{k}", p) for k, p in enumerate(expert_paths)], cfg.device)
+    single_models = load_models(singles, cfg.device)
+
+    results: dict[str, Any] = {
+        "format": RESULTS_FORMAT, "run": str(cfg.run), "clusters": str(centers_path), "n_experts": n,
+        "embedder": getattr(ens.embedder, "name", str(cfg.embedder)),
+        "experts": {m.name: str(m.checkpoint) for m in experts},
+        "single_models": [m.name for m in single_models],
+        "single_model_checkpoints": {m.name: str(m.checkpoint) for m in single_models},
+        "device": cfg.device, "tasks": {}, "retrieval": {},
+    }
+    for task in tasks:
+        log.info("classification %s (%d classes)", task.name, len(task.classes))
+        results["tasks"][task.name] = evaluate_classification(task, experts, single_models, ens, cfg.device, cfg.batch_size)
+    for rtask in rtasks:
+        log.info("retrieval %s", rtask.name)
+        results["retrieval"][rtask.name] = evaluate_retrieval(rtask, experts, single_models, ens, cfg.device, cfg.batch_size)
+    methods = method_order(results, n)
+    if results["tasks"]:
+        results["average"] = {
+            metric: {m: float(np.mean([t[metric][m] for t in results["tasks"].values()])) for m in methods}
+            for metric in ("top1", "top5")
+        }
+    if results["retrieval"]:
+        results["retrieval_average"] = {
+            m: float(np.mean([t["recall"][m]["mean_recall"] for t in results["retrieval"].values()])) for m in methods
+        }
+    write_outputs(results, cfg.out)
+    return results
+
+
+# --------------------------------------------------------------------------- outputs
+def markdown_table(results: dict[str, Any]) -> str:
+    n = results["n_experts"]
+    methods = method_order(results, n)
+    lines = []
+    if results["tasks"]:
+        lines += ["Zero-shot top-1 accuracy (%)", "",
+                  "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for name, t in results["tasks"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * t['top1'][m]:.1f}" for m in methods) + " |")
+        avg = results["average"]["top1"]
+        lines.append("| **average** | " + " | ".join(f"**{100 * avg[m]:.1f}**" for m in methods) + " |")
+        lines += ["", "MoDE expert weights (classes per expert)", "",
+                  "| task | " + " | ".join(f"expert_{k}" for k in range(n)) + " |", "|---" * (n + 1) + "|"]
+        for name, t in results["tasks"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{w:.3f} ({c})" for w, c in zip(t["expert_weights"], t["classes_per_expert"])) + " |")
+    if results["retrieval"]:
+        lines += ["", "Image-text retrieval recall (%), image->text / text->image", "",
+                  "| task | method | " + " | ".join(f"i2t R@{k}" for k in RECALL_KS) + " | "
+                  + " | ".join(f"t2i R@{k}" for k in RECALL_KS) + " |", "|---" * (2 + 2 * len(RECALL_KS)) + "|"]
+        for name, t in results["retrieval"].items():
+            for m in methods:
+                r = t["recall"][m]
+                lines.append(f"| {name} | {m} | " + " | ".join(
+                    f"{100 * r[f'{d}_R@{k}']:.1f}" for d in ("image_to_text", "text_to_image") for k in RECALL_KS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = results["n_experts"]
+    methods = method_order(results, n)
+    written = []
+    if results["tasks"]:
+        groups = list(results["tasks"]) + ["average"]
+        values = [[results["tasks"][g]["top1"][m] if g != "average" else results["average"]["top1"][m]
+                   for m in methods] for g in groups]
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(methods) / 3), 4))
+        width = 0.8 / len(methods)
+        cmap = plt.get_cmap("tab10")
+        for j, m in enumerate(methods):
+            xs = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
+            ax.bar(xs, [100 * v[j] for v in values], width, label=m, color=cmap(j % 10),
+                   hatch="//" if m == "mode_ensemble" else None)
+        ax.set_xticks(np.arange(len(groups)), groups)
+        ax.set_ylabel("zero-shot top-1 (%)")
+        ax.set_title("Experts, ensembles and single models per task")
+        ax.legend(fontsize=7, ncol=2)
+        _save_fig(fig, out / "accuracy.png")
+        written.append(out / "accuracy.png")
+
+        fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(results["tasks"]) * n / 2), 3.5))
+        names = list(results["tasks"])
+        width = 0.8 / n
+        for k in range(n):
+            xs = np.arange(len(names)) + (k - (n - 1) / 2) * width
+            ax.bar(xs, [results["tasks"][t]["expert_weights"][k] for t in names], width, label=f"expert_{k}")
+        ax.axhline(1.0 / n, color="gray", lw=0.8, ls="--", label="uniform (mean)")
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_ylabel("MoDE weight")
+        ax.set_title("Expert weights per task (from class names)")
+        ax.legend(fontsize=7)
+        _save_fig(fig, out / "expert_weights.png")
+        written.append(out / "expert_weights.png")
+    if results["retrieval"]:
+        names = list(results["retrieval"])
+        fig, ax = plt.subplots(figsize=(max(6, len(names) * len(methods) / 3), 4))
+        width = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            xs = np.arange(len(names)) + (j - (len(methods) - 1) / 2) * width
+            ax.bar(xs, [100 * results["retrieval"][t]["recall"][m]["mean_recall"] for t in names], width, label=m)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_ylabel("mean recall@1/5/10, both ways (%)")
+        ax.legend(fontsize=7, ncol=2)
+        _save_fig(fig, out / "retrieval.png")
+        written.append(out / "retrieval.png")
+    return written
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plot_results(results, out)
+    with atomic_write(out / "results.md", "w") as f:
+        f.write(markdown_table(results))
+    write_json(out / "results.json", results)  # last: its presence marks a finished evaluation
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="train run folder (RUN/seed, RUN/expert_K)")
+    parser.add_argument("--clusters", type=Path, required=True,
+                        help="`mode-fast cluster` output folder (or its centers.npz)")
+    parser.add_argument("--data", nargs="*", default=[], metavar="SPEC",
+                        help="classification tasks: [NAME=]shards/folder/CSV/sample eval dir")
+    parser.add_argument("--retrieval", nargs="*", default=[], metavar="SHARDS",
+                        help="[NAME=]captioned webdataset shards for image-text retrieval")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--baseline", action="append", default=[], metavar="[NAME=]CKPT",
+                        help="single model(s) to compare (default: RUN/seed/checkpoints/final.pt); repeatable")
+    parser.add_argument("--classes", type=Path, help="JSON list of class names (default: classes.json beside the data)")
+    parser.add_argument("--templates", type=Path,
+                        help="JSON list of prompt templates with '{}' (default: templates.json beside the data, "
+                             "else open_clip's SIMPLE_IMAGENET_TEMPLATES)")
+    parser.add_argument("--label-field", default="label", help="label field of .json when there is no .cls")
+    parser.add_argument("--caption-key", default="caption", help="caption field of .json for retrieval (no .txt)")
+    parser.add_argument("--embedder", default=None,
+                        help="clustering text encoder: minilm or hashN (default: the one in the cluster file)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=256)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("mode_fast").setLevel(logging.INFO)
+    if not args.data and not args.retrieval:
+        print("mode-fast eval: error: nothing to evaluate: give --data SPEC... and/or --retrieval SHARDS...",
+              file=sys.stderr)
+        return 2
+    cfg = EvalConfig(run=args.run, clusters=args.clusters, data=list(args.data), out=args.out,
+                     baselines=list(args.baseline), retrieval=list(args.retrieval), classes=args.classes,
+                     templates=args.templates, label_field=args.label_field, caption_key=args.caption_key,
+                     embedder=args.embedder, device=args.device, batch_size=args.batch_size)
+    try:
+        results = evaluate(cfg)
+    except (EvalError, FileNotFoundError) as e:  # user errors: one line naming the problem
+        print(f"mode-fast eval: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(results), end="")
+    print(f"results in {args.out}/results.json, results.md, accuracy.png, expert_weights.png")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mode-fast eval", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

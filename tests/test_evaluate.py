@@ -1,0 +1,289 @@
+"""`mode-fast eval` on tiny random-init models: the ensemble arithmetic against an independent
+recomputation, every input format, retrieval, outputs, and the bad-input errors."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mode_fast import cli, evaluate
+from mode_fast.cluster import HashEmbedder, TwoLevel
+from mode_fast.data.sample import write_sample
+from mode_fast.ensemble import expert_weights
+from mode_fast.train import CHECKPOINT_FORMAT, register_model_configs
+
+torch.set_num_threads(1)  # shared 2-core machine
+
+N_EXPERTS = 3
+MODEL = "mode-fast-tiny"
+
+
+def save_random_model(path: Path, seed: int) -> Path:
+    """A train-format checkpoint of a randomly initialised model (what load_model reads)."""
+    import open_clip
+
+    register_model_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(MODEL, pretrained=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "model_name": MODEL, "model_kwargs": {},
+                "state_dict": model.state_dict()}, path)
+    return path
+
+
+def make_centers(path: Path, n_experts: int = N_EXPERTS, fine_k: int = 12, dim: int = 64) -> TwoLevel:
+    rng = np.random.default_rng(0)
+    fine = rng.standard_normal((fine_k, dim)).astype(np.float32)
+    fine /= np.linalg.norm(fine, axis=1, keepdims=True)
+    coarse_of = np.arange(fine_k) % n_experts
+    model = TwoLevel(fine, fine[:n_experts].copy(), coarse_of.astype(np.int64),
+                     {"embedder": f"hash{dim}", "n_experts": n_experts})
+    path.mkdir(parents=True, exist_ok=True)
+    model.save(path / "centers.npz")
+    return model
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    write_sample(root / "sample", num_pairs=40, shard_size=20, eval_pairs=48, image_size=32)
+    run = root / "run"
+    save_random_model(run / "seed" / "checkpoints" / "final.pt", 100)
+    for k in range(N_EXPERTS):
+        save_random_model(run / f"expert_{k}" / "checkpoints" / "final.pt", k)
+    make_centers(root / "clusters")
+    return {"root": root, "sample": root / "sample", "run": run, "clusters": root / "clusters"}
+
+
+def eval_cli(env: dict[str, Path], out: Path, *extra: str, run: Path | None = None,
+             clusters: Path | None = None) -> int:
+    return cli.main(["eval", "--run", str(run or env["run"]), "--clusters", str(clusters or env["clusters"]),
+                     "--out", str(out), "--batch-size", "16", *extra])
+
+
+def eval_items(sample: Path) -> list[tuple[bytes, int]]:
+    """(jpg bytes, label) of the sample's eval split, read with tarfile directly."""
+    out = []
+    for shard in sorted((sample / "eval").glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+        for name in sorted(n for n in members if n.endswith(".jpg")):
+            out.append((members[name], int(members[name[:-4] + ".cls"])))
+    return out
+
+
+def reference_logits(ckpt: Path, images: list[bytes], classes: list[str], templates: list[str]) -> np.ndarray:
+    """Zero-shot logits computed here from open_clip directly (independent of evaluate.py)."""
+    import open_clip
+    from PIL import Image
+
+    register_model_configs()
+    state = torch.load(ckpt, weights_only=True)
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=None)
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    tok = open_clip.get_tokenizer(MODEL)
+    with torch.no_grad():
+        x = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+        img = model.encode_image(x)
+        img = img / img.norm(dim=-1, keepdim=True)
+        rows = []
+        for c in classes:
+            t = model.encode_text(tok([tp.format(c) for tp in templates]))
+            t = (t / t.norm(dim=-1, keepdim=True)).mean(0)
+            rows.append(t / t.norm())
+        return (model.logit_scale.exp() * img @ torch.stack(rows).T).double().numpy()
+
+
+def test_sample_eval_matches_an_independent_recomputation(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert eval_cli(env, out, "--data", f"sample={env['sample']}") == 0
+    res = json.loads((out / "results.json").read_text())
+    task = res["tasks"]["sample"]
+    classes = json.loads((env["sample"] / "eval" / "classes.json").read_text())
+    templates = json.loads((env["sample"] / "eval" / "templates.json").read_text())
+    items = eval_items(env["sample"])
+    labels = np.array([y for _, y in items])
+    assert task["n_images"] == len(items) == 48 and task["n_classes"] == len(classes)
+
+    logits = [reference_logits(env["run"] / f"expert_{k}" / "checkpoints" / "final.pt",
+                               [b for b, _ in items], classes, templates) for k in range(N_EXPERTS)]
+    seed_logits = reference_logits(env["run"] / "seed" / "checkpoints" / "final.pt",
+                                   [b for b, _ in items], classes, templates)
+    w = expert_weights(HashEmbedder(64)(classes), TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids,
+                       np.arange(12) % N_EXPERTS, N_EXPERTS)
+    np.testing.assert_allclose(task["expert_weights"], w, rtol=1e-6)
+    acc = lambda lg: float((lg.argmax(1) == labels).mean())  # noqa: E731
+    for k in range(N_EXPERTS):
+        assert task["top1"][f"expert_{k}"] == pytest.approx(acc(logits[k]))
+    assert task["top1"]["seed"] == pytest.approx(acc(seed_logits))
+    assert task["top1"]["best_expert"] == max(acc(lg) for lg in logits)
+    assert task["top1"]["mean_ensemble"] == pytest.approx(acc(sum(logits) / N_EXPERTS))
+    assert task["top1"]["mode_ensemble"] == pytest.approx(acc(sum(wk * lg for wk, lg in zip(w, logits))))
+    top5 = float((np.argsort(-logits[0], 1)[:, :5] == labels[:, None]).any(1).mean())
+    assert task["top5"]["expert_0"] == pytest.approx(top5)
+    assert res["average"]["top1"] == task["top1"]  # one task: its own average
+
+    md = (out / "results.md").read_text()
+    assert "| sample |" in md and "mode_ensemble" in md and "| **average** |" in md
+    from PIL import Image
+
+    for png in ("accuracy.png", "expert_weights.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 100
+    assert not list(out.glob(".*tmp")), "temporaries left behind"
+    assert "mode_ensemble" in capsys.readouterr().out
+
+
+def write_formats(sample: Path, root: Path) -> dict[str, Path]:
+    """The eval split again as a folder per class, a CSV, and shards with a json class-name label."""
+    classes = json.loads((sample / "eval" / "classes.json").read_text())
+    items = eval_items(sample)
+    folder, csv_dir, wds_dir = root / "folder", root / "csv", root / "wds"
+    csv_dir.mkdir(parents=True)
+    wds_dir.mkdir(parents=True)
+    rows = []
+    with tarfile.open(wds_dir / "x-000.tar", "w") as tf:
+        for i, (jpg, y) in enumerate(items):
+            d = folder / classes[y].replace(" ", "_")
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:04d}.jpg").write_bytes(jpg)
+            (csv_dir / "img").mkdir(exist_ok=True)
+            (csv_dir / "img" / f"{i:04d}.jpg").write_bytes(jpg)
+            rows.append((f"img/{i:04d}.jpg", classes[y]))
+            for ext, data in (("jpg", jpg), ("json", json.dumps({"label": classes[y]}).encode())):
+                info = tarfile.TarInfo(f"k{i:04d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    with open(csv_dir / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *rows])
+    # the folder's classes are its sub-folder names, so give the others the same sorted list
+    names = sorted(c for c in classes if (folder / c.replace(" ", "_")).is_dir())
+    for d in (csv_dir, wds_dir):
+        (d / "classes.json").write_text(json.dumps(names))
+    return {"folder": folder, "csv": csv_dir / "labels.csv", "wds": wds_dir}
+
+
+def test_every_input_format_gives_the_same_scores(env, tmp_path):
+    paths = write_formats(env["sample"], tmp_path)
+    templates = env["sample"] / "eval" / "templates.json"
+    out = tmp_path / "out"
+    assert eval_cli(env, out, "--templates", str(templates), "--data",
+                    *(f"{k}={v}" for k, v in paths.items())) == 0
+    res = json.loads((out / "results.json").read_text())
+    tasks = res["tasks"]
+    assert set(tasks) == {"folder", "csv", "wds"}
+    for name in ("csv", "wds"):
+        assert tasks[name]["n_images"] == tasks["folder"]["n_images"] == 48
+        for method, value in tasks["folder"]["top1"].items():
+            assert tasks[name]["top1"][method] == pytest.approx(value), (name, method)
+    for method in tasks["folder"]["top1"]:
+        assert res["average"]["top1"][method] == pytest.approx(np.mean([t["top1"][method] for t in tasks.values()]))
+
+
+def test_retrieval_recall_both_ways(env, tmp_path):
+    out = tmp_path / "out"
+    assert eval_cli(env, out, "--retrieval", f"pool={env['sample'] / 'pool'}") == 0
+    res = json.loads((out / "results.json").read_text())
+    task = res["retrieval"]["pool"]
+    assert task["n_pairs"] == 40
+    assert sum(task["captions_per_expert"]) == 40
+    for method, r in task["recall"].items():
+        for d in ("image_to_text", "text_to_image"):
+            assert 0 <= r[f"{d}_R@1"] <= r[f"{d}_R@5"] <= r[f"{d}_R@10"] <= 1, method
+    assert (out / "retrieval.png").is_file()
+
+
+def test_recall_at_k_ranks():
+    sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.2, 0.3, 0.1]])
+    # ranks of the right item: query 0 -> 0, query 1 -> 1, query 2 -> 2
+    assert evaluate.recall_at_k(sim, (1, 2, 3)) == {"R@1": 1 / 3, "R@2": 2 / 3, "R@3": 1.0}
+    assert evaluate.recall_at_k(np.eye(4), (1,)) == {"R@1": 1.0}
+
+
+def test_topk_accuracy():
+    logits = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
+    assert evaluate.topk_accuracy(logits, np.array([1, 2]), 1) == 0.5
+    assert evaluate.topk_accuracy(logits, np.array([1, 2]), 2) == 0.5
+    assert evaluate.topk_accuracy(logits, np.array([1, 2]), 3) == 1.0
+
+
+# --------------------------------------------------------------------------- bad input
+def test_missing_expert_checkpoint_is_named(env, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(env["run"], run)
+    (run / "expert_1" / "checkpoints" / "final.pt").unlink()
+    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]), run=run) == 2
+    err = capsys.readouterr().err
+    assert "expert_1/checkpoints/final.pt" in err and "missing" in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_missing_baseline_checkpoint_is_named(env, tmp_path, capsys):
+    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]),
+                    "--baseline", f"big={tmp_path / 'nope.pt'}") == 2
+    assert "nope.pt not found" in capsys.readouterr().err
+
+
+def test_expert_count_must_match_the_cluster_file(env, tmp_path, capsys):
+    more = tmp_path / "clusters4"
+    make_centers(more, n_experts=4)
+    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]), clusters=more) == 2
+    err = capsys.readouterr().err
+    assert "4 experts" in err and "expert_3" in err
+    fewer = tmp_path / "clusters2"
+    make_centers(fewer, n_experts=2)
+    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]), clusters=fewer) == 2
+    err = capsys.readouterr().err
+    assert "2 experts" in err and "expert_2" in err
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["circle", "square", "circle"], "'circle' appears twice"),
+    (["circle", "  ", "square"], "index 1 is empty"),
+    ([], "class list is empty"),
+])
+def test_bad_class_lists_are_named(env, tmp_path, capsys, classes, message):
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps(classes))
+    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]), "--classes", str(path)) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err
+
+
+def test_label_outside_the_class_list_is_named(env, tmp_path, capsys):
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps(["only", "two"]))
+    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]), "--classes", str(path)) == 2
+    assert "outside the 2 classes" in capsys.readouterr().err
+
+
+def test_bad_templates_and_missing_data(env, tmp_path, capsys):
+    path = tmp_path / "templates.json"
+    path.write_text(json.dumps(["a photo of a {}.", "no placeholder"]))
+    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]), "--templates", str(path)) == 2
+    assert "template 1" in capsys.readouterr().err
+    assert eval_cli(env, tmp_path / "out", "--data", str(tmp_path / "absent.tar")) == 2
+    assert "absent.tar" in capsys.readouterr().err
+    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]), clusters=tmp_path / "noclusters") == 2
+    assert "noclusters not found" in capsys.readouterr().err
+
+
+def test_ensemble_weights_follow_the_class_names(env):
+    """Classes placed exactly on one expert's fine centers give that expert the top weight."""
+    centers = TwoLevel.load(env["clusters"] / "centers.npz")
+    table = {f"c{i}": centers.fine_centroids[i] for i in range(12)}
+    ens = evaluate.Ensembler(centers, lambda texts: np.stack([table[t] for t in texts]))
+    for k in range(N_EXPERTS):
+        names = [f"c{i}" for i in range(12) if i % N_EXPERTS == k]
+        w, groups = ens.weights(names)
+        assert int(np.argmax(w)) == k and groups[k] == len(names)
+        assert math.isclose(float(w.sum()), 1.0)
