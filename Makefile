@@ -1,5 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README):
-#   make demo   - curate the embedded sample pool
+#   make demo   - the whole pipeline on the embedded sample: sample -> curate -> cluster ->
+#                 train (seed + 4 experts, and a single model of equal compute) -> eval;
+#                 results in demo_out/summary.md and demo_out/eval/*.png
 #   make test   - run the test suite
 # Both create or reuse .venv and install what they need into it.
 PYTHON ?= python3
@@ -19,8 +21,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mode_fast sample --out demo_out/sample
-	$(PY) -m mode_fast curate demo_out/sample/pool --out demo_out/curated --target-size 4000 --seed 0
+	$(PY) -m mode_fast.pipeline --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
