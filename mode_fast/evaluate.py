@@ -15,9 +15,16 @@ Tasks (--data, each SPEC optionally NAME=SPEC):
   class names from --classes or classes.json beside the shards;
 - a folder with one sub-folder of images per class (the sub-folder names are the classes);
 - a CSV of path,label (paths relative to the CSV; labels are indices or class names);
-- the embedded sample's eval split (DIR/eval, or the sample DIR itself).
-Prompt templates (each with one "{}") from --templates or templates.json beside the data,
-else open_clip's SIMPLE_IMAGENET_TEMPLATES. --retrieval SHARDS... adds image-text retrieval
+- the embedded sample's eval split (DIR/eval, or the sample DIR itself);
+- `sklearn:digits`: scikit-learn's bundled UCI handwritten digits (1797 8x8 images, no
+  download; needs scikit-learn), drawn as dark ink on white paper at 32x32 like the sample's
+  glyphs, classes "digit zero".."digit nine"; `sklearn:digits:N` takes a class-balanced
+  deterministic subset of N images.
+Class names: --classes FILE (a JSON list), or --classes imagenet (open_clip's 1000 ImageNet
+names, index = the usual sorted-wnid label), else classes.json beside the data. Prompt
+templates (each with one "{}"): --templates FILE, or --templates openai-imagenet (open_clip's
+80 OPENAI_IMAGENET_TEMPLATES) or simple-imagenet (its 7 SIMPLE_IMAGENET_TEMPLATES), else
+templates.json beside the data, else the task's own (digits) or SIMPLE_IMAGENET_TEMPLATES. --retrieval SHARDS... adds image-text retrieval
 (recall@1/5/10 both ways) on captioned shards; the ensemble's weights come from the captions.
 
 Outputs in --out, each written atomically: results.json, results.md, accuracy.png,
@@ -88,9 +95,65 @@ def check_templates(templates: Sequence[str], source: str) -> list[str]:
 
 
 def default_templates() -> list[str]:
-    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+    return named_templates("simple-imagenet")
 
-    return [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]  # open_clip keeps them as lambdas
+
+# --------------------------------------------------------------------------- built-in names
+# open_clip's list repeats two names (OpenAI's prompt-engineering list does): 657 and 744 are
+# both "missile", 836 and 837 both "sunglasses". Class lists must be unique here (labels may
+# be class names, mode_fast.ensemble.check_class_names), so the second of each pair takes
+# the first WordNet lemma of its synset: 744 n04008634 "projectile, missile" -> "projectile",
+# 836 n04355933 "sunglass" -> "sunglass". The other 998 names are open_clip's as shipped.
+IMAGENET_RENAMES = {744: "projectile", 836: "sunglass"}
+CLASS_SETS = ("imagenet",)
+TEMPLATE_SETS = ("openai-imagenet", "simple-imagenet")
+
+
+def named_classes(name: str) -> list[str]:
+    """A built-in class list by name (--classes imagenet)."""
+    if name == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        names = list(IMAGENET_CLASSNAMES)
+        for i, new in IMAGENET_RENAMES.items():
+            names[i] = new
+        return names
+    raise EvalError(f"unknown class list {name!r}: known names are {', '.join(CLASS_SETS)}")
+
+
+def named_templates(name: str) -> list[str]:
+    """A built-in template list by name (--templates openai-imagenet / simple-imagenet)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    lists = {"openai-imagenet": OPENAI_IMAGENET_TEMPLATES, "simple-imagenet": SIMPLE_IMAGENET_TEMPLATES}
+    if name not in lists:
+        raise EvalError(f"unknown template list {name!r}: known names are {', '.join(TEMPLATE_SETS)}")
+    return [t("{}") for t in lists[name]]  # open_clip keeps them as lambdas
+
+
+def _option_list(value: Path | str | None, option: str, shortcuts: Sequence[str],
+                 load_named: Callable[[str], list[str]]) -> tuple[list[Any], str] | None:
+    """--classes / --templates: a shortcut name (given exactly, e.g. `imagenet`) or a JSON-list
+    file; (the list, where it came from) or None when the option is not given. A file whose
+    name is a shortcut is still reachable as ./NAME."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value in shortcuts:
+        return load_named(value), f"{option} {value}"
+    path = Path(value)
+    if not path.is_file():
+        raise EvalError(f"{option} {value}: no such file, and not a built-in name ({', '.join(shortcuts)})")
+    return _read_json_list(path, option.lstrip("-")), str(path)
+
+
+def option_classes(value: Path | str | None) -> tuple[list[str], str] | None:
+    got = _option_list(value, "--classes", CLASS_SETS, named_classes)
+    return None if got is None else (_checked_classes(got[0], got[1]), got[1])
+
+
+def option_templates(value: Path | str | None) -> tuple[list[str], str] | None:
+    got = _option_list(value, "--templates", TEMPLATE_SETS, named_templates)
+    return None if got is None else (check_templates(got[0], got[1]), got[1])
 
 
 def _read_json_list(path: Path, what: str) -> list[Any]:
@@ -209,27 +272,111 @@ def _label_index(value: Any, classes: list[str], where: str) -> int:
     raise EvalError(f"{where}: label {value!r} is not an index or a class name")
 
 
-def _resolve_meta(base: Path, classes_file: Path | None, templates_file: Path | None,
+def _resolve_meta(base: Path, classes_file: Path | str | None, templates_file: Path | str | None,
                   fallback_classes: list[str] | None = None) -> tuple[list[str], list[str]]:
-    cpath = classes_file or _find_beside(base, "classes.json")
-    if cpath is not None:
+    """Class names and templates: the option (a file or a built-in name), else the JSON file
+    beside the data, else the fallback (class names) or open_clip's simple templates."""
+    given = option_classes(classes_file)
+    cpath = None if given else _find_beside(base, "classes.json")
+    if given is not None:
+        classes = given[0]
+    elif cpath is not None:
         classes = _checked_classes(_read_json_list(cpath, "classes"), str(cpath))
     elif fallback_classes is not None:
         classes = _checked_classes(fallback_classes, str(base))
     else:
-        raise EvalError(f"{base}: no class names: put classes.json beside the data or pass --classes FILE")
-    tpath = templates_file or _find_beside(base, "templates.json")
-    if tpath is not None:
+        raise EvalError(f"{base}: no class names: put classes.json beside the data or pass --classes FILE "
+                        f"(or --classes {'/'.join(CLASS_SETS)})")
+    given_t = option_templates(templates_file)
+    tpath = None if given_t else _find_beside(base, "templates.json")
+    if given_t is not None:
+        templates = given_t[0]
+    elif tpath is not None:
         templates = check_templates(_read_json_list(tpath, "templates"), str(tpath))
     else:
         templates = default_templates()
     return classes, templates
 
 
-def load_task(spec: str, classes_file: Path | None = None, templates_file: Path | None = None,
+# --------------------------------------------------------------------------- sklearn:digits
+SKLEARN_PREFIX = "sklearn:"
+SKLEARN_DATASETS = ("digits",)
+# The embedded sample's glyph domain names its digit classes "digit one" and "digit seven"
+# (mode_fast.data.sample.DOMAINS; captions also say "number 1", "numeral one"), so the ten
+# digits are "digit zero".."digit nine": the same words a model trained on the sample has
+# seen, and plain English for any CLIP.
+DIGIT_CLASSES = [f"digit {w}" for w in
+                 ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+# The sample's generic prompts ("a photo of a {}.", "a drawing of a {}.") plus ones in the
+# style of its glyph captions ("the {obj} in {fg} on {bg}", "{obj} in {fg} ink").
+DIGIT_TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a handwritten {}.",
+                   "the {} in black on white.", "{} in black ink."]
+DIGIT_IMAGE_SIZE = 32  # 8x8 upsampled 4x (nearest): the sample's image size
+
+
+def balanced_subset(labels: np.ndarray, n: int) -> np.ndarray:
+    """n indices, deterministic and class-balanced: round-robin over the classes, each class's
+    items in their order; returned in the data's order."""
+    per_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    order = [idx[r] for r in range(max(len(x) for x in per_class)) for idx in per_class if r < len(idx)]
+    return np.sort(np.asarray(order[:n], dtype=np.int64))
+
+
+def digit_image(pixels: np.ndarray, size: int = DIGIT_IMAGE_SIZE) -> Any:
+    """One sklearn digit (8x8, ink 0..16) as a PIL RGB image: dark ink on white paper, like
+    the sample's glyphs (0 -> 255 paper, 16 -> 0 ink), upsampled with nearest to size x size."""
+    from PIL import Image
+
+    gray = np.clip(np.rint(255.0 - np.asarray(pixels, dtype=np.float64) * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).resize((size, size), Image.Resampling.NEAREST).convert("RGB")
+
+
+def load_sklearn_task(name: str, rest: str, classes_file: Path | str | None = None,
+                      templates_file: Path | str | None = None) -> ClassificationTask:
+    """`sklearn:digits[:N]` (see the module docstring)."""
+    spec = SKLEARN_PREFIX + rest
+    dataset, _, count = rest.partition(":")
+    if dataset not in SKLEARN_DATASETS:
+        raise EvalError(f"--data {spec}: unknown scikit-learn dataset {dataset!r} "
+                        f"(known: {', '.join(SKLEARN_PREFIX + d for d in SKLEARN_DATASETS)})")
+    limit = None
+    if count:
+        if not count.isdigit() or int(count) < 1:
+            raise EvalError(f"--data {spec}: the image count after '{SKLEARN_PREFIX}{dataset}:' must be a positive integer")
+        limit = int(count)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise EvalError(f"--data {spec} needs scikit-learn, which is not installed ({e}): "
+                        "pip install scikit-learn") from e
+    bunch = load_digits()
+    images, labels = np.asarray(bunch.images), np.asarray(bunch.target, dtype=np.int64)
+    if limit is not None:
+        if limit > len(labels):
+            raise EvalError(f"--data {spec}: asks for {limit} images but {dataset} has {len(labels)}")
+        keep = balanced_subset(labels, limit)
+        images, labels = images[keep], labels[keep]
+    given = option_classes(classes_file)
+    classes = given[0] if given else list(DIGIT_CLASSES)
+    if len(classes) != len(DIGIT_CLASSES):
+        raise EvalError(f"--data {spec}: {given[1] if given else 'classes'} has {len(classes)} class names "
+                        f"but {dataset} has {len(DIGIT_CLASSES)} classes (0..9)")
+    given_t = option_templates(templates_file)
+    templates = given_t[0] if given_t else list(DIGIT_TEMPLATES)
+
+    def items_digits() -> Iterator[tuple[Callable[[], Any], int]]:
+        for px, y in zip(images, labels):
+            yield (lambda px=px: digit_image(px)), int(y)
+
+    return ClassificationTask(name or dataset, spec, classes, templates, items_digits)
+
+
+def load_task(spec: str, classes_file: Path | str | None = None, templates_file: Path | str | None = None,
               label_field: str = "label") -> ClassificationTask:
     """A classification task from one --data SPEC (see the module docstring)."""
     name, _, path_text = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    if path_text.startswith(SKLEARN_PREFIX):
+        return load_sklearn_task(name, path_text[len(SKLEARN_PREFIX):], classes_file, templates_file)
     path = Path(path_text)
     # The sample's root folder: use its eval split.
     if path.is_dir() and (path / "eval").is_dir() and not list(path.glob("*.tar")):
@@ -557,8 +704,8 @@ class EvalConfig:
     out: Path
     baselines: list[str] = field(default_factory=list)
     retrieval: list[str] = field(default_factory=list)
-    classes: Path | None = None
-    templates: Path | None = None
+    classes: Path | str | None = None  # a JSON-list file or a built-in name (CLASS_SETS)
+    templates: Path | str | None = None  # a JSON-list file or a built-in name (TEMPLATE_SETS)
     label_field: str = "label"
     caption_key: str = "caption"
     embedder: str | None = None
@@ -751,16 +898,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=Path, required=True,
                         help="`mode-fast cluster` output folder (or its centers.npz)")
     parser.add_argument("--data", nargs="*", default=[], metavar="SPEC",
-                        help="classification tasks: [NAME=]shards/folder/CSV/sample eval dir")
+                        help="classification tasks: [NAME=]shards/folder/CSV/sample eval dir, or "
+                             "[NAME=]sklearn:digits[:N] (scikit-learn's bundled handwritten digits; N: a "
+                             "class-balanced subset)")
     parser.add_argument("--retrieval", nargs="*", default=[], metavar="SHARDS",
                         help="[NAME=]captioned webdataset shards for image-text retrieval")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--baseline", action="append", default=[], metavar="[NAME=]CKPT",
                         help="single model(s) to compare (default: RUN/seed/checkpoints/final.pt); repeatable")
-    parser.add_argument("--classes", type=Path, help="JSON list of class names (default: classes.json beside the data)")
-    parser.add_argument("--templates", type=Path,
-                        help="JSON list of prompt templates with '{}' (default: templates.json beside the data, "
-                             "else open_clip's SIMPLE_IMAGENET_TEMPLATES)")
+    parser.add_argument("--classes", metavar="FILE|imagenet",
+                        help="JSON list of class names, or `imagenet` for open_clip's 1000 ImageNet class names "
+                             "(default: classes.json beside the data)")
+    parser.add_argument("--templates", metavar="FILE|openai-imagenet|simple-imagenet",
+                        help="JSON list of prompt templates with '{}', or `openai-imagenet` (open_clip's 80) / "
+                             "`simple-imagenet` (its 7) (default: templates.json beside the data, else the "
+                             "task's own for sklearn:digits, else simple-imagenet)")
     parser.add_argument("--label-field", default="label", help="label field of .json when there is no .cls")
     parser.add_argument("--caption-key", default="caption", help="caption field of .json for retrieval (no .txt)")
     parser.add_argument("--embedder", default=None,

@@ -7,6 +7,8 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -287,3 +289,170 @@ def test_ensemble_weights_follow_the_class_names(env):
         w, groups = ens.weights(names)
         assert int(np.argmax(w)) == k and groups[k] == len(names)
         assert math.isclose(float(w.sum()), 1.0)
+
+
+# --------------------------------------------------------------------------- sklearn digits
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.asarray(d.images), np.asarray(d.target)
+
+
+def test_digits_task_is_sklearns_handwritten_digits():
+    images, target = sklearn_digits()
+    task = evaluate.load_task("sklearn:digits")
+    assert (task.name, task.source, task.kind) == ("digits", "sklearn:digits", "classification")
+    items = list(task.items())
+    labels = np.array([y for _, y in items])
+    assert len(items) == 1797 and np.array_equal(labels, target)
+    assert sorted(set(labels.tolist())) == list(range(10))
+    # the sample's glyph domain calls its digits "digit one" / "digit seven": same words here
+    from mode_fast.data.sample import DOMAINS
+
+    assert task.classes == ["digit zero", "digit one", "digit two", "digit three", "digit four", "digit five",
+                            "digit six", "digit seven", "digit eight", "digit nine"]
+    assert task.classes[1] in DOMAINS["glyphs"] and task.classes[7] in DOMAINS["glyphs"]
+    assert task.templates and all(t.count("{}") == 1 for t in task.templates)
+    for i in (0, 5, 1796):  # dark ink on white paper, each 8x8 pixel a 4x4 block
+        im = items[i][0]()
+        assert (im.mode, im.size) == ("RGB", (32, 32))
+        px = np.asarray(im)
+        assert np.array_equal(px[..., 0], px[..., 2])  # gray
+        expected = np.rint(255 - images[i] * 255 / 16).astype(np.uint8)
+        assert np.array_equal(px[..., 0], np.kron(expected, np.ones((4, 4), dtype=np.uint8)))
+    first = np.stack([np.asarray(load()) for load, _ in items[:20]])
+    assert first.min() == 0 and first.max() == 255  # full ink (16) is black, no ink (0) white
+
+
+def test_digits_subset_is_balanced_and_deterministic():
+    _, target = sklearn_digits()
+    task = evaluate.load_task("small=sklearn:digits:50")
+    assert task.name == "small" and task.source == "sklearn:digits:50"
+    first = [(np.asarray(load()), y) for load, y in task.items()]
+    again = [(np.asarray(load()), y) for load, y in evaluate.load_task("sklearn:digits:50").items()]
+    assert len(first) == 50 and np.bincount([y for _, y in first]).tolist() == [5] * 10
+    assert all(np.array_equal(a, b) and ya == yb for (a, ya), (b, yb) in zip(first, again))
+    idx = evaluate.balanced_subset(target, 50)
+    assert np.all(np.diff(idx) > 0) and [y for _, y in first] == target[idx].tolist()
+
+
+def test_digits_templates_and_classes_can_be_overridden(tmp_path):
+    tpath = tmp_path / "t.json"
+    tpath.write_text(json.dumps(["{}"]))
+    cpath = tmp_path / "c.json"
+    cpath.write_text(json.dumps([str(i) for i in range(10)]))
+    task = evaluate.load_task("sklearn:digits:10", cpath, tpath)
+    assert task.templates == ["{}"] and task.classes == [str(i) for i in range(10)]
+    assert len(evaluate.load_task("sklearn:digits:10", templates_file="openai-imagenet").templates) == 80
+    cpath.write_text(json.dumps(["zero", "one"]))
+    with pytest.raises(evaluate.EvalError, match="2 class names but digits has 10 classes"):
+        evaluate.load_task("sklearn:digits", cpath)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sklearn:xyz", "unknown scikit-learn dataset 'xyz' (known: sklearn:digits)"),
+    ("d=sklearn:", "unknown scikit-learn dataset ''"),
+    ("sklearn:digits:0", "must be a positive integer"),
+    ("sklearn:digits:ten", "must be a positive integer"),
+    ("sklearn:digits:5000", "asks for 5000 images but digits has 1797"),
+])
+def test_bad_sklearn_specs_are_named(env, tmp_path, capsys, spec, message):
+    assert eval_cli(env, tmp_path / "out", "--data", spec) == 2
+    err = capsys.readouterr().err
+    assert message in err and spec.split("=")[-1] in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_digits_without_sklearn_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import -> ImportError
+    with pytest.raises(evaluate.EvalError, match=r"sklearn:digits needs scikit-learn, which is not installed"):
+        evaluate.load_task("sklearn:digits")
+
+
+def test_evaluate_does_not_import_sklearn():
+    code = "import sys, mode_fast.evaluate; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_digits_eval_end_to_end_matches_an_independent_recomputation(env, tmp_path):
+    out = tmp_path / "out"
+    assert eval_cli(env, out, "--data", "digits=sklearn:digits:60", f"sample={env['sample']}") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["tasks"]) == ["digits", "sample"]
+    task = res["tasks"]["digits"]
+    assert (task["n_images"], task["n_classes"], task["n_templates"]) == (60, 10, len(evaluate.DIGIT_TEMPLATES))
+    assert task["source"] == "sklearn:digits:60"
+    methods = evaluate.method_order(res, N_EXPERTS)
+    assert set(task["top1"]) == set(task["top5"]) == set(methods)
+    # expert_0 and the seed, recomputed from open_clip on the same images (PNG is lossless)
+    images, target = sklearn_digits()
+    idx = evaluate.balanced_subset(target, 60)
+    pngs = []
+    for px in images[idx]:
+        buf = io.BytesIO()
+        evaluate.digit_image(px).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    for name, ckpt in (("expert_0", env["run"] / "expert_0" / "checkpoints" / "final.pt"),
+                       ("seed", env["run"] / "seed" / "checkpoints" / "final.pt")):
+        lg = reference_logits(ckpt, pngs, evaluate.DIGIT_CLASSES, evaluate.DIGIT_TEMPLATES)
+        assert task["top1"][name] == pytest.approx(float((lg.argmax(1) == target[idx]).mean()))
+    w = expert_weights(HashEmbedder(64)(evaluate.DIGIT_CLASSES),
+                       TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids, np.arange(12) % N_EXPERTS,
+                       N_EXPERTS)
+    np.testing.assert_allclose(task["expert_weights"], w, rtol=1e-6)
+    assert "| digits |" in (out / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------- ImageNet names
+def test_imagenet_class_and_template_shortcuts(tmp_path, monkeypatch):
+    from open_clip.zero_shot_metadata import (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
+                                              SIMPLE_IMAGENET_TEMPLATES)
+
+    names, source = evaluate.option_classes("imagenet")
+    assert len(names) == 1000 == len(set(names)) and source == "--classes imagenet"
+    differ = [i for i, (a, b) in enumerate(zip(names, IMAGENET_CLASSNAMES)) if a != b]
+    assert differ == [744, 836]  # open_clip's two repeated names, given their WordNet lemma
+    assert (names[657], names[744], names[836], names[837]) == ("missile", "projectile", "sunglass", "sunglasses")
+    assert names[0] == "tench" and names[999] == "toilet paper"
+    assert evaluate.option_templates("openai-imagenet")[0] == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert evaluate.option_templates("simple-imagenet")[0] == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+    assert len(evaluate.option_templates("openai-imagenet")[0]) == 80
+    # a CSV of ImageNet labels (indices or names) needs no JSON files
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "val.csv").write_text("path,label\na.png,1\na.png,goldfish\na.png,projectile\n")
+    task = evaluate.load_task(str(tmp_path / "val.csv"), "imagenet", "openai-imagenet")
+    assert len(task.classes) == 1000 and len(task.templates) == 80
+    assert [y for _, y in task.items()] == [1, 1, 744]
+    # a file that happens to be called like a shortcut is still reachable as ./NAME
+    monkeypatch.chdir(tmp_path)
+    Path("imagenet").write_text(json.dumps(["a", "b"]))
+    assert evaluate.option_classes("./imagenet")[0] == ["a", "b"]
+    assert len(evaluate.option_classes("imagenet")[0]) == 1000
+
+
+def test_imagenet_shortcuts_end_to_end(env, tmp_path, capsys):
+    """An ImageNet-style CSV (path, class index) scored with no JSON files written."""
+    root = tmp_path / "val"
+    root.mkdir()
+    rows = ["path,label"]
+    for i, (jpg, _) in enumerate(eval_items(env["sample"])[:6]):
+        (root / f"{i}.jpg").write_bytes(jpg)
+        rows.append(f"{i}.jpg,{[0, 1, 999][i % 3]}")
+    (root / "val.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert eval_cli(env, out, "--data", f"in={root / 'val.csv'}", "--classes", "imagenet",
+                    "--templates", "simple-imagenet") == 0
+    task = json.loads((out / "results.json").read_text())["tasks"]["in"]
+    assert (task["n_images"], task["n_classes"], task["n_templates"]) == (6, 1000, 7)
+    assert sum(task["classes_per_expert"]) == 1000
+    assert all(0 <= v <= 1 for v in task["top5"].values())
+    # bad values name the option, the value and the built-in names
+    assert eval_cli(env, tmp_path / "bad", "--data", str(root / "val.csv"), "--classes", "imagenet2") == 2
+    assert "--classes imagenet2: no such file, and not a built-in name (imagenet)" in capsys.readouterr().err
+    assert eval_cli(env, tmp_path / "bad", "--data", str(root / "val.csv"), "--classes", "imagenet",
+                    "--templates", "openai") == 2
+    err = capsys.readouterr().err
+    assert "--templates openai: no such file" in err and "openai-imagenet, simple-imagenet" in err
+    assert not (tmp_path / "bad").exists()
