@@ -31,7 +31,7 @@ def test_demo_runs_every_step_and_reports(demo):
     names = [x["step"] for x in timings["steps"]]
     assert names[:4] == ["sample", "curate", "cluster", "train seed"]
     assert [n for n in names if n.startswith("train expert")] == [f"train expert {k}" for k in range(s.experts)]
-    assert names[-1] == "eval"
+    assert names[-2:] == ["eval", "eval digits"]  # scikit-learn is in the dev environment
     results = json.loads((demo / "eval" / "results.json").read_text())
     assert list(results["tasks"]) == ["all16", "shapes", "textures", "glyphs", "scenes"]
     assert results["single_models"] == ["seed", "same_compute"]
@@ -45,6 +45,43 @@ def test_demo_runs_every_step_and_reports(demo):
     assert f"equal training compute ({100 * avg['same_compute']:.1f}%)" in text
     diff = avg["mode_ensemble"] - avg["same_compute"]
     assert ("beats" if diff > 0.0005 else "loses to" if diff < -0.0005 else "ties with") in text
+
+
+def test_demo_scores_sklearn_digits_apart_from_the_headline(demo):
+    s = pipeline.QUICK
+    digits = json.loads((demo / "eval_digits" / "results.json").read_text())
+    assert list(digits["tasks"]) == ["digits"] and digits["single_models"] == ["seed", "same_compute"]
+    task = digits["tasks"]["digits"]
+    assert task["source"] == f"sklearn:digits:{s.digits}"
+    assert (task["n_images"], task["n_classes"]) == (s.digits, 10)
+    assert all(0 <= v <= 1 for v in task["top1"].values())
+    # the headline average stays on the sample's tasks; the digits get their own paragraph
+    results = json.loads((demo / "eval" / "results.json").read_text())
+    assert "digits" not in results["tasks"]
+    text = (demo / "summary.md").read_text()
+    top1 = task["top1"]
+    assert "## Real data: scikit-learn's handwritten digits" in text
+    assert f"the MoDE ensemble ({100 * top1['mode_ensemble']:.1f}%)" in text
+    assert f"equal training compute ({100 * top1['same_compute']:.1f}%)" in text
+    assert "| digits |" in text
+    assert json.loads((demo / "timings.json").read_text())["digits"] == f"scored sklearn:digits:{s.digits}"
+
+
+def test_demo_without_sklearn_skips_the_digits_with_a_note(demo, tmp_path, monkeypatch, capsys):
+    """Everything trained already (a rerun), scikit-learn hidden: the digits step is skipped."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo, out, ignore=shutil.ignore_patterns("eval_digits"))
+    monkeypatch.setattr(pipeline, "have_sklearn", lambda: False)
+    assert pipeline.main(["--out", str(out), "--quick"]) == 0
+    timings = json.loads((out / "timings.json").read_text())
+    assert [x["step"] for x in timings["steps"]][-1] == "eval"
+    assert timings["digits"].startswith("skipped: scikit-learn is not installed")
+    assert "note: eval digits skipped: scikit-learn is not installed" in capsys.readouterr().out
+    assert not (out / "eval_digits").exists()
+    text = (out / "summary.md").read_text()
+    assert "Digits (real data): skipped" in text and "## Real data" not in text
 
 
 def test_single_model_has_the_ensembles_training_compute(demo):
