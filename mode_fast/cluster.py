@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from mode_fast.executor import add_executor_arguments, make_executor, run_with_progress
 from mode_fast.kernels.kmeans_assign import kmeans_assign
 
 logger = logging.getLogger(__name__)
@@ -855,6 +856,8 @@ class ClusterJob:
     n_experts: int = 4
     sample: int = 65536
     workers: int = 1
+    executor: str = "local"  # or "ray" (mode_fast.executor): same outputs either way
+    ray_address: str | None = None
     seed: int = 1234
     caption_key: str = "caption"
     key_field: str | None = None
@@ -936,25 +939,27 @@ def _assign_task(task: dict[str, Any]) -> dict[str, Any]:
         {"mode_fast.shard": str(task["shard"]), "mode_fast.skipped": json.dumps(skipped)}
     )
     _atomic_write(Path(task["output"]), lambda p: pq.write_table(table, p))
-    return {"shard": str(task["shard"]), "assigned": len(keys), "skipped": skipped}
+    return {"shard": str(task["shard"]), "assigned": len(keys), "records": len(se.keys), "skipped": skipped}
 
 
-def _fit_on_sample(job: ClusterJob, pool: Any, tasks: list[dict[str, Any]]) -> TwoLevel:
+def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], init: Any) -> TwoLevel:
     """Embed shards in a seeded random order until `job.sample` finite embeddings are in
-    hand, draw that many at random, fit the two levels."""
+    hand, draw that many at random, fit the two levels. The shards used are the shortest
+    prefix of that order, so the sample is the same for any executor and worker count;
+    shards embedded beyond it are not wasted (the assignment reads their cache)."""
     order = np.random.default_rng(job.seed).permutation(len(tasks))
     parts: list[np.ndarray] = []
     have, used = 0, 0
-    wave = max(1, job.workers)
-    for s in range(0, len(order), wave):
-        batch = [tasks[i] for i in order[s : s + wave]]
-        results = pool.map(_embed_task, batch) if pool is not None else map(_embed_task, batch)
+    results = runner.map(_embed_task, [tasks[i] for i in order], init, ordered=True)
+    try:
         for emb, _ in results:
             parts.append(emb)
             have += len(emb)
-        used += len(batch)
-        if have >= job.sample:
-            break
+            used += 1
+            if have >= job.sample:
+                break
+    finally:
+        results.close()  # cancels the shards not started
     x = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
     if len(x) < job.fine_k:
         raise ValueError(
@@ -985,8 +990,6 @@ def _embedder_name(job: ClusterJob) -> str:
 def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
     """Fit on a sample (or reuse out/centers.npz), assign every shard (skipping those whose
     output exists), then write cluster_sizes.json and clusters.png. Returns the sizes."""
-    from tqdm import tqdm
-
     out = Path(job.out)
     (out / "assignments").mkdir(parents=True, exist_ok=True)
     cache_dir = out / "embeddings"
@@ -1009,16 +1012,10 @@ def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
     want = {"fine_k": job.fine_k, "n_experts": job.n_experts, "seed": job.seed, "embedder": ename}
     centers = out / "centers.npz"
 
-    pool = None
-    if job.workers > 1:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        # spawn, not fork: forking a process that already runs torch threads can deadlock
-        pool = cf.ProcessPoolExecutor(
-            job.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-            initargs=(max(1, (os.cpu_count() or 1) // job.workers),),
-        )  # fmt: skip
+    runner = make_executor(job.executor, job.workers, job.ray_address)
+    # Every worker pins torch to the same share of the cores, whatever the executor, so
+    # the float sums (and so the labels and distances written) are the same.
+    init = (_worker_init, (max(1, (os.cpu_count() or 1) // max(1, runner.workers)),))
     try:
         if centers.exists():
             model = TwoLevel.load(centers)
@@ -1030,22 +1027,17 @@ def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
                 )
             logger.warning("cluster: resuming with the existing %s", centers)
         else:
-            model = _fit_on_sample(job, pool, tasks)
+            model = _fit_on_sample(job, runner, tasks, init)
             model.config.update(want)
             model.save(centers)
         for t in tasks:
             t["centers"] = str(centers)
         todo = [t for t in tasks if not Path(t["output"]).exists()]
-        bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="shard",
-                   desc="assign", disable=not job.progress)  # fmt: skip
-        results = pool.map(_assign_task, todo) if pool is not None else map(_assign_task, todo)
-        for r in results:
-            bar.update(1)
-            bar.set_postfix(assigned=r["assigned"])
-        bar.close()
+        if len(todo) < len(tasks):
+            logger.warning("cluster: %d of %d shards already assigned", len(tasks) - len(todo), len(tasks))
+        run_with_progress(runner, _assign_task, todo, "assign", init, disable=not job.progress)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        runner.close()
     sizes = _aggregate(out, tasks, model)
     _atomic_write(out / "cluster_sizes.json", lambda p: p.write_text(json.dumps(sizes, indent=1)))
     plot_clusters(model, np.array(sizes["fine_sizes"]), out / "clusters.png")
@@ -1133,7 +1125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=4, help="coarse groups = experts (4)")
     parser.add_argument("--sample", type=int, default=65536,
                         help="embeddings the k-means is fitted on (default 65536)")  # fmt: skip
-    parser.add_argument("--workers", type=int, default=1, help="parallel shard processes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="parallel shard processes (local) or actors (ray)")  # fmt: skip
+    add_executor_arguments(parser)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--caption-key", default="caption",
                         help="caption field in the shards' json / txt (default caption)")  # fmt: skip
@@ -1169,6 +1163,7 @@ def run(args: argparse.Namespace) -> int:
     job = ClusterJob(
         shards=[Path(s) for s in shards], out=args.out, fine_k=args.fine_k,
         n_experts=args.experts, sample=args.sample, workers=args.workers, seed=args.seed,
+        executor=args.executor, ray_address=args.ray_address,
         caption_key=args.caption_key, key_field=args.key_field, embedder=args.embedder,
         device=args.device, batch_size=args.batch_size, niter=args.niter,
         balanced=args.balanced, progress=args.progress,

@@ -35,21 +35,19 @@ import argparse
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mode_fast import __version__
 from mode_fast._matcher import Matcher, hash_keys
+from mode_fast.executor import LocalExecutor, RayExecutor, add_executor_arguments, make_executor, run_with_progress
 from mode_fast.data.io import (
     ShardError,
     atomic_write,
@@ -244,50 +242,6 @@ def _build_matcher(work: Path, entries: list[str], meta_sha: str) -> Path:
     return path
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # Not fork: the parent runs tqdm's monitor thread (and maybe matcher threads), and
-    # forking a threaded process can deadlock the child.
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    # The server imports this module (numpy, the matcher) once; each worker is a cheap
-    # fork of it. Only takes effect before the server's first start.
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
-def _run_parallel(fn: Callable[[dict[str, Any]], dict[str, Any]], tasks: list[dict[str, Any]], workers: int,
-                  desc: str, initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    if not tasks:
-        return results
-    bar = tqdm(total=len(tasks), desc=desc, unit="shard", disable=None)
-    records = 0
-    start = time.perf_counter()
-
-    def done(r: dict[str, Any]) -> None:
-        nonlocal records
-        results.append(r)
-        records += r.get("records", 0)
-        bar.set_postfix(records_per_s=f"{records / max(time.perf_counter() - start, 1e-9):,.0f}")
-        bar.update()
-
-    try:
-        if workers <= 1 or len(tasks) <= 1:
-            if initializer:
-                initializer(*initargs)
-            for task in tasks:
-                done(fn(task))
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=_pool_context(),
-                                     initializer=initializer, initargs=initargs) as pool:
-                for future in as_completed([pool.submit(fn, task) for task in tasks]):
-                    done(future.result())
-    finally:
-        bar.close()
-    return results
-
-
 # --- pass 2: sample ----------------------------------------------------------------------
 
 
@@ -352,6 +306,8 @@ def curate(
     target_size: int | None = None,
     seed: int = 0,
     workers: int | None = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
     caption_key: str = "caption",
     key_field: str | None = None,
     estimate_only: bool = False,
@@ -360,23 +316,38 @@ def curate(
     """Curate `pools` into `out_dir`; returns the summary (also written as summary.json).
 
     metadata: a metadata.json path, a list of strings, or None for the shipped WordNet
-    list. Give t or target_size (neither: DEFAULT_T). workers: processes over shards
-    (None: all cores). estimate_only: counts, summary and the t table, no curated shards.
+    list. Give t or target_size (neither: DEFAULT_T). executor: 'local' (workers
+    processes, None: all cores) or 'ray' (workers actors, None: the cluster's CPUs; joins
+    ray_address or RAY_ADDRESS, else starts a local Ray); outputs are the same either way.
+    estimate_only: counts, summary and the t table, no curated shards.
     """
     if t is not None and target_size is not None:
         raise ValueError("give either t or target_size, not both")
     if t is not None and not (t > 0 and math.isfinite(t)):
         raise ValueError(f"t must be a positive number, got {t}")
+    t = None if t is None else float(t)  # the manifest says 20.0 whether the caller passed 20 or 20.0
     if target_size is not None and target_size <= 0:
         raise ValueError(f"target size must be positive, got {target_size}")
-    from mode_fast.metadata import metadata_sha256
-
     started = time.perf_counter()
     out = Path(out_dir)
     work = out / ".work"
     shards = list_shards(pools)
-    workers = max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
-    workers = min(workers, len(shards))
+    runner = make_executor(executor, workers, ray_address)
+    try:
+        return _curate(runner, shards, out, work, metadata, t, target_size, seed, caption_key, key_field,
+                       estimate_only, log, started)
+    finally:
+        runner.close()
+
+
+def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, work: Path,
+            metadata: str | os.PathLike | Sequence[str] | None, t: float | None, target_size: int | None,
+            seed: int, caption_key: str, key_field: str | None, estimate_only: bool, log: Log,
+            started: float) -> dict[str, Any]:
+    from mode_fast.metadata import metadata_sha256
+
+    # One process alone may use every core for matching; several share them.
+    threads = 0 if isinstance(runner, LocalExecutor) and min(runner.workers, len(shards)) <= 1 else 1
     entries, metadata_source = _load_entries(metadata)
     meta_sha = metadata_sha256(entries)
     if out.exists():
@@ -398,7 +369,7 @@ def curate(
         stale += meta is not None
         tasks.append({"path": str(path), "out": str(mpath), "fingerprint": fp, "config": config,
                       "caption_key": caption_key, "key_field": key_field,
-                      "threads": 1 if workers > 1 else 0})  # 0: all cores for one process
+                      "threads": threads})
     reused = len(shards) - len(tasks)
     if reused:
         log(f"match: reusing stored matches for {reused} of {len(shards)} shards")
@@ -406,7 +377,7 @@ def curate(
         log(f"match: recomputing {stale} shards whose file, metadata, caption key or key field changed")
     if tasks:
         matcher_path = _build_matcher(work, entries, meta_sha)
-        _run_parallel(_match_shard, tasks, workers, "match", _init_worker, (str(matcher_path),))
+        run_with_progress(runner, _match_shard, tasks, "match", (_init_worker, (str(matcher_path),)))
 
     counts = np.zeros(len(entries), dtype=np.uint64)
     records_per_shard: list[int] = []
@@ -492,7 +463,7 @@ def curate(
     # Pass 2: sample ---------------------------------------------------------------------
     if not estimate_only:
         summary |= _write_curated(out, work, shards, fingerprints, match_files, config, counts_path, t, seed,
-                                  kept, workers, log)
+                                  kept, runner, log)
         manifest = {
             "tool": f"mode-fast {__version__}",
             "inputs": [fp | {"records": n} for fp, n in zip(fingerprints, records_per_shard)],
@@ -515,7 +486,7 @@ def curate(
 
 def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list[dict[str, Any]],
                    match_files: list[Path], config: dict[str, Any], counts_path: Path, t: float, seed: int,
-                   kept: int, workers: int, log: Log) -> dict[str, Any]:
+                   kept: int, runner: LocalExecutor | RayExecutor, log: Log) -> dict[str, Any]:
     """Pass 2: curated shards under out/data, kept_keys.txt; resumes finished shards."""
     root = _common_root(shards)
     stamp_base = {"t": t, "seed": seed, "counts_sha256": _sha256_file(counts_path)}
@@ -541,7 +512,7 @@ def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list
         # From here until the end, data/ is a mix: no manifest or key list may claim otherwise.
         for name in ("manifest.json", "kept_keys.txt"):
             (out / name).unlink(missing_ok=True)
-    _run_parallel(_sample_shard, tasks, workers, "sample")
+    run_with_progress(runner, _sample_shard, tasks, "sample")
     removed = _remove_stale_outputs(work, set(map(str, done_files)), dsts)
     if removed:
         log(f"sample: removed {removed} curated shards of inputs no longer in the pool")
@@ -605,7 +576,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-size", type=int, help="solve t so that exactly this many records are kept")
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed (the kept set is independent of sharding and workers)")
-    parser.add_argument("--workers", type=int, default=None, help="processes over shards (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes (local) or actors (ray) over shards (default: all cores)")
+    add_executor_arguments(parser)
     parser.add_argument("--caption-key", default="caption",
                         help="caption member extension or json/column field (default: json 'caption', else .txt)")
     parser.add_argument("--key-field", default=None,
@@ -618,7 +591,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = curate(
             args.pools, args.out, metadata=args.metadata, t=args.t, target_size=args.target_size,
-            seed=args.seed, workers=args.workers, caption_key=args.caption_key, key_field=args.key_field,
+            seed=args.seed, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
+            caption_key=args.caption_key, key_field=args.key_field,
             estimate_only=args.estimate, log=lambda msg: print(msg, file=sys.stderr),
         )
     except (ShardError, ValueError, OSError) as exc:  # MetadataError is a ValueError

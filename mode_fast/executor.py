@@ -1,0 +1,208 @@
+"""Where per-shard tasks run: local worker processes, or a Ray cluster (`--executor ray`).
+
+`curate` and `cluster` cut their jobs into per-shard tasks: a task is a dict of plain values
+naming a shard and where its output goes; it writes that output atomically (temporary name,
+then rename) and returns small stats. An executor only decides where tasks run. Both
+executors run the same task functions on the same inputs, so their outputs are byte-identical;
+every reduction (entry counts, cluster sizes) is done by the driver from the per-shard
+files, exactly (uint64 / int64), whatever ran the tasks and however often.
+
+The Ray executor streams the task list through Ray Data (`map_batches`, one shard per batch)
+into an actor pool. Each actor runs the job's initializer once (loading the matcher, or
+pinning torch's threads; the centers and embedder are then cached per actor), not per
+shard. The shards themselves are read by the project's readers inside the actor, not by
+Ray's `read_webdataset`: those count a corrupt tar member, undecodable text or a missing
+caption as a skip and go on, where a generic reader fails the whole block. Ray Data
+restarts a dead actor and retries its shard (max_restarts / max_task_retries = -1), so a
+killed worker costs only that shard's rerun; a rerun rewrites the same file, and nothing is
+counted from results in flight, so nothing is lost or counted twice. On a multi-node
+cluster the pool, the output folder and the matcher file must be on storage every node sees.
+
+Testing hook: MODE_FAST_FAULT="before|after:SUBSTRING:MARKER[;...]" makes the worker whose task
+mentions SUBSTRING exit abruptly (os._exit) before or after running it, once per MARKER
+file (created exclusively, so a retry runs normally). Tests use it to kill a worker mid-job.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+from tqdm import tqdm
+
+EXECUTORS = ("local", "ray")
+
+Task = dict[str, Any]
+TaskFn = Callable[[Task], Any]
+Init = tuple[Callable[..., None], tuple] | None
+
+
+def _maybe_fault(when: str, task: Task) -> None:
+    spec = os.environ.get("MODE_FAST_FAULT")
+    if not spec:
+        return
+    for fault in spec.split(";"):
+        at, needle, marker = fault.split(":", 2)
+        if at != when or needle not in repr(task):
+            continue
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue  # already failed once: this is the retry
+        os._exit(17)
+
+
+def _run_task(fn: TaskFn, task: Task) -> Any:
+    _maybe_fault("before", task)
+    result = fn(task)
+    _maybe_fault("after", task)
+    return result
+
+
+def _local_context() -> multiprocessing.context.BaseContext:
+    # Not fork: the parent runs tqdm's monitor thread and maybe torch or matcher threads,
+    # and forking a threaded process can deadlock the child.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def _call_init(init: Init) -> None:
+    if init is not None:
+        init[0](*init[1])
+
+
+class LocalExecutor:
+    """Tasks in this process (workers <= 1) or in a pool of local worker processes."""
+
+    name = "local"
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = max(1, workers)
+
+    def map(self, fn: TaskFn, tasks: Sequence[Task], init: Init = None, ordered: bool = False) -> Iterator[Any]:
+        """Results as tasks finish (`ordered`: in task order). Leaving the loop early
+        cancels the tasks not yet started."""
+        if self.workers <= 1 or len(tasks) <= 1:
+            _call_init(init)
+            for task in tasks:
+                yield _run_task(fn, task)
+            return
+        with ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=_local_context(),
+                                 initializer=_call_init, initargs=(init,)) as pool:
+            futures = [pool.submit(_run_task, fn, task) for task in tasks]
+            try:
+                for future in (futures if ordered else as_completed(futures)):
+                    yield future.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+
+    def close(self) -> None:
+        pass
+
+
+class _RayShardWorker:
+    """One actor of the pool: runs the initializer once, then one task per batch."""
+
+    def __init__(self, fn: TaskFn, init: Init) -> None:
+        _call_init(init)
+        self.fn = fn
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        results = [pickle.dumps(_run_task(self.fn, pickle.loads(t))) for t in batch["task"]]
+        return {"index": batch["index"], "result": np.array(results, dtype=object)}
+
+
+class RayExecutor:
+    """Tasks on a Ray cluster: Ray Data feeds them to a pool of `workers` actors.
+
+    Connects to `address` (or RAY_ADDRESS), else starts a local Ray; a Ray already
+    initialized in this process (a test's, a notebook's) is used as it is. workers=None:
+    one actor per CPU of the cluster."""
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, address: str | None = None) -> None:
+        try:
+            import ray
+            import ray.data  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ValueError("--executor ray needs Ray Data: pip install 'mode-fast[ray]'") from exc
+        self._started = False
+        if not ray.is_initialized():
+            # log_to_driver off: workers' own logs stay in Ray's session folder; progress
+            # is reported here, per finished shard.
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            self._started = True
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = max(1, workers or cpus)
+
+    def map(self, fn: TaskFn, tasks: Sequence[Task], init: Init = None, ordered: bool = False) -> Iterator[Any]:
+        if not tasks:
+            return
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.execution_options.preserve_order = ordered
+        items = [{"index": i, "task": pickle.dumps(t)} for i, t in enumerate(tasks)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one shard per block
+        ds = ds.map_batches(
+            _RayShardWorker, fn_constructor_args=(fn, init), batch_size=1, num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(tasks))),
+        )
+        seen: set[int] = set()
+        for row in ds.iter_rows():
+            index = int(row["index"])
+            if index in seen:  # Ray Data delivers each block once; guard the invariant anyway
+                raise RuntimeError(f"Ray returned task {index} twice")
+            seen.add(index)
+            yield pickle.loads(row["result"])
+        if len(seen) != len(tasks):
+            raise RuntimeError(f"Ray returned {len(seen)} of {len(tasks)} task results")
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+
+
+def make_executor(kind: str = "local", workers: int | None = 1, address: str | None = None) -> LocalExecutor | RayExecutor:
+    """kind 'local' (workers: processes, None = all cores) or 'ray' (workers: actors)."""
+    if kind == "local":
+        return LocalExecutor(max(1, os.cpu_count() or 1) if workers is None else workers)
+    if kind == "ray":
+        return RayExecutor(workers, address)
+    raise ValueError(f"unknown executor {kind!r}: use one of {', '.join(EXECUTORS)}")
+
+
+def run_with_progress(executor: LocalExecutor | RayExecutor, fn: TaskFn, tasks: Sequence[Task], desc: str,
+                      init: Init = None, disable: bool | None = None) -> list[Any]:
+    """All results (in completion order) with a progress bar of shards and records/s
+    (tasks that return a dict with 'records' count toward the rate)."""
+    results: list[Any] = []
+    if not tasks:
+        return results
+    records, start = 0, time.perf_counter()
+    with tqdm(total=len(tasks), desc=desc, unit="shard", disable=disable) as bar:
+        for r in executor.map(fn, tasks, init):
+            results.append(r)
+            if isinstance(r, dict):
+                records += int(r.get("records", 0))
+            bar.set_postfix(records_per_s=f"{records / max(time.perf_counter() - start, 1e-9):,.0f}")
+            bar.update()
+    return results
+
+
+def add_executor_arguments(parser: Any) -> None:
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="where shard tasks run: local processes (default) or a Ray cluster")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a local Ray)")
