@@ -8,7 +8,7 @@ speed-up column is Ray's throughput relative to local: below 1.00x is the overhe
 Ray runs on a local 2-CPU Ray started once for the module (a user's cluster already
 runs; its start-up is not timed); each timed run includes starting the actor pool and
 loading the matcher or the centers and encoder in every actor.
-Pools: curate, EXEC_BENCH_CURATE_N captions (default 200k) in 8 parquet shards against the
+Pools: curate, EXEC_BENCH_CURATE_N captions (default 2M) in 8 parquet shards against the
 shipped WordNet metadata (148,730 entries); cluster assignment, EXEC_BENCH_CLUSTER_N
 captions (default 8k) in 8 parquet shards embedded with all-MiniLM-L6-v2 and assigned to
 1024 fine centers (the fit is done once, before timing; each round re-embeds).
@@ -27,7 +27,7 @@ from mode_fast.cluster import ClusterJob, run_cluster_job  # noqa: E402
 from mode_fast.curate import curate  # noqa: E402
 from mode_fast.data.sample import sample_captions  # noqa: E402
 
-CURATE_N = int(os.environ.get("EXEC_BENCH_CURATE_N", 200_000))
+CURATE_N = int(os.environ.get("EXEC_BENCH_CURATE_N", 2_000_000))
 CLUSTER_N = int(os.environ.get("EXEC_BENCH_CLUSTER_N", 8_000))
 SHARDS = 8
 
