@@ -7,7 +7,9 @@ Run (CPU):  .venv/bin/python -m pytest benchmarks/bench_train_step.py \
 then:       .venv/bin/python benchmarks/report.py benchmarks/results/cpu/train_step.json
 On a CUDA machine the steps run in bf16 autocast, and the `largest batch` group finds the
 largest batch each loss trains at (doubling until out of memory, then bisecting) and
-measures it there; write those results to benchmarks/results/<gpu>/.
+measures it there; write those results to benchmarks/results/<gpu>/. On the CPU the same
+search runs when TRAIN_BENCH_CPU_BUDGET_GB is set: each try is a fresh process whose
+memory is capped there (RLIMIT_DATA, so an allocation past it fails as on a full GPU).
 Rows report samples/s (batch / median step time) and peak memory: on CUDA the allocator's
 peak over the step; on the CPU the peak resident set of a fresh process running the step,
 over what it held before the step.
@@ -119,7 +121,35 @@ def test_train_step(benchmark, provider):
     )  # fmt: skip
 
 
+CPU_BUDGET_GB = float(os.environ.get("TRAIN_BENCH_CPU_BUDGET_GB", 0))
+
+_CPU_FITS_SCRIPT = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_DATA, ({budget}, {budget}))  # the whole process, torch included
+sys.path[:0] = {paths!r}
+import torch
+torch.set_num_threads({threads})
+import bench_train_step as b
+try:
+    step, _ = b.make_step({provider!r}, {batch})
+    step()
+    step()
+except (RuntimeError, MemoryError) as exc:
+    if "allocate" not in str(exc) and not isinstance(exc, MemoryError):
+        raise
+    sys.exit(3)
+"""
+
+
 def fits(provider: str, batch: int) -> bool:
+    if not CUDA:
+        here = os.path.dirname(os.path.abspath(__file__))
+        script = _CPU_FITS_SCRIPT.format(budget=int(CPU_BUDGET_GB * 2**30), paths=[here], threads=THREADS,
+                                         provider=provider, batch=batch)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        if proc.returncode not in (0, 3):
+            raise RuntimeError(f"{provider} batch {batch}: {proc.stderr[-2000:]}")
+        return proc.returncode == 0
     try:
         step, model = make_step(provider, batch)
         step()
@@ -132,7 +162,7 @@ def fits(provider: str, batch: int) -> bool:
         torch.cuda.empty_cache()
 
 
-def largest_batch(provider: str, start: int = 256, limit: int = 1 << 17) -> int:
+def largest_batch(provider: str, start: int = 256 if CUDA else 2048, limit: int = 1 << 17) -> int:
     """Largest batch that trains, to within 1/8: double until OOM, then bisect."""
     lo, hi = 0, start
     while hi <= limit and fits(provider, hi):
@@ -145,16 +175,16 @@ def largest_batch(provider: str, start: int = 256, limit: int = 1 << 17) -> int:
     return lo
 
 
-@gpu
+@pytest.mark.skipif(not CUDA and not CPU_BUDGET_GB, reason="needs a CUDA device, or TRAIN_BENCH_CPU_BUDGET_GB")
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.benchmark(group=f"largest batch {MODEL} {DEVICE}")
+@pytest.mark.benchmark(group=f"largest batch {MODEL} {DEVICE}" + ("" if CUDA else f" within {CPU_BUDGET_GB:g} GiB"))
 def test_largest_batch(benchmark, provider):
     batch = largest_batch(provider)
     step, _ = make_step(provider, batch)
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=3 if CUDA else 2, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
         provider=provider, baseline=provider == "open_clip", model=MODEL, largest_batch=batch,
-        device=torch.cuda.get_device_name(0), samples_per_s=batch / benchmark.stats.stats.median,
+        device=torch.cuda.get_device_name(0) if CUDA else "cpu", samples_per_s=batch / benchmark.stats.stats.median,
         peak_mb=peak_memory_mb(provider, batch, step),
     )  # fmt: skip
 
