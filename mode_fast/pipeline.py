@@ -175,10 +175,12 @@ def run_pipeline(out: Path, s: Settings) -> dict[str, Any]:
     return summary
 
 
-def _verdict(diff_points: float) -> str:
-    if abs(diff_points) < 0.05:
+def _verdict(a: float, b: float) -> str:
+    """a against b (fractions), judged at the 0.1-point precision the summary prints."""
+    diff = round(100 * a, 1) - round(100 * b, 1)
+    if abs(diff) < 0.05:
         return "ties with"
-    return "beats" if diff_points > 0 else "loses to"
+    return "beats" if diff > 0 else "loses to"
 
 
 def summary_markdown(results: dict[str, Any], summary: dict[str, Any],
@@ -187,8 +189,8 @@ def summary_markdown(results: dict[str, Any], summary: dict[str, Any],
     `digits`: the sklearn digits eval's results, reported on their own."""
     avg = results["average"]["top1"]
     ens, one, best = avg["mode_ensemble"], avg["same_compute"], avg["best_expert"]
-    diff = 100 * (ens - one)
-    verdict = _verdict(diff)
+    diff = round(100 * ens, 1) - round(100 * one, 1)
+    verdict = _verdict(ens, one)
     c = summary["compute"]
     lines = [
         "# mode-fast demo", "",
@@ -209,15 +211,19 @@ def summary_markdown(results: dict[str, Any], summary: dict[str, Any],
     if digits is not None:
         t = next(iter(digits["tasks"].values()))
         top1 = t["top1"]
-        d = 100 * (top1["mode_ensemble"] - top1["same_compute"])
+        chance = 1 / t["n_classes"]
+        at_chance = max(top1.values()) < chance + 0.03
         text += "\n".join([
             "", "## Real data: scikit-learn's handwritten digits", "",
             f"{t['n_images']} images of {t['n_classes']} classes ({t['source']}; chance {100 / t['n_classes']:.0f}%), "
             f"never seen in training (the sample has only the digits one and seven, typeset). Zero-shot top-1: "
-            f"the MoDE ensemble ({100 * top1['mode_ensemble']:.1f}%) {_verdict(d)} the single model of equal "
+            f"the MoDE ensemble ({100 * top1['mode_ensemble']:.1f}%) {_verdict(top1['mode_ensemble'], top1['same_compute'])} the single model of equal "
             f"training compute ({100 * top1['same_compute']:.1f}%); mean of experts "
             f"{100 * top1['mean_ensemble']:.1f}%, best expert {100 * top1['best_expert']:.1f}%, seed "
-            f"{100 * top1['seed']:.1f}%.", "", markdown_table(digits)])
+            f"{100 * top1['seed']:.1f}%."
+            + (" Every model is within 3 points of chance: these toy models have not learned handwritten "
+               "digits, so this task cannot rank them." if at_chance else ""),
+            "", markdown_table(digits)])
     elif summary.get("digits"):
         text += f"\nDigits (real data): {summary['digits']}.\n"
     return text
