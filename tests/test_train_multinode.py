@@ -39,6 +39,7 @@ def _wait_all(procs: list[subprocess.Popen]) -> None:
 def test_two_node_torchrun_matches_one_process(pool, tmp_path):
     """What a 2-node job runs on each node, here with both "nodes" on 127.0.0.1: the same
     global batch (2 x 8) gives one process's losses and weights (batch 16)."""
+    torch.set_num_threads(1)
     common = ["--data", str(pool / "shards"), "--steps", "4", "--model", "mode-fast-tiny",
               "--warmup", "2", "--lr", "1e-3", "--workers", "0", "--no-progress"]  # fmt: skip
     one = run_train([*common, "--batch-size", "16", "--out", str(tmp_path / "one")])
@@ -63,6 +64,7 @@ def test_two_node_torchrun_matches_one_process(pool, tmp_path):
 def test_experts_run_as_independent_concurrent_jobs(pool, tmp_path):
     """MoDE's experts are separate jobs (a Slurm array, a Ray task each): two started at
     once on one run folder give exactly what each gives alone."""
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): bitwise equality needs the same sums
     run = tmp_path / "run"
     seed_args = ["--data", str(pool / "shards"), "--out", str(run), "--stage", "seed", "--steps", "4",
                  "--schedule-steps", "8"]  # fmt: skip
