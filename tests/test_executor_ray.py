@@ -150,3 +150,9 @@ def test_cli_executor_ray(pool, tmp_path, capsys):
     assert not ray.is_initialized()
     _curate(pool, tmp_path / "local", "local")
     assert _files(tmp_path / "o") == _files(tmp_path / "local")
+    assert main(["cluster", str(pool / "*.tar"), "--out", str(tmp_path / "c"), "--fine-k", "12", "--experts", "3",
+                 "--sample", "500", "--embedder", "hash16", "--workers", "2", "--executor", "ray",
+                 "--no-progress"]) == 0
+    assert not ray.is_initialized()
+    _cluster(pool, tmp_path / "c_local", "local")
+    assert _assignments(tmp_path / "c") == _assignments(tmp_path / "c_local")
