@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU checks, as one call of the device tool (a lent H100/H200 has 15 minutes in all).
+#
+# Prepare here first (no device time), in the repo root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl open_clip_torch==3.3.0 ftfy wcwidth inf-cl        # ~2.4 MB; the image has the rest
+# Then: device run, carry [".whl"], timeout_s 540, command "bash benchmarks/gpu_check.sh".
+# Everything lands in $OUT (JSON + tables + logs); commit them under benchmarks/results/<gpu>/.
+#
+# Order: correctness before speed (the GPU tests), then the loss and k-means benchmarks, each
+# under its own timeout so one slow part cannot take the others' results with it.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=python3
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site || exit 1
+fi
+# The C++ matcher is built too (mode_fast imports it); the image has cmake and pybind11.
+$PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
+
+status=0
+run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on failure
+    local name=$1 secs=$2; shift 2
+    echo "== $name (limit ${secs}s)"
+    timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -5 "$OUT/$name.log"
+    [ $rc -eq 0 ] || { echo "!! $name exited $rc"; status=1; }
+}
+
+# 1. correctness on the GPU: the kernels against the torch backends and references
+run tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_contrastive_loss_triton.py tests/test_kmeans_assign.py \
+    tests/test_contrastive_loss.py tests/test_kernels_compile.py
+# 2. speed: the loss vs open_clip and Inf-CL; k-means assign vs torch (and faiss where importable)
+run loss 200 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_contrastive_loss.py \
+    --benchmark-json "$OUT/contrastive_loss.json"
+run kmeans 150 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_kmeans_assign.py \
+    --benchmark-json "$OUT/kmeans_assign.json"
+
+for j in "$OUT"/*.json; do
+    [ -f "$j" ] && $PY benchmarks/report.py "$j" --out "${j%.json}.md" > /dev/null
+done
+cat "$OUT"/*.md 2>/dev/null | grep -E "^(###|\| )" | cut -c1-160
+exit $status
