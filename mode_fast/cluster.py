@@ -410,7 +410,6 @@ class KMeans:
         return w
 
     def _init_centroids(self, x: torch.Tensor, w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n = x.shape[0]
         if self.init == "random":
             # k distinct points, uniformly among those with positive weight
             pos = (w > 0).nonzero().squeeze(1).cpu()
