@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mode_fast.executor import LocalExecutor, add_executor_arguments, make_executor, run_with_progress
+from mode_fast.executor import add_executor_arguments, make_executor, run_with_progress
 from mode_fast.kernels.kmeans_assign import kmeans_assign
 
 logger = logging.getLogger(__name__)
@@ -1015,8 +1015,7 @@ def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
     # Every worker process pins torch to the same share of the cores, whatever the
     # executor, so the float sums (and so the labels and distances written) are the same.
     # A local run in this process leaves the caller's torch settings alone.
-    inline = isinstance(runner, LocalExecutor) and min(runner.workers, len(tasks)) <= 1
-    init = None if inline else (_worker_init, (max(1, (os.cpu_count() or 1) // max(1, runner.workers)),))
+    init = None if runner.runs_inline(len(tasks)) else (_worker_init, (max(1, (os.cpu_count() or 1) // max(1, runner.workers)),))
     try:
         if centers.exists():
             model = TwoLevel.load(centers)

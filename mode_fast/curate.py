@@ -347,7 +347,7 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     from mode_fast.metadata import metadata_sha256
 
     # One process alone may use every core for matching; several share them.
-    threads = 0 if isinstance(runner, LocalExecutor) and min(runner.workers, len(shards)) <= 1 else 1
+    threads = 0 if runner.runs_inline(len(shards)) else 1
     entries, metadata_source = _load_entries(metadata)
     meta_sha = metadata_sha256(entries)
     if out.exists():

@@ -83,10 +83,14 @@ class LocalExecutor:
     def __init__(self, workers: int = 1) -> None:
         self.workers = max(1, workers)
 
+    def runs_inline(self, n_tasks: int) -> bool:
+        """Whether `map` over n_tasks runs them in this process (no pool to start)."""
+        return min(self.workers, n_tasks) <= 1
+
     def map(self, fn: TaskFn, tasks: Sequence[Task], init: Init = None, ordered: bool = False) -> Iterator[Any]:
         """Results as tasks finish (`ordered`: in task order). Leaving the loop early
         cancels the tasks not yet started."""
-        if self.workers <= 1 or len(tasks) <= 1:
+        if self.runs_inline(len(tasks)):
             _call_init(init)
             for task in tasks:
                 yield _run_task(fn, task)
@@ -143,16 +147,19 @@ class RayExecutor:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = max(1, workers or cpus)
 
+    def runs_inline(self, n_tasks: int) -> bool:
+        return False  # always in actors
+
     def map(self, fn: TaskFn, tasks: Sequence[Task], init: Init = None, ordered: bool = False) -> Iterator[Any]:
         if not tasks:
             return
         import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = ordered
         items = [{"index": i, "task": pickle.dumps(t)} for i, t in enumerate(tasks)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))  # one shard per block
+        # The dataset's own copy of the context: the caller's global Ray Data settings stay as they are.
+        ds.context.enable_progress_bars = False
+        ds.context.execution_options.preserve_order = ordered
         ds = ds.map_batches(
             _RayShardWorker, fn_constructor_args=(fn, init), batch_size=1, num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(tasks))),

@@ -144,18 +144,16 @@ def run_pipeline(out: Path, s: Settings) -> dict[str, Any]:
                    "--schedule-steps", str(total)], steps, "train same-compute single model")
 
     domain_specs = write_domain_tasks(sample, out / "tasks")
-    _run(py + ["eval", "--run", str(run), "--clusters", str(clusters), "--out", str(ev),
-               "--data", f"all16={sample / 'eval'}", *domain_specs,
-               "--retrieval", f"captions={sample / 'eval'}",
-               "--baseline", f"seed={run / 'seed' / 'checkpoints' / 'final.pt'}",
-               "--baseline", f"same_compute={single / 'seed' / 'checkpoints' / 'final.pt'}"], steps, "eval")
+    # the same experts and single models for every eval
+    eval_models = py + ["eval", "--run", str(run), "--clusters", str(clusters),
+                        "--baseline", f"seed={run / 'seed' / 'checkpoints' / 'final.pt'}",
+                        "--baseline", f"same_compute={single / 'seed' / 'checkpoints' / 'final.pt'}"]
+    _run(eval_models + ["--out", str(ev), "--data", f"all16={sample / 'eval'}", *domain_specs,
+                        "--retrieval", f"captions={sample / 'eval'}"], steps, "eval")
     digits_results = None
     if have_sklearn():
         spec = "sklearn:digits" + (f":{s.digits}" if s.digits else "")
-        _run(py + ["eval", "--run", str(run), "--clusters", str(clusters), "--out", str(out / "eval_digits"),
-                   "--data", f"digits={spec}",
-                   "--baseline", f"seed={run / 'seed' / 'checkpoints' / 'final.pt'}",
-                   "--baseline", f"same_compute={single / 'seed' / 'checkpoints' / 'final.pt'}"], steps, "eval digits")
+        _run(eval_models + ["--out", str(out / "eval_digits"), "--data", f"digits={spec}"], steps, "eval digits")
         digits_results = json.loads((out / "eval_digits" / "results.json").read_text(encoding="utf-8"))
         digits_note = f"scored {spec}"
     else:

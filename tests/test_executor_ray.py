@@ -127,6 +127,10 @@ def test_executor_map_orders_and_early_exit(kind, local_ray):
     tasks = [{"i": i} for i in range(7)]
     ordered = [r["i"] for r in runner.map(_square, tasks, ordered=True)]
     assert ordered == list(range(7))
+    if kind == "ray":  # the order is asked of this dataset, not set in the caller's global context
+        import ray.data
+
+        assert not ray.data.DataContext.get_current().execution_options.preserve_order
     unordered = sorted(r["sq"] for r in runner.map(_square, tasks))
     assert unordered == [i * i for i in range(7)]
     it = runner.map(_square, tasks, ordered=True)
