@@ -41,8 +41,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=find_packages(include=["mode_fast", "mode_fast.*"]) + ["mode_fast.kernels"],
-    package_dir={"mode_fast.kernels": "kernels"},
+    packages=find_packages(include=["mode_fast", "mode_fast.*"]),
     package_data={"mode_fast": ["py.typed", "*.pyi", "data/*.json.gz", "data/*.txt", "model_configs/*.json"]},
     ext_modules=[CMakeExtension("mode_fast._matcher")],
     cmdclass={"build_ext": CMakeBuild},

@@ -1,7 +1,7 @@
 """kmeans_assign: every backend against an fp64 brute force, on random and adversarial data.
 
 The Triton kernel runs here under TRITON_INTERPRET=1 in a subprocess: the interpreter is
-chosen when a kernel is decorated, i.e. when kernels/kmeans_assign.py is first imported,
+chosen when a kernel is decorated, i.e. when mode_fast/kernels/kmeans_assign.py is first imported,
 and this process has already imported it without the variable.
 """
 from __future__ import annotations
