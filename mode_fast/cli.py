@@ -1,13 +1,20 @@
-"""`mode-fast` command line: one subcommand per job.
+"""`mode-fast` command line: one subcommand per job, one error handler, one logging setup.
 
 Each job module defines ``add_arguments(parser)`` and ``run(args) -> int``; only the
 module of the chosen subcommand is imported, so `mode-fast curate` never loads torch.
+A user-caused error (`mode_fast.errors.ModeFastError`) ends as one line,
+``mode-fast JOB: error: ...``, exit 2; ``--debug`` shows its traceback instead.
+Ctrl-C ends as one line, exit 130.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+from collections.abc import Callable, Sequence
+
+from mode_fast.errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, ModeFastError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,6 +27,49 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def setup_logging(debug: bool = False) -> None:
+    """The one logging setup: mode-fast's INFO lines on stderr, other libraries' at
+    WARNING (open_clip logs model parsing details on the root logger)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("mode_fast").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+
+
+def run_job(prog: str, run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a job's ``run(args)`` under the one error contract (see the module docstring)."""
+    debug = bool(getattr(args, "debug", False))
+    setup_logging(debug)
+    try:
+        return int(run(args) or 0)
+    except Interrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ModeFastError as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def job_main(prog: str, module: object, argv: Sequence[str] | None = None) -> int:
+    """``python -m mode_fast.JOB ...``: the same parser and handler as ``mode-fast JOB``."""
+    doc = (getattr(module, "__doc__", None) or prog).splitlines()[0]
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    add_common_arguments(parser)
+    module.add_arguments(parser)  # type: ignore[attr-defined]
+    return run_job(prog, module.run, parser.parse_args(argv))  # type: ignore[attr-defined]
+
+
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mode-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -27,6 +77,7 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
             module = importlib.import_module(module_name)
+            add_common_arguments(sp)
             module.add_arguments(sp)
             sp.set_defaults(_run=module.run)
     return parser
@@ -37,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = _build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    return run_job(f"mode-fast {args.command}", args._run, args)
 
 
 if __name__ == "__main__":

@@ -48,16 +48,8 @@ import numpy as np
 from mode_fast import __version__
 from mode_fast._matcher import Matcher, hash_keys
 from mode_fast.executor import LocalExecutor, RayExecutor, add_executor_arguments, make_executor, run_with_progress
-from mode_fast.data.io import (
-    ShardError,
-    atomic_write,
-    list_shards,
-    read_shard,
-    remove_stale_temporaries,
-    save_npy,
-    write_json,
-    write_kept,
-)
+from mode_fast.data.io import ShardError, list_shards, read_shard, write_kept
+from mode_fast.files import atomic_write, remove_stale_temporaries, save_npy, write_json
 
 __all__ = [
     "DEFAULT_T",

@@ -47,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from mode_fast.data.io import atomic_write, write_json
+from mode_fast.errors import InputError
+from mode_fast.files import atomic_write, write_json
 from mode_fast.ensemble import check_class_names, combine_logits, expert_weights
 
 log = logging.getLogger("mode_fast.evaluate")
@@ -57,7 +58,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 RECALL_KS = (1, 5, 10)
 
 
-class EvalError(ValueError):
+class EvalError(InputError):
     """Bad input to the evaluation: the message names the file or value at fault."""
 
 

@@ -31,13 +31,15 @@ import sys
 import zlib
 from pathlib import Path
 
+from mode_fast.errors import InputError
+
 DEFAULT_METADATA = Path(__file__).parent / "data" / "metadata_wordnet.json.gz"
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 WORDNET_DIRS = ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/share/wordnet-3.0/dict")
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 
 
-class MetadataError(ValueError):
+class MetadataError(InputError):
     """A metadata file that cannot be used as it is; the message names file and index."""
 
 
@@ -146,7 +148,7 @@ def merge_metadata(*lists: list[str]) -> list[str]:
 def save_metadata(entries: list[str], path: str | os.PathLike) -> None:
     """Validate, then write atomically (temp file beside `path`, then os.replace);
     gzip when the name ends in .gz, with mtime=0 and no file name so it is byte-reproducible."""
-    from mode_fast.data.io import atomic_write
+    from mode_fast.files import atomic_write
 
     validate_metadata(entries, str(path))
     blob = json.dumps(entries, ensure_ascii=False).encode("utf-8")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mode_fast.data.io import atomic_write, write_json
+from mode_fast.files import atomic_write, write_json
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,12 @@ import pytest
 from mode_fast.data import io as dio
 from mode_fast.data.io import (
     ShardError,
-    atomic_write,
     list_shards,
     read_shard,
-    remove_stale_temporaries,
     split_member_name,
     write_kept,
 )
+from mode_fast.files import atomic_write, remove_stale_temporaries
 
 RECORDS = [{"uid": f"u{i:03d}", "caption": f"photo {i} of a dog"} for i in range(10)]
 

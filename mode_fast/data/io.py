@@ -42,13 +42,15 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
+
+from mode_fast.errors import InputError
+from mode_fast.files import atomic_write
 
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
@@ -58,7 +60,7 @@ GLOB_CHARS = set("*?[")
 PARQUET_BATCH_ROWS = 65536  # rows per record batch: bounded memory on big files
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError):
     """A shard that cannot be read at all (missing, not that format, no caption column)."""
 
 
@@ -118,60 +120,6 @@ def list_shards(patterns: Iterable[str | os.PathLike]) -> list[Path]:
             raise ShardError(f"{pattern}: matches no shard ({', '.join(SHARD_SUFFIXES)})")
         found.update(p.resolve() for p in shards)
     return sorted(found)
-
-
-# --- atomic output ---------------------------------------------------------------------
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _default_file_mode()  # mkstemp makes 0600 files; outputs get the usual mode
-TMP_SUFFIX = ".tmp"
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temporary name beside `path` (``.<name>.<random>.tmp``), then rename:
-    `path` is either absent, the old file or the whole new one, never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete atomic_write's temporaries left under `folder` by a killed run."""
-    removed = 0
-    for p in Path(folder).rglob(f".*{TMP_SUFFIX}"):
-        if p.is_file():
-            p.unlink()
-            removed += 1
-    return removed
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_write(path) as f:
-        np.save(f, array)
 
 
 # --- text checks -------------------------------------------------------------------------

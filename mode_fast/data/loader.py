@@ -41,13 +41,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mode_fast.errors import InputError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"
 DEFAULT_CAPTION_KEY = "txt"
 
 
-class DataKeyError(ValueError):
+class DataKeyError(InputError):
     """The image or caption key named by the user is not in the shards."""
 
 

@@ -62,7 +62,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-from mode_fast.data.io import atomic_write, write_json
+from mode_fast.files import atomic_write, write_json
 
 # Bump when the same arguments would give different bytes: an older output is then rewritten.
 FORMAT_VERSION = 2
