@@ -3,12 +3,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <sstream>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
 #include "matcher.h"
@@ -83,22 +81,18 @@ std::unique_ptr<Matcher> load_file(const std::string& path) {
     }
 }
 
-// Written to a temporary name and renamed, so a killed save never leaves a file
-// that looks complete.
-void save_file(const Matcher& m, const std::string& path) {
-    py::gil_scoped_release release;
-    std::string tmp = path + ".tmp." + std::to_string(getpid());
+// Serialised here and written by mode_fast.files, the project's one atomic writer (a
+// temporary name its cleanup finds, fsync, the umask's mode, an OutputError naming the
+// path), so the matcher file follows the same rules as every other output.
+void save_file(const Matcher& m, const py::object& path) {
+    std::string data;
     {
-        std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-        if (!out) throw std::runtime_error("cannot write matcher file: " + tmp);
+        py::gil_scoped_release release;
+        std::ostringstream out(std::ios::binary);
         m.save(out);
-        out.flush();
-        if (!out) throw std::runtime_error("could not write matcher file: " + tmp);
+        data = out.str();
     }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-        std::remove(tmp.c_str());
-        throw std::runtime_error("cannot rename " + tmp + " to " + path);
-    }
+    py::module_::import("mode_fast.files").attr("write_bytes")(path, py::bytes(data));
 }
 
 py::str decode(std::string_view s) { return py::str(s.data(), s.size()); }

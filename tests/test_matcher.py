@@ -215,3 +215,28 @@ def test_hash_keys_stable_and_seeded() -> None:
     # Pinned values: the sampling of a curation depends on them across machines and releases.
     pinned = [12966293858919529006, 600730234650689926, 6897897098618318412]
     assert hash_keys(["", "uid-1", "a longer key of 25 bytes!"], seed=0).tolist() == pinned
+
+
+def test_save_goes_through_the_atomic_writer(tmp_path, monkeypatch) -> None:
+    """The matcher file is an output like any other (mode_fast.files): the umask's mode,
+    not mkstemp's 0600; a failed save names the path and leaves no temporary behind."""
+    import os
+    import stat
+
+    from mode_fast.errors import OutputError
+    from mode_fast.files import default_file_mode
+
+    m = Matcher(["hot", "hot dog"])
+    path = tmp_path / "m.bin"
+    m.save(path)  # a PathLike is accepted too
+    assert stat.S_IMODE(path.stat().st_mode) == default_file_mode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+    assert Matcher.load(str(path)).entries == ["hot", "hot dog"]
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OutputError, match=r"cannot write .*m2\.bin: no space left on device"):
+        m.save(str(tmp_path / "m2.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]  # no temporary, no m2.bin

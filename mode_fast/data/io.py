@@ -21,28 +21,47 @@ which kept_keys.txt could not hold), ``corrupt_member`` (see below), and one pse
 ``corrupt_tar_tail`` (key "", not a sample, no index) when a tar ends in damage. A shard
 that cannot be read at all raises `ShardError` naming the file.
 
+Tar members and keys (the one key rule; `member_key`, used by every job through `TarScan`):
+- a member's key is its name up to the first dot of the last path component, its
+  extension the rest, lower-cased (webdataset's rule): ``dir/k01.seg.JPG`` is key
+  ``dir/k01``, extension ``seg.jpg``. Consecutive members with one key form a sample.
+- a key whose last component is ``__NAME__`` (``__index__.json``, ``__key__``,
+  ``dir/__meta__.txt``) is webdataset-style metadata, not a sample: ignored, and counted
+  in ``TarScan.ignored`` as ``metadata_member``. A key like ``__k1`` is a sample.
+- a name without an extension (no dot in the last component, only a leading dot such as
+  ``.hidden``, or a trailing dot such as ``k.``) belongs to no sample: ignored, counted as
+  ``no_extension``. Non-file members (folders, links) are ignored silently.
+- a repeated extension within a key (``k.txt``, ``k.txt``) starts a second sample with the
+  same key (webdataset would raise); both are read, and curate reports duplicate keys.
+
 Damaged tars: a member header with a bad checksum is skipped block by block up to the
 next valid header (tarfile's ``ignore_zeros`` resync), so one damaged member costs a
 record or two, not the rest of the shard. The member's name is unreadable, so the records
 just before and just after the damage (either may have lost a member) are skipped as
-``corrupt_member``; so is a record whose member data cannot be read. Whole records lost
-inside the damaged bytes are not seen. Data after the last readable member that is not
-zero padding (a truncated file) is reported as ``corrupt_tar_tail``. (This is why tars
-are walked with tarfile and webdataset's grouping rule rather than with webdataset's
-stream iterator, which stops at the first damaged header; importing webdataset would
-also import torch in every worker.)
+``corrupt_member`` (the one after only when the next member starts a new key); so is a
+record whose member data cannot be read. Whole records lost inside the damaged bytes are
+not seen. Data after the last readable member that is not zero padding (a truncated file)
+is reported as ``corrupt_tar_tail``. (This is why tars are walked with tarfile and
+webdataset's grouping rule rather than with webdataset's stream iterator, which stops at
+the first damaged header; importing webdataset would also import torch in every worker.)
+`read_shard` yields damaged records (curate keeps record indices); `iter_samples`, the
+walk of the training loader, eval and the demo, yields only undamaged samples and counts
+the rest in a `ReadReport` (read and skipped counts by reason and shard) that the jobs
+report.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import gzip
 import io
 import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -54,6 +73,8 @@ from mode_fast.files import atomic_write
 
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".tar", ".parquet", ".jsonl", ".jsonl.gz")
 GLOB_CHARS = set("*?[")
@@ -190,10 +211,13 @@ def read_shard(path: str | os.PathLike, caption_key: str = "caption", key_field:
 
 
 # webdataset's naming rule (webdataset.tariterators.base_plus_ext: the key is the name
-# up to the first dot of its last path component) and its metadata members
-# (``__name__``), restated here because importing webdataset imports torch (over a
-# second per process); tests check the two agree.
+# up to the first dot of its last path component), restated here because importing
+# webdataset imports torch (over a second per process); tests check the two agree.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+# Members that belong to no sample (TarScan.ignored counts them by these names).
+METADATA_MEMBER = "metadata_member"  # a __NAME__ key, e.g. __index__.json
+NO_EXTENSION = "no_extension"  # no dot in the basename, a leading dot, or a trailing dot
 
 
 def split_member_name(name: str) -> tuple[str | None, str | None]:
@@ -204,35 +228,71 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     return (match.group(1), match.group(2)) if match else (None, None)
 
 
+def member_key(name: str) -> tuple[str, str] | tuple[None, str]:
+    """The one key rule (module docstring): (key, lower-cased extension) of a sample
+    member, or (None, why) for a member that belongs to no sample."""
+    key, ext = split_member_name(name)
+    base = (key if key is not None else name).rsplit("/", 1)[-1]
+    if len(base) > 4 and base.startswith("__") and base.endswith("__"):
+        return None, METADATA_MEMBER
+    if key is None or not ext:
+        return None, NO_EXTENSION
+    return key, ext.lower()
+
+
 @dataclass
 class TarGroup:
-    """One webdataset sample as stored: its members (headers and bytes) in file order."""
+    """One webdataset sample as stored: its members (headers, and bytes when the scan
+    reads data) in file order. `index`: its position among the shard's groups."""
 
     key: str
-    members: list[tuple[tarfile.TarInfo, bytes]] = field(default_factory=list)
-    exts: set[str] = field(default_factory=set)  # lower-cased, as webdataset does
+    index: int = 0
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = field(default_factory=list)
+    exts: dict[str, tarfile.TarInfo] = field(default_factory=dict)  # lower-cased ext -> header
     damaged: bool = False
+    _scan: TarScan | None = field(default=None, repr=False)
 
     def sample(self) -> dict[str, Any]:
+        """{"__key__": key, ext: bytes} (webdataset's sample layout)."""
         sample: dict[str, Any] = {"__key__": self.key}
         for info, data in self.members:
-            sample[split_member_name(info.name)[1].lower()] = data  # type: ignore[union-attr]
+            sample[member_key(info.name)[1]] = self._data(info, data)
         return sample
+
+    def read(self, ext: str) -> bytes:
+        """The bytes of member `ext`; on a header-only scan, only while the scan is at
+        this group (the loader reads the members it needs and seeks over the rest)."""
+        info = self.exts[ext]
+        return self._data(info, next(d for i, d in self.members if i is info))
+
+    def _data(self, info: tarfile.TarInfo, data: bytes | None) -> bytes:
+        if data is not None:
+            return data
+        assert self._scan is not None
+        return self._scan.read(info)
 
 
 class TarScan:
-    """Walks a tar's members, grouping them into samples and resyncing past damage.
+    """Walks a tar's members, grouping them into samples (the one key rule) and
+    resyncing past damage.
 
     Iterate for the `TarGroup`s; afterwards `tail_damage` says why the end was not
-    reached cleanly (None if it was). Reader and writer share this walk, so a record's
-    index is the same in both.
+    reached cleanly (None if it was) and `ignored` counts members that belong to no
+    sample. `read_data=False` parses headers only (member data is seeked over) and
+    `TarGroup.read` fetches a member on demand. Every reader of tars uses this walk, so
+    a record's index and key are the same for curate, cluster, train and eval.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike, read_data: bool = True) -> None:
+        self.path = Path(path)
+        self.read_data = read_data
         self.tail_damage: str | None = None
+        self.ignored: Counter[str] = Counter()
+        self._tf: tarfile.TarFile | None = None
 
     def _open(self) -> tarfile.TarFile:
+        if not self.path.is_file():
+            raise ShardError(f"{self.path}: no such file")
         try:
             # Opened strictly: the first header must be valid, or this is not a tar.
             tf = tarfile.open(self.path, mode="r:")
@@ -241,61 +301,85 @@ class TarScan:
         tf.ignore_zeros = True  # from here on, skip damaged headers block by block
         return tf
 
+    def read(self, info: tarfile.TarInfo) -> bytes:
+        """A member's bytes, read during the walk."""
+        if self._tf is None:
+            raise RuntimeError(f"{self.path}: member {info.name} read outside the walk")
+        try:
+            return self._tf.extractfile(info).read()  # type: ignore[union-attr]
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ShardError(f"{self.path}: member {info.name} cannot be read ({exc})") from exc
+
     def __iter__(self) -> Iterator[TarGroup]:
-        size = self.path.stat().st_size
+        size = self.path.stat().st_size if self.path.is_file() else 0
         with self._open() as tf, open(self.path, "rb") as raw:
-            current: TarGroup | None = None
-            damage_before_next = False
-            expected = 0  # where the next header starts if nothing is damaged
-            while True:
-                try:
-                    info = tf.next()
-                except (tarfile.TarError, OSError, EOFError) as exc:
-                    # A damaged extended (pax/GNU long-name) header, or data cut short.
-                    if tf.offset + tarfile.BLOCKSIZE >= size:
-                        self.tail_damage = f"{type(exc).__name__}: {exc}"
-                        break
-                    tf.offset += tarfile.BLOCKSIZE  # resync by hand, as ignore_zeros does
-                    continue
-                if info is None:
+            self._tf = tf
+            try:
+                yield from self._walk(tf, raw, size)
+            finally:
+                self._tf = None
+
+    def _walk(self, tf: tarfile.TarFile, raw: IO[bytes], size: int) -> Iterator[TarGroup]:
+        current: TarGroup | None = None
+        index = 0
+        damage_before_next = False
+        expected = 0  # where the next header starts if nothing is damaged
+        while True:
+            try:
+                info = tf.next()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                # A damaged extended (pax/GNU long-name) header, or data cut short.
+                if tf.offset + tarfile.BLOCKSIZE >= size:
+                    self.tail_damage = f"{type(exc).__name__}: {exc}"
                     break
-                tf.members = []  # tarfile keeps every header otherwise: memory grows per member
-                gap_damaged = info.offset > expected and not _all_zero(raw, expected, info.offset)
-                expected = tf.offset
-                if gap_damaged:
-                    if current is not None:
-                        current.damaged = True
-                    damage_before_next = True
-                if not info.isreg():
-                    continue
-                key, ext = split_member_name(info.name)
-                if key is None or ext is None:
-                    continue  # webdataset ignores these members too
-                ext = ext.lower()
-                # A new key starts a sample; so does a repeated extension (webdataset would
-                # raise there; we keep both records, with the same key).
-                if current is None or current.key != key or ext in current.exts:
-                    if current is not None:
-                        yield current
-                    current = TarGroup(key)
-                    if damage_before_next:
-                        current.damaged = True
-                damage_before_next = False
+                tf.offset += tarfile.BLOCKSIZE  # resync by hand, as ignore_zeros does
+                continue
+            if info is None:
+                break
+            tf.members = []  # tarfile keeps every header otherwise: memory grows per member
+            gap_damaged = info.offset > expected and not _all_zero(raw, expected, info.offset)
+            expected = tf.offset
+            if gap_damaged:
+                if current is not None:
+                    current.damaged = True
+                damage_before_next = True
+            if not info.isreg():
+                continue
+            key, ext = member_key(info.name)
+            if key is None:
+                self.ignored[ext] += 1
+                continue
+            # A new key starts a sample; so does a repeated extension (webdataset would
+            # raise there; we keep both records, with the same key).
+            if current is None or current.key != key or ext in current.exts:
+                if current is not None:
+                    yield current
+                    index += 1
+                current = TarGroup(key, index, _scan=self)
+                if damage_before_next:
+                    current.damaged = True
+            damage_before_next = False
+            if info.offset_data + info.size > size:  # data cut short: a truncated file
+                current.damaged = True
+                self.tail_damage = f"member {info.name}: data cut short at byte {size}"
+                break
+            data = None
+            if self.read_data:
                 try:
                     data = tf.extractfile(info).read()  # type: ignore[union-attr]
                 except (tarfile.TarError, OSError, EOFError) as exc:
                     current.damaged = True
                     self.tail_damage = f"member {info.name}: {type(exc).__name__}: {exc}"
                     break
-                current.members.append((info, data))
-                current.exts.add(ext)
-            if self.tail_damage is None and not _all_zero(raw, expected, size):
-                # Bytes after the last good member that are not end-of-archive padding.
-                self.tail_damage = f"unreadable data from byte {expected} to {size}"
-                if current is not None:
-                    current.damaged = True
+            current.members.append((info, data))
+            current.exts[ext] = info
+        if self.tail_damage is None and not _all_zero(raw, expected, size):
+            # Bytes after the last good member that are not end-of-archive padding.
+            self.tail_damage = f"unreadable data from byte {expected} to {size}"
             if current is not None:
-                yield current
+                current.damaged = True
+        if current is not None:
+            yield current
 
 
 def _all_zero(raw: IO[bytes], start: int, end: int) -> bool:
@@ -309,6 +393,102 @@ def _all_zero(raw: IO[bytes], start: int, end: int) -> bool:
             return False
         remaining -= len(block)
     return True
+
+
+# --- what a job read and skipped ------------------------------------------------------------
+
+CORRUPT_MEMBER = "corrupt_member"
+CORRUPT_TAR_TAIL = "corrupt_tar_tail"  # a damaged shard end: counted per shard, not per sample
+
+
+@dataclass
+class ReadReport:
+    """Samples a job read, and those it skipped by reason and by shard (every reader's
+    one tally, so that train, eval and curate report skips alike)."""
+
+    read: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    skipped_by_shard: dict[str, Counter[str]] = field(default_factory=dict)
+    ignored_members: Counter[str] = field(default_factory=Counter)  # members of no sample
+
+    def skip(self, shard: str | os.PathLike, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+        self.skipped_by_shard.setdefault(str(shard), Counter())[reason] += n
+
+    def clear(self) -> None:
+        self.read = 0
+        self.skipped.clear()
+        self.skipped_by_shard.clear()
+        self.ignored_members.clear()
+
+    @property
+    def skipped_total(self) -> int:
+        """Samples skipped (a damaged shard end is not a sample)."""
+        return sum(n for reason, n in self.skipped.items() if reason != CORRUPT_TAR_TAIL)
+
+    def skips_dict(self) -> dict[str, Any]:
+        """The skip counts as JSON-ready dicts (for data.json, results.json)."""
+        out: dict[str, Any] = {
+            "skipped_total": self.skipped_total,
+            "skipped": dict(self.skipped),
+            "skipped_by_shard": {s: dict(c) for s, c in self.skipped_by_shard.items()},
+        }
+        if self.ignored_members:
+            out["ignored_members"] = dict(self.ignored_members)
+        return out
+
+    def describe(self) -> str:
+        """One line: 'read N samples, skipped K (reason: n in shard, ...)'."""
+        text = f"read {self.read:,} samples, skipped {self.skipped_total:,}"
+        parts = [f"{reason} {n} in {Path(shard).name}" for shard, counts in self.skipped_by_shard.items()
+                 for reason, n in counts.items()]
+        return text + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def iter_samples(path: str | os.PathLike, report: ReadReport | None = None,
+                 read_data: bool = True) -> Iterator[TarGroup]:
+    """The undamaged samples of one tar, in file order; damaged ones (and a damaged end)
+    are counted in `report` as corrupt_member / corrupt_tar_tail, never raised."""
+    report = report if report is not None else ReadReport()
+    scan = TarScan(path, read_data)
+    damaged = 0
+    for group in scan:
+        if group.damaged:
+            damaged += 1
+            report.skip(path, CORRUPT_MEMBER)
+            continue
+        yield group
+    if scan.tail_damage is not None:
+        report.skip(path, CORRUPT_TAR_TAIL)
+    report.ignored_members.update(scan.ignored)
+    if damaged or scan.tail_damage is not None:
+        log.warning("%s: damaged tar: skipped %d sample(s)%s", path, damaged,
+                    f"; damaged end ({scan.tail_damage})" if scan.tail_damage else "")
+
+
+# --- wrong keys: name the key and what the records do have ------------------------------------
+
+
+class DataKeyError(InputError):
+    """The image, caption or label key named by the user is not in the data."""
+
+
+def describe_fields(sample: Mapping[str, Any]) -> str:
+    """What a record holds, for an error about a key it lacks: a webdataset sample's
+    members and its .json fields, or a jsonl object's fields."""
+    if "__key__" not in sample:
+        return "fields " + (", ".join(sorted(map(str, sample))) or "(none)")
+    exts = sorted(k for k in sample if k != "__key__")
+    text = "members " + (", ".join("." + e for e in exts) or "(none)")
+    raw = sample.get("json")
+    if isinstance(raw, (bytes, str)):
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            return text + " (its .json is not valid JSON)"
+        if isinstance(meta, dict):
+            text += "; .json fields " + (", ".join(sorted(map(str, meta))) or "(none)")
+    return text
 
 
 def _caption_from_sample(sample: dict[str, Any], caption_key: str) -> tuple[Any, str | None]:
@@ -332,14 +512,14 @@ def _read_tar(path: Path, caption_key: str) -> Iterator[Record]:
     for group in scan:
         sample = group.sample()
         if group.damaged:
-            yield _record(group.key, None, sample, "corrupt_member")
+            yield _record(group.key, None, sample, CORRUPT_MEMBER)
             continue
         raw, reason = _caption_from_sample(sample, caption_key)
         yield _record(group.key, raw, sample, reason)
     if scan.tail_damage is not None:
         # A pseudo-record carries the damage into the skip counts; it has no index in the
         # curated output (no sample behind it).
-        yield Record("", None, {"__corrupt__": scan.tail_damage}, "corrupt_tar_tail")
+        yield Record("", None, {"__corrupt__": scan.tail_damage}, CORRUPT_TAR_TAIL)
 
 
 def _pick_key_field(columns: Iterable[str], key_field: str | None, path: Path) -> str | None:
