@@ -48,7 +48,7 @@ import numpy as np
 from mode_fast import __version__
 from mode_fast._matcher import Matcher, hash_keys
 from mode_fast.executor import LocalExecutor, RayExecutor, add_executor_arguments, make_executor, run_with_progress
-from mode_fast.data.io import ShardError, list_shards, read_shard, write_kept
+from mode_fast.data.io import DataKeyError, ShardError, describe_fields, list_shards, read_shard, write_kept
 from mode_fast.files import atomic_write, remove_stale_temporaries, save_npy, write_json
 
 __all__ = [
@@ -182,6 +182,7 @@ def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
     keys: list[str] = []
     has_caption: list[bool] = []
     skips: Counter[str] = Counter()
+    missing_fields: str | None = None
     for rec in read_shard(path, task["caption_key"], task["key_field"]):
         if rec.skip_reason == "corrupt_tar_tail":  # not a record: no index
             skips[rec.skip_reason] += 1
@@ -190,6 +191,8 @@ def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
         has_caption.append(rec.caption is not None)
         if rec.caption is None:
             skips[rec.skip_reason or "missing_caption"] += 1
+            if rec.skip_reason == "missing_caption" and missing_fields is None:
+                missing_fields = describe_fields(rec.sample)  # for a wrong --caption-key error
         captions.append(rec.caption or "")
     offsets, ids = _worker_matcher.match_batch(captions, threads=task["threads"])
     # Skipped records keep their index (the writer counts records the same way) but
@@ -198,7 +201,8 @@ def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
         lengths = np.diff(offsets)
         ids = ids[np.repeat(np.asarray(has_caption), lengths)]
         offsets = np.concatenate([[0], np.cumsum(np.where(has_caption, lengths, 0))]).astype(np.int64)
-    meta = {"format": MATCHES_FORMAT, "fingerprint": task["fingerprint"], "skips": dict(skips), "config": task["config"]}
+    meta = {"format": MATCHES_FORMAT, "fingerprint": task["fingerprint"], "skips": dict(skips), "config": task["config"],
+            "missing_caption_fields": missing_fields}
     with atomic_write(task["out"]) as f:
         np.savez(f, offsets=offsets, ids=ids, key_hashes=key_hashes(keys), keys=np.array(keys, dtype=str),
                  meta=np.array(json.dumps(meta)))
@@ -367,14 +371,22 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     records_per_shard: list[int] = []
     skips_total: Counter[str] = Counter()
     skips_by_shard: dict[str, dict[str, int]] = {}
+    missing_fields: str | None = None
     for path, mpath in zip(shards, match_files):
         ids, offsets, meta_arr = _read_npz(mpath, "ids", "offsets", "meta")
         counts += np.bincount(ids, minlength=len(entries)).astype(np.uint64)
         records_per_shard.append(len(offsets) - 1)
-        skips = json.loads(str(meta_arr))["skips"]
+        meta = json.loads(str(meta_arr))
+        skips = meta["skips"]
+        missing_fields = missing_fields or meta.get("missing_caption_fields")
         if skips:
             skips_total.update(skips)
             skips_by_shard[str(path)] = skips
+    records = sum(records_per_shard)
+    captioned = records - sum(v for k, v in skips_total.items() if k != "corrupt_tar_tail")
+    if captioned == 0 and skips_total["missing_caption"]:  # not bad data: a wrong key
+        raise DataKeyError(f"caption key {caption_key!r} is in none of the {records:,} records; they have "
+                           f"{missing_fields or 'other fields'}: pass --caption-key with one of them")
     counts_path = out / "entry_count.npy"
     save_npy(counts_path, counts)
 

@@ -33,13 +33,13 @@ expert_weights.png (and retrieval.png with --retrieval).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import io
 import json
 import logging
 import sys
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from mode_fast.data.io import ReadReport, ShardError, TarGroup, describe_fields, iter_samples
 from mode_fast.errors import InputError
 from mode_fast.files import atomic_write, write_json
 from mode_fast.ensemble import check_class_names, combine_logits, expert_weights
@@ -73,6 +74,7 @@ class ClassificationTask:
     templates: list[str]
     items: Callable[[], Iterator[tuple[Callable[[], Any], int]]]
     kind: str = "classification"
+    reads: ReadReport = field(default_factory=ReadReport)  # shard tasks: skips counted by items()
 
 
 @dataclass
@@ -83,6 +85,7 @@ class RetrievalTask:
     source: str
     items: Callable[[], Iterator[tuple[Callable[[], Any], str]]]
     kind: str = "retrieval"
+    reads: ReadReport = field(default_factory=ReadReport)
 
 
 def check_templates(templates: Sequence[str], source: str) -> list[str]:
@@ -222,37 +225,30 @@ def _list_tars(spec: str) -> list[Path]:
     return found
 
 
-def _iter_tar(shards: Sequence[Path]) -> Iterator[tuple[str, dict[str, bytes], Path]]:
-    """(key, {ext: bytes}, shard) per sample; members of one key are consecutive."""
+def _iter_tar(shards: Sequence[Path], report: ReadReport) -> Iterator[tuple[TarGroup, Path]]:
+    """(sample, shard) per undamaged sample, through the walk every job shares
+    (mode_fast.data.io: one key rule, resync past damage, skips counted in `report`)."""
     for shard in shards:
         try:
-            tf = tarfile.open(shard, "r")
-        except (OSError, tarfile.TarError) as e:
-            raise EvalError(f"{shard}: not a readable tar ({e})") from e
-        with tf:
-            key: str | None = None
-            members: dict[str, bytes] = {}
-            for info in tf:
-                if not info.isfile():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                dot = base.find(".")
-                if dot <= 0 or base.startswith("__"):
-                    continue
-                k = info.name[: len(info.name) - len(base) + dot]
-                ext = base[dot + 1:].lower()
-                if k != key:
-                    if key is not None:
-                        yield key, members, shard
-                    key, members = k, {}
-                f = tf.extractfile(info)
-                members[ext] = f.read() if f is not None else b""
-            if key is not None:
-                yield key, members, shard
+            yield from ((group, shard) for group in iter_samples(shard, report, read_data=False))
+        except ShardError as e:
+            raise EvalError(str(e)) from e
 
 
-def _image_member(members: dict[str, bytes]) -> bytes | None:
-    return next((members[e] for e in IMAGE_EXTS if e in members), None)
+def _image_member(group: TarGroup) -> bytes | None:
+    ext = next((e for e in IMAGE_EXTS if e in group.exts), None)
+    return None if ext is None else group.read(ext)
+
+
+def skip_lines(results: dict[str, Any]) -> list[str]:
+    """results.md lines: per task, the samples read and those skipped (by reason)."""
+    lines = []
+    for kind, count in (("tasks", "n_images"), ("retrieval", "n_pairs")):
+        for name, t in results.get(kind, {}).items():
+            reasons = ", ".join(f"{r} {n}" for r, n in t.get("skipped", {}).items())
+            lines.append(f"- {name}: read {t[count]}, skipped {t.get('skipped_total', 0)}"
+                         + (f" ({reasons})" if reasons else ""))
+    return ["", "Samples read and skipped", "", *lines] if lines else []
 
 
 def _label_index(value: Any, classes: list[str], where: str) -> int:
@@ -423,28 +419,34 @@ def load_task(spec: str, classes_file: Path | str | None = None, templates_file:
 
     shards = _list_tars(str(path))
     classes, templates = _resolve_meta(shards[0].parent if not path.is_dir() else path, classes_file, templates_file)
+    report = ReadReport()
 
     def items_tar() -> Iterator[tuple[Callable[[], Any], int]]:
-        for key, members, shard in _iter_tar(shards):
-            where = f"{shard} sample {key}"
-            image = _image_member(members)
+        report.clear()
+        for group, shard in _iter_tar(shards, report):
+            where = f"{shard} sample {group.key}"
+            image = _image_member(group)
             if image is None:
-                raise EvalError(f"{where}: no image member ({', '.join('.' + e for e in IMAGE_EXTS)})")
-            if "cls" in members:
-                label: Any = members["cls"].decode("utf-8", "replace").strip()
-            elif "json" in members:
+                raise EvalError(f"{where}: no image member ({', '.join('.' + e for e in IMAGE_EXTS)}); "
+                                f"it has {describe_fields(group.sample())}")
+            if "cls" in group.exts:
+                label: Any = group.read("cls").decode("utf-8", "replace").strip()
+            elif "json" in group.exts:
                 try:
-                    meta = json.loads(members["json"])
+                    meta = json.loads(group.read("json"))
                 except ValueError as e:
                     raise EvalError(f"{where}: bad .json ({e})") from e
                 if not isinstance(meta, dict) or label_field not in meta:
-                    raise EvalError(f"{where}: no .cls member and no {label_field!r} field in .json")
+                    raise EvalError(f"{where}: no .cls member and no {label_field!r} field in .json "
+                                    f"(--label-field); it has {describe_fields(group.sample())}")
                 label = meta[label_field]
             else:
-                raise EvalError(f"{where}: no label (.cls member or .json field {label_field!r})")
+                raise EvalError(f"{where}: no label (.cls member or .json field {label_field!r}); "
+                                f"it has {describe_fields(group.sample())}")
+            report.read += 1
             yield _pil_from_bytes(image, where), _label_index(label, classes, where)
 
-    return ClassificationTask(name, str(path), classes, templates, items_tar)
+    return ClassificationTask(name, str(path), classes, templates, items_tar, reads=report)
 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:
@@ -460,29 +462,54 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
     return [(r[0].strip(), r[1].strip()) for r in rows]
 
 
+def _retrieval_caption(group: TarGroup, caption_key: str) -> Any:
+    """Caption from .txt, else the .json field `caption_key`; None when there is none."""
+    if "txt" in group.exts:
+        return group.read("txt").decode("utf-8", "replace")
+    if "json" in group.exts:
+        try:
+            meta = json.loads(group.read("json"))
+        except ValueError:
+            return None
+        return meta.get(caption_key) if isinstance(meta, dict) else None
+    return None
+
+
+def _check_retrieval_key(shards: Sequence[Path], caption_key: str) -> None:
+    """A wrong --caption-key is one error naming the key and the fields the first sample
+    has, up front, rather than every pair skipped after the models have loaded."""
+    samples = _iter_tar(shards[:1], ReadReport())
+    with contextlib.closing(samples):
+        first = next(samples, None)
+        if first is None:
+            return  # the task's own check reports an empty task
+        group, shard = first
+        if _image_member(group) is not None and _retrieval_caption(group, caption_key) is None:
+            raise EvalError(f"--caption-key {caption_key!r}: the first sample {group.key!r} of {shard} has no "
+                            f".txt and no .json field {caption_key!r}; it has {describe_fields(group.sample())}")
+
+
 def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTask:
     """Captioned webdataset shards: caption from .txt, else the .json field `caption_key`."""
     name, _, path_text = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
     shards = _list_tars(path_text)
+    _check_retrieval_key(shards, caption_key)
+    report = ReadReport()
 
     def items() -> Iterator[tuple[Callable[[], Any], str]]:
-        for key, members, shard in _iter_tar(shards):
-            where = f"{shard} sample {key}"
-            image = _image_member(members)
-            caption = None
-            if "txt" in members:
-                caption = members["txt"].decode("utf-8", "replace")
-            elif "json" in members:
-                try:
-                    caption = json.loads(members["json"]).get(caption_key)
-                except (ValueError, AttributeError):
-                    caption = None
+        report.clear()
+        for group, shard in _iter_tar(shards, report):
+            where = f"{shard} sample {group.key}"
+            image = _image_member(group)
+            caption = _retrieval_caption(group, caption_key)
             if image is None or not isinstance(caption, str) or not caption.strip():
                 log.warning("%s: skipped (no image or no caption)", where)
+                report.skip(shard, "no image or caption")
                 continue
+            report.read += 1
             yield _pil_from_bytes(image, where), caption
 
-    return RetrievalTask(name or Path(path_text).stem or "retrieval", path_text, items)
+    return RetrievalTask(name or Path(path_text).stem or "retrieval", path_text, items, reads=report)
 
 
 # --------------------------------------------------------------------------- models
@@ -776,9 +803,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     for task in tasks:
         log.info("classification %s (%d classes)", task.name, len(task.classes))
         results["tasks"][task.name] = evaluate_classification(task, experts, single_models, ens, cfg.device, cfg.batch_size)
+        results["tasks"][task.name] |= task.reads.skips_dict()  # read: n_images
     for rtask in rtasks:
         log.info("retrieval %s", rtask.name)
         results["retrieval"][rtask.name] = evaluate_retrieval(rtask, experts, single_models, ens, cfg.device, cfg.batch_size)
+        results["retrieval"][rtask.name] |= rtask.reads.skips_dict()  # read: n_pairs
     methods = method_order(results, n)
     if results["tasks"]:
         results["average"] = {
@@ -819,6 +848,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 r = t["recall"][m]
                 lines.append(f"| {name} | {m} | " + " | ".join(
                     f"{100 * r[f'{d}_R@{k}']:.1f}" for d in ("image_to_text", "text_to_image") for k in RECALL_KS) + " |")
+    lines += skip_lines(results)
     return "\n".join(lines) + "\n"
 
 

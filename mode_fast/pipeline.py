@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mode_fast.data.io import ReadReport, iter_samples
 from mode_fast.files import atomic_write, write_json
 
 
@@ -89,22 +90,20 @@ def write_domain_tasks(sample: Path, out: Path) -> list[str]:
     for domain, labels in info["domains"].items():
         folder = out / domain
         new_label = {old: i for i, old in enumerate(labels)}
+        report = ReadReport()
         with atomic_write(folder / f"{domain}-000000.tar") as f, tarfile.open(fileobj=f, mode="w") as tw:
             for rel in info["eval_shards"]:
-                with tarfile.open(sample / rel) as tr:
-                    members = [m for m in tr if m.isfile()]
-                    data = {m.name: tr.extractfile(m).read() for m in members}  # type: ignore[union-attr]
-                for m in members:
-                    if not m.name.endswith(".cls"):
-                        continue
-                    label = int(data[m.name])
+                for group in iter_samples(sample / rel, report):  # the walk every job shares
+                    label = int(group.read("cls"))
                     if label not in new_label:
                         continue
-                    key = m.name[:-4]
-                    for ext, payload in (("jpg", data[key + ".jpg"]), ("cls", str(new_label[label]).encode())):
-                        ti = tarfile.TarInfo(f"{key}.{ext}")
+                    report.read += 1
+                    for ext, payload in (("jpg", group.read("jpg")), ("cls", str(new_label[label]).encode())):
+                        ti = tarfile.TarInfo(f"{group.key}.{ext}")
                         ti.size, ti.mtime = len(payload), 0
                         tw.addfile(ti, io.BytesIO(payload))
+        if report.skipped:
+            print(f"note: domain task {domain}: {report.describe()}", flush=True)
         write_json(folder / "classes.json", [classes[i] for i in labels])
         write_json(folder / "templates.json", templates)
         specs.append(f"{domain}={folder}")

@@ -523,7 +523,7 @@ def train(args: argparse.Namespace) -> Path:
         atomic_write_json(job_dir / "config.json", {**config, "world_size": ddp.world_size, "loss": loss_source})
         atomic_write_json(job_dir / "data.json", {
             "shards": [str(p) for p in index.shards], "samples_per_shard": index.counts.tolist(),
-            "samples": index.total, "skipped": index.skipped, "steps_per_epoch": spe,
+            "samples": index.total, **index.report.skips_dict(), "steps_per_epoch": spe,  # read, skipped
             "unassigned_keys": expert_filter.unassigned if expert_filter else 0,
         })
         if resume_path is not None:

@@ -235,7 +235,7 @@ def member_key(name: str) -> tuple[str, str] | tuple[None, str]:
     base = (key if key is not None else name).rsplit("/", 1)[-1]
     if len(base) > 4 and base.startswith("__") and base.endswith("__"):
         return None, METADATA_MEMBER
-    if key is None or not ext:
+    if key is None or not ext or key.endswith("/"):  # "dir/.hidden": webdataset's key "dir/"
         return None, NO_EXTENSION
     return key, ext.lower()
 

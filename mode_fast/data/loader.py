@@ -21,16 +21,20 @@ as an uninterrupted one-process run:
 4. Image augmentation draws from a torch RNG seeded by (seed, epoch, position), so a
    sample's tensor does not depend on which process made it.
 
-Sample layout follows webdataset: `KEY.EXT` members, grouped while consecutive members
-share KEY (the path up to the first dot of the basename).
+Sample layout and damage: shards are walked by mode_fast.data.io.iter_samples, the walk
+every job shares (webdataset's `KEY.EXT` grouping, one documented key rule, resync past a
+damaged header). Samples skipped for damage, a missing key or a filter are counted by
+reason and shard in `DataIndex.report` (train writes them to data.json and its log).
+An image that cannot be decoded is an error naming shard and sample (SampleError), raised
+in the trainer's process as one line even when a loader worker met it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
-import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +45,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mode_fast.errors import InputError
+from mode_fast.data.io import DataKeyError, ReadReport, TarGroup, iter_samples
+from mode_fast.errors import InputError, ModeFastError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,8 @@ DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"
 DEFAULT_CAPTION_KEY = "txt"
 
 
-class DataKeyError(InputError):
-    """The image or caption key named by the user is not in the shards."""
+class SampleError(InputError):
+    """A sample that cannot be used although the index accepted it (an undecodable image)."""
 
 
 # --------------------------------------------------------------------------- sample spec
@@ -104,77 +109,62 @@ class SampleSpec:
 
 
 # --------------------------------------------------------------------------- tar reading
-def split_member_name(name: str) -> tuple[str, str]:
-    """(key, extension) the webdataset way: key is up to the first dot of the basename."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1:].lower()
-
-
-def iter_tar_samples(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """(key, {ext: TarInfo}) per sample; consecutive members with one key form a sample.
-
-    Only headers are parsed: on a seekable file tarfile seeks over member data.
-    """
-    key: str | None = None
-    members: dict[str, tarfile.TarInfo] = {}
-    for info in tf:
-        if not info.isfile():
-            continue
-        k, ext = split_member_name(info.name)
-        if k.rsplit("/", 1)[-1].startswith("__") or not ext:
-            continue  # webdataset metadata members such as __index__
-        if k != key:
-            if key is not None:
-                yield key, members
-            key, members = k, {}
-        members[ext] = info
-    if key is not None:
-        yield key, members
-
-
-def _read(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    f = tf.extractfile(info)
-    assert f is not None  # regular files only, see iter_tar_samples
-    return f.read()
-
-
-def _members_text(members: Mapping[str, Any]) -> str:
-    return ", ".join("." + e for e in sorted(members)) or "(none)"
-
-
+# Shards are walked by mode_fast.data.io (iter_samples: the one key rule, resync past a
+# damaged header, skips counted); this module only decides which samples are usable.
 def check_first_sample(shard: Path, spec: SampleSpec) -> None:
     """Raise DataKeyError when the first sample lacks the image or caption key.
 
     open_clip's webdataset pipeline silently drops every such sample and then waits
     forever for a batch; failing on the first sample names the problem instead.
     """
-    with tarfile.open(shard, "r:") as tf:
-        first = next(iter_tar_samples(tf), None)
-        if first is None:
-            raise DataKeyError(f"shard {shard} holds no samples")
-        key, members = first
-        if spec.image_ext_of(members) is None:
+    samples = iter_samples(shard, read_data=False)
+    with contextlib.closing(samples):  # the walk stays open while the first sample is read
+        first = next(samples, None)
+        if first is not None:
+            _check_sample(first, shard, spec)
+    if first is None:
+        raise DataKeyError(f"shard {shard} holds no samples")
+
+
+def _check_sample(first: TarGroup, shard: Path, spec: SampleSpec) -> None:
+    key, members = first.key, first.exts
+    if spec.image_ext_of(members) is None:
+        raise DataKeyError(
+            f"image key {spec.image_key!r} not found in the first sample {key!r} of {shard}; "
+            f"its members are {_members_text(members)}: pass --image-key with one of them"
+        )
+    if spec.caption_ext not in members:
+        raise DataKeyError(
+            f"caption key {spec.caption_key!r} not found in the first sample {key!r} of {shard}; "
+            f"its members are {_members_text(members)}: pass --caption-key with one of them "
+            f"(or json:FIELD for a field of the .json member)"
+        )
+    if spec.caption_field is not None:
+        raw = first.read("json")
+        if _caption_or_none(spec, raw) is None:
             raise DataKeyError(
-                f"image key {spec.image_key!r} not found in the first sample {key!r} of {shard}; "
-                f"its members are {_members_text(members)}: pass --image-key with one of them"
+                f"caption key {spec.caption_key!r}: field not found in {key}.json of {shard}; "
+                f"its top-level fields are {_json_fields(raw)}"
             )
-        if spec.caption_ext not in members:
-            raise DataKeyError(
-                f"caption key {spec.caption_key!r} not found in the first sample {key!r} of {shard}; "
-                f"its members are {_members_text(members)}: pass --caption-key with one of them "
-                f"(or json:FIELD for a field of the .json member)"
-            )
-        if spec.caption_field is not None:
-            raw = _read(tf, members["json"])
-            if spec.caption_from_bytes(raw) is None:
-                fields = sorted(json.loads(raw)) if raw.strip().startswith(b"{") else []
-                raise DataKeyError(
-                    f"caption key {spec.caption_key!r}: field not found in {key}.json of {shard}; "
-                    f"its top-level fields are {fields}"
-                )
+
+
+def _members_text(members: Mapping[str, Any]) -> str:
+    return ", ".join("." + e for e in sorted(members)) or "(none)"
+
+
+def _json_fields(raw: bytes) -> list[str]:
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return []
+    return sorted(meta) if isinstance(meta, dict) else []
+
+
+def _caption_or_none(spec: SampleSpec, raw: bytes) -> str | None:
+    try:
+        return spec.caption_from_bytes(raw)
+    except ValueError:  # not JSON: no field there
+        return None
 
 
 # --------------------------------------------------------------------------- filters
@@ -266,11 +256,17 @@ def load_expert_assignments(cluster_dir: str | Path) -> ExpertAssignments:
 # --------------------------------------------------------------------------- index
 @dataclass
 class DataIndex:
-    """Usable samples per shard, after the key checks and the filters."""
+    """Usable samples per shard, after the key checks and the filters; `report` counts
+    the samples read and those skipped, by reason and shard (damage included)."""
 
     shards: list[Path]
     keys: list[list[str]]  # per shard, usable keys in tar order
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    report: ReadReport = field(default_factory=ReadReport)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """reason -> count of samples skipped."""
+        return dict(self.report.skipped)
 
     @property
     def counts(self) -> np.ndarray:
@@ -281,32 +277,30 @@ class DataIndex:
         return int(sum(len(k) for k in self.keys))
 
 
-def _usable(
-    tf: tarfile.TarFile, key: str, members: Mapping[str, tarfile.TarInfo], spec: SampleSpec
-) -> str | None:
+def _usable(group: TarGroup, spec: SampleSpec) -> str | None:
     """None when the sample can be trained on, else the reason it is skipped."""
-    if spec.image_ext_of(members) is None:
+    if spec.image_ext_of(group.exts) is None:
         return "no image member"
-    if spec.caption_ext not in members:
+    if spec.caption_ext not in group.exts:
         return "no caption member"
-    if spec.caption_field is not None and spec.caption_from_bytes(_read(tf, members["json"])) is None:
+    if spec.caption_field is not None and _caption_or_none(spec, group.read("json")) is None:
         return "no caption field in json"
     return None
 
 
 def _scan_shard(
-    shard: Path, spec: SampleSpec, keep: Callable[[str], bool] | None, skipped: dict[str, int]
+    shard: Path, spec: SampleSpec, keep: Callable[[str], bool] | None, report: ReadReport
 ) -> list[str]:
     keys: list[str] = []
-    with tarfile.open(shard, "r:") as tf:
-        for key, members in iter_tar_samples(tf):
-            reason = _usable(tf, key, members, spec)
-            if reason is None and keep is not None and not keep(key):
-                reason = "filtered out"
-            if reason is None:
-                keys.append(key)
-            else:
-                skipped[reason] = skipped.get(reason, 0) + 1
+    for group in iter_samples(shard, report, read_data=False):
+        reason = _usable(group, spec)
+        if reason is None and keep is not None and not keep(group.key):
+            reason = "filtered out"
+        if reason is None:
+            keys.append(group.key)
+        else:
+            report.skip(shard, reason)
+    report.read += len(keys)
     return keys
 
 
@@ -324,18 +318,16 @@ def build_index(
             raise FileNotFoundError(f"training shard {p} not found")
         if not p.name.endswith(".tar"):
             raise ValueError(f"training reads webdataset .tar shards (uncompressed, seekable); got {p}")
-    skipped: dict[str, int] = {}
+    report = ReadReport()
     keys = []
     for i, p in enumerate(paths):
-        try:
-            if i == 0:
-                check_first_sample(p, spec)
-            keys.append(_scan_shard(p, spec, keep, skipped))
-        except tarfile.TarError as e:
-            raise ValueError(f"cannot read shard {p} as a tar file: {e}") from e
-    index = DataIndex(paths, keys, skipped)
+        if i == 0:
+            check_first_sample(p, spec)
+        keys.append(_scan_shard(p, spec, keep, report))
+    index = DataIndex(paths, keys, report)
     if index.total == 0:
-        raise ValueError(f"no usable samples in {len(paths)} shard(s); skipped: {skipped}")
+        raise ValueError(f"no usable samples in {len(paths)} shard(s); skipped: {index.skipped}")
+    log.info("training data: %s", report.describe())
     return index
 
 
@@ -423,16 +415,16 @@ class ShardStream:
             for slot, pos in enumerate(self.batch_positions(b)):
                 wanted[int(order[pos])] = (b, slot, pos)
         stream_start = np.concatenate([[0], np.cumsum(counts[shard_order])])
-        pending: dict[int, dict[int, tuple[str, bytes, bytes, int]]] = {b: {} for b in my_batches}
+        pending: dict[int, dict[int, tuple[str, bytes, bytes, int, Path]]] = {b: {} for b in my_batches}
         next_i = 0  # index into my_batches of the next batch to yield
 
         for s, shard_i in enumerate(shard_order):
             lo, hi = int(stream_start[s]), int(stream_start[s + 1])
             if not any(q in wanted for q in range(lo, hi)):
                 continue  # none of this worker's samples here: do not open it
-            for q, key, image, caption in self._read_shard(int(shard_i), lo, wanted):
+            for q, key, image, caption, shard in self._read_shard(int(shard_i), lo, wanted):
                 b, slot, pos = wanted[q]
-                pending[b][slot] = (key, image, caption, pos)
+                pending[b][slot] = (key, image, caption, pos, shard)
                 # yield as soon as the next batch is whole: raw samples held stay ~ the window
                 while next_i < len(my_batches) and len(pending[my_batches[next_i]]) == self.local_batch:
                     yield self._make_batch(pending.pop(my_batches[next_i]))
@@ -445,36 +437,41 @@ class ShardStream:
 
     def _read_shard(
         self, shard_i: int, stream_lo: int, wanted: Mapping[int, Any]
-    ) -> Iterator[tuple[int, str, bytes, bytes]]:
-        """(stream position, key, image bytes, caption bytes) of wanted samples of a shard."""
+    ) -> Iterator[tuple[int, str, bytes, bytes, Path]]:
+        """(stream position, key, image bytes, caption bytes, shard) of wanted samples of a
+        shard; the same walk and checks as the index, so positions line up."""
         path = self.index.shards[shard_i]
         expected = self.index.keys[shard_i]
         keep = set(expected)
         i = 0
-        with tarfile.open(path, "r:") as tf:
-            for key, members in iter_tar_samples(tf):
-                if key not in keep or _usable(tf, key, members, self.spec) is not None:
-                    continue
-                if i >= len(expected) or expected[i] != key:
-                    raise RuntimeError(f"shard {path} changed since it was indexed (at key {key!r})")
-                q = stream_lo + i
-                i += 1
-                if q in wanted:
-                    image_ext = self.spec.image_ext_of(members)
-                    assert image_ext is not None  # checked by _usable
-                    yield q, key, _read(tf, members[image_ext]), _read(tf, members[self.spec.caption_ext])
+        # Skips were counted when indexing: this pass's tally is not needed.
+        for group in iter_samples(path, ReadReport(), read_data=False):
+            if group.key not in keep or _usable(group, self.spec) is not None:
+                continue
+            if i >= len(expected) or expected[i] != group.key:
+                raise RuntimeError(f"shard {path} changed since it was indexed (at key {group.key!r})")
+            q = stream_lo + i
+            i += 1
+            if q in wanted:
+                image_ext = self.spec.image_ext_of(group.exts)
+                assert image_ext is not None  # checked by _usable
+                yield q, group.key, group.read(image_ext), group.read(self.spec.caption_ext), path
         if i != len(expected):
             raise RuntimeError(f"shard {path} changed since it was indexed ({i} of {len(expected)} samples)")
 
-    def _make_batch(self, items: Mapping[int, tuple[str, bytes, bytes, int]]) -> Batch:
+    def _make_batch(self, items: Mapping[int, tuple[str, bytes, bytes, int, Path]]) -> Batch:
         images, captions, keys, positions = [], [], [], []
         for slot in range(self.local_batch):
-            key, image_bytes, caption_bytes, pos = items[slot]
+            key, image_bytes, caption_bytes, pos, shard = items[slot]
             try:
                 with Image.open(io.BytesIO(image_bytes)) as im:
                     image = im.convert("RGB")
             except Exception as e:  # PIL raises several types for broken files
-                raise ValueError(f"cannot decode the image of sample {key!r}: {e}") from e
+                # An error, not a skip: every batch's samples are fixed by the epoch plan
+                # (the same in any number of workers and ranks), so a sample cannot be
+                # dropped here without changing the order the whole run depends on.
+                raise SampleError(f"shard {shard}: sample {key!r}: cannot decode its image "
+                                  f"({type(e).__name__}: {e}); remove the sample or re-encode it") from e
             # Augmentation randomness tied to the sample, not to the process or worker;
             # the CPU generator alone (torch.manual_seed would also queue CUDA seeding).
             saved = torch.get_rng_state()
@@ -503,9 +500,24 @@ class _TorchStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        if info is None:
-            return self.stream.iter_batches(0, 1)
-        return self.stream.iter_batches(info.id, info.num_workers)
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        try:
+            yield from self.stream.iter_batches(worker, workers)
+        except ModeFastError as e:
+            # A worker's exception reaches the trainer as a multi-line traceback dump;
+            # handed over as an item instead, it is re-raised there as the one-line error.
+            yield {_ERROR: (type(e), str(e))}
+
+
+_ERROR = "__mode_fast_error__"
+
+
+def _reraise_errors(batches: Iterable[Batch]) -> Iterator[Batch]:
+    for batch in batches:
+        if _ERROR in batch:
+            error_type, message = batch[_ERROR]
+            raise error_type(message)
+        yield batch
 
 
 class TrainLoader:
@@ -527,11 +539,11 @@ class TrainLoader:
         # Our own generator: the DataLoader draws worker seeds from it, and drawing them from
         # the global RNG would make the trainer's random state depend on where epochs began.
         generator = torch.Generator().manual_seed(sample_seed(self.stream.seed, epoch, -1))
-        return DataLoader(
+        return _reraise_errors(DataLoader(
             _TorchStream(self.stream),
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=2 if self.num_workers else None,
             pin_memory=self.pin_memory,
             generator=generator,
-        )
+        ))
