@@ -456,3 +456,50 @@ def test_imagenet_shortcuts_end_to_end(env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--templates openai: no such file" in err and "openai-imagenet, simple-imagenet" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_damaged_shard_is_read_past_and_the_skip_reported(env, tmp_path):
+    """One damaged header (the middle member of sample 5 of 48): eval scores the other 47
+    images and pairs and says what it skipped in results.json and results.md."""
+    classes = json.loads((env["sample"] / "eval" / "classes.json").read_text())
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    shard = folder / "d-000.tar"
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i, (jpg, y) in enumerate(eval_items(env["sample"])):
+            for ext, data in (("jpg", jpg), ("cls", str(y).encode()), ("txt", f"a photo of a {classes[y]}".encode())):
+                info = tarfile.TarInfo(f"k{i:04d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    (folder / "classes.json").write_text(json.dumps(classes))
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tf:
+        offset = tf.getmembers()[3 * 5 + 1].offset
+    data[offset:offset + 100] = b"\x07" * 100  # the header's checksum no longer matches
+    shard.write_bytes(bytes(data))
+
+    out = tmp_path / "out"
+    assert eval_cli(env, out, "--data", f"dmg={folder}", "--retrieval", f"dmgr={folder}") == 0
+    res = json.loads((out / "results.json").read_text())
+    task, pairs = res["tasks"]["dmg"], res["retrieval"]["dmgr"]
+    assert task["n_images"] == 47 and pairs["n_pairs"] == 47
+    for t in (task, pairs):
+        assert t["skipped_total"] == 1 and t["skipped"] == {"corrupt_member": 1}
+        assert t["skipped_by_shard"] == {str(shard): {"corrupt_member": 1}}
+    md = (out / "results.md").read_text()
+    assert "- dmg: read 47, skipped 1 (corrupt_member 1)" in md and "- dmgr: read 47, skipped 1" in md
+
+
+def test_wrong_retrieval_caption_key_is_one_line(env, tmp_path, capsys):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    with tarfile.open(folder / "r-000.tar", "w") as tf:
+        for ext, data in (("jpg", eval_items(env["sample"])[0][0]), ("json", b'{"text": "a dog", "id": 1}')):
+            info = tarfile.TarInfo(f"k0.{ext}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert eval_cli(env, tmp_path / "out", "--retrieval", str(folder)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "--caption-key 'caption'" in lines[0] and "k0" in lines[0] and ".json fields id, text" in lines[0]

@@ -240,3 +240,16 @@ def test_train_wrong_caption_key_and_bad_image_are_one_line(tmp_path, capsys):
                             "--workers", "1"]) == 2
     line = one_line_error(capsys.readouterr().err, "train")
     assert str(shard) in line and "'k5'" in line and "cannot decode its image" in line
+
+
+def test_train_reads_past_a_damaged_header_and_reports_the_skip(tmp_path, caplog):
+    shard = damaged_pool(tmp_path / "pool")
+    code = cli.main(["train", "--data", str(tmp_path / "pool"), "--out", str(tmp_path / "run"),
+                     "--model", "mode-fast-tiny", "--batch-size", "16", "--warmup", "1", "--steps", "1",
+                     "--workers", "0", "--no-progress"])
+    assert code == 0
+    data = json.loads((tmp_path / "run" / "seed" / "data.json").read_text())
+    assert data["samples"] == 199 and data["skipped"] == {"corrupt_member": 1} and data["skipped_total"] == 1
+    assert data["skipped_by_shard"] == {str(shard): {"corrupt_member": 1}}
+    log = caplog.text  # the job's log
+    assert "read 199 samples, skipped 1 (corrupt_member 1 in pool-000.tar)" in log and "damaged tar" in log
