@@ -53,10 +53,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import logging
 import gzip
 import io
 import json
+import logging
 import os
 import re
 import tarfile
