@@ -80,6 +80,8 @@ class ClusterFolder:
     def centers(self) -> TwoLevel:
         """The fitted two levels; InputError naming the file when missing or unreadable."""
         if self._centers is None:
+            if not self.root.is_dir():
+                raise InputError(f"cluster folder {self.root} not found (the `mode-fast cluster --out DIR` folder)")
             if not self.centers_path.is_file():
                 raise InputError(
                     f"cluster file {self.centers_path} not found (the `mode-fast cluster --out DIR` folder)"

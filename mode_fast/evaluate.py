@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from mode_fast.errors import InputError
+from mode_fast.errors import ConfigError, InputError
 from mode_fast.files import atomic_write, write_json
 from mode_fast.ensemble import check_class_names, combine_logits, expert_weights
 
@@ -514,7 +514,7 @@ def find_experts(run_dir: Path, n_experts: int) -> list[Path]:
 
 
 def load_models(named: Sequence[tuple[str, Path]], device: str) -> list[LoadedModel]:
-    from mode_fast.train import load_model
+    from mode_fast.checkpoint import load_model
 
     out = []
     for name, ckpt in named:
@@ -605,17 +605,14 @@ class Ensembler:
         return w, np.bincount(groups, minlength=self.n_experts)
 
 
-def _embedder_for(centers: Any, override: str | None) -> Any:
-    from mode_fast.cluster import make_embedder
+def _embedder_for(folder: Any, override: str | None, device: str) -> Any:
+    """The clustering's caption encoder, rebuilt from the spec stored with the clusters
+    (mode_fast.clusters); --embedder replaces it."""
+    from mode_fast.embed import make_embedder
 
     if override:
-        return make_embedder(override)
-    name = str(centers.config.get("embedder", ""))
-    if "minilm" in name.lower():
-        return make_embedder("minilm")
-    if name.startswith("hash"):
-        return make_embedder(name)
-    raise EvalError(f"cannot tell the clustering encoder from the cluster file (embedder {name!r}): pass --embedder")
+        return make_embedder(override, device=device)
+    return folder.embedder(device=device)
 
 
 def evaluate_classification(task: ClassificationTask, experts: Sequence[LoadedModel],
@@ -697,7 +694,7 @@ def evaluate_retrieval(task: RetrievalTask, experts: Sequence[LoadedModel], sing
 
 
 # --------------------------------------------------------------------------- the job
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     run: Path
     clusters: Path
@@ -733,15 +730,11 @@ def method_order(results: dict[str, Any], n_experts: int) -> list[str]:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every task; returns the results dict (also written under cfg.out)."""
-    from mode_fast.cluster import TwoLevel
+    from mode_fast.clusters import ClusterFolder  # torch and the kernels: only when evaluating
 
-    centers_path = cfg.clusters / "centers.npz" if cfg.clusters.is_dir() else cfg.clusters
-    if not centers_path.is_file():
-        raise EvalError(f"cluster file {centers_path} not found (the `mode-fast cluster --out DIR` folder)")
-    try:
-        centers = TwoLevel.load(centers_path)
-    except (ValueError, KeyError, OSError) as e:
-        raise EvalError(f"{centers_path}: {e}") from e
+    folder = ClusterFolder(cfg.clusters)
+    centers = folder.centers()
+    centers_path = folder.centers_path
     n = centers.n_experts
     expert_paths = find_experts(cfg.run, n)
     singles: list[tuple[str, Path]] = [_parse_baseline(b) for b in cfg.baselines]
@@ -761,7 +754,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     all_names = [t.name for t in tasks] + [t.name for t in rtasks]
     if len(set(all_names)) != len(all_names):
         raise EvalError(f"two tasks are named alike in {all_names}: name them with NAME=SPEC")
-    ens = Ensembler(centers, _embedder_for(centers, cfg.embedder))
+    ens = Ensembler(centers, _embedder_for(folder, cfg.embedder, cfg.device))
     experts = load_models([(f"expert_{k}", p) for k, p in enumerate(expert_paths)], cfg.device)
     single_models = load_models(singles, cfg.device)
 
@@ -915,38 +908,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "`simple-imagenet` (its 7) (default: templates.json beside the data, else the "
                              "task's own for sklearn:digits, else simple-imagenet)")
     parser.add_argument("--label-field", default="label", help="label field of .json when there is no .cls")
-    parser.add_argument("--caption-key", default="caption", help="caption field of .json for retrieval (no .txt)")
+    parser.add_argument("--caption-key", default="caption",
+                        help="retrieval captions, as in curate and cluster: a member extension of that name, else "
+                             "a .json field; the default also falls back to .txt (default: %(default)s)")
     parser.add_argument("--embedder", default=None,
-                        help="clustering text encoder: minilm or hashN (default: the one in the cluster file)")
+                        help="clustering text encoder: minilm, hashN or package.module:callable (default: the one "
+                             "stored with the clusters, embedder.json)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("mode_fast").setLevel(logging.INFO)
     if not args.data and not args.retrieval:
-        print("mode-fast eval: error: nothing to evaluate: give --data SPEC... and/or --retrieval SHARDS...",
-              file=sys.stderr)
-        return 2
+        raise ConfigError("nothing to evaluate: give --data SPEC... and/or --retrieval SHARDS...")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg = EvalConfig(run=args.run, clusters=args.clusters, data=list(args.data), out=args.out,
                      baselines=list(args.baseline), retrieval=list(args.retrieval), classes=args.classes,
                      templates=args.templates, label_field=args.label_field, caption_key=args.caption_key,
                      embedder=args.embedder, device=args.device, batch_size=args.batch_size)
-    try:
-        results = evaluate(cfg)
-    except (EvalError, FileNotFoundError) as e:  # user errors: one line naming the problem
-        print(f"mode-fast eval: error: {e}", file=sys.stderr)
-        return 2
+    results = evaluate(cfg)
     print(markdown_table(results), end="")
     print(f"results in {args.out}/results.json, results.md, accuracy.png, expert_weights.png")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mode-fast eval", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from mode_fast.cli import job_main
+
+    return job_main("mode-fast eval", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
