@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ class ClusterFolder:
                 )
             try:
                 self._centers = TwoLevel.load(self.centers_path)
-            except (ValueError, KeyError, OSError, EOFError) as e:  # numpy/zipfile raise several types
+            except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy raises several
                 raise InputError(f"{self.centers_path}: {e}") from e
         return self._centers
 
