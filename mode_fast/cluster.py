@@ -105,7 +105,7 @@ def _assign_task(task: dict[str, Any]) -> dict[str, Any]:
     emb = _get_embedder(task["embedder"], task["device"], task["batch_size"])
     key = f"centers:{task['centers']}"
     if key not in _WORKER:
-        _WORKER[key] = TwoLevel.load(task["centers"])
+        _WORKER[key] = cf.ClusterFolder(task["centers"]).centers()
     model: TwoLevel = _WORKER[key]
     se = embed_shard(
         task["shard"], emb, task["cache_dir"], task["caption_key"], task["key_field"]
