@@ -169,7 +169,7 @@ def test_fit_faiss(benchmark, cpu_case):
 
 @pytest.mark.benchmark(group=FIT_GROUP)
 def test_fit_mode_fast(benchmark, cpu_case):
-    from mode_fast.cluster import KMeans
+    from mode_fast.kmeans import KMeans
 
     x = cpu_case[0][:FIT_N]
     km = benchmark.pedantic(

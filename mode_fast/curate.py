@@ -584,16 +584,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = curate(
-            args.pools, args.out, metadata=args.metadata, t=args.t, target_size=args.target_size,
-            seed=args.seed, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
-            caption_key=args.caption_key, key_field=args.key_field,
-            estimate_only=args.estimate, log=lambda msg: print(msg, file=sys.stderr),
-        )
-    except (ShardError, ValueError, OSError) as exc:  # MetadataError is a ValueError
-        print(f"mode-fast curate: error: {exc}", file=sys.stderr)
-        return 2
+    from mode_fast.errors import ConfigError
+
+    # Numbers that cannot work are refused here, naming the flag; everything else a user can
+    # cause raises a mode_fast.errors.ModeFastError that the CLI prints as one line.
+    if args.t is not None and not args.t > 0:
+        raise ConfigError(f"--t must be a positive number, got {args.t}")
+    if args.target_size is not None and args.target_size < 1:
+        raise ConfigError(f"--target-size must be >= 1, got {args.target_size}")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    summary = curate(
+        args.pools, args.out, metadata=args.metadata, t=args.t, target_size=args.target_size,
+        seed=args.seed, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
+        caption_key=args.caption_key, key_field=args.key_field,
+        estimate_only=args.estimate, log=lambda msg: print(msg, file=sys.stderr),
+    )
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
     what = "estimated" if summary["estimate_only"] else "kept"
     print(

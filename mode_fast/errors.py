@@ -45,3 +45,8 @@ def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
         errno.EPERM: "permission denied",
     }.get(exc.errno or 0, exc.strerror or str(exc))
     return OutputError(f"cannot write {os.fspath(path)}: {reason}")
+
+
+class StepFailed(ModeFastError):
+    """A job that another job ran as its own process (the demo's steps) failed; that
+    process has already printed why."""
