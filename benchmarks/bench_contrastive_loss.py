@@ -149,3 +149,61 @@ def test_clip_loss_fwd_bwd(benchmark, provider, b, d, dtype):
     rounds = 3 if b <= 8192 else 2 if CUDA else 1
     benchmark.pedantic(step, rounds=rounds, iterations=1)
     benchmark.extra_info["model_tflops"] = round(6 * b * b * d / benchmark.stats.stats.median / 1e12, 4)
+
+
+# ---- CUDA only: the rectangular kernels a multi-GPU run takes (one rank's share of W = 8)
+def _local_naive(img_l, txt_l, img_a, txt_a, scale, off):
+    """open_clip's local_loss=True arithmetic: two M x N logit matrices and cross-entropies."""
+    labels = torch.arange(off, off + img_l.shape[0], device=img_l.device)
+    ce = torch.nn.functional.cross_entropy
+    return 0.5 * (ce(scale * img_l @ txt_a.t(), labels) + ce(scale * txt_l @ img_a.t(), labels))
+
+
+def _siglip_neg_naive(img_l, txt_o, scale, bias):
+    return -torch.nn.functional.logsigmoid(-(scale * img_l @ txt_o.t() + bias)).sum() / img_l.shape[0]
+
+
+RECT_PROVIDERS = ["open_clip math", "mode_fast torch", "mode_fast triton"]
+
+
+@pytest.mark.skipif(not CUDA, reason="the rectangular kernels' speed needs a GPU")
+@pytest.mark.parametrize("provider", RECT_PROVIDERS)
+@pytest.mark.parametrize("variant", ["local_loss", "siglip_negatives"])
+@pytest.mark.parametrize("n,d,dtype", [(32768, 768, torch.float32), (32768, 768, torch.bfloat16)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_rectangular_fwd_bwd(benchmark, provider, variant, n, d, dtype):
+    from mode_fast.kernels import local_clip_loss, siglip_loss
+
+    m, off = n // 8, 3 * (n // 8)  # rank 3 of 8
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(n, d, generator=g), dim=1).to(DEVICE, dtype).requires_grad_()
+    txt = F.normalize(torch.randn(n, d, generator=g), dim=1).to(DEVICE, dtype).requires_grad_()
+    scale = torch.tensor(14.3, device=DEVICE, requires_grad=True)
+    bias = torch.tensor(-10.0, device=DEVICE, requires_grad=True)
+    backend = provider.split()[-1]
+
+    def step():
+        img.grad = txt.grad = scale.grad = bias.grad = None
+        i_l, t_l = img[off:off + m], txt[off:off + m]
+        if variant == "local_loss" and provider == "open_clip math":
+            loss = _local_naive(i_l, t_l, img, txt, scale, off)
+        elif variant == "local_loss":
+            loss = local_clip_loss(i_l, t_l, img, txt, scale, off, backend=backend)
+        elif provider == "open_clip math":
+            loss = _siglip_neg_naive(i_l, txt, scale, bias)
+        else:
+            loss = siglip_loss(i_l, txt, scale, bias, backend, positives=False)
+        loss.backward()
+        _sync()
+
+    step()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    benchmark.group = f"{variant} fwd+bwd M={m} N={n} D={d} {str(dtype).replace('torch.', '')}"
+    benchmark.extra_info.update(provider=provider, baseline=provider == "open_clip math",
+                                peak_mem_growth_mb=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
+                                device=torch.cuda.get_device_name(0))
+    benchmark.pedantic(step, rounds=3, iterations=1)
+    benchmark.extra_info["model_tflops"] = round(6 * m * n * d * (2 if variant == "local_loss" else 1)
+                                                 / benchmark.stats.stats.median / 1e12, 4)

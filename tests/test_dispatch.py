@@ -130,3 +130,11 @@ def test_environment_read_in_one_place():
                     "TRITON_INTERPRET" in line or "MODE_FAST_BACKEND" in line or "ENV_BACKEND" in line):
                 readers.setdefault(path.relative_to(root).as_posix(), []).append(line.strip())
     assert set(readers) == {"kernels/dispatch.py"}, readers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", dispatch.CONTRASTIVE_VARIANTS)
+def test_real_gpu_takes_triton(variant):
+    x = torch.zeros(2, 2, device="cuda")
+    assert dispatch.pick("contrastive", variant, x) == "triton"  # capability read from the device
