@@ -426,12 +426,12 @@ def rows_backward(q, k, scale: float, bias: float, lse, g: float, d_q, d_k, *, s
 def contrastive_default_chunk(n_cols: int, device: torch.device) -> int:
     """Rows per chunk so one chunk's rows x n_cols fp32 block stays small.
 
-    CPU: about 512k floats (2 MB per temporary; a step holds ~3): the workspace stays
-    small next to the inputs' own gradients (at B = 8192, D = 512: 6 MB against 32 MB),
-    and chunks of 64+ rows still amortise per-op overhead (benchmarks/results/cpu/
-    contrastive_loss.md). CUDA: 64M floats (256 MB), enough to fill the GPU.
+    CPU: about 2M floats (8 MB): large enough to amortise per-op overhead, small enough
+    to stay near the caches; the symmetric path holds two such buffers, reused for every
+    chunk, so at B = 8192, D = 512 its workspace (16 MB) is half the inputs' own gradients.
+    CUDA: 64M floats (256 MB), enough to fill the GPU.
     """
-    budget = (1 << 26) if device.type == "cuda" else (1 << 19)
+    budget = (1 << 26) if device.type == "cuda" else (1 << 21)
     return int(min(max(budget // max(n_cols, 1), 16), 1 << 16))
 
 
@@ -439,17 +439,27 @@ def clip_sym_forward_torch(img, txt, scale: float, chunk: Optional[int] = None):
     """Symmetric CLIP loss of B x D features: (loss, row LSE [B], column LSE [B]), fp32.
 
     Each chunk of rows meets all columns once; the row LSE comes from it directly and
-    the column LSE is folded in with logaddexp, so the logits are computed once.
+    the column LSE is folded in with logaddexp, so the logits are computed once. Two
+    chunk x B buffers are reused for every chunk (a fresh multi-MB tensor per chunk
+    costs page faults on the CPU, and logsumexp's own temporaries would add more).
     """
     b = img.shape[0]
-    chunk = chunk or contrastive_default_chunk(b, img.device)
+    chunk = min(chunk or contrastive_default_chunk(b, img.device), b)
     t = _f32(txt)
     lse_row = torch.empty(b, dtype=torch.float32, device=img.device)
     lse_col = torch.full((b,), float("-inf"), dtype=torch.float32, device=img.device)
+    buf = torch.empty(chunk, b, dtype=torch.float32, device=img.device)
+    tmp = torch.empty_like(buf)
     for s in range(0, b, chunk):
-        logits = torch.mm(_f32(img[s : s + chunk]), t.t()).mul_(scale)
-        torch.logsumexp(logits, 1, out=lse_row[s : s + chunk])
-        torch.logaddexp(lse_col, torch.logsumexp(logits, 0), out=lse_col)
+        rows = min(chunk, b - s)
+        logits = torch.mm(_f32(img[s : s + rows]), t.t(), out=buf[:rows]).mul_(scale)
+        e = tmp[:rows]
+        m = logits.amax(1)
+        torch.sub(logits, m[:, None], out=e).exp_()
+        torch.add(m, e.sum(1).log_(), out=lse_row[s : s + rows])
+        m = logits.amax(0)
+        torch.sub(logits, m[None, :], out=e).exp_()
+        torch.logaddexp(lse_col, e.sum(0).log_().add_(m), out=lse_col)
     diag = scale * _row_dots(img, txt)
     loss = 0.5 * (lse_row.sum() + lse_col.sum() - 2.0 * diag.sum()) / b
     return loss, lse_row, lse_col
@@ -458,30 +468,31 @@ def clip_sym_forward_torch(img, txt, scale: float, chunk: Optional[int] = None):
 def clip_sym_backward_torch(img, txt, scale: float, lse_row, lse_col, grad: float, chunk: Optional[int] = None):
     """Gradients (d_img, d_txt fp32 [B, D], d_scale float) of the symmetric CLIP loss.
 
-    dLogits = g * (P_row + P_col - 2 Id) with g = grad / (2B), recomputed chunk by chunk;
-    d_img = s dLogits T, d_txt = s dLogits^T I, d_scale = sum(dLogits * I T^T).
-    The -2 Id part is added in O(B D) after the loop.
+    dLogits = g * (P_row + P_col - 2 Id) with g = grad / (2B), recomputed chunk by chunk
+    in two reused buffers; d_img = s dLogits T, d_txt = s dLogits^T I, and d_scale =
+    sum(dLogits * I T^T) = sum(I * (dLogits T)), read off d_img's rows so the raw
+    products need no buffer of their own. The -2 Id part is O(B D), added per chunk.
     """
     b = img.shape[0]
-    chunk = chunk or contrastive_default_chunk(b, img.device)
+    chunk = min(chunk or contrastive_default_chunk(b, img.device), b)
     t32 = _f32(txt)
     g = grad / (2.0 * b)
     d_img = torch.empty(b, img.shape[1], dtype=torch.float32, device=img.device)
     d_txt = torch.zeros(b, img.shape[1], dtype=torch.float32, device=img.device)
     d_scale = torch.zeros((), dtype=torch.float64, device=img.device)
+    buf = torch.empty(chunk, b, dtype=torch.float32, device=img.device)
+    tmp = torch.empty_like(buf)
     for s in range(0, b, chunk):
-        a = _f32(img[s : s + chunk])
-        raw = torch.mm(a, t32.t())
-        logits = raw * scale
-        d_log = torch.sub(logits, lse_row[s : s + chunk, None]).exp_()
-        d_log += logits.sub_(lse_col[None, :]).exp_()
-        d_log *= g
-        d_scale += torch.dot(d_log.view(-1), raw.view(-1))
-        torch.mm(d_log, t32, out=d_img[s : s + chunk])
+        rows = min(chunk, b - s)
+        a = _f32(img[s : s + rows])
+        d_log = torch.mm(a, t32.t(), out=buf[:rows]).mul_(scale)
+        col = torch.sub(d_log, lse_col[None, :], out=tmp[:rows]).exp_()
+        d_log.sub_(lse_row[s : s + rows, None]).exp_().add_(col).mul_(g)
         d_txt.addmm_(d_log.t(), a)
-    # the -2g Id part of dLogits
-    d_scale -= 2.0 * g * _row_dots(img, txt).sum()
-    _sub_labels(d_img, d_txt, img, txt, 0, 2.0 * g)
+        d_rows = torch.mm(d_log, t32, out=d_img[s : s + rows])
+        d_rows.sub_(t32[s : s + rows], alpha=2.0 * g)  # the -2g Id part of dLogits, these rows
+        d_scale += (a * d_rows).sum(dtype=torch.float64)
+    d_txt.sub_(img, alpha=2.0 * g)  # and its columns
     return d_img.mul_(scale), d_txt.mul_(scale), float(d_scale)
 
 
