@@ -92,7 +92,7 @@ print(json.dumps({{"peak_mb": status_mb("VmHWM") - before, "seconds": seconds}})
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def first_call_peak_mb(provider: str, b: int, d: int) -> float:
     """Peak RSS growth (MB) of a fresh process's first fp32 fwd+bwd at B x D (CPU)."""
     here = os.path.dirname(os.path.abspath(__file__))

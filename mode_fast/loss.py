@@ -29,11 +29,9 @@ temporaries (torch backend) or a few tiles (Triton), where B is the number of co
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 if dist.is_available():
     # torch.distributed.nn (the all_gather that carries gradients) is a submodule that
@@ -151,7 +149,7 @@ class _RingClip(torch.autograd.Function):
 
 
 def ring_clip_loss(image_features, text_features, logit_scale, rank: int, world_size: int,
-                   group=None, chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+                   group=None, chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
     """CLIP loss of the local rows against all ranks' blocks without gathering them (see module doc).
 
     Every rank must hold the same number of rows.
@@ -177,7 +175,7 @@ class ClipLoss(nn.Module):
         ring: bool = False,
         group=None,
         backend: str = "auto",
-        chunk_size: Optional[int] = None,
+        chunk_size: int | None = None,
     ):
         super().__init__()
         if use_horovod:
@@ -249,11 +247,11 @@ class SigLipLoss(nn.Module):
         cache_labels: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        dist_impl: Optional[str] = None,
+        dist_impl: str | None = None,
         *,
         group=None,
         backend: str = "auto",
-        chunk_size: Optional[int] = None,
+        chunk_size: int | None = None,
     ):
         super().__init__()
         self.cache_labels = cache_labels

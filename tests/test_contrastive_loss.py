@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
-from mode_fast.kernels import clip_loss, siglip_loss
 from mode_fast.errors import ConfigError
+from mode_fast.kernels import clip_loss, siglip_loss
 from mode_fast.kernels.contrastive_loss import infonce_loss, local_clip_loss
 
 torch.set_num_threads(1)  # shared machine: 2 threads under contention are slower
@@ -218,11 +218,11 @@ def test_saved_memory_is_linear_in_batch(siglip):
     scale = torch.tensor(10.0, requires_grad=True)
     bias = torch.tensor(-5.0, requires_grad=True)
     if siglip:
-        ours = lambda: siglip_loss(img, txt, scale, bias, backend="torch", chunk_size=128)  # noqa: E731
-        theirs = lambda: OpenSigLipLoss()(img, txt, scale, bias)  # noqa: E731
+        ours = lambda: siglip_loss(img, txt, scale, bias, backend="torch", chunk_size=128)
+        theirs = lambda: OpenSigLipLoss()(img, txt, scale, bias)
     else:
-        ours = lambda: clip_loss(img, txt, scale, backend="torch", chunk_size=128)  # noqa: E731
-        theirs = lambda: OpenClipLoss()(img, txt, scale)  # noqa: E731
+        ours = lambda: clip_loss(img, txt, scale, backend="torch", chunk_size=128)
+        theirs = lambda: OpenClipLoss()(img, txt, scale)
     linear = 2 * b * d * 4 + 2 * b * 4 + 64  # the two inputs, two LSE vectors, scalars
     assert saved_bytes(ours) <= linear
     # the probe does see a B x B graph: open_clip keeps at least one B x B fp32 tensor

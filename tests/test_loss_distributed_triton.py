@@ -60,7 +60,7 @@ def _run(loss_fn, img, txt, scale, bias):
 
 def _settings(loss_mod, rank: int, **extra):
     """(name, loss module, fn(module, img, txt, scale, bias)) for every distributed setting."""
-    kw = dict(rank=rank, world_size=WORLD)
+    kw = {"rank": rank, "world_size": WORLD}
     out = []
     for ll, gg in CLIP_MODES:
         out.append((f"clip local_loss={ll} gather_with_grad={gg}",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -97,7 +97,7 @@ def _as_scalar_tensor(value: Any, name: str, like: torch.Tensor) -> torch.Tensor
     return value
 
 
-def _grad_like(value: float, like: torch.Tensor, needed: bool) -> Optional[torch.Tensor]:
+def _grad_like(value: float, like: torch.Tensor, needed: bool) -> torch.Tensor | None:
     return torch.full_like(like, value) if needed else None
 
 
@@ -309,7 +309,7 @@ def _precision(x: torch.Tensor, strict_fp32: bool) -> str:
 def _launch_meta(x: torch.Tensor, strict_fp32: bool) -> dict:
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
-    return dict(BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, PRECISION=_precision(x, strict_fp32))
+    return {"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N, "BLOCK_K": _BLOCK_K, "PRECISION": _precision(x, strict_fp32)}
 
 
 def _grid(rows: int) -> tuple[int]:
@@ -435,7 +435,7 @@ def contrastive_default_chunk(n_cols: int, device: torch.device) -> int:
     return int(min(max(budget // max(n_cols, 1), 16), 1 << 16))
 
 
-def clip_sym_forward_torch(img, txt, scale: float, chunk: Optional[int] = None):
+def clip_sym_forward_torch(img, txt, scale: float, chunk: int | None = None):
     """Symmetric CLIP loss of B x D features: (loss, row LSE [B], column LSE [B]), fp32.
 
     Each chunk of rows meets all columns once; the row LSE comes from it directly and
@@ -465,7 +465,7 @@ def clip_sym_forward_torch(img, txt, scale: float, chunk: Optional[int] = None):
     return loss, lse_row, lse_col
 
 
-def clip_sym_backward_torch(img, txt, scale: float, lse_row, lse_col, grad: float, chunk: Optional[int] = None):
+def clip_sym_backward_torch(img, txt, scale: float, lse_row, lse_col, grad: float, chunk: int | None = None):
     """Gradients (d_img, d_txt fp32 [B, D], d_scale float) of the symmetric CLIP loss.
 
     dLogits = g * (P_row + P_col - 2 Id) with g = grad / (2B), recomputed chunk by chunk
@@ -496,7 +496,7 @@ def clip_sym_backward_torch(img, txt, scale: float, lse_row, lse_col, grad: floa
     return d_img.mul_(scale), d_txt.mul_(scale), float(d_scale)
 
 
-def row_lse_torch(q, k, scale: float, chunk: Optional[int] = None, merge_into=None):
+def row_lse_torch(q, k, scale: float, chunk: int | None = None, merge_into=None):
     """LSE over columns of each row of scale * q k^T ([Nq] fp32), chunked over q's rows.
 
     merge_into: a running LSE, updated in place with logaddexp and returned.
@@ -513,7 +513,7 @@ def row_lse_torch(q, k, scale: float, chunk: Optional[int] = None, merge_into=No
     return out
 
 
-def row_softmax_grad_torch(q, k, scale: float, lse, g: float, d_q, d_k, chunk: Optional[int] = None) -> float:
+def row_softmax_grad_torch(q, k, scale: float, lse, g: float, d_q, d_k, chunk: int | None = None) -> float:
     """Adds the gradients of dLogits = g * softmax_rows(scale * q k^T) (rows normalised by lse).
 
     d_q += s dLogits k, d_k += s dLogits^T q (fp32 buffers, updated in place); returns
@@ -533,7 +533,7 @@ def row_softmax_grad_torch(q, k, scale: float, lse, g: float, d_q, d_k, chunk: O
     return float(d_scale)
 
 
-def siglip_forward_torch(img, txt, scale: float, bias: float, positives: bool = True, chunk: Optional[int] = None):
+def siglip_forward_torch(img, txt, scale: float, bias: float, positives: bool = True, chunk: int | None = None):
     """SigLIP loss sum_ij softplus(x_ij) - sum_i x_ii over B rows, x = s I T^T + b (fp32 scalar).
 
     -log sigmoid(z x) with z = -1 is softplus(x); with z = +1 it is softplus(x) - x, so
@@ -553,7 +553,7 @@ def siglip_forward_torch(img, txt, scale: float, bias: float, positives: bool = 
 
 
 def siglip_backward_torch(img, txt, scale: float, bias: float, grad: float, positives: bool = True,
-                          chunk: Optional[int] = None):
+                          chunk: int | None = None):
     """(d_img, d_txt fp32, d_scale, d_bias) of siglip_forward_torch: dx = g (sigmoid(x) - Id), g = grad / B."""
     b, d = img.shape
     chunk = chunk or contrastive_default_chunk(txt.shape[0], img.device)
@@ -579,7 +579,7 @@ def siglip_backward_torch(img, txt, scale: float, bias: float, grad: float, posi
 
 
 # --------------------------------------------------------------------------- blocks, either backend
-def row_lse(q, k, scale: float, backend: str, *, merge_into=None, chunk: Optional[int] = None,
+def row_lse(q, k, scale: float, backend: str, *, merge_into=None, chunk: int | None = None,
             strict_fp32: bool = False) -> torch.Tensor:
     """Row LSE of s q k^T on a resolved backend ("torch" or "triton"); see row_lse_torch."""
     if backend == "triton":
@@ -587,7 +587,7 @@ def row_lse(q, k, scale: float, backend: str, *, merge_into=None, chunk: Optiona
     return row_lse_torch(q, k, scale, chunk, merge_into=merge_into)
 
 
-def row_softmax_grad(q, k, scale: float, lse, g: float, d_q, d_k, backend: str, *, chunk: Optional[int] = None,
+def row_softmax_grad(q, k, scale: float, lse, g: float, d_q, d_k, backend: str, *, chunk: int | None = None,
                      strict_fp32: bool = False) -> float:
     """row_softmax_grad_torch on a resolved backend ("torch" or "triton")."""
     if backend == "triton":
@@ -595,7 +595,7 @@ def row_softmax_grad(q, k, scale: float, lse, g: float, d_q, d_k, backend: str, 
     return row_softmax_grad_torch(q, k, scale, lse, g, d_q, d_k, chunk)
 
 
-def ring_block_forward(q, k_block, scale: float, lse, backend: str, *, chunk: Optional[int] = None,
+def ring_block_forward(q, k_block, scale: float, lse, backend: str, *, chunk: int | None = None,
                        strict_fp32: bool = False) -> torch.Tensor:
     """One ring step's forward: the running row LSE `lse` of q (fp32, contiguous) merged in
     place with the LSE of s q k_block^T; `lse=None` starts it. Returns the running LSE."""
@@ -603,7 +603,7 @@ def ring_block_forward(q, k_block, scale: float, lse, backend: str, *, chunk: Op
 
 
 def ring_block_backward(q, k_block, scale: float, lse, g: float, d_q, d_k_block, backend: str, *,
-                        chunk: Optional[int] = None, strict_fp32: bool = False) -> float:
+                        chunk: int | None = None, strict_fp32: bool = False) -> float:
     """One ring step's backward: adds g * softmax-rows gradients (normalised by the final
     LSE) to d_q and to the visiting block's accumulator d_k_block; returns the scale's share."""
     return row_softmax_grad(q, k_block, scale, lse, g, d_q, d_k_block, backend, chunk=chunk,

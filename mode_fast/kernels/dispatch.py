@@ -24,8 +24,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
 
 import torch
 
@@ -59,7 +59,7 @@ class Capability:
     dtypes: frozenset
     devices: frozenset          # device types it runs on natively
     auto: bool = True           # may "auto" choose it
-    requires: Optional[str] = None  # a package that must be importable
+    requires: str | None = None  # a package that must be importable
     interpretable: bool = False  # also runs on CPU tensors when TRITON_INTERPRET is set
     min_cuda: tuple = (0, 0)    # lowest CUDA compute capability
     min_cuda_bf16: tuple = (0, 0)  # lowest CUDA compute capability for bf16 inputs
@@ -91,7 +91,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def forced_backend() -> Optional[str]:
+def forced_backend() -> str | None:
     """The backend MODE_FAST_BACKEND forces, or None when it is unset or empty."""
     value = os.environ.get(ENV_BACKEND, "").strip()
     if not value:
@@ -101,13 +101,13 @@ def forced_backend() -> Optional[str]:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _importable(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
 def _why_not(cap: Capability, variant: str, device: torch.device, dtype: torch.dtype,
-             cuda_capability: Optional[tuple]) -> Optional[str]:
+             cuda_capability: tuple | None) -> str | None:
     """None if `cap` can do the call, else the reason in words."""
     if variant not in cap.variants:
         return f"has no {variant!r} kernel"
@@ -133,11 +133,11 @@ def _why_not(cap: Capability, variant: str, device: torch.device, dtype: torch.d
 def pick(
     op: str,
     variant: str,
-    like: Union[torch.Tensor, torch.device, str],
+    like: torch.Tensor | torch.device | str,
     backend: str = "auto",
     *,
-    dtype: Optional[torch.dtype] = None,
-    cuda_capability: Optional[tuple] = None,
+    dtype: torch.dtype | None = None,
+    cuda_capability: tuple | None = None,
     table: Iterable[Capability] = CAPABILITIES,
 ) -> str:
     """The backend that runs `op`/`variant` on `like`'s device and dtype (module doc: the rule).
