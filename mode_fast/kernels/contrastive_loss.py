@@ -325,9 +325,9 @@ def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, stric
     if siglip:
         col_shift = col_sum  # unused
     else:
-        # |L_ij| <= s ||I_i|| ||T_j||: an upper bound per column (norms reduced in fp32, no
-        # upcast copy), a hair above it for rounding. Being a little under is harmless: the
-        # shift only keeps exp() from overflowing.
+        # |L_ij| <= s ||I_i|| ||T_j||: an upper bound per column, a margin above it for the
+        # norms' rounding to the input dtype (computed in it: no upcast copy). Being a little
+        # under is harmless: the shift only keeps exp() from overflowing.
         t_norm = torch.linalg.vector_norm(txt, dim=1).float()
         i_max = torch.linalg.vector_norm(img, dim=1).max().float()
         col_shift = (abs(scale) * t_norm * i_max) * (1.0 + 1e-2) + 1e-3
