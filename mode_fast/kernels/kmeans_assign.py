@@ -23,11 +23,9 @@ Layers: private @triton.jit kernel -> host wrapper _assign_triton -> kmeans_assi
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import reference
+from . import dispatch, reference
 
 try:  # Triton is optional: the torch and faiss backends work without it.
     import triton
@@ -172,7 +170,7 @@ if triton is not None:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dispatch.interpreting()
 
 
 def _triton_config(dtype: torch.dtype) -> dict[str, int]:
@@ -329,19 +327,6 @@ def _validate(x: torch.Tensor, centroids: torch.Tensor, backend: str) -> None:
         raise ValueError(f"kmeans_assign: centroids contain NaN or inf (first bad row {bad})")
 
 
-def _pick_backend(device: torch.device) -> str:
-    if device.type == "cuda" and triton is not None:
-        return "triton"
-    # CPU: torch. Measured on the 2-core AMD EPYC dev box (AVX-512; torch 2.14 + MKL,
-    # faiss-cpu 1.15), K=1024, D=384 fp32, one thread each: faiss IndexFlatL2 0.39-0.41 s
-    # for 50k points, this torch path 0.45-0.48 s (1.13-1.18x), faiss asked for the top 2
-    # (what an exact near-tie check would need) 0.42 s. On 2 threads the two were within
-    # noise (~1.0 s for 200k). The ~15% buys exact, deterministic labels and no faiss
-    # dependency; backend="faiss" remains for raw speed.
-    # See benchmarks/results/cpu/kmeans_assign.md.
-    return "torch"
-
-
 @torch.no_grad()  # an assignment has no gradient; never record the chunk matmuls
 def kmeans_assign(
     x: torch.Tensor,
@@ -365,8 +350,7 @@ def kmeans_assign(
     Raises ValueError on NaN/inf in x or centroids, or on distances overflowing fp32.
     """
     _validate(x, centroids, backend)
-    if backend == "auto":
-        backend = _pick_backend(x.device)
+    backend = dispatch.pick("kmeans_assign", dispatch.ASSIGN, x, backend)
     n = x.shape[0]
     if n == 0:
         return (
