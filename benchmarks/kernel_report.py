@@ -425,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         ap.error("unset TRITON_INTERPRET: the report compiles real kernels")
     rows = build(all_launches(args.only), jobs=args.jobs)
-    write(args.out, rows, traffic_rows())
+    traffic = traffic_rows()
+    write(args.out, rows, traffic)
+    text = (args.out / "kernels.md").read_text()
+    print(text[text.index("## Counted"):])  # the traffic table, for the log
     bad = [r for r in rows if r["spill_free_required"] and r["spill_store_bytes"] + r["spill_load_bytes"]]
     print(f"{len(rows)} kernel configs; written to {args.out}/kernels.md")
     for r in bad:

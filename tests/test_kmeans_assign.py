@@ -441,6 +441,33 @@ def test_triton_matches_torch_on_gpu(shape, dtype):
     assert torch.equal(tri[0], again[0]) and torch.equal(tri[1], again[1])
 
 
+def _gpu_configs():
+    import importlib
+
+    km = importlib.import_module("mode_fast.kernels.kmeans_assign")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return []
+    return [(dt, layout, cfg) for dt in DTYPES for layout in ("aligned", "general")
+            for cfg in km.launch_configs(dt, layout)]  # fmt: skip
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype, layout, cfg", _gpu_configs(), ids=str)
+def test_every_launch_config_on_gpu(dtype, layout, cfg):
+    """Each config the autotuner may pick gives the exact labels, the same bits twice."""
+    import importlib
+
+    km = importlib.import_module("mode_fast.kernels.kmeans_assign")
+    x, c = _data(600, 130, 256 if layout == "aligned" else 129, seed=22, dtype=dtype)
+    x, c = x.cuda(), c.cuda()
+    assert km._layout(x, c) == layout
+    a = km._assign_triton(x, c, exact=True, config=cfg)
+    b = km._assign_triton(x, c, exact=True, config=cfg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    _assert_exact(a[0], x.float().cpu(), c.float().cpu())
+
+
 @pytest.mark.gpu
 @cuda
 def test_triton_no_cap_on_n_and_strided_on_gpu():

@@ -346,7 +346,6 @@ if triton is not None:
         tl.store(SQDIST_ptr + rows, sq, mask=row_mask)
         tl.store(XSQ_ptr + rows, xsq, mask=row_mask)
 
-
     # Two compiled forms of the one kernel body, so that each launch config compiles to
     # exactly one machine-code variant (the one the static report measured), whatever the
     # call's sizes: Triton otherwise specialises on every int that is 1 or divisible by 16
@@ -354,7 +353,8 @@ if triton is not None:
     # "aligned" (launched only when _layout() says so): unit stride along D, strides, D and
     # pointers divisible by 16, so loads vectorise; N and K stay generic.
     _kmeans_assign_kernel = triton.jit(do_not_specialize=("N", "K", "N_TUNE"))(_kmeans_assign)
-    # "general": any layout; nothing specialised.
+    # "general": any layout; nothing specialised. (An N of 2^31 or more would compile a
+    # third, int64 variant of either form; the report measures int32 sizes.)
     _kmeans_assign_kernel_general = triton.jit(
         do_not_specialize=("N", "K", "D", "N_TUNE", "X_stride_n", "X_stride_d", "C_stride_k",
                            "C_stride_d"),
@@ -460,10 +460,15 @@ def traffic(n: int, k: int, d: int, itemsize: int, block_n: int, block_k: int) -
 
 
 def _assign_triton(
-    x: torch.Tensor, centroids: torch.Tensor, exact: bool, deterministic: bool = False
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    exact: bool,
+    deterministic: bool = False,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host wrapper: launch the fused kernel over cdiv(N, BLOCK_N) programs, then re-check
-    near ties with the torch path's exact rule. Peak extra memory: O(N + K*D)."""
+    near ties with the torch path's exact rule. Peak extra memory: O(N + K*D).
+    config: one entry of launch_configs() to launch instead of autotuning (benchmarks)."""
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package, which is not importable")
     n, d = x.shape
@@ -479,12 +484,14 @@ def _assign_triton(
     layout = _layout(x, centroids)
     args = (
         x, centroids, c_sq, best, second, third, labels, labels2, sqdist, x_sq,
-        n, k, d, 1 << max(n - 1, 0).bit_length(),
+        n, k, d, min(1 << max(n - 1, 0).bit_length(), 1 << 30),
         x.stride(0), x.stride(1), centroids.stride(0), centroids.stride(1),
     )  # fmt: skip
     ieee = x.dtype == torch.float32
-    if _interpreting() or deterministic:
-        cfg = _triton_config(x.dtype, layout)
+    if _interpreting() or deterministic or config is not None:
+        cfg = config or _triton_config(x.dtype, layout)
+        if cfg not in launch_configs(x.dtype, layout):
+            raise ValueError(f"kmeans_assign: {cfg} is not a {layout} config for {x.dtype}")
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)  # one grid axis: no 65,535 cap on N
         _kernel(layout)[grid](*args, IEEE_FP32=ieee, **cfg)
     else:
