@@ -34,8 +34,11 @@ re-reads served by L2 count too; see traffic()):
     atomics           0
 Compulsory: N * D * s + K * D * s read, 12 N written (labels int64, sqdist fp32).
 At N = 10M, K = 1024, D = 768, bf16, 128 x 128 tiles: x 123 GB and C 123 GB issued
-against 15.4 GB compulsory; C (1.5 MB) stays in L2, so DRAM sees x's re-reads chiefly
-(benchmarks/kernel_report.py prints the table).
+(277 GB in all) against 15.5 GB compulsory. These are L2 requests: C (1.5 MB) stays in
+L2, and a program re-reads only its own x block (BLOCK_N * D * s = 196 KB) while it
+runs, ~26 MB for one program per SM on an H100/H200 (50 MB L2), so DRAM traffic should
+be near compulsory; unmeasured until a GPU profile (benchmarks/kernel_report.py prints
+the table for every config).
 
 Layers: torch path (kmeans_assign_torch, the CPU backend) -> private @triton.jit kernel
 -> host wrapper _assign_triton -> kmeans_assign(). Test oracles and the naive baseline
