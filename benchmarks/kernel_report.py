@@ -147,6 +147,18 @@ def contrastive_launches() -> list[Launch]:
     return out
 
 
+# Observations that the figures alone do not say (kept short; update with the kernels).
+NOTES = [
+    "k-means assign compiles to two forms: `aligned` (what contiguous inputs with D % 16 == 0 "
+    "launch; specialised on D, strides and pointers) and `general` (any other layout, "
+    "nothing specialised). Compiling with every int and pointer unspecialised, as an earlier "
+    "check did, measures the general form's code at the aligned form's tiles: that is where "
+    "the 255-register, 500-800 B spill figures for 128x128 tiles came from.",
+    "contrastive backward on sm_80 in fp16/bf16: ptxas allocates only 32-56 registers and "
+    "spills kilobytes (2-5.6 KB stack), with or without --regAllocOptLevel=2; open for the "
+    "kernel's owner.",
+]
+
 # New kernels (rectangular / ring / SigLIP-block ...): append their launch functions here.
 REGISTRY: list[Callable[[], list[Launch]]] = [kmeans_launches, contrastive_launches]
 
@@ -378,13 +390,15 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
             f"| {r['sass_hmma']} / {r['sass_hgmma']} "
             f"| {r['ptx_global_atomics']} / {r['sass_global_atomics']} | {status} |"
         )
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in NOTES]
     lines += [
         "",
         "## Counted global-memory traffic per call (formulas in kmeans_assign.py's opening "
         "comment and in benchmarks/kernel_report.py's contrastive_traffic)",
         "",
         "Loads as issued by the kernel (re-reads served by L2 count); compulsory = inputs "
-        "read once, outputs written once. GB = 1e9 bytes.",
+        "read once, outputs written once. GB = 1e9 bytes. Issued loads are L2 requests; "
+        "DRAM traffic is lower where re-reads hit L2 (unmeasured without a GPU).",
         "",
         "| kernel | shape | tiles | loads (GB) | stores (GB) | atomics (ops) | atomic bytes (GB) "
         "| compulsory (GB) | total / compulsory |",
