@@ -15,13 +15,12 @@ Sizes: KMEANS_BENCH_N (default 200k), KMEANS_BENCH_K (1024), KMEANS_BENCH_D (384
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
-
-import importlib
 
 from mode_fast.kernels import reference
 from mode_fast.kernels.kmeans_assign import kmeans_assign
@@ -317,11 +316,11 @@ def test_gpu_variant(benchmark, gpu_variant_data, variant):
     benchmark.group = f"gpu variants assign N={VAR_N} K=1024 D=768 {str(dtype).split('.')[-1]} {layout}"
     if cfg == "autotune":
         kmeans_assign(x, c, backend="triton")  # tune outside the timed rounds
-        fn = lambda: kmeans_assign(x, c, backend="triton")[0]  # noqa: E731
+        fn = lambda: kmeans_assign(x, c, backend="triton")[0]
     elif cfg == "deterministic":
-        fn = lambda: kmeans_assign(x, c, backend="triton", deterministic=True)[0]  # noqa: E731
+        fn = lambda: kmeans_assign(x, c, backend="triton", deterministic=True)[0]
     else:
-        fn = lambda: km._assign_triton(x, c, exact=True, config=cfg)[0]  # noqa: E731
+        fn = lambda: km._assign_triton(x, c, exact=True, config=cfg)[0]
     traffic = {}
     if isinstance(cfg, dict):  # the counted traffic of this config, next to its time
         traffic = km.traffic(VAR_N, 1024, 768, x.element_size(), cfg["BLOCK_N"], cfg["BLOCK_K"])

@@ -27,10 +27,11 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from mode_fast.files import write_json, write_text  # noqa: E402
+from mode_fast.files import write_json, write_text
 
 # shared memory per block (opt-in maximum): H100/H200 228 KB - 1 KB, A100 164 KB - 1 KB
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -212,7 +213,7 @@ def _ptxas_v(ptx: str, arch: int) -> tuple[str, bytes]:
         src.write_text(ptx)
         proc = subprocess.run([ptxas_path(), "-lineinfo", "-v", "--regAllocOptLevel=2",
                                f"--gpu-name={gpu}", str(src), "-o", str(obj)],
-                              capture_output=True, text=True)  # fmt: skip
+                              capture_output=True, text=True, check=False)  # fmt: skip
         if proc.returncode:
             raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr[-2000:]}")
         return proc.stderr, obj.read_bytes()
@@ -262,9 +263,9 @@ def measure(launch: Launch, arch: int) -> dict[str, Any]:
             "stack_bytes": int(spill.group(1)),
             "spill_store_bytes": int(spill.group(2)),
             "spill_load_bytes": int(spill.group(3)),
-            "ptx_mma": len(re.findall(r"^\s*(?:@%p\d+\s+)?mma\.sync", ptx, re.M)),
-            "ptx_wgmma": len(re.findall(r"^\s*(?:@%p\d+\s+)?wgmma\.mma_async", ptx, re.M)),
-            "ptx_global_atomics": len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global", ptx, re.M)),
+            "ptx_mma": len(re.findall(r"^\s*(?:@%p\d+\s+)?mma\.sync", ptx, re.MULTILINE)),
+            "ptx_wgmma": len(re.findall(r"^\s*(?:@%p\d+\s+)?wgmma\.mma_async", ptx, re.MULTILINE)),
+            "ptx_global_atomics": len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global", ptx, re.MULTILINE)),
             **_count_sass(cubin),
         }
         cache.put(json.dumps(stats), "ptxas_v.json", binary=False)
@@ -418,7 +419,7 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
 def versions() -> dict:
     import triton
 
-    out = subprocess.run([ptxas_path(), "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([ptxas_path(), "--version"], capture_output=True, text=True, check=True).stdout
     release = re.search(r"release [\d.]+, V[\d.]+", out)
     return {"triton": triton.__version__, "ptxas": f"ptxas {release.group(0) if release else '?'}"}
 

@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # pragma: no cover
     pytest.skip("kernels are interpreter functions in this process", allow_module_level=True)
 
-import torch  # noqa: E402
+import torch
 
 km = importlib.import_module("mode_fast.kernels.kmeans_assign")  # the package re-exports the function by that name
 

@@ -498,7 +498,7 @@ def _assign_triton(
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)  # one grid axis: no 65,535 cap on N
         _kernel(layout)[grid](*args, IEEE_FP32=ieee, **cfg)
     else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
         _tuned_kernel(layout, x.dtype)[grid](*args, IEEE_FP32=ieee)
     if exact and k > 1:
         # fp32 inputs use the IEEE dot (u = 2^-24). fp16/bf16 products are exact in fp32,
