@@ -27,7 +27,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from mode_fast.errors import ConfigError
 from mode_fast.executor import add_executor_arguments, make_executor, run_with_progress
+from mode_fast.runs import MANIFEST, RunState, fingerprint
 from mode_fast.kernels.kmeans_assign import kmeans_assign
 
 logger = logging.getLogger(__name__)
@@ -866,6 +868,7 @@ class ClusterJob:
     niter: int = 25
     balanced: bool = True
     progress: bool = True
+    overwrite: bool = False  # start over: remove this job's earlier outputs in `out`
 
 
 # per-process caches for pool workers: the embedder and the centers load once per process
@@ -941,7 +944,8 @@ def _assign_task(task: dict[str, Any]) -> dict[str, Any]:
     return {"shard": str(task["shard"]), "assigned": len(keys), "records": len(se.keys), "skipped": skipped}
 
 
-def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], init: Any) -> TwoLevel:
+def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], init: Any,
+                   embedded: Callable[[str], None] = lambda shard: None) -> TwoLevel:
     """Embed shards in a seeded random order until `job.sample` finite embeddings are in
     hand, draw that many at random, fit the two levels. The shards used are the shortest
     prefix of that order, so the sample is the same for any executor and worker count;
@@ -952,6 +956,7 @@ def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], in
     results = runner.map(_embed_task, [tasks[i] for i in order], init, ordered=True)
     try:
         for emb, _ in results:
+            embedded(tasks[order[used]]["shard"])  # its cache is complete (tasks come back in order)
             parts.append(emb)
             have += len(emb)
             used += 1
@@ -987,21 +992,62 @@ def _embedder_name(job: ClusterJob) -> str:
 
 
 def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
-    """Fit on a sample (or reuse out/centers.npz), assign every shard (skipping those whose
-    output exists), then write cluster_sizes.json and clusters.png. Returns the sizes."""
+    """Fit on a sample (or reuse out/centers.npz), assign every shard (skipping those
+    run.json records as done), then write cluster_sizes.json and clusters.png. Returns the
+    sizes. Reruns follow the shared rule (mode_fast.runs)."""
     out = Path(job.out)
-    (out / "assignments").mkdir(parents=True, exist_ok=True)
-    cache_dir = out / "embeddings"
     if not job.shards:
         raise ValueError("no shards given")
     ids = [shard_id(s) for s in job.shards]
     if len(set(ids)) != len(ids):
         raise ValueError("the same shard is listed twice")
+    ename = _embedder_name(job)
+    # The shared lifecycle (mode_fast.runs). A changed, added or removed shard invalidates its
+    # embeddings, the centers (fitted on a sample of the whole pool) and every assignment;
+    # any other changed argument stops with one line naming it.
+    args = {"--fine-k": job.fine_k, "--experts": job.n_experts, "--sample": job.sample, "--seed": job.seed,
+            "--niter": job.niter, "--balanced": job.balanced, "--embedder": ename,
+            "--caption-key": job.caption_key, "--key-field": job.key_field}
+
+    def recompute(field: str) -> list[str] | None:
+        return ["centers", "assign:*", f"embed:{field[6:]}"] if field.startswith("input ") else None
+
+    with RunState.open(out, "cluster", inputs={i: fingerprint(s) for s, i in zip(job.shards, ids)}, args=args,
+                       recompute=recompute, overwrite=job.overwrite, owned=CLUSTER_OUTPUTS,
+                       log=logger.warning) as state, state.interrupts():
+        if state.finished:
+            logger.warning("cluster: %s already holds this clustering (same inputs and arguments): nothing to do", out)
+            return json.loads((out / "cluster_sizes.json").read_text())
+        if not state.resumed and (out / "centers.npz").exists():
+            raise ConfigError(f"{out} holds a cluster run without {MANIFEST} (an older mode-fast): "
+                              "rerun with --overwrite to start over, or use another --out")
+        return _run_cluster_job(job, out, ids, ename, state)
+
+
+CLUSTER_OUTPUTS = ("centers.npz", "assignments", "embeddings", "shards.json", "cluster_sizes.json", "clusters.png")
+
+
+def _cache_files(cache_dir: Path, sid: str, ename: str) -> list[Path]:
+    """embed_shard's cache files of one shard (emb.npy, the done marker, last)."""
+    return [cache_dir / f"{sid}.{ename}.{part}" for part in ("keys.npy", "meta.json", "emb.npy")]
+
+
+def _run_cluster_job(job: ClusterJob, out: Path, ids: list[str], ename: str, state: RunState) -> dict[str, Any]:
+    (out / "assignments").mkdir(parents=True, exist_ok=True)
+    cache_dir = out / "embeddings"
+    sid_of = {str(s): i for s, i in zip(job.shards, ids)}
+    for i in ids:  # a cache run.json does not vouch for (killed mid-shard, or a changed shard) is redone
+        if not state.is_done(f"embed:{i}"):
+            for f in _cache_files(cache_dir, i, ename):
+                f.unlink(missing_ok=True)
+
+    def embedded(shard: str) -> None:
+        state.mark_done(f"embed:{sid_of[shard]}", _cache_files(cache_dir, sid_of[shard], ename))
+
     _atomic_write(
         out / "shards.json",
         lambda p: p.write_text(json.dumps(dict(zip(ids, map(str, job.shards))), indent=1)),
     )
-    ename = _embedder_name(job)
     common = {
         "embedder": job.embedder, "device": job.device, "batch_size": job.batch_size,
         "cache_dir": str(cache_dir), "caption_key": job.caption_key, "key_field": job.key_field,
@@ -1017,30 +1063,35 @@ def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
     # A local run in this process leaves the caller's torch settings alone.
     init = None if runner.runs_inline(len(tasks)) else (_worker_init, (max(1, (os.cpu_count() or 1) // max(1, runner.workers)),))
     try:
-        if centers.exists():
+        if state.is_done("centers"):  # run.json vouches for it: same inputs and arguments
             model = TwoLevel.load(centers)
-            got = {k: model.config.get(k) for k in want}
-            if got != want:
-                raise ValueError(
-                    f"{centers} was fitted with {got}, this run asks for {want}: "
-                    "use another --out (or delete it) to refit"
-                )
             logger.warning("cluster: resuming with the existing %s", centers)
         else:
-            model = _fit_on_sample(job, runner, tasks, init)
+            state.where = "fit (sampling embeddings)"
+            model = _fit_on_sample(job, runner, tasks, init, embedded)
             model.config.update(want)
             model.save(centers)
+            state.mark_done("centers", [centers])
         for t in tasks:
             t["centers"] = str(centers)
-        todo = [t for t in tasks if not Path(t["output"]).exists()]
+        todo = [t for t in tasks if not state.is_done(f"assign:{sid_of[t['shard']]}")]
         if len(todo) < len(tasks):
             logger.warning("cluster: %d of %d shards already assigned", len(tasks) - len(todo), len(tasks))
-        run_with_progress(runner, _assign_task, todo, "assign", init, disable=not job.progress)
+        step = state.track("assign", len(tasks), len(tasks) - len(todo))
+
+        def assigned(result: dict[str, Any]) -> None:
+            embedded(result["shard"])
+            sid = sid_of[result["shard"]]
+            state.mark_done(f"assign:{sid}", [out / "assignments" / f"{sid}.parquet"])
+            step()
+
+        run_with_progress(runner, _assign_task, todo, "assign", init, disable=not job.progress, on_result=assigned)
     finally:
         runner.close()
     sizes = _aggregate(out, tasks, model)
     _atomic_write(out / "cluster_sizes.json", lambda p: p.write_text(json.dumps(sizes, indent=1)))
     plot_clusters(model, np.array(sizes["fine_sizes"]), out / "clusters.png")
+    state.finish([out / name for name in ("centers.npz", "shards.json", "cluster_sizes.json", "clusters.png")])
     return sizes
 
 
@@ -1140,6 +1191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-balanced", dest="balanced", action="store_false",
                         help="plain (not size-balanced) k-means for the fine level")  # fmt: skip
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: remove this job's earlier outputs in --out first")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1166,7 +1219,7 @@ def run(args: argparse.Namespace) -> int:
         executor=args.executor, ray_address=args.ray_address,
         caption_key=args.caption_key, key_field=args.key_field, embedder=args.embedder,
         device=args.device, batch_size=args.batch_size, niter=args.niter,
-        balanced=args.balanced, progress=args.progress,
+        balanced=args.balanced, progress=args.progress, overwrite=args.overwrite,
     )  # fmt: skip
     try:
         sizes = run_cluster_job(job)
