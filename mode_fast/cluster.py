@@ -949,7 +949,8 @@ def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], in
     """Embed shards in a seeded random order until `job.sample` finite embeddings are in
     hand, draw that many at random, fit the two levels. The shards used are the shortest
     prefix of that order, so the sample is the same for any executor and worker count;
-    shards embedded beyond it are not wasted (the assignment reads their cache)."""
+    shards finished beyond it are not wasted (the assignment reads their cache; those still
+    running are stopped)."""
     order = np.random.default_rng(job.seed).permutation(len(tasks))
     parts: list[np.ndarray] = []
     have, used = 0, 0

@@ -21,6 +21,12 @@ cluster the pool, the output folder and the matcher file must be on storage ever
 Testing hook: MODE_FAST_FAULT="before|after:SUBSTRING:MARKER[;...]" makes the worker whose task
 mentions SUBSTRING exit abruptly (os._exit) before or after running it, once per MARKER
 file (created exclusively, so a retry runs normally). Tests use it to kill a worker mid-job.
+"slow:SUBSTRING:SECONDS" makes such a task sleep first, so a test can signal the job mid-run.
+
+Pool workers ignore SIGINT (Ctrl-C reaches the whole process group; the driver handles it,
+see mode_fast.runs) and end with their driver however it ends: an exception or interrupt in
+the driver terminates them, and a SIGKILLed driver takes them along (parent-death signal on
+Linux, plus a thread watching the driver's pid).
 """
 from __future__ import annotations
 
@@ -53,6 +59,9 @@ def _maybe_fault(when: str, task: Task) -> None:
         return
     for fault in spec.split(";"):
         at, needle, marker = fault.split(":", 2)
+        if at == "slow" and when == "before" and needle in repr(task):
+            time.sleep(float(marker))  # a slow shard, so that a test can interrupt the job mid-run
+            continue
         if at != when or needle not in repr(task):
             continue
         try:
@@ -165,7 +174,7 @@ class LocalExecutor:
 
     def map(self, fn: TaskFn, tasks: Sequence[Task], init: Init = None, ordered: bool = False) -> Iterator[Any]:
         """Results as tasks finish (`ordered`: in task order). Leaving the loop early
-        cancels the tasks not yet started."""
+        (or an exception) cancels the tasks not yet started and terminates the running ones."""
         if self.runs_inline(len(tasks)):
             _call_init(init)
             for task in tasks:
@@ -178,6 +187,7 @@ class LocalExecutor:
         initargs = (init, os.getpid(), process_start(os.getpid()), main or ctx.get_start_method() == "forkserver")
         pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx,
                                    initializer=_worker_start, initargs=initargs)
+        complete = False
         try:
             with _sigint_ignored():
                 if ctx.get_start_method() == "forkserver":
@@ -187,13 +197,14 @@ class LocalExecutor:
                 futures = [pool.submit(_run_task, fn, task) for task in tasks]
             for future in (futures if ordered else as_completed(futures)):
                 yield future.result()
-        except GeneratorExit:
-            raise  # the caller stopped early: cancel what has not started, let the rest finish
-        except BaseException:
-            _terminate(pool)
-            raise
+            complete = True
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Any other exit (an error, an interrupt, the caller stopping early) stops the
+            # workers now rather than waiting for their running tasks.
+            if complete:
+                pool.shutdown(wait=True)
+            else:
+                _terminate(pool)
 
     def close(self) -> None:
         pass

@@ -382,9 +382,14 @@ class RunState:
 
     # -- closing --------------------------------------------------------------------------------
     def close(self) -> None:
+        """Record what is done and release the folder. Temporaries left by workers that an
+        error or interrupt stopped mid-write are removed first (no writer is left, and the
+        lock is still ours), so nothing half-written stays behind."""
         try:
             with contextlib.suppress(ModeFastError):  # a full disk must not hide the first error
                 self.flush()
+            with contextlib.suppress(OSError):
+                remove_stale_temporaries(self.out)
         finally:
             self.lock.release()
 
