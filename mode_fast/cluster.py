@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mode_fast.errors import ConfigError
+from mode_fast.errors import ConfigError, ModeFastError, output_error
 from mode_fast.executor import add_executor_arguments, make_executor, run_with_progress
-from mode_fast.runs import MANIFEST, RunState, fingerprint
+from mode_fast.files import publish, temporary_name
+from mode_fast.runs import MANIFEST, RunState, fingerprint, write_error
 from mode_fast.kernels.kmeans_assign import kmeans_assign
 
 logger = logging.getLogger(__name__)
@@ -82,20 +82,23 @@ def _like_input(t: torch.Tensor, ref: Any) -> Any:
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via a temporary file in the same folder, then rename: readers (and resumed
-    runs) see either nothing or the whole file."""
+    runs) see either nothing or the whole file. mode_fast.files names the temporary and
+    publishes it; a full or read-only disk is an OutputError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(path)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+    try:
+        write(tmp)
+    except BaseException as exc:
+        error = write_error(path, exc) if isinstance(exc, OSError) and not isinstance(exc, ModeFastError) else None
+        tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from exc
         raise
+    publish(tmp, path)
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:

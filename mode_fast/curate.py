@@ -32,7 +32,6 @@ hashes, one shard's match lists at a time).
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import math
@@ -50,9 +49,8 @@ from mode_fast import __version__
 from mode_fast._matcher import Matcher, hash_keys
 from mode_fast.executor import LocalExecutor, RayExecutor, add_executor_arguments, make_executor, run_with_progress
 from mode_fast.data.io import ShardError, list_shards, read_shard, write_kept
-from mode_fast.errors import OutputError, output_error
 from mode_fast.files import atomic_write, save_npy, write_json
-from mode_fast.runs import RunState, fingerprint
+from mode_fast.runs import RunState, fingerprint, write_error
 
 __all__ = [
     "DEFAULT_T",
@@ -232,26 +230,13 @@ def _build_matcher(work: Path, entries: list[str], meta_sha: str) -> Path:
             Matcher(entries).save(str(tmp))
             os.replace(tmp, path)
         except (RuntimeError, OSError) as exc:
-            error = _matcher_write_error(path, exc)  # before the cleanup frees the space
+            error = write_error(path, exc)  # before the cleanup frees the space
             for stale in path.parent.glob(f"{tmp.name}.tmp.*"):
                 stale.unlink(missing_ok=True)
             raise error from exc
         finally:
             tmp.unlink(missing_ok=True)
     return path
-
-
-def _matcher_write_error(path: Path, exc: Exception) -> OutputError:
-    """The native writer reports no errno: name the likely cause from the disk's state."""
-    if isinstance(exc, OSError):
-        return output_error(path, exc)
-    import shutil
-
-    if shutil.disk_usage(path.parent).free < (1 << 20):
-        return output_error(path, OSError(errno.ENOSPC, str(exc)))
-    if not os.access(path.parent, os.W_OK):
-        return output_error(path, OSError(errno.EACCES, str(exc)))
-    return OutputError(f"cannot write {path}: {exc}")
 
 
 # --- pass 2: sample ----------------------------------------------------------------------

@@ -128,13 +128,15 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or process_start(pid) in (None, start)
 
 
-def _worker_start(init: Init, driver_pid: int, driver_start: str | None, pdeathsig: bool) -> None:
+def _worker_start(init: bytes, driver_pid: int, driver_start: str | None, pdeathsig: bool) -> None:
     """Every pool worker's initializer: Ctrl-C is the driver's to handle (the terminal sends
     SIGINT to the whole process group; a worker that took it would print a traceback),
-    the worker dies with the driver, then the job's own initializer runs."""
+    the worker dies with the driver, then the job's own initializer runs. `init` comes
+    pickled, so the job's module (torch...) is imported only after the worker is tied to
+    the driver: a driver killed during that import takes the worker along."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(driver_pid, driver_start, pdeathsig)
-    _call_init(init)
+    _call_init(pickle.loads(init))
 
 
 @contextlib.contextmanager
@@ -184,7 +186,7 @@ class LocalExecutor:
         main = threading.current_thread() is threading.main_thread()
         # The parent-death signal follows the thread that forks: safe from the forkserver
         # or this process's main thread, not from a thread that may end first.
-        initargs = (init, os.getpid(), process_start(os.getpid()), main or ctx.get_start_method() == "forkserver")
+        initargs = (pickle.dumps(init), os.getpid(), process_start(os.getpid()), main or ctx.get_start_method() == "forkserver")
         pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx,
                                    initializer=_worker_start, initargs=initargs)
         complete = False

@@ -39,6 +39,7 @@ import fcntl
 import fnmatch
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -48,11 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from mode_fast import __version__
-from mode_fast.errors import ConfigError, Interrupted, ModeFastError, output_error
+from mode_fast.errors import ConfigError, Interrupted, ModeFastError, OutputError, output_error
 from mode_fast.files import remove_stale_temporaries, write_json
 
 __all__ = ["MANIFEST", "LOCK", "OutputLocked", "OutputLock", "RunState", "fingerprint", "code_version",
-           "interrupts_as_error", "process_start"]
+           "interrupts_as_error", "process_start", "write_error"]
 
 MANIFEST = "run.json"
 LOCK = ".lock"
@@ -77,6 +78,21 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """The one input fingerprint: path, size and mtime. A file rewritten in place changes it."""
     st = os.stat(path)
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def write_error(path: str | os.PathLike, exc: Exception) -> OutputError:
+    """An `OutputError` naming `path` for a failed write. Some writers (numpy into a file
+    object, native code) report no errno; then the cause is read from the disk's state
+    (measured before any cleanup frees the space)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return output_error(path, exc)
+    folder = Path(path).parent
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < (1 << 20):
+            return output_error(path, OSError(errno.ENOSPC, str(exc)))
+        if not os.access(folder, os.W_OK):
+            return output_error(path, OSError(errno.EACCES, str(exc)))
+    return OutputError(f"cannot write {os.fspath(path)}: {exc}")
 
 
 # --- the lock ------------------------------------------------------------------------------
@@ -300,8 +316,6 @@ class RunState:
                 f"{field} {_describe(field, new)}: {way_out}")
 
     def _remove_owned(self, owned: Iterable[str]) -> None:
-        import shutil
-
         for name in [MANIFEST, *owned]:
             path = self.out / name
             try:

@@ -386,9 +386,10 @@ def test_curate_rerun_unchanged_is_a_noop_and_a_changed_argument_recomputes(pool
 # --- cluster --------------------------------------------------------------------------------------
 
 
-def _cluster_args(pool: Path, *extra) -> list:
+def _cluster_args(pool: Path, *extra, workers: int = 2) -> list:
+    """Outputs do not depend on --workers (tests/test_cluster.py): in-process runs use one."""
     return ["cluster", *sorted(pool.glob("*.tar")), "--fine-k", "16", "--experts", "4", "--sample", "1500",
-            "--embedder", "hash32", "--no-progress", "--workers", "2", *extra]
+            "--embedder", "hash32", "--no-progress", "--workers", str(workers), *extra]
 
 
 def _same_clustering(reference: dict[str, bytes], out: Path) -> None:
@@ -397,9 +398,10 @@ def _same_clustering(reference: dict[str, bytes], out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def clustered(pool, tmp_path_factory) -> dict[str, bytes]:
+    from mode_fast.cli import main
+
     out = tmp_path_factory.mktemp("cluster-ref") / "out"
-    r = _run([*_cluster_args(pool), "--out", out])
-    assert r.returncode == 0, r.stderr
+    assert main([str(a) for a in _cluster_args(pool, workers=1)] + ["--out", str(out)]) == 0
     return _outputs(out)
 
 
@@ -416,38 +418,55 @@ def test_cluster_concurrent_run_interrupt_and_driver_kill(pool, clustered, tmp_p
                                           "cluster", _same_clustering)
 
 
-def test_cluster_changed_argument_stops_and_overwrite_starts_over(pool, clustered, tmp_path):
+def _main(args, capsys, caplog) -> tuple[int, str]:
+    """The CLI in this process (torch is already imported here: much faster than a new
+    one); returns its exit code and its stderr plus what it logged."""
+    from mode_fast.cli import main
+
+    capsys.readouterr()
+    caplog.clear()
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err + caplog.text
+
+
+def test_cluster_changed_argument_stops_and_overwrite_starts_over(pool, clustered, tmp_path, capsys, caplog):
     out = tmp_path / "out"
-    assert _run([*_cluster_args(pool), "--out", out]).returncode == 0
-    again = _run([*_cluster_args(pool), "--out", out])
-    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert _main([*_cluster_args(pool, workers=1), "--out", out], capsys, caplog)[0] == 0
+    rc, err = _main([*_cluster_args(pool, workers=1), "--out", out], capsys, caplog)
+    assert rc == 0 and "nothing to do" in err
     for flag in (["--niter", "3"], ["--no-balanced"], ["--sample", "1000"]):
-        r = _run([*_cluster_args(pool, *flag), "--out", out])
-        lines = _one_line(r.stderr)
-        assert r.returncode == 2 and len(lines) == 1 and f"made with {flag[0].replace('no-', '')}" in lines[0] \
-            and "--overwrite" in lines[0], r.stderr
+        rc, err = _main([*_cluster_args(pool, *flag, workers=1), "--out", out], capsys, caplog)
+        lines = _one_line(err)
+        assert rc == 2 and len(lines) == 1 and f"made with {flag[0].replace('no-', '')}" in lines[0] \
+            and "--overwrite" in lines[0], err
     assert _outputs(out) == clustered  # nothing was touched
-    r = _run([*_cluster_args(pool, "--niter", "3", "--overwrite"), "--out", out])
-    assert r.returncode == 0, r.stderr
+    rc, err = _main([*_cluster_args(pool, "--niter", "3", "--overwrite", workers=1), "--out", out], capsys, caplog)
+    assert rc == 0, err
     fresh = tmp_path / "fresh"
-    assert _run([*_cluster_args(pool, "--niter", "3"), "--out", fresh]).returncode == 0
+    assert _main([*_cluster_args(pool, "--niter", "3", workers=1), "--out", fresh], capsys, caplog)[0] == 0
     assert _outputs(out) == _outputs(fresh)
 
 
-def test_cluster_shard_rewritten_in_place_is_recomputed(pool, tmp_path):
+def test_cluster_shard_rewritten_in_place_is_recomputed(pool, tmp_path, capsys, caplog):
     import shutil
 
     shards = tmp_path / "shards"
     shutil.copytree(pool, shards)
     out = tmp_path / "out"
-    assert _run([*_cluster_args(shards), "--out", out]).returncode == 0
+    assert _main([*_cluster_args(shards, workers=1), "--out", out], capsys, caplog)[0] == 0
     # rewrite shard 1 in place with shard 5's records (other captions, other keys)
     (shards / "pool-000001.tar").write_bytes((shards / "pool-000005.tar").read_bytes())
-    r = _run([*_cluster_args(shards), "--out", out])
-    assert r.returncode == 0 and "pool-000001.tar (changed) since the run in" in r.stderr, r.stderr
+    rc, err = _main([*_cluster_args(shards, workers=1), "--out", out], capsys, caplog)
+    assert rc == 0 and "pool-000001.tar (changed) since the run in" in err, err
     fresh = tmp_path / "fresh"
-    assert _run([*_cluster_args(shards), "--out", fresh]).returncode == 0
+    assert _main([*_cluster_args(shards, workers=1), "--out", fresh], capsys, caplog)[0] == 0
     assert _outputs(out) == _outputs(fresh)
+    # a shard removed from the list: its files go, the rest is what a fresh run writes
+    args = _cluster_args(shards, workers=1)
+    args.remove(shards / "pool-000007.tar")
+    rc, err = _main([*args, "--out", out], capsys, caplog)
+    assert rc == 0 and "was removed" in err, err
+    assert not any("pool-000007" in name for name in _outputs(out))
 
 
 # --- full and read-only disks ----------------------------------------------------------------------
@@ -491,3 +510,18 @@ def test_full_disk_names_the_path_leaves_nothing_half_written_and_rerun_complete
         r = _run([*_curate_args(pool), "--out", out])
         assert r.returncode == 0, r.stderr
         assert _outputs(out) == curated
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="tmpfs mounts")
+def test_cluster_full_disk_names_the_path_and_rerun_completes(pool, clustered, tmp_path, capsys, caplog):
+    with _tmpfs(tmp_path / "disk", "size=160k") as disk:  # the embeddings alone are 256 kB
+        out = disk / "out"
+        rc, err = _main([*_cluster_args(pool, workers=1), "--out", out], capsys, caplog)
+        lines = _one_line(err)
+        assert rc == 2 and len(lines) == 1 and "no space left on device" in lines[0], err
+        assert f"cannot write {out}" in lines[0]
+        assert not list(out.rglob("*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        rc, err = _main([*_cluster_args(pool, workers=1), "--out", out], capsys, caplog)
+        assert rc == 0, err
+        assert _outputs(out) == clustered
