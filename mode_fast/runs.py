@@ -276,16 +276,17 @@ class RunState:
         now = self._fields()
         self.changed = sorted(f for f in previous.keys() | now.keys() if previous.get(f) != now.get(f))
         units: dict[str, list[str]] = dict(old.get("units", {}))
-        invalid: set[str] = set()
-        for field in self.changed:
-            patterns = _lookup(recompute, field)
-            if patterns is None:
+        patterns = {field: _lookup(recompute, field) for field in self.changed}
+        for field, pats in patterns.items():  # stop before anything is touched
+            if pats is None:
                 raise ConfigError(self._stop_message(field, previous.get(field), now.get(field)))
-            hit = {u for u in units if any(fnmatch.fnmatchcase(u, p) for p in patterns)}
-            name = self._field_name(field, previous.get(field), now.get(field))
+        invalid = {u for pats in patterns.values() for u in units if any(fnmatch.fnmatchcase(u, p) for p in pats)}
+        names = [self._field_name(f, previous.get(f), now.get(f)) for f in self.changed]
+        for name in names[:3]:  # a re-copied pool changes every input: a few names, then a count
             self.log(f"{self.job}: {name}{'' if name.endswith(')') else ' changed'} since the run in {self.out}: "
                      "recomputing what it affects")
-            invalid |= hit
+        if len(names) > 3:
+            self.log(f"{self.job}: and {len(names) - 3} more changed inputs or arguments")
         for unit in sorted(invalid):
             self._remove_files(units.pop(unit))
         missing = [u for u, files in units.items() if not all((self.out / f).exists() for f in files)]
@@ -310,6 +311,8 @@ class RunState:
 
     def _stop_message(self, field: str, old: Any, new: Any) -> str:
         way_out = "rerun with --overwrite to start over, or use another --out"
+        if field == "code":
+            return f"{self.out} holds a {self.job} run made by {old}, this is {new}: {way_out}"
         if field.startswith("input "):
             return (f"{self.out} holds a {self.job} run whose {self._field_name(field, old, new)}: {way_out}")
         return (f"{self.out} holds a {self.job} run made with {field} {_describe(field, old)}, this run has "

@@ -120,6 +120,21 @@ def test_changed_input_is_named_with_its_path(tmp_path):
         assert not state.finished
 
 
+def test_new_code_version_stops_or_recomputes_and_many_changes_log_briefly(tmp_path, monkeypatch):
+    import mode_fast.runs as runs
+
+    out = tmp_path / "out"
+    with _open(out, inputs={f"s{i}": i for i in range(10)}) as state:
+        state.finish()
+    monkeypatch.setattr(runs, "code_version", lambda: "mode-fast 9.9")
+    with pytest.raises(ConfigError, match=r"made by mode-fast \S+, this is mode-fast 9.9: rerun with --overwrite"):
+        _open(out, inputs={f"s{i}": i for i in range(10)})
+    logged = []
+    with _open(out, inputs={f"s{i}": -i for i in range(10)}, recompute=lambda f: ["*"], log=logged.append):
+        pass
+    assert len(logged) == 4 and logged[-1] == "job: and 7 more changed inputs or arguments"
+
+
 def test_overwrite_removes_owned_outputs_and_starts_over(tmp_path):
     out = tmp_path / "out"
     with _open(out) as state:
