@@ -29,8 +29,8 @@ import torch
 from mode_fast.errors import ConfigError, ModeFastError, output_error
 from mode_fast.executor import add_executor_arguments, make_executor, run_with_progress
 from mode_fast.files import publish, temporary_name
-from mode_fast.runs import MANIFEST, RunState, fingerprint, write_error
 from mode_fast.kernels.kmeans_assign import kmeans_assign
+from mode_fast.runs import MANIFEST, RunState, fingerprint, write_error
 
 logger = logging.getLogger(__name__)
 

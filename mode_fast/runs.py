@@ -52,7 +52,7 @@ from mode_fast import __version__
 from mode_fast.errors import ConfigError, Interrupted, ModeFastError, OutputError, output_error
 from mode_fast.files import remove_stale_temporaries, write_json
 
-__all__ = ["MANIFEST", "LOCK", "OutputLocked", "OutputLock", "RunState", "fingerprint", "code_version",
+__all__ = ["LOCK", "MANIFEST", "OutputLock", "OutputLocked", "RunState", "code_version", "fingerprint",
            "interrupts_as_error", "process_start", "write_error"]
 
 MANIFEST = "run.json"
@@ -410,10 +410,10 @@ class RunState:
         finally:
             self.lock.release()
 
-    def __enter__(self) -> RunState:
+    def __enter__(self) -> RunState:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
