@@ -911,7 +911,9 @@ def _assign_task(task: dict[str, Any]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     emb = _get_embedder(task["embedder"], task["device"], task["batch_size"])
-    key = f"centers:{task['centers']}"
+    # Keyed by the file's fingerprint too: a refit in the same process (--overwrite, a
+    # changed shard) rewrites the same path, and must not be served the old centers.
+    key = f"centers:{json.dumps(fingerprint(task['centers']))}"
     if key not in _WORKER:
         _WORKER[key] = TwoLevel.load(task["centers"])
     model: TwoLevel = _WORKER[key]
