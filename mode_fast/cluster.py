@@ -1204,9 +1204,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`mode-fast cluster`: writes, under --out, centers.npz (TwoLevel format),
     assignments/<shard_id>.parquet (key, fine, expert, sqdist; one per shard, written
-    atomically: an existing file means the shard is done, so a rerun resumes),
-    shards.json (shard_id -> path), embeddings/ (per-shard cache), cluster_sizes.json
-    and clusters.png."""
+    atomically), shards.json (shard_id -> path), embeddings/ (per-shard cache),
+    cluster_sizes.json, clusters.png, and run.json (mode_fast.runs: what is done, for
+    what inputs and arguments; a rerun continues, or recomputes a changed shard, or
+    stops naming a changed argument)."""
     from mode_fast.data.io import ShardError, list_shards
 
     if not logging.getLogger().handlers:
