@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ import torch
 
 from mode_fast import clusters as cf
 from mode_fast import files
-from mode_fast.embed import embed_shard, make_embedder, shard_id
+from mode_fast.embed import cache_files, embed_shard, make_embedder, shard_id
 from mode_fast.errors import ConfigError, InputError
 from mode_fast.executor import add_executor_arguments, make_executor, run_with_progress
 from mode_fast.experts import TwoLevel, fit_two_level
+from mode_fast.runs import MANIFEST, RunState, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class ClusterJob:
     niter: int = 25
     balanced: bool = True
     progress: bool = True
+    overwrite: bool = False  # start over: remove this job's earlier outputs in `out`
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--fine-k", self.fine_k, 1), ("--experts", self.n_experts, 1),
@@ -103,7 +106,9 @@ def _embed_task(task: dict[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
 def _assign_task(task: dict[str, Any]) -> dict[str, Any]:
     """Pool task: embed (cached) and assign one shard, write its parquet atomically."""
     emb = _get_embedder(task["embedder"], task["device"], task["batch_size"])
-    key = f"centers:{task['centers']}"
+    # Keyed by the file's fingerprint too: a refit in the same process (--overwrite, a
+    # changed shard) rewrites the same path, and must not be served the old centers.
+    key = f"centers:{json.dumps(fingerprint(task['centers']))}"
     if key not in _WORKER:
         _WORKER[key] = cf.ClusterFolder(task["centers"]).centers()
     model: TwoLevel = _WORKER[key]
@@ -129,17 +134,20 @@ def _assign_task(task: dict[str, Any]) -> dict[str, Any]:
     return {"shard": str(task["shard"]), "assigned": len(keys), "records": len(se.keys), "skipped": skipped}
 
 
-def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], init: Any) -> TwoLevel:
+def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], init: Any,
+                   embedded: Callable[[str], None] = lambda shard: None) -> TwoLevel:
     """Embed shards in a seeded random order until `job.sample` finite embeddings are in
     hand, draw that many at random, fit the two levels. The shards used are the shortest
     prefix of that order, so the sample is the same for any executor and worker count;
-    shards embedded beyond it are not wasted (the assignment reads their cache)."""
+    shards finished beyond it are not wasted (the assignment reads their cache; those still
+    running are stopped)."""
     order = np.random.default_rng(job.seed).permutation(len(tasks))
     parts: list[np.ndarray] = []
     have, used = 0, 0
     results = runner.map(_embed_task, [tasks[i] for i in order], init, ordered=True)
     try:
         for emb, _ in results:
+            embedded(tasks[order[used]]["shard"])  # its cache is complete (tasks come back in order)
             parts.append(emb)
             have += len(emb)
             used += 1
@@ -190,30 +198,67 @@ def _tasks(job: ClusterJob, folder: cf.ClusterFolder) -> list[dict[str, Any]]:
 
 
 def _centers(job: ClusterJob, folder: cf.ClusterFolder, runner: Any, tasks: list[dict[str, Any]],
-             init: Any, want: dict[str, Any]) -> TwoLevel:
-    """The existing centers when they were fitted with the same settings, else a new fit."""
-    if folder.has_centers():
-        model = folder.centers()
-        got = {k: model.config.get(k) for k in want}
-        if got != want:
-            raise ConfigError(
-                f"{folder.centers_path} was fitted with {got}, this run asks for {want}: "
-                "use another --out (or delete it) to refit"
-            )
+             init: Any, want: dict[str, Any], state: RunState, embedded: Callable[[str], None]) -> TwoLevel:
+    """The centers run.json vouches for (same inputs and arguments), else a new fit."""
+    if state.is_done("centers"):
         logger.warning("cluster: resuming with the existing %s", folder.centers_path)
-        return model
-    model = _fit_on_sample(job, runner, tasks, init)
+        return folder.centers()
+    state.where = "fit (sampling embeddings)"
+    model = _fit_on_sample(job, runner, tasks, init, embedded)
     model.config.update(want)
     model.save(folder.centers_path)
+    state.mark_done("centers", [folder.centers_path])
     return model
 
 
+# This job's own files in --out (what --overwrite removes).
+CLUSTER_OUTPUTS = (cf.CENTERS, cf.EMBEDDER, cf.ASSIGNMENTS, cf.EMBEDDINGS, cf.SHARDS, cf.SIZES, cf.PLOT)
+
+
 def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
-    """Fit on a sample (or reuse out/centers.npz), assign every shard (skipping those whose
-    output exists), then write cluster_sizes.json and clusters.png. Returns the sizes."""
+    """Fit on a sample (or reuse the centers run.json vouches for), assign every shard
+    (skipping those run.json records as done), then write cluster_sizes.json and
+    clusters.png. Returns the sizes. Reruns follow the shared rule (mode_fast.runs): a
+    changed, added or removed shard invalidates its embeddings, the centers (fitted on a
+    sample of the whole pool) and every assignment; any other changed argument stops with
+    one line naming it."""
+    ids = [shard_id(s) for s in job.shards]
+    if len(set(ids)) != len(ids):
+        raise InputError("the same shard is listed twice")
+    ename = _embedder_name(job)
+    args = {"--fine-k": job.fine_k, "--experts": job.n_experts, "--sample": job.sample, "--seed": job.seed,
+            "--niter": job.niter, "--balanced": job.balanced, "--embedder": ename,
+            "--caption-key": job.caption_key, "--key-field": job.key_field}
+
+    def recompute(field: str) -> list[str] | None:
+        return ["centers", "assign:*", f"embed:{field[6:]}"] if field.startswith("input ") else None
+
+    out = Path(job.out)
+    with RunState.open(out, "cluster", inputs={i: fingerprint(s) for s, i in zip(job.shards, ids)}, args=args,
+                       recompute=recompute, overwrite=job.overwrite, owned=CLUSTER_OUTPUTS,
+                       log=logger.warning) as state, state.interrupts():
+        if state.finished:
+            logger.warning("cluster: %s already holds this clustering (same inputs and arguments): nothing to do", out)
+            return json.loads((out / cf.SIZES).read_text())
+        if not state.resumed and (out / cf.CENTERS).exists():
+            raise ConfigError(f"{out} holds a cluster run without {MANIFEST} (an older mode-fast): "
+                              "rerun with --overwrite to start over, or use another --out")
+        return _run_cluster_job(job, ids, ename, state)
+
+
+def _run_cluster_job(job: ClusterJob, ids: list[str], ename: str, state: RunState) -> dict[str, Any]:
     folder = cf.ClusterFolder(job.out)
     tasks = _tasks(job, folder)
-    ename = _embedder_name(job)
+    cache_dir = folder.root / cf.EMBEDDINGS
+    sid_of = {str(s): i for s, i in zip(job.shards, ids)}
+    for s, i in zip(job.shards, ids):  # a cache run.json does not vouch for (killed mid-shard, a changed shard) is redone
+        if not state.is_done(f"embed:{i}"):
+            for f in cache_files(cache_dir, s, ename):
+                f.unlink(missing_ok=True)
+
+    def embedded(shard: str) -> None:
+        state.mark_done(f"embed:{sid_of[shard]}", cache_files(cache_dir, shard, ename))
+
     want = {"fine_k": job.fine_k, "n_experts": job.n_experts, "seed": job.seed, "embedder": ename}
     runner = make_executor(job.executor, job.workers, job.ray_address)
     # Every worker process pins torch to the same share of the cores, whatever the
@@ -222,17 +267,25 @@ def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
     threads = max(1, (os.cpu_count() or 1) // max(1, runner.workers))
     init = None if runner.runs_inline(len(tasks)) else (_worker_init, (threads,))
     try:
-        model = _centers(job, folder, runner, tasks, init, want)
+        model = _centers(job, folder, runner, tasks, init, want, state, embedded)
         cf.write_embedder_spec(folder.root, job.embedder, ename)
-        todo = [t for t in tasks if not Path(t["output"]).exists()]
+        todo = [t for t in tasks if not state.is_done(f"assign:{sid_of[t['shard']]}")]
         if len(todo) < len(tasks):
             logger.warning("cluster: %d of %d shards already assigned", len(tasks) - len(todo), len(tasks))
-        run_with_progress(runner, _assign_task, todo, "assign", init, disable=not job.progress)
+        step = state.track("assign", len(tasks), len(tasks) - len(todo))
+
+        def assigned(result: dict[str, Any]) -> None:
+            embedded(result["shard"])
+            state.mark_done(f"assign:{sid_of[result['shard']]}", [folder.assignment_path(result["shard"])])
+            step()
+
+        run_with_progress(runner, _assign_task, todo, "assign", init, disable=not job.progress, on_result=assigned)
     finally:
         runner.close()
     sizes = _aggregate(folder, [Path(t["output"]) for t in tasks], model)
     files.write_text(folder.root / cf.SIZES, json.dumps(sizes, indent=1))
     plot_clusters(model, np.array(sizes["fine_sizes"]), folder.root / cf.PLOT)
+    state.finish([folder.root / name for name in (cf.CENTERS, cf.EMBEDDER, cf.SHARDS, cf.SIZES, cf.PLOT)])
     return sizes
 
 
@@ -330,13 +383,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-balanced", dest="balanced", action="store_false",
                         help="plain (not size-balanced) k-means for the fine level")  # fmt: skip
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: remove this job's earlier outputs in --out first")
 
 
 def run(args: argparse.Namespace) -> int:
     """`mode-fast cluster`: writes, under --out, the folder `mode_fast.clusters` describes:
     centers.npz, embedder.json, assignments/<shard_id>.parquet (one per shard, written
-    atomically: an existing file means the shard is done, so a rerun resumes), shards.json,
-    embeddings/ (per-shard cache), cluster_sizes.json and clusters.png."""
+    atomically), shards.json, embeddings/ (per-shard cache), cluster_sizes.json,
+    clusters.png, and run.json (mode_fast.runs: what is done, for what inputs and
+    arguments; a rerun continues, or recomputes a changed shard, or stops naming a
+    changed argument)."""
     from mode_fast.data.io import ShardError, list_shards
 
     try:
@@ -349,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
         executor=args.executor, ray_address=args.ray_address,
         caption_key=args.caption_key, key_field=args.key_field, embedder=args.embedder,
         device=args.device, batch_size=args.batch_size, niter=args.niter,
-        balanced=args.balanced, progress=args.progress,
+        balanced=args.balanced, progress=args.progress, overwrite=args.overwrite,
     )  # fmt: skip
     sizes = run_cluster_job(job)
     print(

@@ -184,6 +184,13 @@ class ShardEmbeddings:
     skipped: dict[str, int]  # reason -> count of records not embedded
 
 
+def cache_files(cache_dir: str | Path, shard: str | Path, embedder_name: str) -> tuple[Path, Path, Path]:
+    """embed_shard's cache files of one shard: (keys.npy, meta.json, emb.npy); emb.npy is
+    written last and marks the cache complete."""
+    base = Path(cache_dir) / f"{shard_id(shard)}.{embedder_name}"
+    return tuple(base.with_name(f"{base.name}.{part}") for part in ("keys.npy", "meta.json", "emb.npy"))  # type: ignore[return-value]
+
+
 def embed_shard(
     shard: str | Path,
     embedder: Any,
@@ -198,14 +205,13 @@ def embed_shard(
     empty caption are counted, not embedded."""
     from mode_fast.data.io import read_shard
 
-    base = None
-    if cache_dir is not None:
-        base = Path(cache_dir) / f"{shard_id(shard)}.{embedder.name}"
-        emb_path = base.with_name(base.name + ".emb.npy")
+    cache = cache_files(cache_dir, shard, embedder.name) if cache_dir is not None else None
+    if cache is not None:
+        keys_path, meta_path, emb_path = cache
         if emb_path.exists():
-            keys = np.load(base.with_name(base.name + ".keys.npy"), allow_pickle=False)
+            keys = np.load(keys_path, allow_pickle=False)
             emb = np.load(emb_path, allow_pickle=False)
-            meta = json.loads(base.with_name(base.name + ".meta.json").read_text())
+            meta = json.loads(meta_path.read_text())
             if len(keys) == len(emb) and meta.get("caption_key") == caption_key:
                 return ShardEmbeddings(keys, emb, meta["skipped"])
     keys: list[str] = []
@@ -231,9 +237,10 @@ def embed_shard(
     dim = getattr(embedder, "dim", 0)
     emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     key_arr = np.array(keys, dtype=str)
-    if base is not None:
-        files.write_with(base.with_name(base.name + ".keys.npy"), lambda f: np.save(f, key_arr, allow_pickle=False))
+    if cache is not None:
+        keys_path, meta_path, emb_path = cache
+        files.write_with(keys_path, lambda f: np.save(f, key_arr, allow_pickle=False))
         meta = {"caption_key": caption_key, "skipped": skipped, "shard": str(shard)}
-        files.write_text(base.with_name(base.name + ".meta.json"), json.dumps(meta))
-        files.write_with(base.with_name(base.name + ".emb.npy"), lambda f: np.save(f, emb, allow_pickle=False))
+        files.write_text(meta_path, json.dumps(meta))
+        files.write_with(emb_path, lambda f: np.save(f, emb, allow_pickle=False))
     return ShardEmbeddings(key_arr, emb, skipped)

@@ -422,7 +422,8 @@ def test_cluster_job_end_to_end_and_resume(io_module, tmp_path, capsys):
     # asking for another k on the same --out is refused, not silently mixed
     capsys.readouterr()
     assert _cli([*args[:3], "--fine-k", "10", *args[5:]]) == 2
-    assert "fitted with" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "made with --fine-k 12, this run has --fine-k 10" in err and "--overwrite" in err
 
 
 def test_cluster_job_parallel_workers_match_serial(io_module, tmp_path):
