@@ -49,11 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from mode_fast import __version__
-from mode_fast.errors import ConfigError, Interrupted, ModeFastError, OutputError, output_error
+from mode_fast.errors import ConfigError, Interrupted, ModeFastError, output_error
 from mode_fast.files import remove_stale_temporaries, write_json
 
 __all__ = ["LOCK", "MANIFEST", "OutputLock", "OutputLocked", "RunState", "code_version", "fingerprint",
-           "interrupts_as_error", "process_start", "write_error"]
+           "interrupts_as_error", "process_start"]
 
 MANIFEST = "run.json"
 LOCK = ".lock"
@@ -78,21 +78,6 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """The one input fingerprint: path, size and mtime. A file rewritten in place changes it."""
     st = os.stat(path)
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def write_error(path: str | os.PathLike, exc: Exception) -> OutputError:
-    """An `OutputError` naming `path` for a failed write. Some writers (numpy into a file
-    object, native code) report no errno; then the cause is read from the disk's state
-    (measured before any cleanup frees the space)."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return output_error(path, exc)
-    folder = Path(path).parent
-    with contextlib.suppress(OSError):
-        if shutil.disk_usage(folder).free < (1 << 20):
-            return output_error(path, OSError(errno.ENOSPC, str(exc)))
-        if not os.access(folder, os.W_OK):
-            return output_error(path, OSError(errno.EACCES, str(exc)))
-    return OutputError(f"cannot write {os.fspath(path)}: {exc}")
 
 
 # --- the lock ------------------------------------------------------------------------------
