@@ -178,25 +178,21 @@ def resolve_sample_spec(first_shard: str | Path, image_key: str, caption_key: st
     default "caption" only) the .txt member. The loader reads one member per run, so the
     first sample of the first shard decides which; a key found in none of them is an
     InputError naming the key, the members and the .json fields there are."""
-    import tarfile
-
-    from mode_fast.data import loader
+    from mode_fast.data import io, loader
 
     spec = loader.SampleSpec(image_key=image_key, caption_key=caption_key)
     try:
-        with tarfile.open(first_shard, "r:") as tf:
-            first = next(loader.iter_tar_samples(tf), None)
-            if first is None:
-                return spec  # the loader names an empty shard
-            key, members = first
-            fields: list[str] = []
-            if "json" in members:
-                f = tf.extractfile(members["json"])
-                with contextlib.suppress(ValueError, UnicodeDecodeError):
-                    meta = json.loads(f.read() if f is not None else b"")
-                    fields = sorted(meta) if isinstance(meta, dict) else []
-    except (OSError, tarfile.TarError):
+        first = next(io.iter_samples(first_shard), None)
+    except io.ShardError:
         return spec  # the loader names an unreadable shard
+    if first is None:
+        return spec  # the loader names an empty shard
+    key, members = first.key, first.exts
+    fields: list[str] = []
+    if "json" in members:
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            meta = json.loads(first.read("json"))
+            fields = sorted(meta) if isinstance(meta, dict) else []
     if caption_key.lower() in members:
         return spec
     if caption_key in fields:
