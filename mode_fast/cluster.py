@@ -52,6 +52,7 @@ class ClusterJob:
     batch_size: int = 256
     niter: int = 25
     balanced: bool = True
+    balanced_coarse: bool = True  # MoDE's coarse default (mode.md); --no-balanced-coarse
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -162,7 +163,7 @@ def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], in
     )  # fmt: skip
     model, _, _ = fit_two_level(
         torch.from_numpy(x).to(job.device), fine_k=job.fine_k, n_experts=job.n_experts,
-        seed=job.seed, niter=job.niter, balanced=job.balanced,
+        seed=job.seed, niter=job.niter, balanced=job.balanced, balanced_coarse=job.balanced_coarse,
         max_points_per_centroid=max(256, math.ceil(len(x) / job.fine_k)),
     )  # fmt: skip
     return model
@@ -329,6 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--niter", type=int, default=25, help="k-means iterations")
     parser.add_argument("--no-balanced", dest="balanced", action="store_false",
                         help="plain (not size-balanced) k-means for the fine level")  # fmt: skip
+    parser.add_argument("--no-balanced-coarse", dest="balanced_coarse", action="store_false",
+                        help="plain (not size-balanced) k-means for grouping the fine centers into experts")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -349,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
         executor=args.executor, ray_address=args.ray_address,
         caption_key=args.caption_key, key_field=args.key_field, embedder=args.embedder,
         device=args.device, batch_size=args.batch_size, niter=args.niter,
-        balanced=args.balanced, progress=args.progress,
+        balanced=args.balanced, balanced_coarse=args.balanced_coarse, progress=args.progress,
     )  # fmt: skip
     sizes = run_cluster_job(job)
     print(

@@ -22,12 +22,20 @@ def method_order(results: dict[str, Any], n_experts: int) -> list[str]:
 
 
 
+def ensemble_note(results: dict[str, Any]) -> str:
+    """Which similarities the ensembles combined (results.json `ensemble_inputs`)."""
+    inputs = results.get("ensemble_inputs", "scaled")  # older results: eval scaled them
+    if inputs == "cosine":
+        return "Ensembles combine the experts' plain cosine similarities (MoDE's way)."
+    return "Ensembles combine the experts' cosine similarities times each expert's logit scale."
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     n = results["n_experts"]
     methods = method_order(results, n)
     lines = []
     if results["tasks"]:
-        lines += ["Zero-shot top-1 accuracy (%)", "",
+        lines += ["Zero-shot top-1 accuracy (%). " + ensemble_note(results), "",
                   "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for name, t in results["tasks"].items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * t['top1'][m]:.1f}" for m in methods) + " |")
