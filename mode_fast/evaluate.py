@@ -33,7 +33,9 @@ templates.json beside the data, else the task's own (digits) or SIMPLE_IMAGENET_
 (recall@1/5/10 both ways) on captioned shards; the ensemble's weights come from the captions.
 
 Outputs in --out, each written atomically: results.json, results.md, accuracy.png,
-expert_weights.png (and retrieval.png with --retrieval).
+expert_weights.png (and retrieval.png with --retrieval). results.json keeps, per
+classification task, each method's per-image correctness (`correct`, 1/0 in image order) and
+the `labels`, so differences between methods can be given paired standard errors.
 
 Job module: the task readers, the scoring, the frozen `EvalConfig`, and calls into the
 library: checkpoints (`mode_fast.checkpoint.load_model`), the cluster folder with its

@@ -457,7 +457,7 @@ def plot_summary(summary: dict[str, Any], folder: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(table) + 2.2), layout="constrained")
     im = ax.imshow(table, cmap="Blues", aspect="auto")
     for (i, j), v in np.ndenumerate(table):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > table.max() / 2 else "black", fontsize=9)
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if im.norm(v) > 0.6 else "black", fontsize=9)
     ax.set_xticks(range(len(cl["domains"])), cl["domains"])
     ax.set_yticks(range(len(table)), [f"expert_{k}" for k in range(len(table))])
     ax.set_xlabel("visual domain of the image")
