@@ -54,6 +54,7 @@ class ClusterJob:
     batch_size: int = 256
     niter: int = 25
     balanced: bool = True
+    balanced_coarse: bool = True  # MoDE's coarse default (mode.md); --no-balanced-coarse
     progress: bool = True
     overwrite: bool = False  # start over: remove this job's earlier outputs in `out`
 
@@ -170,7 +171,7 @@ def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], in
     )  # fmt: skip
     model, _, _ = fit_two_level(
         torch.from_numpy(x).to(job.device), fine_k=job.fine_k, n_experts=job.n_experts,
-        seed=job.seed, niter=job.niter, balanced=job.balanced,
+        seed=job.seed, niter=job.niter, balanced=job.balanced, balanced_coarse=job.balanced_coarse,
         max_points_per_centroid=max(256, math.ceil(len(x) / job.fine_k)),
     )  # fmt: skip
     return model
@@ -227,7 +228,8 @@ def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
         raise InputError("the same shard is listed twice")
     ename = _embedder_name(job)
     args = {"--fine-k": job.fine_k, "--experts": job.n_experts, "--sample": job.sample, "--seed": job.seed,
-            "--niter": job.niter, "--balanced": job.balanced, "--embedder": ename,
+            "--niter": job.niter, "--balanced": job.balanced, "--balanced-coarse": job.balanced_coarse,
+            "--embedder": ename,
             "--caption-key": job.caption_key, "--key-field": job.key_field}
 
     def recompute(field: str) -> list[str] | None:
@@ -382,6 +384,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--niter", type=int, default=25, help="k-means iterations")
     parser.add_argument("--no-balanced", dest="balanced", action="store_false",
                         help="plain (not size-balanced) k-means for the fine level")  # fmt: skip
+    parser.add_argument("--no-balanced-coarse", dest="balanced_coarse", action="store_false",
+                        help="plain (not size-balanced) k-means for grouping the fine centers into experts")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over: remove this job's earlier outputs in --out first")
@@ -406,7 +410,8 @@ def run(args: argparse.Namespace) -> int:
         executor=args.executor, ray_address=args.ray_address,
         caption_key=args.caption_key, key_field=args.key_field, embedder=args.embedder,
         device=args.device, batch_size=args.batch_size, niter=args.niter,
-        balanced=args.balanced, progress=args.progress, overwrite=args.overwrite,
+        balanced=args.balanced, balanced_coarse=args.balanced_coarse, progress=args.progress,
+        overwrite=args.overwrite,
     )  # fmt: skip
     sizes = run_cluster_job(job)
     print(

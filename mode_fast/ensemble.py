@@ -1,7 +1,9 @@
 """MoDE's task-adaptive ensemble of data experts (../shared/reference/mode.md).
 
 For a task with C class names, each class name is embedded with the clustering text
-encoder and falls to its nearest fine center, hence to a coarse group (an expert).
+encoder through the task's prompt templates (the template embeddings averaged, then
+normalised: ``template_class_embeddings``) and falls to its nearest fine center, hence to a
+coarse group (an expert).
 Experts whose clusters are close to the task's classes get more weight:
 
     d_c = min_j ||e_c - center_j||,   g_c = coarse_of[argmin_j ...]
@@ -11,17 +13,46 @@ Experts whose clusters are close to the task's classes get more weight:
     w   = softmax(s / 8)
     ensemble logits = sum_k w_k * logits_k
 
-Library use: ``expert_weights(class_embeddings, fine_centers, coarse_of_fine, n_experts)``
-and ``combine_logits(expert_logits, weights)``; ``check_class_names`` validates a class list.
+where logits_k are expert k's plain cosine similarities (image . class text, both unit), as
+MoDE's public code combines them (mode.md, "What MoDE's public code does"); multiplying each
+by the expert's own logit scale first ("scaled", ENSEMBLE_INPUTS) is kept as an option and
+differs whenever the experts' scales differ.
+
+Library use: ``template_class_embeddings(embed, classes, templates)``,
+``expert_weights(class_embeddings, fine_centers, coarse_of_fine, n_experts)`` and
+``combine_logits(expert_logits, weights)``; ``check_class_names`` validates a class list.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 SOFTMAX_TEMPERATURE = 8.0
+# What the ensembles combine: "cosine" (MoDE's) or "scaled" (cosine x each expert's logit scale).
+ENSEMBLE_INPUTS = ("cosine", "scaled")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    if not (np.isfinite(norms).all() and (norms > 0).all()):
+        raise ValueError("an embedding is zero or not finite: it cannot be normalised")
+    return x / norms
+
+
+def template_class_embeddings(embed: Callable[[list[str]], np.ndarray], classes: Sequence[str],
+                              templates: Sequence[str] | None = None) -> np.ndarray:
+    """[C, D] float64 ensemble-weight inputs, as MoDE makes them (mode.md): each class name
+    through every template ("{}" = the name), each embedding normalised, the C x T embeddings
+    averaged per class, then normalised. No templates (None or []): the bare names, normalised."""
+    names = list(classes)
+    temps = list(templates or ["{}"])
+    texts = [t.format(c) for c in names for t in temps]
+    emb = _unit(np.asarray(embed(texts), dtype=np.float64))
+    if emb.shape[0] != len(texts):
+        raise ValueError(f"the encoder returned {emb.shape[0]} embeddings for {len(texts)} texts")
+    return _unit(emb.reshape(len(names), len(temps), -1).mean(1))
 
 
 def check_class_names(class_names: Sequence[str]) -> list[str]:

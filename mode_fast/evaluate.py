@@ -5,9 +5,14 @@ count) and the single models (the seed RUN/seed/checkpoints/final.pt, or --basel
 repeatable) are scored, and from the experts' logits:
 
 - best_expert: the expert with the highest score on this task (an oracle pick);
-- mean_ensemble: the plain mean of the experts' logits;
-- mode_ensemble: MoDE's weighted sum, weights from the task's class names embedded with the
-  clustering text encoder against the fine centers (mode_fast.ensemble, ../shared/reference/mode.md).
+- mean_ensemble: the plain mean of the experts' cosine similarities;
+- mode_ensemble: MoDE's weighted sum of them, weights from the task's class names embedded
+  with the clustering text encoder through the task's templates (averaged, then normalised)
+  against the fine centers (mode_fast.ensemble, ../shared/reference/mode.md).
+Both ensembles combine plain cosine similarities, as MoDE's public code does;
+`--ensemble-inputs scaled` multiplies each expert's by its own logit scale first. results.json
+records which (`ensemble_inputs`) and the tables say it. Single models and experts are
+ranked by cosine (a positive scale does not change a ranking).
 
 Tasks (--data, each SPEC optionally NAME=SPEC):
 - webdataset shards (a .tar, a glob, or a folder of .tar): images in .jpg/.jpeg/.png/.webp,
@@ -28,7 +33,9 @@ templates.json beside the data, else the task's own (digits) or SIMPLE_IMAGENET_
 (recall@1/5/10 both ways) on captioned shards; the ensemble's weights come from the captions.
 
 Outputs in --out, each written atomically: results.json, results.md, accuracy.png,
-expert_weights.png (and retrieval.png with --retrieval).
+expert_weights.png (and retrieval.png with --retrieval). results.json keeps, per
+classification task, each method's per-image correctness (`correct`, 1/0 in image order) and
+the `labels`, so differences between methods can be given paired standard errors.
 
 Job module: the task readers, the scoring, the frozen `EvalConfig`, and calls into the
 library: checkpoints (`mode_fast.checkpoint.load_model`), the cluster folder with its
@@ -54,7 +61,8 @@ import numpy as np
 
 from mode_fast.data.io import ReadReport, ShardError, TarGroup, describe_fields, iter_samples
 from mode_fast.errors import ConfigError, InputError
-from mode_fast.ensemble import check_class_names, combine_logits, expert_weights
+from mode_fast.ensemble import (ENSEMBLE_INPUTS, check_class_names, combine_logits, expert_weights,
+                                 template_class_embeddings)
 from mode_fast.results import RECALL_KS, markdown_table, method_order, write_outputs
 
 log = logging.getLogger("mode_fast.evaluate")
@@ -615,12 +623,19 @@ class Ensembler:
     def n_experts(self) -> int:
         return self.centers.n_experts
 
-    def weights(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(weights [n], texts per expert [n])."""
-        emb = np.asarray(self.embedder(list(texts)), dtype=np.float64)
-        if not np.isfinite(emb).all():
-            bad = [t for t, row in zip(texts, emb) if not np.isfinite(row).all()]
+    def weights(self, texts: Sequence[str], templates: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(weights [n], texts per expert [n]); with templates, each text is embedded through
+        them and the embeddings averaged, then normalised (MoDE's class embeddings, mode.md)."""
+        temps = list(templates or ["{}"])
+        raw = np.asarray(self.embedder([t.format(x) for x in texts for t in temps]), dtype=np.float64)
+        finite = np.isfinite(raw).reshape(len(texts), -1).all(1)
+        if not finite.all():
+            bad = [x for x, ok in zip(texts, finite) if not ok]
             raise EvalError(f"the clustering encoder gives no embedding for {bad[:3]!r}")
+        try:
+            emb = template_class_embeddings(lambda _: raw, texts, templates)
+        except ValueError as e:
+            raise EvalError(f"ensemble weights: {e}") from e
         w = expert_weights(emb, self.centers.fine_centroids, self.centers.expert_of_fine, self.n_experts)
         _, groups, _ = self.centers.assign(emb.astype(np.float32))
         return w, np.bincount(groups, minlength=self.n_experts)
@@ -636,9 +651,18 @@ def _embedder_for(folder: Any, override: str | None, device: str) -> Any:
     return folder.embedder(device=device)
 
 
+def _ensemble_inputs(models: Sequence[LoadedModel], cosines: list[np.ndarray], inputs: str) -> list[np.ndarray]:
+    """What the ensembles combine: the plain cosines (MoDE) or each times its model's logit scale."""
+    if inputs == "cosine":
+        return cosines
+    if inputs == "scaled":
+        return [float(m.model.logit_scale.detach().exp()) * c for m, c in zip(models, cosines)]
+    raise EvalError(f"ensemble inputs {inputs!r}: known are {', '.join(ENSEMBLE_INPUTS)}")
+
+
 def evaluate_classification(task: ClassificationTask, experts: Sequence[LoadedModel],
                             singles: Sequence[LoadedModel], ens: Ensembler, device: str,
-                            batch: int = 256) -> dict[str, Any]:
+                            batch: int = 256, ensemble_inputs: str = "cosine") -> dict[str, Any]:
     import torch
 
     labels: list[int] = []
@@ -656,13 +680,14 @@ def evaluate_classification(task: ClassificationTask, experts: Sequence[LoadedMo
         logits = []
         for m, f in zip(models, feats):
             cls = zero_shot_classifier(m, task.classes, task.templates, device, batch)
-            logits.append((m.model.logit_scale.exp().float() * f @ cls.T).cpu().numpy().astype(np.float64))
+            logits.append((f @ cls.T).cpu().numpy().astype(np.float64))  # cosine similarities
     y = np.asarray(labels)
-    weights, groups = ens.weights(task.classes)
+    weights, groups = ens.weights(task.classes, task.templates)
     n = len(experts)
     scored: dict[str, np.ndarray] = {m.name: lg for m, lg in zip(models, logits)}
-    scored["mean_ensemble"] = combine_logits(logits[:n], np.full(n, 1.0 / n))
-    scored["mode_ensemble"] = combine_logits(logits[:n], weights)
+    inputs = _ensemble_inputs(experts, logits[:n], ensemble_inputs)
+    scored["mean_ensemble"] = combine_logits(inputs, np.full(n, 1.0 / n))
+    scored["mode_ensemble"] = combine_logits(inputs, weights)
     top1 = {k: topk_accuracy(v, y, 1) for k, v in scored.items()}
     top5 = {k: topk_accuracy(v, y, 5) for k, v in scored.items()}
     best = max(range(n), key=lambda k: top1[experts[k].name])
@@ -673,11 +698,13 @@ def evaluate_classification(task: ClassificationTask, experts: Sequence[LoadedMo
         "n_classes": len(task.classes), "n_templates": len(task.templates),
         "expert_weights": weights.tolist(), "classes_per_expert": groups.tolist(),
         "best_expert": experts[best].name, "top1": top1, "top5": top5,
+        "correct": {k: (v.argmax(1) == y).astype(int).tolist() for k, v in scored.items()},
+        "labels": y.tolist(),
     }
 
 
 def evaluate_retrieval(task: RetrievalTask, experts: Sequence[LoadedModel], singles: Sequence[LoadedModel],
-                       ens: Ensembler, device: str, batch: int = 256) -> dict[str, Any]:
+                       ens: Ensembler, device: str, batch: int = 256, ensemble_inputs: str = "cosine") -> dict[str, Any]:
     import torch
 
     captions: list[str] = []
@@ -695,12 +722,13 @@ def evaluate_retrieval(task: RetrievalTask, experts: Sequence[LoadedModel], sing
         sims = []
         for m, f in zip(models, feats):
             t = _encode_texts(m, captions, device, batch)
-            sims.append((m.model.logit_scale.exp().float() * f @ t.T).cpu().numpy().astype(np.float64))
+            sims.append((f @ t.T).cpu().numpy().astype(np.float64))  # cosine similarities
     weights, groups = ens.weights(captions)  # MoDE: the same weighting, from the query texts
     n = len(experts)
     scored = {m.name: s for m, s in zip(models, sims)}
-    scored["mean_ensemble"] = combine_logits(sims[:n], np.full(n, 1.0 / n))
-    scored["mode_ensemble"] = combine_logits(sims[:n], weights)
+    inputs = _ensemble_inputs(experts, sims[:n], ensemble_inputs)
+    scored["mean_ensemble"] = combine_logits(inputs, np.full(n, 1.0 / n))
+    scored["mode_ensemble"] = combine_logits(inputs, weights)
     recall = {}
     for k, s in scored.items():
         i2t, t2i = recall_at_k(s), recall_at_k(s.T)
@@ -730,6 +758,7 @@ class EvalConfig:
     embedder: str | None = None
     device: str = "cpu"
     batch_size: int = 256
+    ensemble_inputs: str = "cosine"  # ENSEMBLE_INPUTS: MoDE's plain cosines, or "scaled"
 
 
 def _parse_baseline(spec: str) -> tuple[str, Path]:
@@ -780,15 +809,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "experts": {m.name: str(m.checkpoint) for m in experts},
         "single_models": [m.name for m in single_models],
         "single_model_checkpoints": {m.name: str(m.checkpoint) for m in single_models},
-        "device": cfg.device, "tasks": {}, "retrieval": {},
+        "device": cfg.device, "ensemble_inputs": cfg.ensemble_inputs,
+        "logit_scales": {m.name: float(m.model.logit_scale.detach().exp()) for m in [*experts, *single_models]},
+        "tasks": {}, "retrieval": {},
     }
     for task in tasks:
         log.info("classification %s (%d classes)", task.name, len(task.classes))
-        results["tasks"][task.name] = evaluate_classification(task, experts, single_models, ens, cfg.device, cfg.batch_size)
+        results["tasks"][task.name] = evaluate_classification(task, experts, single_models, ens, cfg.device, cfg.batch_size,
+                                                                  cfg.ensemble_inputs)
         results["tasks"][task.name] |= task.reads.skips_dict()  # read: n_images
     for rtask in rtasks:
         log.info("retrieval %s", rtask.name)
-        results["retrieval"][rtask.name] = evaluate_retrieval(rtask, experts, single_models, ens, cfg.device, cfg.batch_size)
+        results["retrieval"][rtask.name] = evaluate_retrieval(rtask, experts, single_models, ens, cfg.device, cfg.batch_size,
+                                                                 cfg.ensemble_inputs)
         results["retrieval"][rtask.name] |= rtask.reads.skips_dict()  # read: n_pairs
     methods = method_order(results, n)
     if results["tasks"]:
@@ -834,6 +867,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stored with the clusters, embedder.json)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--ensemble-inputs", choices=ENSEMBLE_INPUTS, default="cosine",
+                        help="what the ensembles combine: the experts' plain cosine similarities (MoDE's, "
+                             "default) or each times the expert's own logit scale (scaled)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -844,7 +880,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(run=args.run, clusters=args.clusters, data=list(args.data), out=args.out,
                      baselines=list(args.baseline), retrieval=list(args.retrieval), classes=args.classes,
                      templates=args.templates, label_field=args.label_field, caption_key=args.caption_key,
-                     embedder=args.embedder, device=args.device, batch_size=args.batch_size)
+                     embedder=args.embedder, device=args.device, batch_size=args.batch_size,
+                     ensemble_inputs=args.ensemble_inputs)
     results = evaluate(cfg)
     print(markdown_table(results), end="")
     print(f"results in {args.out}/results.json, results.md, accuracy.png, expert_weights.png")

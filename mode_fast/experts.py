@@ -21,6 +21,23 @@ from mode_fast.kernels.kmeans_assign import kmeans_assign
 from mode_fast.kmeans import KMeans, _as_tensor
 
 TWO_LEVEL_FORMAT = "mode_fast.two_level/1"
+# A row whose norm is within this of 1 counts as normalised and is used bit for bit, so the
+# cluster job (which embeds normalised captions) gets the same centers as before.
+UNIT_TOLERANCE = 1e-4
+
+
+def unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x with every row L2-normalised (MoDE clusters unit vectors, mode.md); rows already of
+    unit norm are kept as they are; a zero or non-finite row is an error naming its index."""
+    norms = torch.linalg.vector_norm(x, dim=1)
+    bad = ~torch.isfinite(norms) | (norms == 0)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"{name}: row {i} has norm {float(norms[i])}: it cannot be normalised")
+    off = (norms - 1).abs() > UNIT_TOLERANCE
+    if not bool(off.any()):
+        return x
+    return torch.where(off[:, None], x / norms[:, None], x)
 
 
 @dataclass
@@ -41,10 +58,11 @@ class TwoLevel:
         return int(self.coarse_centroids.shape[0])
 
     def assign(self, x: Any, backend: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(fine ids, expert ids, sqdist to the fine center), numpy, greedy nearest fine center."""
-        xt = _as_tensor(x, "TwoLevel.assign x")
-        if self.config.get("spherical"):
-            xt = torch.nn.functional.normalize(xt, dim=1)
+        """(fine ids, expert ids, sqdist to the fine center), numpy, greedy nearest fine center.
+
+        Rows are L2-normalised first, as MoDE does before both levels (mode.md, "What MoDE's
+        public code does"); unit rows are left as they are."""
+        xt = unit_rows(_as_tensor(x, "TwoLevel.assign x"), "TwoLevel.assign x")
         c = torch.from_numpy(self.fine_centroids).to(xt.device)
         fine, sqdist = kmeans_assign(xt, c, backend=backend)
         fine_np = fine.cpu().numpy()
@@ -86,14 +104,19 @@ def fit_two_level(
     spherical: bool = False,
     verbose: bool = False,
     max_points_per_centroid: int = 256,
+    balanced_coarse: bool = True,
 ) -> tuple[TwoLevel, KMeans, KMeans]:
-    """MoDE's two levels on a sample of (normalised) caption embeddings.
+    """MoDE's two levels on a sample of caption embeddings (mode.md, "What MoDE's public
+    code does"); rows are L2-normalised first (unit rows are used as they are).
 
     Fine: KMeans(fine_k), balanced by default as in the paper (the bound applies to the
     fitted sample; the pool is then assigned greedily to the nearest fine center).
-    Coarse: KMeans(n_experts) on the fine centers themselves (unweighted), k-means++.
+    Coarse: KMeans(n_experts) on the fine centers themselves (unweighted), k-means++,
+    balanced by default as MoDE's coarse step (balanced_coarse=False: plain k-means); each
+    fine center then goes to its nearest fitted coarse center (the bound holds during the fit;
+    this last nearest-center step can move a few fine centers, as in MoDE).
     """
-    x = _as_tensor(sample, "fit_two_level sample")
+    x = unit_rows(_as_tensor(sample, "fit_two_level sample"), "fit_two_level sample")
     if x.shape[0] < fine_k:
         raise ValueError(
             f"fit_two_level: fine k={fine_k} is larger than the sample ({x.shape[0]} embeddings); "
@@ -105,16 +128,19 @@ def fit_two_level(
         fine_k, niter=niter, seed=seed, balanced=balanced, spherical=spherical, verbose=verbose,
         max_points_per_centroid=max_points_per_centroid,
     ).fit(x)  # fmt: skip
-    coarse = KMeans(n_experts, niter=max(niter, 50), seed=seed, spherical=spherical, verbose=verbose)
+    coarse = KMeans(n_experts, niter=max(niter, 50), seed=seed, spherical=spherical, verbose=verbose,
+                    balanced=balanced_coarse)
     coarse.fit(fine.centroids)
-    expert_of_fine, _ = coarse.assign(fine.centroids)
+    # MoDE's coarse step predicts each fine center's group with the fitted centers (nearest).
+    expert_of_fine = np.asarray(coarse.assign(fine.centroids)[0], dtype=np.int64)
     model = TwoLevel(
         fine_centroids=fine.centroids,
         coarse_centroids=coarse.centroids,
-        expert_of_fine=np.asarray(expert_of_fine, dtype=np.int64),
+        expert_of_fine=expert_of_fine,
         config={
             "fine_k": fine_k, "n_experts": n_experts, "seed": seed, "niter": niter,
-            "balanced": balanced, "spherical": spherical, "sample_size": int(x.shape[0]),
+            "balanced": balanced, "balanced_coarse": balanced_coarse, "spherical": spherical,
+            "sample_size": int(x.shape[0]),
         },
     )  # fmt: skip
     return model, fine, coarse

@@ -22,12 +22,20 @@ def method_order(results: dict[str, Any], n_experts: int) -> list[str]:
 
 
 
+def ensemble_note(results: dict[str, Any]) -> str:
+    """Which similarities the ensembles combined (results.json `ensemble_inputs`)."""
+    inputs = results.get("ensemble_inputs", "scaled")  # older results: eval scaled them
+    if inputs == "cosine":
+        return "Ensembles combine the experts' plain cosine similarities (MoDE's way)."
+    return "Ensembles combine the experts' cosine similarities times each expert's logit scale."
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     n = results["n_experts"]
     methods = method_order(results, n)
     lines = []
     if results["tasks"]:
-        lines += ["Zero-shot top-1 accuracy (%)", "",
+        lines += ["Zero-shot top-1 accuracy (%). " + ensemble_note(results), "",
                   "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for name, t in results["tasks"].items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * t['top1'][m]:.1f}" for m in methods) + " |")
@@ -131,3 +139,44 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
     with atomic_write(out / "results.md", "w") as f:
         f.write(markdown_table(results))
     write_json(out / "results.json", results)  # last: its presence marks a finished evaluation
+
+
+# --------------------------------------------------------------------------- statistics for reports
+def paired_difference(a_correct: Any, b_correct: Any) -> tuple[float, float]:
+    """(mean(a) - mean(b), its standard error) for two methods scored on the same images:
+    the SE of the mean per-image difference (paired), std(d, ddof=1) / sqrt(n)."""
+    a = np.asarray(a_correct, dtype=np.float64)
+    b = np.asarray(b_correct, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired_difference needs two equal-length 1-D score lists, got {a.shape} and {b.shape}")
+    d = a - b
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
+
+
+def proportion_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n independent images."""
+    return float(np.sqrt(p * (1 - p) / n)) if n > 0 else float("nan")
+
+
+def cluster_agreement(truth: Any, clusters: Any) -> dict[str, Any]:
+    """How well clusters recover known groups: purity (the share of items in their cluster's
+    majority group), adjusted mutual information (scikit-learn's; None without it) and the
+    contingency table (clusters x groups, groups in sorted order)."""
+    truth = np.asarray(truth)
+    clusters = np.asarray(clusters)
+    if truth.shape != clusters.shape or truth.ndim != 1 or len(truth) == 0:
+        raise ValueError("cluster_agreement needs two equal-length non-empty 1-D label lists")
+    groups, t = np.unique(truth, return_inverse=True)
+    ids, c = np.unique(clusters, return_inverse=True)
+    table = np.zeros((len(ids), len(groups)), dtype=np.int64)
+    np.add.at(table, (c, t), 1)
+    try:
+        from sklearn.metrics import adjusted_mutual_info_score
+    except ImportError:
+        ami = None
+    else:
+        ami = float(adjusted_mutual_info_score(t, c))
+    return {"purity": float(table.max(1).sum() / len(truth)), "ami": ami, "groups": [str(g) for g in groups],
+            "clusters": [int(i) if np.issubdtype(ids.dtype, np.integer) else str(i) for i in ids],
+            "contingency": table.tolist()}

@@ -243,15 +243,81 @@ def test_two_level_fit_assign_save(tmp_path):
     assert set(model.expert_of_fine.tolist()) == {0, 1, 2, 3}
     # the fine level was fitted balanced: every fine cluster within ceil(800 / 32)
     assert all(s["max_cluster_size"] <= 25 for s in fine.stats)
-    # each fine center belongs to its nearest coarse center
-    d = ((model.fine_centroids[:, None] - model.coarse_centroids[None]) ** 2).sum(-1)
+    # mode.md: each fine center goes to its nearest (fitted) coarse center
+    d = ((model.fine_centroids[:, None] - coarse.centroids[None]) ** 2).sum(-1)
     assert np.array_equal(d.argmin(1), model.expert_of_fine)
+    np.testing.assert_array_equal(model.coarse_centroids, coarse.centroids)
     fine_ids, experts, sqdist = model.assign(x)
     assert np.array_equal(experts, model.expert_of_fine[fine_ids])
-    assert np.array_equal(fine_ids, fine.assign(x)[0])
+    # both levels see the rows L2-normalised (the blobs are not)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert np.array_equal(fine_ids, fine.assign(xn)[0])
     model.save(tmp_path / "centers.npz")
     back = TwoLevel.load(tmp_path / "centers.npz")
     assert np.array_equal(back.assign(x)[1], experts) and back.config == model.config
+
+
+def _skewed_unit_sample(seed=3):
+    """Unit caption-like embeddings whose topics differ in size (one holds 60%): plain
+    k-means over the fine centers follows that skew."""
+    x, _ = _blobs([960, 160, 160, 160, 160], d=16, spread=2.0, seed=seed, scale=3.0)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_two_level_coarse_is_balanced_by_default():
+    """mode.md: MoDE groups the fine centers into experts with balanced k-means by default,
+    then predicts each fine center's group by its nearest fitted center (issue 16 measured
+    3-13 fine centers per expert unbalanced against MoDE's 6-10 of 32)."""
+    x = np.random.default_rng(1).normal(size=(1600, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    bal, _, coarse = fit_two_level(x, fine_k=32, n_experts=4, seed=0, niter=10)
+    plain, _, _ = fit_two_level(x, fine_k=32, n_experts=4, seed=0, niter=10, balanced_coarse=False)
+    assert bal.config["balanced_coarse"] is True and plain.config["balanced_coarse"] is False
+    # the fit itself is capped at ceil(32 / 4) fine centers per coarse group
+    assert all(s["max_cluster_size"] <= 8 for s in coarse.stats)
+    sizes_bal = np.bincount(bal.expert_of_fine, minlength=4)
+    sizes_plain = np.bincount(plain.expert_of_fine, minlength=4)
+    # measured here: balanced [7 8 8 9] against plain [4 15 4 9]
+    assert sizes_bal.max() - sizes_bal.min() <= 2 < sizes_plain.max() - sizes_plain.min(), (sizes_bal, sizes_plain)
+    # the fine level does not depend on the coarse option
+    np.testing.assert_array_equal(bal.fine_centroids, plain.fine_centroids)
+
+
+def test_two_level_normalises_its_input():
+    """mode.md: embeddings are L2-normalised before both levels. Raw rows give the same
+    clusters as their normalised selves; unit rows are used bit for bit; a zero row is named."""
+    x = _skewed_unit_sample(seed=5)
+    scale = np.random.default_rng(0).uniform(0.2, 5.0, size=(len(x), 1)).astype(np.float32)
+    unit, _, _ = fit_two_level(x, fine_k=16, n_experts=2, seed=0, niter=5)
+    raw, _, _ = fit_two_level(x * scale, fine_k=16, n_experts=2, seed=0, niter=5)
+    np.testing.assert_allclose(raw.fine_centroids, unit.fine_centroids, atol=1e-5)
+    np.testing.assert_array_equal(raw.expert_of_fine, unit.expert_of_fine)
+    f_unit, e_unit, d_unit = unit.assign(x)
+    f_raw, e_raw, _ = unit.assign(torch.from_numpy(x * scale))
+    np.testing.assert_array_equal(f_raw, f_unit)
+    np.testing.assert_array_equal(e_raw, e_unit)
+    # unit rows are not renormalised: the distances are those of the rows as given
+    c = unit.fine_centroids[f_unit]
+    np.testing.assert_allclose(d_unit, ((x - c) ** 2).sum(1), rtol=1e-4, atol=1e-5)
+    bad = x.copy()
+    bad[7] = 0
+    with pytest.raises(ValueError, match="row 7 has norm 0"):
+        unit.assign(bad)
+    with pytest.raises(ValueError, match="row 7 has norm 0"):
+        fit_two_level(bad, fine_k=16, n_experts=2)
+
+
+def test_cluster_cli_no_balanced_coarse_flag():
+    import argparse
+
+    from mode_fast import cluster
+
+    parser = argparse.ArgumentParser()
+    cluster.add_arguments(parser)
+    assert parser.parse_args(["x.tar", "--out", "o"]).balanced_coarse is True
+    args = parser.parse_args(["x.tar", "--out", "o", "--no-balanced-coarse"])
+    assert args.balanced_coarse is False and args.balanced is True
+    assert cluster.ClusterJob.__dataclass_fields__["balanced_coarse"].default is True
 
 
 def test_two_level_k_larger_than_sample():

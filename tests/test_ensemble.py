@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from mode_fast.ensemble import check_class_names, combine_logits, expert_weights
+from mode_fast.ensemble import (ENSEMBLE_INPUTS, check_class_names, combine_logits, expert_weights,
+                                 template_class_embeddings)
 
 
 def weights_by_the_letter(emb, centers, coarse, n):
@@ -71,3 +72,67 @@ def test_bad_input_named():
         expert_weights(np.eye(4)[:2], centers, np.array([0, 1]), 2)
     with pytest.raises(ValueError, match="NaN"):
         expert_weights(np.full((1, 4), np.nan), centers, np.array([0, 1, 0, 1]), 2)
+
+
+# ------------------------------------------------------------------ issue 16: MoDE's inputs
+def test_template_class_embeddings_worked_example():
+    """mode.md: each class name goes through the task's templates, the (unit) template
+    embeddings are averaged, then normalised. 2-D worked example by hand:
+    "a photo of cat" -> (1, 0), "a sketch of cat" -> (0, 1): mean (0.5, 0.5), unit (1/sqrt2, 1/sqrt2);
+    "a photo of dog" -> (3, 4) (unit (0.6, 0.8)), "a sketch of dog" -> (0, -2) (unit (0, -1)):
+    mean (0.3, -0.1), unit (3, -1)/sqrt10."""
+    table = {"a photo of cat": [1.0, 0.0], "a sketch of cat": [0.0, 1.0],
+             "a photo of dog": [3.0, 4.0], "a sketch of dog": [0.0, -2.0],
+             "cat": [1.0, 0.0], "dog": [0.0, 5.0]}
+    embed = lambda texts: np.array([table[t] for t in texts])  # noqa: E731
+    got = template_class_embeddings(embed, ["cat", "dog"], ["a photo of {}", "a sketch of {}"])
+    s2, s10 = math.sqrt(2), math.sqrt(10)
+    np.testing.assert_allclose(got, [[1 / s2, 1 / s2], [3 / s10, -1 / s10]], rtol=1e-12)
+    # no templates: the bare names, normalised
+    np.testing.assert_allclose(template_class_embeddings(embed, ["cat", "dog"]), [[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="cannot be normalised"):
+        template_class_embeddings(lambda t: np.zeros((len(t), 2)), ["cat"], ["{}"])
+
+
+def test_template_averaging_moves_the_weights():
+    """The worked example above decides the expert: bare "dog" sits on expert 1's center
+    (0, 1), its template average (3, -1)/sqrt10 nearest expert 0's center (1, 0)."""
+    table = {"a photo of dog": [3.0, 4.0], "a sketch of dog": [0.0, -2.0], "dog": [0.0, 5.0]}
+    embed = lambda texts: np.array([table[t] for t in texts])  # noqa: E731
+    centers = np.array([[1.0, 0.0], [0.0, 1.0]])
+    bare = expert_weights(template_class_embeddings(embed, ["dog"]), centers, np.array([0, 1]), 2)
+    avg = expert_weights(template_class_embeddings(embed, ["dog"], ["a photo of {}", "a sketch of {}"]),
+                         centers, np.array([0, 1]), 2)
+    assert bare.argmax() == 1 and avg.argmax() == 0
+    # by the letter: C = 1, a = exp(0.5 - 1), m = 5; d = |(3, -1)/sqrt10 - (1, 0)|
+    d = math.dist([3 / math.sqrt(10), -1 / math.sqrt(10)], [1, 0])
+    s0 = math.exp((math.exp(-0.5) - d) * 5.0)
+    np.testing.assert_allclose(avg, [math.exp(s0 / 8) / (math.exp(s0 / 8) + 1), 1 / (math.exp(s0 / 8) + 1)])
+
+
+class _FakeModel:
+    """What _ensemble_inputs reads: .model.logit_scale (a log scale, as open_clip keeps it)."""
+
+    def __init__(self, scale: float):
+        import torch
+
+        self.model = type("M", (), {"logit_scale": torch.tensor(math.log(scale))})()
+
+
+def test_ensembles_combine_plain_cosines_by_default():
+    """mode.md: the weighted zero-shot outputs are plain cosine similarities. Worked example:
+    expert 0 (scale 100) cosines [0.5, 0.4], expert 1 (scale 10) cosines [0.1, 0.3], equal weights:
+    cosine mean [0.3, 0.35] -> class 1; scaled mean [25.5, 21.5] -> class 0."""
+    from mode_fast.evaluate import EvalError, _ensemble_inputs
+
+    models = [_FakeModel(100.0), _FakeModel(10.0)]
+    cos = [np.array([[0.5, 0.4]]), np.array([[0.1, 0.3]])]
+    w = np.array([0.5, 0.5])
+    plain = combine_logits(_ensemble_inputs(models, cos, "cosine"), w)
+    scaled = combine_logits(_ensemble_inputs(models, cos, "scaled"), w)
+    np.testing.assert_allclose(plain, [[0.3, 0.35]])
+    np.testing.assert_allclose(scaled, [[25.5, 21.5]], rtol=1e-6)
+    assert plain.argmax() == 1 and scaled.argmax() == 0
+    assert ENSEMBLE_INPUTS == ("cosine", "scaled")
+    with pytest.raises(EvalError, match="known are cosine, scaled"):
+        _ensemble_inputs(models, cos, "logits")

@@ -107,6 +107,16 @@ def reference_logits(ckpt: Path, images: list[bytes], classes: list[str], templa
         return (model.logit_scale.exp() * img @ torch.stack(rows).T).double().numpy()
 
 
+def template_mean(classes: list[str], templates: list[str]) -> np.ndarray:
+    """MoDE's class embeddings (mode.md), computed here: per class the hash embeddings of its
+    prompts, averaged, then normalised."""
+    rows = []
+    for c in classes:
+        e = np.asarray(HashEmbedder(64)([t.format(c) for t in templates]), dtype=np.float64).mean(0)
+        rows.append(e / np.linalg.norm(e))
+    return np.stack(rows)
+
+
 def test_sample_eval_matches_an_independent_recomputation(env, tmp_path, capsys):
     out = tmp_path / "out"
     assert eval_cli(env, out, "--data", f"sample={env['sample']}") == 0
@@ -122,9 +132,10 @@ def test_sample_eval_matches_an_independent_recomputation(env, tmp_path, capsys)
                                [b for b, _ in items], classes, templates) for k in range(N_EXPERTS)]
     seed_logits = reference_logits(env["run"] / "seed" / "checkpoints" / "final.pt",
                                    [b for b, _ in items], classes, templates)
-    w = expert_weights(HashEmbedder(64)(classes), TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids,
-                       np.arange(12) % N_EXPERTS, N_EXPERTS)
+    w = expert_weights(template_mean(classes, templates),
+                       TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids, np.arange(12) % N_EXPERTS, N_EXPERTS)
     np.testing.assert_allclose(task["expert_weights"], w, rtol=1e-6)
+    assert res["ensemble_inputs"] == "cosine" and "plain cosine similarities" in (out / "results.md").read_text()
     acc = lambda lg: float((lg.argmax(1) == labels).mean())  # noqa: E731
     for k in range(N_EXPERTS):
         assert task["top1"][f"expert_{k}"] == pytest.approx(acc(logits[k]))
@@ -145,6 +156,36 @@ def test_sample_eval_matches_an_independent_recomputation(env, tmp_path, capsys)
             assert im.size[0] > 100
     assert not list(out.glob(".*tmp")), "temporaries left behind"
     assert "mode_ensemble" in capsys.readouterr().out
+
+
+def test_ensembles_combine_cosines_when_the_scales_differ(env, tmp_path):
+    """mode.md: MoDE weights the experts' plain cosine similarities. With expert logit scales
+    100, 1 and 10 the cosine and the scaled combinations rank differently; eval does the
+    first by default and the second with --ensemble-inputs scaled."""
+    run = tmp_path / "run"
+    shutil.copytree(env["run"], run)
+    scales = [100.0, 1.0, 10.0]
+    for k, scale in enumerate(scales):
+        ckpt = run / f"expert_{k}" / "checkpoints" / "final.pt"
+        state = torch.load(ckpt, weights_only=True)
+        state["state_dict"]["logit_scale"] = torch.tensor(math.log(scale))
+        torch.save(state, ckpt)
+    classes = json.loads((env["sample"] / "eval" / "classes.json").read_text())
+    templates = json.loads((env["sample"] / "eval" / "templates.json").read_text())
+    items = eval_items(env["sample"])
+    labels = np.array([y for _, y in items])
+    cos = [reference_logits(run / f"expert_{k}" / "checkpoints" / "final.pt", [b for b, _ in items], classes,
+                            templates) / scales[k] for k in range(N_EXPERTS)]
+    w = expert_weights(template_mean(classes, templates), TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids,
+                       np.arange(12) % N_EXPERTS, N_EXPERTS)
+    want = {"cosine": sum(wk * c for wk, c in zip(w, cos)), "scaled": sum(wk * s * c for wk, s, c in zip(w, scales, cos))}
+    assert (want["cosine"].argmax(1) != want["scaled"].argmax(1)).any(), "the example must tell them apart"
+    for inputs, logits in want.items():
+        out = tmp_path / inputs
+        assert eval_cli(env, out, "--data", f"sample={env['sample']}", "--ensemble-inputs", inputs, run=run) == 0
+        task = json.loads((out / "results.json").read_text())["tasks"]["sample"]
+        np.testing.assert_array_equal(task["correct"]["mode_ensemble"], (logits.argmax(1) == labels).astype(int))
+        assert task["top1"]["mode_ensemble"] == pytest.approx(float((logits.argmax(1) == labels).mean()))
 
 
 def write_formats(sample: Path, root: Path) -> dict[str, Path]:
@@ -400,7 +441,7 @@ def test_digits_eval_end_to_end_matches_an_independent_recomputation(env, tmp_pa
                        ("seed", env["run"] / "seed" / "checkpoints" / "final.pt")):
         lg = reference_logits(ckpt, pngs, evaluate.DIGIT_CLASSES, evaluate.DIGIT_TEMPLATES)
         assert task["top1"][name] == pytest.approx(float((lg.argmax(1) == target[idx]).mean()))
-    w = expert_weights(HashEmbedder(64)(evaluate.DIGIT_CLASSES),
+    w = expert_weights(template_mean(evaluate.DIGIT_CLASSES, evaluate.DIGIT_TEMPLATES),
                        TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids, np.arange(12) % N_EXPERTS,
                        N_EXPERTS)
     np.testing.assert_allclose(task["expert_weights"], w, rtol=1e-6)

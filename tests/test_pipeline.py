@@ -28,7 +28,9 @@ def ckpt(path: Path) -> dict:
 def test_demo_runs_every_step_and_reports(demo):
     s = pipeline.QUICK
     timings = json.loads((demo / "timings.json").read_text())
-    names = [x["step"] for x in timings["steps"]]
+    names = [x["step"] for x in timings["runs"][0]["steps"]]
+    assert not any(x.get("skipped") for x in timings["runs"][0]["steps"])
+    assert all(x["cpu_seconds"] >= 0 and x["seconds"] > 0 for x in timings["runs"][0]["steps"])
     assert names[:4] == ["sample", "curate", "cluster", "train seed"]
     assert [n for n in names if n.startswith("train expert")] == [f"train expert {k}" for k in range(s.experts)]
     assert names[-2:] == ["eval", "eval digits"]  # scikit-learn is in the dev environment
@@ -45,6 +47,76 @@ def test_demo_runs_every_step_and_reports(demo):
     assert f"equal training compute ({100 * avg['same_compute']:.1f}%)" in text
     diff = round(100 * avg["mode_ensemble"], 1) - round(100 * avg["same_compute"], 1)
     assert ("beats" if diff > 0.05 else "loses to" if diff < -0.05 else "ties with") in text
+
+
+def test_summary_json_holds_every_section(demo):
+    """Issue 16: summary.json holds curation, clustering (domain_ami), experts, ensemble and the
+    comparison; each task has its chance level and every model's top-1."""
+    s = pipeline.QUICK
+    summary = json.loads((demo / "summary.json").read_text())
+    results = json.loads((demo / "eval" / "results.json").read_text())
+    assert summary["ensemble_inputs"] == "cosine"
+    for name, task in summary["tasks"].items():
+        assert task["chance"] == pytest.approx(1 / results["tasks"][name]["n_classes"])
+        assert task["top1"] == results["tasks"][name]["top1"]
+        assert {"mode_ensemble", "mean_ensemble", "best_expert", "same_compute", "seed"} <= set(task["top1"])
+    assert summary["tasks"]["shapes"]["chance"] == 0.25 and summary["tasks"]["all16"]["chance"] == 1 / 16
+    cur = summary["curation"]
+    assert cur["pool_pairs"] == s.num_pairs and cur["kept_pairs"] == s.target_size
+    assert cur["head"]["matches_after"] <= cur["head"]["matches_before"]
+    # the tail is kept: every pair matching an entry at or under t is kept
+    assert cur["tail"]["matches_after"] == cur["tail"]["matches_before"]
+    assert sum(cur["kept_per_domain"].values()) == s.target_size
+    cl = summary["clustering"]
+    assert -1 <= cl["domain_ami"] <= 1 and 0.25 <= cl["domain_purity"] <= 1
+    assert sum(map(sum, cl["pairs_per_expert_and_domain"])) == cl["n_pairs"] == s.target_size
+    assert set(summary["experts"]["top1_per_domain_task"]) == {f"expert_{k}" for k in range(s.experts)}
+    for d in ("shapes", "textures", "glyphs", "scenes"):
+        e = summary["ensemble"][d]
+        assert len(e["weights"]) == s.experts and sum(e["weights"]) == pytest.approx(1.0)
+        assert e["largest_is_domain_expert"] == (e["largest"] == e["domain_expert"])
+    for name, diffs in summary["comparison"].items():
+        for key in ("mode_ensemble - mean_ensemble", "mode_ensemble - best_expert", "mode_ensemble - same_compute"):
+            assert diffs[key]["se"] >= 0
+        if name in summary["tasks"]:
+            t = summary["tasks"][name]["top1"]
+            assert diffs["mode_ensemble - same_compute"]["diff"] == pytest.approx(t["mode_ensemble"] - t["same_compute"])
+    text = (demo / "summary.md").read_text()
+    for heading in ("## Curation", "## Clustering", "## Experts", "## Ensemble", "## Comparison"):
+        assert heading in text
+    assert f"adjusted mutual information with the image's domain {cl['domain_ami']:.3f}" in text
+    from PIL import Image
+
+    for png in ("curation", "clustering", "experts", "comparison", "ensemble_weights"):
+        with Image.open(demo / "report" / f"{png}.png") as im:
+            assert 300 < im.size[0] <= 1200, (png, im.size)  # fits a laptop screen
+
+
+def test_curation_counts_match_curates_own(demo):
+    """The summary's re-matching of captions agrees with curate's counts on the whole pool."""
+    import numpy as np
+
+    from mode_fast._matcher import Matcher
+    from mode_fast.metadata import load_metadata
+
+    entries = load_metadata(None)
+    pool = pipeline._records(sorted((demo / "sample" / "pool").glob("*.tar")))
+    _, ids = Matcher(entries).match_batch([c for _, c, _ in pool])
+    np.testing.assert_array_equal(np.bincount(ids, minlength=len(entries)),
+                                  np.load(demo / "curated" / "entry_count.npy"))
+
+
+def test_progress_bars_become_lines_when_not_on_a_terminal(monkeypatch, capsys):
+    """A step's carriage-return updates come out as whole lines, at most one per interval."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(pipeline, "PROGRESS_EVERY", 3600.0)
+    script = "import sys\nfor i in range(5): sys.stdout.write(f'bar {i}\\r')\nprint('done')"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    pipeline._relay(proc, tty=False)
+    proc.wait()
+    assert capsys.readouterr().out == "bar 0\ndone\n"
 
 
 def test_verdict_is_judged_at_the_printed_precision():
@@ -83,7 +155,7 @@ def test_demo_without_sklearn_skips_the_digits_with_a_note(demo, tmp_path, monke
     monkeypatch.setattr(pipeline, "have_sklearn", lambda: False)
     assert pipeline.main(["--out", str(out), "--quick"]) == 0
     timings = json.loads((out / "timings.json").read_text())
-    assert [x["step"] for x in timings["steps"]][-1] == "eval"
+    assert [x["step"] for x in timings["runs"][-1]["steps"]][-1] == "eval"
     assert timings["digits"].startswith("skipped: scikit-learn is not installed")
     assert "note: eval digits skipped: scikit-learn is not installed" in capsys.readouterr().out
     assert not (out / "eval_digits").exists()
@@ -116,10 +188,19 @@ def test_domain_tasks_hold_the_right_images(demo):
         assert set(cls) <= set(range(len(labels)))
 
 
-def test_rerun_skips_finished_training(demo):
+def test_rerun_skips_finished_training(demo, capsys):
     before = ckpt(demo / "run" / "expert_0" / "checkpoints" / "final.pt")["state_dict"]
+    runs_before = json.loads((demo / "timings.json").read_text())["runs"]
+    capsys.readouterr()
     assert pipeline.main(["--out", str(demo), "--quick"]) == 0
-    names = [x["step"] for x in json.loads((demo / "timings.json").read_text())["steps"]]
-    assert not [n for n in names if n.startswith("train") or n == "cluster"]
+    runs = json.loads((demo / "timings.json").read_text())["runs"]
+    assert runs[:len(runs_before)] == runs_before and len(runs) == len(runs_before) + 1  # appended
+    steps = runs[-1]["steps"]
+    ran = [x["step"] for x in steps if not x.get("skipped")]
+    assert not [n for n in ran if n.startswith("train") or n in ("sample", "curate", "cluster", "eval")]
+    assert {"sample", "curate", "cluster", "train seed", "eval"} <= {x["step"] for x in steps if x.get("skipped")}
+    printed = capsys.readouterr().out
+    assert "skip: train seed: already done" in printed and "skip: cluster: already done" in printed
+    assert "skipped as already done: sample, curate, cluster, train seed" in (demo / "summary.md").read_text()
     after = ckpt(demo / "run" / "expert_0" / "checkpoints" / "final.pt")["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -350,7 +350,11 @@ def test_rates_are_configurable(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     assert main(["sample", "--out", str(out), "--num-pairs", "50", "--eval-pairs", "16", "--shard-size", "20"]) == 0
-    assert "50 pairs in 3 shards" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "50 pairs in 3 shards" in printed
+    # progress: one line per shard written
+    assert "sample: pool shard 1/3 written (20 pairs)" in printed and "sample: pool shard 3/3 written (50 pairs)" in printed
+    assert "sample: eval shard 1/1 written" in printed
     assert len(_pool(out)) == 50 and (out / "eval/classes.json").is_file()
     assert main(["sample", "--out", str(tmp_path / "bad"), "--num-pairs", "0"]) == 2
     assert "num_pairs must be > 0" in capsys.readouterr().err

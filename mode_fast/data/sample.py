@@ -604,12 +604,14 @@ def write_sample(
     tricky_rate: float = 0.03,
     image_size: int = 32,
     force: bool = False,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Write the sample pool and eval split under `out_dir` (layout: module docstring).
 
     Returns what it writes to ``out_dir/sample_info.json``: the arguments, shard paths
     (relative to `out_dir`), file sizes, and counts per domain, class and caption kind.
     A complete output of the same arguments is kept as it is unless `force`.
+    `progress`: called with a one-line message after each shard written (the CLI prints it).
     """
     if num_pairs <= 0:
         raise ValueError(f"num_pairs must be > 0, got {num_pairs}")
@@ -658,12 +660,16 @@ def write_sample(
             kinds[s["caption_kind"]] += 1
             tricky += s["tricky"]
         file_bytes[rel] = _write_shard(out / rel, samples, with_cls=False)
+        if progress is not None:
+            progress(f"sample: pool shard {k + 1}/{len(pool_shards)} written ({indices.stop:,} pairs)")
     eval_per_class = [0] * len(CLASS_NAMES)
     for k, rel in enumerate(eval_shards):
         samples = [_eval_sample(i, seed, image_size) for i in range(k * shard_size, min((k + 1) * shard_size, eval_pairs))]
         for s in samples:
             eval_per_class[s["label"]] += 1
         file_bytes[rel] = _write_shard(out / rel, samples, with_cls=True)
+        if progress is not None:
+            progress(f"sample: eval shard {k + 1}/{len(eval_shards)} written")
     for rel, content in (("eval/classes.json", CLASS_NAMES), ("eval/templates.json", TEMPLATES)):
         write_json(out / rel, content)
         file_bytes[rel] = (out / rel).stat().st_size
@@ -713,7 +719,7 @@ def run(args: argparse.Namespace) -> int:
             args.out, num_pairs=args.num_pairs, shard_size=args.shard_size, seed=args.seed,
             eval_pairs=args.eval_pairs, mismatch_rate=args.mismatch_rate, noise_rate=args.noise_rate,
             near_duplicate_rate=args.near_duplicate_rate, tricky_rate=args.tricky_rate,
-            image_size=args.image_size, force=args.force,
+            image_size=args.image_size, force=args.force, progress=lambda line: print(line, flush=True),
         )  # fmt: skip
     except ValueError as err:
         print(f"mode-fast sample: error: {err}", file=sys.stderr)
