@@ -233,9 +233,9 @@ def test_train_wrong_caption_key_and_bad_image_are_one_line(tmp_path, capsys):
         m for i in range(8) for m in ((f"k{i}.png", png(i) if i != 5 else b"not a png"), (f"k{i}.txt", b"cap"))])
     base = ["train", "--data", str(tmp_path / "pool"), "--model", "mode-fast-tiny", "--batch-size", "4",
             "--warmup", "1", "--steps", "2", "--no-progress", "--shuffle-window", "1"]
-    assert cli.main(base + ["--out", str(tmp_path / "a"), "--caption-key", "json:caption", "--workers", "0"]) == 2
+    assert cli.main(base + ["--out", str(tmp_path / "a"), "--caption-key", "title", "--workers", "0"]) == 2
     line = one_line_error(capsys.readouterr().err, "train")
-    assert "caption key 'json:caption' not found in the first sample 'k0'" in line and ".png, .txt" in line
+    assert "caption key 'title' not found in the first sample 'k0'" in line and ".png, .txt" in line
     assert cli.main(base + ["--out", str(tmp_path / "b"), "--image-key", "png", "--caption-key", "txt",
                             "--workers", "1"]) == 2
     line = one_line_error(capsys.readouterr().err, "train")
