@@ -144,39 +144,6 @@ def test_interpreted_rectangular_kernels_match_torch_backend(b, d, strided):
     _check_rect(_interpreted(b, d, strided, rect=True), 1e-5)
 
 
-# (kernel, SIGLIP, MERGE) of each rectangular launch: rows (+ ring merge), SigLIP negatives
-RECT_MODES = [("fwd", False, False), ("fwd", False, True), ("fwd", True, False), ("bwd", False, None),
-              ("bwd", True, None)]
-
-
-@pytest.mark.parametrize("kind,siglip,merge", RECT_MODES)
-def test_rectangular_kernels_compile_for_hopper(kind, siglip, merge):
-    """The rectangular launches lower to sm_90 machine code (bf16 inputs), as
-    tests/test_kernels_compile.py checks for the square ones: the interpreter forgives what
-    the compiler refuses."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from mode_fast.kernels import contrastive_loss as cl
-    from mode_fast.kernels import dispatch
-
-    if dispatch.interpreting():
-        pytest.skip("kernels are interpreter functions in this process")
-    fn = cl._block_fwd_kernel if kind == "fwd" else cl._block_bwd_kernel
-    const = cl._launch_meta(torch.empty(1, 1, dtype=torch.bfloat16), False) | {"SIGLIP": siglip, "COLS": False}
-    if kind == "fwd":
-        const["MERGE"] = merge
-    types = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")} | {"Q_ptr": "*bf16", "K_ptr": "*bf16"}
-    types |= {n: "i32" for n in fn.arg_names if n[0] in "MND" and len(n) == 1 or "_stride_" in n}
-    types |= {n: "fp32" for n in ("scale", "bias", "g")}
-    sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    assert kernel.asm["cubin"], "no machine code"
-    assert kernel.metadata.shared <= 227 * 1024
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
