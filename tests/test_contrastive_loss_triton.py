@@ -116,7 +116,89 @@ RECT_LAUNCHES = {
 }
 
 
-def _interpreted(b: int, d: int, strided: bool, rect: bool = False) -> dict:
+def _determinism(b: int, d: int, strided: bool) -> dict:
+    """deterministic=True: bitwise equal results on repeated runs, and from the kernels
+    launched one row block at a time in a shuffled order (program order permuted) equal to
+    one launch; also the results match the torch backend and the default (atomic) mode."""
+    import triton
+
+    from mode_fast.kernels import contrastive_loss as cl
+
+    img0, txt0 = _features(b, d, strided)
+    out = {}
+    m = b // 2 + 1
+
+    def run(fn, **kw):
+        img, txt = img0.detach().requires_grad_(), txt0.detach().requires_grad_()
+        scale = torch.tensor(12.0, requires_grad=True)
+        loss = fn(img, txt, scale, **kw)
+        loss.backward()
+        return [loss.detach()] + [x.grad for x in (img, txt, scale)]
+
+    variants = {
+        "clip": lambda i, t, s, **kw: cl.clip_loss(i, t, s, **kw),
+        "siglip": lambda i, t, s, **kw: cl.siglip_loss(i, t, s, -6.0, **kw),
+        "infonce": lambda i, t, s, **kw: cl.infonce_loss(i[:m], t, s, 1, **kw),
+        "siglip_negatives": lambda i, t, s, **kw: cl.siglip_loss(i[:m], t, s, -6.0, positives=False, **kw),
+    }
+    for name, fn in variants.items():
+        before = cl.kernel_launches.copy()
+        a = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        launched = dict(cl.kernel_launches - before)
+        again = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        ref = run(fn, backend="torch")
+        atomic = run(fn, backend="triton", strict_fp32=True, bwd="atomic")
+        ref2 = run(fn, backend="torch")
+        out[name] = {
+            "repeat_equal": all(torch.equal(x, y) for x, y in zip(a, again)),
+            "torch_repeat_equal": all(torch.equal(x, y) for x, y in zip(ref, ref2)),
+            "err": max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, ref)),
+            "atomic_err": max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
+                              for x, y in zip(atomic, ref)),
+            "atomic_launches": not launched.get("atomic") and bool(launched.get("dk:columns")),
+        }
+    # program order: each program owns its rows, so one launch equals the row blocks
+    # launched one at a time in a shuffled order, bit for bit (forward rows and both
+    # backward passes, with the q / k roles swapped as the columns pass does)
+    g = torch.Generator().manual_seed(7)
+    q, k = img0, txt0[: b - 3]
+    n = k.shape[0]
+    lse = cl.rows_forward(q, k, 12.0, strict_fp32=True)
+    lse_k = cl.rows_forward(k, q, 12.0, strict_fp32=True)
+    cfg = cl.launch_configs("bwd", q.dtype)[0]
+    bm = cfg["BLOCK_M"]
+    order_ok = True
+    for siglip in (False, True):
+        for qq, kk, l_r, l_c in ((q, k, lse, lse_k), (k, q, lse_k, lse)):
+            rows, cols = qq.shape[0], kk.shape[0]
+            progs = triton.cdiv(rows, bm)
+
+            def launch(r, d_q, d_s, d_b, fwd_row):
+                ln = r.stop - r.start
+                cl._kernel("fwd", "general")[(triton.cdiv(ln, bm),)](
+                    qq[r], kk, fwd_row, fwd_row, fwd_row, ln, cols, d, qq.stride(0), qq.stride(1),
+                    kk.stride(0), kk.stride(1), 12.0, -6.0, 0, SIGLIP=siglip, COLS=False, PRECISION="ieee",
+                    **cfg)
+                cl._kernel("bwd", "general")[(triton.cdiv(ln, bm),)](
+                    qq[r], kk, l_r[r], l_c, d_q[r], d_q, d_s, d_b, ln, cols, d, qq.stride(0), qq.stride(1),
+                    kk.stride(0), kk.stride(1), 12.0, -6.0, 0.01, 1, 1, SIGLIP=siglip, DK_ATOMIC=False,
+                    PRECISION="ieee", **cfg)
+
+            def bufs():
+                return torch.zeros(rows, d), torch.zeros(progs), torch.zeros(progs), torch.zeros(rows)
+
+            whole = bufs()
+            launch(slice(0, rows), *whole)
+            parts = bufs()
+            for p in torch.randperm(progs, generator=g).tolist():
+                r = slice(p * bm, min(rows, p * bm + bm))
+                launch(r, parts[0], parts[1][p:], parts[2][p:], parts[3][r])
+            order_ok &= all(torch.equal(x, y) for x, y in zip(whole, parts))
+    out["program_order"] = bool(order_ok)
+    return out
+
+
+def _interpreted(b: int, d: int, strided: bool, rect: bool | str = False) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, __file__, str(b), str(d), str(int(strided)), str(int(rect))],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -144,6 +226,19 @@ def test_interpreted_rectangular_kernels_match_torch_backend(b, d, strided):
     _check_rect(_interpreted(b, d, strided, rect=True), 1e-5)
 
 
+@pytest.mark.parametrize("b,d,strided", [(37, 20, False), (50, 33, True)])
+def test_interpreted_deterministic_mode(b, d, strided):
+    """deterministic=True: same bits on a second run and whatever order the programs run
+    in; no atomic launch; as accurate as the default path. The torch path repeats bitwise."""
+    res = _interpreted(b, d, strided, rect=2)
+    for name in ("clip", "siglip", "infonce", "siglip_negatives"):
+        r = res[name]
+        assert r["repeat_equal"] and r["torch_repeat_equal"], f"{name}: {r}"
+        assert r["err"] <= 1e-5 and r["atomic_err"] <= 1e-5, f"{name}: {r}"
+        assert r["atomic_launches"], f"{name}: an atomic kernel ran under deterministic=True"
+    assert res["program_order"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
@@ -159,5 +254,5 @@ if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (sets TRITON_INTERPRET=1)"
     torch.set_num_threads(1)
     b_, d_, strided_ = int(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3]))
-    rect_ = len(sys.argv) > 4 and bool(int(sys.argv[4]))
-    print(json.dumps((_rect_rel_errors if rect_ else _max_rel_errors)(b_, d_, strided_)))
+    what = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    print(json.dumps((_max_rel_errors, _rect_rel_errors, _determinism)[what](b_, d_, strided_)))

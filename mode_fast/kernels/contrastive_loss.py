@@ -24,6 +24,42 @@ like FlashAttention. One CLIP tile feeds both directions, so fwd + bwd costs 4 B
 matmuls (open_clip's ClipLoss: 6). The label (delta) terms are O(M D) and are added on
 the host from the matching rows, chunk by chunk (no upcast copy of a whole input).
 
+Backward's dK. "atomic": one pass; each program adds its s dL^T Q tile into the shared
+dK with float atomics. "columns": a second launch of the same kernel with Q and K swapped
+(each program owns a block of K's rows and loops over Q's row blocks, recomputing P from
+the saved LSEs), so no two programs write the same element. dispatch.contrastive_bwd()
+picks the default (keyword bwd=, environment MODE_FAST_CONTRASTIVE_BWD).
+
+Determinism. deterministic=True (Triton): no float atomics anywhere (CLIP's column LSE by
+a second row pass over T I^T instead of atomic column sums; dK by the columns pass), every
+program writes only its own rows, the per-program scale / bias shares are summed on the
+host in fp64 in index order, and the config is the list's first (no autotuning), so a
+call gives the same bits on every run whatever order the programs run in. The default
+(atomic) path is not deterministic. The torch path is deterministic as it is: a fixed
+loop over row chunks, no atomics (on CUDA, deterministic as far as cuBLAS / the
+reductions are for a fixed shape; torch.use_deterministic_algorithms is the user's).
+
+Global-memory traffic per call (Triton; s = bytes per input element, bm x bn the tile,
+P = ceil(M / bm) row programs, C = ceil(N / bn) column blocks; loads as issued, re-reads
+served by L2 count too; traffic() computes these):
+    forward pass        P C (bm + bn) D s                 (Q and K tiles over D)
+                        + P C bn 4   with CLIP's atomic column sums (the shifts)
+                        + M 4 read   for a ring merge;    stores M 4
+                        atomics: P C bn = P N fp32 adds (CLIP column sums only)
+    backward pass       P C [(bm + 2 bn) D s + 8 bm D]    (logit tile, K again, dQ read + written fp32)
+                        + P C bm D s + atomics P C bn D = M N D / bm   ("atomic": Q again, dK)
+                        + M 4 (+ P C bn 4 with a column LSE); stores P C bm D 4 + 8 P
+    CLIP forward: one pass with column sums, or deterministic two row passes (M <-> N).
+    backward "atomic": one pass; "columns": two passes (M x N, then N x M), no atomics.
+Compulsory: forward (M + N) D s read, the LSEs written; backward (M + N) D s + LSEs
+read, (M + N) D 4 written (fp32 gradients).
+At B = 32k, D = 768, bf16, 64 x 64 tiles: backward "atomic" 155 GB loads + 52 GB stores +
+12.9G atomic adds (52 GB), "columns" 258 GB + 103 GB and no atomics, against 0.3 GB
+compulsory. Both are dominated by the fp32 dQ accumulator, read and written once per
+tile (8 M N D / bn bytes), so "atomic" counts less and is the default; which is faster
+is for a GPU to say (benchmarks/gpu_check.sh times both). kernel_report.py prints the
+table at B = 32k and 1M.
+
 Layers: Triton kernels (_*_kernel) and torch paths (*_torch) -> host forward / backward
 per variant -> autograd Functions -> clip_loss(), infonce_loss(), local_clip_loss(),
 siglip_loss(), and the ring's per-step blocks ring_block_forward / ring_block_backward
@@ -302,6 +338,11 @@ _CONFIGS: dict[tuple[str, str, str], tuple[tuple[int, int, int, int, int], ...]]
     ("bwd", "aligned", "fp32"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
     ("bwd", "general", "16bit"): ((64, 64, 32, 4, 1),),
     ("bwd", "general", "fp32"): ((64, 64, 16, 4, 1),),
+    # strict fp32: IEEE dots run on FMA units with operands in registers: smaller tiles
+    ("fwd", "aligned", "ieee"): ((64, 64, 16, 4, 2), (32, 64, 32, 4, 3)),
+    ("fwd", "general", "ieee"): ((64, 64, 16, 4, 1),),
+    ("bwd", "aligned", "ieee"): ((32, 64, 16, 4, 2), (32, 32, 32, 4, 2)),
+    ("bwd", "general", "ieee"): ((32, 64, 16, 4, 1),),
 }  # fmt: skip
 # Under the interpreter: the smallest tiles tl.dot accepts, one config (autotune with
 # several configs fails there, and it runs through numpy).
@@ -312,8 +353,10 @@ _INTERPRETER_CONFIG = (16, 16, 16, 1, 1)
 BWD_MODES = dispatch.CONTRASTIVE_BWD
 
 
-def _dtype_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
+def _dtype_class(dtype: torch.dtype, strict_fp32: bool = False) -> str:
+    if dtype != torch.float32:
+        return "16bit"
+    return "ieee" if strict_fp32 else "fp32"
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -334,12 +377,13 @@ def _as_dict(cfg: tuple[int, int, int, int, int]) -> dict[str, int]:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
 
 
-def launch_configs(kind: str, dtype: torch.dtype, layout: str = "aligned") -> list[dict[str, int]]:
+def launch_configs(kind: str, dtype: torch.dtype, layout: str = "aligned",
+                   strict_fp32: bool = False) -> list[dict[str, int]]:
     """The configs the wrappers may launch for `kind` ("fwd" or "bwd") on inputs of this
-    dtype and layout (the static report compiles each one)."""
+    dtype, strict-fp32 flag and layout (the static report compiles each one)."""
     if dispatch.interpreting():
         return [_as_dict(_INTERPRETER_CONFIG)]
-    return [_as_dict(c) for c in _CONFIGS[(kind, layout, _dtype_class(dtype))]]
+    return [_as_dict(c) for c in _CONFIGS[(kind, layout, _dtype_class(dtype, strict_fp32))]]
 
 
 def _kernel(kind: str, layout: str) -> Any:
@@ -351,10 +395,10 @@ def _kernel(kind: str, layout: str) -> Any:
 _TUNED: dict[tuple[str, str, str], Any] = {}
 
 
-def _tuned_kernel(kind: str, layout: str, dtype: torch.dtype) -> Any:
+def _tuned_kernel(kind: str, layout: str, dtype: torch.dtype, strict_fp32: bool) -> Any:
     """triton.autotune over the list, cached by (M, N, D) (the autotuner adds dtypes).
     Timing runs restore the buffers the kernel accumulates into. Built on first use."""
-    key = (kind, layout, _dtype_class(dtype))
+    key = (kind, layout, _dtype_class(dtype, strict_fp32))
     if key not in _TUNED:
         configs = [triton.Config({k: v for k, v in _as_dict(c).items() if k.startswith("BLOCK")},
                                  num_warps=c[3], num_stages=c[4]) for c in _CONFIGS[key]]  # fmt: skip
@@ -364,14 +408,58 @@ def _tuned_kernel(kind: str, layout: str, dtype: torch.dtype) -> Any:
     return _TUNED[key]
 
 
+def _pass_traffic(m: int, n: int, d: int, s: int, bm: int, bn: int, kind: str, *, lse_loads: int = 0,
+                  cols: bool = False, merge: bool = False, dk_atomic: bool = False) -> dict[str, float]:
+    """One launch of a block kernel (module doc: Global-memory traffic); lse_loads: how many
+    LSE vectors the backward reads (per row once, per column block once per tile)."""
+    p, c = -(-m // bm), -(-n // bn)
+    tiles = p * c
+    if kind == "fwd":
+        loads = tiles * (bm + bn) * d * s + (m * 4 if merge else 0) + (tiles * bn * 4 if cols else 0)
+        stores, atomics = m * 4, (tiles * bn if cols else 0)
+    else:
+        loads = tiles * ((bm + 2 * bn) * d * s + bm * d * 4) + (tiles * bm * d * s if dk_atomic else 0)
+        loads += (m * 4 if lse_loads else 0) + (tiles * bn * 4 if lse_loads > 1 else 0)
+        stores, atomics = tiles * bm * d * 4 + 2 * p * 4, (tiles * bn * d if dk_atomic else 0)
+    return {"global_load_bytes": float(loads), "global_store_bytes": float(stores),
+            "atomic_ops": float(atomics), "atomic_bytes": 4.0 * atomics}
+
+
+def traffic(m: int, n: int, d: int, itemsize: int, block_m: int, block_n: int, *, loss: str = "clip",
+            bwd: str = "atomic", deterministic: bool = False) -> dict[str, dict[str, float]]:
+    """The module doc's traffic formulas for one call, in bytes (atomics: a count), with
+    this tile config: {"fwd": ..., "bwd": ...}. loss: "clip" (square, M = N), "rows" (one
+    InfoNCE direction, M queries x N keys) or "siglip"; bwd: "atomic" or "columns";
+    deterministic: CLIP's column LSE by a second row pass. "compulsory": inputs read once,
+    outputs written once."""
+    s, bm, bn = itemsize, block_m, block_n
+    softmax = loss != "siglip"
+    if loss == "clip" and deterministic:
+        a, b = _pass_traffic(m, n, d, s, bm, bn, "fwd"), _pass_traffic(n, m, d, s, bm, bn, "fwd")
+        fwd = {k: a[k] + b[k] for k in a}
+    else:
+        fwd = _pass_traffic(m, n, d, s, bm, bn, "fwd", cols=loss == "clip")
+    lse = (2 if loss == "clip" else 1) if softmax else 0
+    if bwd == "atomic":
+        back = _pass_traffic(m, n, d, s, bm, bn, "bwd", lse_loads=lse, dk_atomic=True)
+    else:
+        a = _pass_traffic(m, n, d, s, bm, bn, "bwd", lse_loads=lse)
+        b = _pass_traffic(n, m, d, s, bm, bn, "bwd", lse_loads=2 if softmax else 0)
+        back = {k: a[k] + b[k] for k in a}
+    lse_bytes = (m + (n if loss == "clip" else 0)) * 4 if softmax else m * 4
+    fwd["compulsory_bytes"] = float((m + n) * d * s + lse_bytes)
+    back["compulsory_bytes"] = float((m + n) * d * (s + 4) + (lse_bytes if softmax else 0))
+    return {"fwd": fwd, "bwd": back}
+
+
 def _precision(x: torch.Tensor, strict_fp32: bool) -> str:
     # TF32 only for fp32 inputs and only when allowed; fp16/bf16 tiles multiply natively
     return "tf32" if (x.dtype == torch.float32 and not strict_fp32) else "ieee"
 
 
 def _launch(kind: str, q: torch.Tensor, k: torch.Tensor, buffers: tuple, args: tuple, consts: dict,
-            strict_fp32: bool, deterministic: bool, config: dict | None, mode: str) -> int:
-    """Launch one block kernel over cdiv(M, BLOCK_M) row programs; returns the grid size.
+            strict_fp32: bool, deterministic: bool, config: dict | None, mode: str) -> Any:
+    """Launch one block kernel over cdiv(M, BLOCK_M) row programs.
 
     Under the interpreter, with deterministic=True or an explicit config (benchmarks): one
     config (the list's first unless given); otherwise autotuned over the list on CUDA.
@@ -383,24 +471,26 @@ def _launch(kind: str, q: torch.Tensor, k: torch.Tensor, buffers: tuple, args: t
     layout = _layout(q, k, *buffers)
     consts = dict(consts, PRECISION=_precision(q, strict_fp32))
     kernel_launches[f"{kind}:{mode}"] += 1
+    if consts.get("COLS") or consts.get("DK_ATOMIC"):
+        kernel_launches["atomic"] += 1  # a launch with float atomics (never under deterministic=True)
     if dispatch.interpreting() or deterministic or config is not None:
-        cfg = config or launch_configs(kind, q.dtype, layout)[0]
-        if cfg not in launch_configs(kind, q.dtype, layout):
+        cfg = config or launch_configs(kind, q.dtype, layout, strict_fp32)[0]
+        if cfg not in launch_configs(kind, q.dtype, layout, strict_fp32):
             raise ValueError(f"contrastive {kind}: {cfg} is not a {layout} config for {q.dtype}")
         grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
         _kernel(kind, layout)[grid](*args, **consts, **cfg)
         return grid[0]
     # the grid depends on the tuned BLOCK_M: the per-program outputs are sized for the
-    # smallest BLOCK_M of the list and the unused tail is zero-filled by the caller
+    # smallest BLOCK_M of the list (_max_programs), their unused tail left at zero
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-    _tuned_kernel(kind, layout, q.dtype)[grid](*args, **consts)
-    return triton.cdiv(m, min(c[0] for c in _CONFIGS[(kind, layout, _dtype_class(q.dtype))]))
+    _tuned_kernel(kind, layout, q.dtype, strict_fp32)[grid](*args, **consts)
+    return grid
 
 
-def _max_programs(kind: str, q: torch.Tensor, dtype_like: torch.Tensor) -> int:
+def _max_programs(kind: str, q: torch.Tensor, dtype_like: torch.Tensor, strict_fp32: bool) -> int:
     """Programs of the largest grid any config of the list can launch (per-program outputs)."""
     smallest = min(c["BLOCK_M"] for layout in ("aligned", "general")
-                   for c in launch_configs(kind, dtype_like.dtype, layout))  # fmt: skip
+                   for c in launch_configs(kind, dtype_like.dtype, layout, strict_fp32))  # fmt: skip
     return triton.cdiv(q.shape[0], smallest)
 
 
@@ -505,7 +595,7 @@ def rows_backward(q, k, scale: float, bias: float, lse, g: float, d_q, d_k, *, s
     m, d = q.shape
     assert d_q.is_contiguous() and d_k.is_contiguous() and d_q.dtype == d_k.dtype == torch.float32
     mode = mode or ("siglip_rect" if siglip else "rows")
-    grid = _max_programs("bwd", q, q)
+    grid = _max_programs("bwd", q, q, strict_fp32)
     d_s = torch.zeros(grid, dtype=torch.float32, device=q.device)
     d_b = torch.zeros(grid, dtype=torch.float32, device=q.device)
     lse_r = d_s if siglip else lse
@@ -522,7 +612,7 @@ def rows_backward(q, k, scale: float, bias: float, lse, g: float, d_q, d_k, *, s
         # Q and K swapped: the row LSE of this pass is the other's column LSE and vice versa
         # (rows only: the term is the column one). Its scale / bias shares repeat the first's.
         n = k.shape[0]
-        grid2 = _max_programs("bwd", k, q)
+        grid2 = _max_programs("bwd", k, q, strict_fp32)
         scratch = torch.zeros(2 * grid2, dtype=torch.float32, device=q.device)
         if lse_col is not None:
             lse_r2, lse_c2, terms = lse_col, lse_r, (1, 1)
