@@ -127,7 +127,8 @@ def test_environment_read_in_one_place():
     for path in root.rglob("*.py"):
         for line in path.read_text().splitlines():
             if ("environ" in line or "getenv" in line) and (
-                    "TRITON_INTERPRET" in line or "MODE_FAST_BACKEND" in line or "ENV_BACKEND" in line):
+                    "TRITON_INTERPRET" in line or "MODE_FAST_BACKEND" in line or "ENV_BACKEND" in line
+                    or "CONTRASTIVE_BWD" in line):
                 readers.setdefault(path.relative_to(root).as_posix(), []).append(line.strip())
     assert set(readers) == {"kernels/dispatch.py"}, readers
 

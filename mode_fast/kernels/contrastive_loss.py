@@ -28,7 +28,7 @@ Backward's dK. "atomic": one pass; each program adds its s dL^T Q tile into the 
 dK with float atomics. "columns": a second launch of the same kernel with Q and K swapped
 (each program owns a block of K's rows and loops over Q's row blocks, recomputing P from
 the saved LSEs), so no two programs write the same element. dispatch.contrastive_bwd()
-picks the default (keyword bwd=, environment MODE_FAST_CONTRASTIVE_BWD).
+picks the default (keyword bwd=; dispatch also reads MODE_FAST_CONTRASTIVE_BWD).
 
 Determinism. deterministic=True (Triton): no float atomics anywhere (CLIP's column LSE by
 a second row pass over T I^T instead of atomic column sums; dK by the columns pass), every
