@@ -178,12 +178,12 @@ NOTES = [
     "check did, measures the general form's code at the aligned form's tiles: that is where "
     "the 255-register, 500-800 B spill figures for 128x128 tiles came from.",
     "contrastive kernels: one compiled variant per mode (the term flags merge / row_term / "
-    "col_term are unspecialised runtime ints). The earlier sm_80 fp16/bf16 backward with "
-    "32-56 registers and KBs of spills multiplied the fp32 dL tile by fp32-upcast K / Q "
-    "blocks: an FMA dot (no tensor cores), whose operands ptxas could not keep in registers. "
-    "The backward now casts dL to the inputs' dtype for those two products (HMMA / HGMMA, "
-    "fp32 accumulation), as the forward does. Strict fp32 (IEEE FMA dots) has its own, "
-    "smaller tiles.",
+    "col_term are unspecialised runtime ints). The earlier sm_80 fp16/bf16 backward (32-56 "
+    "registers, KBs of spills) multiplied the fp32 dL tile by fp32-upcast K / Q blocks with "
+    "IEEE precision: an FMA dot, no tensor cores. Why ptxas gave that form so few registers "
+    "was not pinned down; the backward now casts dL to the inputs' dtype for those two "
+    "products (tensor cores, fp32 accumulation, as the forward), and every 16-bit config "
+    "compiles without spills. Strict fp32 (IEEE FMA dots) has its own, smaller tiles.",
 ]
 
 # New kernels (rectangular / ring / SigLIP-block ...): append their launch functions here.

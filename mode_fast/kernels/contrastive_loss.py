@@ -284,9 +284,11 @@ if triton is not None:
             d_log = tl.where(ok, g * p, 0.0)
             ds_acc += tl.sum(d_log * raw, 1)
             db_acc += tl.sum(d_log, 1)
-            # d loss / d (Q K^T), in the inputs' dtype: 16-bit tiles multiply on tensor cores
-            # (fp32 accumulation), fp32 ones as PRECISION says
-            d_lin = (d_log * scale).to(Q_ptr.dtype.element_ty)
+            # The two products take P itself (in [0, 2]) in the inputs' dtype, so 16-bit tiles
+            # multiply on tensor cores (fp32 accumulation; fp32 ones as PRECISION says), and
+            # are scaled by g * s afterwards: g * s * P can be ~1e-7, below fp16's normal range.
+            p_in = tl.where(ok, p, 0.0).to(Q_ptr.dtype.element_ty)
+            gs = g * scale
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < D
@@ -295,12 +297,12 @@ if triton is not None:
                 dq_ptrs = DQ_ptr + rows[:, None] * D + ks[None, :]
                 dq_mask = row_ok[:, None] & k_ok[None, :]
                 dq = tl.load(dq_ptrs, mask=dq_mask, other=0.0)
-                tl.store(dq_ptrs, tl.dot(d_lin, k_blk, dq, input_precision=PRECISION), mask=dq_mask)
+                tl.store(dq_ptrs, dq + gs * tl.dot(p_in, k_blk, input_precision=PRECISION), mask=dq_mask)
                 if DK_ATOMIC:
                     q_blk = tl.load(Q_ptr + rows[:, None] * Q_stride_m + ks[None, :] * Q_stride_d,
                                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     tl.atomic_add(DK_ptr + cols[:, None] * D + ks[None, :],
-                                  tl.dot(tl.trans(d_lin), q_blk, input_precision=PRECISION),
+                                  gs * tl.dot(tl.trans(p_in), q_blk, input_precision=PRECISION),
                                   mask=col_ok[:, None] & k_ok[None, :])
         tl.store(DS_ptr + pid, tl.sum(ds_acc, 0))
         tl.store(DB_ptr + pid, tl.sum(db_acc, 0))
