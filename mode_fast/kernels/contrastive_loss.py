@@ -330,7 +330,9 @@ if triton is not None:
 # compiles with 0 bytes of register spills for sm_90a and sm_80 (ptxas from the triton
 # wheel; benchmarks/results/static/kernels.md, asserted by tests/test_kernels_compile.py).
 # On CUDA the wrappers autotune over the list (cached by M, N, D); the first entry is the
-# one deterministic=True pins.
+# one deterministic=True pins. Found spilling on sm_80 and left out: the general (scalar
+# load) backward at 64 x 64 (16-bit: 84 / 48 B; TF32 64x64x16: 8 / 4 B), the strict-fp32
+# forward at 32x64x32 (16 B), and the strict backward at 64 x 64 tiles (428-2900 B).
 _CONFIGS: dict[tuple[str, str, str], tuple[tuple[int, int, int, int, int], ...]] = {
     ("fwd", "aligned", "16bit"): ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3)),
     ("fwd", "aligned", "fp32"): ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3)),
@@ -338,10 +340,10 @@ _CONFIGS: dict[tuple[str, str, str], tuple[tuple[int, int, int, int, int], ...]]
     ("fwd", "general", "fp32"): ((64, 64, 16, 4, 1),),
     ("bwd", "aligned", "16bit"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
     ("bwd", "aligned", "fp32"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
-    ("bwd", "general", "16bit"): ((64, 64, 32, 4, 1),),
-    ("bwd", "general", "fp32"): ((64, 64, 16, 4, 1),),
+    ("bwd", "general", "16bit"): ((32, 64, 32, 4, 1),),
+    ("bwd", "general", "fp32"): ((32, 64, 16, 4, 1),),
     # strict fp32: IEEE dots run on FMA units with operands in registers: smaller tiles
-    ("fwd", "aligned", "ieee"): ((64, 64, 16, 4, 2), (32, 64, 32, 4, 3)),
+    ("fwd", "aligned", "ieee"): ((64, 64, 16, 4, 2), (32, 64, 16, 4, 3)),
     ("fwd", "general", "ieee"): ((64, 64, 16, 4, 1),),
     ("bwd", "aligned", "ieee"): ((32, 64, 16, 4, 2), (32, 32, 32, 4, 2)),
     ("bwd", "general", "ieee"): ((32, 64, 16, 4, 1),),
