@@ -286,3 +286,20 @@ def test_deterministic_torch_path_repeats_bitwise_and_refuses_the_atomic_backwar
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="deterministic=True needs bwd='columns'"):
         clip_loss(img, txt, 10.0, "torch", deterministic=True, bwd="atomic")
+
+
+def test_train_deterministic_flag_reaches_the_loss():
+    """mode-fast train --deterministic: parsed into TrainConfig and passed to the loss."""
+    import argparse
+
+    from mode_fast import train
+    from mode_fast.training import make_loss
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    for argv, want in (([], False), (["--deterministic"], True)):
+        cfg = train.TrainConfig.from_args(parser.parse_args(["--data", "x.tar", "--out", "run", *argv]))
+        assert cfg.deterministic is want
+        for siglip in (False, True):
+            loss, source = make_loss(siglip, deterministic=cfg.deterministic)
+            assert source == "mode_fast.loss" and loss.deterministic is want
