@@ -378,7 +378,7 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
         "`python benchmarks/kernel_report.py`. Each row is one config a wrapper can launch, "
         "compiled with the argument specialisation of a real launch (headline sizes: "
         "k-means N=10,000,001 K=1024 D=768, its general form unspecialised; "
-        "contrastive B=32k D=768). "
+        "contrastive B=32k D=768, its general form D=129 unspecialised). "
         "Spills: ptxas -v bytes of spill stores / loads. Shared: Triton's dynamic shared "
         "memory per block. TC: tensor-core instructions in the code (PTX mma.sync / wgmma; "
         "SASS HMMA / HGMMA); atomics: global atom/red in the PTX (SASS ATOM/RED). "

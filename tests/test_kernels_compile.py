@@ -1,5 +1,6 @@
 """The Triton kernels compile for real GPUs (Hopper sm_90a, Ampere sm_80), here on the CPU,
-and the k-means kernel does so without register spills in every config it can launch.
+and the k-means and contrastive-loss kernels do so without register spills in every config
+the wrappers can launch.
 
 The interpreter runs a kernel through numpy and forgives what the compiler refuses
 (shapes tl.dot cannot take, shared memory over the limit, types that do not lower), so
