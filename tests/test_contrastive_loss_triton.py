@@ -250,6 +250,35 @@ def test_cuda_kernels_match_torch_backend(b, d, dtype, tol):
     _check_rect(_rect_rel_errors(b, d, False, "cuda", dtype), tol, f" {dtype}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_deterministic_and_column_backward(dtype):
+    """On the GPU: deterministic=True repeats bit for bit; the column-owned and the atomic
+    backward agree with the torch backend."""
+    from mode_fast.kernels import clip_loss, siglip_loss
+
+    img0, txt0 = _features(3001, 768, False, "cuda", dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+
+    def run(fn, **kw):
+        img, txt = img0.detach().requires_grad_(), txt0.detach().requires_grad_()
+        loss = fn(img, txt, **kw)
+        loss.backward()
+        return [loss.detach().float(), img.grad.float(), txt.grad.float()]
+
+    for fn in (lambda i, t, **kw: clip_loss(i, t, 12.0, **kw),
+               lambda i, t, **kw: siglip_loss(i, t, 12.0, -6.0, **kw)):
+        a = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        b = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        ref = run(fn, backend="torch")
+        for mode in ("atomic", "columns"):
+            got = run(fn, backend="triton", strict_fp32=True, bwd=mode)
+            errs = [float((x - y).abs().max() / y.abs().max()) for x, y in zip(got, ref)]
+            assert max(errs) <= tol, f"{mode}: {errs}"
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (sets TRITON_INTERPRET=1)"
     torch.set_num_threads(1)
