@@ -207,3 +207,69 @@ def test_rectangular_fwd_bwd(benchmark, provider, variant, n, d, dtype):
     benchmark.pedantic(step, rounds=3, iterations=1)
     benchmark.extra_info["model_tflops"] = round(6 * m * n * d * (2 if variant == "local_loss" else 1)
                                                  / benchmark.stats.stats.median / 1e12, 4)
+
+
+# ---- CUDA only: every Triton variant of the square CLIP loss, one row each: the autotuned
+# pick with each backward mode (atomic dK / column-owned pass), deterministic=True, and each
+# (forward config, backward config, backward mode) of the launch lists, so one GPU run says
+# which is fastest. Each variant's loss and gradients are checked against the torch backend
+# first (bf16: 5e-2, fp32 TF32: 1e-2 relative).
+def _clip_variants(dtype):
+    from mode_fast.kernels import contrastive_loss as cl
+
+    out = [("auto " + mode, {"bwd": mode}) for mode in cl.BWD_MODES]
+    out.append(("deterministic", {"deterministic": True}))
+    if CUDA:
+        for i, fc in enumerate(cl.launch_configs("fwd", dtype)):
+            for j, bc in enumerate(cl.launch_configs("bwd", dtype)):
+                for mode in cl.BWD_MODES:
+                    out.append((f"fwd{i} bwd{j} {mode}", {"bwd": mode, "fwd_config": fc, "bwd_config": bc}))
+    return out
+
+
+def _clip_variant_step(img, txt, scale, bwd="atomic", deterministic=False, fwd_config=None, bwd_config=None):
+    """Forward + backward of the square CLIP loss on the host functions, configs pinned."""
+    from mode_fast.kernels import contrastive_loss as cl
+
+    s = float(scale)
+    loss, lse_r, lse_c = cl.contrastive_forward(img, txt, s, 0.0, False, deterministic=deterministic,
+                                                config=fwd_config)
+    d_i, d_t, d_s, _ = cl.contrastive_backward(img, txt, s, 0.0, lse_r, lse_c, 1.0, False, bwd=bwd,
+                                               deterministic=deterministic, config=bwd_config)
+    return loss, d_i, d_t, d_s
+
+
+def _variant_cases():
+    if not CUDA:
+        return []
+    return [(dt, name, kw) for dt in (torch.bfloat16, torch.float32) for name, kw in _clip_variants(dt)]
+
+
+@functools.lru_cache(maxsize=2)
+def _variant_inputs(dtype):
+    b, d = 32768, 768
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(b, d, generator=g), dim=1).to(DEVICE, dtype)
+    txt = F.normalize(torch.randn(b, d, generator=g), dim=1).to(DEVICE, dtype)
+    scale = torch.tensor(14.3, device=DEVICE, requires_grad=True)
+    i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    clip_loss(i, t, scale, backend="torch").backward()
+    return img, txt, [i.grad.float(), t.grad.float(), float(scale.grad)]
+
+
+@pytest.mark.skipif(not CUDA, reason="the Triton variants' speed needs a GPU")
+@pytest.mark.parametrize("dtype,name,kw", _variant_cases(),
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, dict) else "")
+def test_clip_triton_variant(benchmark, dtype, name, kw):
+    img, txt, ref = _variant_inputs(dtype)
+    scale = 14.3
+    _, d_i, d_t, d_s = _clip_variant_step(img, txt, scale, **kw)  # warm-up (compiles / tunes) and check
+    tol = 5e-2 if dtype != torch.float32 else 1e-2
+    for got, want in ((d_i, ref[0]), (d_t, ref[1])):
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err <= tol, f"{name}: gradient off by {err:.2e} relative"
+    _sync()
+    benchmark.group = f"clip triton variants fwd+bwd B=32768 D=768 {str(dtype).replace('torch.', '')}"
+    benchmark.extra_info.update(provider=name, baseline=name == "auto atomic", device=torch.cuda.get_device_name(0))
+    benchmark.pedantic(lambda: (_clip_variant_step(img, txt, scale, **kw), _sync()), rounds=3, iterations=1)
+    benchmark.extra_info["model_tflops"] = round(6 * 32768**2 * 768 / benchmark.stats.stats.median / 1e12, 4)

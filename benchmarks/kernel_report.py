@@ -118,33 +118,55 @@ def kmeans_launches() -> list[Launch]:
     return out
 
 
+# contrastive modes: (kernel, mode, constexprs). The flags that only select terms (merge,
+# row_term, col_term) are runtime ints that are never specialised, so each mode below is
+# one compiled variant however the wrapper sets them.
+CONTRASTIVE_MODES = [
+    ("fwd", "clip+cols", {"SIGLIP": False, "COLS": True}),    # square CLIP, atomic column sums
+    ("fwd", "rows", {"SIGLIP": False, "COLS": False}),        # InfoNCE rows, ring steps, deterministic CLIP
+    ("fwd", "siglip", {"SIGLIP": True, "COLS": False}),       # SigLIP, positives or negatives only
+    ("bwd", "softmax atomic", {"SIGLIP": False, "DK_ATOMIC": True}),
+    ("bwd", "softmax columns", {"SIGLIP": False, "DK_ATOMIC": False}),
+    ("bwd", "siglip atomic", {"SIGLIP": True, "DK_ATOMIC": True}),
+    ("bwd", "siglip columns", {"SIGLIP": True, "DK_ATOMIC": False}),
+]
+CONTRASTIVE_DTYPES = [(torch.float32, False, "fp32-tf32"), (torch.float32, True, "fp32-strict"),
+                      (torch.bfloat16, False, "bf16"), (torch.float16, False, "fp16")]
+
+
 def contrastive_launches() -> list[Launch]:
-    """The contrastive-loss kernels as contrastive_loss.py launches them (read only:
-    another owner; spills reported, not asserted)."""
+    """contrastive loss: every (mode, dtype + strict flag, layout, config) of
+    contrastive_loss.launch_configs, at B = 32k, D = 768 (the general form at D = 129)."""
     cl = importlib.import_module("mode_fast.kernels.contrastive_loss")
-    b, d = 32768, 768
+    b = 32768
+    layouts = {"aligned": (768, (768, 1)), "general": (129, (258, 2))}
     out = []
-    for dtype, strict, label in [(torch.float32, False, "fp32-tf32"), (torch.float32, True, "fp32-strict"),
-                                 (torch.bfloat16, False, "bf16"), (torch.float16, False, "fp16")]:  # fmt: skip
-        meta = dict(cl._launch_meta(torch.empty(1, 1, dtype=dtype), strict))
-        warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
-        for siglip in (False, True):
-            x, f32 = _aligned_tensor(dtype), _aligned_tensor(torch.float32)
-            common = dict(B=b, D=d, I_stride_b=d, I_stride_d=1, T_stride_b=d, T_stride_d=1,
-                          scale=14.3, bias=-10.0)  # fmt: skip
-            fwd = dict(I_ptr=x, T_ptr=x, ROW_ptr=f32, COL_SUM_ptr=f32, COL_SHIFT_ptr=f32, **common)
-            bwd = dict(I_ptr=x, T_ptr=x, LSE_ROW_ptr=f32, LSE_COL_ptr=f32, DI_ptr=f32, DT_ptr=f32,
-                       DS_ptr=f32, DB_ptr=f32, g=1e-5, **common)  # fmt: skip
-            tiles = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            for direction, fn, args in (("fwd", cl._contrastive_fwd_kernel, fwd),
-                                        ("bwd", cl._contrastive_bwd_kernel, bwd)):  # fmt: skip
-                out.append(Launch(
-                    kernel=f"contrastive_{direction}",
-                    variant=f"{'siglip' if siglip else 'clip'} {label} {tiles} w{warps} s{stages}",
-                    fn=fn, args=args, constexprs=meta | {"SIGLIP": siglip},
-                    num_warps=warps, num_stages=stages, spill_free=False,
-                    owner="contrastive_loss.py", extra={"dtype": label},
-                ))  # fmt: skip
+    for dtype, strict, label in CONTRASTIVE_DTYPES:
+        precision = cl._precision(torch.empty(1, 1, dtype=dtype), strict)
+        for kind, mode, consts in CONTRASTIVE_MODES:
+            for layout, (d, st) in layouts.items():
+                for cfg in cl.launch_configs(kind, dtype, layout, strict):
+                    x, f32 = _aligned_tensor(dtype), _aligned_tensor(torch.float32)
+                    common = dict(M=b, N=b, D=d, Q_stride_m=st[0], Q_stride_d=st[1], K_stride_n=st[0],
+                                  K_stride_d=st[1], scale=14.3, bias=-10.0)  # fmt: skip
+                    if kind == "fwd":
+                        args = dict(Q_ptr=x, K_ptr=x, ROW_ptr=f32, COL_SUM_ptr=f32, COL_SHIFT_ptr=f32,
+                                    merge=0, **common)  # fmt: skip
+                    else:
+                        args = dict(Q_ptr=x, K_ptr=x, LSE_ROW_ptr=f32, LSE_COL_ptr=f32, DQ_ptr=f32,
+                                    DK_ptr=f32, DS_ptr=f32, DB_ptr=f32, g=1e-5, row_term=1, col_term=1,
+                                    **common)  # fmt: skip
+                    tiles = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                    out.append(Launch(
+                        kernel=f"contrastive_{kind}",
+                        variant=f"{mode} {label} {layout} {tiles} w{cfg['num_warps']} s{cfg['num_stages']}",
+                        fn=cl._kernel(kind, layout), args=args,
+                        constexprs={**consts, "PRECISION": precision,
+                                    **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], spill_free=True,
+                        owner="contrastive_loss.py",
+                        extra={"dtype": label, "layout": layout, "mode": mode},
+                    ))  # fmt: skip
     return out
 
 
@@ -155,9 +177,18 @@ NOTES = [
     "nothing specialised). Compiling with every int and pointer unspecialised, as an earlier "
     "check did, measures the general form's code at the aligned form's tiles: that is where "
     "the 255-register, 500-800 B spill figures for 128x128 tiles came from.",
-    "contrastive backward on sm_80 in fp16/bf16: ptxas allocates only 32-56 registers and "
-    "spills kilobytes (2-5.6 KB stack), with or without --regAllocOptLevel=2; open for the "
-    "kernel's owner.",
+    "contrastive kernels: one compiled variant per mode (the term flags merge / row_term / "
+    "col_term are unspecialised runtime ints). The earlier sm_80 fp16/bf16 backward (32-56 "
+    "registers, KBs of spills) multiplied the fp32 dL tile by fp32-upcast K / Q blocks with "
+    "IEEE precision: an FMA dot, no tensor cores. Why ptxas gave that form so few registers "
+    "was not pinned down; the backward now casts dL to the inputs' dtype for those two "
+    "products (tensor cores, fp32 accumulation, as the forward), and every 16-bit config "
+    "compiles without spills. Strict fp32 (IEEE FMA dots) has its own, smaller tiles. "
+    "The low register counts come from ptxas's own budget under the `.reqntid` directive "
+    "Triton writes: the strict backward at 64x128x32, 8 warps, sm_80 gets 64 registers and "
+    "3,024 B of spill stores as emitted (also with --maxrregcount=255), 255 registers and "
+    "540 B with `.reqntid` removed, 128 and 1,272 B with `.maxntid` instead; not a maxnreg "
+    "(Triton emits none). Configs that meet it are left out of the lists.",
 ]
 
 # New kernels (rectangular / ring / SigLIP-block ...): append their launch functions here.
@@ -306,31 +337,6 @@ def build(launches: list[Launch], targets: tuple[str, ...] = tuple(TARGETS), job
 # ---------------------------------------------------------------------------------
 # Counted traffic at the headline shapes
 # ---------------------------------------------------------------------------------
-def contrastive_traffic(b: int, d: int, itemsize: int, bm: int, bn: int, siglip: bool) -> dict:
-    """Global-memory bytes and atomics of contrastive_loss.py's kernels as they are today
-    (derived from the kernel code; forward and backward, one call each)."""
-    pr, pc = -(-b // bm), -(-b // bn)  # row programs, column blocks each sweeps
-    tile = (bm + bn) * d * itemsize  # one logits tile: I rows + T columns over D
-    fwd_loads = pr * pc * tile + (0 if siglip else pr * b * 4)  # + column shifts
-    fwd_atomics = 0 if siglip else pr * b  # column sums, one fp32 add per (row block, column)
-    fwd_stores = b * 4
-    # backward, per (row block, column block): the logits tile, then over D: T and I
-    # blocks again, dI read + written (fp32), dT added atomically (fp32).
-    bwd_loads = pr * pc * (2 * tile + bm * d * 4) + (0 if siglip else 2 * b * 4)
-    bwd_stores = pr * pc * bm * d * 4 + 2 * pr * 4
-    bwd_atomics = pr * b * d  # = B^2 D / BLOCK_M
-    return {
-        "fwd": {"global_load_bytes": fwd_loads, "global_store_bytes": fwd_stores,
-                "atomic_ops": fwd_atomics, "atomic_bytes": 4 * fwd_atomics,
-                # I, T read; SigLIP: row sums written; CLIP: shifts read, row LSE + column sums written
-                "compulsory_bytes": 2 * b * d * itemsize + (b * 4 if siglip else 3 * b * 4)},
-        "bwd": {"global_load_bytes": bwd_loads, "global_store_bytes": bwd_stores,
-                "atomic_ops": bwd_atomics, "atomic_bytes": 4 * bwd_atomics,
-                "compulsory_bytes": 2 * b * d * itemsize + 2 * b * d * 4
-                + (0 if siglip else 2 * b * 4)},
-    }  # fmt: skip
-
-
 def traffic_rows() -> list[dict]:
     km = importlib.import_module("mode_fast.kernels.kmeans_assign")
     rows = []
@@ -342,16 +348,23 @@ def traffic_rows() -> list[dict]:
             rows.append({"kernel": "kmeans_assign", "shape": f"N=10M K=1024 D=768 {_TDTYPE[dtype]}",
                          "tiles": f"{cfg[0]}x{cfg[1]}x{cfg[2]}", **t})  # fmt: skip
     cl = importlib.import_module("mode_fast.kernels.contrastive_loss")
+    variants = [  # (label, loss, bwd, deterministic)
+        ("clip atomic", "clip", "atomic", False), ("clip columns", "clip", "columns", False),
+        ("clip deterministic", "clip", "columns", True),
+        ("siglip atomic", "siglip", "atomic", False), ("siglip columns", "siglip", "columns", False),
+    ]
     for b in (32768, 1 << 20):
         for dtype in (torch.bfloat16, torch.float32):
-            meta = cl._launch_meta(torch.empty(1, 1, dtype=dtype), False)
-            for siglip in (False, True):
-                t = contrastive_traffic(b, 768, dtype.itemsize, meta["BLOCK_M"], meta["BLOCK_N"], siglip)
+            cfg = cl.launch_configs("bwd", dtype)[0]  # the deterministic / first config
+            bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+            for label, loss, bwd, det in variants:
+                t = cl.traffic(b, b, 768, dtype.itemsize, bm, bn, loss=loss, bwd=bwd, deterministic=det)
                 for direction, v in t.items():
-                    rows.append({"kernel": f"contrastive_{direction} {'siglip' if siglip else 'clip'}",
+                    if direction == "fwd" and bwd == "columns" and not det:
+                        continue  # the forward does not depend on the backward's mode
+                    rows.append({"kernel": f"contrastive_{direction} {label}",
                                  "shape": f"B={b // 1024}k D=768 {_TDTYPE[dtype]}",
-                                 "tiles": f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}",
-                                 **{kk: float(vv) for kk, vv in v.items()}})  # fmt: skip
+                                 "tiles": f"{bm}x{bn}", **v})  # fmt: skip
     return rows
 
 
@@ -370,7 +383,7 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
         "`python benchmarks/kernel_report.py`. Each row is one config a wrapper can launch, "
         "compiled with the argument specialisation of a real launch (headline sizes: "
         "k-means N=10,000,001 K=1024 D=768, its general form unspecialised; "
-        "contrastive B=32k D=768). "
+        "contrastive B=32k D=768, its general form D=129 unspecialised). "
         "Spills: ptxas -v bytes of spill stores / loads. Shared: Triton's dynamic shared "
         "memory per block. TC: tensor-core instructions in the code (PTX mma.sync / wgmma; "
         "SASS HMMA / HGMMA); atomics: global atom/red in the PTX (SASS ATOM/RED). "
@@ -394,8 +407,8 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
     lines += ["", "Notes:", ""] + [f"- {n}" for n in NOTES]
     lines += [
         "",
-        "## Counted global-memory traffic per call (formulas in kmeans_assign.py's opening "
-        "comment and in benchmarks/kernel_report.py's contrastive_traffic)",
+        "## Counted global-memory traffic per call (formulas in the opening comments of "
+        "kmeans_assign.py and contrastive_loss.py, computed by their traffic())",
         "",
         "Loads as issued by the kernel (re-reads served by L2 count); compulsory = inputs "
         "read once, outputs written once. GB = 1e9 bytes. Issued loads are L2 requests; "

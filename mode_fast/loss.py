@@ -14,6 +14,12 @@ over torch.distributed. Extra keyword-only arguments:
   that of the rank's own loss, so DDP's gradient average gives the one-process gradient.
 - ``backend`` / ``chunk_size``: passed to the kernels (``mode_fast.kernels.contrastive_loss``);
   ``mode_fast.kernels.dispatch`` resolves ``"auto"`` per call and variant.
+- ``deterministic=True``: the kernels add no floats atomically and fix every reduction
+  order, so a process gives the same bits on every run for the same inputs (the torch
+  path always does). Across ranks, the collectives' own reduction order (NCCL / gloo)
+  is outside this promise.
+- ``bwd``: the Triton backward's dK pass, ``"columns"`` (no atomics) or ``"atomic"``;
+  ``None`` takes ``mode_fast.kernels.dispatch.contrastive_bwd()``'s default.
 
 Kernels by setting (``backend="auto"``: Triton on CUDA, the chunked torch path elsewhere):
 one process and the plain all-gather run the square fused kernel (both directions from
@@ -42,6 +48,7 @@ if dist.is_available():
 from mode_fast.kernels import dispatch
 from mode_fast.kernels.contrastive_loss import (
     _as_scalar_tensor,
+    _kernel_kw,
     _check_features,
     _grad_like,
     _row_dots,
@@ -102,25 +109,25 @@ class _RingClip(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, img, txt, scale_t, rank, world_size, group, backend, chunk):
+    def forward(ctx, img, txt, scale_t, rank, world_size, group, backend, chunk, kw):
         scale = float(scale_t)
         right, left = (rank + 1) % world_size, (rank - 1) % world_size
-        lse_i = ring_block_forward(img, txt, scale, None, backend, chunk=chunk)
-        lse_t = ring_block_forward(txt, img, scale, None, backend, chunk=chunk)
+        lse_i = ring_block_forward(img, txt, scale, None, backend, chunk=chunk, **kw)
+        lse_t = ring_block_forward(txt, img, scale, None, backend, chunk=chunk, **kw)
         blk_i, blk_t = img.detach(), txt.detach()
         for _ in range(world_size - 1):
             blk_i, blk_t = _exchange([blk_i, blk_t], right, left, group)
-            ring_block_forward(img, blk_t, scale, lse_i, backend, chunk=chunk)
-            ring_block_forward(txt, blk_i, scale, lse_t, backend, chunk=chunk)
+            ring_block_forward(img, blk_t, scale, lse_i, backend, chunk=chunk, **kw)
+            ring_block_forward(txt, blk_i, scale, lse_t, backend, chunk=chunk, **kw)
         pos = scale * _row_dots(img, txt)
         ctx.save_for_backward(img, txt, scale_t, lse_i, lse_t)
-        ctx.ring = (rank, world_size, group, backend, chunk)
+        ctx.ring = (rank, world_size, group, backend, chunk, kw)
         return 0.5 * (lse_i.sum() + lse_t.sum() - 2.0 * pos.sum()) / img.shape[0]
 
     @staticmethod
     def backward(ctx, grad):
         img, txt, scale_t, lse_i, lse_t = ctx.saved_tensors
-        rank, world_size, group, backend, chunk = ctx.ring
+        rank, world_size, group, backend, chunk, kw = ctx.ring
         scale, b = float(scale_t), img.shape[0]
         right, left = (rank + 1) % world_size, (rank - 1) % world_size
         g = float(grad) / (2.0 * b)
@@ -132,8 +139,8 @@ class _RingClip(torch.autograd.Function):
         for step in range(world_size):
             if step:
                 blk_i, blk_t, acc_i, acc_t = _exchange([blk_i, blk_t, acc_i, acc_t], right, left, group)
-            d_scale += ring_block_backward(img, blk_t, scale, lse_i, g, d_img, acc_t, backend, chunk=chunk)
-            d_scale += ring_block_backward(txt, blk_i, scale, lse_t, g, d_txt, acc_i, backend, chunk=chunk)
+            d_scale += ring_block_backward(img, blk_t, scale, lse_i, g, d_img, acc_t, backend, chunk=chunk, **kw)
+            d_scale += ring_block_backward(txt, blk_i, scale, lse_t, g, d_txt, acc_i, backend, chunk=chunk, **kw)
         if world_size > 1:  # the accumulators now belong to rank + 1: one more hop brings ours
             acc_i, acc_t = _exchange([acc_i, acc_t], right, left, group)
         d_img += acc_i
@@ -144,12 +151,13 @@ class _RingClip(torch.autograd.Function):
             d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
             d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
 def ring_clip_loss(image_features, text_features, logit_scale, rank: int, world_size: int,
-                   group=None, chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+                   group=None, chunk_size: int | None = None, backend: str = "auto", *,
+                   deterministic: bool = False, bwd: str | None = None) -> torch.Tensor:
     """CLIP loss of the local rows against all ranks' blocks without gathering them (see module doc).
 
     Every rank must hold the same number of rows.
@@ -157,7 +165,9 @@ def ring_clip_loss(image_features, text_features, logit_scale, rank: int, world_
     _check_features(image_features, text_features)
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     backend = pick_backend(dispatch.RING_BLOCK, image_features, backend)
-    return _RingClip.apply(image_features, text_features, scale_t, rank, world_size, group, backend, chunk_size)
+    kw = _kernel_kw(False, deterministic, bwd)
+    return _RingClip.apply(image_features, text_features, scale_t, rank, world_size, group, backend, chunk_size,
+                           kw)
 
 
 class ClipLoss(nn.Module):
@@ -176,6 +186,8 @@ class ClipLoss(nn.Module):
         group=None,
         backend: str = "auto",
         chunk_size: int | None = None,
+        deterministic: bool = False,
+        bwd: str | None = None,
     ):
         super().__init__()
         if use_horovod:
@@ -191,15 +203,20 @@ class ClipLoss(nn.Module):
         self.group = group
         self.backend = backend
         self.chunk_size = chunk_size
+        self.deterministic = deterministic
+        self.bwd = bwd
         self.prev_num_logits = 0
         self.labels: dict = {}
+
+    def _kw(self) -> dict:
+        return {"deterministic": self.deterministic, "bwd": self.bwd}
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         if self.world_size > 1:
             _check_world(self.rank, self.world_size, self.group)
         if self.world_size > 1 and self.ring:
             loss = ring_clip_loss(image_features, text_features, logit_scale, self.rank, self.world_size,
-                                  self.group, self.chunk_size, self.backend)
+                                  self.group, self.chunk_size, self.backend, **self._kw())
         elif self.world_size > 1:
             args = (self.gather_with_grad, not self.local_loss, self.rank, self.world_size, self.group)
             all_img = _gather(image_features, *args)
@@ -207,11 +224,13 @@ class ClipLoss(nn.Module):
             if self.local_loss:
                 loss = local_clip_loss(image_features, text_features, all_img, all_txt, logit_scale,
                                        self.rank * image_features.shape[0], backend=self.backend,
-                                       chunk_size=self.chunk_size)
+                                       chunk_size=self.chunk_size, **self._kw())
             else:
-                loss = clip_loss(all_img, all_txt, logit_scale, self.backend, chunk_size=self.chunk_size)
+                loss = clip_loss(all_img, all_txt, logit_scale, self.backend, chunk_size=self.chunk_size,
+                                 **self._kw())
         else:
-            loss = clip_loss(image_features, text_features, logit_scale, self.backend, chunk_size=self.chunk_size)
+            loss = clip_loss(image_features, text_features, logit_scale, self.backend, chunk_size=self.chunk_size,
+                             **self._kw())
         if logit_bias is not None:
             # a bias shifts every logit of a row alike: softmax cross-entropy is unchanged and
             # its gradient is 0; kept in the graph so logit_bias.grad is 0, not None
@@ -252,6 +271,8 @@ class SigLipLoss(nn.Module):
         group=None,
         backend: str = "auto",
         chunk_size: int | None = None,
+        deterministic: bool = False,
+        bwd: str | None = None,
     ):
         super().__init__()
         self.cache_labels = cache_labels
@@ -263,16 +284,19 @@ class SigLipLoss(nn.Module):
         self.group = group
         self.backend = backend
         self.chunk_size = chunk_size
+        self.deterministic = deterministic
+        self.bwd = bwd
         self.prev_num_logits = 0
         self.labels: dict = {}
 
     def _negatives(self, image_features, text_block, logit_scale, logit_bias):
         return siglip_loss(image_features, text_block, logit_scale, logit_bias, self.backend,
-                           positives=False, chunk_size=self.chunk_size)
+                           positives=False, chunk_size=self.chunk_size, deterministic=self.deterministic,
+                           bwd=self.bwd)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, self.backend,
-                           chunk_size=self.chunk_size)
+                           chunk_size=self.chunk_size, deterministic=self.deterministic, bwd=self.bwd)
         if self.world_size > 1:
             _check_world(self.rank, self.world_size, self.group)
             if self.dist_impl in ("shift", "bidir"):

@@ -87,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="open_clip architecture name, or one of this project's: "
                         + ", ".join(project_model_names()))
     g.add_argument("--siglip", action="store_true", help="sigmoid loss (SigLIP) instead of InfoNCE")
+    g.add_argument("--deterministic", action="store_true",
+                   help="the loss kernels' deterministic mode: no float atomics, the same bits every run")
     g.add_argument("--patch-dropout", type=float, default=None,
                    help="drop this share of image patches in training (FLIP; open_clip's force_patch_dropout)")
     g.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
@@ -143,6 +145,7 @@ class TrainConfig:
     seed_checkpoint: Path | None = None
     model: str = "mode-fast-tiny"
     siglip: bool = False
+    deterministic: bool = False
     patch_dropout: float | None = None
     batch_size: int = 64
     epochs: int = 1
@@ -465,7 +468,7 @@ def train(cfg: TrainConfig | argparse.Namespace) -> Path:
     optimizer = torch.optim.AdamW(
         param_groups(built.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
-    loss_fn, loss_source = make_loss(cfg.siglip, ddp.rank, ddp.world_size)
+    loss_fn, loss_source = make_loss(cfg.siglip, ddp.rank, ddp.world_size, deterministic=cfg.deterministic)
     run = _Run(cfg, ddp, device, bf16, built.model, built.kwargs, built.model, optimizer, loss_fn,
                _schedule(cfg, start, train_loader.steps_per_epoch), cfg.result_config(ddp.world_size))
     job_step = _restore(run, start)

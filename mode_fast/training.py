@@ -60,13 +60,17 @@ def loss_classes() -> tuple[type, type, str]:
         return ClipLoss, SigLipLoss, "open_clip.loss (mode_fast.loss not available)"
 
 
-def make_loss(siglip: bool, rank: int = 0, world_size: int = 1) -> tuple[torch.nn.Module, str]:
+def make_loss(siglip: bool, rank: int = 0, world_size: int = 1,
+              deterministic: bool = False) -> tuple[torch.nn.Module, str]:
     """(loss module, where from). InfoNCE with gather_with_grad: every rank's loss is the
-    global batch's, and DDP's gradient average then equals the one-process gradient."""
+    global batch's, and DDP's gradient average then equals the one-process gradient.
+    deterministic: the loss kernels' deterministic mode (open_clip's loss, the fallback,
+    has no such switch: its plain matmuls are as deterministic as torch makes them)."""
     clip_loss, siglip_loss, source = loss_classes()
+    kw = {"deterministic": True} if deterministic and source == "mode_fast.loss" else {}
     if siglip:
-        return siglip_loss(rank=rank, world_size=world_size), source
-    return clip_loss(gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size), source
+        return siglip_loss(rank=rank, world_size=world_size, **kw), source
+    return clip_loss(gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size, **kw), source
 
 
 # --------------------------------------------------------------------------- processes

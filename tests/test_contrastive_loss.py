@@ -243,3 +243,63 @@ def test_torch_backend_ignores_autocast():
     assert cast.dtype == torch.float32
     torch.testing.assert_close(cast, plain, rtol=1e-6, atol=0)
     torch.testing.assert_close(g_cast, g_plain, rtol=1e-6, atol=1e-9)
+
+
+def test_default_backward_mode_has_the_lower_counted_traffic():
+    """dispatch's default dK mode is the one whose counted traffic (contrastive_loss.traffic,
+    the module doc's formulas) is lower at the headline shapes, B = 32k and 1M at D = 768."""
+    from mode_fast.kernels import contrastive_loss as cl
+    from mode_fast.kernels import dispatch
+
+    def total(t):
+        return t["global_load_bytes"] + t["global_store_bytes"] + t["atomic_bytes"]
+
+    for b in (32768, 1 << 20):
+        for itemsize in (2, 4):
+            counted = {mode: total(cl.traffic(b, b, 768, itemsize, 64, 64, bwd=mode)["bwd"])
+                       for mode in dispatch.CONTRASTIVE_BWD}
+            assert min(counted, key=counted.get) == dispatch.DEFAULT_CONTRASTIVE_BWD, counted
+    # the formulas against a hand count: one 64 x 64 tile, D = 32, fp32, atomic backward
+    t = cl.traffic(64, 64, 32, 4, 64, 64, bwd="atomic")["bwd"]
+    assert t["atomic_ops"] == 64 * 32 and t["global_store_bytes"] == 64 * 32 * 4 + 8
+    assert t["global_load_bytes"] == (64 + 2 * 64 + 64) * 32 * 4 + 64 * 32 * 4 + 64 * 4 + 64 * 4
+    cols = cl.traffic(64, 64, 32, 4, 64, 64, bwd="columns")["bwd"]
+    assert cols["atomic_ops"] == 0 and cols["global_store_bytes"] == 2 * (64 * 32 * 4 + 8)
+
+
+def test_deterministic_torch_path_repeats_bitwise_and_refuses_the_atomic_backward():
+    from mode_fast.kernels import clip_loss, siglip_loss
+
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(70, 24, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(70, 24, generator=g), dim=1)
+
+    def run(fn):
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        loss = fn(i, t)
+        loss.backward()
+        return [loss.detach(), i.grad, t.grad]
+
+    for fn in (lambda i, t: clip_loss(i, t, 10.0, "torch", deterministic=True, chunk_size=16),
+               lambda i, t: siglip_loss(i, t, 10.0, -5.0, "torch", deterministic=True, chunk_size=16)):
+        a, b = run(fn), run(fn)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="deterministic=True needs bwd='columns'"):
+        clip_loss(img, txt, 10.0, "torch", deterministic=True, bwd="atomic")
+
+
+def test_train_deterministic_flag_reaches_the_loss():
+    """mode-fast train --deterministic: parsed into TrainConfig and passed to the loss."""
+    import argparse
+
+    from mode_fast import train
+    from mode_fast.training import make_loss
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    for argv, want in (([], False), (["--deterministic"], True)):
+        cfg = train.TrainConfig.from_args(parser.parse_args(["--data", "x.tar", "--out", "run", *argv]))
+        assert cfg.deterministic is want
+        for siglip in (False, True):
+            loss, source = make_loss(siglip, deterministic=cfg.deterministic)
+            assert source == "mode_fast.loss" and loss.deterministic is want

@@ -116,7 +116,89 @@ RECT_LAUNCHES = {
 }
 
 
-def _interpreted(b: int, d: int, strided: bool, rect: bool = False) -> dict:
+def _determinism(b: int, d: int, strided: bool) -> dict:
+    """deterministic=True: bitwise equal results on repeated runs, and from the kernels
+    launched one row block at a time in a shuffled order (program order permuted) equal to
+    one launch; also the results match the torch backend and the default (atomic) mode."""
+    import triton
+
+    from mode_fast.kernels import contrastive_loss as cl
+
+    img0, txt0 = _features(b, d, strided)
+    out = {}
+    m = b // 2 + 1
+
+    def run(fn, **kw):
+        img, txt = img0.detach().requires_grad_(), txt0.detach().requires_grad_()
+        scale = torch.tensor(12.0, requires_grad=True)
+        loss = fn(img, txt, scale, **kw)
+        loss.backward()
+        return [loss.detach()] + [x.grad for x in (img, txt, scale)]
+
+    variants = {
+        "clip": lambda i, t, s, **kw: cl.clip_loss(i, t, s, **kw),
+        "siglip": lambda i, t, s, **kw: cl.siglip_loss(i, t, s, -6.0, **kw),
+        "infonce": lambda i, t, s, **kw: cl.infonce_loss(i[:m], t, s, 1, **kw),
+        "siglip_negatives": lambda i, t, s, **kw: cl.siglip_loss(i[:m], t, s, -6.0, positives=False, **kw),
+    }
+    for name, fn in variants.items():
+        before = cl.kernel_launches.copy()
+        a = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        launched = dict(cl.kernel_launches - before)
+        again = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        ref = run(fn, backend="torch")
+        atomic = run(fn, backend="triton", strict_fp32=True, bwd="atomic")
+        ref2 = run(fn, backend="torch")
+        out[name] = {
+            "repeat_equal": all(torch.equal(x, y) for x, y in zip(a, again)),
+            "torch_repeat_equal": all(torch.equal(x, y) for x, y in zip(ref, ref2)),
+            "err": max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, ref)),
+            "atomic_err": max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
+                              for x, y in zip(atomic, ref)),
+            "atomic_launches": not launched.get("atomic") and bool(launched.get("dk:columns")),
+        }
+    # program order: each program owns its rows, so one launch equals the row blocks
+    # launched one at a time in a shuffled order, bit for bit (forward rows and both
+    # backward passes, with the q / k roles swapped as the columns pass does)
+    g = torch.Generator().manual_seed(7)
+    q, k = img0, txt0[: b - 3]
+    n = k.shape[0]
+    lse = cl.rows_forward(q, k, 12.0, strict_fp32=True)
+    lse_k = cl.rows_forward(k, q, 12.0, strict_fp32=True)
+    cfg = cl.launch_configs("bwd", q.dtype)[0]
+    bm = cfg["BLOCK_M"]
+    order_ok = True
+    for siglip in (False, True):
+        for qq, kk, l_r, l_c in ((q, k, lse, lse_k), (k, q, lse_k, lse)):
+            rows, cols = qq.shape[0], kk.shape[0]
+            progs = triton.cdiv(rows, bm)
+
+            def launch(r, d_q, d_s, d_b, fwd_row):
+                ln = r.stop - r.start
+                cl._kernel("fwd", "general")[(triton.cdiv(ln, bm),)](
+                    qq[r], kk, fwd_row, fwd_row, fwd_row, ln, cols, d, qq.stride(0), qq.stride(1),
+                    kk.stride(0), kk.stride(1), 12.0, -6.0, 0, SIGLIP=siglip, COLS=False, PRECISION="ieee",
+                    **cfg)
+                cl._kernel("bwd", "general")[(triton.cdiv(ln, bm),)](
+                    qq[r], kk, l_r[r], l_c, d_q[r], d_q, d_s, d_b, ln, cols, d, qq.stride(0), qq.stride(1),
+                    kk.stride(0), kk.stride(1), 12.0, -6.0, 0.01, 1, 1, SIGLIP=siglip, DK_ATOMIC=False,
+                    PRECISION="ieee", **cfg)
+
+            def bufs():
+                return torch.zeros(rows, d), torch.zeros(progs), torch.zeros(progs), torch.zeros(rows)
+
+            whole = bufs()
+            launch(slice(0, rows), *whole)
+            parts = bufs()
+            for p in torch.randperm(progs, generator=g).tolist():
+                r = slice(p * bm, min(rows, p * bm + bm))
+                launch(r, parts[0], parts[1][p:], parts[2][p:], parts[3][r])
+            order_ok &= all(torch.equal(x, y) for x, y in zip(whole, parts))
+    out["program_order"] = bool(order_ok)
+    return out
+
+
+def _interpreted(b: int, d: int, strided: bool, rect: bool | str = False) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, __file__, str(b), str(d), str(int(strided)), str(int(rect))],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -144,37 +226,17 @@ def test_interpreted_rectangular_kernels_match_torch_backend(b, d, strided):
     _check_rect(_interpreted(b, d, strided, rect=True), 1e-5)
 
 
-# (kernel, SIGLIP, MERGE) of each rectangular launch: rows (+ ring merge), SigLIP negatives
-RECT_MODES = [("fwd", False, False), ("fwd", False, True), ("fwd", True, False), ("bwd", False, None),
-              ("bwd", True, None)]
-
-
-@pytest.mark.parametrize("kind,siglip,merge", RECT_MODES)
-def test_rectangular_kernels_compile_for_hopper(kind, siglip, merge):
-    """The rectangular launches lower to sm_90 machine code (bf16 inputs), as
-    tests/test_kernels_compile.py checks for the square ones: the interpreter forgives what
-    the compiler refuses."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from mode_fast.kernels import contrastive_loss as cl
-    from mode_fast.kernels import dispatch
-
-    if dispatch.interpreting():
-        pytest.skip("kernels are interpreter functions in this process")
-    fn = cl._block_fwd_kernel if kind == "fwd" else cl._block_bwd_kernel
-    const = cl._launch_meta(torch.empty(1, 1, dtype=torch.bfloat16), False) | {"SIGLIP": siglip, "COLS": False}
-    if kind == "fwd":
-        const["MERGE"] = merge
-    types = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")} | {"Q_ptr": "*bf16", "K_ptr": "*bf16"}
-    types |= {n: "i32" for n in fn.arg_names if n[0] in "MND" and len(n) == 1 or "_stride_" in n}
-    types |= {n: "fp32" for n in ("scale", "bias", "g")}
-    sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    assert kernel.asm["cubin"], "no machine code"
-    assert kernel.metadata.shared <= 227 * 1024
+@pytest.mark.parametrize("b,d,strided", [(37, 20, False), (50, 33, True)])
+def test_interpreted_deterministic_mode(b, d, strided):
+    """deterministic=True: same bits on a second run and whatever order the programs run
+    in; no atomic launch; as accurate as the default path. The torch path repeats bitwise."""
+    res = _interpreted(b, d, strided, rect=2)
+    for name in ("clip", "siglip", "infonce", "siglip_negatives"):
+        r = res[name]
+        assert r["repeat_equal"] and r["torch_repeat_equal"], f"{name}: {r}"
+        assert r["err"] <= 1e-5 and r["atomic_err"] <= 1e-5, f"{name}: {r}"
+        assert r["atomic_launches"], f"{name}: an atomic kernel ran under deterministic=True"
+    assert res["program_order"]
 
 
 @pytest.mark.gpu
@@ -188,9 +250,38 @@ def test_cuda_kernels_match_torch_backend(b, d, dtype, tol):
     _check_rect(_rect_rel_errors(b, d, False, "cuda", dtype), tol, f" {dtype}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_deterministic_and_column_backward(dtype):
+    """On the GPU: deterministic=True repeats bit for bit; the column-owned and the atomic
+    backward agree with the torch backend."""
+    from mode_fast.kernels import clip_loss, siglip_loss
+
+    img0, txt0 = _features(3001, 768, False, "cuda", dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+
+    def run(fn, **kw):
+        img, txt = img0.detach().requires_grad_(), txt0.detach().requires_grad_()
+        loss = fn(img, txt, **kw)
+        loss.backward()
+        return [loss.detach().float(), img.grad.float(), txt.grad.float()]
+
+    for fn in (lambda i, t, **kw: clip_loss(i, t, 12.0, **kw),
+               lambda i, t, **kw: siglip_loss(i, t, 12.0, -6.0, **kw)):
+        a = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        b = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        ref = run(fn, backend="torch")
+        for mode in ("atomic", "columns"):
+            got = run(fn, backend="triton", strict_fp32=True, bwd=mode)
+            errs = [float((x - y).abs().max() / y.abs().max()) for x, y in zip(got, ref)]
+            assert max(errs) <= tol, f"{mode}: {errs}"
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the tests (sets TRITON_INTERPRET=1)"
     torch.set_num_threads(1)
     b_, d_, strided_ = int(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3]))
-    rect_ = len(sys.argv) > 4 and bool(int(sys.argv[4]))
-    print(json.dumps((_rect_rel_errors if rect_ else _max_rel_errors)(b_, d_, strided_)))
+    what = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    print(json.dumps((_max_rel_errors, _rect_rel_errors, _determinism)[what](b_, d_, strided_)))

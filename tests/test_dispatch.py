@@ -127,7 +127,8 @@ def test_environment_read_in_one_place():
     for path in root.rglob("*.py"):
         for line in path.read_text().splitlines():
             if ("environ" in line or "getenv" in line) and (
-                    "TRITON_INTERPRET" in line or "MODE_FAST_BACKEND" in line or "ENV_BACKEND" in line):
+                    "TRITON_INTERPRET" in line or "MODE_FAST_BACKEND" in line or "ENV_BACKEND" in line
+                    or "CONTRASTIVE_BWD" in line):
                 readers.setdefault(path.relative_to(root).as_posix(), []).append(line.strip())
     assert set(readers) == {"kernels/dispatch.py"}, readers
 
@@ -138,3 +139,16 @@ def test_environment_read_in_one_place():
 def test_real_gpu_takes_triton(variant):
     x = torch.zeros(2, 2, device="cuda")
     assert dispatch.pick("contrastive", variant, x) == "triton"  # capability read from the device
+
+
+def test_contrastive_backward_mode_keyword_env_and_default(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_CONTRASTIVE_BWD, raising=False)
+    assert dispatch.contrastive_bwd() == dispatch.DEFAULT_CONTRASTIVE_BWD
+    monkeypatch.setenv(dispatch.ENV_CONTRASTIVE_BWD, "columns")
+    assert dispatch.contrastive_bwd() == "columns"
+    assert dispatch.contrastive_bwd("atomic") == "atomic"  # the keyword wins
+    monkeypatch.setenv(dispatch.ENV_CONTRASTIVE_BWD, "sideways")
+    with pytest.raises(ConfigError, match="MODE_FAST_CONTRASTIVE_BWD='sideways'"):
+        dispatch.contrastive_bwd()
+    with pytest.raises(ConfigError, match="bwd must be one of"):
+        dispatch.contrastive_bwd("both")

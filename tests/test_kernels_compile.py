@@ -1,5 +1,6 @@
 """The Triton kernels compile for real GPUs (Hopper sm_90a, Ampere sm_80), here on the CPU,
-and the k-means kernel does so without register spills in every config it can launch.
+and the k-means and contrastive-loss kernels do so without register spills in every config
+the wrappers can launch.
 
 The interpreter runs a kernel through numpy and forgives what the compiler refuses
 (shapes tl.dot cannot take, shared memory over the limit, types that do not lower), so
@@ -7,7 +8,8 @@ without a GPU this is the check that the kernels the wrappers launch are real ke
 benchmarks/kernel_report.py lowers each launch config through Triton's own pipeline with
 the argument specialisation of a real launch and assembles it with the ptxas shipped in
 the triton wheel (-v: registers, spills); this test builds that report (into
-$KERNEL_REPORT_DIR when set, for CI to keep, else a temporary folder) and checks it.
+$KERNEL_REPORT_DIR when set, for CI to keep, else a temporary folder) and checks it: 0
+spill bytes for every k-means and contrastive-loss config, on both targets.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # pragma: no cover
 import torch
 
 km = importlib.import_module("mode_fast.kernels.kmeans_assign")  # the package re-exports the function by that name
+cl = importlib.import_module("mode_fast.kernels.contrastive_loss")
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
 _spec = importlib.util.spec_from_file_location("kernel_report", _PATH)
@@ -110,3 +113,55 @@ def test_each_launch_compiles_to_the_variant_the_report_measured(layout, dtype):
     assert measured and all(ln.fn is km._kernel(family) for ln in measured)
     launched = report._specialise(report.Launch("k", "v", km._kernel(family), real, measured[0].constexprs))
     assert launched == report._specialise(measured[0])
+
+
+def test_contrastive_kernels_never_spill(rows):
+    mine = [r for r in rows if r["kernel"].startswith("contrastive_")]
+    assert mine and all(r["spill_free_required"] for r in mine)
+    assert {r["target"] for r in mine} == set(report.TARGETS)
+    spilling = [f"{_name(r)}: {r['spill_store_bytes']}/{r['spill_load_bytes']} B"
+                for r in mine if r["spill_store_bytes"] or r["spill_load_bytes"]]  # fmt: skip
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+    for r in mine:
+        # atomics only where the mode has them: CLIP's column sums, the atomic backward's dK
+        atomic = r["mode"] in ("clip+cols", "softmax atomic", "siglip atomic")
+        assert (r["ptx_global_atomics"] > 0) == atomic, f"{_name(r)}: {r['ptx_global_atomics']} atomics"
+        if r["dtype"] in ("bf16", "fp16") and r["layout"] == "aligned":
+            tc = r["sass_hgmma"] + r["sass_hmma"]
+            assert tc > 0, f"{_name(r)}: no tensor-core instruction"
+
+
+def test_report_covers_every_contrastive_config_the_wrappers_can_launch():
+    covered = {(ln.kernel, ln.extra["mode"], ln.extra["dtype"], ln.extra["layout"],
+                " ".join(ln.variant.split(" ")[-3:])) for ln in report.contrastive_launches()}  # fmt: skip
+    for kind, mode, _ in report.CONTRASTIVE_MODES:
+        for dtype, strict, label in report.CONTRASTIVE_DTYPES:
+            for layout in ("aligned", "general"):
+                for c in cl.launch_configs(kind, dtype, layout, strict):
+                    desc = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+                    assert (f"contrastive_{kind}", mode, label, layout, desc) in covered
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_contrastive_launch_compiles_to_the_variant_the_report_measured(layout):
+    """Whatever the batch sizes, flags and layout, a wrapper's launch specialises to the
+    very signature the report compiled for its form (the sizes and term flags are never
+    specialised)."""
+    dtype = torch.bfloat16
+    x = LAYOUTS[layout](dtype)
+    k = torch.empty(1000, x.shape[1], dtype=dtype)
+    f32 = torch.empty(77)
+    form = cl._layout(x, k, f32)
+    assert form == ("aligned" if layout in ("contiguous", "padded_rows") else "general")
+    m, n, d = 12_345, 1000, x.shape[1]
+    st = dict(Q_stride_m=x.stride(0), Q_stride_d=x.stride(1), K_stride_n=k.stride(0), K_stride_d=k.stride(1))
+    for kind, merge_or_terms in (("fwd", dict(merge=1)), ("bwd", dict(row_term=0, col_term=1))):
+        ptrs = (dict(Q_ptr=x, K_ptr=k, ROW_ptr=f32, COL_SUM_ptr=f32, COL_SHIFT_ptr=f32) if kind == "fwd" else
+                dict(Q_ptr=x, K_ptr=k, LSE_ROW_ptr=f32, LSE_COL_ptr=f32, DQ_ptr=f32, DK_ptr=f32, DS_ptr=f32,
+                     DB_ptr=f32, g=0.5))  # fmt: skip
+        real = dict(M=m, N=n, D=d, scale=1.0, bias=0.0, **st, **ptrs, **merge_or_terms)
+        measured = [ln for ln in report.contrastive_launches()
+                    if ln.kernel == f"contrastive_{kind}" and ln.extra["layout"] == form and ln.extra["dtype"] == "bf16"]
+        assert measured and all(ln.fn is cl._kernel(kind, form) for ln in measured)
+        launched = report._specialise(report.Launch("k", "v", cl._kernel(kind, form), real, measured[0].constexprs))
+        assert launched == report._specialise(measured[0])

@@ -24,6 +24,42 @@ like FlashAttention. One CLIP tile feeds both directions, so fwd + bwd costs 4 B
 matmuls (open_clip's ClipLoss: 6). The label (delta) terms are O(M D) and are added on
 the host from the matching rows, chunk by chunk (no upcast copy of a whole input).
 
+Backward's dK. "atomic": one pass; each program adds its s dL^T Q tile into the shared
+dK with float atomics. "columns": a second launch of the same kernel with Q and K swapped
+(each program owns a block of K's rows and loops over Q's row blocks, recomputing P from
+the saved LSEs), so no two programs write the same element. dispatch.contrastive_bwd()
+picks the default (keyword bwd=; dispatch also reads MODE_FAST_CONTRASTIVE_BWD).
+
+Determinism. deterministic=True (Triton): no float atomics anywhere (CLIP's column LSE by
+a second row pass over T I^T instead of atomic column sums; dK by the columns pass), every
+program writes only its own rows, the per-program scale / bias shares are summed on the
+host in fp64 in index order, and the config is the list's first (no autotuning), so a
+call gives the same bits on every run whatever order the programs run in. The default
+(atomic) path is not deterministic. The torch path is deterministic as it is: a fixed
+loop over row chunks, no atomics (on CUDA, deterministic as far as cuBLAS / the
+reductions are for a fixed shape; torch.use_deterministic_algorithms is the user's).
+
+Global-memory traffic per call (Triton; s = bytes per input element, bm x bn the tile,
+P = ceil(M / bm) row programs, C = ceil(N / bn) column blocks; loads as issued, re-reads
+served by L2 count too; traffic() computes these):
+    forward pass        P C (bm + bn) D s                 (Q and K tiles over D)
+                        + P C bn 4   with CLIP's atomic column sums (the shifts)
+                        + M 4 read   for a ring merge;    stores M 4
+                        atomics: P C bn = P N fp32 adds (CLIP column sums only)
+    backward pass       P C [(bm + 2 bn) D s + 8 bm D]    (logit tile, K again, dQ read + written fp32)
+                        + P C bm D s + atomics P C bn D = M N D / bm   ("atomic": Q again, dK)
+                        + M 4 (+ P C bn 4 with a column LSE); stores P C bm D 4 + 8 P
+    CLIP forward: one pass with column sums, or deterministic two row passes (M <-> N).
+    backward "atomic": one pass; "columns": two passes (M x N, then N x M), no atomics.
+Compulsory: forward (M + N) D s read, the LSEs written; backward (M + N) D s + LSEs
+read, (M + N) D 4 written (fp32 gradients).
+At B = 32k, D = 768, bf16, 64 x 64 tiles: backward "atomic" 155 GB loads + 52 GB stores +
+12.9G atomic adds (52 GB), "columns" 258 GB + 103 GB and no atomics, against 0.3 GB
+compulsory. Both are dominated by the fp32 dQ accumulator, read and written once per
+tile (8 M N D / bn bytes), so "atomic" counts less and is the default; which is faster
+is for a GPU to say (benchmarks/gpu_check.sh times both). kernel_report.py prints the
+table at B = 32k and 1M.
+
 Layers: Triton kernels (_*_kernel) and torch paths (*_torch) -> host forward / backward
 per variant -> autograd Functions -> clip_loss(), infonce_loss(), local_clip_loss(),
 siglip_loss(), and the ring's per-step blocks ring_block_forward / ring_block_backward
@@ -133,10 +169,6 @@ try:
 except ImportError:  # the torch backend still works
     triton = None
 
-# Tile sizes: one config (autotuning needs a GPU to mean anything, and several configs
-# fail under TRITON_INTERPRET=1). Small tiles when interpreting: it runs through numpy.
-_BLOCK_M, _BLOCK_N, _BLOCK_K = (16, 16, 16) if dispatch.interpreting() else (64, 64, 32)
-
 if triton is not None:
 
     @triton.jit
@@ -157,8 +189,7 @@ if triton is not None:
             acc = tl.dot(a, bt, acc, input_precision=PRECISION)
         return acc
 
-    @triton.jit
-    def _block_fwd_kernel(
+    def _block_fwd(
         # data
         Q_ptr, K_ptr, ROW_ptr, COL_SUM_ptr, COL_SHIFT_ptr,
         # shapes
@@ -167,26 +198,24 @@ if triton is not None:
         Q_stride_m, Q_stride_d, K_stride_n, K_stride_d,
         # constants
         scale, bias,
+        merge,  # runtime flag: start from the LSE already in ROW (a ring step)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, SIGLIP: tl.constexpr, COLS: tl.constexpr, MERGE: tl.constexpr,
+        PRECISION: tl.constexpr, SIGLIP: tl.constexpr, COLS: tl.constexpr,
     ):
         """Rows of Q (M) against all columns of K (N); one program per block of rows.
 
-        Not SIGLIP: ROW = row LSE by an online max/sum; MERGE starts that max/sum from the
-        LSE already in ROW (a ring step), so ROW ends as the LSE over all blocks seen. COLS
-        (the square CLIP case): column sums exp(L - shift_j) are added atomically, shift_j
-        being an upper bound of column j's logits, so partial sums from different row blocks
-        need no rescaling. SIGLIP: ROW = sum_j softplus(x_ij).
+        Not SIGLIP: ROW = row LSE by an online max/sum; merge != 0 starts that max/sum from
+        the LSE already in ROW (a ring step), so ROW ends as the LSE over all blocks seen.
+        COLS (the square CLIP case, not deterministic): column sums exp(L - shift_j) are
+        added atomically, shift_j being an upper bound of column j's logits, so partial
+        sums from different row blocks need no rescaling. SIGLIP: ROW = sum_j softplus(x_ij).
         """
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        if MERGE:
-            m_i = tl.load(ROW_ptr + rows, mask=row_ok, other=float("-inf"))
-            l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)  # exp(LSE - m) = 1 with m = LSE
-        else:
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # merge == 0 reads nothing: -inf, and l = 0 (exp(LSE - m) = 1 with m = LSE otherwise)
+        m_i = tl.load(ROW_ptr + rows, mask=row_ok & (merge != 0), other=float("-inf"))
+        l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
@@ -211,8 +240,7 @@ if triton is not None:
         else:
             tl.store(ROW_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
 
-    @triton.jit
-    def _block_bwd_kernel(
+    def _block_bwd(
         # data
         Q_ptr, K_ptr, LSE_ROW_ptr, LSE_COL_ptr, DQ_ptr, DK_ptr, DS_ptr, DB_ptr,
         # shapes
@@ -221,20 +249,24 @@ if triton is not None:
         Q_stride_m, Q_stride_d, K_stride_n, K_stride_d,
         # constants
         scale, bias, g,
+        row_term, col_term,  # runtime flags: which softmax terms dL has (not SIGLIP)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, SIGLIP: tl.constexpr, COLS: tl.constexpr,
+        PRECISION: tl.constexpr, SIGLIP: tl.constexpr, DK_ATOMIC: tl.constexpr,
     ):
-        """Recompute each tile once; dL = g * (P_row [+ P_col with COLS]) or g * sigmoid(x).
+        """Recompute each tile once; dL = g * ([P_row] + [P_col]) or g * sigmoid(x).
 
         The program's rows of dQ are its own, so they are read, added to and written back
-        (a ring accumulates several blocks into one buffer this way); dK is shared by all
-        row blocks and added atomically. Label (delta) terms are the host's, in O(M D).
+        (a ring accumulates several blocks into one buffer this way). DK_ATOMIC: dK, shared
+        by all row blocks, is added atomically in the same pass. Otherwise dK is the
+        caller's second launch of this kernel with Q and K swapped (the "columns" pass:
+        each program owns a block of K's rows), which has no atomics at all. A term left
+        out reads an LSE of +inf, so its exp is 0. Label (delta) terms are the host's.
         """
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         if not SIGLIP:
-            lse_r = tl.load(LSE_ROW_ptr + rows, mask=row_ok, other=0.0)
+            lse_r = tl.load(LSE_ROW_ptr + rows, mask=row_ok & (row_term != 0), other=float("inf"))
         ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -247,58 +279,181 @@ if triton is not None:
             if SIGLIP:
                 p = tl.sigmoid(logits + bias)
             else:
-                p = tl.exp(logits - lse_r[:, None])
-                if COLS:
-                    lse_c = tl.load(LSE_COL_ptr + cols, mask=col_ok, other=0.0)
-                    p += tl.exp(logits - lse_c[None, :])
+                lse_c = tl.load(LSE_COL_ptr + cols, mask=col_ok & (col_term != 0), other=float("inf"))
+                p = tl.exp(logits - lse_r[:, None]) + tl.exp(logits - lse_c[None, :])
             d_log = tl.where(ok, g * p, 0.0)
             ds_acc += tl.sum(d_log * raw, 1)
             db_acc += tl.sum(d_log, 1)
-            d_lin = d_log * scale  # d loss / d (Q K^T)
+            # The two products take P itself (in [0, 2]) in the inputs' dtype, so 16-bit tiles
+            # multiply on tensor cores (fp32 accumulation; fp32 ones as PRECISION says), and
+            # are scaled by g * s afterwards: g * s * P can be ~1e-7, below fp16's normal range.
+            p_in = tl.where(ok, p, 0.0).to(Q_ptr.dtype.element_ty)
+            gs = g * scale
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < D
                 k_blk = tl.load(K_ptr + cols[:, None] * K_stride_n + ks[None, :] * K_stride_d,
-                                mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                q_blk = tl.load(Q_ptr + rows[:, None] * Q_stride_m + ks[None, :] * Q_stride_d,
-                                mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 dq_ptrs = DQ_ptr + rows[:, None] * D + ks[None, :]
                 dq_mask = row_ok[:, None] & k_ok[None, :]
                 dq = tl.load(dq_ptrs, mask=dq_mask, other=0.0)
-                tl.store(dq_ptrs, dq + tl.dot(d_lin, k_blk, input_precision=PRECISION), mask=dq_mask)
-                tl.atomic_add(DK_ptr + cols[:, None] * D + ks[None, :],
-                              tl.dot(tl.trans(d_lin), q_blk, input_precision=PRECISION),
-                              mask=col_ok[:, None] & k_ok[None, :])
+                tl.store(dq_ptrs, dq + gs * tl.dot(p_in, k_blk, input_precision=PRECISION), mask=dq_mask)
+                if DK_ATOMIC:
+                    q_blk = tl.load(Q_ptr + rows[:, None] * Q_stride_m + ks[None, :] * Q_stride_d,
+                                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    tl.atomic_add(DK_ptr + cols[:, None] * D + ks[None, :],
+                                  gs * tl.dot(tl.trans(p_in), q_blk, input_precision=PRECISION),
+                                  mask=col_ok[:, None] & k_ok[None, :])
         tl.store(DS_ptr + pid, tl.sum(ds_acc, 0))
         tl.store(DB_ptr + pid, tl.sum(db_acc, 0))
 
-    # The square B x B entry points (single-process CLIP and SigLIP): one size for rows and
-    # columns; the column statistics of CLIP come from the same tiles (COLS).
-    @triton.jit
-    def _contrastive_fwd_kernel(
-        I_ptr, T_ptr, ROW_ptr, COL_SUM_ptr, COL_SHIFT_ptr,
-        B, D,
-        I_stride_b, I_stride_d, T_stride_b, T_stride_d,
-        scale, bias,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, SIGLIP: tl.constexpr,
-    ):
-        _block_fwd_kernel(I_ptr, T_ptr, ROW_ptr, COL_SUM_ptr, COL_SHIFT_ptr, B, B, D,
-                          I_stride_b, I_stride_d, T_stride_b, T_stride_d, scale, bias,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SIGLIP, True, False)
+    # Two compiled forms of each kernel body, so that each launch config compiles to exactly
+    # one machine-code variant (the one benchmarks/kernel_report.py measured), whatever the
+    # call's sizes: Triton otherwise specialises on every int that is 1 or divisible by 16
+    # and every pointer that is 16-byte aligned. "aligned" (when _layout() says so): unit
+    # stride along D; D, row strides and every pointer divisible by 16; M, N and the flags
+    # generic. "general": any layout, nothing specialised.
+    _RUNTIME = ("M", "N", "merge", "row_term", "col_term")
+    _INTS = ("D", "Q_stride_m", "Q_stride_d", "K_stride_n", "K_stride_d")
+    _PTRS_FWD = ("Q_ptr", "K_ptr", "ROW_ptr", "COL_SUM_ptr", "COL_SHIFT_ptr")
+    _PTRS_BWD = ("Q_ptr", "K_ptr", "LSE_ROW_ptr", "LSE_COL_ptr", "DQ_ptr", "DK_ptr", "DS_ptr", "DB_ptr")
+    _block_fwd_kernel = triton.jit(do_not_specialize=_RUNTIME[:3])(_block_fwd)
+    _block_fwd_kernel_general = triton.jit(do_not_specialize=_RUNTIME[:3] + _INTS,
+                                           do_not_specialize_on_alignment=_PTRS_FWD)(_block_fwd)
+    _block_bwd_kernel = triton.jit(do_not_specialize=_RUNTIME[:2] + _RUNTIME[3:])(_block_bwd)
+    _block_bwd_kernel_general = triton.jit(do_not_specialize=_RUNTIME[:2] + _RUNTIME[3:] + _INTS,
+                                           do_not_specialize_on_alignment=_PTRS_BWD)(_block_bwd)
 
-    @triton.jit
-    def _contrastive_bwd_kernel(
-        I_ptr, T_ptr, LSE_ROW_ptr, LSE_COL_ptr, DI_ptr, DT_ptr, DS_ptr, DB_ptr,
-        B, D,
-        I_stride_b, I_stride_d, T_stride_b, T_stride_d,
-        scale, bias, g,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, SIGLIP: tl.constexpr,
-    ):
-        _block_bwd_kernel(I_ptr, T_ptr, LSE_ROW_ptr, LSE_COL_ptr, DI_ptr, DT_ptr, DS_ptr, DB_ptr, B, B, D,
-                          I_stride_b, I_stride_d, T_stride_b, T_stride_d, scale, bias, g,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SIGLIP, True)
+
+# Launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by kernel, layout and
+# dtype class ("fp32" = TF32 or strict IEEE inputs, "16bit" = fp16/bf16). Every entry
+# compiles with 0 bytes of register spills for sm_90a and sm_80 (ptxas from the triton
+# wheel; benchmarks/results/static/kernels.md, asserted by tests/test_kernels_compile.py).
+# On CUDA the wrappers autotune over the list (cached by M, N, D); the first entry is the
+# one deterministic=True pins. Found spilling on sm_80 and left out: the general (scalar
+# load) backward at 64 x 64 (16-bit: 84 / 48 B; TF32 64x64x16: 8 / 4 B), the strict-fp32
+# forward at 32x64x32 (16 B), and the strict backward at 64 x 64 tiles (428-2900 B).
+_CONFIGS: dict[tuple[str, str, str], tuple[tuple[int, int, int, int, int], ...]] = {
+    ("fwd", "aligned", "16bit"): ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3)),
+    ("fwd", "aligned", "fp32"): ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3)),
+    ("fwd", "general", "16bit"): ((64, 64, 32, 4, 2),),
+    ("fwd", "general", "fp32"): ((64, 64, 16, 4, 1),),
+    ("bwd", "aligned", "16bit"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
+    ("bwd", "aligned", "fp32"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
+    ("bwd", "general", "16bit"): ((32, 64, 32, 4, 1),),
+    ("bwd", "general", "fp32"): ((32, 64, 16, 4, 1),),
+    # strict fp32: IEEE dots run on FMA units with operands in registers: smaller tiles
+    ("fwd", "aligned", "ieee"): ((64, 64, 16, 4, 2), (32, 64, 16, 4, 3)),
+    ("fwd", "general", "ieee"): ((64, 64, 16, 4, 1),),
+    ("bwd", "aligned", "ieee"): ((32, 64, 16, 4, 2), (32, 32, 32, 4, 2)),
+    ("bwd", "general", "ieee"): ((32, 64, 16, 4, 1),),
+}  # fmt: skip
+# Under the interpreter: the smallest tiles tl.dot accepts, one config (autotune with
+# several configs fails there, and it runs through numpy).
+_INTERPRETER_CONFIG = (16, 16, 16, 1, 1)
+
+# The backward's dK: "columns" (a second, column-owned pass, no atomics) or "atomic" (one
+# pass, dK added with float atomics). See the traffic formulas in the module doc.
+BWD_MODES = dispatch.CONTRASTIVE_BWD
+
+
+def _dtype_class(dtype: torch.dtype, strict_fp32: bool = False) -> str:
+    if dtype != torch.float32:
+        return "16bit"
+    return "ieee" if strict_fp32 else "fp32"
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Triton's rule for the aligned form: pointer 16-byte aligned, and for a matrix unit
+    stride along its last axis and a row stride divisible by 16."""
+    if t.data_ptr() % 16:
+        return False
+    return t.dim() == 1 or (t.stride(1) == 1 and t.stride(0) % 16 == 0)
+
+
+def _layout(q: torch.Tensor, k: torch.Tensor, *buffers: torch.Tensor) -> str:
+    ok = q.shape[1] % 16 == 0 and all(_aligned(t) for t in (q, k, *buffers))
+    return "aligned" if ok else "general"
+
+
+def _as_dict(cfg: tuple[int, int, int, int, int]) -> dict[str, int]:
+    bm, bn, bk, warps, stages = cfg
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+
+
+def launch_configs(kind: str, dtype: torch.dtype, layout: str = "aligned",
+                   strict_fp32: bool = False) -> list[dict[str, int]]:
+    """The configs the wrappers may launch for `kind` ("fwd" or "bwd") on inputs of this
+    dtype, strict-fp32 flag and layout (the static report compiles each one)."""
+    if dispatch.interpreting():
+        return [_as_dict(_INTERPRETER_CONFIG)]
+    return [_as_dict(c) for c in _CONFIGS[(kind, layout, _dtype_class(dtype, strict_fp32))]]
+
+
+def _kernel(kind: str, layout: str) -> Any:
+    if kind == "fwd":
+        return _block_fwd_kernel if layout == "aligned" else _block_fwd_kernel_general
+    return _block_bwd_kernel if layout == "aligned" else _block_bwd_kernel_general
+
+
+_TUNED: dict[tuple[str, str, str], Any] = {}
+
+
+def _tuned_kernel(kind: str, layout: str, dtype: torch.dtype, strict_fp32: bool) -> Any:
+    """triton.autotune over the list, cached by (M, N, D) (the autotuner adds dtypes).
+    Timing runs restore the buffers the kernel accumulates into. Built on first use."""
+    key = (kind, layout, _dtype_class(dtype, strict_fp32))
+    if key not in _TUNED:
+        configs = [triton.Config({k: v for k, v in _as_dict(c).items() if k.startswith("BLOCK")},
+                                 num_warps=c[3], num_stages=c[4]) for c in _CONFIGS[key]]  # fmt: skip
+        keep = ["ROW_ptr", "COL_SUM_ptr"] if kind == "fwd" else ["DQ_ptr", "DK_ptr"]
+        _TUNED[key] = triton.autotune(configs=configs, key=["M", "N", "D"], restore_value=keep)(
+            _kernel(kind, layout))
+    return _TUNED[key]
+
+
+def _pass_traffic(m: int, n: int, d: int, s: int, bm: int, bn: int, kind: str, *, lse_loads: int = 0,
+                  cols: bool = False, merge: bool = False, dk_atomic: bool = False) -> dict[str, float]:
+    """One launch of a block kernel (module doc: Global-memory traffic); lse_loads: how many
+    LSE vectors the backward reads (per row once, per column block once per tile)."""
+    p, c = -(-m // bm), -(-n // bn)
+    tiles = p * c
+    if kind == "fwd":
+        loads = tiles * (bm + bn) * d * s + (m * 4 if merge else 0) + (tiles * bn * 4 if cols else 0)
+        stores, atomics = m * 4, (tiles * bn if cols else 0)
+    else:
+        loads = tiles * ((bm + 2 * bn) * d * s + bm * d * 4) + (tiles * bm * d * s if dk_atomic else 0)
+        loads += (m * 4 if lse_loads else 0) + (tiles * bn * 4 if lse_loads > 1 else 0)
+        stores, atomics = tiles * bm * d * 4 + 2 * p * 4, (tiles * bn * d if dk_atomic else 0)
+    return {"global_load_bytes": float(loads), "global_store_bytes": float(stores),
+            "atomic_ops": float(atomics), "atomic_bytes": 4.0 * atomics}
+
+
+def traffic(m: int, n: int, d: int, itemsize: int, block_m: int, block_n: int, *, loss: str = "clip",
+            bwd: str = "atomic", deterministic: bool = False) -> dict[str, dict[str, float]]:
+    """The module doc's traffic formulas for one call, in bytes (atomics: a count), with
+    this tile config: {"fwd": ..., "bwd": ...}. loss: "clip" (square, M = N), "rows" (one
+    InfoNCE direction, M queries x N keys) or "siglip"; bwd: "atomic" or "columns";
+    deterministic: CLIP's column LSE by a second row pass. "compulsory": inputs read once,
+    outputs written once."""
+    s, bm, bn = itemsize, block_m, block_n
+    softmax = loss != "siglip"
+    if loss == "clip" and deterministic:
+        a, b = _pass_traffic(m, n, d, s, bm, bn, "fwd"), _pass_traffic(n, m, d, s, bm, bn, "fwd")
+        fwd = {k: a[k] + b[k] for k in a}
+    else:
+        fwd = _pass_traffic(m, n, d, s, bm, bn, "fwd", cols=loss == "clip")
+    lse = (2 if loss == "clip" else 1) if softmax else 0
+    if bwd == "atomic":
+        back = _pass_traffic(m, n, d, s, bm, bn, "bwd", lse_loads=lse, dk_atomic=True)
+    else:
+        a = _pass_traffic(m, n, d, s, bm, bn, "bwd", lse_loads=lse)
+        b = _pass_traffic(n, m, d, s, bm, bn, "bwd", lse_loads=2 if softmax else 0)
+        back = {k: a[k] + b[k] for k in a}
+    lse_bytes = (m + (n if loss == "clip" else 0)) * 4 if softmax else m * 4
+    fwd["compulsory_bytes"] = float((m + n) * d * s + lse_bytes)
+    back["compulsory_bytes"] = float((m + n) * d * (s + 4) + (lse_bytes if softmax else 0))
+    return {"fwd": fwd, "bwd": back}
 
 
 def _precision(x: torch.Tensor, strict_fp32: bool) -> str:
@@ -306,116 +461,171 @@ def _precision(x: torch.Tensor, strict_fp32: bool) -> str:
     return "tf32" if (x.dtype == torch.float32 and not strict_fp32) else "ieee"
 
 
-def _launch_meta(x: torch.Tensor, strict_fp32: bool) -> dict:
+def _launch(kind: str, q: torch.Tensor, k: torch.Tensor, buffers: tuple, args: tuple, consts: dict,
+            strict_fp32: bool, deterministic: bool, config: dict | None, mode: str) -> Any:
+    """Launch one block kernel over cdiv(M, BLOCK_M) row programs.
+
+    Under the interpreter, with deterministic=True or an explicit config (benchmarks): one
+    config (the list's first unless given); otherwise autotuned over the list on CUDA.
+    buffers: the other tensors passed (their alignment picks the compiled form).
+    """
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
-    return {"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N, "BLOCK_K": _BLOCK_K, "PRECISION": _precision(x, strict_fp32)}
+    m = q.shape[0]
+    layout = _layout(q, k, *buffers)
+    consts = dict(consts, PRECISION=_precision(q, strict_fp32))
+    kernel_launches[f"{kind}:{mode}"] += 1
+    if consts.get("COLS") or consts.get("DK_ATOMIC"):
+        kernel_launches["atomic"] += 1  # a launch with float atomics (never under deterministic=True)
+    if dispatch.interpreting() or deterministic or config is not None:
+        cfg = config or launch_configs(kind, q.dtype, layout, strict_fp32)[0]
+        if cfg not in launch_configs(kind, q.dtype, layout, strict_fp32):
+            raise ValueError(f"contrastive {kind}: {cfg} is not a {layout} config for {q.dtype}")
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+        _kernel(kind, layout)[grid](*args, **consts, **cfg)
+        return grid[0]
+    # the grid depends on the tuned BLOCK_M: the per-program outputs are sized for the
+    # smallest BLOCK_M of the list (_max_programs), their unused tail left at zero
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
+    _tuned_kernel(kind, layout, q.dtype, strict_fp32)[grid](*args, **consts)
+    return grid
 
 
-def _grid(rows: int) -> tuple[int]:
-    return (triton.cdiv(rows, _BLOCK_M),)
+def _max_programs(kind: str, q: torch.Tensor, dtype_like: torch.Tensor, strict_fp32: bool) -> int:
+    """Programs of the largest grid any config of the list can launch (per-program outputs)."""
+    smallest = min(c["BLOCK_M"] for layout in ("aligned", "general")
+                   for c in launch_configs(kind, dtype_like.dtype, layout, strict_fp32))  # fmt: skip
+    return triton.cdiv(q.shape[0], smallest)
 
 
-def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, strict_fp32: bool = False):
-    """Square B x B forward on the kernel. CLIP: (loss, lse_row, lse_col); SigLIP: (loss, None, None)."""
+def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, strict_fp32: bool = False,
+                        deterministic: bool = False, config: dict | None = None):
+    """Square B x B forward on the kernel. CLIP: (loss, lse_row, lse_col); SigLIP: (loss, None, None).
+
+    CLIP's column LSE: column sums added atomically from the row pass (default), or with
+    deterministic=True a second row pass over T I^T (no atomics, twice the matmul work).
+    """
     b, d = img.shape
-    meta = _launch_meta(img, strict_fp32)
-    row = torch.empty(b, dtype=torch.float32, device=img.device)
-    col_sum = torch.zeros(b, dtype=torch.float32, device=img.device)
     if siglip:
-        col_shift = col_sum  # unused
+        row = rows_forward(img, txt, scale, bias, siglip=True, strict_fp32=strict_fp32,
+                           deterministic=deterministic, config=config, mode="siglip")
+        diag = scale * _row_dots(img, txt)
+        return (row.sum() - (diag + bias).sum()) / b, None, None
+    if deterministic:
+        row = rows_forward(img, txt, scale, strict_fp32=strict_fp32, deterministic=True, config=config,
+                           mode="clip")
+        lse_col = rows_forward(txt, img, scale, strict_fp32=strict_fp32, deterministic=True, config=config,
+                               mode="clip_cols")
     else:
+        row = torch.empty(b, dtype=torch.float32, device=img.device)
+        col_sum = torch.zeros(b, dtype=torch.float32, device=img.device)
         # |L_ij| <= s ||I_i|| ||T_j||: an upper bound per column, a margin above it for the
         # norms' rounding to the input dtype (computed in it: no upcast copy). Being a little
         # under is harmless: the shift only keeps exp() from overflowing.
         t_norm = torch.linalg.vector_norm(txt, dim=1).float()
         i_max = torch.linalg.vector_norm(img, dim=1).max().float()
         col_shift = (abs(scale) * t_norm * i_max) * (1.0 + 1e-2) + 1e-3
-    kernel_launches["fwd:siglip" if siglip else "fwd:clip"] += 1
-    _contrastive_fwd_kernel[_grid(b)](
-        img, txt, row, col_sum, col_shift, b, d,
-        img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
-        float(scale), float(bias), SIGLIP=siglip, **meta,
-    )
+        args = (img, txt, row, col_sum, col_shift, b, b, d, img.stride(0), img.stride(1), txt.stride(0),
+                txt.stride(1), float(scale), float(bias), 0)
+        _launch("fwd", img, txt, (row, col_sum, col_shift), args, dict(SIGLIP=False, COLS=True),
+                strict_fp32, False, config, "clip")
+        lse_col = col_shift + torch.log(col_sum)
+        # Columns whose every logit sits > ~87 below the bound underflow to a zero sum: rare
+        # (it needs s * (||I|| ||T|| - max logit) > 87); redo those exactly as rows of T I^T.
+        bad = (col_sum < 1e-30).nonzero().squeeze(1)
+        if bad.numel():
+            lse_col[bad] = rows_forward(txt[bad], img, scale, strict_fp32=strict_fp32)
     diag = scale * _row_dots(img, txt)
-    if siglip:
-        return (row.sum() - (diag + bias).sum()) / b, None, None
-    lse_col = col_shift + torch.log(col_sum)
-    # Columns whose every logit sits > ~87 below the bound underflow to a zero sum: rare
-    # (it needs s * (||I|| ||T|| - max logit) > 87); redo those exactly as rows of T I^T.
-    bad = (col_sum < 1e-30).nonzero().squeeze(1)
-    if bad.numel():
-        lse_col[bad] = rows_forward(txt[bad], img, scale, strict_fp32=strict_fp32)
     loss = 0.5 * (row.sum() + lse_col.sum() - 2.0 * diag.sum()) / b
     return loss, row, lse_col
 
 
 def contrastive_backward(img, txt, scale: float, bias: float, lse_row, lse_col, grad: float, siglip: bool,
-                         strict_fp32: bool = False):
+                         strict_fp32: bool = False, bwd: str = dispatch.DEFAULT_CONTRASTIVE_BWD, deterministic: bool = False,
+                         config: dict | None = None):
     """Square B x B backward on the kernel: (d_img, d_txt fp32, d_scale, d_bias)."""
     b, d = img.shape
-    meta = _launch_meta(img, strict_fp32)
     d_img = torch.zeros(b, d, dtype=torch.float32, device=img.device)
     d_txt = torch.zeros(b, d, dtype=torch.float32, device=img.device)
-    grid = _grid(b)
-    d_s = torch.empty(grid[0], dtype=torch.float32, device=img.device)
-    d_b = torch.empty(grid[0], dtype=torch.float32, device=img.device)
     g = grad / b if siglip else grad / (2.0 * b)
-    dummy = d_s
-    kernel_launches["bwd:siglip" if siglip else "bwd:clip"] += 1
-    _contrastive_bwd_kernel[grid](
-        img, txt, dummy if siglip else lse_row, dummy if siglip else lse_col, d_img, d_txt, d_s, d_b, b, d,
-        img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
-        float(scale), float(bias), float(g), SIGLIP=siglip, **meta,
-    )
+    d_scale, d_bias = rows_backward(img, txt, scale, bias, lse_row, g, d_img, d_txt, siglip=siglip,
+                                    strict_fp32=strict_fp32, bwd=bwd, deterministic=deterministic,
+                                    config=config, lse_col=lse_col, mode="siglip" if siglip else "clip")
     # the diagonal (label) terms of dLogits: -g (SigLIP) or -2g (CLIP) on each positive pair
     pos = g if siglip else 2.0 * g
     _sub_labels(d_img, d_txt, img, txt, 0, pos * scale)
-    d_scale = float(d_s.sum(dtype=torch.float64)) - pos * float(_row_dots(img, txt).sum())
-    d_bias = float(d_b.sum(dtype=torch.float64)) - pos * b
+    d_scale -= pos * float(_row_dots(img, txt).sum())
+    d_bias -= pos * b
     return d_img, d_txt, d_scale, d_bias
 
 
 def rows_forward(q, k, scale: float, bias: float = 0.0, *, siglip: bool = False, merge_into=None,
-                 strict_fp32: bool = False) -> torch.Tensor:
+                 strict_fp32: bool = False, deterministic: bool = False, config: dict | None = None,
+                 mode: str | None = None) -> torch.Tensor:
     """Rectangular M x N forward on the kernel: per row of q, the LSE of s q k^T (or with
     siglip the sum of softplus(s q k^T + b)), fp32 [M]. merge_into: a running row LSE,
-    updated in place to the LSE over it and this block (a ring step), and returned."""
+    updated in place to the LSE over it and this block (a ring step), and returned.
+    No atomics: every program writes only its own rows (deterministic by construction)."""
     m, d = q.shape
-    meta = _launch_meta(q, strict_fp32)
     if merge_into is not None:
         row = merge_into
         assert row.dtype == torch.float32 and row.is_contiguous() and row.shape == (m,)
     else:
         row = torch.empty(m, dtype=torch.float32, device=q.device)
-    mode = "siglip_rect" if siglip else "rows_merge" if merge_into is not None else "rows"
-    kernel_launches["fwd:" + mode] += 1
-    _block_fwd_kernel[_grid(m)](
-        q, k, row, row, row, m, k.shape[0], d,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        float(scale), float(bias), SIGLIP=siglip, COLS=False, MERGE=merge_into is not None, **meta,
-    )
+    mode = mode or ("siglip_rect" if siglip else "rows_merge" if merge_into is not None else "rows")
+    args = (q, k, row, row, row, m, k.shape[0], d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            float(scale), float(bias), int(merge_into is not None))
+    _launch("fwd", q, k, (row,), args, dict(SIGLIP=siglip, COLS=False), strict_fp32, deterministic, config,
+            mode)
     return row
 
 
 def rows_backward(q, k, scale: float, bias: float, lse, g: float, d_q, d_k, *, siglip: bool = False,
-                  strict_fp32: bool = False) -> tuple[float, float]:
-    """Rectangular backward on the kernel, dL = g * softmax_rows(s q k^T) (lse: its row LSE)
-    or g * sigmoid(s q k^T + b): adds s dL k to d_q and s dL^T q to d_k (contiguous fp32,
-    in place) and returns (sum dL * q k^T, sum dL), the scale's and bias's shares. Label
-    terms are the caller's."""
+                  strict_fp32: bool = False, bwd: str = dispatch.DEFAULT_CONTRASTIVE_BWD, deterministic: bool = False,
+                  config: dict | None = None, lse_col=None, mode: str | None = None) -> tuple[float, float]:
+    """Rectangular backward on the kernel, dL = g * softmax_rows(s q k^T) (lse: its row LSE;
+    with lse_col, the square CLIP case, + g * softmax_cols) or g * sigmoid(s q k^T + b):
+    adds s dL k to d_q and s dL^T q to d_k (contiguous fp32, in place) and returns
+    (sum dL * q k^T, sum dL), the scale's and bias's shares. Label terms are the caller's.
+
+    bwd="columns": d_q by a row-owned pass, d_k by a second pass with q and k swapped
+    (column-owned), no atomics; "atomic": one pass, d_k added atomically (not
+    deterministic; deterministic=True refuses it).
+    """
+    if bwd not in BWD_MODES:
+        raise ValueError(f"bwd must be one of {BWD_MODES}, got {bwd!r}")
+    if deterministic and bwd == "atomic":
+        raise ValueError("deterministic=True needs bwd='columns' (the atomic backward adds floats in any order)")
     m, d = q.shape
-    meta = _launch_meta(q, strict_fp32)
     assert d_q.is_contiguous() and d_k.is_contiguous() and d_q.dtype == d_k.dtype == torch.float32
-    grid = _grid(m)
-    d_s = torch.empty(grid[0], dtype=torch.float32, device=q.device)
-    d_b = torch.empty(grid[0], dtype=torch.float32, device=q.device)
-    kernel_launches["bwd:siglip_rect" if siglip else "bwd:rows"] += 1
-    _block_bwd_kernel[grid](
-        q, k, d_s if siglip else lse, d_s, d_q, d_k, d_s, d_b, m, k.shape[0], d,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        float(scale), float(bias), float(g), SIGLIP=siglip, COLS=False, **meta,
-    )
+    mode = mode or ("siglip_rect" if siglip else "rows")
+    grid = _max_programs("bwd", q, q, strict_fp32)
+    d_s = torch.zeros(grid, dtype=torch.float32, device=q.device)
+    d_b = torch.zeros(grid, dtype=torch.float32, device=q.device)
+    lse_r = d_s if siglip else lse
+    lse_c = lse_col if lse_col is not None else lse_r
+    col_term = int(lse_col is not None)
+    consts = dict(SIGLIP=siglip, DK_ATOMIC=bwd == "atomic")
+    common = (float(scale), float(bias), float(g))
+    args = (q, k, lse_r, lse_c, d_q, d_k, d_s, d_b, m, k.shape[0], d, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), *common, 1, col_term)
+    _launch("bwd", q, k, (lse_r, lse_c, d_q, d_k, d_s, d_b), args, consts, strict_fp32, deterministic, config,
+            mode)
+    kernel_launches[f"dk:{bwd}"] += 1
+    if bwd == "columns":
+        # Q and K swapped: the row LSE of this pass is the other's column LSE and vice versa
+        # (rows only: the term is the column one). Its scale / bias shares repeat the first's.
+        n = k.shape[0]
+        grid2 = _max_programs("bwd", k, q, strict_fp32)
+        scratch = torch.zeros(2 * grid2, dtype=torch.float32, device=q.device)
+        if lse_col is not None:
+            lse_r2, lse_c2, terms = lse_col, lse_r, (1, 1)
+        else:
+            lse_r2, lse_c2, terms = lse_r, lse_r, (0, 1)
+        args = (k, q, lse_r2, lse_c2, d_k, d_q, scratch[:grid2], scratch[grid2:], n, m, d, k.stride(0),
+                k.stride(1), q.stride(0), q.stride(1), *common, *terms)
+        _launch("bwd", k, q, (lse_r2, lse_c2, d_k, scratch), args, consts, strict_fp32, deterministic,
+                config, mode + "_cols")
     return float(d_s.sum(dtype=torch.float64)), float(d_b.sum(dtype=torch.float64))
 
 
@@ -580,34 +790,40 @@ def siglip_backward_torch(img, txt, scale: float, bias: float, grad: float, posi
 
 # --------------------------------------------------------------------------- blocks, either backend
 def row_lse(q, k, scale: float, backend: str, *, merge_into=None, chunk: int | None = None,
-            strict_fp32: bool = False) -> torch.Tensor:
-    """Row LSE of s q k^T on a resolved backend ("torch" or "triton"); see row_lse_torch."""
+            strict_fp32: bool = False, deterministic: bool = False, bwd: str | None = None) -> torch.Tensor:
+    """Row LSE of s q k^T on a resolved backend ("torch" or "triton"); see row_lse_torch.
+    (bwd is accepted so forward and backward share one keyword set; unused here.)"""
     if backend == "triton":
-        return rows_forward(q, k, scale, merge_into=merge_into, strict_fp32=strict_fp32)
+        return rows_forward(q, k, scale, merge_into=merge_into, strict_fp32=strict_fp32,
+                            deterministic=deterministic)
     return row_lse_torch(q, k, scale, chunk, merge_into=merge_into)
 
 
 def row_softmax_grad(q, k, scale: float, lse, g: float, d_q, d_k, backend: str, *, chunk: int | None = None,
-                     strict_fp32: bool = False) -> float:
+                     strict_fp32: bool = False, deterministic: bool = False, bwd: str | None = None) -> float:
     """row_softmax_grad_torch on a resolved backend ("torch" or "triton")."""
     if backend == "triton":
-        return rows_backward(q, k, scale, 0.0, lse, g, d_q, d_k, strict_fp32=strict_fp32)[0]
+        return rows_backward(q, k, scale, 0.0, lse, g, d_q, d_k, strict_fp32=strict_fp32,
+                             deterministic=deterministic, bwd=dispatch.contrastive_bwd(bwd))[0]
     return row_softmax_grad_torch(q, k, scale, lse, g, d_q, d_k, chunk)
 
 
 def ring_block_forward(q, k_block, scale: float, lse, backend: str, *, chunk: int | None = None,
-                       strict_fp32: bool = False) -> torch.Tensor:
+                       strict_fp32: bool = False, deterministic: bool = False,
+                       bwd: str | None = None) -> torch.Tensor:
     """One ring step's forward: the running row LSE `lse` of q (fp32, contiguous) merged in
     place with the LSE of s q k_block^T; `lse=None` starts it. Returns the running LSE."""
-    return row_lse(q, k_block, scale, backend, merge_into=lse, chunk=chunk, strict_fp32=strict_fp32)
+    return row_lse(q, k_block, scale, backend, merge_into=lse, chunk=chunk, strict_fp32=strict_fp32,
+                   deterministic=deterministic)
 
 
 def ring_block_backward(q, k_block, scale: float, lse, g: float, d_q, d_k_block, backend: str, *,
-                        chunk: int | None = None, strict_fp32: bool = False) -> float:
+                        chunk: int | None = None, strict_fp32: bool = False, deterministic: bool = False,
+                        bwd: str | None = None) -> float:
     """One ring step's backward: adds g * softmax-rows gradients (normalised by the final
     LSE) to d_q and to the visiting block's accumulator d_k_block; returns the scale's share."""
     return row_softmax_grad(q, k_block, scale, lse, g, d_q, d_k_block, backend, chunk=chunk,
-                            strict_fp32=strict_fp32)
+                            strict_fp32=strict_fp32, deterministic=deterministic, bwd=bwd)
 
 
 # --------------------------------------------------------------------------- autograd Functions
@@ -633,25 +849,25 @@ class _ClipLoss(torch.autograd.Function):
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, img, txt, scale_t, backend, chunk, strict_fp32):
+    def forward(ctx, img, txt, scale_t, backend, chunk, kw):
         scale = float(scale_t)
         if backend == "triton":
-            loss, lse_row, lse_col = contrastive_forward(img, txt, scale, 0.0, False, strict_fp32)
+            loss, lse_row, lse_col = contrastive_forward(img, txt, scale, 0.0, False, **_fwd_kw(kw))
         else:
             loss, lse_row, lse_col = clip_sym_forward_torch(img, txt, scale, chunk)
         ctx.save_for_backward(img, txt, scale_t, lse_row, lse_col)
-        ctx.opts = (backend, chunk, strict_fp32)
+        ctx.opts = (backend, chunk, kw)
         return loss
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad):
         img, txt, scale_t, lse_row, lse_col = ctx.saved_tensors
-        backend, chunk, strict_fp32 = ctx.opts
+        backend, chunk, kw = ctx.opts
         scale = float(scale_t)
         if backend == "triton":
             d_img, d_txt, d_scale, _ = contrastive_backward(img, txt, scale, 0.0, lse_row, lse_col, float(grad),
-                                                            False, strict_fp32)
+                                                            False, **kw)
         else:
             d_img, d_txt, d_scale = clip_sym_backward_torch(img, txt, scale, lse_row, lse_col, float(grad), chunk)
         return (
@@ -667,25 +883,25 @@ class _InfoNCE(torch.autograd.Function):
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, q, k, scale_t, offset, backend, chunk, strict_fp32):
+    def forward(ctx, q, k, scale_t, offset, backend, chunk, kw):
         scale = float(scale_t)
         n = q.shape[0]
-        lse = row_lse(q, k, scale, backend, chunk=chunk, strict_fp32=strict_fp32)
+        lse = row_lse(q, k, scale, backend, chunk=chunk, **kw)
         pos = scale * _row_dots(q, k[offset : offset + n])
         ctx.save_for_backward(q, k, scale_t, lse)
-        ctx.opts = (offset, backend, chunk, strict_fp32)
+        ctx.opts = (offset, backend, chunk, kw)
         return (lse.sum() - pos.sum()) / n
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad):
         q, k, scale_t, lse = ctx.saved_tensors
-        off, backend, chunk, strict_fp32 = ctx.opts
+        off, backend, chunk, kw = ctx.opts
         scale, n = float(scale_t), q.shape[0]
         g = float(grad) / n
         d_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         d_k = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        d_scale = row_softmax_grad(q, k, scale, lse, g, d_q, d_k, backend, chunk=chunk, strict_fp32=strict_fp32)
+        d_scale = row_softmax_grad(q, k, scale, lse, g, d_q, d_k, backend, chunk=chunk, **kw)
         d_scale -= g * float(_row_dots(q, k[off : off + n]).sum())
         _sub_labels(d_q, d_k, q, k, off, g * scale)
         return (
@@ -699,32 +915,32 @@ class _InfoNCE(torch.autograd.Function):
 class _SigLipLoss(torch.autograd.Function):
     @staticmethod
     @_without_autocast
-    def forward(ctx, img, txt, scale_t, bias_t, positives, backend, chunk, strict_fp32):
+    def forward(ctx, img, txt, scale_t, bias_t, positives, backend, chunk, kw):
         scale, bias = float(scale_t), float(bias_t)
         if backend == "triton" and positives:
-            loss, _, _ = contrastive_forward(img, txt, scale, bias, True, strict_fp32)
+            loss, _, _ = contrastive_forward(img, txt, scale, bias, True, **_fwd_kw(kw))
         elif backend == "triton":
-            loss = rows_forward(img, txt, scale, bias, siglip=True, strict_fp32=strict_fp32).sum() / img.shape[0]
+            loss = rows_forward(img, txt, scale, bias, siglip=True, **_fwd_kw(kw)).sum() / img.shape[0]
         else:
             loss = siglip_forward_torch(img, txt, scale, bias, positives, chunk)
         ctx.save_for_backward(img, txt, scale_t, bias_t)
-        ctx.opts = (positives, backend, chunk, strict_fp32)
+        ctx.opts = (positives, backend, chunk, kw)
         return loss
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad):
         img, txt, scale_t, bias_t = ctx.saved_tensors
-        positives, backend, chunk, strict_fp32 = ctx.opts
+        positives, backend, chunk, kw = ctx.opts
         scale, bias = float(scale_t), float(bias_t)
         if backend == "triton" and positives:
             d_img, d_txt, d_scale, d_bias = contrastive_backward(img, txt, scale, bias, None, None, float(grad),
-                                                                 True, strict_fp32)
+                                                                 True, **kw)
         elif backend == "triton":
             d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
             d_txt = torch.zeros(txt.shape, dtype=torch.float32, device=img.device)
             d_scale, d_bias = rows_backward(img, txt, scale, bias, None, float(grad) / img.shape[0], d_img, d_txt,
-                                            siglip=True, strict_fp32=strict_fp32)
+                                            siglip=True, **kw)
         else:
             d_img, d_txt, d_scale, d_bias = siglip_backward_torch(img, txt, scale, bias, float(grad), positives,
                                                                   chunk)
@@ -738,6 +954,19 @@ class _SigLipLoss(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- public API
+def _kernel_kw(strict_fp32: bool, deterministic: bool, bwd: str | None) -> dict:
+    """The Triton options of one call (the torch path takes none: it is deterministic as is)."""
+    if deterministic and bwd == "atomic":
+        raise ValueError("deterministic=True needs bwd='columns' (the atomic backward adds floats in any order)")
+    # deterministic takes the columns pass whatever the default or environment says
+    bwd = "columns" if deterministic else dispatch.contrastive_bwd(bwd)
+    return {"strict_fp32": bool(strict_fp32), "deterministic": bool(deterministic), "bwd": bwd}
+
+
+def _fwd_kw(kw: dict) -> dict:
+    return {"strict_fp32": kw["strict_fp32"], "deterministic": kw["deterministic"]}
+
+
 def pick_backend(variant: str, like: torch.Tensor, backend: str = "auto") -> str:
     """The backend ("torch" or "triton") that runs `variant` on `like` (mode_fast.kernels.dispatch)."""
     return dispatch.pick("contrastive", variant, like, backend)
@@ -751,6 +980,8 @@ def clip_loss(
     *,
     chunk_size: int | None = None,
     strict_fp32: bool = False,
+    deterministic: bool = False,
+    bwd: str | None = None,
 ) -> torch.Tensor:
     """Symmetric CLIP loss 0.5 * (CE(s I T^T, diag) + CE(s T I^T, diag)), a differentiable fp32 scalar.
 
@@ -758,11 +989,15 @@ def clip_loss(
     Memory: O(B * D) saved for backward plus O(chunk * B) temporaries; no B x B tensor.
     backend: "triton" (CUDA kernels), "torch" (chunked PyTorch, any device) or "auto"
     (Triton on CUDA, torch otherwise). strict_fp32: no TF32 in the Triton kernels.
+    deterministic: the same bits on every run for the same inputs (module doc:
+    Determinism). bwd: the Triton backward's dK pass, "columns" or "atomic" (None: the
+    default, see dispatch.contrastive_bwd).
     """
     _check_features(image_features, text_features)
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     backend = pick_backend(dispatch.CLIP, image_features, backend)
-    return _ClipLoss.apply(image_features, text_features, scale_t, backend, chunk_size, strict_fp32)
+    kw = _kernel_kw(strict_fp32, deterministic, bwd)
+    return _ClipLoss.apply(image_features, text_features, scale_t, backend, chunk_size, kw)
 
 
 def infonce_loss(
@@ -774,6 +1009,8 @@ def infonce_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
     strict_fp32: bool = False,
+    deterministic: bool = False,
+    bwd: str | None = None,
 ) -> torch.Tensor:
     """One-direction InfoNCE: mean over q rows of CE(s q k^T, offset + row).
 
@@ -783,7 +1020,8 @@ def infonce_loss(
     _check_offset(offset, queries.shape[0], keys.shape[0])
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", queries)
     backend = pick_backend(dispatch.INFONCE, queries, backend)
-    return _InfoNCE.apply(queries, keys, scale_t, int(offset), backend, chunk_size, strict_fp32)
+    kw = _kernel_kw(strict_fp32, deterministic, bwd)
+    return _InfoNCE.apply(queries, keys, scale_t, int(offset), backend, chunk_size, kw)
 
 
 def local_clip_loss(
@@ -797,6 +1035,8 @@ def local_clip_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
     strict_fp32: bool = False,
+    deterministic: bool = False,
+    bwd: str | None = None,
 ) -> torch.Tensor:
     """open_clip's local_loss=True: 0.5 * (CE(s I_loc T_all^T) + CE(s T_loc I_all^T)), labels at offset.
 
@@ -809,7 +1049,7 @@ def local_clip_loss(
     _check_offset(offset, image_features.shape[0], all_text_features.shape[0])
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     backend = pick_backend(dispatch.CLIP_LOCAL, image_features, backend)
-    opts = (int(offset), backend, chunk_size, strict_fp32)
+    opts = (int(offset), backend, chunk_size, _kernel_kw(strict_fp32, deterministic, bwd))
     return 0.5 * (_InfoNCE.apply(image_features, all_text_features, scale_t, *opts)
                   + _InfoNCE.apply(text_features, all_image_features, scale_t, *opts))
 
@@ -824,6 +1064,8 @@ def siglip_loss(
     positives: bool = True,
     chunk_size: int | None = None,
     strict_fp32: bool = False,
+    deterministic: bool = False,
+    bwd: str | None = None,
 ) -> torch.Tensor:
     """SigLIP loss -sum_ij log sigmoid(z_ij (s I_i.T_j + b)) / B, z = +1 on the diagonal, -1 elsewhere.
 
@@ -835,4 +1077,4 @@ def siglip_loss(
     bias_t = _as_scalar_tensor(logit_bias, "logit_bias", image_features)
     backend = pick_backend(dispatch.SIGLIP if positives else dispatch.SIGLIP_NEGATIVES, image_features, backend)
     return _SigLipLoss.apply(image_features, text_features, scale_t, bias_t, positives, backend, chunk_size,
-                             strict_fp32)
+                             _kernel_kw(strict_fp32, deterministic, bwd))

@@ -13,6 +13,10 @@ the dtypes, the devices, whether ``backend="auto"`` may choose it, and what it n
 - ``MODE_FAST_BACKEND=torch|triton`` (environment) replaces the requested backend of
   every call, ``"auto"`` and explicit alike, for tests and debugging; a backend that
   cannot do a call then fails as an explicit one does.
+- ``MODE_FAST_CONTRASTIVE_BWD=columns|atomic`` (environment) sets how the Triton
+  contrastive backward forms dK when a call does not say (``bwd=None``); unset, the
+  default is ``DEFAULT_CONTRASTIVE_BWD`` (``contrastive_bwd()``). For a first GPU run to
+  time both without code changes.
 - ``TRITON_INTERPRET`` is read here and nowhere else (``interpreting()``). Triton reads it
   itself when its kernels are decorated, so it must be set before triton is imported.
   Interpreted, the Triton backend also runs on CPU tensors, but only when asked for by
@@ -43,6 +47,16 @@ RING_BLOCK = "ring_block"              # one ring step: rows vs a visiting block
 SIGLIP = "siglip"                      # sigmoid loss, positives on the diagonal
 SIGLIP_NEGATIVES = "siglip_negatives"  # sigmoid loss, every pair negative (another rank's texts)
 CONTRASTIVE_VARIANTS = (CLIP, INFONCE, CLIP_LOCAL, RING_BLOCK, SIGLIP, SIGLIP_NEGATIVES)
+# How the Triton contrastive backward forms dK (mode_fast.kernels.contrastive_loss):
+# "columns", a second column-owned pass without atomics, or "atomic", one pass adding dK
+# with float atomics. The default is the one with less counted global-memory traffic at
+# the headline shapes (contrastive_loss.traffic(); tests/test_contrastive_loss.py checks
+# the choice against it): the columns pass reads and writes dQ-sized fp32 accumulators
+# twice, which outweighs the atomics it saves. Unmeasured on a GPU: benchmarks/gpu_check.sh
+# times both.
+CONTRASTIVE_BWD = ("columns", "atomic")
+DEFAULT_CONTRASTIVE_BWD = "atomic"
+ENV_CONTRASTIVE_BWD = "MODE_FAST_CONTRASTIVE_BWD"
 # Variants of the k-means op (mode_fast.kernels.kmeans_assign)
 ASSIGN = "assign"
 
@@ -98,6 +112,20 @@ def forced_backend() -> str | None:
         return None
     if value not in _FORCEABLE:
         raise ConfigError(f"{ENV_BACKEND}={value!r}: must be one of {', '.join(_FORCEABLE)} (or unset)")
+    return value
+
+
+def contrastive_bwd(requested: str | None = None) -> str:
+    """The contrastive backward's dK mode: `requested` if given, else MODE_FAST_CONTRASTIVE_BWD,
+    else DEFAULT_CONTRASTIVE_BWD."""
+    value = requested
+    if value is None:
+        value = os.environ.get(ENV_CONTRASTIVE_BWD, "").strip() or DEFAULT_CONTRASTIVE_BWD
+        if value not in CONTRASTIVE_BWD:
+            raise ConfigError(f"{ENV_CONTRASTIVE_BWD}={value!r}: must be one of {', '.join(CONTRASTIVE_BWD)} "
+                              "(or unset)")
+    if value not in CONTRASTIVE_BWD:
+        raise ConfigError(f"bwd must be one of {CONTRASTIVE_BWD} or None, got {value!r}")
     return value
 
 
