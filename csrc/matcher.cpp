@@ -67,6 +67,56 @@ void for_each_token(std::string_view s, F&& f) {
     }
 }
 
+constexpr uint32_t kMalformed = 0x110000;  // beyond Unicode: neither whitespace nor CJK
+
+// One code point starting at p (n bytes available); kMalformed (length 1) for a byte
+// that does not start a well-formed sequence.
+uint32_t decode_at(const unsigned char* p, size_t n, size_t* len) {
+    const unsigned char b = p[0];
+    size_t need = b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 0;
+    if (need == 0 || need > n) {
+        *len = 1;
+        return kMalformed;
+    }
+    uint32_t cp = need == 1 ? b : need == 2 ? (b & 0x1F) : need == 3 ? (b & 0x0F) : (b & 0x07);
+    for (size_t i = 1; i < need; ++i) {
+        if ((p[i] & 0xC0) != 0x80) {
+            *len = 1;
+            return kMalformed;
+        }
+        cp = (cp << 6) | (p[i] & 0x3F);
+    }
+    *len = need;
+    return cp;
+}
+
+uint32_t first_code_point(std::string_view s) {
+    size_t len = 0;
+    return decode_at(reinterpret_cast<const unsigned char*>(s.data()), s.size(), &len);
+}
+
+// The last code point and its byte length.
+uint32_t last_code_point(std::string_view s, size_t* len) {
+    size_t start = s.size() - 1;
+    // A code point is at most 4 bytes: step back over up to 3 continuation bytes.
+    while (start > 0 && s.size() - start < 4 && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) --start;
+    size_t got = 0;
+    uint32_t cp = decode_at(reinterpret_cast<const unsigned char*>(s.data()) + start, s.size() - start, &got);
+    if (start + got != s.size()) {  // malformed tail: the last byte on its own
+        *len = 1;
+        return kMalformed;
+    }
+    *len = got;
+    return cp;
+}
+
+// Python's str.isspace() code points (what str.strip() removes).
+bool is_python_space(uint32_t cp) {
+    if (cp < 0x80) return (cp >= 0x09 && cp <= 0x0D) || (cp >= 0x1C && cp <= 0x20);
+    return cp == 0x85 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 ||
+           cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+}
+
 size_t table_size_for(size_t items) {
     size_t size = 16;
     while (size < items * 2) size <<= 1;  // load factor <= 0.5 keeps misses short
@@ -75,6 +125,9 @@ size_t table_size_for(size_t items) {
 
 // --- binary file helpers -------------------------------------------------------
 constexpr char kMagic[8] = {'M', 'F', 'M', 'A', 'T', 'C', 'H', '1'};
+// metaclip2 files: the metaclip1 layout, then the semantics byte and the automaton.
+// metaclip1 matchers keep writing MFMATCH1, byte for byte as before.
+constexpr char kMagic2[8] = {'M', 'F', 'M', 'A', 'T', 'C', 'H', '2'};
 
 template <class T>
 void write_vec(std::ostream& out, const std::vector<T>& v) {
@@ -116,6 +169,42 @@ void read_str(std::istream& in, std::string& s, uint64_t max_size) {
 
 }  // namespace
 
+bool is_cjk_or_similar(uint32_t cp) {
+    // CJK ideographs, extensions, compatibility ideographs, radicals, ideographic description.
+    if ((cp >= 0x4E00 && cp <= 0x9FFF) || (cp >= 0x3400 && cp <= 0x4DBF) || (cp >= 0x20000 && cp <= 0x2A6DF) ||
+        (cp >= 0x2A700 && cp <= 0x2B73F) || (cp >= 0x2B740 && cp <= 0x2B81F) || (cp >= 0x2B820 && cp <= 0x2CEAF) ||
+        (cp >= 0x2CEB0 && cp <= 0x2EBEF) || (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x2E80 && cp <= 0x2EFF) ||
+        (cp >= 0x2F00 && cp <= 0x2FDF) || (cp >= 0x2FF0 && cp <= 0x2FFF))
+        return true;
+    // Thai, Lao, Burmese, Khmer, Tibetan.
+    if ((cp >= 0x0E00 && cp <= 0x0EFF) || (cp >= 0x1000 && cp <= 0x109F) || (cp >= 0x1780 && cp <= 0x17FF) ||
+        (cp >= 0x0F00 && cp <= 0x0FFF))
+        return true;
+    // Python's string.punctuation (ASCII).
+    if (cp < 0x80) return (cp >= 0x21 && cp <= 0x2F) || (cp >= 0x3A && cp <= 0x40) || (cp >= 0x5B && cp <= 0x60) ||
+                          (cp >= 0x7B && cp <= 0x7E);
+    // MetaCLIP 2's additional (full-width) punctuation: ，。、；：？！“”‘’（）【】《》〈〉「」『』～—
+    switch (cp) {
+        case 0xFF0C: case 0x3002: case 0x3001: case 0xFF1B: case 0xFF1A: case 0xFF1F: case 0xFF01:
+        case 0x201C: case 0x201D: case 0x2018: case 0x2019: case 0xFF08: case 0xFF09: case 0x3010:
+        case 0x3011: case 0x300A: case 0x300B: case 0x3008: case 0x3009: case 0x300C: case 0x300D:
+        case 0x300E: case 0x300F: case 0xFF5E: case 0x2014:
+            return true;
+        default:
+            return false;
+    }
+}
+
+std::string_view strip_python_whitespace(std::string_view text) {
+    size_t len = 0;
+    while (!text.empty() && is_python_space(first_code_point(text))) {
+        decode_at(reinterpret_cast<const unsigned char*>(text.data()), text.size(), &len);
+        text.remove_prefix(len);
+    }
+    while (!text.empty() && is_python_space(last_code_point(text, &len))) text.remove_suffix(len);
+    return text;
+}
+
 uint64_t hash_bytes(const char* data, size_t size, uint64_t seed) {
     const auto* p = reinterpret_cast<const unsigned char*>(data);
     uint64_t h = mix64(seed + kMul * (uint64_t{size} + 1));
@@ -138,26 +227,53 @@ inline uint32_t slot_meta(uint64_t hash, size_t size) {
 
 }  // namespace
 
-Matcher::Matcher(const std::vector<std::string>& entries) {
+Matcher::Matcher(const std::vector<std::string>& entries, Semantics semantics) : semantics_(semantics) {
     if (entries.size() >= static_cast<size_t>(INT32_MAX) - 1)
         throw std::invalid_argument("too many entries (ids are int32)");
+    if (semantics != Semantics::kMetaclip1 && semantics != Semantics::kMetaclip2)
+        throw std::invalid_argument("unknown matching semantics");
     entry_offsets_.reserve(entries.size() + 1);
     entry_offsets_.push_back(0);
     size_t total = 0;
     for (const auto& e : entries) total += e.size();
     entry_bytes_.reserve(total);
-    vocab_slots_.assign(table_size_for(entries.size() + 1), VocabSlot{0, 0, 0});
-    edges_.assign(table_size_for(entries.size() / 2 + 1), Edge{kEmptyKey, 0, 0});
+    for (const auto& e : entries) {
+        entry_bytes_.append(e);
+        entry_offsets_.push_back(entry_bytes_.size());
+    }
     next_same_entry_.assign(entries.size(), -1);
+
+    // Which entries the token trie takes: all (metaclip1), or those padded on both sides
+    // (metaclip2); the rest become automaton patterns, padded as MetaCLIP 2 pads them.
+    std::vector<int32_t> trie_ids, ac_ids;
+    std::vector<std::string> ac_patterns;
+    trie_ids.reserve(entries.size());
+    for (size_t id = 0; id < entries.size(); ++id) {
+        const std::string& e = entries[id];
+        bool pad_left = true, pad_right = true;
+        if (semantics == Semantics::kMetaclip2) {
+            if (e.empty()) throw std::invalid_argument("metaclip2 entries must not be empty (entry " + std::to_string(id) + ")");
+            size_t len = 0;
+            pad_left = !is_cjk_or_similar(first_code_point(e));
+            pad_right = !is_cjk_or_similar(last_code_point(e, &len));
+        }
+        if (pad_left && pad_right) {
+            trie_ids.push_back(static_cast<int32_t>(id));
+        } else {
+            ac_ids.push_back(static_cast<int32_t>(id));
+            ac_patterns.push_back((pad_left ? " " : "") + e + (pad_right ? " " : ""));
+        }
+    }
+
+    vocab_slots_.assign(table_size_for(trie_ids.size() + 1), VocabSlot{0, 0, 0});
+    edges_.assign(table_size_for(trie_ids.size() / 2 + 1), Edge{kEmptyKey, 0, 0});
 
     // Pass 1: the vocabulary, so that node ids 0..V-1 can be the one-token paths.
     std::vector<uint32_t> entry_tokens;
     std::vector<uint64_t> entry_token_offsets{0};
-    entry_token_offsets.reserve(entries.size() + 1);
-    for (const auto& e : entries) {
-        entry_bytes_.append(e);
-        entry_offsets_.push_back(entry_bytes_.size());
-        for_each_token(e, [&](const char* p, size_t n) { entry_tokens.push_back(add_token({p, n})); });
+    entry_token_offsets.reserve(trie_ids.size() + 1);
+    for (int32_t id : trie_ids) {
+        for_each_token(entries[id], [&](const char* p, size_t n) { entry_tokens.push_back(add_token({p, n})); });
         entry_token_offsets.push_back(entry_tokens.size());
     }
 
@@ -165,9 +281,10 @@ Matcher::Matcher(const std::vector<std::string>& entries) {
     const size_t n_tokens = token_offsets_.size() - 1;
     node_info_.assign(n_tokens, 0);
     std::vector<int32_t> last_of_node(n_tokens, -1);  // tail of each node's duplicate chain
-    for (size_t id = 0; id < entries.size(); ++id) {
-        const uint32_t* tok = entry_tokens.data() + entry_token_offsets[id];
-        const size_t len = entry_token_offsets[id + 1] - entry_token_offsets[id];
+    for (size_t k_entry = 0; k_entry < trie_ids.size(); ++k_entry) {
+        const size_t id = static_cast<size_t>(trie_ids[k_entry]);
+        const uint32_t* tok = entry_tokens.data() + entry_token_offsets[k_entry];
+        const size_t len = entry_token_offsets[k_entry + 1] - entry_token_offsets[k_entry];
         uint32_t node = tok[0];
         for (size_t k = 1; k < len; ++k) {
             uint32_t next = child(node, tok[k]);
@@ -188,6 +305,93 @@ Matcher::Matcher(const std::vector<std::string>& entries) {
             next_same_entry_[last_of_node[node]] = static_cast<int32_t>(id);
         }
         last_of_node[node] = static_cast<int32_t>(id);
+    }
+    if (semantics == Semantics::kMetaclip2) build_automaton(ac_patterns, ac_ids);
+}
+
+void Matcher::build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids) {
+    // Build a plain trie with per-state sorted child lists, then BFS for failure links.
+    std::vector<std::vector<std::pair<uint8_t, uint32_t>>> children(1);
+    std::vector<int32_t> out(1, -1), last(1, -1);
+    for (size_t k = 0; k < patterns.size(); ++k) {
+        uint32_t state = 0;
+        for (unsigned char c : patterns[k]) {
+            auto& ch = children[state];
+            auto it = std::lower_bound(ch.begin(), ch.end(), std::make_pair(static_cast<uint8_t>(c), uint32_t{0}),
+                                       [](const auto& a, const auto& b) { return a.first < b.first; });
+            if (it != ch.end() && it->first == c) {
+                state = it->second;
+            } else {
+                const uint32_t next = static_cast<uint32_t>(children.size());
+                ch.insert(it, {static_cast<uint8_t>(c), next});
+                children.emplace_back();
+                out.push_back(-1);
+                last.push_back(-1);
+                state = next;
+            }
+        }
+        if (out[state] < 0) {
+            out[state] = ids[k];
+        } else {
+            next_same_entry_[last[state]] = ids[k];
+        }
+        last[state] = ids[k];
+    }
+    const size_t n = children.size();
+    if (n > UINT32_MAX / 2) throw std::invalid_argument("metadata too large for the automaton");
+    ac_trans_begin_.assign(n + 1, 0);
+    for (size_t st = 0; st < n; ++st) ac_trans_begin_[st + 1] = ac_trans_begin_[st] + static_cast<uint32_t>(children[st].size());
+    ac_trans_byte_.resize(ac_trans_begin_[n]);
+    ac_trans_target_.resize(ac_trans_begin_[n]);
+    for (size_t st = 0; st < n; ++st) {
+        size_t pos = ac_trans_begin_[st];
+        for (const auto& [c, t] : children[st]) {
+            ac_trans_byte_[pos] = c;
+            ac_trans_target_[pos++] = t;
+        }
+    }
+    std::vector<std::vector<std::pair<uint8_t, uint32_t>>>().swap(children);
+    ac_out_ = std::move(out);
+    ac_fail_.assign(n, 0);
+    ac_dict_.assign(n, kNone);
+    ac_root_.assign(256, 0);
+    std::vector<uint32_t> queue;
+    queue.reserve(n);
+    for (uint32_t i = ac_trans_begin_[0]; i < ac_trans_begin_[1]; ++i) {
+        ac_root_[ac_trans_byte_[i]] = ac_trans_target_[i];
+        queue.push_back(ac_trans_target_[i]);  // depth 1: fail to the root
+    }
+    for (size_t head = 0; head < queue.size(); ++head) {
+        const uint32_t st = queue[head];
+        const uint32_t f = ac_fail_[st];
+        ac_dict_[st] = ac_out_[f] >= 0 ? f : ac_dict_[f];
+        for (uint32_t i = ac_trans_begin_[st]; i < ac_trans_begin_[st + 1]; ++i) {
+            const uint32_t child_state = ac_trans_target_[i];
+            ac_fail_[child_state] = ac_child(f, ac_trans_byte_[i]);
+            queue.push_back(child_state);
+        }
+    }
+}
+
+// goto with failure links followed: the automaton's transition from `state` on `c`.
+uint32_t Matcher::ac_child(uint32_t state, unsigned char c) const {
+    while (state != 0) {
+        const uint32_t b = ac_trans_begin_[state], e = ac_trans_begin_[state + 1];
+        for (uint32_t i = b; i < e; ++i) {
+            if (ac_trans_byte_[i] == c) return ac_trans_target_[i];
+            if (ac_trans_byte_[i] > c) break;
+        }
+        state = ac_fail_[state];
+    }
+    return ac_root_[c];
+}
+
+void Matcher::match_automaton(std::string_view spaced, std::vector<int32_t>& found) const {
+    uint32_t state = 0;
+    for (unsigned char c : spaced) {
+        state = state == 0 ? ac_root_[c] : ac_child(state, c);
+        for (uint32_t s = ac_out_[state] >= 0 ? state : ac_dict_[state]; s != kNone; s = ac_dict_[s])
+            for (int32_t e = ac_out_[s]; e >= 0; e = next_same_entry_[e]) found.push_back(e);
     }
 }
 
@@ -275,6 +479,8 @@ uint32_t Matcher::child(uint32_t node, uint32_t token) const {
 }
 
 void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScratch& scratch) const {
+    const bool v2 = semantics_ == Semantics::kMetaclip2;
+    if (v2) text = strip_python_whitespace(text);
     normalize(text, scratch.normalized);
 
     // Three short passes instead of one: hashing every token first lets the memory
@@ -313,6 +519,14 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
             node = child(node, static_cast<uint32_t>(ids[j]));
             if (node == kNone) break;
         }
+    }
+    if (v2 && ac_trans_begin_.size() > 2) {  // an automaton with more than the root
+        scratch.spaced.clear();
+        scratch.spaced.reserve(scratch.normalized.size() + 2);
+        scratch.spaced.push_back(' ');
+        scratch.spaced.append(scratch.normalized);
+        scratch.spaced.push_back(' ');
+        match_automaton(scratch.spaced, found);
     }
     if (found.size() > 1) {
         std::sort(found.begin(), found.end());
@@ -367,7 +581,8 @@ void Matcher::match_batch(const std::vector<std::string_view>& texts, int thread
 // --- persistence -------------------------------------------------------------------
 
 void Matcher::save(std::ostream& out) const {
-    out.write(kMagic, sizeof kMagic);
+    const char* magic = semantics_ == Semantics::kMetaclip1 ? kMagic : kMagic2;
+    out.write(magic, sizeof kMagic);
     write_str(out, entry_bytes_);
     write_vec(out, entry_offsets_);
     write_str(out, token_bytes_);
@@ -378,15 +593,28 @@ void Matcher::save(std::ostream& out) const {
     write_vec(out, edges_);
     out.write(reinterpret_cast<const char*>(&edge_count_), sizeof edge_count_);
     write_vec(out, next_same_entry_);
-    out.write(kMagic, sizeof kMagic);  // trailer: a cut-off file is caught on load
+    if (semantics_ != Semantics::kMetaclip1) {
+        const uint8_t sem = static_cast<uint8_t>(semantics_);
+        out.write(reinterpret_cast<const char*>(&sem), sizeof sem);
+        write_vec(out, ac_root_);
+        write_vec(out, ac_trans_begin_);
+        write_vec(out, ac_trans_byte_);
+        write_vec(out, ac_trans_target_);
+        write_vec(out, ac_fail_);
+        write_vec(out, ac_out_);
+        write_vec(out, ac_dict_);
+    }
+    out.write(magic, sizeof kMagic);  // trailer: a cut-off file is caught on load
     if (!out) throw std::runtime_error("could not write matcher");
 }
 
 Matcher Matcher::load(std::istream& in) {
     char magic[sizeof kMagic];
     in.read(magic, sizeof magic);
-    if (!in || std::memcmp(magic, kMagic, sizeof kMagic) != 0)
+    const bool v2 = in && std::memcmp(magic, kMagic2, sizeof kMagic2) == 0;
+    if (!in || (!v2 && std::memcmp(magic, kMagic, sizeof kMagic) != 0))
         throw std::runtime_error("not a mode-fast matcher file (bad magic)");
+    const char* expected = v2 ? kMagic2 : kMagic;
     constexpr uint64_t kMax = uint64_t{1} << 40;
     Matcher m;
     read_str(in, m.entry_bytes_, kMax);
@@ -399,8 +627,21 @@ Matcher Matcher::load(std::istream& in) {
     read_vec(in, m.edges_, kMax);
     read_pod(in, m.edge_count_);
     read_vec(in, m.next_same_entry_, kMax);
+    if (v2) {
+        uint8_t sem = 0;
+        read_pod(in, sem);
+        if (sem != static_cast<uint8_t>(Semantics::kMetaclip2)) throw std::runtime_error("matcher file is corrupt (unknown semantics)");
+        m.semantics_ = Semantics::kMetaclip2;
+        read_vec(in, m.ac_root_, 256);
+        read_vec(in, m.ac_trans_begin_, kMax);
+        read_vec(in, m.ac_trans_byte_, kMax);
+        read_vec(in, m.ac_trans_target_, kMax);
+        read_vec(in, m.ac_fail_, kMax);
+        read_vec(in, m.ac_out_, kMax);
+        read_vec(in, m.ac_dict_, kMax);
+    }
     in.read(magic, sizeof magic);
-    if (!in || std::memcmp(magic, kMagic, sizeof kMagic) != 0)
+    if (!in || std::memcmp(magic, expected, sizeof kMagic) != 0)
         throw std::runtime_error("matcher file is truncated or corrupt (bad trailer)");
 
     // Structural checks, so a damaged file fails here rather than reading out of bounds.
@@ -418,6 +659,19 @@ Matcher Matcher::load(std::istream& in) {
     for (const Edge& e : m.edges_) ok = ok && (e.key == kEmptyKey || e.target < n_nodes);
     for (uint32_t info : m.node_info_) ok = ok && (info & ~kHasChildren) <= n_entries;
     for (int32_t e : m.next_same_entry_) ok = ok && e < static_cast<int64_t>(n_entries);
+    if (v2) {
+        const size_t n_states = m.ac_fail_.size();
+        ok = ok && m.ac_root_.size() == 256 && n_states >= 1 && m.ac_trans_begin_.size() == n_states + 1 &&
+             m.ac_out_.size() == n_states && m.ac_dict_.size() == n_states &&
+             m.ac_trans_byte_.size() == m.ac_trans_target_.size() && m.ac_trans_begin_[0] == 0 &&
+             m.ac_trans_begin_.back() == m.ac_trans_byte_.size();
+        for (size_t i = 0; ok && i < n_states; ++i) ok = m.ac_trans_begin_[i] <= m.ac_trans_begin_[i + 1];
+        for (uint32_t t : m.ac_root_) ok = ok && t < n_states;
+        for (uint32_t t : m.ac_trans_target_) ok = ok && t < n_states;
+        for (uint32_t t : m.ac_fail_) ok = ok && t < n_states;
+        for (uint32_t t : m.ac_dict_) ok = ok && (t == kNone || t < n_states);
+        for (int32_t e : m.ac_out_) ok = ok && e < static_cast<int64_t>(n_entries);
+    }
     if (!ok) throw std::runtime_error("matcher file is corrupt (inconsistent tables)");
     return m;
 }

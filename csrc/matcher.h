@@ -5,6 +5,15 @@
 // \t \n \r into spaces and pads the text with one space each side. Every entry found
 // anywhere (overlaps included) is reported once.
 //
+// metaclip2 (MetaCLIP 2's worldwide rules, metaclip/curation/substr_matching.py): the
+// text is stripped (Python str.strip's whitespace) before spacing, and an entry is padded
+// with a space only on a side whose edge character is not "CJK or similar" (CJK, Thai,
+// Lao, Burmese, Khmer, Tibetan, ASCII or listed full-width punctuation). Entries padded
+// on both sides go to the token trie below; the others are plain substrings of the
+// spaced text and go to a byte-level Aho-Corasick automaton. Lone surrogates arrive
+// encoded as surrogatepass UTF-8 (ED A0..BF xx), which no valid entry's bytes can
+// match inside, so the rest of such a text matches as MetaCLIP 2's str matching does.
+//
 // Why a token trie and not Aho-Corasick: both the entry and the text are bounded by
 // spaces, so " e " occurs in spaced(text) exactly when e.split(' ') is a contiguous
 // run of normalized(text).split(' ') (empty tokens included, which is how runs of
@@ -35,12 +44,17 @@ struct MatchScratch {
     std::vector<Token> tokens;
     std::vector<int32_t> token_ids;
     std::vector<int32_t> found;
+    std::string spaced;  // metaclip2: " " + normalized + " " for the automaton
 };
+
+enum class Semantics : uint8_t { kMetaclip1 = 1, kMetaclip2 = 2 };
 
 class Matcher {
 public:
     Matcher() = default;
-    explicit Matcher(const std::vector<std::string>& entries);
+    explicit Matcher(const std::vector<std::string>& entries, Semantics semantics = Semantics::kMetaclip1);
+
+    Semantics semantics() const { return semantics_; }
 
     size_t size() const { return entry_offsets_.empty() ? 0 : entry_offsets_.size() - 1; }
     std::string_view entry(size_t id) const;
@@ -79,6 +93,11 @@ private:
     void add_edge(uint32_t node, uint32_t token, uint32_t target);
     static void insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash);
     void grow_edge_table();
+    void build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
+    void match_automaton(std::string_view spaced, std::vector<int32_t>& found) const;
+    uint32_t ac_child(uint32_t state, unsigned char c) const;
+
+    Semantics semantics_ = Semantics::kMetaclip1;
 
     // Entries as given, for naming ids.
     std::string entry_bytes_;
@@ -97,6 +116,21 @@ private:
     std::vector<Edge> edges_;
     uint64_t edge_count_ = 0;
     std::vector<int32_t> next_same_entry_;  // duplicates of an entry, chained, or -1
+
+    // metaclip2's Aho-Corasick automaton over the entries not padded on both sides.
+    // State 0 is the root (dense table); others keep sorted (byte, target) runs in CSR.
+    std::vector<uint32_t> ac_root_;        // 256 targets of the root
+    std::vector<uint32_t> ac_trans_begin_;  // per state + 1: range into ac_trans_*
+    std::vector<uint8_t> ac_trans_byte_;
+    std::vector<uint32_t> ac_trans_target_;
+    std::vector<uint32_t> ac_fail_;
+    std::vector<int32_t> ac_out_;    // first entry whose pattern ends here, or -1
+    std::vector<uint32_t> ac_dict_;  // nearest fail-chain state with an output, or kNone
 };
+
+// MetaCLIP 2's is_cjk_or_similar on one code point.
+bool is_cjk_or_similar(uint32_t cp);
+// Python's str.strip() on UTF-8 bytes (surrogatepass sequences are not whitespace).
+std::string_view strip_python_whitespace(std::string_view text);
 
 }  // namespace modefast
