@@ -87,3 +87,26 @@ def naive_match_v2(entries: Sequence[str], text: str) -> list[int]:
     each entry, padded per side unless that edge is CJK-like, is a substring test."""
     spaced = spacing(text.strip())
     return [i for i, e in enumerate(entries) if spaced_entry_v2(e) in spaced]
+
+
+# MetaCLIP 2's balancing (metaclip/curation/curate.py), transcribed as written.
+def t_to_p_reference(entry_counts, t):
+    return float(entry_counts[entry_counts < t].sum() / entry_counts.sum())
+
+
+def p_to_t_reference(entry_counts, p):
+    import numpy as np
+
+    counts = np.sort(entry_counts)
+    cumsum_counts = np.cumsum(counts)
+    portion = cumsum_counts / counts.sum()
+    p_idx = (np.abs(portion - p)).argmin()
+    return counts[p_idx]
+
+
+def count_to_prob_reference(entry_count, t):
+    import numpy as np
+
+    p_entry_counts = np.array(entry_count)
+    p_entry_counts[p_entry_counts < t] = t
+    return t / p_entry_counts
