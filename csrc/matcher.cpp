@@ -309,90 +309,168 @@ Matcher::Matcher(const std::vector<std::string>& entries, Semantics semantics) :
     if (semantics == Semantics::kMetaclip2) build_automaton(ac_patterns, ac_ids);
 }
 
+namespace {
+
+// Code points of a UTF-8 string; a byte that starts no well-formed sequence becomes a
+// value above Unicode of its own, so it only ever equals the same stray byte.
+template <class F>
+void for_each_code_point(std::string_view s, F&& f) {
+    const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+    size_t i = 0;
+    while (i < s.size()) {
+        if (p[i] < 0x80) {  // ASCII fast path
+            f(uint32_t{p[i]});
+            ++i;
+            continue;
+        }
+        size_t len = 0;
+        uint32_t cp = decode_at(p + i, s.size() - i, &len);
+        f(cp == kMalformed ? kMalformed + p[i] : cp);
+        i += len;
+    }
+}
+
+}  // namespace
+
+const Matcher::AcEdge* Matcher::ac_find(uint32_t state, uint32_t cp) const {
+    const uint64_t key = edge_key(state, cp);
+    const size_t mask = ac_edges_.size() - 1;
+    for (size_t slot = mix64(key) & mask;; slot = (slot + 1) & mask) {
+        const AcEdge& e = ac_edges_[slot];
+        if (e.key == key) return &e;
+        if (e.key == kEmptyKey) return nullptr;
+    }
+}
+
+void Matcher::ac_insert(uint32_t state, uint32_t cp, uint32_t target) {
+    if ((ac_edge_count_ + 1) * 2 > ac_edges_.size()) {
+        std::vector<AcEdge> old(ac_edges_.size() * 2, AcEdge{kEmptyKey, 0, 0, -1, kNone});
+        old.swap(ac_edges_);
+        const size_t mask = ac_edges_.size() - 1;
+        for (const AcEdge& e : old) {
+            if (e.key == kEmptyKey) continue;
+            size_t slot = mix64(e.key) & mask;
+            while (ac_edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
+            ac_edges_[slot] = e;
+        }
+    }
+    const uint64_t key = edge_key(state, cp);
+    const size_t mask = ac_edges_.size() - 1;
+    size_t slot = mix64(key) & mask;
+    while (ac_edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
+    ac_edges_[slot] = AcEdge{key, target, 0, -1, kNone};
+    ++ac_edge_count_;
+}
+
 void Matcher::build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids) {
-    // Build a plain trie with per-state sorted child lists, then BFS for failure links.
-    std::vector<std::vector<std::pair<uint8_t, uint32_t>>> children(1);
-    std::vector<int32_t> out(1, -1), last(1, -1);
+    ac_states_.assign(1, AcState{0, -1, kNone, 0});
+    ac_edges_.assign(table_size_for(patterns.size() + 1), AcEdge{kEmptyKey, 0, 0, -1, kNone});
+    ac_edge_count_ = 0;
+    std::vector<int32_t> last(1, -1);  // tail of each state's duplicate chain
+    std::vector<uint32_t> parent_child;  // (parent, code point, child) triples for the BFS
     for (size_t k = 0; k < patterns.size(); ++k) {
         uint32_t state = 0;
-        for (unsigned char c : patterns[k]) {
-            auto& ch = children[state];
-            auto it = std::lower_bound(ch.begin(), ch.end(), std::make_pair(static_cast<uint8_t>(c), uint32_t{0}),
-                                       [](const auto& a, const auto& b) { return a.first < b.first; });
-            if (it != ch.end() && it->first == c) {
-                state = it->second;
-            } else {
-                const uint32_t next = static_cast<uint32_t>(children.size());
-                ch.insert(it, {static_cast<uint8_t>(c), next});
-                children.emplace_back();
-                out.push_back(-1);
-                last.push_back(-1);
-                state = next;
+        for_each_code_point(patterns[k], [&](uint32_t cp) {
+            const AcEdge* e = ac_find(state, cp);
+            if (e != nullptr) {
+                state = e->target;
+                return;
             }
-        }
-        if (out[state] < 0) {
-            out[state] = ids[k];
+            if (ac_states_.size() >= UINT32_MAX / 2) throw std::invalid_argument("metadata too large for the automaton");
+            const uint32_t next = static_cast<uint32_t>(ac_states_.size());
+            ac_states_.push_back(AcState{0, -1, kNone, 0});
+            last.push_back(-1);
+            ac_insert(state, cp, next);
+            parent_child.insert(parent_child.end(), {state, cp, next});
+            state = next;
+        });
+        if (ac_states_[state].out < 0) {
+            ac_states_[state].out = ids[k];
         } else {
             next_same_entry_[last[state]] = ids[k];
         }
         last[state] = ids[k];
     }
-    const size_t n = children.size();
-    if (n > UINT32_MAX / 2) throw std::invalid_argument("metadata too large for the automaton");
-    ac_trans_begin_.assign(n + 1, 0);
-    for (size_t st = 0; st < n; ++st) ac_trans_begin_[st + 1] = ac_trans_begin_[st] + static_cast<uint32_t>(children[st].size());
-    ac_trans_byte_.resize(ac_trans_begin_[n]);
-    ac_trans_target_.resize(ac_trans_begin_[n]);
-    for (size_t st = 0; st < n; ++st) {
-        size_t pos = ac_trans_begin_[st];
-        for (const auto& [c, t] : children[st]) {
-            ac_trans_byte_[pos] = c;
-            ac_trans_target_[pos++] = t;
-        }
+    // Children of each state in CSR form; then breadth first, so a state's failure
+    // link (always shallower) is final before its children need it.
+    const size_t n = ac_states_.size();
+    std::vector<uint32_t> begin(n + 1, 0);
+    for (size_t i = 0; i < parent_child.size(); i += 3) ++begin[parent_child[i] + 1];
+    for (size_t st = 0; st < n; ++st) begin[st + 1] += begin[st];
+    std::vector<uint32_t> child_cp(begin[n]), child_state(begin[n]), fill(begin.begin(), begin.end() - 1);
+    for (size_t i = 0; i < parent_child.size(); i += 3) {
+        const uint32_t at = fill[parent_child[i]]++;
+        child_cp[at] = parent_child[i + 1];
+        child_state[at] = parent_child[i + 2];
     }
-    std::vector<std::vector<std::pair<uint8_t, uint32_t>>>().swap(children);
-    ac_out_ = std::move(out);
-    ac_fail_.assign(n, 0);
-    ac_dict_.assign(n, kNone);
-    ac_root_.assign(256, 0);
-    std::vector<uint32_t> queue;
+    std::vector<uint32_t>().swap(parent_child);
+    std::vector<uint32_t> queue{0};
     queue.reserve(n);
-    for (uint32_t i = ac_trans_begin_[0]; i < ac_trans_begin_[1]; ++i) {
-        ac_root_[ac_trans_byte_[i]] = ac_trans_target_[i];
-        queue.push_back(ac_trans_target_[i]);  // depth 1: fail to the root
-    }
     for (size_t head = 0; head < queue.size(); ++head) {
         const uint32_t st = queue[head];
-        const uint32_t f = ac_fail_[st];
-        ac_dict_[st] = ac_out_[f] >= 0 ? f : ac_dict_[f];
-        for (uint32_t i = ac_trans_begin_[st]; i < ac_trans_begin_[st + 1]; ++i) {
-            const uint32_t child_state = ac_trans_target_[i];
-            ac_fail_[child_state] = ac_child(f, ac_trans_byte_[i]);
-            queue.push_back(child_state);
+        for (uint32_t i = begin[st]; i < begin[st + 1]; ++i) {
+            const uint32_t c = child_state[i], cp = child_cp[i];
+            uint32_t f = 0;
+            if (st != 0) {
+                for (uint32_t g = ac_states_[st].fail;; g = ac_states_[g].fail) {
+                    const AcEdge* e = ac_find(g, cp);
+                    if (e != nullptr) {
+                        f = e->target;
+                        break;
+                    }
+                    if (g == 0) break;
+                }
+            }
+            ac_states_[c].fail = f;
+            ac_states_[c].dict = ac_states_[f].out >= 0 ? f : ac_states_[f].dict;
+            queue.push_back(c);
         }
     }
+    for (AcEdge& e : ac_edges_) {
+        if (e.key == kEmptyKey) continue;
+        const AcState& t = ac_states_[e.target];
+        e.fail = t.fail;
+        const uint32_t report = t.out >= 0 ? e.target : t.dict;
+        e.report_out = report == kNone ? -1 : ac_states_[report].out;
+        e.report_next = report == kNone ? kNone : ac_states_[report].dict;
+    }
+    index_root();
 }
 
-// goto with failure links followed: the automaton's transition from `state` on `c`.
-uint32_t Matcher::ac_child(uint32_t state, unsigned char c) const {
-    while (state != 0) {
-        const uint32_t b = ac_trans_begin_[state], e = ac_trans_begin_[state + 1];
-        for (uint32_t i = b; i < e; ++i) {
-            if (ac_trans_byte_[i] == c) return ac_trans_target_[i];
-            if (ac_trans_byte_[i] > c) break;
-        }
-        state = ac_fail_[state];
+void Matcher::index_root() {
+    ac_root_.assign(0x10000, 0);
+    for (size_t slot = 0; slot < ac_edges_.size(); ++slot) {
+        const uint64_t key = ac_edges_[slot].key;
+        if (key != kEmptyKey && (key >> 32) == 0 && (key & 0xFFFFFFFFu) < 0x10000)
+            ac_root_[key & 0xFFFFFFFFu] = static_cast<uint32_t>(slot) + 1;
     }
-    return ac_root_[c];
 }
 
 void Matcher::match_automaton(std::string_view spaced, std::vector<int32_t>& found) const {
-    uint32_t state = 0;
-    for (unsigned char c : spaced) {
-        state = state == 0 ? ac_root_[c] : ac_child(state, c);
-        for (uint32_t s = ac_out_[state] >= 0 ? state : ac_dict_[state]; s != kNone; s = ac_dict_[s])
-            for (int32_t e = ac_out_[s]; e >= 0; e = next_same_entry_[e]) found.push_back(e);
-    }
+    uint32_t state = 0, fail = 0;
+    for_each_code_point(spaced, [&](uint32_t cp) {
+        for (;;) {
+            const AcEdge* e;
+            if (state == 0 && cp < 0x10000) {
+                const uint32_t slot = ac_root_[cp];
+                e = slot ? &ac_edges_[slot - 1] : nullptr;
+            } else {
+                e = ac_find(state, cp);
+            }
+            if (e != nullptr) {
+                state = e->target;
+                fail = e->fail;
+                if (e->report_out < 0) return;
+                for (int32_t id = e->report_out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
+                for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict)
+                    for (int32_t id = ac_states_[s].out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
+                return;
+            }
+            if (state == 0) return;  // no pattern starts with cp
+            state = fail;
+            fail = ac_states_[state].fail;
+        }
+    });
 }
 
 std::string_view Matcher::entry(size_t id) const {
@@ -483,6 +561,25 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
     if (v2) text = strip_python_whitespace(text);
     normalize(text, scratch.normalized);
 
+    auto& found = scratch.found;
+    found.clear();
+    if (token_offsets_.size() > 1) match_tokens(scratch);  // no trie entries: nothing to look up
+    if (v2 && ac_edge_count_ > 0) {  // an automaton with more than the root
+        scratch.spaced.clear();
+        scratch.spaced.reserve(scratch.normalized.size() + 2);
+        scratch.spaced.push_back(' ');
+        scratch.spaced.append(scratch.normalized);
+        scratch.spaced.push_back(' ');
+        match_automaton(scratch.spaced, found);
+    }
+    if (found.size() > 1) {
+        std::sort(found.begin(), found.end());
+        found.erase(std::unique(found.begin(), found.end()), found.end());
+    }
+    out.insert(out.end(), found.begin(), found.end());
+}
+
+void Matcher::match_tokens(MatchScratch& scratch) const {
     // Three short passes instead of one: hashing every token first lets the memory
     // system fetch all their table slots at once (prefetch) rather than one by one.
     auto& tokens = scratch.tokens;
@@ -506,7 +603,6 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
     }
 
     auto& found = scratch.found;
-    found.clear();
     const size_t n_tokens = ids.size();
     for (size_t i = 0; i < n_tokens; ++i) {
         if (ids[i] < 0) continue;
@@ -520,19 +616,6 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
             if (node == kNone) break;
         }
     }
-    if (v2 && ac_trans_begin_.size() > 2) {  // an automaton with more than the root
-        scratch.spaced.clear();
-        scratch.spaced.reserve(scratch.normalized.size() + 2);
-        scratch.spaced.push_back(' ');
-        scratch.spaced.append(scratch.normalized);
-        scratch.spaced.push_back(' ');
-        match_automaton(scratch.spaced, found);
-    }
-    if (found.size() > 1) {
-        std::sort(found.begin(), found.end());
-        found.erase(std::unique(found.begin(), found.end()), found.end());
-    }
-    out.insert(out.end(), found.begin(), found.end());
 }
 
 void Matcher::match_batch(const std::vector<std::string_view>& texts, int threads,
@@ -596,13 +679,9 @@ void Matcher::save(std::ostream& out) const {
     if (semantics_ != Semantics::kMetaclip1) {
         const uint8_t sem = static_cast<uint8_t>(semantics_);
         out.write(reinterpret_cast<const char*>(&sem), sizeof sem);
-        write_vec(out, ac_root_);
-        write_vec(out, ac_trans_begin_);
-        write_vec(out, ac_trans_byte_);
-        write_vec(out, ac_trans_target_);
-        write_vec(out, ac_fail_);
-        write_vec(out, ac_out_);
-        write_vec(out, ac_dict_);
+        write_vec(out, ac_states_);
+        write_vec(out, ac_edges_);
+        out.write(reinterpret_cast<const char*>(&ac_edge_count_), sizeof ac_edge_count_);
     }
     out.write(magic, sizeof kMagic);  // trailer: a cut-off file is caught on load
     if (!out) throw std::runtime_error("could not write matcher");
@@ -632,13 +711,10 @@ Matcher Matcher::load(std::istream& in) {
         read_pod(in, sem);
         if (sem != static_cast<uint8_t>(Semantics::kMetaclip2)) throw std::runtime_error("matcher file is corrupt (unknown semantics)");
         m.semantics_ = Semantics::kMetaclip2;
-        read_vec(in, m.ac_root_, 256);
-        read_vec(in, m.ac_trans_begin_, kMax);
-        read_vec(in, m.ac_trans_byte_, kMax);
-        read_vec(in, m.ac_trans_target_, kMax);
-        read_vec(in, m.ac_fail_, kMax);
-        read_vec(in, m.ac_out_, kMax);
-        read_vec(in, m.ac_dict_, kMax);
+        read_vec(in, m.ac_states_, kMax);
+        read_vec(in, m.ac_edges_, kMax);
+        read_pod(in, m.ac_edge_count_);
+        m.index_root();
     }
     in.read(magic, sizeof magic);
     if (!in || std::memcmp(magic, expected, sizeof kMagic) != 0)
@@ -660,17 +736,50 @@ Matcher Matcher::load(std::istream& in) {
     for (uint32_t info : m.node_info_) ok = ok && (info & ~kHasChildren) <= n_entries;
     for (int32_t e : m.next_same_entry_) ok = ok && e < static_cast<int64_t>(n_entries);
     if (v2) {
-        const size_t n_states = m.ac_fail_.size();
-        ok = ok && m.ac_root_.size() == 256 && n_states >= 1 && m.ac_trans_begin_.size() == n_states + 1 &&
-             m.ac_out_.size() == n_states && m.ac_dict_.size() == n_states &&
-             m.ac_trans_byte_.size() == m.ac_trans_target_.size() && m.ac_trans_begin_[0] == 0 &&
-             m.ac_trans_begin_.back() == m.ac_trans_byte_.size();
-        for (size_t i = 0; ok && i < n_states; ++i) ok = m.ac_trans_begin_[i] <= m.ac_trans_begin_[i + 1];
-        for (uint32_t t : m.ac_root_) ok = ok && t < n_states;
-        for (uint32_t t : m.ac_trans_target_) ok = ok && t < n_states;
-        for (uint32_t t : m.ac_fail_) ok = ok && t < n_states;
-        for (uint32_t t : m.ac_dict_) ok = ok && (t == kNone || t < n_states);
-        for (int32_t e : m.ac_out_) ok = ok && e < static_cast<int64_t>(n_entries);
+        const size_t n_states = m.ac_states_.size();
+        ok = ok && n_states >= 1 && pow2(m.ac_edges_.size()) && m.ac_edge_count_ < m.ac_edges_.size();
+        uint64_t used = 0;
+        for (const AcEdge& e : m.ac_edges_) {
+            if (e.key == kEmptyKey) continue;
+            ++used;
+            ok = ok && (e.key >> 32) < n_states && e.target < n_states && e.fail < n_states &&
+                 e.report_out < static_cast<int64_t>(n_entries) && (e.report_next == kNone || e.report_next < n_states);
+        }
+        ok = ok && used == m.ac_edge_count_;
+        for (size_t i = 0; ok && i < n_states; ++i) {
+            const AcState& st = m.ac_states_[i];
+            ok = st.fail < n_states && st.out < static_cast<int64_t>(n_entries) &&
+                 (st.dict == kNone || st.dict < n_states);
+        }
+        ok = ok && m.ac_states_[0].fail == 0;
+        // Failure and output chains must end (at the root, or kNone): a damaged file could
+        // make them loop. Each state is walked until it meets one already known to end.
+        if (ok) {
+            std::vector<uint8_t> ends(n_states, 0);
+            ends[0] = 1;
+            std::vector<uint32_t> path;
+            for (size_t i = 0; ok && i < n_states; ++i) {
+                path.clear();
+                uint32_t s = static_cast<uint32_t>(i);
+                while (!ends[s] && path.size() <= n_states) {
+                    path.push_back(s);
+                    s = m.ac_states_[s].fail;
+                }
+                ok = path.size() <= n_states;
+                for (uint32_t p : path) ends[p] = 1;
+            }
+            std::fill(ends.begin(), ends.end(), 0);
+            for (size_t i = 0; ok && i < n_states; ++i) {
+                path.clear();
+                uint32_t s = static_cast<uint32_t>(i);
+                while (s != kNone && !ends[s] && path.size() <= n_states) {
+                    path.push_back(s);
+                    s = m.ac_states_[s].dict;
+                }
+                ok = path.size() <= n_states;
+                for (uint32_t p : path) ends[p] = 1;
+            }
+        }
     }
     if (!ok) throw std::runtime_error("matcher file is corrupt (inconsistent tables)");
     return m;

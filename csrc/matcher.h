@@ -10,7 +10,7 @@
 // with a space only on a side whose edge character is not "CJK or similar" (CJK, Thai,
 // Lao, Burmese, Khmer, Tibetan, ASCII or listed full-width punctuation). Entries padded
 // on both sides go to the token trie below; the others are plain substrings of the
-// spaced text and go to a byte-level Aho-Corasick automaton. Lone surrogates arrive
+// spaced text and go to an Aho-Corasick automaton over code points. Lone surrogates arrive
 // encoded as surrogatepass UTF-8 (ED A0..BF xx), which no valid entry's bytes can
 // match inside, so the rest of such a text matches as MetaCLIP 2's str matching does.
 //
@@ -77,6 +77,8 @@ public:
         uint32_t meta;      // high 24 bits of the hash | min(size, 255)
         uint32_t id_plus1;  // 0 marks an empty slot
     };
+    struct AcEdge;
+    struct AcState;
     struct Edge {
         uint64_t key;  // node << 32 | token; kEmptyKey marks an empty slot
         uint32_t target;
@@ -94,8 +96,10 @@ private:
     static void insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash);
     void grow_edge_table();
     void build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
+    void match_tokens(MatchScratch& scratch) const;  // trie pass over scratch.normalized into scratch.found
     void match_automaton(std::string_view spaced, std::vector<int32_t>& found) const;
-    uint32_t ac_child(uint32_t state, unsigned char c) const;
+    const AcEdge* ac_find(uint32_t state, uint32_t cp) const;
+    void ac_insert(uint32_t state, uint32_t cp, uint32_t target);
 
     Semantics semantics_ = Semantics::kMetaclip1;
 
@@ -117,15 +121,37 @@ private:
     uint64_t edge_count_ = 0;
     std::vector<int32_t> next_same_entry_;  // duplicates of an entry, chained, or -1
 
-    // metaclip2's Aho-Corasick automaton over the entries not padded on both sides.
-    // State 0 is the root (dense table); others keep sorted (byte, target) runs in CSR.
-    std::vector<uint32_t> ac_root_;        // 256 targets of the root
-    std::vector<uint32_t> ac_trans_begin_;  // per state + 1: range into ac_trans_*
-    std::vector<uint8_t> ac_trans_byte_;
-    std::vector<uint32_t> ac_trans_target_;
-    std::vector<uint32_t> ac_fail_;
-    std::vector<int32_t> ac_out_;    // first entry whose pattern ends here, or -1
-    std::vector<uint32_t> ac_dict_;  // nearest fail-chain state with an output, or kNone
+public:
+    // metaclip2's Aho-Corasick automaton over the entries not padded on both sides, on
+    // code points (a CJK character is one step, not three). Its goto edges live in one
+    // open-addressing table; each edge also carries its target's failure link and the
+    // first state of its target's output chain, so a step that succeeds touches one
+    // slot and nothing else.
+    struct AcEdge {
+        uint64_t key;      // state << 32 | code point; kEmptyKey marks an empty slot
+        uint32_t target;
+        uint32_t fail;     // failure link of target
+        // The output chain of target, first link inlined: the first entry it reports
+        // (-1: none) and the state after that on the chain (kNone: none).
+        int32_t report_out;
+        uint32_t report_next;
+    };
+    struct AcState {
+        uint32_t fail;
+        int32_t out;   // first entry whose pattern ends here, or -1 (more via next_same_entry_)
+        uint32_t dict; // nearest state on the failure chain with an output, or kNone
+        uint32_t unused;
+    };
+
+private:
+    std::vector<AcState> ac_states_;  // empty unless metaclip2
+    std::vector<AcEdge> ac_edges_;
+    uint64_t ac_edge_count_ = 0;
+    // The root's edges for the Basic Multilingual Plane, by code point (slot + 1, 0:
+    // none): the root is where most steps of most texts are, and an array beats a probe.
+    // Derived from ac_edges_, so rebuilt on load rather than saved.
+    std::vector<uint32_t> ac_root_;
+    void index_root();
 };
 
 // MetaCLIP 2's is_cjk_or_similar on one code point.
