@@ -238,3 +238,115 @@ def solve_english_t(counts: dict[str, np.ndarray], scores: dict[str, np.ndarray]
         else:  # past the largest English count: above every English score too
             t = max(float(np.nextafter(en[-1], np.inf)) if len(en) else 0.0, float(lows[k]) + 1.0)
     return t, int(others[k]) + int(np.searchsorted(en, t, side="left"))
+
+
+# --- one automaton per language, and routing captions to them ---------------------------------
+
+
+class LanguageMatchers:
+    """One metaclip2 Matcher per language. Entry ids are global: language L's entry i is
+    ``base[L] + i``, languages in sorted order, so one counts vector (entry_count.npy)
+    covers every list and MetaCLIP 1's scoring code works unchanged on it."""
+
+    def __init__(self, metadata: dict[str, list[str]] | None = None) -> None:
+        self.matchers: dict[str, object] = {}
+        if metadata is not None:
+            from mode_fast._matcher import Matcher
+
+            self.matchers = {lang: Matcher(entries, semantics="metaclip2") for lang, entries in sorted(metadata.items())}
+        self._index()
+
+    def _index(self) -> None:
+        self.languages = sorted(self.matchers)
+        sizes = [len(self.matchers[lang]) for lang in self.languages]  # type: ignore[arg-type]
+        self.bases = dict(zip(self.languages, np.concatenate([[0], np.cumsum(sizes)])[:-1].tolist()))
+        self.total = int(sum(sizes))
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Each language's matcher as <lang>.bin, then languages.json (written last: its
+        presence means the folder is complete)."""
+        from mode_fast.files import write_json
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for lang, m in self.matchers.items():
+            m.save(str(folder / f"{lang}.bin"))  # type: ignore[attr-defined]
+        write_json(folder / "languages.json", {"languages": self.languages})
+
+    @staticmethod
+    def complete(folder: str | os.PathLike) -> bool:
+        return (Path(folder) / "languages.json").is_file()
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> LanguageMatchers:
+        from mode_fast._matcher import Matcher
+
+        folder = Path(folder)
+        languages = json.loads((folder / "languages.json").read_text())["languages"]
+        out = cls()
+        out.matchers = {lang: Matcher.load(str(folder / f"{lang}.bin")) for lang in languages}
+        out._index()
+        return out
+
+    def match(self, captions: Sequence[str], langs: Sequence[str], threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """CSR (offsets int64, global ids int32) of each caption matched against its own
+        language's matcher; a caption whose language has no list matches nothing."""
+        n = len(captions)
+        langs_arr = np.asarray(langs, dtype=object)
+        per_record = np.zeros(n, dtype=np.int64)
+        parts = []
+        for lang in self.languages:
+            idx = np.flatnonzero(langs_arr == lang)
+            if idx.size == 0:
+                continue
+            offsets, ids = self.matchers[lang].match_batch([captions[i] for i in idx], threads=threads)  # type: ignore[attr-defined]
+            lengths = np.diff(offsets)
+            per_record[idx] = lengths
+            parts.append((idx, offsets, lengths, ids.astype(np.int64) + self.bases[lang]))
+        offsets = np.concatenate([[0], np.cumsum(per_record)]).astype(np.int64)
+        out = np.empty(int(offsets[-1]), dtype=np.int32)
+        for idx, sub_offsets, lengths, ids in parts:
+            # Each id's place: its record's start in the output plus its rank within the record.
+            dest = np.repeat(offsets[idx], lengths) + (np.arange(len(ids)) - np.repeat(sub_offsets[:-1], lengths))
+            out[dest] = ids
+        return offsets, out
+
+    def counts_by_language(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        return {lang: counts[self.bases[lang]:self.bases[lang] + len(self.matchers[lang])]  # type: ignore[arg-type]
+                for lang in self.languages}
+
+
+def lone_surrogate_caption(record: object, caption_key: str, path: str | os.PathLike) -> str | None:
+    """The caption of a record the shard reader skipped as invalid_utf8 because its JSON
+    text holds lone surrogates ("\\ud800" escapes), which MetaCLIP 2 matches on its other
+    characters; None for any other skip (undecodable bytes, a bad key)."""
+    from mode_fast.data import io as data_io
+
+    if getattr(record, "skip_reason", None) != "invalid_utf8":
+        return None
+    key, sample = getattr(record, "key", ""), getattr(record, "sample", None) or {}
+    if not data_io._utf8_encodable(key):
+        return None
+    fmt = data_io.shard_format(path)
+    if fmt == "jsonl":
+        raw = sample.get(caption_key)
+    elif fmt == "tar":
+        raw, reason = data_io._caption_from_sample(sample, caption_key)
+        if reason is not None:
+            return None
+    else:  # parquet strings are valid UTF-8 by construction
+        return None
+    return raw if isinstance(raw, str) and not data_io._utf8_encodable(raw) else None
+
+
+def probabilities(counts: np.ndarray, thresholds: dict[str, float], matchers: LanguageMatchers) -> np.ndarray:
+    """Per-entry probability t_lang / max(count, t_lang) (MetaCLIP 2's count_to_prob),
+    global ids; an entry with count 0 gets 1 (it never matched, so it never matters)."""
+    probs = np.ones(len(counts))
+    for lang, c in matchers.counts_by_language(counts).items():
+        t = thresholds[lang]
+        c = c.astype(np.float64)
+        base = matchers.bases[lang]
+        probs[base:base + len(c)] = np.where(c > t, t / np.maximum(c, 1.0), 1.0 if t > 0 else 0.0)
+        probs[base:base + len(c)][c == 0] = 1.0
+    return probs

@@ -151,3 +151,39 @@ def test_language_id_edge_cases():
     lid = LanguageIdentifier()
     assert lid(["", " \u3000\n"]) == ["", ""]
     assert lid(["東京タワーの夜景\ud800です"]) == ["ja"]  # a lone surrogate does not stop it
+
+
+# --- per-language matchers -----------------------------------------------------------------
+
+
+def test_language_matchers_route_and_use_global_ids(tmp_path):
+    from matching_reference import naive_match_v2
+    from mode_fast.worldwide import LanguageMatchers
+
+    meta = {"en": ["dog", "hot dog", "Tokyo"], "ja": ["東京", "タワー", "dog"], "th": ["ไทย"]}
+    lm = LanguageMatchers(meta)
+    assert lm.languages == ["en", "ja", "th"] and lm.bases == {"en": 0, "ja": 3, "th": 6} and lm.total == 7
+    captions = ["hot dog in Tokyo", "東京タワーとdog", "ภาษาไทย", "東京", "dog", "hot dog", "\ud800 東京"]
+    langs = ["en", "ja", "th", "en", "fr", "", "ja"]
+    lm.save(tmp_path / "m")
+    assert LanguageMatchers.complete(tmp_path / "m")
+    for matchers in (lm, LanguageMatchers.load(tmp_path / "m")):
+        offsets, ids = matchers.match(captions, langs, threads=1)
+        for i, (caption, lang) in enumerate(zip(captions, langs)):
+            expected = [lm.bases[lang] + j for j in naive_match_v2(meta[lang], caption)] if lang in meta else []
+            assert ids[offsets[i]:offsets[i + 1]].tolist() == expected, caption
+    counts = np.arange(7, dtype=np.uint64)
+    assert [c.tolist() for c in lm.counts_by_language(counts).values()] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_lone_surrogate_caption_recovered_from_jsonl_only(tmp_path):
+    from mode_fast.data.io import read_shard
+    from mode_fast.worldwide import lone_surrogate_caption
+
+    shard = tmp_path / "a.jsonl"
+    shard.write_text('{"key": "k1", "caption": "\\ud800 東京 dog"}\n'
+                     '{"key": "k2", "caption": "fine"}\n'
+                     '{"key": "\\udfff", "caption": "bad key"}\n', encoding="utf-8")
+    records = list(read_shard(shard, "caption", None))
+    assert [r.skip_reason for r in records] == ["invalid_utf8", None, "invalid_utf8"]
+    assert [lone_surrogate_caption(r, "caption", shard) for r in records] == ["\ud800 東京 dog", None, None]
