@@ -130,7 +130,7 @@ public:
     struct AcEdge {
         uint64_t key;      // state << 32 | code point; kEmptyKey marks an empty slot
         uint32_t target;
-        uint32_t fail;     // failure link of target
+        uint32_t fail;     // failure link of target | kLeaf if target has no children
         // The output chain of target, first link inlined: the first entry it reports
         // (-1: none) and the state after that on the chain (kNone: none).
         int32_t report_out;
@@ -140,8 +140,9 @@ public:
         uint32_t fail;
         int32_t out;   // first entry whose pattern ends here, or -1 (more via next_same_entry_)
         uint32_t dict; // nearest state on the failure chain with an output, or kNone
-        uint32_t unused;
+        uint32_t leaf; // 1 if the state has no children: a step from it always fails
     };
+    static constexpr uint32_t kLeaf = 0x80000000u;  // states are < 2^31
 
 private:
     std::vector<AcState> ac_states_;  // empty unless metaclip2
