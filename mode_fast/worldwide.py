@@ -108,6 +108,16 @@ class LanguageIdentifier:
         return out
 
 
+def lid_version() -> str:
+    """Names the language-ID model in the match config: another version re-matches."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"py3langid {version('py3langid')}"
+    except PackageNotFoundError:
+        return "py3langid"
+
+
 def lid_available() -> bool:
     try:
         import py3langid  # noqa: F401
@@ -256,11 +266,21 @@ class LanguageMatchers:
             self.matchers = {lang: Matcher(entries, semantics="metaclip2") for lang, entries in sorted(metadata.items())}
         self._index()
 
-    def _index(self) -> None:
-        self.languages = sorted(self.matchers)
-        sizes = [len(self.matchers[lang]) for lang in self.languages]  # type: ignore[arg-type]
-        self.bases = dict(zip(self.languages, np.concatenate([[0], np.cumsum(sizes)])[:-1].tolist()))
-        self.total = int(sum(sizes))
+    def _index(self, sizes: dict[str, int] | None = None) -> None:
+        if sizes is None:
+            sizes = {lang: len(m) for lang, m in self.matchers.items()}  # type: ignore[arg-type]
+        self.languages = sorted(sizes)
+        self.sizes = {lang: sizes[lang] for lang in self.languages}
+        cum = np.concatenate([[0], np.cumsum([self.sizes[lang] for lang in self.languages])]).astype(np.int64)
+        self.bases = dict(zip(self.languages, cum[:-1].tolist()))
+        self.total = int(cum[-1])
+
+    @classmethod
+    def layout(cls, metadata: dict[str, list[str]]) -> LanguageMatchers:
+        """Languages and global id bases only, no automata (for the balancing process)."""
+        out = cls()
+        out._index({lang: len(entries) for lang, entries in metadata.items()})
+        return out
 
     def save(self, folder: str | os.PathLike) -> None:
         """Each language's matcher as <lang>.bin, then languages.json (written last: its
@@ -312,8 +332,7 @@ class LanguageMatchers:
         return offsets, out
 
     def counts_by_language(self, counts: np.ndarray) -> dict[str, np.ndarray]:
-        return {lang: counts[self.bases[lang]:self.bases[lang] + len(self.matchers[lang])]  # type: ignore[arg-type]
-                for lang in self.languages}
+        return {lang: counts[self.bases[lang]:self.bases[lang] + self.sizes[lang]] for lang in self.languages}
 
 
 def lone_surrogate_caption(record: object, caption_key: str, path: str | os.PathLike) -> str | None:
@@ -350,3 +369,100 @@ def probabilities(counts: np.ndarray, thresholds: dict[str, float], matchers: La
         probs[base:base + len(c)] = np.where(c > t, t / np.maximum(c, 1.0), 1.0 if t > 0 else 0.0)
         probs[base:base + len(c)][c == 0] = 1.0
     return probs
+
+
+# --- the curate job's worldwide steps (kept here so curate.py only branches) ----------------------
+
+
+def match_captions(matchers: LanguageMatchers, lid: LanguageIdentifier, captions: Sequence[str],
+                   has_caption: Sequence[bool], threads: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Language ID then per-language matching for one shard: (offsets, global ids,
+    language per record). Records without a caption get language "" and no matches."""
+    langs = lid([c if ok else "" for c, ok in zip(captions, has_caption)])
+    offsets, ids = matchers.match(captions, langs, threads=threads)
+    return offsets, ids, langs
+
+
+class WorldwideBalance:
+    """MetaCLIP 2's balancing over one pool: per-language counts and thresholds, each
+    record kept iff its score (curate.record_scores on global ids) < its language's t."""
+
+    def __init__(self, matchers: LanguageMatchers, counts: np.ndarray, scores: np.ndarray, langs: np.ndarray) -> None:
+        self.matchers = matchers
+        self.counts = counts
+        self.counts_by_lang = matchers.counts_by_language(counts)
+        self.scores = scores
+        self.codes, self.inverse = np.unique(np.asarray(langs, dtype=str), return_inverse=True)
+
+    def thresholds(self, t_en: float) -> dict[str, float]:
+        return language_thresholds(self.counts_by_lang, t_en)
+
+    def record_thresholds(self, thresholds: dict[str, float]) -> np.ndarray:
+        """Each record's language's t; -inf for a language without metadata (never kept)."""
+        per_code = np.array([thresholds.get(str(c), -np.inf) for c in self.codes], dtype=np.float64)
+        return per_code[self.inverse] if len(self.inverse) else np.zeros(0)
+
+    def kept(self, t_en: float) -> int:
+        return int((self.scores < self.record_thresholds(self.thresholds(t_en))).sum())
+
+    def solve(self, target_size: int) -> tuple[float, int]:
+        scores_by_lang = {lang: self.scores[self.inverse == np.searchsorted(self.codes, lang)]
+                          if lang in self.codes else np.zeros(0) for lang in self.matchers.languages}
+        return solve_english_t(self.counts_by_lang, scores_by_lang, target_size)
+
+    def probabilities(self, thresholds: dict[str, float]) -> np.ndarray:
+        return probabilities(self.counts, thresholds, self.matchers)
+
+    def summary(self, thresholds: dict[str, float], metadata: dict[str, list[str]],
+                head: object, tail: object, n: int = 20) -> dict[str, object]:
+        """Per language: pool size, matched, kept, t, entries, head/tail entries (ids
+        within the language's own list); languages without metadata, counted."""
+        keep = self.scores < self.record_thresholds(thresholds)
+        matched = np.isfinite(self.scores)
+        languages: dict[str, object] = {}
+        no_metadata: dict[str, int] = {}
+        pool = np.bincount(self.inverse, minlength=len(self.codes)) if len(self.inverse) else np.zeros(len(self.codes), int)
+        for lang in self.matchers.languages:
+            at = np.searchsorted(self.codes, lang)
+            mask = self.inverse == at if lang in self.codes else np.zeros(len(self.scores), dtype=bool)
+            c = self.counts_by_lang[lang]
+            languages[lang] = {
+                "pool_size": int(mask.sum()), "matched": int((mask & matched).sum()), "kept": int((mask & keep).sum()),
+                "t": thresholds[lang], "entries": len(c), "entry_id_offset": self.matchers.bases[lang],
+                "entries_with_count_over_t": int((c > thresholds[lang]).sum()),
+                "head_entries": head(metadata[lang], c, n),  # type: ignore[operator]
+                "tail_entries": tail(metadata[lang], c, n),  # type: ignore[operator]
+            }
+        for code, count in zip(self.codes, pool):
+            if str(code) not in self.matchers.sizes:
+                no_metadata[str(code) or "unknown (no text)"] = int(count)
+        return {"languages": languages, "no_metadata": dict(sorted(no_metadata.items(), key=lambda kv: -kv[1])),
+                "no_metadata_total": int(sum(no_metadata.values()))}
+
+
+def load_metadata_by_language(metadata: object) -> tuple[dict[str, list[str]], str]:
+    """(lists by language, a description) from a path (folder or JSON object) or a dict."""
+    if metadata is None:
+        raise ConfigError("--semantics metaclip2 needs --metadata: a folder of <lang>.json lists or one JSON "
+                          "object mapping language code to list (MetaCLIP 2 keeps one list per language)")
+    if isinstance(metadata, dict):
+        return {_check_code(k, "metadata"): validate_metadata(v, f"metadata [{k}]") for k, v in sorted(metadata.items())}, \
+            f"{len(metadata)} language lists given in code"
+    if isinstance(metadata, (str, os.PathLike)):
+        return load_language_metadata(metadata), str(metadata)
+    raise ConfigError("metaclip2 metadata must be a path or a dict of language -> list")
+
+
+def format_language_summary(summary: dict) -> str:
+    """The per-language lines `mode-fast curate` prints for metaclip2."""
+    lines = ["per language (t keeps English's tail share):"]
+    for lang, s in summary["languages"].items():
+        head = ", ".join(e["entry"] for e in s["head_entries"][:3])
+        lines.append(f"  {lang:<5} pool {s['pool_size']:>9,}  matched {s['matched']:>9,}  kept {s['kept']:>9,}  "
+                     f"t={s['t']:<10,.6g} head: {head}")
+    if summary["no_metadata"]:
+        shown = ", ".join(f"{k}={v:,}" for k, v in list(summary["no_metadata"].items())[:10])
+        lines.append(f"  no metadata for {summary['no_metadata_total']:,} captions (dropped): {shown}")
+    if summary.get("lone_surrogate_captions"):
+        lines.append(f"  captions with lone surrogates, matched on the rest: {summary['lone_surrogate_captions']:,}")
+    return "\n".join(lines)
