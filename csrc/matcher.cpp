@@ -365,7 +365,7 @@ void Matcher::ac_insert(uint32_t state, uint32_t cp, uint32_t target) {
 }
 
 void Matcher::build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids) {
-    ac_states_.assign(1, AcState{0, -1, kNone, 0});  // the root
+    ac_states_.assign(1, AcState{0, -1, kNone, 0, {0, 0}});  // the root
     ac_edges_.assign(16, AcEdge{kEmptyKey, 0, 0, -1, kNone});
     ac_edge_count_ = 0;
     std::vector<int32_t> last(1, -1);  // tail of each state's duplicate chain
@@ -380,7 +380,7 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
             }
             if (ac_states_.size() >= UINT32_MAX / 2) throw std::invalid_argument("metadata too large for the automaton");
             const uint32_t next = static_cast<uint32_t>(ac_states_.size());
-            ac_states_.push_back(AcState{0, -1, kNone, 0});
+            ac_states_.push_back(AcState{0, -1, kNone, 0, {0, 0}});
             last.push_back(-1);
             ac_insert(state, cp, next);
             parent_child.insert(parent_child.end(), {state, cp, next});
@@ -425,6 +425,7 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
             }
             ac_states_[c].fail = f;
             ac_states_[c].leaf = begin[c] == begin[c + 1] ? 1 : 0;
+            if (cp < 128) ac_states_[st].ascii_children[cp >> 6] |= uint64_t{1} << (cp & 63);
             ac_states_[c].dict = ac_states_[f].out >= 0 ? f : ac_states_[f].dict;
             queue.push_back(c);
         }
@@ -441,6 +442,7 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
 }
 
 void Matcher::index_root() {
+    has_duplicates_ = std::any_of(next_same_entry_.begin(), next_same_entry_.end(), [](int32_t e) { return e >= 0; });
     ac_root_.assign(0x10000, 0);
     for (size_t slot = 0; slot < ac_edges_.size(); ++slot) {
         const uint64_t key = ac_edges_[slot].key;
@@ -464,13 +466,18 @@ void Matcher::match_automaton(std::string_view spaced, std::vector<int32_t>& fou
                 }
                 if (e == nullptr) return;  // no pattern starts with cp
             } else if (!leaf) {
-                e = ac_find(state, cp);
+                if (cp >= 128 || ((ac_states_[state].ascii_children[cp >> 6] >> (cp & 63)) & 1)) e = ac_find(state, cp);
             }
             if (e != nullptr) {
                 state = e->target;
                 fail = e->fail & ~kLeaf;
                 leaf = (e->fail & kLeaf) != 0;
                 if (e->report_out < 0) return;
+                if (!has_duplicates_) {  // validated metadata: one entry per pattern
+                    found.push_back(e->report_out);
+                    for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict) found.push_back(ac_states_[s].out);
+                    return;
+                }
                 for (int32_t id = e->report_out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
                 for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict)
                     for (int32_t id = ac_states_[s].out; id >= 0; id = next_same_entry_[id]) found.push_back(id);

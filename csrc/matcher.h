@@ -141,6 +141,9 @@ public:
         int32_t out;   // first entry whose pattern ends here, or -1 (more via next_same_entry_)
         uint32_t dict; // nearest state on the failure chain with an output, or kNone
         uint32_t leaf; // 1 if the state has no children: a step from it always fails
+        // Which ASCII code points have an edge from here: in Latin-script text most steps
+        // out of a state fail, and a bit test is far cheaper than a failed probe.
+        uint64_t ascii_children[2];
     };
     static constexpr uint32_t kLeaf = 0x80000000u;  // states are < 2^31
 
@@ -152,6 +155,7 @@ private:
     // none): the root is where most steps of most texts are, and an array beats a probe.
     // Derived from ac_edges_, so rebuilt on load rather than saved.
     std::vector<uint32_t> ac_root_;
+    bool has_duplicates_ = true;  // any entry repeated: only then is next_same_entry_ read
     void index_root();
 };
 
