@@ -117,6 +117,18 @@ bool is_python_space(uint32_t cp) {
            cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
 }
 
+// Spaced text never holds tab/newline/CR, and holds each of , . ; : ? ! ` only with a
+// space on both sides; a pattern breaking that can never match (entries like "Mr." or
+// "Ph.D.", common in English lists), so it need not cost the automaton anything.
+bool can_occur_in_spaced_text(std::string_view p) {
+    for (size_t i = 0; i < p.size(); ++i) {
+        const char c = p[i];
+        if (c == '\t' || c == '\n' || c == '\r') return false;
+        if (is_wrapped_punct(c) && ((i > 0 && p[i - 1] != ' ') || (i + 1 < p.size() && p[i + 1] != ' '))) return false;
+    }
+    return true;
+}
+
 size_t table_size_for(size_t items) {
     size_t size = 16;
     while (size < items * 2) size <<= 1;  // load factor <= 0.5 keeps misses short
@@ -260,8 +272,11 @@ Matcher::Matcher(const std::vector<std::string>& entries, Semantics semantics) :
         if (pad_left && pad_right) {
             trie_ids.push_back(static_cast<int32_t>(id));
         } else {
-            ac_ids.push_back(static_cast<int32_t>(id));
-            ac_patterns.push_back((pad_left ? " " : "") + e + (pad_right ? " " : ""));
+            std::string pattern = (pad_left ? " " : "") + e + (pad_right ? " " : "");
+            if (can_occur_in_spaced_text(pattern)) {
+                ac_ids.push_back(static_cast<int32_t>(id));
+                ac_patterns.push_back(std::move(pattern));
+            }
         }
     }
 
