@@ -4,7 +4,10 @@ Run (CPU):  .venv/bin/python -m pytest benchmarks/bench_kmeans_assign.py \
                 --benchmark-json benchmarks/results/cpu/kmeans_assign.json
 then:       .venv/bin/python benchmarks/report.py benchmarks/results/cpu/kmeans_assign.json
 On a CUDA machine the `gpu` groups run too (N=10M, K=1024, D=768 bf16; and the fastkmeans
-setup N=6.55M, D=128, K=65,536); write those to benchmarks/results/<gpu>/.
+setup N=6.55M, D=128, K=65,536), and the `gpu variants` groups time every Triton launch
+config, the autotuned choice and deterministic=True (benchmarks/gpu_kmeans_variants.sh);
+write those to benchmarks/results/<gpu>/. The counted memory traffic of each config at
+N=10M, K=1024, D=768 is in benchmarks/results/static/kernels.md (kernel_report.py).
 Throughput: FLOP/s = 2*N*K*D / median time (the matmul's work), and points/s.
 Every row also reports `label_match`: the fraction of its labels equal to mode-fast's exact
 labels (1.0 = the same labels; faiss and naive paths may differ on near ties).
@@ -12,14 +15,17 @@ Sizes: KMEANS_BENCH_N (default 200k), KMEANS_BENCH_K (1024), KMEANS_BENCH_D (384
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from mode_fast.kernels import reference
 from mode_fast.kernels.kmeans_assign import kmeans_assign
+
+km = importlib.import_module("mode_fast.kernels.kmeans_assign")  # the module, not the function
 
 try:
     import faiss
@@ -169,7 +175,7 @@ def test_fit_faiss(benchmark, cpu_case):
 
 @pytest.mark.benchmark(group=FIT_GROUP)
 def test_fit_mode_fast(benchmark, cpu_case):
-    from mode_fast.cluster import KMeans
+    from mode_fast.kmeans import KMeans
 
     x = cpu_case[0][:FIT_N]
     km = benchmark.pedantic(
@@ -257,3 +263,67 @@ def test_gpu_big_k_triton(benchmark, gpu_fastkmeans_setup):
     _run(benchmark, lambda: kmeans_assign(x, c, backend="triton")[0], x.shape[0], c.shape[0],
          x.shape[1], ref, rounds=3, provider="mode-fast triton (exact labels)",
          device=torch.cuda.get_device_name(0))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------
+# GPU: every Triton launch config, the autotuned pick and deterministic=True
+# ---------------------------------------------------------------------------------
+VAR_N = int(os.environ.get("KMEANS_VARIANTS_N", 2_000_000))
+
+
+def _variants() -> list[tuple]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return []
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for cfg in km._CONFIGS[("aligned", km._dtype_class(dtype))]:
+            out.append((dtype, "aligned", km._as_dict(cfg)))
+        out.append((dtype, "aligned", "autotune"))
+        out.append((dtype, "aligned", "deterministic"))
+        for cfg in km._CONFIGS[("general", km._dtype_class(dtype))]:
+            out.append((dtype, "general", km._as_dict(cfg)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpu_variant_data():
+    cache = {}
+
+    def get(dtype, layout):
+        if (dtype, layout) not in cache:
+            x, c = _data(VAR_N, 1024, 768, "cuda", dtype)
+            if layout == "general":  # a strided view: the unspecialised kernel
+                x = torch.stack([x, x], 2)[:, :, 0]
+            ref, _ = kmeans_assign(x, c, backend="torch")
+            cache[(dtype, layout)] = (x, c, ref)
+        return cache[(dtype, layout)]
+
+    return get
+
+
+def _variant_id(v) -> str:
+    dtype, layout, cfg = v
+    name = cfg if isinstance(cfg, str) else "{BLOCK_N}x{BLOCK_K}x{BLOCK_D}_w{num_warps}_s{num_stages}".format(**cfg)
+    return f"{str(dtype).split('.')[-1]}-{layout}-{name}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("variant", _variants(), ids=_variant_id)
+def test_gpu_variant(benchmark, gpu_variant_data, variant):
+    dtype, layout, cfg = variant
+    x, c, ref = gpu_variant_data(dtype, layout)
+    benchmark.group = f"gpu variants assign N={VAR_N} K=1024 D=768 {str(dtype).split('.')[-1]} {layout}"
+    if cfg == "autotune":
+        kmeans_assign(x, c, backend="triton")  # tune outside the timed rounds
+        fn = lambda: kmeans_assign(x, c, backend="triton")[0]
+    elif cfg == "deterministic":
+        fn = lambda: kmeans_assign(x, c, backend="triton", deterministic=True)[0]
+    else:
+        fn = lambda: km._assign_triton(x, c, exact=True, config=cfg)[0]
+    traffic = {}
+    if isinstance(cfg, dict):  # the counted traffic of this config, next to its time
+        traffic = km.traffic(VAR_N, 1024, 768, x.element_size(), cfg["BLOCK_N"], cfg["BLOCK_K"])
+    _run(benchmark, fn, VAR_N, 1024, 768, ref, rounds=5, provider=f"mode-fast triton {_variant_id(variant)}",
+         device=torch.cuda.get_device_name(0), baseline=cfg == "deterministic",
+         **{f"counted_{k}": v for k, v in traffic.items()})  # fmt: skip

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode_fast import train
+from mode_fast import models, train, training
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -55,7 +55,7 @@ def make_step(provider: str, batch: int) -> tuple[Callable[[], float], torch.nn.
     """A closure running one training step (forward, loss, backward, AdamW) on a fixed batch."""
     import open_clip
 
-    train.register_model_configs()
+    models.register_model_configs()
     torch.manual_seed(0)
     model = open_clip.create_model(MODEL, pretrained=None, device=DEVICE, output_dict=True)
     size = model.visual.image_size
@@ -63,7 +63,7 @@ def make_step(provider: str, batch: int) -> tuple[Callable[[], float], torch.nn.
     context = model.context_length
     images = torch.randn(batch, 3, *size, device=DEVICE)
     texts = torch.randint(1, 49000, (batch, context), device=DEVICE)
-    optimizer = torch.optim.AdamW(train.param_groups(model, 0.2), lr=1e-4)
+    optimizer = torch.optim.AdamW(training.param_groups(model, 0.2), lr=1e-4)
     loss_fn = loss_class(provider)(cache_labels=True)
 
     def step() -> float:

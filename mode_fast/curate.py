@@ -49,7 +49,8 @@ from mode_fast import __version__
 from mode_fast._matcher import Matcher, hash_keys
 from mode_fast.executor import LocalExecutor, RayExecutor, add_executor_arguments, make_executor, run_with_progress
 from mode_fast.data.io import DataKeyError, ShardError, describe_fields, list_shards, read_shard, write_kept
-from mode_fast.files import atomic_write, remove_stale_temporaries, save_npy, write_json
+from mode_fast.files import atomic_write, save_npy, write_json
+from mode_fast.runs import RunState, fingerprint
 
 __all__ = [
     "DEFAULT_T",
@@ -160,11 +161,6 @@ def _shard_id(path: Path) -> str:
     """File name plus a hash of the full path: unique, and readable in .work/."""
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     return f"{path.name}-{digest}"
-
-
-def _fingerprint(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 _worker_matcher: Any = None
@@ -299,6 +295,7 @@ def curate(
     caption_key: str = "caption",
     key_field: str | None = None,
     estimate_only: bool = False,
+    overwrite: bool = False,
     log: Log = print,
 ) -> dict[str, Any]:
     """Curate `pools` into `out_dir`; returns the summary (also written as summary.json).
@@ -307,7 +304,9 @@ def curate(
     list. Give t or target_size (neither: DEFAULT_T). executor: 'local' (workers
     processes, None: all cores) or 'ray' (workers actors, None: the cluster's CPUs; joins
     ray_address or RAY_ADDRESS, else starts a local Ray); outputs are the same either way.
-    estimate_only: counts, summary and the t table, no curated shards.
+    estimate_only: counts, summary and the t table, no curated shards. Reruns follow the
+    shared rule (mode_fast.runs): one run per out_dir at a time, a finished curation rerun
+    unchanged is a no-op, overwrite=True starts over.
     """
     if t is not None and target_size is not None:
         raise ValueError("give either t or target_size, not both")
@@ -316,36 +315,58 @@ def curate(
     t = None if t is None else float(t)  # the manifest says 20.0 whether the caller passed 20 or 20.0
     if target_size is not None and target_size <= 0:
         raise ValueError(f"target size must be positive, got {target_size}")
+    from mode_fast.metadata import metadata_sha256
+
     started = time.perf_counter()
     out = Path(out_dir)
     work = out / ".work"
     shards = list_shards(pools)
-    runner = make_executor(executor, workers, ray_address)
-    try:
-        return _curate(runner, shards, out, work, metadata, t, target_size, seed, caption_key, key_field,
-                       estimate_only, log, started)
-    finally:
-        runner.close()
+    entries, metadata_source = _load_entries(metadata)
+    meta_sha = metadata_sha256(entries)
+    # The shared lifecycle (mode_fast.runs): lock, run.json, interrupts. Curate recomputes
+    # whatever a changed field affects itself (per-shard stamps below), so no field stops it.
+    args = {"--metadata": meta_sha, "--caption-key": caption_key, "--key-field": key_field, "--t": t,
+            "--target-size": target_size, "--seed": seed, "--estimate": estimate_only}
+    with RunState.open(out, "curate", inputs={str(p): fingerprint(p) for p in shards}, args=args,
+                       recompute=lambda field: [], overwrite=overwrite, owned=OWNED, log=log) as state, \
+            state.interrupts():
+        if state.finished and (out / "summary.json").exists():
+            log(f"curate: {out} already holds this curation (same inputs and arguments): nothing to do")
+            return json.loads((out / "summary.json").read_text())
+        runner = make_executor(executor, workers, ray_address)
+        try:
+            summary = _curate(runner, shards, out, work, entries, metadata_source, meta_sha, t, target_size,
+                              seed, caption_key, key_field, estimate_only, log, started, state)
+        finally:
+            runner.close()
+        state.finish(_outputs(out, work, estimate_only))
+        return summary
+
+
+OWNED = ("data", ".work", "manifest.json", "kept_keys.txt", "entry_count.npy", "entry_prob.npy", "summary.json")
+
+
+def _outputs(out: Path, work: Path, estimate_only: bool) -> list[Path]:
+    """Every file a finished curation needs (run.json checks them before a no-op rerun)."""
+    files = [out / "entry_count.npy", out / "entry_prob.npy", out / "summary.json", *work.glob("matches/*.npz")]
+    if not estimate_only:
+        files += [out / "manifest.json", out / "kept_keys.txt", *work.glob("sampled/*.json"),
+                  *work.glob("kept/*.txt"), *(p for p in (out / "data").rglob("*") if p.is_file())]
+    return files
 
 
 def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, work: Path,
-            metadata: str | os.PathLike | Sequence[str] | None, t: float | None, target_size: int | None,
+            entries: list[str], metadata_source: str, meta_sha: str, t: float | None, target_size: int | None,
             seed: int, caption_key: str, key_field: str | None, estimate_only: bool, log: Log,
-            started: float) -> dict[str, Any]:
-    from mode_fast.metadata import metadata_sha256
-
+            started: float, state: RunState) -> dict[str, Any]:
     # One process alone may use every core for matching; several share them.
     threads = 0 if runner.runs_inline(len(shards)) else 1
-    entries, metadata_source = _load_entries(metadata)
-    meta_sha = metadata_sha256(entries)
-    if out.exists():
-        remove_stale_temporaries(out)  # a killed run's half-written files: never outputs
 
     # Pass 1: match and count ------------------------------------------------------------
     # The tool version too: a fixed matcher or reader must not reuse older match lists.
     config = {"metadata_sha256": meta_sha, "caption_key": caption_key, "key_field": key_field,
               "tool": __version__}
-    fingerprints = [_fingerprint(p) for p in shards]
+    fingerprints = [fingerprint(p) for p in shards]
     match_files = [work / "matches" / f"{_shard_id(p)}.npz" for p in shards]
     tasks: list[dict[str, Any]] = []
     stale = 0
@@ -365,7 +386,8 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
         log(f"match: recomputing {stale} shards whose file, metadata, caption key or key field changed")
     if tasks:
         matcher_path = _build_matcher(work, entries, meta_sha)
-        run_with_progress(runner, _match_shard, tasks, "match", (_init_worker, (str(matcher_path),)))
+        run_with_progress(runner, _match_shard, tasks, "match", (_init_worker, (str(matcher_path),)),
+                          on_result=state.track("match", len(shards), reused))
 
     counts = np.zeros(len(entries), dtype=np.uint64)
     records_per_shard: list[int] = []
@@ -459,7 +481,7 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     # Pass 2: sample ---------------------------------------------------------------------
     if not estimate_only:
         summary |= _write_curated(out, work, shards, fingerprints, match_files, config, counts_path, t, seed,
-                                  kept, runner, log)
+                                  kept, runner, log, state)
         manifest = {
             "tool": f"mode-fast {__version__}",
             "inputs": [fp | {"records": n} for fp, n in zip(fingerprints, records_per_shard)],
@@ -482,7 +504,7 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
 
 def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list[dict[str, Any]],
                    match_files: list[Path], config: dict[str, Any], counts_path: Path, t: float, seed: int,
-                   kept: int, runner: LocalExecutor | RayExecutor, log: Log) -> dict[str, Any]:
+                   kept: int, runner: LocalExecutor | RayExecutor, log: Log, state: RunState) -> dict[str, Any]:
     """Pass 2: curated shards under out/data, kept_keys.txt; resumes finished shards."""
     root = _common_root(shards)
     stamp_base = {"t": t, "seed": seed, "counts_sha256": _sha256_file(counts_path)}
@@ -508,7 +530,8 @@ def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list
         # From here until the end, data/ is a mix: no manifest or key list may claim otherwise.
         for name in ("manifest.json", "kept_keys.txt"):
             (out / name).unlink(missing_ok=True)
-    run_with_progress(runner, _sample_shard, tasks, "sample")
+    run_with_progress(runner, _sample_shard, tasks, "sample",
+                      on_result=state.track("sample", len(shards), len(shards) - len(tasks)))
     removed = _remove_stale_outputs(work, set(map(str, done_files)), dsts)
     if removed:
         log(f"sample: removed {removed} curated shards of inputs no longer in the pool")
@@ -581,19 +604,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parquet/jsonl column holding the record uid (default: uid, else key)")
     parser.add_argument("--estimate", action="store_true",
                         help="count and print expected kept sizes for a ladder of t; write no curated shards")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: remove this job's earlier outputs in --out first")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = curate(
-            args.pools, args.out, metadata=args.metadata, t=args.t, target_size=args.target_size,
-            seed=args.seed, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
-            caption_key=args.caption_key, key_field=args.key_field,
-            estimate_only=args.estimate, log=lambda msg: print(msg, file=sys.stderr),
-        )
-    except (ShardError, ValueError, OSError) as exc:  # MetadataError is a ValueError
-        print(f"mode-fast curate: error: {exc}", file=sys.stderr)
-        return 2
+    from mode_fast.errors import ConfigError
+
+    # Numbers that cannot work are refused here, naming the flag; everything else a user can
+    # cause raises a mode_fast.errors.ModeFastError that the CLI prints as one line.
+    if args.t is not None and not args.t > 0:
+        raise ConfigError(f"--t must be a positive number, got {args.t}")
+    if args.target_size is not None and args.target_size < 1:
+        raise ConfigError(f"--target-size must be >= 1, got {args.target_size}")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    summary = curate(
+        args.pools, args.out, metadata=args.metadata, t=args.t, target_size=args.target_size,
+        seed=args.seed, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
+        caption_key=args.caption_key, key_field=args.key_field,
+        estimate_only=args.estimate, overwrite=args.overwrite, log=lambda msg: print(msg, file=sys.stderr),
+    )
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
     what = "estimated" if summary["estimate_only"] else "kept"
     print(

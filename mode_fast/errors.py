@@ -8,8 +8,10 @@ Bugs stay ordinary exceptions, so they keep their tracebacks.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 
 EXIT_USAGE = 2  # argparse's code for bad usage; every user-caused error exits with it
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -35,13 +37,28 @@ class Interrupted(ModeFastError):
     """SIGINT/SIGTERM reached a job; the message says how to continue."""
 
 
-def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
-    """An `OutputError` naming `path` and the reason in words a user acts on."""
+def output_error(path: str | os.PathLike, exc: BaseException) -> OutputError:
+    """An `OutputError` naming `path` and the reason in words a user acts on. Some writers
+    (numpy into a file object, native code) report no errno; then the cause is read from
+    the disk's state, so call this before any cleanup frees space."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < (1 << 20):
+                code = errno.ENOSPC
+            elif not os.access(folder, os.W_OK):
+                code = errno.EACCES
     reason = {
         errno.ENOSPC: "no space left on device",
         errno.EDQUOT: "disk quota exceeded",
         errno.EROFS: "read-only file system",
         errno.EACCES: "permission denied",
         errno.EPERM: "permission denied",
-    }.get(exc.errno or 0, exc.strerror or str(exc))
+    }.get(code or 0, getattr(exc, "strerror", None) or str(exc))
     return OutputError(f"cannot write {os.fspath(path)}: {reason}")
+
+
+class StepFailed(ModeFastError):
+    """A job that another job ran as its own process (the demo's steps) failed; that
+    process has already printed why."""

@@ -29,6 +29,11 @@ templates.json beside the data, else the task's own (digits) or SIMPLE_IMAGENET_
 
 Outputs in --out, each written atomically: results.json, results.md, accuracy.png,
 expert_weights.png (and retrieval.png with --retrieval).
+
+Job module: the task readers, the scoring, the frozen `EvalConfig`, and calls into the
+library: checkpoints (`mode_fast.checkpoint.load_model`), the cluster folder with its
+centers and stored embedder spec (`mode_fast.clusters`), MoDE's weights
+(`mode_fast.ensemble`) and the result files (`mode_fast.results`). It imports no other job.
 """
 from __future__ import annotations
 
@@ -48,15 +53,14 @@ from typing import Any
 import numpy as np
 
 from mode_fast.data.io import ReadReport, ShardError, TarGroup, describe_fields, iter_samples
-from mode_fast.errors import InputError
-from mode_fast.files import atomic_write, write_json
+from mode_fast.errors import ConfigError, InputError
 from mode_fast.ensemble import check_class_names, combine_logits, expert_weights
+from mode_fast.results import RECALL_KS, markdown_table, method_order, write_outputs
 
 log = logging.getLogger("mode_fast.evaluate")
 
 RESULTS_FORMAT = "mode_fast.eval/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-RECALL_KS = (1, 5, 10)
 
 
 class EvalError(InputError):
@@ -239,16 +243,6 @@ def _image_member(group: TarGroup) -> bytes | None:
     ext = next((e for e in IMAGE_EXTS if e in group.exts), None)
     return None if ext is None else group.read(ext)
 
-
-def skip_lines(results: dict[str, Any]) -> list[str]:
-    """results.md lines: per task, the samples read and those skipped (by reason)."""
-    lines = []
-    for kind, count in (("tasks", "n_images"), ("retrieval", "n_pairs")):
-        for name, t in results.get(kind, {}).items():
-            reasons = ", ".join(f"{r} {n}" for r, n in t.get("skipped", {}).items())
-            lines.append(f"- {name}: read {t[count]}, skipped {t.get('skipped_total', 0)}"
-                         + (f" ({reasons})" if reasons else ""))
-    return ["", "Samples read and skipped", "", *lines] if lines else []
 
 
 def _label_index(value: Any, classes: list[str], where: str) -> int:
@@ -541,7 +535,7 @@ def find_experts(run_dir: Path, n_experts: int) -> list[Path]:
 
 
 def load_models(named: Sequence[tuple[str, Path]], device: str) -> list[LoadedModel]:
-    from mode_fast.train import load_model
+    from mode_fast.checkpoint import load_model
 
     out = []
     for name, ckpt in named:
@@ -632,17 +626,14 @@ class Ensembler:
         return w, np.bincount(groups, minlength=self.n_experts)
 
 
-def _embedder_for(centers: Any, override: str | None) -> Any:
-    from mode_fast.cluster import make_embedder
+def _embedder_for(folder: Any, override: str | None, device: str) -> Any:
+    """The clustering's caption encoder, rebuilt from the spec stored with the clusters
+    (mode_fast.clusters); --embedder replaces it."""
+    from mode_fast.embed import make_embedder
 
     if override:
-        return make_embedder(override)
-    name = str(centers.config.get("embedder", ""))
-    if "minilm" in name.lower():
-        return make_embedder("minilm")
-    if name.startswith("hash"):
-        return make_embedder(name)
-    raise EvalError(f"cannot tell the clustering encoder from the cluster file (embedder {name!r}): pass --embedder")
+        return make_embedder(override, device=device)
+    return folder.embedder(device=device)
 
 
 def evaluate_classification(task: ClassificationTask, experts: Sequence[LoadedModel],
@@ -724,7 +715,7 @@ def evaluate_retrieval(task: RetrievalTask, experts: Sequence[LoadedModel], sing
 
 
 # --------------------------------------------------------------------------- the job
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     run: Path
     clusters: Path
@@ -753,22 +744,13 @@ def _parse_baseline(spec: str) -> tuple[str, Path]:
     return name, p
 
 
-def method_order(results: dict[str, Any], n_experts: int) -> list[str]:
-    singles = results["single_models"]
-    return [f"expert_{k}" for k in range(n_experts)] + ["best_expert", "mean_ensemble", "mode_ensemble"] + singles
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every task; returns the results dict (also written under cfg.out)."""
-    from mode_fast.cluster import TwoLevel
+    from mode_fast.clusters import ClusterFolder  # torch and the kernels: only when evaluating
 
-    centers_path = cfg.clusters / "centers.npz" if cfg.clusters.is_dir() else cfg.clusters
-    if not centers_path.is_file():
-        raise EvalError(f"cluster file {centers_path} not found (the `mode-fast cluster --out DIR` folder)")
-    try:
-        centers = TwoLevel.load(centers_path)
-    except (ValueError, KeyError, OSError) as e:
-        raise EvalError(f"{centers_path}: {e}") from e
+    folder = ClusterFolder(cfg.clusters)
+    centers = folder.centers()
+    centers_path = folder.centers_path
     n = centers.n_experts
     expert_paths = find_experts(cfg.run, n)
     singles: list[tuple[str, Path]] = [_parse_baseline(b) for b in cfg.baselines]
@@ -788,7 +770,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     all_names = [t.name for t in tasks] + [t.name for t in rtasks]
     if len(set(all_names)) != len(all_names):
         raise EvalError(f"two tasks are named alike in {all_names}: name them with NAME=SPEC")
-    ens = Ensembler(centers, _embedder_for(centers, cfg.embedder))
+    ens = Ensembler(centers, _embedder_for(folder, cfg.embedder, cfg.device))
     experts = load_models([(f"expert_{k}", p) for k, p in enumerate(expert_paths)], cfg.device)
     single_models = load_models(singles, cfg.device)
 
@@ -822,107 +804,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return results
 
 
-# --------------------------------------------------------------------------- outputs
-def markdown_table(results: dict[str, Any]) -> str:
-    n = results["n_experts"]
-    methods = method_order(results, n)
-    lines = []
-    if results["tasks"]:
-        lines += ["Zero-shot top-1 accuracy (%)", "",
-                  "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-        for name, t in results["tasks"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{100 * t['top1'][m]:.1f}" for m in methods) + " |")
-        avg = results["average"]["top1"]
-        lines.append("| **average** | " + " | ".join(f"**{100 * avg[m]:.1f}**" for m in methods) + " |")
-        lines += ["", "MoDE expert weights (classes per expert)", "",
-                  "| task | " + " | ".join(f"expert_{k}" for k in range(n)) + " |", "|---" * (n + 1) + "|"]
-        for name, t in results["tasks"].items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{w:.3f} ({c})" for w, c in zip(t["expert_weights"], t["classes_per_expert"])) + " |")
-    if results["retrieval"]:
-        lines += ["", "Image-text retrieval recall (%), image->text / text->image", "",
-                  "| task | method | " + " | ".join(f"i2t R@{k}" for k in RECALL_KS) + " | "
-                  + " | ".join(f"t2i R@{k}" for k in RECALL_KS) + " |", "|---" * (2 + 2 * len(RECALL_KS)) + "|"]
-        for name, t in results["retrieval"].items():
-            for m in methods:
-                r = t["recall"][m]
-                lines.append(f"| {name} | {m} | " + " | ".join(
-                    f"{100 * r[f'{d}_R@{k}']:.1f}" for d in ("image_to_text", "text_to_image") for k in RECALL_KS) + " |")
-    lines += skip_lines(results)
-    return "\n".join(lines) + "\n"
-
-
-def _save_fig(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = results["n_experts"]
-    methods = method_order(results, n)
-    written = []
-    if results["tasks"]:
-        groups = list(results["tasks"]) + ["average"]
-        values = [[results["tasks"][g]["top1"][m] if g != "average" else results["average"]["top1"][m]
-                   for m in methods] for g in groups]
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(methods) / 3), 4))
-        width = 0.8 / len(methods)
-        cmap = plt.get_cmap("tab10")
-        for j, m in enumerate(methods):
-            xs = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
-            ax.bar(xs, [100 * v[j] for v in values], width, label=m, color=cmap(j % 10),
-                   hatch="//" if m == "mode_ensemble" else None)
-        ax.set_xticks(np.arange(len(groups)), groups)
-        ax.set_ylabel("zero-shot top-1 (%)")
-        ax.set_title("Experts, ensembles and single models per task")
-        ax.legend(fontsize=7, ncol=2)
-        _save_fig(fig, out / "accuracy.png")
-        written.append(out / "accuracy.png")
-
-        fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(results["tasks"]) * n / 2), 3.5))
-        names = list(results["tasks"])
-        width = 0.8 / n
-        for k in range(n):
-            xs = np.arange(len(names)) + (k - (n - 1) / 2) * width
-            ax.bar(xs, [results["tasks"][t]["expert_weights"][k] for t in names], width, label=f"expert_{k}")
-        ax.axhline(1.0 / n, color="gray", lw=0.8, ls="--", label="uniform (mean)")
-        ax.set_xticks(np.arange(len(names)), names)
-        ax.set_ylabel("MoDE weight")
-        ax.set_title("Expert weights per task (from class names)")
-        ax.legend(fontsize=7)
-        _save_fig(fig, out / "expert_weights.png")
-        written.append(out / "expert_weights.png")
-    if results["retrieval"]:
-        names = list(results["retrieval"])
-        fig, ax = plt.subplots(figsize=(max(6, len(names) * len(methods) / 3), 4))
-        width = 0.8 / len(methods)
-        for j, m in enumerate(methods):
-            xs = np.arange(len(names)) + (j - (len(methods) - 1) / 2) * width
-            ax.bar(xs, [100 * results["retrieval"][t]["recall"][m]["mean_recall"] for t in names], width, label=m)
-        ax.set_xticks(np.arange(len(names)), names)
-        ax.set_ylabel("mean recall@1/5/10, both ways (%)")
-        ax.legend(fontsize=7, ncol=2)
-        _save_fig(fig, out / "retrieval.png")
-        written.append(out / "retrieval.png")
-    return written
-
-
-def write_outputs(results: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    plot_results(results, out)
-    with atomic_write(out / "results.md", "w") as f:
-        f.write(markdown_table(results))
-    write_json(out / "results.json", results)  # last: its presence marks a finished evaluation
-
-
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="train run folder (RUN/seed, RUN/expert_K)")
@@ -945,38 +826,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "`simple-imagenet` (its 7) (default: templates.json beside the data, else the "
                              "task's own for sklearn:digits, else simple-imagenet)")
     parser.add_argument("--label-field", default="label", help="label field of .json when there is no .cls")
-    parser.add_argument("--caption-key", default="caption", help="caption field of .json for retrieval (no .txt)")
+    parser.add_argument("--caption-key", default="caption",
+                        help="retrieval captions, as in curate and cluster: a member extension of that name, else "
+                             "a .json field; the default also falls back to .txt (default: %(default)s)")
     parser.add_argument("--embedder", default=None,
-                        help="clustering text encoder: minilm or hashN (default: the one in the cluster file)")
+                        help="clustering text encoder: minilm, hashN or package.module:callable (default: the one "
+                             "stored with the clusters, embedder.json)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("mode_fast").setLevel(logging.INFO)
     if not args.data and not args.retrieval:
-        print("mode-fast eval: error: nothing to evaluate: give --data SPEC... and/or --retrieval SHARDS...",
-              file=sys.stderr)
-        return 2
+        raise ConfigError("nothing to evaluate: give --data SPEC... and/or --retrieval SHARDS...")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg = EvalConfig(run=args.run, clusters=args.clusters, data=list(args.data), out=args.out,
                      baselines=list(args.baseline), retrieval=list(args.retrieval), classes=args.classes,
                      templates=args.templates, label_field=args.label_field, caption_key=args.caption_key,
                      embedder=args.embedder, device=args.device, batch_size=args.batch_size)
-    try:
-        results = evaluate(cfg)
-    except (EvalError, FileNotFoundError) as e:  # user errors: one line naming the problem
-        print(f"mode-fast eval: error: {e}", file=sys.stderr)
-        return 2
+    results = evaluate(cfg)
     print(markdown_table(results), end="")
     print(f"results in {args.out}/results.json, results.md, accuracy.png, expert_weights.png")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mode-fast eval", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from mode_fast.cli import job_main
+
+    return job_main("mode-fast eval", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

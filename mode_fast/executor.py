@@ -21,18 +21,30 @@ cluster the pool, the output folder and the matcher file must be on storage ever
 Testing hook: MODE_FAST_FAULT="before|after:SUBSTRING:MARKER[;...]" makes the worker whose task
 mentions SUBSTRING exit abruptly (os._exit) before or after running it, once per MARKER
 file (created exclusively, so a retry runs normally). Tests use it to kill a worker mid-job.
+"slow:SUBSTRING:SECONDS" makes such a task sleep first, so a test can signal the job mid-run.
+
+Pool workers ignore SIGINT (Ctrl-C reaches the whole process group; the driver handles it,
+see mode_fast.runs) and end with their driver however it ends: an exception or interrupt in
+the driver terminates them, and a SIGKILLed driver takes them along (parent-death signal on
+Linux, plus a thread watching the driver's pid).
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 from tqdm import tqdm
+
+from mode_fast.runs import process_start
 
 EXECUTORS = ("local", "ray")
 
@@ -47,6 +59,9 @@ def _maybe_fault(when: str, task: Task) -> None:
         return
     for fault in spec.split(";"):
         at, needle, marker = fault.split(":", 2)
+        if at == "slow" and when == "before" and needle in repr(task):
+            time.sleep(float(marker))  # a slow shard, so that a test can interrupt the job mid-run
+            continue
         if at != when or needle not in repr(task):
             continue
         try:
@@ -75,6 +90,78 @@ def _call_init(init: Init) -> None:
         init[0](*init[1])
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(driver_pid: int, driver_start: str | None, pdeathsig: bool) -> None:
+    """Make this worker process end when the driver does, however the driver ends.
+
+    A SIGKILLed driver runs no cleanup, so the worker watches for itself: the kernel's
+    parent-death signal (Linux; the parent is the forkserver, which exits when the driver
+    does, or the driver itself) and, as a fallback everywhere, a thread that exits the
+    process once the driver's pid is gone or belongs to another process."""
+    if pdeathsig and sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl: no signal will come
+            os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if not _alive(driver_pid, driver_start):
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mode-fast-driver-watch", daemon=True).start()
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or process_start(pid) in (None, start)
+
+
+def _worker_start(init: bytes, driver_pid: int, driver_start: str | None, pdeathsig: bool) -> None:
+    """Every pool worker's initializer: Ctrl-C is the driver's to handle (the terminal sends
+    SIGINT to the whole process group; a worker that took it would print a traceback),
+    the worker dies with the driver, then the job's own initializer runs. `init` comes
+    pickled, so the job's module (torch...) is imported only after the worker is tied to
+    the driver: a driver killed during that import takes the worker along."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with(driver_pid, driver_start, pdeathsig)
+    _call_init(pickle.loads(init))
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while worker processes (and the forkserver) are created: a child
+    started meanwhile inherits SIG_IGN and so never sees a Ctrl-C before its initializer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool's workers now (an interrupt or error in the driver): what they were
+    writing is a temporary the next run removes."""
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            p.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 class LocalExecutor:
     """Tasks in this process (workers <= 1) or in a pool of local worker processes."""
 
@@ -89,21 +176,37 @@ class LocalExecutor:
 
     def map(self, fn: TaskFn, tasks: Sequence[Task], init: Init = None, ordered: bool = False) -> Iterator[Any]:
         """Results as tasks finish (`ordered`: in task order). Leaving the loop early
-        cancels the tasks not yet started."""
+        (or an exception) cancels the tasks not yet started and terminates the running ones."""
         if self.runs_inline(len(tasks)):
             _call_init(init)
             for task in tasks:
                 yield _run_task(fn, task)
             return
-        with ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=_local_context(),
-                                 initializer=_call_init, initargs=(init,)) as pool:
-            futures = [pool.submit(_run_task, fn, task) for task in tasks]
-            try:
-                for future in (futures if ordered else as_completed(futures)):
-                    yield future.result()
-            finally:
-                for future in futures:
-                    future.cancel()
+        ctx = _local_context()
+        main = threading.current_thread() is threading.main_thread()
+        # The parent-death signal follows the thread that forks: safe from the forkserver
+        # or this process's main thread, not from a thread that may end first.
+        initargs = (pickle.dumps(init), os.getpid(), process_start(os.getpid()), main or ctx.get_start_method() == "forkserver")
+        pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx,
+                                   initializer=_worker_start, initargs=initargs)
+        complete = False
+        try:
+            with _sigint_ignored():
+                if ctx.get_start_method() == "forkserver":
+                    from multiprocessing import forkserver
+
+                    forkserver.ensure_running()
+                futures = [pool.submit(_run_task, fn, task) for task in tasks]
+            for future in (futures if ordered else as_completed(futures)):
+                yield future.result()
+            complete = True
+        finally:
+            # Any other exit (an error, an interrupt, the caller stopping early) stops the
+            # workers now rather than waiting for their running tasks.
+            if complete:
+                pool.shutdown(wait=True)
+            else:
+                _terminate(pool)
 
     def close(self) -> None:
         pass
@@ -191,9 +294,11 @@ def make_executor(kind: str = "local", workers: int | None = 1, address: str | N
 
 
 def run_with_progress(executor: LocalExecutor | RayExecutor, fn: TaskFn, tasks: Sequence[Task], desc: str,
-                      init: Init = None, disable: bool | None = None) -> list[Any]:
+                      init: Init = None, disable: bool | None = None,
+                      on_result: Callable[[Any], None] | None = None) -> list[Any]:
     """All results (in completion order) with a progress bar of shards and records/s
-    (tasks that return a dict with 'records' count toward the rate)."""
+    (tasks that return a dict with 'records' count toward the rate); `on_result` is
+    called with each result as it arrives (e.g. a RunState.track callback)."""
     results: list[Any] = []
     if not tasks:
         return results
@@ -201,6 +306,8 @@ def run_with_progress(executor: LocalExecutor | RayExecutor, fn: TaskFn, tasks: 
     with tqdm(total=len(tasks), desc=desc, unit="shard", disable=disable) as bar:
         for r in executor.map(fn, tasks, init):
             results.append(r)
+            if on_result is not None:
+                on_result(r)
             if isinstance(r, dict):
                 records += int(r.get("records", 0))
             bar.set_postfix(records_per_s=f"{records / max(time.perf_counter() - start, 1e-9):,.0f}")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from mode_fast.errors import output_error
+from mode_fast.errors import ModeFastError, output_error
 
 TMP_SUFFIX = ".tmp"
 
@@ -63,9 +63,10 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except OSError as exc:
+        error = output_error(path, exc)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise output_error(path, exc) from exc
+        raise error from exc
     _fsync_dir(path.parent)
 
 
@@ -86,10 +87,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
+        # the cause first: the cleanup below frees the space a full disk is judged by
+        error = output_error(path, exc) if isinstance(exc, OSError) and not isinstance(exc, ModeFastError) else None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise output_error(path, exc) from exc
+        if error is not None:
+            raise error from exc
         raise
     _fsync_dir(path.parent)
 

@@ -12,7 +12,16 @@ over torch.distributed. Extra keyword-only arguments:
   the mean of the ranks' losses is the global-batch loss, each rank's feature gradients
   are d(sum of the ranks' losses)/d(its features), and the logit scale's gradient is
   that of the rank's own loss, so DDP's gradient average gives the one-process gradient.
-- ``backend`` / ``chunk_size``: passed to ``mode_fast.kernels.clip_loss`` / ``siglip_loss``.
+- ``backend`` / ``chunk_size``: passed to the kernels (``mode_fast.kernels.contrastive_loss``);
+  ``mode_fast.kernels.dispatch`` resolves ``"auto"`` per call and variant.
+
+Kernels by setting (``backend="auto"``: Triton on CUDA, the chunked torch path elsewhere):
+one process and the plain all-gather run the square fused kernel (both directions from
+each tile); ``local_loss=True`` runs the rectangular rows kernel twice (local images
+against all texts, local texts against all images); ``ring=True`` runs it once per ring
+step per direction, merging each block into the running log-sum-exp; SigLIP runs the
+square kernel on the local pairs and the negatives-only rectangular kernel on every other
+rank's text block.
 
 Peak memory of the loss itself: O(B * D) saved for backward plus O(chunk * B)
 temporaries (torch backend) or a few tiles (Triton), where B is the number of columns
@@ -20,15 +29,30 @@ temporaries (torch backend) or a few tiles (Triton), where B is the number of co
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
-from mode_fast.kernels import clip_loss, siglip_loss
-from mode_fast.kernels import reference as _ref
-from mode_fast.kernels.contrastive_loss import _as_scalar_tensor, _check_features, _grad_like, infonce_loss
+if dist.is_available():
+    # torch.distributed.nn (the all_gather that carries gradients) is a submodule that
+    # `import torch.distributed` does not load; without this line gather_with_grad fails
+    # with AttributeError in any process that has not imported open_clip first.
+    import torch.distributed.nn
+
+from mode_fast.kernels import dispatch
+from mode_fast.kernels.contrastive_loss import (
+    _as_scalar_tensor,
+    _check_features,
+    _grad_like,
+    _row_dots,
+    _sub_labels,
+    clip_loss,
+    local_clip_loss,
+    pick_backend,
+    ring_block_backward,
+    ring_block_forward,
+    siglip_loss,
+)
 
 __all__ = ["ClipLoss", "SigLipLoss", "ring_clip_loss"]
 
@@ -70,33 +94,33 @@ def _exchange(tensors: list[torch.Tensor], send_to: int, recv_from: int, group) 
 class _RingClip(torch.autograd.Function):
     """Local-rows CLIP loss against every rank's block, blocks passed around the ring.
 
-    Forward: W - 1 hops of (images, texts); row LSE of local images against each text
-    block and of local texts against each image block, merged with logaddexp.
-    Backward: the blocks go around again carrying gradient accumulators; every rank adds
-    its rows' contributions to the visiting block's gradient, and one last hop brings
-    each block's accumulated gradient home.
+    Forward: W - 1 hops of (images, texts); the row LSE of local images against each text
+    block and of local texts against each image block, each step merged into the running
+    LSE (ring_block_forward). Backward: the blocks go around again carrying gradient
+    accumulators; every rank adds its rows' contributions to the visiting block's
+    gradient (ring_block_backward), and one last hop brings each block's gradient home.
     """
 
     @staticmethod
-    def forward(ctx, img, txt, scale_t, rank, world_size, group, chunk):
+    def forward(ctx, img, txt, scale_t, rank, world_size, group, backend, chunk):
         scale = float(scale_t)
         right, left = (rank + 1) % world_size, (rank - 1) % world_size
-        lse_i = _ref.row_lse_torch(img, txt, scale, chunk)
-        lse_t = _ref.row_lse_torch(txt, img, scale, chunk)
+        lse_i = ring_block_forward(img, txt, scale, None, backend, chunk=chunk)
+        lse_t = ring_block_forward(txt, img, scale, None, backend, chunk=chunk)
         blk_i, blk_t = img.detach(), txt.detach()
         for _ in range(world_size - 1):
             blk_i, blk_t = _exchange([blk_i, blk_t], right, left, group)
-            lse_i = torch.logaddexp(lse_i, _ref.row_lse_torch(img, blk_t, scale, chunk))
-            lse_t = torch.logaddexp(lse_t, _ref.row_lse_torch(txt, blk_i, scale, chunk))
-        pos = scale * (img.float() * txt.float()).sum(1)
+            ring_block_forward(img, blk_t, scale, lse_i, backend, chunk=chunk)
+            ring_block_forward(txt, blk_i, scale, lse_t, backend, chunk=chunk)
+        pos = scale * _row_dots(img, txt)
         ctx.save_for_backward(img, txt, scale_t, lse_i, lse_t)
-        ctx.ring = (rank, world_size, group, chunk)
+        ctx.ring = (rank, world_size, group, backend, chunk)
         return 0.5 * (lse_i.sum() + lse_t.sum() - 2.0 * pos.sum()) / img.shape[0]
 
     @staticmethod
     def backward(ctx, grad):
         img, txt, scale_t, lse_i, lse_t = ctx.saved_tensors
-        rank, world_size, group, chunk = ctx.ring
+        rank, world_size, group, backend, chunk = ctx.ring
         scale, b = float(scale_t), img.shape[0]
         right, left = (rank + 1) % world_size, (rank - 1) % world_size
         g = float(grad) / (2.0 * b)
@@ -108,33 +132,32 @@ class _RingClip(torch.autograd.Function):
         for step in range(world_size):
             if step:
                 blk_i, blk_t, acc_i, acc_t = _exchange([blk_i, blk_t, acc_i, acc_t], right, left, group)
-            d_scale += _ref.row_softmax_grad_torch(img, blk_t, scale, lse_i, g, d_img, acc_t, chunk)
-            d_scale += _ref.row_softmax_grad_torch(txt, blk_i, scale, lse_t, g, d_txt, acc_i, chunk)
+            d_scale += ring_block_backward(img, blk_t, scale, lse_i, g, d_img, acc_t, backend, chunk=chunk)
+            d_scale += ring_block_backward(txt, blk_i, scale, lse_t, g, d_txt, acc_i, backend, chunk=chunk)
         if world_size > 1:  # the accumulators now belong to rank + 1: one more hop brings ours
             acc_i, acc_t = _exchange([acc_i, acc_t], right, left, group)
-        i32, t32 = img.float(), txt.float()
         d_img += acc_i
         d_txt += acc_t
-        d_img.sub_(t32, alpha=2.0 * g * scale)  # the positives: -2g delta_ij of dLogits
-        d_txt.sub_(i32, alpha=2.0 * g * scale)
-        d_scale -= 2.0 * g * float((i32 * t32).sum())
+        _sub_labels(d_img, d_txt, img, txt, 0, 2.0 * g * scale)  # the positives: -2g delta_ij of dLogits
+        d_scale -= 2.0 * g * float(_row_dots(img, txt).sum())
         return (
             d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
             d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
 def ring_clip_loss(image_features, text_features, logit_scale, rank: int, world_size: int,
-                   group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+                   group=None, chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
     """CLIP loss of the local rows against all ranks' blocks without gathering them (see module doc).
 
     Every rank must hold the same number of rows.
     """
     _check_features(image_features, text_features)
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
-    return _RingClip.apply(image_features, text_features, scale_t, rank, world_size, group, chunk_size)
+    backend = pick_backend(dispatch.RING_BLOCK, image_features, backend)
+    return _RingClip.apply(image_features, text_features, scale_t, rank, world_size, group, backend, chunk_size)
 
 
 class ClipLoss(nn.Module):
@@ -152,7 +175,7 @@ class ClipLoss(nn.Module):
         ring: bool = False,
         group=None,
         backend: str = "auto",
-        chunk_size: Optional[int] = None,
+        chunk_size: int | None = None,
     ):
         super().__init__()
         if use_horovod:
@@ -176,17 +199,15 @@ class ClipLoss(nn.Module):
             _check_world(self.rank, self.world_size, self.group)
         if self.world_size > 1 and self.ring:
             loss = ring_clip_loss(image_features, text_features, logit_scale, self.rank, self.world_size,
-                                  self.group, self.chunk_size)
+                                  self.group, self.chunk_size, self.backend)
         elif self.world_size > 1:
             args = (self.gather_with_grad, not self.local_loss, self.rank, self.world_size, self.group)
             all_img = _gather(image_features, *args)
             all_txt = _gather(text_features, *args)
             if self.local_loss:
-                off = self.rank * image_features.shape[0]
-                loss = 0.5 * (
-                    infonce_loss(image_features, all_txt, logit_scale, off, chunk_size=self.chunk_size)
-                    + infonce_loss(text_features, all_img, logit_scale, off, chunk_size=self.chunk_size)
-                )
+                loss = local_clip_loss(image_features, text_features, all_img, all_txt, logit_scale,
+                                       self.rank * image_features.shape[0], backend=self.backend,
+                                       chunk_size=self.chunk_size)
             else:
                 loss = clip_loss(all_img, all_txt, logit_scale, self.backend, chunk_size=self.chunk_size)
         else:
@@ -226,11 +247,11 @@ class SigLipLoss(nn.Module):
         cache_labels: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        dist_impl: Optional[str] = None,
+        dist_impl: str | None = None,
         *,
         group=None,
         backend: str = "auto",
-        chunk_size: Optional[int] = None,
+        chunk_size: int | None = None,
     ):
         super().__init__()
         self.cache_labels = cache_labels

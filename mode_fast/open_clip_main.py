@@ -24,7 +24,7 @@ def create_loss(args: Any) -> Any:
     """open_clip's create_loss(args) with this project's ClipLoss / SigLipLoss."""
     import open_clip
 
-    from mode_fast.train import loss_classes
+    from mode_fast.training import loss_classes
 
     if args.distill or "coca" in args.model.lower():
         return open_clip.create_loss(args)  # not contrastive-only: open_clip's own
@@ -45,7 +45,7 @@ def create_loss(args: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> Any:
     import open_clip_train.main as trainer
 
-    from mode_fast.train import register_model_configs
+    from mode_fast.models import register_model_configs
 
     register_model_configs()
     trainer.create_loss = create_loss  # main() looks the name up in its module at call time

@@ -20,6 +20,8 @@ Outputs under --out: sample/, curated/, clusters/, run/ (seed, experts), single/
 compute model), eval/ (results.json, results.md, plots), eval_digits/ (the same for the
 digits), summary.md and timings.json.
 A rerun skips finished steps (a step is finished when its final output exists).
+Job module: it runs the other jobs as processes (never imports them); a failed step ends the
+demo with one line (`mode_fast.errors.StepFailed`, exit 2) under the failing step's own error.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from mode_fast.data.io import ReadReport, iter_samples
+from mode_fast.errors import StepFailed
 from mode_fast.files import atomic_write, write_json
+from mode_fast.results import markdown_table
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def _run(cmd: list[str], log: list[dict[str, Any]], name: str) -> None:
     seconds = time.perf_counter() - started
     log.append({"step": name, "seconds": round(seconds, 1), "command": shlex.join(cmd)})
     if proc.returncode != 0:
-        raise RuntimeError(f"step {name!r} failed with exit code {proc.returncode}: {shlex.join(cmd)}")
+        raise StepFailed(f"step {name!r} failed with exit code {proc.returncode}: {shlex.join(cmd)}")
 
 
 def write_domain_tasks(sample: Path, out: Path) -> list[str]:
@@ -202,8 +206,6 @@ def summary_markdown(results: dict[str, Any], summary: dict[str, Any],
         f"seed {100 * avg['seed']:.1f}%. The ensemble costs {c['ensemble_inference_forward_passes']} forward "
         "passes per image at inference, the single model 1.", "",
     ]
-    from mode_fast.evaluate import markdown_table
-
     text = "\n".join(lines) + markdown_table(results)
     if digits is not None:
         t = next(iter(digits["tasks"].values()))
@@ -226,17 +228,20 @@ def summary_markdown(results: dict[str, Any], summary: dict[str, Any],
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mode_fast.pipeline", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and the hash text encoder (a test run)")
-    args = parser.parse_args(argv)
-    try:
-        run_pipeline(args.out, QUICK if args.quick else FULL)
-    except RuntimeError as e:
-        print(f"mode-fast demo: error: {e}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    run_pipeline(args.out, QUICK if args.quick else FULL)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mode_fast.cli import job_main
+
+    return job_main("python -m mode_fast.pipeline", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
+from mode_fast.errors import ConfigError
 from mode_fast.kernels import clip_loss, siglip_loss
-from mode_fast.kernels.contrastive_loss import infonce_loss
+from mode_fast.kernels.contrastive_loss import infonce_loss, local_clip_loss
 
 torch.set_num_threads(1)  # shared machine: 2 threads under contention are slower
 
@@ -134,6 +135,38 @@ def test_infonce_is_open_clip_local_rows():
     assert_close(run(ours, img, txt, scale), run(naive, img, txt, scale), 1e-5, "infonce")
 
 
+def test_local_clip_loss_is_open_clip_local_loss():
+    # rank 2 of 3, local rows 7: both directions of the local rows against all columns
+    img, txt = features(21, 12, seed=11)
+    scale = torch.tensor(11.0, requires_grad=True)
+    rows = slice(14, 21)
+
+    def ours():
+        return local_clip_loss(img[rows], txt[rows], img, txt, scale, 14, backend="torch", chunk_size=3)
+
+    def naive():
+        labels = torch.arange(14, 21)
+        return 0.5 * (F.cross_entropy(scale * img[rows] @ txt.t(), labels)
+                      + F.cross_entropy(scale * txt[rows] @ img.t(), labels))
+
+    assert_close(run(ours, img, txt, scale), run(naive, img, txt, scale), 1e-5, "local_clip_loss")
+
+
+def test_siglip_negatives_only_rectangular():
+    img, txt = features(9, 16, seed=12)
+    other = features(14, 16, seed=13)[1]
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-7.0, requires_grad=True)
+
+    def ours():
+        return siglip_loss(img, other, scale, bias, backend="torch", positives=False, chunk_size=4)
+
+    def naive():
+        return -F.logsigmoid(-(scale * img @ other.t() + bias)).sum() / img.shape[0]
+
+    assert_close(run(ours, img, other, scale, bias), run(naive, img, other, scale, bias), 1e-5, "negatives")
+
+
 def test_errors_name_the_problem():
     img, txt = features(8, 4)
     s = torch.tensor(1.0)
@@ -147,9 +180,9 @@ def test_errors_name_the_problem():
         clip_loss(img[None], txt, s)
     with pytest.raises(ValueError, match="one number"):
         clip_loss(img, txt, torch.ones(2))
-    with pytest.raises(ValueError, match="backend must be"):
+    with pytest.raises(ConfigError, match="backend must be"):
         clip_loss(img, txt, s, backend="cuda")
-    with pytest.raises(ValueError, match="needs CUDA"):
+    with pytest.raises(ConfigError, match="needs CUDA"):
         clip_loss(img, txt, s, backend="triton")
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         siglip_loss(img.double(), txt.double(), s, s)
@@ -185,11 +218,11 @@ def test_saved_memory_is_linear_in_batch(siglip):
     scale = torch.tensor(10.0, requires_grad=True)
     bias = torch.tensor(-5.0, requires_grad=True)
     if siglip:
-        ours = lambda: siglip_loss(img, txt, scale, bias, backend="torch", chunk_size=128)  # noqa: E731
-        theirs = lambda: OpenSigLipLoss()(img, txt, scale, bias)  # noqa: E731
+        ours = lambda: siglip_loss(img, txt, scale, bias, backend="torch", chunk_size=128)
+        theirs = lambda: OpenSigLipLoss()(img, txt, scale, bias)
     else:
-        ours = lambda: clip_loss(img, txt, scale, backend="torch", chunk_size=128)  # noqa: E731
-        theirs = lambda: OpenClipLoss()(img, txt, scale)  # noqa: E731
+        ours = lambda: clip_loss(img, txt, scale, backend="torch", chunk_size=128)
+        theirs = lambda: OpenClipLoss()(img, txt, scale)
     linear = 2 * b * d * 4 + 2 * b * 4 + 64  # the two inputs, two LSE vectors, scalars
     assert saved_bytes(ours) <= linear
     # the probe does see a B x B graph: open_clip keeps at least one B x B fp32 tensor

@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from mode_fast import cli, evaluate
-from mode_fast.cluster import HashEmbedder, TwoLevel
+from mode_fast.embed import HashEmbedder
+from mode_fast.experts import TwoLevel
 from mode_fast.data.sample import write_sample
 from mode_fast.ensemble import expert_weights
-from mode_fast.train import CHECKPOINT_FORMAT, register_model_configs
+from mode_fast.checkpoint import CHECKPOINT_FORMAT
+from mode_fast.models import register_model_configs
 
 torch.set_num_threads(1)  # shared 2-core machine
 

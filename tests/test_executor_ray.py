@@ -10,7 +10,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mode-fast[ray]'")
 
-from mode_fast.cluster import ClusterJob, TwoLevel, run_cluster_job  # noqa: E402
+from mode_fast.cluster import ClusterJob, run_cluster_job  # noqa: E402
+from mode_fast.experts import TwoLevel  # noqa: E402
 from mode_fast.curate import curate  # noqa: E402
 from mode_fast.data.sample import write_sample  # noqa: E402
 from mode_fast.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402

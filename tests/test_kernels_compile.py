@@ -1,86 +1,112 @@
-"""The Triton kernels compile for real GPUs (Hopper sm_90, Ampere sm_80), here on the CPU.
+"""The Triton kernels compile for real GPUs (Hopper sm_90a, Ampere sm_80), here on the CPU,
+and the k-means kernel does so without register spills in every config it can launch.
 
 The interpreter runs a kernel through numpy and forgives what the compiler refuses
 (shapes tl.dot cannot take, shared memory over the limit, types that do not lower), so
-without a GPU this is the check that the kernels the wrappers launch are real kernels:
-each is lowered through Triton's own pipeline to PTX and assembled by the ptxas shipped
-in the triton wheel, with the tile sizes, dtypes and flags the host wrappers use.
+without a GPU this is the check that the kernels the wrappers launch are real kernels.
+benchmarks/kernel_report.py lowers each launch config through Triton's own pipeline with
+the argument specialisation of a real launch and assembles it with the ptxas shipped in
+the triton wheel (-v: registers, spills); this test builds that report (into
+$KERNEL_REPORT_DIR when set, for CI to keep, else a temporary folder) and checks it.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") == "1":  # pragma: no cover
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # pragma: no cover
     pytest.skip("kernels are interpreter functions in this process", allow_module_level=True)
 
-import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from mode_fast.kernels import contrastive_loss as cl  # noqa: E402
+import torch
 
 km = importlib.import_module("mode_fast.kernels.kmeans_assign")  # the package re-exports the function by that name
 
-HOPPER, AMPERE = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
-TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# shared memory per block (opt-in maximum): H100/H200 228 KB - 1 KB, A100 164 KB - 1 KB
-SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+_spec = importlib.util.spec_from_file_location("kernel_report", _PATH)
+report = importlib.util.module_from_spec(_spec)
+sys.modules["kernel_report"] = report  # the compile workers find their function by module name
+_spec.loader.exec_module(report)
 
 
-def _compile(fn, types: dict[str, str], constants: dict, target: GPUTarget, **options):
-    """Compile `fn` with argument types by name ('*fp32', 'i32', 'fp32'); constexprs by name."""
-    sig = {name: ("constexpr" if name in constants else types[name]) for name in fn.arg_names}
-    constexprs = {(fn.arg_names.index(k),): v for k, v in constants.items()}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
-                            options=options)
-    assert kernel.asm["cubin"], "no machine code"
-    assert kernel.metadata.shared <= SMEM_LIMIT[target.arch], f"{kernel.metadata.shared} B of shared memory"
-    return kernel
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    out = Path(os.environ.get("KERNEL_REPORT_DIR") or tmp_path_factory.mktemp("static"))
+    built = report.build(report.all_launches(), jobs=min(2, os.cpu_count() or 1))
+    report.write(out, built, report.traffic_rows())
+    assert (out / "kernels.md").read_text().count("\n| ") == len(built) + 1 + len(report.traffic_rows()) + 1
+    return built
 
 
-def _contrastive_types(dtype: torch.dtype) -> dict[str, str]:
-    t = TRITON_DTYPE[dtype]
-    types = {name: "*fp32" for name in cl._contrastive_bwd_kernel.arg_names if name.endswith("_ptr")}
-    types |= {"I_ptr": f"*{t}", "T_ptr": f"*{t}", "ROW_ptr": "*fp32", "COL_SUM_ptr": "*fp32",
-              "COL_SHIFT_ptr": "*fp32", "B": "i32", "D": "i32", "scale": "fp32", "bias": "fp32", "g": "fp32"}
-    types |= {n: "i32" for n in ("I_stride_b", "I_stride_d", "T_stride_b", "T_stride_d")}
-    return types
+def _name(r: dict) -> str:
+    return f"{r['kernel']} {r['variant']} {r['target']}"
 
 
-@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
-@pytest.mark.parametrize("dtype,strict", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
-                                          (torch.float16, False)], ids=["fp32-tf32", "fp32-strict", "bf16", "fp16"])
-def test_contrastive_kernels_compile_for_hopper(dtype, strict, siglip):
-    x = torch.empty(1, 1, dtype=dtype)
-    meta = cl._launch_meta(x, strict)
-    for fn in (cl._contrastive_fwd_kernel, cl._contrastive_bwd_kernel):
-        _compile(fn, _contrastive_types(dtype), meta | {"SIGLIP": siglip}, HOPPER)
+def test_every_launch_compiles_for_both_targets_within_shared_memory(rows):
+    launches = report.all_launches()
+    assert len(rows) == len(launches) * len(report.TARGETS)
+    for r in rows:
+        assert r["sass_instructions"] > 0, f"{_name(r)}: no machine code"
+        assert r["shared_bytes"] <= r["smem_limit_bytes"], f"{_name(r)}: {r['shared_bytes']} B shared"
 
 
-def test_contrastive_kernels_compile_for_ampere():
-    meta = cl._launch_meta(torch.empty(1, 1, dtype=torch.bfloat16), False)
-    for fn in (cl._contrastive_fwd_kernel, cl._contrastive_bwd_kernel):
-        _compile(fn, _contrastive_types(torch.bfloat16), meta | {"SIGLIP": False}, AMPERE)
+def test_kmeans_assign_never_spills(rows):
+    mine = [r for r in rows if r["kernel"] == "kmeans_assign"]
+    assert mine and all(r["spill_free_required"] for r in mine)
+    spilling = [f"{_name(r)}: {r['spill_store_bytes']}/{r['spill_load_bytes']} B"
+                for r in mine if r["spill_store_bytes"] or r["spill_load_bytes"]]  # fmt: skip
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+    # no atomics; 16-bit inputs run on tensor cores (wgmma on Hopper, mma.sync on Ampere)
+    assert all(r["ptx_global_atomics"] == 0 and r["sass_global_atomics"] == 0 for r in mine)
+    for r in mine:
+        if r["dtype"] != "fp32":
+            tc = r["sass_hgmma"] if r["target"] == "sm_90a" else r["sass_hmma"]
+            assert tc > 0, f"{_name(r)}: no tensor-core instruction"
 
 
-def _kmeans_types(dtype: torch.dtype) -> dict[str, str]:
-    t = TRITON_DTYPE[dtype]
-    types = {"X_ptr": f"*{t}", "C_ptr": f"*{t}", "ARG_ptr": "*i64", "ARG2_ptr": "*i64"}
-    types |= {n: "*fp32" for n in ("CSQ_ptr", "BEST_ptr", "SECOND_ptr", "THIRD_ptr", "SQDIST_ptr", "XSQ_ptr")}
-    types |= {n: "i32" for n in ("N", "K", "D", "X_stride_n", "X_stride_d", "C_stride_k", "C_stride_d")}
-    return types
+def test_report_covers_every_kmeans_config_the_wrapper_can_launch():
+    covered = {(ln.extra["dtype"], ln.extra["layout"], ln.variant.split(" ", 2)[-1])
+               for ln in report.kmeans_launches()}  # fmt: skip
+    for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for layout in ("aligned", "general"):
+            for c in km.launch_configs(dtype, layout):
+                desc = f"{c['BLOCK_N']}x{c['BLOCK_K']}x{c['BLOCK_D']} w{c['num_warps']} s{c['num_stages']}"
+                assert (tname, layout, desc) in covered
 
 
-@pytest.mark.parametrize("target", [HOPPER, AMPERE], ids=["sm90", "sm80"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_kmeans_assign_kernel_compiles(dtype, target):
-    cfg = dict(km._triton_config(dtype))
-    options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-    fn = km._kmeans_assign_kernel
-    missing = set(fn.arg_names) - set(_kmeans_types(dtype)) - set(cfg) - {"IEEE_FP32"}
-    assert not missing, f"kernel arguments this test does not type: {missing}"
-    _compile(fn, _kmeans_types(dtype), cfg | {"IEEE_FP32": dtype == torch.float32}, target, **options)
+LAYOUTS = {
+    "contiguous": lambda dt: torch.empty(9, 768, dtype=dt),
+    "padded_rows": lambda dt: torch.empty(9, 784, dtype=dt)[:, :768],
+    "odd_d": lambda dt: torch.empty(9, 129, dtype=dt),
+    "row_stride_not_16": lambda dt: torch.empty(9, 776, dtype=dt)[:, :768],
+    "every_other_column": lambda dt: torch.empty(9, 1536, dtype=dt)[:, ::2],
+    "column_major": lambda dt: torch.empty(768, 9, dtype=dt).t(),
+    "misaligned_base": lambda dt: torch.empty(9 * 768 + 1, dtype=dt)[1:].view(9, 768),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_launch_compiles_to_the_variant_the_report_measured(layout, dtype):
+    """Whatever the inputs' sizes and layout, the wrapper's launch specialises to the very
+    signature the report compiled for its family (so the report covers every launch)."""
+    x = LAYOUTS[layout](dtype)
+    c = torch.empty(1000, x.shape[1], dtype=dtype)  # K not a multiple of 16 on purpose
+    family = km._layout(x, c)
+    assert family == ("aligned" if layout in ("contiguous", "padded_rows") else "general")
+    f32, i64 = torch.empty(77), torch.empty(77, dtype=torch.int64)
+    n, d = 12_345, x.shape[1]
+    real = dict(X_ptr=x, C_ptr=c, CSQ_ptr=f32, BEST_ptr=f32, SECOND_ptr=f32, THIRD_ptr=f32,
+                ARG_ptr=i64, ARG2_ptr=i64, SQDIST_ptr=f32, XSQ_ptr=f32, N=n, K=1000, D=d,
+                N_TUNE=1 << (n - 1).bit_length(), X_stride_n=x.stride(0), X_stride_d=x.stride(1),
+                C_stride_k=c.stride(0), C_stride_d=c.stride(1))  # fmt: skip
+    measured = [ln for ln in report.kmeans_launches() if ln.extra["layout"] == family
+                and ln.extra["dtype"] == {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]]  # fmt: skip
+    assert measured and all(ln.fn is km._kernel(family) for ln in measured)
+    launched = report._specialise(report.Launch("k", "v", km._kernel(family), real, measured[0].constexprs))
+    assert launched == report._specialise(measured[0])

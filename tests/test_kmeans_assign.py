@@ -180,11 +180,24 @@ def test_empty_x_and_single_center():
     assert labels.tolist() == [0] * 8
 
 
-def test_deterministic_across_calls():
-    x, c = _data(400, 64, 33, seed=8)
-    a = kmeans_assign(x, c)
-    b = kmeans_assign(x, c)
+@pytest.mark.parametrize("exact", [True, False])
+def test_deterministic_across_calls(exact):
+    x, c = _data(400, 200, 33, seed=8)
+    a = kmeans_assign(x, c, exact=exact)
+    b = kmeans_assign(x, c, exact=exact)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # the flag: accepted, same bits (the torch path has no order-dependent reduction)
+    d1 = kmeans_assign(x, c, exact=exact, deterministic=True)
+    d2 = kmeans_assign(x, c, exact=exact, deterministic=True)
+    assert torch.equal(d1[0], a[0]) and torch.equal(d1[1], a[1])
+    assert torch.equal(d2[0], d1[0]) and torch.equal(d2[1], d1[1])
+
+
+@needs_faiss
+def test_deterministic_is_refused_for_faiss():
+    x, c = _data(10, 4, 3, seed=8)
+    with pytest.raises(ValueError, match="deterministic=True needs backend"):
+        kmeans_assign(x, c, backend="faiss", deterministic=True)
 
 
 # ---------------------------------------------------------------------------------
@@ -314,7 +327,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     best, second, third, arg, arg2 = bufs
     sq, xsq = torch.empty(37), torch.empty(37)
     km._kmeans_assign_kernel[(triton.cdiv(37, 16),)](
-        x, c, c_sq, best, second, third, arg, arg2, sq, xsq, 37, 50, 35,
+        x, c, c_sq, best, second, third, arg, arg2, sq, xsq, 37, 50, 35, 64,
         x.stride(0), x.stride(1), c.stride(0), c.stride(1),
         BLOCK_N=16, BLOCK_K=16, BLOCK_D=16, IEEE_FP32=True)
     ref = (c_sq.double()[None] - 2 * x.double() @ c.double().T).sort(1)
@@ -330,9 +343,33 @@ _INTERP_SCRIPT = textwrap.dedent(
         out["nan_raises"] = False
     except ValueError as e:
         out["nan_raises"] = "row 7" in str(e)
-    # determinism: bitwise the same on a second run
+    # determinism: bitwise the same on a second run, with and without deterministic=True
     a = kmeans_assign(xs, cs, "triton"); b = kmeans_assign(xs, cs, "triton")
-    out["deterministic"] = bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
+    a2 = kmeans_assign(xs, cs, "triton", deterministic=True)
+    b2 = kmeans_assign(xs, cs, "triton", deterministic=True)
+    out["deterministic"] = bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                and torch.equal(a2[0], b2[0]) and torch.equal(a2[1], b2[1]))
+    # program order: each program owns its rows, so running the row blocks one launch at a
+    # time, in a shuffled order, gives the same bits as one launch
+    def launch(fn, x, c, outs, n):
+        fn[(triton.cdiv(n, 16),)](
+            x, c, c_sq, *outs, n, c.shape[0], x.shape[1], 64,
+            x.stride(0), x.stride(1), c.stride(0), c.stride(1),
+            BLOCK_N=16, BLOCK_K=16, BLOCK_D=16, IEEE_FP32=True)
+    x, c = torch.randn(70, 35, generator=g), torch.randn(50, 35, generator=g)
+    c_sq = (c * c).sum(1)
+    order_ok = True
+    for fn in (km._kmeans_assign_kernel, km._kmeans_assign_kernel_general):
+        def bufs(n):
+            return [torch.empty(n) for _ in range(3)] + [torch.empty(n, dtype=torch.int64) for _ in range(2)] + [torch.empty(n), torch.empty(n)]
+        whole = bufs(70)
+        launch(fn, x, c, whole, 70)
+        parts = bufs(70)
+        for s in torch.randperm(5, generator=g).tolist():
+            r = slice(16 * s, min(16 * s + 16, 70))
+            launch(fn, x[r], c, [t[r] for t in parts], r.stop - r.start)
+        order_ok &= all(torch.equal(u, v) for u, v in zip(whole, parts))
+    out["program_order"] = bool(order_ok)
     print(json.dumps(out))
     """
 )
@@ -373,6 +410,10 @@ def test_triton_interpreted_deterministic(interpreted):
     assert interpreted["deterministic"]
 
 
+def test_triton_interpreted_program_order_does_not_matter(interpreted):
+    assert interpreted["program_order"]
+
+
 def test_triton_interpreted_rejects_nan(interpreted):
     assert interpreted["nan_raises"]
 
@@ -398,6 +439,33 @@ def test_triton_matches_torch_on_gpu(shape, dtype):
     torch.testing.assert_close(tri[1], ref[1], rtol=1e-5, atol=1e-5)
     again = kmeans_assign(x, c, backend="triton")
     assert torch.equal(tri[0], again[0]) and torch.equal(tri[1], again[1])
+
+
+def _gpu_configs():
+    import importlib
+
+    km = importlib.import_module("mode_fast.kernels.kmeans_assign")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return []
+    return [(dt, layout, cfg) for dt in DTYPES for layout in ("aligned", "general")
+            for cfg in km.launch_configs(dt, layout)]  # fmt: skip
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype, layout, cfg", _gpu_configs(), ids=str)
+def test_every_launch_config_on_gpu(dtype, layout, cfg):
+    """Each config the autotuner may pick gives the exact labels, the same bits twice."""
+    import importlib
+
+    km = importlib.import_module("mode_fast.kernels.kmeans_assign")
+    x, c = _data(600, 130, 256 if layout == "aligned" else 129, seed=22, dtype=dtype)
+    x, c = x.cuda(), c.cuda()
+    assert km._layout(x, c) == layout
+    a = km._assign_triton(x, c, exact=True, config=cfg)
+    b = km._assign_triton(x, c, exact=True, config=cfg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    _assert_exact(a[0], x.float().cpu(), c.float().cpu())
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mode_fast.data import loader as L
+from mode_fast.errors import InputError
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
 
@@ -250,7 +251,8 @@ def write_assignments(cluster_dir: Path, shards: list[Path], expert_of_key, n_ex
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mode_fast.cluster import TwoLevel, shard_id
+    from mode_fast.embed import shard_id
+    from mode_fast.experts import TwoLevel
 
     (cluster_dir / "assignments").mkdir(parents=True, exist_ok=True)
     for shard, keys in zip(shards, L.build_index(shards, L.SampleSpec()).keys):
@@ -273,7 +275,7 @@ def test_load_expert_assignments(shards, tmp_path):
     got = L.load_expert_assignments(tmp_path)
     assert got.n_experts == 4
     assert got.expert_of_key == {f"k{i:05d}": i % 4 for i in range(200)}
-    with pytest.raises(FileNotFoundError, match="mode-fast cluster"):
+    with pytest.raises(InputError, match="mode-fast cluster"):
         L.load_expert_assignments(tmp_path / "nothing")
 
 

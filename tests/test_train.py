@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode_fast import train
+from mode_fast import cli, train, training
 from mode_fast.data import loader as L
+from mode_fast.errors import InputError
 from test_loader import key_topic, make_shards, write_assignments
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
@@ -66,7 +67,7 @@ def test_cosine_schedule_matches_open_clip():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     reference = cosine_lr(opt, 5e-4, 10, 100)
     for step in range(100):
-        assert train.cosine_lr(step, 5e-4, 10, 100) == pytest.approx(reference(step), rel=1e-12)
+        assert training.cosine_lr(step, 5e-4, 10, 100) == pytest.approx(reference(step), rel=1e-12)
 
 
 def test_seed_trains_and_logs(seed_run):
@@ -93,7 +94,7 @@ def test_experts_fork_from_the_seed_and_train_on_their_cluster(seed_run, pool):
         rows = metrics(job)
         # the rest of the seed's schedule: steps 9..12, learning rate still on its cosine
         assert [r["schedule_step"] for r in rows] == [9, 10, 11, 12]
-        assert rows[0]["lr"] == pytest.approx(train.cosine_lr(8, 1e-3, 2, 12))
+        assert rows[0]["lr"] == pytest.approx(training.cosine_lr(8, 1e-3, 2, 12))
         own = sum(1 for i in range(200) if i % 4 == k)
         shared = sum(1 for i in range(200) if i % 4 != k and L.share_hash(0, f"k{i:05d}") < 0.1)
         assert json.loads((job / "data.json").read_text())["samples"] == own + shared
@@ -105,9 +106,9 @@ def test_experts_fork_from_the_seed_and_train_on_their_cluster(seed_run, pool):
 def test_expert_without_seed_checkpoint_is_a_clear_error(pool, tmp_path, capsys):
     argv = ["--data", str(pool / "shards"), "--out", str(tmp_path), "--expert", "0",
             "--clusters", str(pool / "clusters")]  # fmt: skip
-    with pytest.raises(FileNotFoundError, match=r"seed checkpoint .*seed/checkpoints/final.pt not found.*--stage seed"):
+    with pytest.raises(InputError, match=r"seed checkpoint .*seed/checkpoints/final.pt not found.*--stage seed"):
         run_train(argv)
-    assert train.run(parse(BASE + argv)) == 2
+    assert cli.main(["train", *BASE, *argv]) == 2
     assert "seed checkpoint" in capsys.readouterr().err
 
 
@@ -164,16 +165,16 @@ def test_siglip_option(pool, tmp_path):
 
 # --------------------------------------------------------------------------- data key errors
 @pytest.mark.parametrize("flag,value,pattern", [
-    ("--caption-key", "caption", r"caption key 'caption' not found in the first sample 'k00000'"),
+    ("--caption-key", "title", r"caption key 'title' not found in the first sample 'k00000'"),
     ("--image-key", "jpg;webp", r"image key 'jpg;webp' not found in the first sample 'k00000'"),
 ])  # fmt: skip
 def test_wrong_key_fails_up_front(pool, tmp_path, flag, value, pattern, capsys):
     argv = ["--data", str(pool / "shards"), "--out", str(tmp_path), flag, value, "--steps", "1"]
     started = time.perf_counter()
-    with pytest.raises(L.DataKeyError, match=pattern):
+    with pytest.raises(InputError, match=pattern):
         run_train(argv)
     assert time.perf_counter() - started < 30  # fails, does not hang
-    assert train.run(parse(BASE + argv)) == 2
+    assert cli.main(["train", *BASE, *argv]) == 2
     assert "--" + flag.lstrip("-") in capsys.readouterr().err
 
 
@@ -284,7 +285,7 @@ def test_open_clip_trainer_runs_with_this_projects_loss(tmp_path, monkeypatch, s
 
     pytest.importorskip("pandas", reason="open_clip_train needs pandas (open_clip_torch[training])")
 
-    ours_cls = train.loss_classes()[1 if siglip else 0]
+    ours_cls = training.loss_classes()[1 if siglip else 0]
     reference = open_clip.loss.SigLipLoss() if siglip else open_clip.loss.ClipLoss()
     seen: list[tuple[float, float]] = []
 

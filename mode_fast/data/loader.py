@@ -225,32 +225,13 @@ class ExpertAssignments:
 
 
 def load_expert_assignments(cluster_dir: str | Path) -> ExpertAssignments:
-    """Read CLUSTER_DIR/assignments/*.parquet (columns key, fine, expert, ...; one file per
-    shard, as `mode-fast cluster` writes them) and the expert count from centers.npz."""
-    import pyarrow.parquet as pq
+    """Per-pair experts of a `mode-fast cluster` folder, read by its one reader
+    (`mode_fast.clusters.ClusterFolder`); the expert count from centers.npz when present."""
+    from mode_fast.clusters import ClusterFolder
 
-    cluster_dir = Path(cluster_dir)
-    files = sorted((cluster_dir / "assignments").glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(
-            f"no assignments in {cluster_dir}/assignments/*.parquet: run `mode-fast cluster --out "
-            f"{cluster_dir} ...` first"
-        )
-    expert_of_key: dict[str, int] = {}
-    conflicts = 0
-    for f in files:
-        table = pq.read_table(f, columns=["key", "expert"])
-        for key, expert in zip(table.column("key").to_pylist(), table.column("expert").to_pylist()):
-            if expert_of_key.setdefault(key, int(expert)) != int(expert):
-                conflicts += 1
-    if conflicts:
-        log.warning("%d keys appear in several shards with different experts; the first is used", conflicts)
-    n_experts: int | None = None
-    centers = cluster_dir / "centers.npz"
-    if centers.is_file():
-        with np.load(centers, allow_pickle=False) as z:
-            n_experts = int(z["coarse_centroids"].shape[0])
-    return ExpertAssignments(expert_of_key, n_experts)
+    folder = ClusterFolder(cluster_dir)
+    expert_of_key = folder.expert_of_key()
+    return ExpertAssignments(expert_of_key, folder.n_experts if folder.has_centers() else None)
 
 
 # --------------------------------------------------------------------------- index

@@ -1,7 +1,9 @@
 """Triton kernels with pure-PyTorch fallbacks, imported as ``mode_fast.kernels``.
 
-The backend is chosen per call: ``"auto"`` takes Triton on CUDA tensors and the
-PyTorch path everywhere else (the CPU included). Nothing here needs a GPU to import.
+The backend is chosen per call by ``mode_fast.kernels.dispatch`` (one table of what each
+backend can do): ``"auto"`` takes Triton on CUDA tensors and the PyTorch path everywhere
+else (the CPU included), and never a backend that cannot do the call;
+``MODE_FAST_BACKEND=torch|triton`` forces one. Nothing here needs a GPU to import.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from .kmeans_assign import kmeans_assign
 # public name -> submodule that defines it, imported on first use
 _EXPORTS = {
     "clip_loss": "contrastive_loss",
+    "infonce_loss": "contrastive_loss",
+    "local_clip_loss": "contrastive_loss",
     "siglip_loss": "contrastive_loss",
 }
 

@@ -1,35 +1,50 @@
 """Fused, tiled CLIP (InfoNCE) and SigLIP losses: memory O(B*D), never a B x B tensor.
 
-Maths (I, T: B x D features, s: the already-exponentiated logit scale, b: logit bias)
-    L = s * I T^T                                   logits, B x B, only ever seen as tiles
-    CLIP   loss = 1/(2B) * sum_i [LSE_j L_ij - L_ii] + 1/(2B) * sum_j [LSE_i L_ij - L_jj]
-           dL_ij = g/(2B) * (P_row_ij + P_col_ij - 2 delta_ij),   g = upstream gradient
+Maths (Q: M x D query rows, K: N x D key columns, s: the already-exponentiated logit
+scale, b: logit bias, g: upstream gradient over the loss's normaliser)
+    L = s * Q K^T                                   logits, M x N, only ever seen as tiles
+    CLIP (square, Q = I, K = T, M = N = B; both directions from each tile)
+           loss = 1/(2B) * sum_i [LSE_j L_ij - L_ii] + 1/(2B) * sum_j [LSE_i L_ij - L_jj]
+           dL_ij = g * (P_row_ij + P_col_ij - 2 delta_ij),   g = grad / (2B)
                    P_row_ij = exp(L_ij - LSE_row_i),  P_col_ij = exp(L_ij - LSE_col_j)
-           dI = s * dL T,   dT = s * dL^T I,   ds = sum_ij dL_ij * (I T^T)_ij
-    SigLIP x = s * I T^T + b;  loss = 1/B * [sum_ij softplus(x_ij) - sum_i x_ii]
+    InfoNCE rows (rectangular; the positive of row i is column offset + i)
+           loss = 1/M * sum_i [LSE_j L_ij - L_i,offset+i]
+           dL_ij = g * (P_row_ij - delta_{j, offset+i}),  g = grad / M
+           open_clip's local_loss=True is this twice: local images against all texts and
+           local texts against all images, offset = rank * local batch.
+    Ring step: the row LSE against one visiting block, merged into the running LSE
+           (the kernel starts its online max/sum from it), so W blocks give the LSE over all.
+    SigLIP x = s * Q K^T + b;  loss = 1/M * [sum_ij softplus(x_ij) - sum_i x_ii]
            (-log sigmoid(z x) is softplus(x) for z = -1 and softplus(x) - x for z = +1)
-           dx_ij = g/B * (sigmoid(x_ij) - delta_ij)
-           dI = s * dx T,   dT = s * dx^T I,   ds = sum dx * (I T^T),   db = sum dx
-Forward keeps only the row and column LSE (O(B)); backward recomputes the tiles, like
-FlashAttention. One logits tile feeds both directions, so fwd + bwd costs 4 B^2 D
-matmuls (open_clip's ClipLoss: 6).
+           dx_ij = g * (sigmoid(x_ij) - delta_ij),   g = grad / M
+           negatives only (another rank's texts): no delta term, M != N allowed.
+    Every variant: dQ = s * dL K,  dK = s * dL^T Q,  ds = sum_ij dL_ij * (Q K^T)_ij,  db = sum dx.
+Forward keeps only O(M + N) statistics (the LSE vectors); backward recomputes the tiles,
+like FlashAttention. One CLIP tile feeds both directions, so fwd + bwd costs 4 B^2 D
+matmuls (open_clip's ClipLoss: 6). The label (delta) terms are O(M D) and are added on
+the host from the matching rows, chunk by chunk (no upcast copy of a whole input).
 
-Layers: Triton kernels (_*_kernel) -> host *_forward / *_backward -> autograd.Function
--> clip_loss(), siglip_loss(). The pure-PyTorch chunked paths are in reference.py.
+Layers: Triton kernels (_*_kernel) and torch paths (*_torch) -> host forward / backward
+per variant -> autograd Functions -> clip_loss(), infonce_loss(), local_clip_loss(),
+siglip_loss(), and the ring's per-step blocks ring_block_forward / ring_block_backward
+(mode_fast.loss passes the blocks around). The backend of each call is chosen by
+mode_fast.kernels.dispatch. reference.py keeps only the naive test oracles.
 """
 from __future__ import annotations
 
+import collections
 import functools
-
-import os
 from typing import Any
 
 import torch
 
-from . import reference as ref
+from . import dispatch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BACKENDS = ("auto", "torch", "triton")
+
+# Triton launches by kernel and mode since import: tests read it to prove a kernel ran
+# (no silent fallback to the torch path).
+kernel_launches: collections.Counter = collections.Counter()
 
 
 # --------------------------------------------------------------------------- checks
@@ -64,6 +79,11 @@ def _check_features(image_features: torch.Tensor, text_features: torch.Tensor, s
         )
 
 
+def _check_offset(offset: int, rows: int, cols: int) -> None:
+    if not 0 <= offset <= cols - rows:
+        raise ValueError(f"offset {offset} + {rows} query rows runs past the {cols} keys")
+
+
 def _as_scalar_tensor(value: Any, name: str, like: torch.Tensor) -> torch.Tensor:
     """A one-element tensor for `name` (numbers become constants on like's device)."""
     if not isinstance(value, torch.Tensor):
@@ -77,25 +97,33 @@ def _as_scalar_tensor(value: Any, name: str, like: torch.Tensor) -> torch.Tensor
     return value
 
 
-def _pick_backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and _triton_available() else "torch"
-    if backend == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (features are on {x.device}); "
-            "use backend='torch' or set TRITON_INTERPRET=1 before importing triton"
-        )
-    return backend
-
-
-def _triton_available() -> bool:
-    return triton is not None
-
-
 def _grad_like(value: float, like: torch.Tensor, needed: bool) -> torch.Tensor | None:
     return torch.full_like(like, value) if needed else None
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_d a[i, d] * b[i, d] in fp32 ([M]); half inputs are upcast a chunk at a time."""
+    m, d = a.shape
+    out = torch.empty(m, dtype=torch.float32, device=a.device)
+    step = max(1, (1 << 20) // d)
+    for s in range(0, m, step):
+        torch.sum(_f32(a[s : s + step]) * _f32(b[s : s + step]), 1, out=out[s : s + step])
+    return out
+
+
+def _sub_labels(d_q: torch.Tensor, d_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor, offset: int,
+                coeff: float) -> None:
+    """The label terms of dQ, dK: -coeff on each positive pair (row i, column offset + i).
+
+    In-place fp32 -= input dtype: no upcast copy of q or k.
+    """
+    n = q.shape[0]
+    d_q.sub_(k[offset : offset + n], alpha=coeff)
+    d_k[offset : offset + n].sub_(q, alpha=coeff)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -107,8 +135,7 @@ except ImportError:  # the torch backend still works
 
 # Tile sizes: one config (autotuning needs a GPU to mean anything, and several configs
 # fail under TRITON_INTERPRET=1). Small tiles when interpreting: it runs through numpy.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_BLOCK_M, _BLOCK_N, _BLOCK_K = (16, 16, 16) if _INTERPRET else (64, 64, 32)
+_BLOCK_M, _BLOCK_N, _BLOCK_K = (16, 16, 16) if dispatch.interpreting() else (64, 64, 32)
 
 if triton is not None:
 
@@ -131,35 +158,41 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _contrastive_fwd_kernel(
+    def _block_fwd_kernel(
         # data
-        I_ptr, T_ptr, ROW_ptr, COL_SUM_ptr, COL_SHIFT_ptr,
+        Q_ptr, K_ptr, ROW_ptr, COL_SUM_ptr, COL_SHIFT_ptr,
         # shapes
-        B, D,
+        M, N, D,
         # strides
-        I_stride_b, I_stride_d, T_stride_b, T_stride_d,
+        Q_stride_m, Q_stride_d, K_stride_n, K_stride_d,
         # constants
         scale, bias,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, SIGLIP: tl.constexpr,
+        PRECISION: tl.constexpr, SIGLIP: tl.constexpr, COLS: tl.constexpr, MERGE: tl.constexpr,
     ):
-        """One program per block of rows, sweeping all column blocks; each tile computed once.
+        """Rows of Q (M) against all columns of K (N); one program per block of rows.
 
-        CLIP: ROW = row LSE (online max/sum); column sums exp(L - shift_j) are added
-        atomically, shift_j being an upper bound of column j's logits, so partial sums
-        from different row blocks need no rescaling. SIGLIP: ROW = sum_j softplus(x_ij).
+        Not SIGLIP: ROW = row LSE by an online max/sum; MERGE starts that max/sum from the
+        LSE already in ROW (a ring step), so ROW ends as the LSE over all blocks seen. COLS
+        (the square CLIP case): column sums exp(L - shift_j) are added atomically, shift_j
+        being an upper bound of column j's logits, so partial sums from different row blocks
+        need no rescaling. SIGLIP: ROW = sum_j softplus(x_ij).
         """
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, B, BLOCK_N):
+        row_ok = rows < M
+        if MERGE:
+            m_i = tl.load(ROW_ptr + rows, mask=row_ok, other=float("-inf"))
+            l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)  # exp(LSE - m) = 1 with m = LSE
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < B
+            col_ok = cols < N
             ok = row_ok[:, None] & col_ok[None, :]
-            logits = scale * _logits_tile(I_ptr, T_ptr, rows, cols, row_ok, col_ok, D, I_stride_b, I_stride_d,
-                                          T_stride_b, T_stride_d, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            logits = scale * _logits_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, Q_stride_m, Q_stride_d,
+                                          K_stride_n, K_stride_d, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             if SIGLIP:
                 x = logits + bias
                 sp = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))  # stable softplus
@@ -169,70 +202,103 @@ if triton is not None:
                 m_new = tl.maximum(m_i, tl.max(lr, 1))
                 l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(lr - m_new[:, None]), 1)
                 m_i = m_new
-                shift = tl.load(COL_SHIFT_ptr + cols, mask=col_ok, other=0.0)
-                e = tl.where(ok, tl.exp(logits - shift[None, :]), 0.0)
-                tl.atomic_add(COL_SUM_ptr + cols, tl.sum(e, 0), mask=col_ok)
+                if COLS:
+                    shift = tl.load(COL_SHIFT_ptr + cols, mask=col_ok, other=0.0)
+                    e = tl.where(ok, tl.exp(logits - shift[None, :]), 0.0)
+                    tl.atomic_add(COL_SUM_ptr + cols, tl.sum(e, 0), mask=col_ok)
         if SIGLIP:
             tl.store(ROW_ptr + rows, l_i, mask=row_ok)
         else:
             tl.store(ROW_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
 
     @triton.jit
-    def _contrastive_bwd_kernel(
+    def _block_bwd_kernel(
         # data
-        I_ptr, T_ptr, LSE_ROW_ptr, LSE_COL_ptr, DI_ptr, DT_ptr, DS_ptr, DB_ptr,
+        Q_ptr, K_ptr, LSE_ROW_ptr, LSE_COL_ptr, DQ_ptr, DK_ptr, DS_ptr, DB_ptr,
         # shapes
-        B, D,
-        # strides (DI / DT are contiguous fp32 [B, D])
-        I_stride_b, I_stride_d, T_stride_b, T_stride_d,
+        M, N, D,
+        # strides (DQ / DK are contiguous fp32 [M, D] / [N, D])
+        Q_stride_m, Q_stride_d, K_stride_n, K_stride_d,
         # constants
         scale, bias, g,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, SIGLIP: tl.constexpr,
+        PRECISION: tl.constexpr, SIGLIP: tl.constexpr, COLS: tl.constexpr,
     ):
-        """Recompute each tile once; dI for the program's rows accumulates in place (rows are
-        owned), dT is shared by all row blocks so it is added atomically. Off-diagonal part
-        only: the host subtracts the diagonal (label) terms in O(B D).
+        """Recompute each tile once; dL = g * (P_row [+ P_col with COLS]) or g * sigmoid(x).
+
+        The program's rows of dQ are its own, so they are read, added to and written back
+        (a ring accumulates several blocks into one buffer this way); dK is shared by all
+        row blocks and added atomically. Label (delta) terms are the host's, in O(M D).
         """
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
+        row_ok = rows < M
         if not SIGLIP:
             lse_r = tl.load(LSE_ROW_ptr + rows, mask=row_ok, other=0.0)
         ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for n0 in range(0, B, BLOCK_N):
+        for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < B
+            col_ok = cols < N
             ok = row_ok[:, None] & col_ok[None, :]
-            raw = _logits_tile(I_ptr, T_ptr, rows, cols, row_ok, col_ok, D, I_stride_b, I_stride_d,
-                               T_stride_b, T_stride_d, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            raw = _logits_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, Q_stride_m, Q_stride_d,
+                               K_stride_n, K_stride_d, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             logits = scale * raw
             if SIGLIP:
                 p = tl.sigmoid(logits + bias)
             else:
-                lse_c = tl.load(LSE_COL_ptr + cols, mask=col_ok, other=0.0)
-                p = tl.exp(logits - lse_r[:, None]) + tl.exp(logits - lse_c[None, :])
+                p = tl.exp(logits - lse_r[:, None])
+                if COLS:
+                    lse_c = tl.load(LSE_COL_ptr + cols, mask=col_ok, other=0.0)
+                    p += tl.exp(logits - lse_c[None, :])
             d_log = tl.where(ok, g * p, 0.0)
             ds_acc += tl.sum(d_log * raw, 1)
             db_acc += tl.sum(d_log, 1)
-            d_lin = d_log * scale  # d loss / d (I T^T)
+            d_lin = d_log * scale  # d loss / d (Q K^T)
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < D
-                t_blk = tl.load(T_ptr + cols[:, None] * T_stride_b + ks[None, :] * T_stride_d,
+                k_blk = tl.load(K_ptr + cols[:, None] * K_stride_n + ks[None, :] * K_stride_d,
                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                i_blk = tl.load(I_ptr + rows[:, None] * I_stride_b + ks[None, :] * I_stride_d,
+                q_blk = tl.load(Q_ptr + rows[:, None] * Q_stride_m + ks[None, :] * Q_stride_d,
                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                di_ptrs = DI_ptr + rows[:, None] * D + ks[None, :]
-                di_mask = row_ok[:, None] & k_ok[None, :]
-                di = tl.load(di_ptrs, mask=di_mask, other=0.0)
-                tl.store(di_ptrs, di + tl.dot(d_lin, t_blk, input_precision=PRECISION), mask=di_mask)
-                tl.atomic_add(DT_ptr + cols[:, None] * D + ks[None, :],
-                              tl.dot(tl.trans(d_lin), i_blk, input_precision=PRECISION),
+                dq_ptrs = DQ_ptr + rows[:, None] * D + ks[None, :]
+                dq_mask = row_ok[:, None] & k_ok[None, :]
+                dq = tl.load(dq_ptrs, mask=dq_mask, other=0.0)
+                tl.store(dq_ptrs, dq + tl.dot(d_lin, k_blk, input_precision=PRECISION), mask=dq_mask)
+                tl.atomic_add(DK_ptr + cols[:, None] * D + ks[None, :],
+                              tl.dot(tl.trans(d_lin), q_blk, input_precision=PRECISION),
                               mask=col_ok[:, None] & k_ok[None, :])
         tl.store(DS_ptr + pid, tl.sum(ds_acc, 0))
         tl.store(DB_ptr + pid, tl.sum(db_acc, 0))
+
+    # The square B x B entry points (single-process CLIP and SigLIP): one size for rows and
+    # columns; the column statistics of CLIP come from the same tiles (COLS).
+    @triton.jit
+    def _contrastive_fwd_kernel(
+        I_ptr, T_ptr, ROW_ptr, COL_SUM_ptr, COL_SHIFT_ptr,
+        B, D,
+        I_stride_b, I_stride_d, T_stride_b, T_stride_d,
+        scale, bias,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, SIGLIP: tl.constexpr,
+    ):
+        _block_fwd_kernel(I_ptr, T_ptr, ROW_ptr, COL_SUM_ptr, COL_SHIFT_ptr, B, B, D,
+                          I_stride_b, I_stride_d, T_stride_b, T_stride_d, scale, bias,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SIGLIP, True, False)
+
+    @triton.jit
+    def _contrastive_bwd_kernel(
+        I_ptr, T_ptr, LSE_ROW_ptr, LSE_COL_ptr, DI_ptr, DT_ptr, DS_ptr, DB_ptr,
+        B, D,
+        I_stride_b, I_stride_d, T_stride_b, T_stride_d,
+        scale, bias, g,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, SIGLIP: tl.constexpr,
+    ):
+        _block_bwd_kernel(I_ptr, T_ptr, LSE_ROW_ptr, LSE_COL_ptr, DI_ptr, DT_ptr, DS_ptr, DB_ptr, B, B, D,
+                          I_stride_b, I_stride_d, T_stride_b, T_stride_d, scale, bias, g,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SIGLIP, True)
 
 
 def _precision(x: torch.Tensor, strict_fp32: bool) -> str:
@@ -243,11 +309,15 @@ def _precision(x: torch.Tensor, strict_fp32: bool) -> str:
 def _launch_meta(x: torch.Tensor, strict_fp32: bool) -> dict:
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
-    return dict(BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, PRECISION=_precision(x, strict_fp32))
+    return {"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N, "BLOCK_K": _BLOCK_K, "PRECISION": _precision(x, strict_fp32)}
+
+
+def _grid(rows: int) -> tuple[int]:
+    return (triton.cdiv(rows, _BLOCK_M),)
 
 
 def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, strict_fp32: bool = False):
-    """Host side of the forward kernel. CLIP: (loss, lse_row, lse_col); SigLIP: (loss, None, None)."""
+    """Square B x B forward on the kernel. CLIP: (loss, lse_row, lse_col); SigLIP: (loss, None, None)."""
     b, d = img.shape
     meta = _launch_meta(img, strict_fp32)
     row = torch.empty(b, dtype=torch.float32, device=img.device)
@@ -255,41 +325,44 @@ def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, stric
     if siglip:
         col_shift = col_sum  # unused
     else:
-        # |L_ij| <= s ||I_i|| ||T_j||: an upper bound per column, a hair above it for rounding
-        t_norm = torch.linalg.vector_norm(txt, dim=1, dtype=torch.float32)
-        i_max = torch.linalg.vector_norm(img, dim=1, dtype=torch.float32).max()
-        col_shift = (abs(scale) * t_norm * i_max) * (1.0 + 1e-3) + 1e-3
-    grid = (triton.cdiv(b, meta["BLOCK_M"]),)
-    _contrastive_fwd_kernel[grid](
+        # |L_ij| <= s ||I_i|| ||T_j||: an upper bound per column, a margin above it for the
+        # norms' rounding to the input dtype (computed in it: no upcast copy). Being a little
+        # under is harmless: the shift only keeps exp() from overflowing.
+        t_norm = torch.linalg.vector_norm(txt, dim=1).float()
+        i_max = torch.linalg.vector_norm(img, dim=1).max().float()
+        col_shift = (abs(scale) * t_norm * i_max) * (1.0 + 1e-2) + 1e-3
+    kernel_launches["fwd:siglip" if siglip else "fwd:clip"] += 1
+    _contrastive_fwd_kernel[_grid(b)](
         img, txt, row, col_sum, col_shift, b, d,
         img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
         float(scale), float(bias), SIGLIP=siglip, **meta,
     )
-    diag = scale * (img.float() * txt.float()).sum(1)  # O(B D); a fp32 copy only for half inputs
+    diag = scale * _row_dots(img, txt)
     if siglip:
         return (row.sum() - (diag + bias).sum()) / b, None, None
     lse_col = col_shift + torch.log(col_sum)
     # Columns whose every logit sits > ~87 below the bound underflow to a zero sum: rare
-    # (it needs s * (||I|| ||T|| - max logit) > 87); redo those exactly in chunked PyTorch.
+    # (it needs s * (||I|| ||T|| - max logit) > 87); redo those exactly as rows of T I^T.
     bad = (col_sum < 1e-30).nonzero().squeeze(1)
     if bad.numel():
-        lse_col[bad] = ref.row_lse_torch(txt[bad], img, scale)
+        lse_col[bad] = rows_forward(txt[bad], img, scale, strict_fp32=strict_fp32)
     loss = 0.5 * (row.sum() + lse_col.sum() - 2.0 * diag.sum()) / b
     return loss, row, lse_col
 
 
 def contrastive_backward(img, txt, scale: float, bias: float, lse_row, lse_col, grad: float, siglip: bool,
                          strict_fp32: bool = False):
-    """Host side of the backward kernel: (d_img, d_txt fp32, d_scale, d_bias)."""
+    """Square B x B backward on the kernel: (d_img, d_txt fp32, d_scale, d_bias)."""
     b, d = img.shape
     meta = _launch_meta(img, strict_fp32)
     d_img = torch.zeros(b, d, dtype=torch.float32, device=img.device)
     d_txt = torch.zeros(b, d, dtype=torch.float32, device=img.device)
-    grid = (triton.cdiv(b, meta["BLOCK_M"]),)
+    grid = _grid(b)
     d_s = torch.empty(grid[0], dtype=torch.float32, device=img.device)
     d_b = torch.empty(grid[0], dtype=torch.float32, device=img.device)
     g = grad / b if siglip else grad / (2.0 * b)
     dummy = d_s
+    kernel_launches["bwd:siglip" if siglip else "bwd:clip"] += 1
     _contrastive_bwd_kernel[grid](
         img, txt, dummy if siglip else lse_row, dummy if siglip else lse_col, d_img, d_txt, d_s, d_b, b, d,
         img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
@@ -297,63 +370,247 @@ def contrastive_backward(img, txt, scale: float, bias: float, lse_row, lse_col, 
     )
     # the diagonal (label) terms of dLogits: -g (SigLIP) or -2g (CLIP) on each positive pair
     pos = g if siglip else 2.0 * g
-    i32, t32 = img.float(), txt.float()
-    d_img.sub_(t32, alpha=pos * scale)
-    d_txt.sub_(i32, alpha=pos * scale)
-    d_scale = float(d_s.sum(dtype=torch.float64)) - pos * float((i32 * t32).sum())
+    _sub_labels(d_img, d_txt, img, txt, 0, pos * scale)
+    d_scale = float(d_s.sum(dtype=torch.float64)) - pos * float(_row_dots(img, txt).sum())
     d_bias = float(d_b.sum(dtype=torch.float64)) - pos * b
     return d_img, d_txt, d_scale, d_bias
 
 
-class _ClipLossTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, img, txt, scale_t, strict_fp32):
-        loss, lse_row, lse_col = contrastive_forward(img, txt, float(scale_t), 0.0, False, strict_fp32)
-        ctx.save_for_backward(img, txt, scale_t, lse_row, lse_col)
-        ctx.strict_fp32 = strict_fp32
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        img, txt, scale_t, lse_row, lse_col = ctx.saved_tensors
-        d_img, d_txt, d_scale, _ = contrastive_backward(
-            img, txt, float(scale_t), 0.0, lse_row, lse_col, float(grad), False, ctx.strict_fp32
-        )
-        return (
-            d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
-            d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
-            _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            None,
-        )
-
-
-class _SigLipLossTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, img, txt, scale_t, bias_t, positives, strict_fp32):
-        if not positives:
-            raise NotImplementedError("siglip_loss(positives=False) has no Triton kernel yet; use backend='torch'")
-        loss, _, _ = contrastive_forward(img, txt, float(scale_t), float(bias_t), True, strict_fp32)
-        ctx.save_for_backward(img, txt, scale_t, bias_t)
-        ctx.strict_fp32 = strict_fp32
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        img, txt, scale_t, bias_t = ctx.saved_tensors
-        d_img, d_txt, d_scale, d_bias = contrastive_backward(
-            img, txt, float(scale_t), float(bias_t), None, None, float(grad), True, ctx.strict_fp32
-        )
-        return (
-            d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
-            d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
-            _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            _grad_like(d_bias, bias_t, ctx.needs_input_grad[3]),
-            None,
-            None,
-        )
+def rows_forward(q, k, scale: float, bias: float = 0.0, *, siglip: bool = False, merge_into=None,
+                 strict_fp32: bool = False) -> torch.Tensor:
+    """Rectangular M x N forward on the kernel: per row of q, the LSE of s q k^T (or with
+    siglip the sum of softplus(s q k^T + b)), fp32 [M]. merge_into: a running row LSE,
+    updated in place to the LSE over it and this block (a ring step), and returned."""
+    m, d = q.shape
+    meta = _launch_meta(q, strict_fp32)
+    if merge_into is not None:
+        row = merge_into
+        assert row.dtype == torch.float32 and row.is_contiguous() and row.shape == (m,)
+    else:
+        row = torch.empty(m, dtype=torch.float32, device=q.device)
+    mode = "siglip_rect" if siglip else "rows_merge" if merge_into is not None else "rows"
+    kernel_launches["fwd:" + mode] += 1
+    _block_fwd_kernel[_grid(m)](
+        q, k, row, row, row, m, k.shape[0], d,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        float(scale), float(bias), SIGLIP=siglip, COLS=False, MERGE=merge_into is not None, **meta,
+    )
+    return row
 
 
-# --------------------------------------------------------------------------- torch backend
+def rows_backward(q, k, scale: float, bias: float, lse, g: float, d_q, d_k, *, siglip: bool = False,
+                  strict_fp32: bool = False) -> tuple[float, float]:
+    """Rectangular backward on the kernel, dL = g * softmax_rows(s q k^T) (lse: its row LSE)
+    or g * sigmoid(s q k^T + b): adds s dL k to d_q and s dL^T q to d_k (contiguous fp32,
+    in place) and returns (sum dL * q k^T, sum dL), the scale's and bias's shares. Label
+    terms are the caller's."""
+    m, d = q.shape
+    meta = _launch_meta(q, strict_fp32)
+    assert d_q.is_contiguous() and d_k.is_contiguous() and d_q.dtype == d_k.dtype == torch.float32
+    grid = _grid(m)
+    d_s = torch.empty(grid[0], dtype=torch.float32, device=q.device)
+    d_b = torch.empty(grid[0], dtype=torch.float32, device=q.device)
+    kernel_launches["bwd:siglip_rect" if siglip else "bwd:rows"] += 1
+    _block_bwd_kernel[grid](
+        q, k, d_s if siglip else lse, d_s, d_q, d_k, d_s, d_b, m, k.shape[0], d,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        float(scale), float(bias), float(g), SIGLIP=siglip, COLS=False, **meta,
+    )
+    return float(d_s.sum(dtype=torch.float64)), float(d_b.sum(dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- torch paths
+# Chunked PyTorch: the "torch" backend on every device. A chunk of rows meets all columns
+# at once, so the extra memory is O(chunk * N) temporaries plus O(N) statistics; nothing
+# M x N outlives a chunk. Everything accumulates in fp32 whatever the input dtype.
+def contrastive_default_chunk(n_cols: int, device: torch.device) -> int:
+    """Rows per chunk so one chunk's rows x n_cols fp32 block stays small.
+
+    CPU: about 2M floats (8 MB): large enough to amortise per-op overhead, small enough
+    to stay near the caches; the symmetric path holds two such buffers, reused for every
+    chunk, so at B = 8192, D = 512 its workspace (16 MB) is half the inputs' own gradients.
+    CUDA: 64M floats (256 MB), enough to fill the GPU.
+    """
+    budget = (1 << 26) if device.type == "cuda" else (1 << 21)
+    return int(min(max(budget // max(n_cols, 1), 16), 1 << 16))
+
+
+def clip_sym_forward_torch(img, txt, scale: float, chunk: int | None = None):
+    """Symmetric CLIP loss of B x D features: (loss, row LSE [B], column LSE [B]), fp32.
+
+    Each chunk of rows meets all columns once; the row LSE comes from it directly and
+    the column LSE is folded in with logaddexp, so the logits are computed once. Two
+    chunk x B buffers are reused for every chunk (a fresh multi-MB tensor per chunk
+    costs page faults on the CPU, and logsumexp's own temporaries would add more).
+    """
+    b = img.shape[0]
+    chunk = min(chunk or contrastive_default_chunk(b, img.device), b)
+    t = _f32(txt)
+    lse_row = torch.empty(b, dtype=torch.float32, device=img.device)
+    lse_col = torch.full((b,), float("-inf"), dtype=torch.float32, device=img.device)
+    buf = torch.empty(chunk, b, dtype=torch.float32, device=img.device)
+    tmp = torch.empty_like(buf)
+    for s in range(0, b, chunk):
+        rows = min(chunk, b - s)
+        logits = torch.mm(_f32(img[s : s + rows]), t.t(), out=buf[:rows]).mul_(scale)
+        e = tmp[:rows]
+        m = logits.amax(1)
+        torch.sub(logits, m[:, None], out=e).exp_()
+        torch.add(m, e.sum(1).log_(), out=lse_row[s : s + rows])
+        m = logits.amax(0)
+        torch.sub(logits, m[None, :], out=e).exp_()
+        torch.logaddexp(lse_col, e.sum(0).log_().add_(m), out=lse_col)
+    diag = scale * _row_dots(img, txt)
+    loss = 0.5 * (lse_row.sum() + lse_col.sum() - 2.0 * diag.sum()) / b
+    return loss, lse_row, lse_col
+
+
+def clip_sym_backward_torch(img, txt, scale: float, lse_row, lse_col, grad: float, chunk: int | None = None):
+    """Gradients (d_img, d_txt fp32 [B, D], d_scale float) of the symmetric CLIP loss.
+
+    dLogits = g * (P_row + P_col - 2 Id) with g = grad / (2B), recomputed chunk by chunk
+    in two reused buffers; d_img = s dLogits T, d_txt = s dLogits^T I, and d_scale =
+    sum(dLogits * I T^T) = sum(I * (dLogits T)), read off d_img's rows so the raw
+    products need no buffer of their own. The -2 Id part is O(B D), added per chunk.
+    """
+    b = img.shape[0]
+    chunk = min(chunk or contrastive_default_chunk(b, img.device), b)
+    t32 = _f32(txt)
+    g = grad / (2.0 * b)
+    d_img = torch.empty(b, img.shape[1], dtype=torch.float32, device=img.device)
+    d_txt = torch.zeros(b, img.shape[1], dtype=torch.float32, device=img.device)
+    d_scale = torch.zeros((), dtype=torch.float64, device=img.device)
+    buf = torch.empty(chunk, b, dtype=torch.float32, device=img.device)
+    tmp = torch.empty_like(buf)
+    for s in range(0, b, chunk):
+        rows = min(chunk, b - s)
+        a = _f32(img[s : s + rows])
+        d_log = torch.mm(a, t32.t(), out=buf[:rows]).mul_(scale)
+        col = torch.sub(d_log, lse_col[None, :], out=tmp[:rows]).exp_()
+        d_log.sub_(lse_row[s : s + rows, None]).exp_().add_(col).mul_(g)
+        d_txt.addmm_(d_log.t(), a)
+        d_rows = torch.mm(d_log, t32, out=d_img[s : s + rows])
+        d_rows.sub_(t32[s : s + rows], alpha=2.0 * g)  # the -2g Id part of dLogits, these rows
+        d_scale += (a * d_rows).sum(dtype=torch.float64)
+    d_txt.sub_(img, alpha=2.0 * g)  # and its columns
+    return d_img.mul_(scale), d_txt.mul_(scale), float(d_scale)
+
+
+def row_lse_torch(q, k, scale: float, chunk: int | None = None, merge_into=None):
+    """LSE over columns of each row of scale * q k^T ([Nq] fp32), chunked over q's rows.
+
+    merge_into: a running LSE, updated in place with logaddexp and returned.
+    """
+    n = q.shape[0]
+    chunk = chunk or contrastive_default_chunk(k.shape[0], q.device)
+    k32 = _f32(k)
+    out = torch.empty(n, dtype=torch.float32, device=q.device)
+    for s in range(0, n, chunk):
+        logits = torch.mm(_f32(q[s : s + chunk]), k32.t()).mul_(scale)
+        torch.logsumexp(logits, 1, out=out[s : s + chunk])
+    if merge_into is not None:
+        return torch.logaddexp(merge_into, out, out=merge_into)
+    return out
+
+
+def row_softmax_grad_torch(q, k, scale: float, lse, g: float, d_q, d_k, chunk: int | None = None) -> float:
+    """Adds the gradients of dLogits = g * softmax_rows(scale * q k^T) (rows normalised by lse).
+
+    d_q += s dLogits k, d_k += s dLogits^T q (fp32 buffers, updated in place); returns
+    sum(dLogits * q k^T), the logit scale's share. The one-hot (label) part is the caller's.
+    """
+    n = q.shape[0]
+    chunk = chunk or contrastive_default_chunk(k.shape[0], q.device)
+    k32 = _f32(k)
+    d_scale = torch.zeros((), dtype=torch.float64, device=q.device)
+    for s in range(0, n, chunk):
+        a = _f32(q[s : s + chunk])
+        raw = torch.mm(a, k32.t())
+        d_log = torch.mul(raw, scale).sub_(lse[s : s + chunk, None]).exp_().mul_(g)
+        d_scale += torch.dot(d_log.view(-1), raw.view(-1))
+        d_q[s : s + chunk].addmm_(d_log, k32, alpha=scale)
+        d_k.addmm_(d_log.t(), a, alpha=scale)
+    return float(d_scale)
+
+
+def siglip_forward_torch(img, txt, scale: float, bias: float, positives: bool = True, chunk: int | None = None):
+    """SigLIP loss sum_ij softplus(x_ij) - sum_i x_ii over B rows, x = s I T^T + b (fp32 scalar).
+
+    -log sigmoid(z x) with z = -1 is softplus(x); with z = +1 it is softplus(x) - x, so
+    the diagonal is a correction in O(B D). positives=False: every pair is a negative
+    (a block of another rank's texts).
+    """
+    b = img.shape[0]
+    chunk = chunk or contrastive_default_chunk(txt.shape[0], img.device)
+    t = _f32(txt)
+    total = torch.zeros((), dtype=torch.float64, device=img.device)
+    for s in range(0, b, chunk):
+        x = torch.mm(_f32(img[s : s + chunk]), t.t()).mul_(scale).add_(bias)
+        total += torch.nn.functional.softplus(x).sum(dtype=torch.float64)
+    if positives:
+        total -= (scale * _row_dots(img, txt) + bias).sum(dtype=torch.float64)
+    return (total / b).float()
+
+
+def siglip_backward_torch(img, txt, scale: float, bias: float, grad: float, positives: bool = True,
+                          chunk: int | None = None):
+    """(d_img, d_txt fp32, d_scale, d_bias) of siglip_forward_torch: dx = g (sigmoid(x) - Id), g = grad / B."""
+    b, d = img.shape
+    chunk = chunk or contrastive_default_chunk(txt.shape[0], img.device)
+    t32 = _f32(txt)
+    g = grad / b
+    d_img = torch.empty(b, d, dtype=torch.float32, device=img.device)
+    d_txt = torch.zeros(txt.shape[0], d, dtype=torch.float32, device=img.device)
+    d_scale = torch.zeros((), dtype=torch.float64, device=img.device)
+    d_bias = torch.zeros((), dtype=torch.float64, device=img.device)
+    for s in range(0, b, chunk):
+        a = _f32(img[s : s + chunk])
+        raw = torch.mm(a, t32.t())
+        d_x = torch.mul(raw, scale).add_(bias).sigmoid_().mul_(g)
+        d_scale += torch.dot(d_x.view(-1), raw.view(-1))
+        d_bias += d_x.sum(dtype=torch.float64)
+        torch.mm(d_x, t32, out=d_img[s : s + chunk])
+        d_txt.addmm_(d_x.t(), a)
+    if positives:
+        d_scale -= g * _row_dots(img, txt).sum()
+        d_bias -= g * b
+        _sub_labels(d_img, d_txt, img, txt, 0, g)
+    return d_img.mul_(scale), d_txt.mul_(scale), float(d_scale), float(d_bias)
+
+
+# --------------------------------------------------------------------------- blocks, either backend
+def row_lse(q, k, scale: float, backend: str, *, merge_into=None, chunk: int | None = None,
+            strict_fp32: bool = False) -> torch.Tensor:
+    """Row LSE of s q k^T on a resolved backend ("torch" or "triton"); see row_lse_torch."""
+    if backend == "triton":
+        return rows_forward(q, k, scale, merge_into=merge_into, strict_fp32=strict_fp32)
+    return row_lse_torch(q, k, scale, chunk, merge_into=merge_into)
+
+
+def row_softmax_grad(q, k, scale: float, lse, g: float, d_q, d_k, backend: str, *, chunk: int | None = None,
+                     strict_fp32: bool = False) -> float:
+    """row_softmax_grad_torch on a resolved backend ("torch" or "triton")."""
+    if backend == "triton":
+        return rows_backward(q, k, scale, 0.0, lse, g, d_q, d_k, strict_fp32=strict_fp32)[0]
+    return row_softmax_grad_torch(q, k, scale, lse, g, d_q, d_k, chunk)
+
+
+def ring_block_forward(q, k_block, scale: float, lse, backend: str, *, chunk: int | None = None,
+                       strict_fp32: bool = False) -> torch.Tensor:
+    """One ring step's forward: the running row LSE `lse` of q (fp32, contiguous) merged in
+    place with the LSE of s q k_block^T; `lse=None` starts it. Returns the running LSE."""
+    return row_lse(q, k_block, scale, backend, merge_into=lse, chunk=chunk, strict_fp32=strict_fp32)
+
+
+def ring_block_backward(q, k_block, scale: float, lse, g: float, d_q, d_k_block, backend: str, *,
+                        chunk: int | None = None, strict_fp32: bool = False) -> float:
+    """One ring step's backward: adds g * softmax-rows gradients (normalised by the final
+    LSE) to d_q and to the visiting block's accumulator d_k_block; returns the scale's share."""
+    return row_softmax_grad(q, k_block, scale, lse, g, d_q, d_k_block, backend, chunk=chunk,
+                            strict_fp32=strict_fp32)
+
+
+# --------------------------------------------------------------------------- autograd Functions
 def _without_autocast(method):
     """Run an autograd Function's forward/backward with autocast off.
 
@@ -371,96 +628,121 @@ def _without_autocast(method):
     return wrapper
 
 
-class _ClipLossTorch(torch.autograd.Function):
-    """Symmetric CLIP loss, chunked PyTorch; saves features, scale and two LSE vectors."""
+class _ClipLoss(torch.autograd.Function):
+    """Symmetric CLIP loss; saves the features, the scale and two LSE vectors."""
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, img, txt, scale_t, chunk):
+    def forward(ctx, img, txt, scale_t, backend, chunk, strict_fp32):
         scale = float(scale_t)
-        loss, lse_row, lse_col = ref.clip_sym_forward_torch(img, txt, scale, chunk)
+        if backend == "triton":
+            loss, lse_row, lse_col = contrastive_forward(img, txt, scale, 0.0, False, strict_fp32)
+        else:
+            loss, lse_row, lse_col = clip_sym_forward_torch(img, txt, scale, chunk)
         ctx.save_for_backward(img, txt, scale_t, lse_row, lse_col)
-        ctx.chunk = chunk
+        ctx.opts = (backend, chunk, strict_fp32)
         return loss
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad):
         img, txt, scale_t, lse_row, lse_col = ctx.saved_tensors
-        d_img, d_txt, d_scale = ref.clip_sym_backward_torch(
-            img, txt, float(scale_t), lse_row, lse_col, float(grad), ctx.chunk
-        )
+        backend, chunk, strict_fp32 = ctx.opts
+        scale = float(scale_t)
+        if backend == "triton":
+            d_img, d_txt, d_scale, _ = contrastive_backward(img, txt, scale, 0.0, lse_row, lse_col, float(grad),
+                                                            False, strict_fp32)
+        else:
+            d_img, d_txt, d_scale = clip_sym_backward_torch(img, txt, scale, lse_row, lse_col, float(grad), chunk)
         return (
             d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
             d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            None,
+            None, None, None,
         )
 
 
-class _InfoNCETorch(torch.autograd.Function):
+class _InfoNCE(torch.autograd.Function):
     """One direction: mean_i [LSE_j(s q_i.k_j) - s q_i.k_{offset+i}] (open_clip's local_loss rows)."""
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, q, k, scale_t, offset, chunk):
+    def forward(ctx, q, k, scale_t, offset, backend, chunk, strict_fp32):
         scale = float(scale_t)
         n = q.shape[0]
-        lse = ref.row_lse_torch(q, k, scale, chunk)
-        pos = scale * (q.float() * k[offset : offset + n].float()).sum(1)
+        lse = row_lse(q, k, scale, backend, chunk=chunk, strict_fp32=strict_fp32)
+        pos = scale * _row_dots(q, k[offset : offset + n])
         ctx.save_for_backward(q, k, scale_t, lse)
-        ctx.offset, ctx.chunk = offset, chunk
+        ctx.opts = (offset, backend, chunk, strict_fp32)
         return (lse.sum() - pos.sum()) / n
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad):
         q, k, scale_t, lse = ctx.saved_tensors
-        scale, n, off = float(scale_t), q.shape[0], ctx.offset
+        off, backend, chunk, strict_fp32 = ctx.opts
+        scale, n = float(scale_t), q.shape[0]
         g = float(grad) / n
         d_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         d_k = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        d_scale = ref.row_softmax_grad_torch(q, k, scale, lse, g, d_q, d_k, ctx.chunk)
-        q32, kpos = q.float(), k[off : off + n].float()
-        d_scale -= g * float((q32 * kpos).sum())
-        d_q.sub_(kpos, alpha=g * scale)
-        d_k[off : off + n].sub_(q32, alpha=g * scale)
+        d_scale = row_softmax_grad(q, k, scale, lse, g, d_q, d_k, backend, chunk=chunk, strict_fp32=strict_fp32)
+        d_scale -= g * float(_row_dots(q, k[off : off + n]).sum())
+        _sub_labels(d_q, d_k, q, k, off, g * scale)
         return (
             d_q.to(q.dtype) if ctx.needs_input_grad[0] else None,
             d_k.to(k.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            None,
-            None,
+            None, None, None, None,
         )
 
 
-class _SigLipLossTorch(torch.autograd.Function):
+class _SigLipLoss(torch.autograd.Function):
     @staticmethod
     @_without_autocast
-    def forward(ctx, img, txt, scale_t, bias_t, positives, chunk):
-        loss = ref.siglip_forward_torch(img, txt, float(scale_t), float(bias_t), positives, chunk)
+    def forward(ctx, img, txt, scale_t, bias_t, positives, backend, chunk, strict_fp32):
+        scale, bias = float(scale_t), float(bias_t)
+        if backend == "triton" and positives:
+            loss, _, _ = contrastive_forward(img, txt, scale, bias, True, strict_fp32)
+        elif backend == "triton":
+            loss = rows_forward(img, txt, scale, bias, siglip=True, strict_fp32=strict_fp32).sum() / img.shape[0]
+        else:
+            loss = siglip_forward_torch(img, txt, scale, bias, positives, chunk)
         ctx.save_for_backward(img, txt, scale_t, bias_t)
-        ctx.positives, ctx.chunk = positives, chunk
+        ctx.opts = (positives, backend, chunk, strict_fp32)
         return loss
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad):
         img, txt, scale_t, bias_t = ctx.saved_tensors
-        d_img, d_txt, d_scale, d_bias = ref.siglip_backward_torch(
-            img, txt, float(scale_t), float(bias_t), float(grad), ctx.positives, ctx.chunk
-        )
+        positives, backend, chunk, strict_fp32 = ctx.opts
+        scale, bias = float(scale_t), float(bias_t)
+        if backend == "triton" and positives:
+            d_img, d_txt, d_scale, d_bias = contrastive_backward(img, txt, scale, bias, None, None, float(grad),
+                                                                 True, strict_fp32)
+        elif backend == "triton":
+            d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
+            d_txt = torch.zeros(txt.shape, dtype=torch.float32, device=img.device)
+            d_scale, d_bias = rows_backward(img, txt, scale, bias, None, float(grad) / img.shape[0], d_img, d_txt,
+                                            siglip=True, strict_fp32=strict_fp32)
+        else:
+            d_img, d_txt, d_scale, d_bias = siglip_backward_torch(img, txt, scale, bias, float(grad), positives,
+                                                                  chunk)
         return (
             d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
             d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
             _grad_like(d_bias, bias_t, ctx.needs_input_grad[3]),
-            None,
-            None,
+            None, None, None, None,
         )
 
 
 # --------------------------------------------------------------------------- public API
+def pick_backend(variant: str, like: torch.Tensor, backend: str = "auto") -> str:
+    """The backend ("torch" or "triton") that runs `variant` on `like` (mode_fast.kernels.dispatch)."""
+    return dispatch.pick("contrastive", variant, like, backend)
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -479,9 +761,8 @@ def clip_loss(
     """
     _check_features(image_features, text_features)
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
-    if _pick_backend(backend, image_features) == "triton":
-        return _ClipLossTriton.apply(image_features, text_features, scale_t, strict_fp32)
-    return _ClipLossTorch.apply(image_features, text_features, scale_t, chunk_size)
+    backend = pick_backend(dispatch.CLIP, image_features, backend)
+    return _ClipLoss.apply(image_features, text_features, scale_t, backend, chunk_size, strict_fp32)
 
 
 def infonce_loss(
@@ -490,20 +771,47 @@ def infonce_loss(
     logit_scale: torch.Tensor | float,
     offset: int = 0,
     *,
+    backend: str = "auto",
     chunk_size: int | None = None,
+    strict_fp32: bool = False,
 ) -> torch.Tensor:
-    """One-direction InfoNCE: mean over q rows of CE(s q k^T, offset + row), chunked PyTorch.
+    """One-direction InfoNCE: mean over q rows of CE(s q k^T, offset + row).
 
-    open_clip's local_loss=True computes this for local images against all texts and
-    local texts against all images (offset = rank * local batch).
+    Rectangular: M queries against N >= offset + M keys; no M x N tensor.
     """
     _check_features(queries, keys, same_rows=False)
-    if not 0 <= offset <= keys.shape[0] - queries.shape[0]:
-        raise ValueError(
-            f"offset {offset} + {queries.shape[0]} query rows runs past the {keys.shape[0]} keys"
-        )
+    _check_offset(offset, queries.shape[0], keys.shape[0])
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", queries)
-    return _InfoNCETorch.apply(queries, keys, scale_t, int(offset), chunk_size)
+    backend = pick_backend(dispatch.INFONCE, queries, backend)
+    return _InfoNCE.apply(queries, keys, scale_t, int(offset), backend, chunk_size, strict_fp32)
+
+
+def local_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    all_image_features: torch.Tensor,
+    all_text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    offset: int,
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    strict_fp32: bool = False,
+) -> torch.Tensor:
+    """open_clip's local_loss=True: 0.5 * (CE(s I_loc T_all^T) + CE(s T_loc I_all^T)), labels at offset.
+
+    Both directions of the local rows against the gathered columns (two row passes of the
+    rectangular kernel, or of the chunked torch path). offset = rank * local batch.
+    """
+    _check_features(image_features, text_features)
+    _check_features(all_image_features, all_text_features)
+    _check_features(image_features, all_text_features, same_rows=False)
+    _check_offset(offset, image_features.shape[0], all_text_features.shape[0])
+    scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
+    backend = pick_backend(dispatch.CLIP_LOCAL, image_features, backend)
+    opts = (int(offset), backend, chunk_size, strict_fp32)
+    return 0.5 * (_InfoNCE.apply(image_features, all_text_features, scale_t, *opts)
+                  + _InfoNCE.apply(text_features, all_image_features, scale_t, *opts))
 
 
 def siglip_loss(
@@ -525,6 +833,6 @@ def siglip_loss(
     _check_features(image_features, text_features, same_rows=positives)
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     bias_t = _as_scalar_tensor(logit_bias, "logit_bias", image_features)
-    if _pick_backend(backend, image_features) == "triton":
-        return _SigLipLossTriton.apply(image_features, text_features, scale_t, bias_t, positives, strict_fp32)
-    return _SigLipLossTorch.apply(image_features, text_features, scale_t, bias_t, positives, chunk_size)
+    backend = pick_backend(dispatch.SIGLIP if positives else dispatch.SIGLIP_NEGATIVES, image_features, backend)
+    return _SigLipLoss.apply(image_features, text_features, scale_t, bias_t, positives, backend, chunk_size,
+                             strict_fp32)

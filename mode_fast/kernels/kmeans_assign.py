@@ -13,21 +13,46 @@ score is more than 2g above the best, the argmin is certain; otherwise the point
 re-checked on the host: its candidate centers (scores within 2g of the best) are
 compared by direct differences in fp64. When the third-best is clear of the window the
 candidates are just the best two (a cheap O(D) comparison per point); otherwise the
-row is redone by the torch path (reference.kmeans_recheck_near_ties). Labels are
-therefore the exact argmin over the input values, ties going to the lowest index,
-whatever the backend's summation order, and deterministic run to run (no atomics).
-sqdist is sum((x - c)^2) computed directly, not by the expansion, so a point lying on
-its center gets 0 rather than a cancellation residue.
+row is redone by the torch path (kmeans_recheck_near_ties). Labels are therefore the
+exact argmin over the input values, ties going to the lowest index, whatever the
+backend's summation order or tile config. sqdist is sum((x - c)^2) computed directly,
+not by the expansion, so a point lying on its center gets 0 rather than a residue.
 
-Layers: private @triton.jit kernel -> host wrapper _assign_triton -> kmeans_assign().
+Determinism. Every program owns BLOCK_N rows and writes only them: there is no
+cross-program reduction and no atomic, so a launch gives the same bits whatever order
+the programs run in. What can vary is the config: autotuning picks one per shape by
+timing, and BLOCK_D sets sqdist's (and, with exact=False, the scores') summation order.
+deterministic=True therefore pins the first config of the list (no timing involved).
+
+Global-memory traffic per call (Triton backend; s = bytes per input element, P =
+ceil(N / BLOCK_N) programs, T = ceil(K / BLOCK_K) center tiles; loads as issued, so
+re-reads served by L2 count too; see traffic()):
+    x, main loop      N * D * s * T          (each row block re-read once per center tile)
+    centers           P * K * D * s  +  P * K * 4   (every program reads all of C and ||c||^2)
+    x + chosen c, sqdist pass   2 * N * D * s
+    outputs           N * (5 * 4 + 2 * 8) = 36 N   (best, second, third, sqdist, ||x||^2; two int64)
+    atomics           0
+Compulsory: N * D * s + K * D * s read, 12 N written (labels int64, sqdist fp32).
+At N = 10M, K = 1024, D = 768, bf16, 128 x 128 tiles: x 123 GB and C 123 GB issued
+(277 GB in all) against 15.5 GB compulsory. These are L2 requests: C (1.5 MB) stays in
+L2, and a program re-reads only its own x block (BLOCK_N * D * s = 196 KB) while it
+runs, ~26 MB for one program per SM on an H100/H200 (50 MB L2), so DRAM traffic should
+be near compulsory; unmeasured until a GPU profile (benchmarks/kernel_report.py prints
+the table for every config).
+
+Layers: torch path (kmeans_assign_torch, the CPU backend) -> private @triton.jit kernel
+-> host wrapper _assign_triton -> kmeans_assign(). Test oracles and the naive baseline
+live in reference.py.
 """
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import torch
 
-from . import reference
+from mode_fast.errors import ConfigError
+
+from . import dispatch
 
 try:  # Triton is optional: the torch and faiss backends work without it.
     import triton
@@ -45,12 +70,166 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------
+# torch path: the CPU backend (and a fallback on any device)
+# ---------------------------------------------------------------------------------
+# Chunked addmm + argmin, then the exact near-tie re-check in fp64.
+_U32 = 2.0**-24  # unit roundoff of fp32
+_U64 = 2.0**-53  # unit roundoff of fp64
+# Pairs re-checked per batch in fp64 (each costs D doubles of scratch).
+_RECHECK_PAIRS = 1 << 14
+
+
+def _gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n*u / (1 - n*u): bound on the relative error of an n-term dot product."""
+    return n * u / (1.0 - n * u)
+
+
+def _matmul_roundoff(device: torch.device) -> float:
+    """Unit roundoff of an fp32 matmul as torch will run it (TF32/bf16 when allowed)."""
+    precision = torch.get_float32_matmul_precision()
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        precision = "high" if precision == "highest" else precision
+    # "high" allows TF32 (10-bit mantissa), "medium" bf16 (7-bit); see torch docs.
+    return {"highest": _U32, "high": 2.0**-11, "medium": 2.0**-8}.get(precision, _U32)
+
+
+def kmeans_default_chunk(k: int, device: torch.device) -> int:
+    """Rows per chunk so a chunk's N x K score block stays small.
+
+    CPU: about 2M floats (8 MB): at K = 1024 that is 2048 rows, measured best of
+    1024-8192 on the 2-core dev box (larger chunks amortise per-op overhead).
+    CUDA: about 64M floats (256 MB), large enough to keep the GPU busy.
+    """
+    budget = (1 << 26) if device.type == "cuda" else (1 << 21)
+    return int(min(max(budget // max(k, 1), 128), 1 << 16))
+
+
+def kmeans_recheck_near_ties(
+    x_rows: torch.Tensor, centroids: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    """Exact argmin over each row's candidate centers, by direct differences in fp64.
+
+    x_rows [R, D] and centroids [K, D] in fp32; candidates [R, K] bool (every row has at
+    least one True). Distances equal within fp64 rounding count as ties and go to the
+    lowest index, so the choice does not depend on summation order.
+    """
+    r, d = x_rows.shape
+    k = centroids.shape[0]
+    rows, cols = candidates.nonzero(as_tuple=True)
+    dist = torch.empty(rows.numel(), dtype=torch.float64, device=x_rows.device)
+    for s in range(0, rows.numel(), _RECHECK_PAIRS):
+        ri, ci = rows[s : s + _RECHECK_PAIRS], cols[s : s + _RECHECK_PAIRS]
+        diff = x_rows[ri].double() - centroids[ci].double()
+        dist[s : s + _RECHECK_PAIRS] = (diff * diff).sum(1)
+    inf = torch.full((r,), float("inf"), dtype=torch.float64, device=x_rows.device)
+    row_min = inf.scatter_reduce(0, rows, dist, "amin")
+    # All terms are >= 0, so the fp64 sum's relative error is at most gamma_{D+2}.
+    tied = dist <= row_min[rows] * (1.0 + 2.0 * _gamma(d + 2, _U64))
+    idx = torch.where(tied, cols, torch.full_like(cols, k))
+    return torch.full((r,), k, dtype=torch.int64, device=x_rows.device).scatter_reduce(
+        0, rows, idx, "amin"
+    )
+
+
+def _best_two(scores: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
+    """(best, argmin, second-best) per row of scores [n, R * group], in one full pass.
+
+    Column j belongs to group j % group. A vertical min over the R rows of each group
+    (vectorises well) gives the group minima; the best group's R scores are then
+    gathered to find the argmin and the runner-up inside it. Ties are not resolved here
+    (an exact tie makes second == best, so the row is re-checked).
+    """
+    n, kp = scores.shape
+    r = kp // group
+    inf = float("inf")
+    gmin = scores.view(n, r, group).amin(1)
+    _, gidx = gmin.min(1)
+    second = gmin.scatter(1, gidx[:, None], inf).amin(1)
+    cols = gidx[:, None] + group * torch.arange(r, device=scores.device)
+    vals = scores.gather(1, cols)
+    best, pos = vals.min(1)
+    second = torch.minimum(second, vals.scatter(1, pos[:, None], inf).amin(1))
+    return best, gidx + group * pos, second
+
+
+# Columns per group in _best_two; below 4 groups' worth of centers, plain row min.
+_GROUP = 32
+
+
+def kmeans_assign_torch(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    exact: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked matmul + argmin; any device. Inputs are assumed validated (see kmeans_assign).
+
+    Scores ||c||^2 - 2 x.c are computed in fp32 by one addmm per chunk of rows into a
+    reused buffer, so peak extra memory is O(chunk_size * (K + D)) plus an fp32 copy of
+    the centroids.
+
+    exact=True makes labels the exact argmin of ||x - c||^2 over the fp32 values of the
+    inputs: each score's rounding error is at most g = gamma_{D+2} * (||x|| + max||c||)^2
+    (fp32 dot-product bound), so only centers scoring within 2g of the row's best can be
+    the true nearest; rows with more than one such center are re-checked in fp64 by direct
+    differences (kmeans_recheck_near_ties). Ties go to the lowest index.
+    exact=False: the fp32 argmin as computed (lowest index among equal fp32 scores).
+    sqdist is computed directly as sum((x - c)^2) in fp32, so it is accurate even for a
+    point sitting on its center (the expansion cancels catastrophically there).
+    """
+    n, d = x.shape
+    k = centroids.shape[0]
+    device = x.device
+    c = centroids.to(torch.float32).contiguous()
+    c_sq = (c * c).sum(1)
+    group = _GROUP if (exact and k >= 4 * _GROUP) else 1
+    kp = -(-k // group) * group
+    if kp > k:  # pad to whole groups with centers that score +inf
+        c_mm = torch.cat([c, c.new_zeros(kp - k, d)])
+        c_sq_mm = torch.cat([c_sq, c_sq.new_full((kp - k,), float("inf"))])
+    else:
+        c_mm, c_sq_mm = c, c_sq
+    chunk = chunk_size or kmeans_default_chunk(k, device)
+    if exact:
+        g = _gamma(d + 2, _matmul_roundoff(device))
+        # c_sq itself is rounded: pad max||c|| by a relative 1e-6 (>> fp32 eps * few).
+        c_max = float(c_sq.max().sqrt()) * (1.0 + 1e-6)
+    labels = torch.empty(n, dtype=torch.int64, device=device)
+    sqdist = torch.empty(n, dtype=torch.float32, device=device)
+    # Reused buffers: a fresh multi-MB tensor per chunk costs page faults (measured ~15%
+    # of the CPU time at K = 1024).
+    score_buf = torch.empty(min(chunk, n), kp, dtype=torch.float32, device=device)
+    diff_buf = torch.empty(min(chunk, n), d, dtype=torch.float32, device=device)
+    for s in range(0, n, chunk):
+        xs = x[s : s + chunk].to(torch.float32).contiguous()
+        m = xs.shape[0]
+        scores = torch.addmm(c_sq_mm, xs, c_mm.t(), beta=1.0, alpha=-2.0, out=score_buf[:m])
+        if not exact or k == 1:
+            best, arg = scores.min(1)  # first index of the minimum on exact ties
+        else:
+            best, arg, second = _best_two(scores, group)
+            window = 2.0 * g * ((xs * xs).sum(1).sqrt() * (1.0 + 1e-6) + c_max) ** 2
+            # Rows with NaN/inf (bad input, rejected by the caller) are left alone.
+            ok = (second - best <= window) & window.isfinite() & best.isfinite()
+            near = ok.nonzero().squeeze(1)
+            if near.numel():
+                cand = scores[near, :k] <= (best[near] + window[near])[:, None]
+                arg[near] = kmeans_recheck_near_ties(xs[near], c, cand)
+        diff = torch.index_select(c, 0, arg, out=diff_buf[:m])
+        torch.sub(xs, diff, out=diff)
+        diff.mul_(diff)
+        torch.sum(diff, 1, out=sqdist[s : s + m])
+        labels[s : s + m] = arg
+    return labels, sqdist
+
+
+# ---------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------
 if triton is not None:
 
-    @triton.jit
-    def _kmeans_assign_kernel(
+    def _kmeans_assign(
         # data pointers
         X_ptr,  # [N, D] points, fp32/fp16/bf16, any strides
         C_ptr,  # [K, D] centers, same dtype as X, any strides
@@ -66,6 +245,7 @@ if triton is not None:
         N,
         K,
         D,
+        N_TUNE,  # autotune key only: N rounded up to a power of two (unused in the body)
         # strides (in elements)
         X_stride_n,
         X_stride_d,
@@ -84,12 +264,13 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_k = tl.arange(0, BLOCK_K)
 
-        # running top 3 scores (sorted) and the indices of the first two
+        # Running top 3 scores (sorted) and the indices of the first two. Center indices
+        # are int32 in registers (K < 2^31): int64 would double the registers they hold.
         best = tl.full((BLOCK_N,), float("inf"), tl.float32)
         second = tl.full((BLOCK_N,), float("inf"), tl.float32)
         third = tl.full((BLOCK_N,), float("inf"), tl.float32)
-        arg = tl.zeros((BLOCK_N,), tl.int64)
-        arg2 = tl.zeros((BLOCK_N,), tl.int64)
+        arg = tl.zeros((BLOCK_N,), tl.int32)
+        arg2 = tl.zeros((BLOCK_N,), tl.int32)
 
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs_k
@@ -130,11 +311,11 @@ if triton is not None:
             # running entry (from earlier, lower-index tiles) comes first.
             take1 = t1 < best  # first place goes to the tile's t1
             n1 = tl.where(take1, t1, best)
-            j1 = tl.where(take1, a1.to(tl.int64), arg)
+            j1 = tl.where(take1, a1, arg)
             r_head = tl.where(take1, best, second)  # running list's next unused entry
             r_idx = tl.where(take1, arg, arg2)
             t_head = tl.where(take1, t2, t1)  # tile list's next unused entry
-            t_idx = tl.where(take1, a2, a1).to(tl.int64)
+            t_idx = tl.where(take1, a2, a1)
             take2 = t_head < r_head
             n2 = tl.where(take2, t_head, r_head)
             j2 = tl.where(take2, t_idx, r_idx)
@@ -149,6 +330,7 @@ if triton is not None:
         # Direct squared distance to the chosen center: one more pass over x's row block.
         sq = tl.zeros((BLOCK_N,), tl.float32)
         xsq = tl.zeros((BLOCK_N,), tl.float32)
+        arg_off = arg.to(tl.int64) * C_stride_k
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             m = row_mask[:, None] & (dd < D)[None, :]
@@ -156,7 +338,7 @@ if triton is not None:
                 X_ptr + rows[:, None] * X_stride_n + dd[None, :] * X_stride_d, mask=m, other=0.0
             ).to(tl.float32)
             c = tl.load(
-                C_ptr + arg[:, None] * C_stride_k + dd[None, :] * C_stride_d, mask=m, other=0.0
+                C_ptr + arg_off[:, None] + dd[None, :] * C_stride_d, mask=m, other=0.0
             ).to(tl.float32)
             diff = x - c
             sq += tl.sum(diff * diff, axis=1)
@@ -165,34 +347,134 @@ if triton is not None:
         tl.store(BEST_ptr + rows, best, mask=row_mask)
         tl.store(SECOND_ptr + rows, second, mask=row_mask)
         tl.store(THIRD_ptr + rows, third, mask=row_mask)
-        tl.store(ARG_ptr + rows, arg, mask=row_mask)
-        tl.store(ARG2_ptr + rows, arg2, mask=row_mask)
+        tl.store(ARG_ptr + rows, arg.to(tl.int64), mask=row_mask)
+        tl.store(ARG2_ptr + rows, arg2.to(tl.int64), mask=row_mask)
         tl.store(SQDIST_ptr + rows, sq, mask=row_mask)
         tl.store(XSQ_ptr + rows, xsq, mask=row_mask)
 
+    # Two compiled forms of the one kernel body, so that each launch config compiles to
+    # exactly one machine-code variant (the one the static report measured), whatever the
+    # call's sizes: Triton otherwise specialises on every int that is 1 or divisible by 16
+    # and every pointer that is 16-byte aligned.
+    # "aligned" (launched only when _layout() says so): unit stride along D, strides, D and
+    # pointers divisible by 16, so loads vectorise; N and K stay generic.
+    _kmeans_assign_kernel = triton.jit(do_not_specialize=("N", "K", "N_TUNE"))(_kmeans_assign)
+    # "general": any layout; nothing specialised. (An N of 2^31 or more would compile a
+    # third, int64 variant of either form; the report measures int32 sizes.)
+    _kmeans_assign_kernel_general = triton.jit(
+        do_not_specialize=("N", "K", "D", "N_TUNE", "X_stride_n", "X_stride_d", "C_stride_k",
+                           "C_stride_d"),
+        do_not_specialize_on_alignment=("X_ptr", "C_ptr", "CSQ_ptr", "BEST_ptr", "SECOND_ptr",
+                                        "THIRD_ptr", "ARG_ptr", "ARG2_ptr", "SQDIST_ptr",
+                                        "XSQ_ptr"),
+    )(_kmeans_assign)  # fmt: skip
+
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dispatch.interpreting()
 
 
-def _triton_config(dtype: torch.dtype) -> dict[str, int]:
-    """One fixed config (no autotune: several configs fail under the interpreter).
+# Launch configs: (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages), per input layout and
+# dtype class. Every entry compiles with 0 bytes of register spills for sm_90a and sm_80
+# (ptxas from the triton wheel; benchmarks/results/static/kernels.md, asserted by
+# tests/test_kernels_compile.py). On CUDA the wrapper autotunes over its list; the first
+# entry is the one deterministic=True pins. Spill-free choices found by a compile sweep:
+# 128 x 256 tiles, 128 x 128 fp32 FMA tiles and 64-wide BLOCK_D on scalar loads all spill.
+# "aligned": unit stride along D; D, row strides and base pointers divisible by 16 (loads
+# vectorise and pipeline into shared memory). "general": any other layout (odd D, strided
+# views, offset pointers), compiled without specialisation: scalar loads, smaller tiles.
+_CONFIGS: dict[tuple[str, str], tuple[tuple[int, int, int, int, int], ...]] = {
+    ("aligned", "16bit"): ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
+                           (64, 64, 64, 4, 3)),
+    ("aligned", "fp32"): ((128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)),
+    ("general", "16bit"): ((64, 64, 32, 4, 2), (64, 64, 32, 4, 3)),
+    ("general", "fp32"): ((64, 64, 16, 4, 1), (32, 64, 16, 4, 2)),
+}  # fmt: skip
+# Under the interpreter: the smallest tiles tl.dot accepts, one config (autotune with
+# several configs fails there, and it runs through numpy).
+_INTERPRETER_CONFIG = (16, 16, 16, 1, 1)
 
-    Interpreter: the smallest tiles tl.dot accepts (16), to keep tests fast. GPU: 128 x 128
-    output tiles; BLOCK_D 64 for 2-byte inputs and 32 for fp32 (same shared-memory bytes).
-    Not tuned on hardware yet.
-    """
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Triton's rule for the aligned form: stride 1 along D, row stride (in elements) and
+    base pointer divisible by 16."""
+    return t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _layout(x: torch.Tensor, centroids: torch.Tensor) -> str:
+    ok = x.shape[1] % 16 == 0 and _aligned(x) and _aligned(centroids)
+    return "aligned" if ok else "general"
+
+
+def _as_dict(cfg: tuple[int, int, int, int, int]) -> dict[str, int]:
+    bn, bk, bd, warps, stages = cfg
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
+
+
+def launch_configs(dtype: torch.dtype, layout: str = "aligned") -> list[dict[str, int]]:
+    """The configs the wrapper may launch for inputs of this dtype and layout (the
+    static report compiles each one)."""
     if _interpreting():
-        return {"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16, "num_warps": 1, "num_stages": 1}
-    block_d = 32 if dtype == torch.float32 else 64
-    return {"BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_D": block_d, "num_warps": 8, "num_stages": 3}
+        return [_as_dict(_INTERPRETER_CONFIG)]
+    return [_as_dict(c) for c in _CONFIGS[(layout, _dtype_class(dtype))]]
+
+
+def _triton_config(dtype: torch.dtype, layout: str = "aligned") -> dict[str, int]:
+    """The first config of the list: the interpreter's and deterministic=True's choice."""
+    return launch_configs(dtype, layout)[0]
+
+
+_TUNED: dict[tuple[str, str], Any] = {}
+
+
+def _kernel(layout: str) -> Any:
+    return _kmeans_assign_kernel if layout == "aligned" else _kmeans_assign_kernel_general
+
+
+def _tuned_kernel(layout: str, dtype: torch.dtype) -> Any:
+    """triton.autotune over the layout/dtype's list, cached by shape: (N_TUNE, K, D); the
+    autotuner adds the tensors' dtypes to the key. Built on first use (CUDA only)."""
+    key = (layout, _dtype_class(dtype))
+    if key not in _TUNED:
+        configs = [
+            triton.Config({k: v for k, v in _as_dict(c).items() if k.startswith("BLOCK")},
+                          num_warps=c[3], num_stages=c[4])
+            for c in _CONFIGS[key]
+        ]  # fmt: skip
+        _TUNED[key] = triton.autotune(configs=configs, key=["N_TUNE", "K", "D"])(_kernel(layout))
+    return _TUNED[key]
+
+
+def traffic(n: int, k: int, d: int, itemsize: int, block_n: int, block_k: int) -> dict[str, float]:
+    """The opening comment's traffic formulas, in bytes (atomics: a count), for one call of
+    the Triton backend with this tile config; "compulsory" is inputs read once and the
+    public outputs (labels int64, sqdist fp32) written once."""
+    programs = -(-n // block_n)
+    tiles = -(-k // block_k)
+    loads = n * d * itemsize * tiles + programs * k * (d * itemsize + 4) + 2 * n * d * itemsize
+    stores = 36 * n
+    return {
+        "global_load_bytes": float(loads),
+        "global_store_bytes": float(stores),
+        "atomic_ops": 0.0,
+        "compulsory_bytes": float((n + k) * d * itemsize + 12 * n),
+    }
 
 
 def _assign_triton(
-    x: torch.Tensor, centroids: torch.Tensor, exact: bool
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    exact: bool,
+    deterministic: bool = False,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host wrapper: launch the fused kernel over cdiv(N, BLOCK_N) programs, then re-check
-    near ties with the torch path's exact rule. Peak extra memory: O(N + K*D)."""
+    near ties with the torch path's exact rule. Peak extra memory: O(N + K*D).
+    config: one entry of launch_configs() to launch instead of autotuning (benchmarks)."""
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package, which is not importable")
     n, d = x.shape
@@ -205,22 +487,28 @@ def _assign_triton(
     labels2 = torch.empty_like(labels)
     sqdist = torch.empty_like(best)
     x_sq = torch.empty_like(best)
-    cfg = _triton_config(x.dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)  # one grid axis: no 65,535 cap on N
-    _kmeans_assign_kernel[grid](
+    layout = _layout(x, centroids)
+    args = (
         x, centroids, c_sq, best, second, third, labels, labels2, sqdist, x_sq,
-        n, k, d,
+        n, k, d, min(1 << max(n - 1, 0).bit_length(), 1 << 30),
         x.stride(0), x.stride(1), centroids.stride(0), centroids.stride(1),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
-        IEEE_FP32=x.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+    ieee = x.dtype == torch.float32
+    if _interpreting() or deterministic or config is not None:
+        cfg = config or _triton_config(x.dtype, layout)
+        if cfg not in launch_configs(x.dtype, layout):
+            raise ValueError(f"kmeans_assign: {cfg} is not a {layout} config for {x.dtype}")
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)  # one grid axis: no 65,535 cap on N
+        _kernel(layout)[grid](*args, IEEE_FP32=ieee, **cfg)
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+        _tuned_kernel(layout, x.dtype)[grid](*args, IEEE_FP32=ieee)
     if exact and k > 1:
         # fp32 inputs use the IEEE dot (u = 2^-24). fp16/bf16 products are exact in fp32,
         # but tensor cores may truncate while accumulating (Fasi et al., 2021): assume
         # 4u there, a margin we could not yet check on hardware.
         u = 2.0**-24 if x.dtype == torch.float32 else 2.0**-22
-        g = reference._km_gamma(d + 2, u)
+        g = _gamma(d + 2, u)
         c_max = float(c_sq.max().sqrt()) * (1.0 + 1e-6)
         window = 2.0 * g * (x_sq.sqrt() * (1.0 + 1e-6) + c_max) ** 2
         near = (second - best <= window) & best.isfinite()
@@ -236,7 +524,7 @@ def _assign_triton(
         # torch path (its own error bound covers its own scores), on those rows only.
         many = (near & (third - best <= window)).nonzero().squeeze(1)
         if many.numel():
-            fixed, fixed_sq = reference.kmeans_assign_torch(x[many], centroids, exact=True)
+            fixed, fixed_sq = kmeans_assign_torch(x[many], centroids, exact=True)
             labels[many] = fixed
             sqdist[many] = fixed_sq
     return labels, sqdist
@@ -246,9 +534,9 @@ def _exact_pick_of_two(
     x: torch.Tensor, centroids: torch.Tensor, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 ) -> torch.Tensor:
     """For each row, a or b, whichever is nearer by direct differences in fp64; within
-    fp64 rounding the lower index wins (the rule of reference.kmeans_recheck_near_ties)."""
+    fp64 rounding the lower index wins (the rule of kmeans_recheck_near_ties)."""
     out = torch.empty_like(a)
-    rel = 2.0 * reference._km_gamma(x.shape[1] + 2, reference._KM_U64)
+    rel = 2.0 * _gamma(x.shape[1] + 2, _U64)
     for s in range(0, rows.numel(), 1 << 16):  # bounded fp64 scratch
         xr = x[rows[s : s + (1 << 16)]].double()
         ai, bi = a[s : s + (1 << 16)], b[s : s + (1 << 16)]
@@ -329,19 +617,6 @@ def _validate(x: torch.Tensor, centroids: torch.Tensor, backend: str) -> None:
         raise ValueError(f"kmeans_assign: centroids contain NaN or inf (first bad row {bad})")
 
 
-def _pick_backend(device: torch.device) -> str:
-    if device.type == "cuda" and triton is not None:
-        return "triton"
-    # CPU: torch. Measured on the 2-core AMD EPYC dev box (AVX-512; torch 2.14 + MKL,
-    # faiss-cpu 1.15), K=1024, D=384 fp32, one thread each: faiss IndexFlatL2 0.39-0.41 s
-    # for 50k points, this torch path 0.45-0.48 s (1.13-1.18x), faiss asked for the top 2
-    # (what an exact near-tie check would need) 0.42 s. On 2 threads the two were within
-    # noise (~1.0 s for 200k). The ~15% buys exact, deterministic labels and no faiss
-    # dependency; backend="faiss" remains for raw speed.
-    # See benchmarks/results/cpu/kmeans_assign.md.
-    return "torch"
-
-
 @torch.no_grad()  # an assignment has no gradient; never record the chunk matmuls
 def kmeans_assign(
     x: torch.Tensor,
@@ -350,6 +625,7 @@ def kmeans_assign(
     *,
     exact: bool = True,
     chunk_size: int | None = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest center for each point: (labels int64 [N], sqdist float32 [N]).
 
@@ -362,11 +638,22 @@ def kmeans_assign(
     ||x - c||^2 over the input values, ties to the lowest index: near ties found by a
     rigorous rounding bound are re-checked in fp64. faiss returns its own labels (no
     re-check). sqdist is sum((x - c)^2) in fp32, computed directly.
+
+    deterministic=True: the same bits on every run for the same inputs (and thread count).
+    Both paths are free of atomics and cross-program reductions by construction (each
+    row's result is computed by one program / one chunk, in a fixed order); the flag
+    makes the Triton backend launch one pinned config instead of autotuning, since the
+    tile config sets sqdist's summation order (labels with exact=True do not depend on
+    it). Not offered for faiss, whose search makes no such promise.
     Raises ValueError on NaN/inf in x or centroids, or on distances overflowing fp32.
     """
     _validate(x, centroids, backend)
-    if backend == "auto":
-        backend = _pick_backend(x.device)
+    backend = dispatch.pick("kmeans_assign", dispatch.ASSIGN, x, backend)
+    if deterministic and backend == "faiss":
+        raise ConfigError(
+            "kmeans_assign: deterministic=True needs backend='torch' or 'triton' "
+            "(faiss's search makes no bitwise promise)"
+        )
     n = x.shape[0]
     if n == 0:
         return (
@@ -374,16 +661,14 @@ def kmeans_assign(
             torch.empty(0, dtype=torch.float32, device=x.device),
         )
     if backend == "torch":
-        labels, sqdist = reference.kmeans_assign_torch(
-            x, centroids, chunk_size=chunk_size, exact=exact
-        )
+        labels, sqdist = kmeans_assign_torch(x, centroids, chunk_size=chunk_size, exact=exact)
     elif backend == "triton":
         if x.device.type != "cuda" and not _interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (x is on {x.device}); "
                 "use backend='torch' or 'auto'"
             )
-        labels, sqdist = _assign_triton(x, centroids, exact)
+        labels, sqdist = _assign_triton(x, centroids, exact, deterministic)
     else:
         labels, sqdist = _assign_faiss(x, centroids)
     # A NaN/inf anywhere in a row of x makes its distance non-finite: catching it here

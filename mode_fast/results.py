@@ -1,0 +1,133 @@
+"""Evaluation results as files: the method order, the markdown table, the plots.
+
+`mode-fast eval` writes them (results.json, results.md, accuracy.png, expert_weights.png,
+retrieval.png); the demo (`mode_fast.pipeline`) prints the same table. Library module:
+never imports a job module.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mode_fast.files import atomic_write, write_json
+
+RECALL_KS = (1, 5, 10)
+
+
+def method_order(results: dict[str, Any], n_experts: int) -> list[str]:
+    singles = results["single_models"]
+    return [f"expert_{k}" for k in range(n_experts)] + ["best_expert", "mean_ensemble", "mode_ensemble"] + singles
+
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    n = results["n_experts"]
+    methods = method_order(results, n)
+    lines = []
+    if results["tasks"]:
+        lines += ["Zero-shot top-1 accuracy (%)", "",
+                  "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for name, t in results["tasks"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * t['top1'][m]:.1f}" for m in methods) + " |")
+        avg = results["average"]["top1"]
+        lines.append("| **average** | " + " | ".join(f"**{100 * avg[m]:.1f}**" for m in methods) + " |")
+        lines += ["", "MoDE expert weights (classes per expert)", "",
+                  "| task | " + " | ".join(f"expert_{k}" for k in range(n)) + " |", "|---" * (n + 1) + "|"]
+        for name, t in results["tasks"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{w:.3f} ({c})" for w, c in zip(t["expert_weights"], t["classes_per_expert"])) + " |")
+    if results["retrieval"]:
+        lines += ["", "Image-text retrieval recall (%), image->text / text->image", "",
+                  "| task | method | " + " | ".join(f"i2t R@{k}" for k in RECALL_KS) + " | "
+                  + " | ".join(f"t2i R@{k}" for k in RECALL_KS) + " |", "|---" * (2 + 2 * len(RECALL_KS)) + "|"]
+        for name, t in results["retrieval"].items():
+            for m in methods:
+                r = t["recall"][m]
+                lines.append(f"| {name} | {m} | " + " | ".join(
+                    f"{100 * r[f'{d}_R@{k}']:.1f}" for d in ("image_to_text", "text_to_image") for k in RECALL_KS) + " |")
+    lines += skip_lines(results)
+    return "\n".join(lines) + "\n"
+
+
+def skip_lines(results: dict[str, Any]) -> list[str]:
+    """results.md lines: per task, the samples read and those skipped (by reason)."""
+    lines = []
+    for kind, count in (("tasks", "n_images"), ("retrieval", "n_pairs")):
+        for name, t in results.get(kind, {}).items():
+            reasons = ", ".join(f"{r} {n}" for r, n in t.get("skipped", {}).items())
+            lines.append(f"- {name}: read {t[count]}, skipped {t.get('skipped_total', 0)}"
+                         + (f" ({reasons})" if reasons else ""))
+    return ["", "Samples read and skipped", "", *lines] if lines else []
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = results["n_experts"]
+    methods = method_order(results, n)
+    written = []
+    if results["tasks"]:
+        groups = list(results["tasks"]) + ["average"]
+        values = [[results["tasks"][g]["top1"][m] if g != "average" else results["average"]["top1"][m]
+                   for m in methods] for g in groups]
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(methods) / 3), 4))
+        width = 0.8 / len(methods)
+        cmap = plt.get_cmap("tab10")
+        for j, m in enumerate(methods):
+            xs = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
+            ax.bar(xs, [100 * v[j] for v in values], width, label=m, color=cmap(j % 10),
+                   hatch="//" if m == "mode_ensemble" else None)
+        ax.set_xticks(np.arange(len(groups)), groups)
+        ax.set_ylabel("zero-shot top-1 (%)")
+        ax.set_title("Experts, ensembles and single models per task")
+        ax.legend(fontsize=7, ncol=2)
+        _save_fig(fig, out / "accuracy.png")
+        written.append(out / "accuracy.png")
+
+        fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(results["tasks"]) * n / 2), 3.5))
+        names = list(results["tasks"])
+        width = 0.8 / n
+        for k in range(n):
+            xs = np.arange(len(names)) + (k - (n - 1) / 2) * width
+            ax.bar(xs, [results["tasks"][t]["expert_weights"][k] for t in names], width, label=f"expert_{k}")
+        ax.axhline(1.0 / n, color="gray", lw=0.8, ls="--", label="uniform (mean)")
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_ylabel("MoDE weight")
+        ax.set_title("Expert weights per task (from class names)")
+        ax.legend(fontsize=7)
+        _save_fig(fig, out / "expert_weights.png")
+        written.append(out / "expert_weights.png")
+    if results["retrieval"]:
+        names = list(results["retrieval"])
+        fig, ax = plt.subplots(figsize=(max(6, len(names) * len(methods) / 3), 4))
+        width = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            xs = np.arange(len(names)) + (j - (len(methods) - 1) / 2) * width
+            ax.bar(xs, [100 * results["retrieval"][t]["recall"][m]["mean_recall"] for t in names], width, label=m)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_ylabel("mean recall@1/5/10, both ways (%)")
+        ax.legend(fontsize=7, ncol=2)
+        _save_fig(fig, out / "retrieval.png")
+        written.append(out / "retrieval.png")
+    return written
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plot_results(results, out)
+    with atomic_write(out / "results.md", "w") as f:
+        f.write(markdown_table(results))
+    write_json(out / "results.json", results)  # last: its presence marks a finished evaluation
