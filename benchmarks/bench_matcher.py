@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from matcher_corpus import make_captions, make_entries
 
 ahocorasick = pytest.importorskip("ahocorasick")

@@ -7,8 +7,14 @@ import string
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matching_reference import (
+    CJK_OR_SIMILAR_RANGES,
+    FULL_WIDTH_PUNCTUATION,
+    is_cjk_or_similar_v2,
+    naive_match,
+    naive_match_v2,
+)
 
-from matching_reference import CJK_OR_SIMILAR_RANGES, FULL_WIDTH_PUNCTUATION, is_cjk_or_similar_v2, naive_match, naive_match_v2
 from mode_fast._matcher import Matcher, is_cjk_or_similar
 
 # Every code point Python's str.strip() removes.

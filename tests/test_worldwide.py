@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from matching_reference import count_to_prob_reference, p_to_t_reference, t_to_p_reference
+
 from mode_fast.errors import ConfigError
 from mode_fast.metadata import MetadataError
 from mode_fast.worldwide import (
-    _ShareTable, kept_by_language, language_thresholds, load_language_metadata, lid_available, p_to_t,
-    solve_english_t, t_to_p,
+    _ShareTable,
+    kept_by_language,
+    language_thresholds,
+    lid_available,
+    load_language_metadata,
+    p_to_t,
+    solve_english_t,
+    t_to_p,
 )
 
 # --- metadata --------------------------------------------------------------------------------
@@ -132,6 +138,7 @@ needs_lid = pytest.mark.skipif(not lid_available(), reason="py3langid not instal
 @needs_lid
 def test_language_id_on_real_text():
     from multilingual_corpus import available, catalogue_texts
+
     from mode_fast.worldwide import LanguageIdentifier
 
     if not available():
@@ -158,6 +165,7 @@ def test_language_id_edge_cases():
 
 def test_language_matchers_route_and_use_global_ids(tmp_path):
     from matching_reference import naive_match_v2
+
     from mode_fast.worldwide import LanguageMatchers
 
     meta = {"en": ["dog", "hot dog", "Tokyo"], "ja": ["東京", "タワー", "dog"], "th": ["ไทย"]}
