@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from matcher_corpus import make_captions, make_entries
 
 ahocorasick = pytest.importorskip("ahocorasick")
@@ -133,3 +132,132 @@ def test_build(benchmark, provider):
         build_seconds=best["seconds"], build_peak_mb=max(r["peak_mb_over_entries"] for r in results),
         resident_mb=best["rss_after_mb"],
     )
+
+
+# --- metaclip2 (MetaCLIP 2 worldwide rules) against the Python Aho-Corasick libraries ----------
+# Each peer does the whole of MetaCLIP 2's matching per text, as its code does: strip,
+# spacing, all overlapping occurrences of the per-side padded entries, the id set.
+from matching_reference import naive_match_v2, spaced_entry_v2, spacing  # noqa: E402
+
+
+class _PeerV2:
+    """A Python Aho-Corasick library over MetaCLIP 2's padded entries."""
+
+    def __init__(self, library: str, entries: list[str]) -> None:
+        patterns: dict[str, list[int]] = {}
+        for i, e in enumerate(entries):
+            patterns.setdefault(spaced_entry_v2(e), []).append(i)
+        self.keys = list(patterns)
+        self.ids = list(patterns.values())
+        self.library = library
+        if library == "pyahocorasick":
+            self.automaton = ahocorasick.Automaton()
+            for key, ids in patterns.items():
+                self.automaton.add_word(key, ids)
+            self.automaton.make_automaton()
+        elif library == "ahocorasick_rs":
+            import ahocorasick_rs
+
+            self.automaton = ahocorasick_rs.AhoCorasick(self.keys)
+        else:
+            import daachorse
+
+            self.automaton = daachorse.CharwiseDoubleArrayAhoCorasick(self.keys)
+
+    def match(self, text: str) -> list[int]:
+        spaced = spacing(text.strip())
+        found: set[int] = set()
+        if self.library == "pyahocorasick":
+            for _, ids in self.automaton.iter(spaced):
+                found.update(ids)
+        elif self.library == "ahocorasick_rs":
+            for k, _, _ in self.automaton.find_matches_as_indexes(spaced, overlapping=True):
+                found.update(self.ids[k])
+        else:
+            for _, _, k in self.automaton.find_overlapping(spaced):
+                found.update(self.ids[k])
+        return sorted(found)
+
+
+PEERS_V2 = ["pyahocorasick"] + [lib for lib in ("ahocorasick_rs", "daachorse") if __import__("importlib").util.find_spec(lib)]
+
+
+def _cjk_corpus() -> tuple[list[str], list[str]]:
+    """Real CJK/Thai/Korean text (Debian's gettext catalogues) and, as entries, its
+    2-4 character substrings (a metadata list of words and word pieces in those scripts)."""
+    from multilingual_corpus import available, catalogue_texts
+
+    if not available():
+        pytest.skip("no gettext catalogues under /usr/share/locale")
+    data = catalogue_texts()
+    texts = [t for lang in ("ja", "zh", "th", "ko") for t in data.get(lang, [])]
+    entries: dict[str, None] = {}
+    for text in texts:
+        for n in (2, 3, 4):
+            for i in range(0, len(text) - n + 1, n):
+                gram = text[i:i + n]
+                if gram.strip() == gram and not gram.isascii():
+                    entries.setdefault(gram)
+    reps = max(1, 20_000 // max(1, len(texts)))
+    return list(entries), (texts * reps)[:20_000]
+
+
+@pytest.fixture(scope="module", params=["english", "cjk"])
+def corpus_v2(request, corpus):
+    if request.param == "english":
+        return request.param, corpus[0], corpus[1]
+    entries, texts = _cjk_corpus()
+    return request.param, entries, texts
+
+
+@pytest.fixture(scope="module")
+def matchers_v2(corpus_v2):
+    name, entries, texts = corpus_v2
+    m = Matcher(entries, semantics="metaclip2")
+    peers = {lib: _PeerV2(lib, entries) for lib in PEERS_V2}
+    # The plain-Python reference (naive_match_v2's rules, padded entries computed once).
+    padded = [spaced_entry_v2(e) for e in entries]
+    for text in texts[:300]:
+        spaced = spacing(text.strip())
+        assert m.match(text) == [i for i, p in enumerate(padded) if p in spaced]
+    assert m.match(texts[0]) == naive_match_v2(entries, texts[0])
+    for text in texts[:2000]:
+        expected = m.match(text)
+        for lib, peer in peers.items():
+            assert peer.match(text) == expected, (lib, text)
+    return m, peers
+
+
+def _info_v2(benchmark, corpus_v2, **extra) -> None:
+    name, entries, texts = corpus_v2
+    benchmark.group = f"metaclip2 match 1 thread, {name} corpus"  # one peer row per corpus
+    benchmark.extra_info.update(corpus=name, entries=len(entries), texts=len(texts),
+                                mean_text_bytes=sum(len(t.encode()) for t in texts) / len(texts), **extra)
+
+
+@pytest.mark.parametrize("library", PEERS_V2)
+@pytest.mark.benchmark(group="metaclip2 match 1 thread")
+def test_v2_match_peer(benchmark, corpus_v2, matchers_v2, library):
+    _, peers = matchers_v2
+    texts = corpus_v2[2]
+    _info_v2(benchmark, corpus_v2, provider=f"{library} (Python loop)", baseline=library == "pyahocorasick")
+    benchmark.pedantic(lambda: [peers[library].match(t) for t in texts], rounds=3, iterations=1)
+
+
+@pytest.mark.benchmark(group="metaclip2 match 1 thread")
+def test_v2_match_batch_1_thread(benchmark, corpus_v2, matchers_v2):
+    m, _ = matchers_v2
+    _info_v2(benchmark, corpus_v2, provider="mode-fast metaclip2 match_batch(threads=1)")
+    benchmark.pedantic(m.match_batch, args=(corpus_v2[2],), kwargs={"threads": 1}, rounds=10, iterations=1)
+
+
+@pytest.mark.benchmark(group="metaclip2 match 1 thread")
+def test_v2_language_id(benchmark, corpus_v2):
+    # Beside the matcher: what routing each caption by language costs per thread.
+    lid_mod = pytest.importorskip("py3langid")  # noqa: F841
+    from mode_fast.worldwide import LanguageIdentifier
+
+    lid = LanguageIdentifier()
+    texts = corpus_v2[2][:5000]
+    _info_v2(benchmark, (corpus_v2[0], corpus_v2[1], texts), provider="py3langid language ID (5,000 texts)")
+    benchmark.pedantic(lid, args=(texts,), rounds=3, iterations=1)

@@ -13,16 +13,26 @@
 
 namespace py = pybind11;
 using modefast::Matcher;
+using modefast::Semantics;
 
 namespace {
 
 // UTF-8 view of a str (cached inside the str object, no copy for ASCII) or of bytes.
-std::string_view utf8_view(PyObject* obj, const char* what, size_t index) {
+// With `surrogates`, a str holding lone surrogates is encoded with surrogatepass into
+// a new bytes object kept in *keep (MetaCLIP 2 matches such text on its other
+// characters); without, it is an error.
+std::string_view utf8_view(PyObject* obj, const char* what, size_t index, py::object* keep = nullptr) {
     if (PyUnicode_Check(obj)) {
         Py_ssize_t size = 0;
         const char* data = PyUnicode_AsUTF8AndSize(obj, &size);
         if (data == nullptr) {
             PyErr_Clear();
+            if (keep != nullptr) {
+                PyObject* encoded = PyUnicode_AsEncodedString(obj, "utf-8", "surrogatepass");
+                if (encoded == nullptr) throw py::error_already_set();
+                *keep = py::reinterpret_steal<py::object>(encoded);
+                return {PyBytes_AS_STRING(encoded), static_cast<size_t>(PyBytes_GET_SIZE(encoded))};
+            }
             throw py::value_error(std::string(what) + " at index " + std::to_string(index) +
                                   " is not encodable as UTF-8 (lone surrogate?)");
         }
@@ -40,7 +50,7 @@ struct TextViews {
     std::vector<std::string_view> views;
 };
 
-TextViews collect_texts(const py::handle& seq, const char* what) {
+TextViews collect_texts(const py::handle& seq, const char* what, bool surrogates = false) {
     if (PyUnicode_Check(seq.ptr()) || PyBytes_Check(seq.ptr()))
         throw py::type_error(std::string("expected a sequence of ") + what + "s, got a single string");
     py::sequence items = py::reinterpret_borrow<py::sequence>(seq);
@@ -50,7 +60,9 @@ TextViews collect_texts(const py::handle& seq, const char* what) {
     t.views.reserve(n);
     for (size_t i = 0; i < n; ++i) {
         t.owners.push_back(items[i]);
-        t.views.push_back(utf8_view(t.owners.back().ptr(), what, i));
+        py::object encoded;
+        t.views.push_back(utf8_view(t.owners.back().ptr(), what, i, surrogates ? &encoded : nullptr));
+        if (encoded) t.owners.back() = std::move(encoded);  // the view points into it
     }
     return t;
 }
@@ -63,12 +75,27 @@ py::array_t<T> to_numpy(std::vector<T>&& v) {
                           heap->data(), owner);
 }
 
-std::unique_ptr<Matcher> build(const py::handle& entries) {
+Semantics parse_semantics(const std::string& name) {
+    if (name == "metaclip1") return Semantics::kMetaclip1;
+    if (name == "metaclip2") return Semantics::kMetaclip2;
+    throw py::value_error("semantics must be 'metaclip1' or 'metaclip2', not '" + name + "'");
+}
+
+const char* semantics_name(Semantics s) { return s == Semantics::kMetaclip2 ? "metaclip2" : "metaclip1"; }
+
+std::unique_ptr<Matcher> build(const py::handle& entries, const std::string& semantics) {
+    const Semantics sem = parse_semantics(semantics);
     TextViews t = collect_texts(entries, "entry");
     std::vector<std::string> copies(t.views.begin(), t.views.end());
     py::gil_scoped_release release;
-    return std::make_unique<Matcher>(copies);
+    try {
+        return std::make_unique<Matcher>(copies, sem);
+    } catch (const std::invalid_argument& e) {
+        throw py::value_error(e.what());
+    }
 }
+
+bool takes_surrogates(const Matcher& m) { return m.semantics() == Semantics::kMetaclip2; }
 
 std::unique_ptr<Matcher> load_file(const std::string& path) {
     py::gil_scoped_release release;
@@ -105,6 +132,11 @@ PYBIND11_MODULE(_matcher, m) {
     py::class_<Matcher>(m, "Matcher", R"doc(
 MetaCLIP substring matcher over a metadata list.
 
+``semantics="metaclip2"`` follows MetaCLIP 2 (worldwide): the text is stripped first,
+an entry gets its padding space only on a side whose edge character is not CJK, Thai,
+Lao, Burmese, Khmer, Tibetan or punctuation (ASCII or full-width), and a str with lone
+surrogates is matched on its other characters instead of being rejected.
+
 Entry ids are positions in ``entries``. A text matches entry ``e`` iff
 ``" " + e + " "`` occurs in the text after MetaCLIP's spacing (punctuation , . ; : ? ! `
 wrapped in spaces, tab/newline/CR turned into spaces, one space of padding each side).
@@ -112,11 +144,16 @@ Every entry found anywhere, overlaps included, is reported once. Case-sensitive;
 texts are matched on their UTF-8 bytes. Duplicate entries are allowed and each of
 their ids is reported, as the naive reference would.
 )doc")
-        .def(py::init(&build), py::arg("entries"), "Build from a list of metadata entries (str).")
+        .def(py::init(&build), py::arg("entries"), py::arg("semantics") = "metaclip1",
+             "Build from a list of metadata entries (str); semantics 'metaclip1' (default) or 'metaclip2'.")
+        .def_property_readonly(
+            "semantics", [](const Matcher& self) { return semantics_name(self.semantics()); },
+            "'metaclip1' or 'metaclip2' (kept by save/load and pickling).")
         .def(
             "match",
             [](const Matcher& self, const py::handle& text) {
-                std::string_view view = utf8_view(text.ptr(), "text", 0);
+                py::object keep;
+                std::string_view view = utf8_view(text.ptr(), "text", 0, takes_surrogates(self) ? &keep : nullptr);
                 std::vector<int32_t> out;
                 modefast::MatchScratch scratch;
                 self.match(view, out, scratch);
@@ -126,7 +163,7 @@ their ids is reported, as the naive reference would.
         .def(
             "match_batch",
             [](const Matcher& self, const py::handle& texts, int threads) {
-                TextViews t = collect_texts(texts, "text");
+                TextViews t = collect_texts(texts, "text", takes_surrogates(self));
                 std::vector<int64_t> offsets;
                 std::vector<int32_t> ids;
                 {
@@ -164,6 +201,10 @@ the ids of text i are ``ids[offsets[i]:offsets[i+1]]``, ascending.)doc")
                 return std::make_unique<Matcher>(Matcher::load(in));
             }))
         .def("__repr__", [](const Matcher& self) { return "<Matcher with " + std::to_string(self.size()) + " entries>"; });
+
+    m.def(
+        "is_cjk_or_similar", [](uint32_t cp) { return modefast::is_cjk_or_similar(cp); }, py::arg("code_point"),
+        "MetaCLIP 2's rule for an entry edge that gets no padding space.");
 
     m.def(
         "hash_keys",

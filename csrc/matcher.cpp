@@ -67,6 +67,68 @@ void for_each_token(std::string_view s, F&& f) {
     }
 }
 
+constexpr uint32_t kMalformed = 0x110000;  // beyond Unicode: neither whitespace nor CJK
+
+// One code point starting at p (n bytes available); kMalformed (length 1) for a byte
+// that does not start a well-formed sequence.
+uint32_t decode_at(const unsigned char* p, size_t n, size_t* len) {
+    const unsigned char b = p[0];
+    size_t need = b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 0;
+    if (need == 0 || need > n) {
+        *len = 1;
+        return kMalformed;
+    }
+    uint32_t cp = need == 1 ? b : need == 2 ? (b & 0x1F) : need == 3 ? (b & 0x0F) : (b & 0x07);
+    for (size_t i = 1; i < need; ++i) {
+        if ((p[i] & 0xC0) != 0x80) {
+            *len = 1;
+            return kMalformed;
+        }
+        cp = (cp << 6) | (p[i] & 0x3F);
+    }
+    *len = need;
+    return cp;
+}
+
+uint32_t first_code_point(std::string_view s) {
+    size_t len = 0;
+    return decode_at(reinterpret_cast<const unsigned char*>(s.data()), s.size(), &len);
+}
+
+// The last code point and its byte length.
+uint32_t last_code_point(std::string_view s, size_t* len) {
+    size_t start = s.size() - 1;
+    // A code point is at most 4 bytes: step back over up to 3 continuation bytes.
+    while (start > 0 && s.size() - start < 4 && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) --start;
+    size_t got = 0;
+    uint32_t cp = decode_at(reinterpret_cast<const unsigned char*>(s.data()) + start, s.size() - start, &got);
+    if (start + got != s.size()) {  // malformed tail: the last byte on its own
+        *len = 1;
+        return kMalformed;
+    }
+    *len = got;
+    return cp;
+}
+
+// Python's str.isspace() code points (what str.strip() removes).
+bool is_python_space(uint32_t cp) {
+    if (cp < 0x80) return (cp >= 0x09 && cp <= 0x0D) || (cp >= 0x1C && cp <= 0x20);
+    return cp == 0x85 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 ||
+           cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+}
+
+// Spaced text never holds tab/newline/CR, and holds each of , . ; : ? ! ` only with a
+// space on both sides; a pattern breaking that can never match (entries like "Mr." or
+// "Ph.D.", common in English lists), so it need not cost the automaton anything.
+bool can_occur_in_spaced_text(std::string_view p) {
+    for (size_t i = 0; i < p.size(); ++i) {
+        const char c = p[i];
+        if (c == '\t' || c == '\n' || c == '\r') return false;
+        if (is_wrapped_punct(c) && ((i > 0 && p[i - 1] != ' ') || (i + 1 < p.size() && p[i + 1] != ' '))) return false;
+    }
+    return true;
+}
+
 size_t table_size_for(size_t items) {
     size_t size = 16;
     while (size < items * 2) size <<= 1;  // load factor <= 0.5 keeps misses short
@@ -75,6 +137,9 @@ size_t table_size_for(size_t items) {
 
 // --- binary file helpers -------------------------------------------------------
 constexpr char kMagic[8] = {'M', 'F', 'M', 'A', 'T', 'C', 'H', '1'};
+// metaclip2 files: the metaclip1 layout, then the semantics byte and the automaton.
+// metaclip1 matchers keep writing MFMATCH1, byte for byte as before.
+constexpr char kMagic2[8] = {'M', 'F', 'M', 'A', 'T', 'C', 'H', '2'};
 
 template <class T>
 void write_vec(std::ostream& out, const std::vector<T>& v) {
@@ -116,6 +181,42 @@ void read_str(std::istream& in, std::string& s, uint64_t max_size) {
 
 }  // namespace
 
+bool is_cjk_or_similar(uint32_t cp) {
+    // CJK ideographs, extensions, compatibility ideographs, radicals, ideographic description.
+    if ((cp >= 0x4E00 && cp <= 0x9FFF) || (cp >= 0x3400 && cp <= 0x4DBF) || (cp >= 0x20000 && cp <= 0x2A6DF) ||
+        (cp >= 0x2A700 && cp <= 0x2B73F) || (cp >= 0x2B740 && cp <= 0x2B81F) || (cp >= 0x2B820 && cp <= 0x2CEAF) ||
+        (cp >= 0x2CEB0 && cp <= 0x2EBEF) || (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x2E80 && cp <= 0x2EFF) ||
+        (cp >= 0x2F00 && cp <= 0x2FDF) || (cp >= 0x2FF0 && cp <= 0x2FFF))
+        return true;
+    // Thai, Lao, Burmese, Khmer, Tibetan.
+    if ((cp >= 0x0E00 && cp <= 0x0EFF) || (cp >= 0x1000 && cp <= 0x109F) || (cp >= 0x1780 && cp <= 0x17FF) ||
+        (cp >= 0x0F00 && cp <= 0x0FFF))
+        return true;
+    // Python's string.punctuation (ASCII).
+    if (cp < 0x80) return (cp >= 0x21 && cp <= 0x2F) || (cp >= 0x3A && cp <= 0x40) || (cp >= 0x5B && cp <= 0x60) ||
+                          (cp >= 0x7B && cp <= 0x7E);
+    // MetaCLIP 2's additional (full-width) punctuation: ，。、；：？！“”‘’（）【】《》〈〉「」『』～—
+    switch (cp) {
+        case 0xFF0C: case 0x3002: case 0x3001: case 0xFF1B: case 0xFF1A: case 0xFF1F: case 0xFF01:
+        case 0x201C: case 0x201D: case 0x2018: case 0x2019: case 0xFF08: case 0xFF09: case 0x3010:
+        case 0x3011: case 0x300A: case 0x300B: case 0x3008: case 0x3009: case 0x300C: case 0x300D:
+        case 0x300E: case 0x300F: case 0xFF5E: case 0x2014:
+            return true;
+        default:
+            return false;
+    }
+}
+
+std::string_view strip_python_whitespace(std::string_view text) {
+    size_t len = 0;
+    while (!text.empty() && is_python_space(first_code_point(text))) {
+        decode_at(reinterpret_cast<const unsigned char*>(text.data()), text.size(), &len);
+        text.remove_prefix(len);
+    }
+    while (!text.empty() && is_python_space(last_code_point(text, &len))) text.remove_suffix(len);
+    return text;
+}
+
 uint64_t hash_bytes(const char* data, size_t size, uint64_t seed) {
     const auto* p = reinterpret_cast<const unsigned char*>(data);
     uint64_t h = mix64(seed + kMul * (uint64_t{size} + 1));
@@ -138,26 +239,56 @@ inline uint32_t slot_meta(uint64_t hash, size_t size) {
 
 }  // namespace
 
-Matcher::Matcher(const std::vector<std::string>& entries) {
+Matcher::Matcher(const std::vector<std::string>& entries, Semantics semantics) : semantics_(semantics) {
     if (entries.size() >= static_cast<size_t>(INT32_MAX) - 1)
         throw std::invalid_argument("too many entries (ids are int32)");
+    if (semantics != Semantics::kMetaclip1 && semantics != Semantics::kMetaclip2)
+        throw std::invalid_argument("unknown matching semantics");
     entry_offsets_.reserve(entries.size() + 1);
     entry_offsets_.push_back(0);
     size_t total = 0;
     for (const auto& e : entries) total += e.size();
     entry_bytes_.reserve(total);
-    vocab_slots_.assign(table_size_for(entries.size() + 1), VocabSlot{0, 0, 0});
-    edges_.assign(table_size_for(entries.size() / 2 + 1), Edge{kEmptyKey, 0, 0});
+    for (const auto& e : entries) {
+        entry_bytes_.append(e);
+        entry_offsets_.push_back(entry_bytes_.size());
+    }
     next_same_entry_.assign(entries.size(), -1);
+
+    // Which entries the token trie takes: all (metaclip1), or those padded on both sides
+    // (metaclip2); the rest become automaton patterns, padded as MetaCLIP 2 pads them.
+    std::vector<int32_t> trie_ids, ac_ids;
+    std::vector<std::string> ac_patterns;
+    trie_ids.reserve(entries.size());
+    for (size_t id = 0; id < entries.size(); ++id) {
+        const std::string& e = entries[id];
+        bool pad_left = true, pad_right = true;
+        if (semantics == Semantics::kMetaclip2) {
+            if (e.empty()) throw std::invalid_argument("metaclip2 entries must not be empty (entry " + std::to_string(id) + ")");
+            size_t len = 0;
+            pad_left = !is_cjk_or_similar(first_code_point(e));
+            pad_right = !is_cjk_or_similar(last_code_point(e, &len));
+        }
+        if (pad_left && pad_right) {
+            trie_ids.push_back(static_cast<int32_t>(id));
+        } else {
+            std::string pattern = (pad_left ? " " : "") + e + (pad_right ? " " : "");
+            if (can_occur_in_spaced_text(pattern)) {
+                ac_ids.push_back(static_cast<int32_t>(id));
+                ac_patterns.push_back(std::move(pattern));
+            }
+        }
+    }
+
+    vocab_slots_.assign(table_size_for(trie_ids.size() + 1), VocabSlot{0, 0, 0});
+    edges_.assign(table_size_for(trie_ids.size() / 2 + 1), Edge{kEmptyKey, 0, 0});
 
     // Pass 1: the vocabulary, so that node ids 0..V-1 can be the one-token paths.
     std::vector<uint32_t> entry_tokens;
     std::vector<uint64_t> entry_token_offsets{0};
-    entry_token_offsets.reserve(entries.size() + 1);
-    for (const auto& e : entries) {
-        entry_bytes_.append(e);
-        entry_offsets_.push_back(entry_bytes_.size());
-        for_each_token(e, [&](const char* p, size_t n) { entry_tokens.push_back(add_token({p, n})); });
+    entry_token_offsets.reserve(trie_ids.size() + 1);
+    for (int32_t id : trie_ids) {
+        for_each_token(entries[id], [&](const char* p, size_t n) { entry_tokens.push_back(add_token({p, n})); });
         entry_token_offsets.push_back(entry_tokens.size());
     }
 
@@ -165,9 +296,10 @@ Matcher::Matcher(const std::vector<std::string>& entries) {
     const size_t n_tokens = token_offsets_.size() - 1;
     node_info_.assign(n_tokens, 0);
     std::vector<int32_t> last_of_node(n_tokens, -1);  // tail of each node's duplicate chain
-    for (size_t id = 0; id < entries.size(); ++id) {
-        const uint32_t* tok = entry_tokens.data() + entry_token_offsets[id];
-        const size_t len = entry_token_offsets[id + 1] - entry_token_offsets[id];
+    for (size_t k_entry = 0; k_entry < trie_ids.size(); ++k_entry) {
+        const size_t id = static_cast<size_t>(trie_ids[k_entry]);
+        const uint32_t* tok = entry_tokens.data() + entry_token_offsets[k_entry];
+        const size_t len = entry_token_offsets[k_entry + 1] - entry_token_offsets[k_entry];
         uint32_t node = tok[0];
         for (size_t k = 1; k < len; ++k) {
             uint32_t next = child(node, tok[k]);
@@ -189,6 +321,189 @@ Matcher::Matcher(const std::vector<std::string>& entries) {
         }
         last_of_node[node] = static_cast<int32_t>(id);
     }
+    if (semantics == Semantics::kMetaclip2) build_automaton(ac_patterns, ac_ids);
+}
+
+namespace {
+
+// Code points of a UTF-8 string; a byte that starts no well-formed sequence becomes a
+// value above Unicode of its own, so it only ever equals the same stray byte.
+template <class F>
+void for_each_code_point(std::string_view s, F&& f) {
+    const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+    size_t i = 0;
+    while (i < s.size()) {
+        if (p[i] < 0x80) {  // ASCII fast path
+            f(uint32_t{p[i]});
+            ++i;
+            continue;
+        }
+        size_t len = 0;
+        uint32_t cp = decode_at(p + i, s.size() - i, &len);
+        f(cp == kMalformed ? kMalformed + p[i] : cp);
+        i += len;
+    }
+}
+
+}  // namespace
+
+const Matcher::AcEdge* Matcher::ac_find(uint32_t state, uint32_t cp) const {
+    const uint64_t key = edge_key(state, cp);
+    const size_t mask = ac_edges_.size() - 1;
+    for (size_t slot = mix64(key) & mask;; slot = (slot + 1) & mask) {
+        const AcEdge& e = ac_edges_[slot];
+        if (e.key == key) return &e;
+        if (e.key == kEmptyKey) return nullptr;
+    }
+}
+
+void Matcher::ac_insert(uint32_t state, uint32_t cp, uint32_t target) {
+    // Load factor up to 3/4: a smaller table stays in cache better, which matters more
+    // here than the slightly longer probe runs.
+    if ((ac_edge_count_ + 1) * 4 > ac_edges_.size() * 3) {
+        std::vector<AcEdge> old(ac_edges_.size() * 2, AcEdge{kEmptyKey, 0, 0, -1, kNone});
+        old.swap(ac_edges_);
+        const size_t mask = ac_edges_.size() - 1;
+        for (const AcEdge& e : old) {
+            if (e.key == kEmptyKey) continue;
+            size_t slot = mix64(e.key) & mask;
+            while (ac_edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
+            ac_edges_[slot] = e;
+        }
+    }
+    const uint64_t key = edge_key(state, cp);
+    const size_t mask = ac_edges_.size() - 1;
+    size_t slot = mix64(key) & mask;
+    while (ac_edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
+    ac_edges_[slot] = AcEdge{key, target, 0, -1, kNone};
+    ++ac_edge_count_;
+}
+
+void Matcher::build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids) {
+    ac_states_.assign(1, AcState{0, -1, kNone, 0, {0, 0}});  // the root
+    ac_edges_.assign(16, AcEdge{kEmptyKey, 0, 0, -1, kNone});
+    ac_edge_count_ = 0;
+    std::vector<int32_t> last(1, -1);  // tail of each state's duplicate chain
+    std::vector<uint32_t> parent_child;  // (parent, code point, child) triples for the BFS
+    for (size_t k = 0; k < patterns.size(); ++k) {
+        uint32_t state = 0;
+        for_each_code_point(patterns[k], [&](uint32_t cp) {
+            const AcEdge* e = ac_find(state, cp);
+            if (e != nullptr) {
+                state = e->target;
+                return;
+            }
+            if (ac_states_.size() >= UINT32_MAX / 2) throw std::invalid_argument("metadata too large for the automaton");
+            const uint32_t next = static_cast<uint32_t>(ac_states_.size());
+            ac_states_.push_back(AcState{0, -1, kNone, 0, {0, 0}});
+            last.push_back(-1);
+            ac_insert(state, cp, next);
+            parent_child.insert(parent_child.end(), {state, cp, next});
+            state = next;
+        });
+        if (ac_states_[state].out < 0) {
+            ac_states_[state].out = ids[k];
+        } else {
+            next_same_entry_[last[state]] = ids[k];
+        }
+        last[state] = ids[k];
+    }
+    // Children of each state in CSR form; then breadth first, so a state's failure
+    // link (always shallower) is final before its children need it.
+    const size_t n = ac_states_.size();
+    std::vector<uint32_t> begin(n + 1, 0);
+    for (size_t i = 0; i < parent_child.size(); i += 3) ++begin[parent_child[i] + 1];
+    for (size_t st = 0; st < n; ++st) begin[st + 1] += begin[st];
+    std::vector<uint32_t> child_cp(begin[n]), child_state(begin[n]), fill(begin.begin(), begin.end() - 1);
+    for (size_t i = 0; i < parent_child.size(); i += 3) {
+        const uint32_t at = fill[parent_child[i]]++;
+        child_cp[at] = parent_child[i + 1];
+        child_state[at] = parent_child[i + 2];
+    }
+    std::vector<uint32_t>().swap(parent_child);
+    std::vector<uint32_t> queue{0};
+    queue.reserve(n);
+    for (size_t head = 0; head < queue.size(); ++head) {
+        const uint32_t st = queue[head];
+        for (uint32_t i = begin[st]; i < begin[st + 1]; ++i) {
+            const uint32_t c = child_state[i], cp = child_cp[i];
+            uint32_t f = 0;
+            if (st != 0) {
+                for (uint32_t g = ac_states_[st].fail;; g = ac_states_[g].fail) {
+                    const AcEdge* e = ac_find(g, cp);
+                    if (e != nullptr) {
+                        f = e->target;
+                        break;
+                    }
+                    if (g == 0) break;
+                }
+            }
+            ac_states_[c].fail = f;
+            ac_states_[c].leaf = begin[c] == begin[c + 1] ? 1 : 0;
+            if (cp < 128) ac_states_[st].ascii_children[cp >> 6] |= uint64_t{1} << (cp & 63);
+            ac_states_[c].dict = ac_states_[f].out >= 0 ? f : ac_states_[f].dict;
+            queue.push_back(c);
+        }
+    }
+    for (AcEdge& e : ac_edges_) {
+        if (e.key == kEmptyKey) continue;
+        const AcState& t = ac_states_[e.target];
+        e.fail = t.fail | (t.leaf ? kLeaf : 0);
+        const uint32_t report = t.out >= 0 ? e.target : t.dict;
+        e.report_out = report == kNone ? -1 : ac_states_[report].out;
+        e.report_next = report == kNone ? kNone : ac_states_[report].dict;
+    }
+    index_root();
+}
+
+void Matcher::index_root() {
+    has_duplicates_ = std::any_of(next_same_entry_.begin(), next_same_entry_.end(), [](int32_t e) { return e >= 0; });
+    ac_root_.assign(0x10000, 0);
+    for (size_t slot = 0; slot < ac_edges_.size(); ++slot) {
+        const uint64_t key = ac_edges_[slot].key;
+        if (key != kEmptyKey && (key >> 32) == 0 && (key & 0xFFFFFFFFu) < 0x10000)
+            ac_root_[key & 0xFFFFFFFFu] = static_cast<uint32_t>(slot) + 1;
+    }
+}
+
+void Matcher::match_automaton(std::string_view spaced, std::vector<int32_t>& found) const {
+    uint32_t state = 0, fail = 0;
+    bool leaf = false;
+    for_each_code_point(spaced, [&](uint32_t cp) {
+        for (;;) {
+            const AcEdge* e = nullptr;
+            if (state == 0) {
+                if (cp < 0x10000) {
+                    const uint32_t slot = ac_root_[cp];
+                    e = slot ? &ac_edges_[slot - 1] : nullptr;
+                } else {
+                    e = ac_find(0, cp);
+                }
+                if (e == nullptr) return;  // no pattern starts with cp
+            } else if (!leaf) {
+                if (cp >= 128 || ((ac_states_[state].ascii_children[cp >> 6] >> (cp & 63)) & 1)) e = ac_find(state, cp);
+            }
+            if (e != nullptr) {
+                state = e->target;
+                fail = e->fail & ~kLeaf;
+                leaf = (e->fail & kLeaf) != 0;
+                if (e->report_out < 0) return;
+                if (!has_duplicates_) {  // validated metadata: one entry per pattern
+                    found.push_back(e->report_out);
+                    for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict) found.push_back(ac_states_[s].out);
+                    return;
+                }
+                for (int32_t id = e->report_out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
+                for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict)
+                    for (int32_t id = ac_states_[s].out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
+                return;
+            }
+            // A leaf has no edges to probe: straight to its failure state.
+            state = fail;
+            fail = ac_states_[state].fail;
+            leaf = ac_states_[state].leaf != 0;
+        }
+    });
 }
 
 std::string_view Matcher::entry(size_t id) const {
@@ -275,8 +590,29 @@ uint32_t Matcher::child(uint32_t node, uint32_t token) const {
 }
 
 void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScratch& scratch) const {
+    const bool v2 = semantics_ == Semantics::kMetaclip2;
+    if (v2) text = strip_python_whitespace(text);
     normalize(text, scratch.normalized);
 
+    auto& found = scratch.found;
+    found.clear();
+    if (token_offsets_.size() > 1) match_tokens(scratch);  // no trie entries: nothing to look up
+    if (v2 && ac_edge_count_ > 0) {  // an automaton with more than the root
+        scratch.spaced.clear();
+        scratch.spaced.reserve(scratch.normalized.size() + 2);
+        scratch.spaced.push_back(' ');
+        scratch.spaced.append(scratch.normalized);
+        scratch.spaced.push_back(' ');
+        match_automaton(scratch.spaced, found);
+    }
+    if (found.size() > 1) {
+        std::sort(found.begin(), found.end());
+        found.erase(std::unique(found.begin(), found.end()), found.end());
+    }
+    out.insert(out.end(), found.begin(), found.end());
+}
+
+void Matcher::match_tokens(MatchScratch& scratch) const {
     // Three short passes instead of one: hashing every token first lets the memory
     // system fetch all their table slots at once (prefetch) rather than one by one.
     auto& tokens = scratch.tokens;
@@ -300,7 +636,6 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
     }
 
     auto& found = scratch.found;
-    found.clear();
     const size_t n_tokens = ids.size();
     for (size_t i = 0; i < n_tokens; ++i) {
         if (ids[i] < 0) continue;
@@ -314,11 +649,6 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
             if (node == kNone) break;
         }
     }
-    if (found.size() > 1) {
-        std::sort(found.begin(), found.end());
-        found.erase(std::unique(found.begin(), found.end()), found.end());
-    }
-    out.insert(out.end(), found.begin(), found.end());
 }
 
 void Matcher::match_batch(const std::vector<std::string_view>& texts, int threads,
@@ -367,7 +697,8 @@ void Matcher::match_batch(const std::vector<std::string_view>& texts, int thread
 // --- persistence -------------------------------------------------------------------
 
 void Matcher::save(std::ostream& out) const {
-    out.write(kMagic, sizeof kMagic);
+    const char* magic = semantics_ == Semantics::kMetaclip1 ? kMagic : kMagic2;
+    out.write(magic, sizeof kMagic);
     write_str(out, entry_bytes_);
     write_vec(out, entry_offsets_);
     write_str(out, token_bytes_);
@@ -378,15 +709,24 @@ void Matcher::save(std::ostream& out) const {
     write_vec(out, edges_);
     out.write(reinterpret_cast<const char*>(&edge_count_), sizeof edge_count_);
     write_vec(out, next_same_entry_);
-    out.write(kMagic, sizeof kMagic);  // trailer: a cut-off file is caught on load
+    if (semantics_ != Semantics::kMetaclip1) {
+        const uint8_t sem = static_cast<uint8_t>(semantics_);
+        out.write(reinterpret_cast<const char*>(&sem), sizeof sem);
+        write_vec(out, ac_states_);
+        write_vec(out, ac_edges_);
+        out.write(reinterpret_cast<const char*>(&ac_edge_count_), sizeof ac_edge_count_);
+    }
+    out.write(magic, sizeof kMagic);  // trailer: a cut-off file is caught on load
     if (!out) throw std::runtime_error("could not write matcher");
 }
 
 Matcher Matcher::load(std::istream& in) {
     char magic[sizeof kMagic];
     in.read(magic, sizeof magic);
-    if (!in || std::memcmp(magic, kMagic, sizeof kMagic) != 0)
+    const bool v2 = in && std::memcmp(magic, kMagic2, sizeof kMagic2) == 0;
+    if (!in || (!v2 && std::memcmp(magic, kMagic, sizeof kMagic) != 0))
         throw std::runtime_error("not a mode-fast matcher file (bad magic)");
+    const char* expected = v2 ? kMagic2 : kMagic;
     constexpr uint64_t kMax = uint64_t{1} << 40;
     Matcher m;
     read_str(in, m.entry_bytes_, kMax);
@@ -399,8 +739,18 @@ Matcher Matcher::load(std::istream& in) {
     read_vec(in, m.edges_, kMax);
     read_pod(in, m.edge_count_);
     read_vec(in, m.next_same_entry_, kMax);
+    if (v2) {
+        uint8_t sem = 0;
+        read_pod(in, sem);
+        if (sem != static_cast<uint8_t>(Semantics::kMetaclip2)) throw std::runtime_error("matcher file is corrupt (unknown semantics)");
+        m.semantics_ = Semantics::kMetaclip2;
+        read_vec(in, m.ac_states_, kMax);
+        read_vec(in, m.ac_edges_, kMax);
+        read_pod(in, m.ac_edge_count_);
+        m.index_root();
+    }
     in.read(magic, sizeof magic);
-    if (!in || std::memcmp(magic, kMagic, sizeof kMagic) != 0)
+    if (!in || std::memcmp(magic, expected, sizeof kMagic) != 0)
         throw std::runtime_error("matcher file is truncated or corrupt (bad trailer)");
 
     // Structural checks, so a damaged file fails here rather than reading out of bounds.
@@ -418,6 +768,52 @@ Matcher Matcher::load(std::istream& in) {
     for (const Edge& e : m.edges_) ok = ok && (e.key == kEmptyKey || e.target < n_nodes);
     for (uint32_t info : m.node_info_) ok = ok && (info & ~kHasChildren) <= n_entries;
     for (int32_t e : m.next_same_entry_) ok = ok && e < static_cast<int64_t>(n_entries);
+    if (v2) {
+        const size_t n_states = m.ac_states_.size();
+        ok = ok && n_states >= 1 && pow2(m.ac_edges_.size()) && m.ac_edge_count_ < m.ac_edges_.size();
+        uint64_t used = 0;
+        for (const AcEdge& e : m.ac_edges_) {
+            if (e.key == kEmptyKey) continue;
+            ++used;
+            ok = ok && (e.key >> 32) < n_states && e.target < n_states && (e.fail & ~kLeaf) < n_states &&
+                 e.report_out < static_cast<int64_t>(n_entries) && (e.report_next == kNone || e.report_next < n_states);
+        }
+        ok = ok && used == m.ac_edge_count_;
+        for (size_t i = 0; ok && i < n_states; ++i) {
+            const AcState& st = m.ac_states_[i];
+            ok = st.fail < n_states && st.leaf <= 1 && st.out < static_cast<int64_t>(n_entries) &&
+                 (st.dict == kNone || st.dict < n_states);
+        }
+        ok = ok && m.ac_states_[0].fail == 0;
+        // Failure and output chains must end (at the root, or kNone): a damaged file could
+        // make them loop. Each state is walked until it meets one already known to end.
+        if (ok) {
+            std::vector<uint8_t> ends(n_states, 0);
+            ends[0] = 1;
+            std::vector<uint32_t> path;
+            for (size_t i = 0; ok && i < n_states; ++i) {
+                path.clear();
+                uint32_t s = static_cast<uint32_t>(i);
+                while (!ends[s] && path.size() <= n_states) {
+                    path.push_back(s);
+                    s = m.ac_states_[s].fail;
+                }
+                ok = path.size() <= n_states;
+                for (uint32_t p : path) ends[p] = 1;
+            }
+            std::fill(ends.begin(), ends.end(), 0);
+            for (size_t i = 0; ok && i < n_states; ++i) {
+                path.clear();
+                uint32_t s = static_cast<uint32_t>(i);
+                while (s != kNone && !ends[s] && path.size() <= n_states) {
+                    path.push_back(s);
+                    s = m.ac_states_[s].dict;
+                }
+                ok = path.size() <= n_states;
+                for (uint32_t p : path) ends[p] = 1;
+            }
+        }
+    }
     if (!ok) throw std::runtime_error("matcher file is corrupt (inconsistent tables)");
     return m;
 }

@@ -5,6 +5,15 @@
 // \t \n \r into spaces and pads the text with one space each side. Every entry found
 // anywhere (overlaps included) is reported once.
 //
+// metaclip2 (MetaCLIP 2's worldwide rules, metaclip/curation/substr_matching.py): the
+// text is stripped (Python str.strip's whitespace) before spacing, and an entry is padded
+// with a space only on a side whose edge character is not "CJK or similar" (CJK, Thai,
+// Lao, Burmese, Khmer, Tibetan, ASCII or listed full-width punctuation). Entries padded
+// on both sides go to the token trie below; the others are plain substrings of the
+// spaced text and go to an Aho-Corasick automaton over code points. Lone surrogates arrive
+// encoded as surrogatepass UTF-8 (ED A0..BF xx), which no valid entry's bytes can
+// match inside, so the rest of such a text matches as MetaCLIP 2's str matching does.
+//
 // Why a token trie and not Aho-Corasick: both the entry and the text are bounded by
 // spaces, so " e " occurs in spaced(text) exactly when e.split(' ') is a contiguous
 // run of normalized(text).split(' ') (empty tokens included, which is how runs of
@@ -35,12 +44,17 @@ struct MatchScratch {
     std::vector<Token> tokens;
     std::vector<int32_t> token_ids;
     std::vector<int32_t> found;
+    std::string spaced;  // metaclip2: " " + normalized + " " for the automaton
 };
+
+enum class Semantics : uint8_t { kMetaclip1 = 1, kMetaclip2 = 2 };
 
 class Matcher {
 public:
     Matcher() = default;
-    explicit Matcher(const std::vector<std::string>& entries);
+    explicit Matcher(const std::vector<std::string>& entries, Semantics semantics = Semantics::kMetaclip1);
+
+    Semantics semantics() const { return semantics_; }
 
     size_t size() const { return entry_offsets_.empty() ? 0 : entry_offsets_.size() - 1; }
     std::string_view entry(size_t id) const;
@@ -63,6 +77,8 @@ public:
         uint32_t meta;      // high 24 bits of the hash | min(size, 255)
         uint32_t id_plus1;  // 0 marks an empty slot
     };
+    struct AcEdge;
+    struct AcState;
     struct Edge {
         uint64_t key;  // node << 32 | token; kEmptyKey marks an empty slot
         uint32_t target;
@@ -79,6 +95,13 @@ private:
     void add_edge(uint32_t node, uint32_t token, uint32_t target);
     static void insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash);
     void grow_edge_table();
+    void build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
+    void match_tokens(MatchScratch& scratch) const;  // trie pass over scratch.normalized into scratch.found
+    void match_automaton(std::string_view spaced, std::vector<int32_t>& found) const;
+    const AcEdge* ac_find(uint32_t state, uint32_t cp) const;
+    void ac_insert(uint32_t state, uint32_t cp, uint32_t target);
+
+    Semantics semantics_ = Semantics::kMetaclip1;
 
     // Entries as given, for naming ids.
     std::string entry_bytes_;
@@ -97,6 +120,48 @@ private:
     std::vector<Edge> edges_;
     uint64_t edge_count_ = 0;
     std::vector<int32_t> next_same_entry_;  // duplicates of an entry, chained, or -1
+
+public:
+    // metaclip2's Aho-Corasick automaton over the entries not padded on both sides, on
+    // code points (a CJK character is one step, not three). Its goto edges live in one
+    // open-addressing table; each edge also carries its target's failure link and the
+    // first state of its target's output chain, so a step that succeeds touches one
+    // slot and nothing else.
+    struct AcEdge {
+        uint64_t key;      // state << 32 | code point; kEmptyKey marks an empty slot
+        uint32_t target;
+        uint32_t fail;     // failure link of target | kLeaf if target has no children
+        // The output chain of target, first link inlined: the first entry it reports
+        // (-1: none) and the state after that on the chain (kNone: none).
+        int32_t report_out;
+        uint32_t report_next;
+    };
+    struct AcState {
+        uint32_t fail;
+        int32_t out;   // first entry whose pattern ends here, or -1 (more via next_same_entry_)
+        uint32_t dict; // nearest state on the failure chain with an output, or kNone
+        uint32_t leaf; // 1 if the state has no children: a step from it always fails
+        // Which ASCII code points have an edge from here: in Latin-script text most steps
+        // out of a state fail, and a bit test is far cheaper than a failed probe.
+        uint64_t ascii_children[2];
+    };
+    static constexpr uint32_t kLeaf = 0x80000000u;  // states are < 2^31
+
+private:
+    std::vector<AcState> ac_states_;  // empty unless metaclip2
+    std::vector<AcEdge> ac_edges_;
+    uint64_t ac_edge_count_ = 0;
+    // The root's edges for the Basic Multilingual Plane, by code point (slot + 1, 0:
+    // none): the root is where most steps of most texts are, and an array beats a probe.
+    // Derived from ac_edges_, so rebuilt on load rather than saved.
+    std::vector<uint32_t> ac_root_;
+    bool has_duplicates_ = true;  // any entry repeated: only then is next_same_entry_ read
+    void index_root();
 };
+
+// MetaCLIP 2's is_cjk_or_similar on one code point.
+bool is_cjk_or_similar(uint32_t cp);
+// Python's str.strip() on UTF-8 bytes (surrogatepass sequences are not whitespace).
+std::string_view strip_python_whitespace(std::string_view text);
 
 }  // namespace modefast

@@ -164,11 +164,18 @@ def _shard_id(path: Path) -> str:
 
 
 _worker_matcher: Any = None
+_worker_lid: Any = None  # metaclip2: language ID, loaded once per worker
 
 
-def _init_worker(matcher_path: str) -> None:
-    global _worker_matcher
-    _worker_matcher = Matcher.load(matcher_path)  # loaded, never rebuilt, per worker
+def _init_worker(matcher_path: str, semantics: str = "metaclip1") -> None:
+    global _worker_matcher, _worker_lid
+    if semantics == "metaclip2":
+        from mode_fast.worldwide import LanguageIdentifier, LanguageMatchers
+
+        _worker_matcher = LanguageMatchers.load(matcher_path)  # one automaton per language
+        _worker_lid = LanguageIdentifier()
+    else:
+        _worker_matcher = Matcher.load(matcher_path)  # loaded, never rebuilt, per worker
 
 
 def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
@@ -179,10 +186,19 @@ def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
     has_caption: list[bool] = []
     skips: Counter[str] = Counter()
     missing_fields: str | None = None
+    worldwide = task.get("semantics") == "metaclip2"
+    lone_surrogates = 0
     for rec in read_shard(path, task["caption_key"], task["key_field"]):
         if rec.skip_reason == "corrupt_tar_tail":  # not a record: no index
             skips[rec.skip_reason] += 1
             continue
+        if worldwide and rec.skip_reason == "invalid_utf8":
+            from mode_fast.worldwide import lone_surrogate_caption
+
+            caption = lone_surrogate_caption(rec, task["caption_key"], path)
+            if caption is not None:  # MetaCLIP 2 matches the rest of such a caption
+                rec.caption, rec.skip_reason = caption, None
+                lone_surrogates += 1
         keys.append(rec.key)
         has_caption.append(rec.caption is not None)
         if rec.caption is None:
@@ -190,7 +206,13 @@ def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
             if rec.skip_reason == "missing_caption" and missing_fields is None:
                 missing_fields = describe_fields(rec.sample)  # for a wrong --caption-key error
         captions.append(rec.caption or "")
-    offsets, ids = _worker_matcher.match_batch(captions, threads=task["threads"])
+    langs: list[str] = []
+    if worldwide:
+        from mode_fast.worldwide import match_captions
+
+        offsets, ids, langs = match_captions(_worker_matcher, _worker_lid, captions, has_caption, task["threads"])
+    else:
+        offsets, ids = _worker_matcher.match_batch(captions, threads=task["threads"])
     # Skipped records keep their index (the writer counts records the same way) but
     # match nothing.
     if not all(has_caption):
@@ -199,9 +221,13 @@ def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
         offsets = np.concatenate([[0], np.cumsum(np.where(has_caption, lengths, 0))]).astype(np.int64)
     meta = {"format": MATCHES_FORMAT, "fingerprint": task["fingerprint"], "skips": dict(skips), "config": task["config"],
             "missing_caption_fields": missing_fields}
+    extra = {}
+    if worldwide:  # the language is stored, so re-balancing never re-runs language ID
+        meta["lone_surrogate_captions"] = lone_surrogates
+        extra["langs"] = np.array(langs, dtype=str)
     with atomic_write(task["out"]) as f:
         np.savez(f, offsets=offsets, ids=ids, key_hashes=key_hashes(keys), keys=np.array(keys, dtype=str),
-                 meta=np.array(json.dumps(meta)))
+                 meta=np.array(json.dumps(meta)), **extra)
     return {"records": len(keys)}
 
 
@@ -218,8 +244,17 @@ def _matches_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _build_matcher(work: Path, entries: list[str], meta_sha: str) -> Path:
-    """Build the matcher once per metadata list and save it for the workers to load."""
+def _build_matcher(work: Path, entries: list[str], meta_sha: str,
+                   by_language: dict[str, list[str]] | None = None) -> Path:
+    """Build the matcher once per metadata list and save it for the workers to load
+    (metaclip2: one per language, in a folder)."""
+    if by_language is not None:
+        from mode_fast.worldwide import LanguageMatchers
+
+        folder = work / f"matchers-metaclip2-{__version__}-{meta_sha[:16]}"
+        if not LanguageMatchers.complete(folder):
+            LanguageMatchers(by_language).save(folder)  # languages.json last: complete or rebuilt
+        return folder
     path = work / f"matcher-{__version__}-{meta_sha[:16]}.bin"
     if not path.exists():
         Matcher(entries).save(path)  # atomic (mode_fast.files): a killed build leaves no matcher
@@ -233,7 +268,11 @@ def _sample_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Write one curated shard, its kept keys and its done stamp (runs in a worker)."""
     offsets, ids, hashes, keys = _read_npz(Path(task["matches"]), "offsets", "ids", "key_hashes", "keys")
     counts = np.load(task["counts_path"])
-    keep = record_scores(hashes, offsets, ids, counts, task["seed"]) < task["t"]
+    t: Any = task["t"]
+    if "t_by_language" in task:  # metaclip2: each record against its language's t
+        (langs,) = _read_npz(Path(task["matches"]), "langs")
+        t = np.array([task["t_by_language"].get(lang, -np.inf) for lang in langs.tolist()], dtype=np.float64)
+    keep = record_scores(hashes, offsets, ids, counts, task["seed"]) < t
     written = write_kept(task["path"], task["dst"], keep)
     if written != int(keep.sum()):
         raise ShardError(f"{task['path']}: wrote {written} records but meant to keep {int(keep.sum())}; "
@@ -297,6 +336,7 @@ def curate(
     estimate_only: bool = False,
     overwrite: bool = False,
     log: Log = print,
+    semantics: str = "metaclip1",
 ) -> dict[str, Any]:
     """Curate `pools` into `out_dir`; returns the summary (also written as summary.json).
 
@@ -307,7 +347,14 @@ def curate(
     estimate_only: counts, summary and the t table, no curated shards. Reruns follow the
     shared rule (mode_fast.runs): one run per out_dir at a time, a finished curation rerun
     unchanged is a no-op, overwrite=True starts over.
+    semantics: 'metaclip1' (MetaCLIP's rules) or 'metaclip2' (MetaCLIP 2 worldwide: language
+    ID, one metadata list per language given as a folder, JSON object or dict, and t as
+    English's threshold; mode_fast.worldwide).
     """
+    if semantics not in ("metaclip1", "metaclip2"):
+        from mode_fast.errors import ConfigError
+
+        raise ConfigError(f"--semantics must be metaclip1 or metaclip2, not {semantics!r}")
     if t is not None and target_size is not None:
         raise ValueError("give either t or target_size, not both")
     if t is not None and not (t > 0 and math.isfinite(t)):
@@ -321,12 +368,23 @@ def curate(
     out = Path(out_dir)
     work = out / ".work"
     shards = list_shards(pools)
-    entries, metadata_source = _load_entries(metadata)
-    meta_sha = metadata_sha256(entries)
+    by_language: dict[str, list[str]] | None = None
+    if semantics == "metaclip2":
+        from mode_fast import worldwide
+
+        by_language, metadata_source = worldwide.load_metadata_by_language(metadata)
+        entries = [e for lang in sorted(by_language) for e in by_language[lang]]  # global ids
+        meta_sha = worldwide.language_metadata_sha256(by_language)
+        worldwide.LanguageIdentifier()  # fails here, in one line, if py3langid is missing
+    else:
+        entries, metadata_source = _load_entries(metadata)
+        meta_sha = metadata_sha256(entries)
     # The shared lifecycle (mode_fast.runs): lock, run.json, interrupts. Curate recomputes
     # whatever a changed field affects itself (per-shard stamps below), so no field stops it.
     args = {"--metadata": meta_sha, "--caption-key": caption_key, "--key-field": key_field, "--t": t,
             "--target-size": target_size, "--seed": seed, "--estimate": estimate_only}
+    if by_language is not None:
+        args["--semantics"] = semantics
     with RunState.open(out, "curate", inputs={str(p): fingerprint(p) for p in shards}, args=args,
                        recompute=lambda field: [], overwrite=overwrite, owned=OWNED, log=log) as state, \
             state.interrupts():
@@ -336,7 +394,7 @@ def curate(
         runner = make_executor(executor, workers, ray_address)
         try:
             summary = _curate(runner, shards, out, work, entries, metadata_source, meta_sha, t, target_size,
-                              seed, caption_key, key_field, estimate_only, log, started, state)
+                              seed, caption_key, key_field, estimate_only, log, started, state, by_language)
         finally:
             runner.close()
         state.finish(_outputs(out, work, estimate_only))
@@ -358,7 +416,10 @@ def _outputs(out: Path, work: Path, estimate_only: bool) -> list[Path]:
 def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, work: Path,
             entries: list[str], metadata_source: str, meta_sha: str, t: float | None, target_size: int | None,
             seed: int, caption_key: str, key_field: str | None, estimate_only: bool, log: Log,
-            started: float, state: RunState) -> dict[str, Any]:
+            started: float, state: RunState, by_language: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    semantics = "metaclip1" if by_language is None else "metaclip2"
+    if by_language is not None:
+        from mode_fast import worldwide
     # One process alone may use every core for matching; several share them.
     threads = 0 if runner.runs_inline(len(shards)) else 1
 
@@ -366,6 +427,8 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     # The tool version too: a fixed matcher or reader must not reuse older match lists.
     config = {"metadata_sha256": meta_sha, "caption_key": caption_key, "key_field": key_field,
               "tool": __version__}
+    if by_language is not None:
+        config |= {"semantics": semantics, "language_id": worldwide.lid_version()}
     fingerprints = [fingerprint(p) for p in shards]
     match_files = [work / "matches" / f"{_shard_id(p)}.npz" for p in shards]
     tasks: list[dict[str, Any]] = []
@@ -378,15 +441,15 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
         stale += meta is not None
         tasks.append({"path": str(path), "out": str(mpath), "fingerprint": fp, "config": config,
                       "caption_key": caption_key, "key_field": key_field,
-                      "threads": threads})
+                      "threads": threads, "semantics": semantics})
     reused = len(shards) - len(tasks)
     if reused:
         log(f"match: reusing stored matches for {reused} of {len(shards)} shards")
     if stale:
         log(f"match: recomputing {stale} shards whose file, metadata, caption key or key field changed")
     if tasks:
-        matcher_path = _build_matcher(work, entries, meta_sha)
-        run_with_progress(runner, _match_shard, tasks, "match", (_init_worker, (str(matcher_path),)),
+        matcher_path = _build_matcher(work, entries, meta_sha, by_language)
+        run_with_progress(runner, _match_shard, tasks, "match", (_init_worker, (str(matcher_path), semantics)),
                           on_result=state.track("match", len(shards), reused))
 
     counts = np.zeros(len(entries), dtype=np.uint64)
@@ -394,12 +457,14 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     skips_total: Counter[str] = Counter()
     skips_by_shard: dict[str, dict[str, int]] = {}
     missing_fields: str | None = None
+    lone_surrogates = 0
     for path, mpath in zip(shards, match_files):
         ids, offsets, meta_arr = _read_npz(mpath, "ids", "offsets", "meta")
         counts += np.bincount(ids, minlength=len(entries)).astype(np.uint64)
         records_per_shard.append(len(offsets) - 1)
         meta = json.loads(str(meta_arr))
         skips = meta["skips"]
+        lone_surrogates += meta.get("lone_surrogate_captions", 0)
         missing_fields = missing_fields or meta.get("missing_caption_fields")
         if skips:
             skips_total.update(skips)
@@ -413,21 +478,36 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     save_npy(counts_path, counts)
 
     # Scores (one per record, pool order) fix the kept set for every t ------------------
-    score_parts, hash_parts = [], []
+    score_parts, hash_parts, lang_parts = [], [], []
     for mpath in match_files:
         offsets, ids, hashes = _read_npz(mpath, "offsets", "ids", "key_hashes")
         score_parts.append(record_scores(hashes, offsets, ids, counts, seed))
         hash_parts.append(hashes)
+        if by_language is not None:
+            lang_parts.append(_read_npz(mpath, "langs")[0])
     scores = np.concatenate(score_parts) if score_parts else np.zeros(0)
     pool_size = len(scores)
     duplicate_keys = pool_size - len(np.unique(np.concatenate(hash_parts))) if pool_size else 0
     del score_parts, hash_parts
     matched = int(np.isfinite(scores).sum())
+    # metaclip2: each language's t follows from English's (mode_fast.worldwide); a record is
+    # kept iff its score < its language's t, so `t` below is English's.
+    balance = None
+    if by_language is not None:
+        langs = np.concatenate(lang_parts) if lang_parts else np.zeros(0, dtype=str)
+        balance = worldwide.WorldwideBalance(worldwide.LanguageMatchers.layout(by_language), counts, scores, langs)
+
+    def record_t(t_en: float) -> Any:
+        return t_en if balance is None else balance.record_thresholds(balance.thresholds(t_en))
+
+    def probabilities(t_en: float) -> np.ndarray:
+        return entry_probabilities(counts, t_en) if balance is None else balance.probabilities(balance.thresholds(t_en))
+
     if pool_size and not matched:
         log(f"warning: none of the {pool_size:,} records matched the metadata; check --metadata and --caption-key")
 
     if target_size is not None:
-        t = solve_t(scores, target_size)
+        t = solve_t(scores, target_size) if balance is None else balance.solve(target_size)[0]
         log(f"t solved for target size {target_size:,}: t = {t:,.6g}")
         if target_size > matched:
             log(f"note: only {matched:,} records match the metadata; all of them are kept")
@@ -436,20 +516,25 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
         suggestion = max(1.0, DEFAULT_T * pool_size / METACLIP_POOL_SIZE)
         log(f"t = {t:,.0f} (MetaCLIP's setting for a 1.6B-pair pool); a small pool needs a proportionally "
             f"small t (here about {suggestion:.3g}): see the table, or use --target-size")
-    probs = entry_probabilities(counts, t)
+    probs = probabilities(t)
     save_npy(out / "entry_prob.npy", probs)
-    kept = int((scores < t).sum())
+    kept = int((scores < record_t(t)).sum())
     if target_size is not None and target_size <= matched and kept != target_size:
-        log(f"note: kept {kept:,}, not {target_size:,}: duplicate keys tie at the boundary")
+        why = "duplicate keys tie at the boundary" if balance is None else \
+            "at an English count every other language's t steps at once (MetaCLIP 2's p_to_t), or duplicate keys tie"
+        log(f"note: kept {kept:,}, not {target_size:,}: {why}")
+    t_by_language = None if balance is None else balance.thresholds(t)
+    if t_by_language is not None:
+        log("t per language (English's tail share): " + ", ".join(f"{k}={v:,.6g}" for k, v in t_by_language.items()))
 
     ladder_ts = _t_ladder(t)
-    ladder_probs = {lt: entry_probabilities(counts, lt) for lt in ladder_ts}
+    ladder_probs = {lt: probabilities(lt) for lt in ladder_ts}
     expected_by_t = dict.fromkeys(ladder_ts, 0.0)
     for mpath in match_files:
         offsets, ids = _read_npz(mpath, "offsets", "ids")
         for lt in ladder_ts:
             expected_by_t[lt] += expected_kept(offsets, ids, ladder_probs[lt])
-    ladder = [{"t": lt, "expected_kept": expected_by_t[lt], "kept_with_seed": int((scores < lt).sum())}
+    ladder = [{"t": lt, "expected_kept": expected_by_t[lt], "kept_with_seed": int((scores < record_t(lt)).sum())}
               for lt in ladder_ts]
     log(_ladder_table(ladder, t, pool_size, matched))
 
@@ -477,11 +562,16 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
         "skipped_total": int(sum(v for k, v in skips_total.items() if k != "corrupt_tar_tail")),
         "skipped_by_shard": skips_by_shard,
     }
+    if balance is not None and t_by_language is not None:
+        summary |= {"semantics": semantics, "lone_surrogate_captions": lone_surrogates,
+                    "entries_with_count_over_t": sum(
+                        int((c > t_by_language[lang]).sum()) for lang, c in balance.counts_by_lang.items()),
+                    **balance.summary(t_by_language, by_language, _head, _tail)}
 
     # Pass 2: sample ---------------------------------------------------------------------
     if not estimate_only:
         summary |= _write_curated(out, work, shards, fingerprints, match_files, config, counts_path, t, seed,
-                                  kept, runner, log, state)
+                                  kept, runner, log, state, t_by_language)
         manifest = {
             "tool": f"mode-fast {__version__}",
             "inputs": [fp | {"records": n} for fp, n in zip(fingerprints, records_per_shard)],
@@ -496,6 +586,8 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
             "matched": matched,
             "kept": kept,
         }
+        if t_by_language is not None:
+            manifest |= {"semantics": semantics, "t_by_language": t_by_language}
         write_json(out / "manifest.json", manifest)  # last: marks the curation finished
     summary["seconds"] = time.perf_counter() - started
     write_json(out / "summary.json", summary)
@@ -504,10 +596,13 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
 
 def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list[dict[str, Any]],
                    match_files: list[Path], config: dict[str, Any], counts_path: Path, t: float, seed: int,
-                   kept: int, runner: LocalExecutor | RayExecutor, log: Log, state: RunState) -> dict[str, Any]:
+                   kept: int, runner: LocalExecutor | RayExecutor, log: Log, state: RunState,
+                   t_by_language: dict[str, float] | None = None) -> dict[str, Any]:
     """Pass 2: curated shards under out/data, kept_keys.txt; resumes finished shards."""
     root = _common_root(shards)
     stamp_base = {"t": t, "seed": seed, "counts_sha256": _sha256_file(counts_path)}
+    by_language = {} if t_by_language is None else {"t_by_language": t_by_language}
+    stamp_base |= by_language
     tasks, done_files, kept_files, dsts = [], [], [], set()
     for path, fp, mpath in zip(shards, fingerprints, match_files):
         sid = _shard_id(path)
@@ -523,7 +618,7 @@ def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list
             continue
         tasks.append({"path": str(path), "matches": str(mpath), "counts_path": str(counts_path),
                       "seed": seed, "t": t, "dst": str(dst), "kept_keys": str(kept_keys),
-                      "done": str(done), "stamp": stamp})
+                      "done": str(done), "stamp": stamp} | by_language)
     if len(tasks) < len(shards):
         log(f"sample: {len(shards) - len(tasks)} of {len(shards)} shards already written for this t, seed and input")
     if tasks:
@@ -602,6 +697,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="caption member extension or json/column field (default: json 'caption', else .txt)")
     parser.add_argument("--key-field", default=None,
                         help="parquet/jsonl column holding the record uid (default: uid, else key)")
+    parser.add_argument("--semantics", choices=("metaclip1", "metaclip2"), default="metaclip1",
+                        help="metaclip1: MetaCLIP's matching and one t (default); metaclip2: MetaCLIP 2 worldwide "
+                             "(language ID, --metadata a folder of <lang>.json lists or a JSON object of them, "
+                             "--t the English threshold; needs mode-fast[worldwide])")
     parser.add_argument("--estimate", action="store_true",
                         help="count and print expected kept sizes for a ladder of t; write no curated shards")
     parser.add_argument("--overwrite", action="store_true",
@@ -624,6 +723,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
         caption_key=args.caption_key, key_field=args.key_field,
         estimate_only=args.estimate, overwrite=args.overwrite, log=lambda msg: print(msg, file=sys.stderr),
+        semantics=args.semantics,
     )
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
     what = "estimated" if summary["estimate_only"] else "kept"
@@ -632,4 +732,8 @@ def run(args: argparse.Namespace) -> int:
         f"(expected {summary['expected_kept']:,.0f})  t={summary['t']:.6g}  skipped: {skipped}\n"
         f"outputs in {args.out}"
     )
+    if "languages" in summary:  # metaclip2: one line per language
+        from mode_fast.worldwide import format_language_summary
+
+        print(format_language_summary(summary))
     return 0

@@ -1,0 +1,158 @@
+"""metaclip2 matching (MetaCLIP 2's worldwide rules) against a plain-Python transcription."""
+from __future__ import annotations
+
+import pickle
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matching_reference import (
+    CJK_OR_SIMILAR_RANGES,
+    FULL_WIDTH_PUNCTUATION,
+    is_cjk_or_similar_v2,
+    naive_match,
+    naive_match_v2,
+)
+
+from mode_fast._matcher import Matcher, is_cjk_or_similar
+
+# Every code point Python's str.strip() removes.
+PY_SPACES = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+
+ENTRIES = [
+    "東京", "東京 タワー", "タワー", "京", "東", "日本語", "中文", "ไทย", "ภาษาไทย", "ລາວ", "မြန်မာ", "ខ្មែរ", "བོད",
+    "hot", "dog", "hot dog", "a", "Inc.", "U.S.", "e.g.", "(a)", "C++", "#1", "-", "--", "...", ",", ".", "?!",
+    "。", "，", "「東京」", "東京。", "—", "～", "“quoted”", "‘x’", "【新】", "《书》", "〈a〉",
+    "café", "naïve", " leading", "trailing ", "double  space", "tab\there", "x\u3000y", "😀", "東京 ", " 東京",
+    "Ａ", "ｘ東", "東x", "x東", "0", "1,000", "π", "𠀀", "𪜀字",  # CJK extension B / C
+    "\u3000", ":", "`", "!", "dog stand", "stand",
+]
+
+TEXTS = [
+    "東京タワー", "東京 タワー", "東京\tタワー", "東京\u3000タワー", "　東京　", "\u3000\u3000",
+    "ไทยภาษาไทย", "ภาษาไทยดี", "ລາວ ແລະ ໄທ", "မြန်မာစာ", "ខ្មែរ", "བོད་ཡིག",
+    "hot dog", "  hot dog  ", "\u2003hot dog\u2028", "\x1chot dog\x1f", "\x0bhot\x0cdog\x85", "\xa0hot dog\xa0",
+    "\u1680hot\u205fdog\u202f", "\u2029a\u3000", "a hot dog stand", "hotdog", "Acme Inc.", "Acme Inc. Ltd",
+    "the U.S. army", "(a)(b)", "(a) b", "C++ code", "#1 hit", "a-b", "a--b", "wait...", "a,b", "a , b",
+    "?!", "東京。東京，東京", "「東京」です", "東京。", "x—y", "x～y", "“quoted” text", "‘x’", "【新】品",
+    "《书》名", "〈a〉", "café naïve", "cafe\u0301", "x leading", "trailing  x", "double  space",
+    "tab\there", "x\u3000y", "😀😀", "ｘ東ｘ", "東x東", "x東x", "1,000", "π=3", "𠀀𪜀字", "\t\n\r",
+    "", " ", ":`!", "a\ud800 dog", "\ud800東京\udfff", "\udc00", "hot\ud83d dog", "dog stand",
+    "ＡＢＣ", "mixed 東京 and ไทย and hot dog。",
+]
+
+
+@pytest.fixture(scope="module")
+def matcher() -> Matcher:
+    return Matcher(ENTRIES, semantics="metaclip2")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_metaclip2_equals_reference(matcher: Matcher, text: str) -> None:
+    assert matcher.match(text) == naive_match_v2(ENTRIES, text)
+
+
+def test_metaclip2_batch_equals_single(matcher: Matcher) -> None:
+    texts = TEXTS * 50
+    for threads in (1, 2):
+        offsets, ids = matcher.match_batch(texts, threads=threads)
+        for i, text in enumerate(texts):
+            assert ids[offsets[i]:offsets[i + 1]].tolist() == naive_match_v2(ENTRIES, text)
+
+
+def test_documented_differences() -> None:
+    m1, m2 = Matcher(["東京"]), Matcher(["東京"], semantics="metaclip2")
+    assert m1.match("東京タワー") == [] and m2.match("東京タワー") == [0]
+    # Stripping: the ideographic space is not a tab/newline, so only metaclip2 sees the word.
+    assert Matcher(["dog"]).match("\u3000dog") == []
+    assert Matcher(["dog"], semantics="metaclip2").match("\u3000dog") == [0]
+    # A lone surrogate: metaclip1 refuses the text, metaclip2 matches the rest of it.
+    with pytest.raises(ValueError, match="surrogate"):
+        m1.match("東京 \ud800")
+    assert m2.match("東京\ud800") == [0]
+    assert Matcher(["dog"], semantics="metaclip2").match_batch(["\ud800 dog", "dog"])[1].tolist() == [0, 0]
+
+
+def test_default_is_metaclip1_and_unchanged() -> None:
+    m = Matcher(ENTRIES)
+    assert m.semantics == "metaclip1"
+    for text in TEXTS:
+        if "\ud800" in text or any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            continue
+        assert m.match(text) == naive_match(ENTRIES, text)
+
+
+def test_unknown_semantics() -> None:
+    with pytest.raises(ValueError, match="metaclip1' or 'metaclip2"):
+        Matcher(["a"], semantics="metaclip3")
+
+
+def test_empty_entry_rejected_in_metaclip2() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        Matcher(["a", ""], semantics="metaclip2")
+
+
+def test_cjk_rule_matches_reference() -> None:
+    # Every code point in and around each range, every punctuation mark, some others.
+    probes = set(map(ord, string.punctuation)) | set(map(ord, FULL_WIDTH_PUNCTUATION))
+    for lo, hi in CJK_OR_SIMILAR_RANGES:
+        probes |= {lo - 1, lo, lo + 1, hi - 1, hi, hi + 1}
+    probes |= set(range(0, 0x3100)) | {0xFF01, 0xFF0C, 0xFF5E, 0xFF5F, 0x1F600, 0x10FFFF}
+    for cp in sorted(probes):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        assert is_cjk_or_similar(cp) == is_cjk_or_similar_v2(chr(cp)), hex(cp)
+
+
+def test_save_load_and_pickle_keep_semantics(matcher: Matcher, tmp_path) -> None:
+    path = tmp_path / "m2.bin"
+    matcher.save(path)
+    loaded = Matcher.load(str(path))
+    assert loaded.semantics == "metaclip2"
+    assert pickle.loads(pickle.dumps(matcher)).semantics == "metaclip2"
+    for text in TEXTS:
+        assert loaded.match(text) == matcher.match(text)
+    # metaclip1 files keep their old layout (magic MFMATCH1).
+    Matcher(["a"]).save(tmp_path / "m1.bin")
+    assert (tmp_path / "m1.bin").read_bytes()[:8] == b"MFMATCH1"
+    assert path.read_bytes()[:8] == b"MFMATCH2"
+
+
+def test_truncated_metaclip2_file(matcher: Matcher, tmp_path) -> None:
+    path = tmp_path / "m2.bin"
+    matcher.save(path)
+    blob = path.read_bytes()
+    for cut in (len(blob) - 1, len(blob) - 9, len(blob) // 2):
+        (tmp_path / "cut.bin").write_bytes(blob[:cut])
+        with pytest.raises(RuntimeError):
+            Matcher.load(str(tmp_path / "cut.bin"))
+
+
+# --- property tests: random text over an adversarial alphabet -----------------------------
+
+ALPHABET = (list("ab 東京タワー中ไทยລາວမြខ្བོ.,;:?!`()\"'-#，。、；：？！“”‘’（）【】《》〈〉「」『』～—Ａ😀𠀀")
+            + PY_SPACES)
+SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
+
+entry_st = st.text(alphabet=st.sampled_from(ALPHABET), min_size=1, max_size=4)
+text_st = st.text(alphabet=st.sampled_from(ALPHABET + SURROGATES), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=st.lists(entry_st, min_size=1, max_size=12), texts=st.lists(text_st, min_size=1, max_size=8))
+def test_metaclip2_property(entries: list[str], texts: list[str]) -> None:
+    m = Matcher(entries, semantics="metaclip2")
+    offsets, ids = m.match_batch(texts, threads=1)
+    for i, text in enumerate(texts):
+        expected = naive_match_v2(entries, text)
+        assert m.match(text) == expected
+        assert ids[offsets[i]:offsets[i + 1]].tolist() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(entries=st.lists(entry_st, min_size=1, max_size=12), texts=st.lists(text_st, min_size=1, max_size=4))
+def test_metaclip2_property_after_load(entries: list[str], texts: list[str]) -> None:
+    m = pickle.loads(pickle.dumps(Matcher(entries, semantics="metaclip2")))
+    for text in texts:
+        assert m.match(text) == naive_match_v2(entries, text)
