@@ -166,3 +166,14 @@ def test_sigint_checkpoints_and_a_second_run_stops_naming_the_holder(pool, refer
     lines = _one_line(capsys.readouterr().err)
     assert len(lines) == 1 and "--lr 0.001, this run has --lr 0.002" in lines[0] and "--overwrite" in lines[0]
     assert _files(job) == before
+
+
+def test_checkpoints_by_wall_time(pool, tmp_path):
+    """--checkpoint-minutes: a checkpoint whenever that much time passed, whatever --save-every
+    (here a tiny interval, so every step is due)."""
+    run_train(["--data", str(pool / "shards"), "--out", str(tmp_path), "--steps", "4", "--save-every", "100",
+               "--checkpoint-minutes", "1e-9", "--stop-at-step", "3"])  # fmt: skip
+    assert torch.load(tmp_path / "seed/checkpoints/latest.pt", weights_only=True)["job_step"] == 3
+    run_train(["--data", str(pool / "shards"), "--out", str(tmp_path / "b"), "--steps", "4", "--save-every", "100",
+               "--stop-at-step", "3"])  # fmt: skip  (default: minutes, so none in 3 quick steps)
+    assert not (tmp_path / "b/seed/checkpoints/latest.pt").exists()
