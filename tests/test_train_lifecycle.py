@@ -122,8 +122,9 @@ def test_sigkill_in_training_and_in_the_final_write_then_rerun_is_identical(pool
 def test_sigint_checkpoints_and_a_second_run_stops_naming_the_holder(pool, reference, tmp_path, capsys, caplog):
     out, job = tmp_path / "run", tmp_path / "run/seed"
     args = _args(pool, out, "--save-every", "100")  # only the interrupt checkpoints
-    proc = subprocess.Popen([sys.executable, "-m", "mode_fast", "train", *args], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # with a loader worker, in its own process group as a shell job: Ctrl-C reaches the whole group
+    proc = subprocess.Popen([sys.executable, "-m", "mode_fast", "train", *args, "--workers", "1"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not ((job / "metrics.jsonl").is_file() and len(metrics(job)) >= 2):
@@ -136,7 +137,7 @@ def test_sigint_checkpoints_and_a_second_run_stops_naming_the_holder(pool, refer
         assert time.monotonic() - t0 < 60
         lines = _one_line(err)
         assert len(lines) == 1 and f"{job} is in use by pid {proc.pid} on " in lines[0], err
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
