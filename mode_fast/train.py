@@ -7,10 +7,12 @@ trains the rest of the schedule on its own cluster plus a share of the others
 (`--expert k --clusters DIR`). Experts are independent jobs.
 
 Output of one job, under OUT/seed or OUT/expert_K:
-  checkpoints/latest.pt   full training state, written atomically every --save-every steps
+  checkpoints/latest.pt   full training state, written atomically every --save-every steps,
+                          every --checkpoint-minutes and on an interrupt
   checkpoints/final.pt    the same at the end of the job (what experts and eval load)
   metrics.jsonl           one JSON object per logged step (step, epoch, loss, lr, ...)
   config.json, data.json  the arguments, and the data index (counts, skipped samples)
+  run.json, .lock         the run manifest and the job folder's lock (mode_fast.runs)
 
 Reruns follow the one lifecycle rule (mode_fast.runs; README "Reruns, kills and
 interrupts"): OUT/JOB/run.json records the inputs and result-changing arguments, and the
