@@ -526,8 +526,9 @@ def train(cfg: TrainConfig | argparse.Namespace) -> Path:
     state, finished = _open_run(cfg, ddp)
     with state or contextlib.nullcontext():
         if finished:
-            log.warning("train: %s already finished with these inputs and arguments: nothing to do "
-                        "(--overwrite to train again)", cfg.job_dir)
+            if ddp.is_main:
+                log.warning("train: %s already finished with these inputs and arguments: nothing to do "
+                            "(--overwrite to train again)", cfg.job_dir)
             return final
         where = ["setup"]
         try:
