@@ -52,8 +52,8 @@ from mode_fast import __version__
 from mode_fast.errors import ConfigError, Interrupted, ModeFastError, output_error
 from mode_fast.files import remove_stale_temporaries, write_json
 
-__all__ = ["LOCK", "MANIFEST", "OutputLock", "OutputLocked", "RunState", "code_version", "fingerprint",
-           "interrupts_as_error", "process_start"]
+__all__ = ["LOCK", "MANIFEST", "OutputLock", "OutputLocked", "RunState", "StopRequest", "code_version",
+           "fingerprint", "interrupts_as_error", "interrupts_deferred", "process_start"]
 
 MANIFEST = "run.json"
 LOCK = ".lock"
@@ -161,6 +161,40 @@ def interrupts_as_error(where: Callable[[], str]) -> Iterator[None]:
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class StopRequest:
+    """Set by `interrupts_deferred`: the signal that asked the job to stop, or None."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[StopRequest]:
+    """SIGINT and SIGTERM only set the yielded `StopRequest`, for a loop that must stop at
+    a consistent point (train saves a checkpoint between steps, then raises `Interrupted`).
+    A second signal acts at once (KeyboardInterrupt / default), so a stuck step can still
+    be stopped. Main thread only; the previous handlers come back on exit."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        request.signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -346,6 +380,14 @@ class RunState:
             self.finished = False
             self.flush()
         return hit
+
+    def abandon(self) -> None:
+        """A fresh run that failed before doing any unit leaves no run.json, so a corrected
+        command is not stopped by the arguments of a run that did nothing. (Call before close.)"""
+        if not self.resumed and not self.units and not self.finished:
+            with contextlib.suppress(OSError):
+                (self.out / MANIFEST).unlink()
+            self._dirty = False
 
     def flush(self) -> None:
         if self._dirty:

@@ -7,14 +7,21 @@ trains the rest of the schedule on its own cluster plus a share of the others
 (`--expert k --clusters DIR`). Experts are independent jobs.
 
 Output of one job, under OUT/seed or OUT/expert_K:
-  checkpoints/latest.pt   full training state, written atomically every --save-every steps
+  checkpoints/latest.pt   full training state, written atomically every --save-every steps,
+                          every --checkpoint-minutes and on an interrupt
   checkpoints/final.pt    the same at the end of the job (what experts and eval load)
   metrics.jsonl           one JSON object per logged step (step, epoch, loss, lr, ...)
   config.json, data.json  the arguments, and the data index (counts, skipped samples)
+  run.json, .lock         the run manifest and the job folder's lock (mode_fast.runs)
 
-`--resume` continues a killed job from latest.pt with the same model, optimizer, schedule,
-data position and RNG state: the result is bit-identical to an uninterrupted run (the data
-order is a pure function of (seed, epoch), see mode_fast.data.loader).
+Reruns follow the one lifecycle rule (mode_fast.runs; README "Reruns, kills and
+interrupts"): OUT/JOB/run.json records the inputs and result-changing arguments, and the
+job folder is locked while it runs. Rerunning the same command continues a killed or
+interrupted job from latest.pt with the same model, optimizer, schedule, data position and
+RNG state: the result is bit-identical to an uninterrupted run (the data order is a pure
+function of (seed, epoch), see mode_fast.data.loader). A finished job rerun is a no-op; a
+changed argument or input stops naming it. Ctrl-C/SIGTERM save a checkpoint at the end of
+the current step; checkpoints are also written every --checkpoint-minutes.
 
 Several processes: `torchrun --nproc-per-node 2 -m mode_fast train ...` (gloo on CPU,
 nccl on GPU); --batch-size is per process, as in open_clip.
@@ -26,6 +33,7 @@ Job module: argument parsing, a validated frozen `TrainConfig`, and calls into t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,8 +51,9 @@ import torch.distributed as dist
 from mode_fast import files
 from mode_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mode_fast.data import loader as data_loader
-from mode_fast.errors import ConfigError, InputError
+from mode_fast.errors import ConfigError, InputError, Interrupted, ModeFastError
 from mode_fast.models import create_model, project_model_names, register_model_configs
+from mode_fast.runs import RunState, fingerprint, interrupts_as_error, interrupts_deferred
 from mode_fast.training import (Dist, MetricsLog, batches, cosine_lr, init_distributed, make_loss, param_groups,
                                 pick_device, resolve_sample_spec, train_step)
 
@@ -116,9 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
+    g.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="MIN",
+                   help="also checkpoint when this much wall time passed since the last one, so a kill "
+                        "loses little; 0: only --save-every (default: %(default)s)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT, or from this job's latest.pt when none is given "
-                        "(a fresh start when there is none yet)")
+                   help="continue from CKPT (an explicit path). Without CKPT it changes nothing: "
+                        "rerunning the same command always continues the job's own latest.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="forget this job's earlier run in its folder (checkpoints, metrics) and start over")
     g.add_argument("--log-every", type=int, default=1, help="metrics.jsonl interval in steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     # Test hook: end the job after this step as a kill would (no checkpoint unless one is due).
@@ -163,7 +177,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     save_every: int = 500
+    checkpoint_minutes: float = 5.0
     resume: str | None = None
+    overwrite: bool = False
     log_every: int = 1
     no_progress: bool = False
     stop_at_step: int | None = None
@@ -187,7 +203,7 @@ class TrainConfig:
             if value is not None and value < low:
                 raise ConfigError(f"{flag} must be >= {low}, got {value}")
         for flag, value in (("--lr", self.lr), ("--wd", self.wd), ("--grad-clip-norm", self.grad_clip_norm),
-                            ("--eps", self.eps)):  # fmt: skip
+                            ("--eps", self.eps), ("--checkpoint-minutes", self.checkpoint_minutes)):  # fmt: skip
             if not value >= 0:  # also NaN
                 raise ConfigError(f"{flag} must be >= 0, got {value}")
         for flag, value in (("--expert-share", self.expert_share), ("--beta1", self.beta1), ("--beta2", self.beta2)):
@@ -246,16 +262,17 @@ class _Start:
 
 
 def _starting_point(cfg: TrainConfig) -> _Start:
+    """run.json (checked by `_open_run`) vouches that latest.pt, when there, is this job's:
+    continuing is the default, and its own config is checked again in `_restore`."""
     ckpt_dir = cfg.job_dir / "checkpoints"
     resume_path: Path | None = None
-    if cfg.resume is not None:
-        resume_path = ckpt_dir / "latest.pt" if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume == "auto" and not resume_path.is_file():
-            log.info("--resume: no checkpoint in %s yet, starting fresh", ckpt_dir)
-            resume_path = None
+    if cfg.resume is not None and cfg.resume != "auto":
+        resume_path = Path(cfg.resume)
+    elif (ckpt_dir / "latest.pt").is_file():
+        resume_path = ckpt_dir / "latest.pt"
     if cfg.stage != "expert" or resume_path is not None:
         return _Start(resume_path)
-    seed_path = cfg.seed_checkpoint or cfg.out / "seed" / "checkpoints" / "final.pt"
+    seed_path = _seed_path(cfg)
     if not seed_path.is_file():
         raise InputError(
             f"seed checkpoint {seed_path} not found: train the seed first "
@@ -265,6 +282,62 @@ def _starting_point(cfg: TrainConfig) -> _Start:
     if seed_ckpt["model_name"] != cfg.model:
         raise ConfigError(f"seed checkpoint {seed_path} is a {seed_ckpt['model_name']}, not --model {cfg.model}")
     return _Start(None, seed_ckpt)
+
+
+JOB_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "data.json")
+
+
+def _seed_path(cfg: TrainConfig) -> Path:
+    return cfg.seed_checkpoint or cfg.out / "seed" / "checkpoints" / "final.pt"
+
+
+def _run_inputs(cfg: TrainConfig) -> dict[str, Any]:
+    """What the job reads, fingerprinted for run.json: shards, key list, assignments, seed."""
+    from mode_fast.data.io import list_shards
+
+    try:
+        shards = list_shards(cfg.data)
+    except InputError as e:
+        raise InputError(f"--data: {e}") from e
+    inputs = {f"shard {p}": fingerprint(p) for p in shards}
+    if cfg.keep_keys is not None and cfg.keep_keys.is_file():
+        inputs["keep-keys"] = fingerprint(cfg.keep_keys)
+    if cfg.stage == "expert":
+        assert cfg.clusters is not None
+        for p in sorted((cfg.clusters / "assignments").glob("*")) if (cfg.clusters / "assignments").is_dir() else []:
+            inputs[f"assignments {p.name}"] = fingerprint(p)
+        if _seed_path(cfg).is_file():
+            inputs["seed checkpoint"] = fingerprint(_seed_path(cfg))
+    return inputs
+
+
+def _open_run(cfg: TrainConfig, ddp: Dist) -> tuple[RunState | None, bool]:
+    """(run state on rank 0, else None; whether the job already finished). Rank 0 locks the
+    job folder and reconciles run.json; the other ranks follow its verdict, an error included,
+    so no rank waits in a collective for one that stopped."""
+    state, verdict = None, None
+    if ddp.is_main:
+        try:
+            args = {f"--{k.replace('_', '-')}": v for k, v in cfg.result_config(ddp.world_size).items()}
+            state = RunState.open(cfg.job_dir, "train", inputs=_run_inputs(cfg), args=args,
+                                  overwrite=cfg.overwrite, owned=JOB_OUTPUTS, log=log.warning)
+            if not state.resumed and (cfg.job_dir / "checkpoints").is_dir() and cfg.resume is None:
+                state.close()
+                raise ConfigError(f"{cfg.job_dir} holds a train run without run.json (an older mode-fast): "
+                                  "rerun with --resume to continue it, --overwrite to start over, or use another --out")
+        except ModeFastError as e:
+            verdict = e
+    if ddp.world_size > 1:
+        box = [None if verdict is None else (type(verdict), str(verdict)), bool(state and state.finished)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and verdict is None:
+            verdict = box[0][0](box[0][1])
+        finished = bool(box[1])
+    else:
+        finished = bool(state and state.finished)
+    if verdict is not None:
+        raise verdict
+    return state, finished
 
 
 @dataclass
@@ -374,6 +447,7 @@ class _Run:
     loss_fn: torch.nn.Module
     schedule: _Schedule
     config: dict[str, Any]
+    state: RunState | None = None  # rank 0: the run manifest
 
     @property
     def ckpt_dir(self) -> Path:
@@ -451,6 +525,26 @@ def train(cfg: TrainConfig | argparse.Namespace) -> Path:
     ddp = init_distributed(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    final = cfg.job_dir / "checkpoints" / "final.pt"
+    state, finished = _open_run(cfg, ddp)
+    with state or contextlib.nullcontext():
+        if finished:
+            if ddp.is_main:
+                log.warning("train: %s already finished with these inputs and arguments: nothing to do "
+                            "(--overwrite to train again)", cfg.job_dir)
+            return final
+        where = ["setup"]
+        try:
+            with interrupts_as_error(lambda: where[0]):
+                return _train(cfg, device, bf16, ddp, state, where)
+        except ModeFastError:
+            if state is not None:
+                state.abandon()  # bad data or arguments found before any step: nothing to continue
+            raise
+
+
+def _train(cfg: TrainConfig, device: torch.device, bf16: bool, ddp: Dist, state: RunState | None,
+           where: list[str]) -> Path:
     start = _starting_point(cfg)
     data = _training_data(cfg)  # before the model: bad data fails before any weights exist
 
@@ -470,11 +564,8 @@ def train(cfg: TrainConfig | argparse.Namespace) -> Path:
     )
     loss_fn, loss_source = make_loss(cfg.siglip, ddp.rank, ddp.world_size, deterministic=cfg.deterministic)
     run = _Run(cfg, ddp, device, bf16, built.model, built.kwargs, built.model, optimizer, loss_fn,
-               _schedule(cfg, start, train_loader.steps_per_epoch), cfg.result_config(ddp.world_size))
+               _schedule(cfg, start, train_loader.steps_per_epoch), cfg.result_config(ddp.world_size), state)
     job_step = _restore(run, start)
-    if job_step >= run.schedule.job_steps:
-        log.info("%s already finished (%d steps)", cfg.job_dir, run.schedule.job_steps)
-        return run.ckpt_dir / "final.pt"
     if ddp.world_size > 1:
         run.train_model = torch.nn.parallel.DistributedDataParallel(
             built.model, device_ids=[device.index] if device.type == "cuda" else None
@@ -485,55 +576,103 @@ def train(cfg: TrainConfig | argparse.Namespace) -> Path:
         log.info("%s: %d samples, %d steps/epoch of %d, job steps %d..%d, schedule %d..%d of %d, loss %s",
                  cfg.job_dir, data.index.total, train_loader.steps_per_epoch, stream.global_batch, job_step,
                  s.job_steps, s.start, s.start + s.job_steps, s.total, loss_source)
-    return _loop(run, train_loader, job_step, resumed=start.resume_path is not None)
+    where[0] = f"step {job_step}/{run.schedule.job_steps}"
+    return _loop(run, train_loader, job_step, where)
 
 
-def _loop(run: _Run, train_loader: data_loader.TrainLoader, job_step: int, resumed: bool) -> Path:
-    """Steps job_step.. of the job, logging, checkpointing; returns the checkpoint it ends on."""
+def _loop(run: _Run, train_loader: data_loader.TrainLoader, job_step: int, where: list[str]) -> Path:
+    """Steps job_step.. of the job, logging, checkpointing; returns the checkpoint it ends on.
+    Interrupts are deferred to the end of a step (a signal mid-step would leave the weights
+    half-updated), then the step is checkpointed and `Interrupted` raised."""
     from tqdm import tqdm
 
     cfg, s, spe = run.cfg, run.schedule, train_loader.steps_per_epoch
     global_batch = train_loader.stream.global_batch
     progress = tqdm(total=s.job_steps, initial=job_step, disable=cfg.no_progress or not run.ddp.is_main,
                     desc=cfg.job_dir.name, unit="step", dynamic_ncols=True)
-    metrics = MetricsLog(cfg.job_dir / "metrics.jsonl", job_step if resumed else None) if run.ddp.is_main else None
+    # always cut back to the checkpoint: metrics.jsonl never holds a step twice
+    metrics = MetricsLog(cfg.job_dir / "metrics.jsonl", job_step) if run.ddp.is_main else None
     run.train_model.train()
     t_last = time.perf_counter()
+    t_saved = time.monotonic()
     try:
-        for step, batch in batches(train_loader, job_step, s.job_steps):
-            data_time = time.perf_counter() - t_last
-            lr = cosine_lr(s.start + step, cfg.lr, cfg.warmup, s.total)
-            loss = train_step(run.model, run.train_model, run.loss_fn, run.optimizer, batch, run.device, lr,
-                              cfg.grad_clip_norm, run.bf16)
-            done = step + 1
-            if metrics is not None:
-                now = time.perf_counter()
-                samples_per_s = global_batch / max(now - t_last, 1e-9)
-                t_last = now
-                loss_value = float(loss)
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
-                if done % cfg.log_every == 0 or done == s.job_steps:
-                    metrics.write({
-                        "step": done, "schedule_step": s.start + done, "epoch": step // spe,
-                        "loss": loss_value, "lr": lr, "logit_scale": float(run.model.logit_scale.detach().exp()),
-                        "samples_per_s": samples_per_s, "data_time": data_time,
-                        "samples_seen": done * global_batch, "time": time.time(),
-                    })  # fmt: skip
-            if done % cfg.save_every == 0 and done < s.job_steps:
-                _save(run, run.ckpt_dir / "latest.pt", done)
-                run.ddp.barrier()
-            if cfg.stop_at_step is not None and cfg.stop_at_step <= done < s.job_steps:
-                log.warning("stopping at step %d (--stop-at-step)", done)
-                return run.ckpt_dir / "latest.pt"
-        _save(run, run.ckpt_dir / "latest.pt", s.job_steps)
-        _save(run, run.ckpt_dir / "final.pt", s.job_steps)
-        run.ddp.barrier()
+        with interrupts_deferred() as stop:
+            for step, batch in batches(train_loader, job_step, s.job_steps):
+                data_time = time.perf_counter() - t_last
+                lr = cosine_lr(s.start + step, cfg.lr, cfg.warmup, s.total)
+                loss = train_step(run.model, run.train_model, run.loss_fn, run.optimizer, batch, run.device, lr,
+                                  cfg.grad_clip_norm, run.bf16)
+                done = step + 1
+                where[0] = f"step {done}/{s.job_steps}"
+                if metrics is not None:
+                    now = time.perf_counter()
+                    samples_per_s = global_batch / max(now - t_last, 1e-9)
+                    t_last = now
+                    loss_value = float(loss)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
+                    if done % cfg.log_every == 0 or done == s.job_steps:
+                        metrics.write({
+                            "step": done, "schedule_step": s.start + done, "epoch": step // spe,
+                            "loss": loss_value, "lr": lr,
+                            "logit_scale": float(run.model.logit_scale.detach().exp()),
+                            "samples_per_s": samples_per_s, "data_time": data_time,
+                            "samples_seen": done * global_batch, "time": time.time(),
+                        })  # fmt: skip
+                if done >= s.job_steps:
+                    break
+                due = cfg.checkpoint_minutes > 0 and time.monotonic() - t_saved >= 60 * cfg.checkpoint_minutes
+                interrupted, due = _agree(run.ddp, bool(stop), due)
+                if done % cfg.save_every == 0 or due or interrupted:
+                    _save_latest(run, done)
+                    t_saved = time.monotonic()
+                if interrupted:
+                    raise Interrupted(f"interrupted at step {done}/{s.job_steps}; rerun the same command to continue")
+                if cfg.stop_at_step is not None and cfg.stop_at_step <= done:
+                    log.warning("stopping at step %d (--stop-at-step)", done)
+                    return run.ckpt_dir / "latest.pt"
+        _finish(run, job_step, metrics)
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
     return run.ckpt_dir / "final.pt"
+
+
+def _agree(ddp: Dist, *flags: bool) -> list[bool]:
+    """The flags set on any rank (a signal or the clock may reach one rank first): every
+    rank must checkpoint and stop at the same step."""
+    if ddp.world_size == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _save_latest(run: _Run, step: int) -> None:
+    latest = run.ckpt_dir / "latest.pt"
+    _save(run, latest, step)
+    if run.state is not None:
+        run.state.mark_done("latest", [latest])
+        run.state.flush()
+    run.ddp.barrier()
+
+
+def _finish(run: _Run, job_step: int, metrics: MetricsLog | None) -> None:
+    """latest.pt at the end, then final.pt, recorded in run.json; only then is the job done.
+    A kill between the two leaves latest.pt at the last step: the rerun writes final.pt from it."""
+    s = run.schedule
+    if job_step < s.job_steps:
+        _save_latest(run, s.job_steps)
+    final = run.ckpt_dir / "final.pt"
+    _save(run, final, s.job_steps)
+    run.ddp.barrier()
+    if run.state is not None:
+        if metrics is not None:
+            metrics.close()
+        job = run.cfg.job_dir
+        run.state.mark_done("final", [final])
+        run.state.finish([final, job / "metrics.jsonl", job / "config.json", job / "data.json"])
 
 
 def run(args: argparse.Namespace) -> int:

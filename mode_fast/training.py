@@ -160,11 +160,11 @@ class MetricsLog:
         self._file = open(path, "a", encoding="utf-8")
 
     def truncate(self, last_step: int) -> None:
-        """Drop metrics of steps after the checkpoint: the resumed job logs them again."""
+        """Drop metrics of steps after the checkpoint: the resumed job logs them again. A line
+        a kill tore (it can only be the last: rows are appended whole and flushed) is dropped."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= last_step]  # fmt: skip
+        kept = [line for line in self.path.read_text().splitlines() if _row_step(line) <= last_step]
         files.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, row: dict[str, Any]) -> None:
@@ -173,6 +173,15 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity (dropped) for a torn or foreign one."""
+    try:
+        row = json.loads(line)
+        return int(row["step"]) if isinstance(row, dict) else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 # --------------------------------------------------------------------------- data

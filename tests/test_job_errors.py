@@ -183,7 +183,7 @@ def test_train_caption_key_means_what_curate_means(tmp_path):
     txt_pool = make_shards(tmp_path / "txt", n=32, per_shard=16)[0].parent
     for pool, flags, member in ((json_pool, [], "json:caption"), (txt_pool, [], "txt"),
                                 (txt_pool, ["--caption-key", "txt"], "txt")):  # fmt: skip
-        out = tmp_path / f"out-{pool.parent.name}-{len(flags)}"
+        out = tmp_path / f"out-{pool.name}-{len(flags)}"  # one --out per pool: a rerun into another pool's run stops
         assert cli.main(["train", *TRAIN, "--data", str(pool), "--out", str(out), "--steps", "1", *flags]) == 0
         data = json.loads((out / "seed" / "data.json").read_text())
         assert (data["caption"], data["samples"]) == (member, 32)

@@ -501,6 +501,14 @@ def _reraise_errors(batches: Iterable[Batch]) -> Iterator[Batch]:
         yield batch
 
 
+def _ignore_interrupts(_worker_id: int) -> None:
+    """Workers ignore Ctrl-C (it reaches the whole process group): the trainer finishes its
+    step, checkpoints, and ends them; a worker that died first would fail the step instead."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Batches of this rank, epoch by epoch, through a torch DataLoader with workers."""
 
@@ -527,4 +535,5 @@ class TrainLoader:
             prefetch_factor=2 if self.num_workers else None,
             pin_memory=self.pin_memory,
             generator=generator,
+            worker_init_fn=_ignore_interrupts if self.num_workers else None,
         ))
