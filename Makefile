@@ -2,7 +2,7 @@
 #   make demo   - the whole pipeline on the embedded sample: sample -> curate -> cluster ->
 #                 train (seed + 4 experts, and a single model of equal compute) -> eval;
 #                 results in demo_out/summary.md and demo_out/eval/*.png
-#   make test   - run the test suite
+#   make test   - lint (ruff check + format check), then run the test suite
 # Both create or reuse .venv and install what they need into it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint bench clean
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mode_fast.pipeline --out demo_out
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -3,6 +3,7 @@
 `pip install .` and `pip install -e .` both come through here; the CMake target,
 the extension name and the PYBIND11_MODULE name are all `_matcher`.
 """
+
 import os
 import subprocess
 import sys

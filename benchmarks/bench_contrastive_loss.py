@@ -17,6 +17,7 @@ after a warm-up (Triton compiles on the first call). Throughput: model FLOP/s = 
     python -m pytest benchmarks/bench_contrastive_loss.py --benchmark-json benchmarks/results/cpu/contrastive_loss.json
     python benchmarks/report.py benchmarks/results/cpu/contrastive_loss.json --out benchmarks/results/cpu/contrastive_loss.md
 """
+
 from __future__ import annotations
 
 import functools
@@ -97,8 +98,7 @@ def first_call_peak_mb(provider: str, b: int, d: int) -> float:
     """Peak RSS growth (MB) of a fresh process's first fp32 fwd+bwd at B x D (CPU)."""
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
-    script = _FIRST_CALL_SCRIPT.format(paths=[here, root], threads=torch.get_num_threads(), provider=provider,
-                                       b=b, d=d)
+    script = _FIRST_CALL_SCRIPT.format(paths=[here, root], threads=torch.get_num_threads(), provider=provider, b=b, d=d)
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
@@ -127,9 +127,12 @@ def test_clip_loss_fwd_bwd(benchmark, provider, b, d, dtype):
         _sync()
 
     benchmark.group = f"clip fwd+bwd B={b} D={d} {str(dtype).replace('torch.', '')}"
-    benchmark.extra_info.update(provider=provider, baseline=provider == "open_clip",
-                                device=torch.cuda.get_device_name(0) if CUDA else "cpu",
-                                threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        provider=provider,
+        baseline=provider == "open_clip",
+        device=torch.cuda.get_device_name(0) if CUDA else "cpu",
+        threads=torch.get_num_threads(),
+    )
     if CUDA:
         step()  # warm-up: Triton compiles on the first call
         img.grad = txt.grad = scale.grad = None
@@ -169,8 +172,9 @@ RECT_PROVIDERS = ["open_clip math", "mode_fast torch", "mode_fast triton"]
 @pytest.mark.skipif(not CUDA, reason="the rectangular kernels' speed needs a GPU")
 @pytest.mark.parametrize("provider", RECT_PROVIDERS)
 @pytest.mark.parametrize("variant", ["local_loss", "siglip_negatives"])
-@pytest.mark.parametrize("n,d,dtype", [(32768, 768, torch.float32), (32768, 768, torch.bfloat16)],
-                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "n,d,dtype", [(32768, 768, torch.float32), (32768, 768, torch.bfloat16)], ids=lambda v: str(v).replace("torch.", "")
+)
 def test_rectangular_fwd_bwd(benchmark, provider, variant, n, d, dtype):
     from mode_fast.kernels import local_clip_loss, siglip_loss
 
@@ -184,7 +188,7 @@ def test_rectangular_fwd_bwd(benchmark, provider, variant, n, d, dtype):
 
     def step():
         img.grad = txt.grad = scale.grad = bias.grad = None
-        i_l, t_l = img[off:off + m], txt[off:off + m]
+        i_l, t_l = img[off : off + m], txt[off : off + m]
         if variant == "local_loss" and provider == "open_clip math":
             loss = _local_naive(i_l, t_l, img, txt, scale, off)
         elif variant == "local_loss":
@@ -201,12 +205,16 @@ def test_rectangular_fwd_bwd(benchmark, provider, variant, n, d, dtype):
     base = torch.cuda.memory_allocated()
     step()
     benchmark.group = f"{variant} fwd+bwd M={m} N={n} D={d} {str(dtype).replace('torch.', '')}"
-    benchmark.extra_info.update(provider=provider, baseline=provider == "open_clip math",
-                                peak_mem_growth_mb=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
-                                device=torch.cuda.get_device_name(0))
+    benchmark.extra_info.update(
+        provider=provider,
+        baseline=provider == "open_clip math",
+        peak_mem_growth_mb=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
+        device=torch.cuda.get_device_name(0),
+    )
     benchmark.pedantic(step, rounds=3, iterations=1)
-    benchmark.extra_info["model_tflops"] = round(6 * m * n * d * (2 if variant == "local_loss" else 1)
-                                                 / benchmark.stats.stats.median / 1e12, 4)
+    benchmark.extra_info["model_tflops"] = round(
+        6 * m * n * d * (2 if variant == "local_loss" else 1) / benchmark.stats.stats.median / 1e12, 4
+    )
 
 
 # ---- CUDA only: every Triton variant of the square CLIP loss, one row each: the autotuned
@@ -232,10 +240,10 @@ def _clip_variant_step(img, txt, scale, bwd="atomic", deterministic=False, fwd_c
     from mode_fast.kernels import contrastive_loss as cl
 
     s = float(scale)
-    loss, lse_r, lse_c = cl.contrastive_forward(img, txt, s, 0.0, False, deterministic=deterministic,
-                                                config=fwd_config)
-    d_i, d_t, d_s, _ = cl.contrastive_backward(img, txt, s, 0.0, lse_r, lse_c, 1.0, False, bwd=bwd,
-                                               deterministic=deterministic, config=bwd_config)
+    loss, lse_r, lse_c = cl.contrastive_forward(img, txt, s, 0.0, False, deterministic=deterministic, config=fwd_config)
+    d_i, d_t, d_s, _ = cl.contrastive_backward(
+        img, txt, s, 0.0, lse_r, lse_c, 1.0, False, bwd=bwd, deterministic=deterministic, config=bwd_config
+    )
     return loss, d_i, d_t, d_s
 
 
@@ -258,8 +266,9 @@ def _variant_inputs(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="the Triton variants' speed needs a GPU")
-@pytest.mark.parametrize("dtype,name,kw", _variant_cases(),
-                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, dict) else "")
+@pytest.mark.parametrize(
+    "dtype,name,kw", _variant_cases(), ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, dict) else ""
+)
 def test_clip_triton_variant(benchmark, dtype, name, kw):
     img, txt, ref = _variant_inputs(dtype)
     scale = 14.3

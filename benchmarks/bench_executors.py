@@ -13,6 +13,7 @@ shipped WordNet metadata (148,730 entries); cluster assignment, EXEC_BENCH_CLUST
 captions (default 8k) in 8 parquet shards embedded with all-MiniLM-L6-v2 and assigned to
 1024 fine centers (the fit is done once, before timing; each round re-embeds).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,10 @@ def _parquet_pool(root: Path, n: int) -> Path:
     captions = sample_captions(n, seed=7)
     for s in range(SHARDS):
         part = range(s * n // SHARDS, (s + 1) * n // SHARDS)
-        pq.write_table(pa.table({"uid": [f"{i:09d}" for i in part], "caption": [captions[i] for i in part]}),
-                       root / f"pool-{s:03d}.parquet")
+        pq.write_table(
+            pa.table({"uid": [f"{i:09d}" for i in part], "caption": [captions[i] for i in part]}),
+            root / f"pool-{s:03d}.parquet",
+        )
     return root
 
 
@@ -61,8 +64,15 @@ def curate_pool(tmp_path_factory) -> Path:
 def cluster_setup(tmp_path_factory):
     pool = _parquet_pool(tmp_path_factory.mktemp("cluster_pool"), CLUSTER_N)
     fitted = tmp_path_factory.mktemp("cluster_fit")
-    job = ClusterJob(shards=sorted(pool.glob("*.parquet")), out=fitted, fine_k=1024, n_experts=4,
-                     sample=CLUSTER_N, workers=1, progress=False)
+    job = ClusterJob(
+        shards=sorted(pool.glob("*.parquet")),
+        out=fitted,
+        fine_k=1024,
+        n_experts=4,
+        sample=CLUSTER_N,
+        workers=1,
+        progress=False,
+    )
     run_cluster_job(job)  # fits centers.npz once; timed rounds only embed and assign
     return job, fitted
 
@@ -78,9 +88,12 @@ def test_curate(benchmark, curate_pool, tmp_path, local_ray, executor, workers):
         return curate([curate_pool], out, t=50, seed=0, workers=workers, executor=executor, log=lambda m: None)
 
     summary = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(provider=f"{executor} x{workers}", baseline=executor == "local",
-                                records_per_s=summary["pool_size"] / benchmark.stats.stats.median,
-                                kept=summary["kept"])
+    benchmark.extra_info.update(
+        provider=f"{executor} x{workers}",
+        baseline=executor == "local",
+        records_per_s=summary["pool_size"] / benchmark.stats.stats.median,
+        kept=summary["kept"],
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -97,5 +110,8 @@ def test_cluster_assign(benchmark, cluster_setup, tmp_path, local_ray, executor,
         return run_cluster_job(ClusterJob(**{**job.__dict__, "out": out, "workers": workers, "executor": executor}))
 
     sizes = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(provider=f"{executor} x{workers}", baseline=executor == "local",
-                                records_per_s=sizes["n_assigned"] / benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        provider=f"{executor} x{workers}",
+        baseline=executor == "local",
+        records_per_s=sizes["n_assigned"] / benchmark.stats.stats.median,
+    )

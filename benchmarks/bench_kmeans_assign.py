@@ -13,6 +13,7 @@ Every row also reports `label_match`: the fraction of its labels equal to mode-f
 labels (1.0 = the same labels; faiss and naive paths may differ on near ties).
 Sizes: KMEANS_BENCH_N (default 200k), KMEANS_BENCH_K (1024), KMEANS_BENCH_D (384).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -178,9 +179,7 @@ def test_fit_mode_fast(benchmark, cpu_case):
     from mode_fast.kmeans import KMeans
 
     x = cpu_case[0][:FIT_N]
-    km = benchmark.pedantic(
-        lambda: KMeans(K, niter=10, init="random", tol=0).fit(x), rounds=3, iterations=1
-    )
+    km = benchmark.pedantic(lambda: KMeans(K, niter=10, init="random", tol=0).fit(x), rounds=3, iterations=1)
     _fit_info(benchmark, km.stats[-1]["objective"], provider="mode-fast KMeans")
 
 

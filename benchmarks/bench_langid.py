@@ -11,6 +11,7 @@ Run:  PYTHONPATH=. .venv/bin/python benchmarks/bench_langid.py --out benchmarks/
 Candidates not installed are reported as such. fasttext-langdetect is not a candidate:
 it downloads its model (lid.176) on first use.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def _langdetect() -> Callable[[str], str]:
             return detect(text).split("-")[0]  # zh-cn -> zh
         except LangDetectException:
             return ""
+
     return classify
 
 
@@ -64,7 +66,9 @@ def _lingua(low_accuracy: bool) -> Callable[[], Callable[[str], str]]:
         def classify(text: str) -> str:
             lang = detector.detect_language_of(text)
             return "" if lang is None else lang.iso_code_639_1.name.lower()
+
         return classify
+
     return make
 
 
@@ -100,9 +104,14 @@ def measure(name: str, factory: Callable[[], Callable[[str], str]], data: dict[s
             short_total += 1
             short_correct += ok
     return {
-        "candidate": name, "installed": True, "load_seconds": load, "texts": len(texts),
-        "texts_per_second": len(texts) / seconds, "accuracy": sum(correct_by_lang.values()) / len(texts),
-        "accuracy_short": short_correct / max(short_total, 1), "short_texts": short_total,
+        "candidate": name,
+        "installed": True,
+        "load_seconds": load,
+        "texts": len(texts),
+        "texts_per_second": len(texts) / seconds,
+        "accuracy": sum(correct_by_lang.values()) / len(texts),
+        "accuracy_short": short_correct / max(short_total, 1),
+        "short_texts": short_total,
         "accuracy_by_language": {lang: correct_by_lang[lang] / len(ts) for lang, ts in data.items()},
     }
 
@@ -119,32 +128,54 @@ def main() -> None:
 
     data = catalogue_texts(per_language=args.per_language)
     results = [measure(name, f, data) for name, f in CANDIDATES.items()]
-    meta = {"run": datetime.now(timezone.utc).isoformat(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "note": args.note,
-            "languages": sorted(data), "texts": sum(map(len, data.values()))}
+    meta = {
+        "run": datetime.now(timezone.utc).isoformat(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "note": args.note,
+        "languages": sorted(data),
+        "texts": sum(map(len, data.values())),
+    }
     with open(f"{args.out}.json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1, ensure_ascii=False)
-    lines = ["# Language ID candidates for `curate --semantics metaclip2`", "",
-             f"Text: {meta['texts']:,} translated gettext messages (Debian /usr/share/locale: apt, glib, gtk, "
-             f"coreutils, ...) in {len(data)} languages, {args.per_language} per language, labelled by catalogue "
-             "(`tests/multilingual_corpus.py`). One text per call, one thread. Labels are noisy where a catalogue "
-             "left a message in English; every candidate sees the same texts.", "",
-             f"Machine: {meta['cores']} cores, {meta['note']}. Run {meta['run']}, Python {meta['python']}.", "",
-             "| candidate | accuracy | accuracy < 40 chars | texts/s | load s |", "|---|---|---|---|---|"]
+    lines = [
+        "# Language ID candidates for `curate --semantics metaclip2`",
+        "",
+        f"Text: {meta['texts']:,} translated gettext messages (Debian /usr/share/locale: apt, glib, gtk, "
+        f"coreutils, ...) in {len(data)} languages, {args.per_language} per language, labelled by catalogue "
+        "(`tests/multilingual_corpus.py`). One text per call, one thread. Labels are noisy where a catalogue "
+        "left a message in English; every candidate sees the same texts.",
+        "",
+        f"Machine: {meta['cores']} cores, {meta['note']}. Run {meta['run']}, Python {meta['python']}.",
+        "",
+        "| candidate | accuracy | accuracy < 40 chars | texts/s | load s |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         if not r["installed"]:
             lines.append(f"| {r['candidate']} | not installed | | | |")
             continue
-        lines.append(f"| {r['candidate']} | {r['accuracy']:.3f} | {r['accuracy_short']:.3f} ({r['short_texts']}) | "
-                     f"{r['texts_per_second']:,.0f} | {r['load_seconds']:.2f} |")
-    lines += ["", "fasttext-langdetect: excluded, it downloads its model (lid.176) at first use. lingua's two rows "
-              "share its model cache: the second row's load time excludes loading the models.", "",
-              "Per language (accuracy):", "",
-              "| language | " + " | ".join(r["candidate"] for r in results if r["installed"]) + " |",
-              "|---|" + "---|" * sum(r["installed"] for r in results)]
+        lines.append(
+            f"| {r['candidate']} | {r['accuracy']:.3f} | {r['accuracy_short']:.3f} ({r['short_texts']}) | "
+            f"{r['texts_per_second']:,.0f} | {r['load_seconds']:.2f} |"
+        )
+    lines += [
+        "",
+        "fasttext-langdetect: excluded, it downloads its model (lid.176) at first use. lingua's two rows "
+        "share its model cache: the second row's load time excludes loading the models.",
+        "",
+        "Per language (accuracy):",
+        "",
+        "| language | " + " | ".join(r["candidate"] for r in results if r["installed"]) + " |",
+        "|---|" + "---|" * sum(r["installed"] for r in results),
+    ]
     for lang in sorted(data):
-        lines.append(f"| {lang} | " + " | ".join(f"{r['accuracy_by_language'][lang]:.2f}"
-                                                 for r in results if r["installed"]) + " |")
+        lines.append(
+            f"| {lang} | "
+            + " | ".join(f"{r['accuracy_by_language'][lang]:.2f}" for r in results if r["installed"])
+            + " |"
+        )
     with open(f"{args.out}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[:16]))

@@ -5,6 +5,7 @@ Run:  .venv/bin/python -m pytest benchmarks/bench_matcher.py \
 then: .venv/bin/python benchmarks/report.py benchmarks/results/cpu/matcher.json
 (`make bench` does both). Sizes: MATCHER_BENCH_ENTRIES (default 500k), MATCHER_BENCH_TEXTS.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,10 @@ def matchers(corpus):
 def _info(benchmark, corpus, **extra) -> None:
     entries, texts = corpus
     benchmark.extra_info.update(
-        entries=len(entries), texts=len(texts),
-        mean_text_bytes=sum(len(t.encode()) for t in texts) / len(texts), **extra,
+        entries=len(entries),
+        texts=len(texts),
+        mean_text_bytes=sum(len(t.encode()) for t in texts) / len(texts),
+        **extra,
     )
 
 
@@ -128,8 +131,11 @@ def test_build(benchmark, provider):
     benchmark.pedantic(run, rounds=3, iterations=1)
     best = min(results, key=lambda r: r["seconds"])
     benchmark.extra_info.update(
-        provider=provider, entries=N_ENTRIES, baseline=provider == "pyahocorasick",
-        build_seconds=best["seconds"], build_peak_mb=max(r["peak_mb_over_entries"] for r in results),
+        provider=provider,
+        entries=N_ENTRIES,
+        baseline=provider == "pyahocorasick",
+        build_seconds=best["seconds"],
+        build_peak_mb=max(r["peak_mb_over_entries"] for r in results),
         resident_mb=best["rss_after_mb"],
     )
 
@@ -179,7 +185,9 @@ class _PeerV2:
         return sorted(found)
 
 
-PEERS_V2 = ["pyahocorasick"] + [lib for lib in ("ahocorasick_rs", "daachorse") if __import__("importlib").util.find_spec(lib)]
+PEERS_V2 = ["pyahocorasick"] + [
+    lib for lib in ("ahocorasick_rs", "daachorse") if __import__("importlib").util.find_spec(lib)
+]
 
 
 def _cjk_corpus() -> tuple[list[str], list[str]]:
@@ -195,7 +203,7 @@ def _cjk_corpus() -> tuple[list[str], list[str]]:
     for text in texts:
         for n in (2, 3, 4):
             for i in range(0, len(text) - n + 1, n):
-                gram = text[i:i + n]
+                gram = text[i : i + n]
                 if gram.strip() == gram and not gram.isascii():
                     entries.setdefault(gram)
     reps = max(1, 20_000 // max(1, len(texts)))
@@ -231,8 +239,13 @@ def matchers_v2(corpus_v2):
 def _info_v2(benchmark, corpus_v2, **extra) -> None:
     name, entries, texts = corpus_v2
     benchmark.group = f"metaclip2 match 1 thread, {name} corpus"  # one peer row per corpus
-    benchmark.extra_info.update(corpus=name, entries=len(entries), texts=len(texts),
-                                mean_text_bytes=sum(len(t.encode()) for t in texts) / len(texts), **extra)
+    benchmark.extra_info.update(
+        corpus=name,
+        entries=len(entries),
+        texts=len(texts),
+        mean_text_bytes=sum(len(t.encode()) for t in texts) / len(texts),
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("library", PEERS_V2)

@@ -16,6 +16,7 @@ over what it held before the step.
 Sizes: TRAIN_BENCH_MODEL (default mode-fast-tiny on CPU, ViT-B-32 on CUDA),
 TRAIN_BENCH_BATCH (default 256 on CPU, 1024 on CUDA), TRAIN_BENCH_THREADS (default 1).
 """
+
 from __future__ import annotations
 
 import json
@@ -144,8 +145,9 @@ except (RuntimeError, MemoryError) as exc:
 def fits(provider: str, batch: int) -> bool:
     if not CUDA:
         here = os.path.dirname(os.path.abspath(__file__))
-        script = _CPU_FITS_SCRIPT.format(budget=int(CPU_BUDGET_GB * 2**30), paths=[here], threads=THREADS,
-                                         provider=provider, batch=batch)
+        script = _CPU_FITS_SCRIPT.format(
+            budget=int(CPU_BUDGET_GB * 2**30), paths=[here], threads=THREADS, provider=provider, batch=batch
+        )
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         if proc.returncode not in (0, 3):
             raise RuntimeError(f"{provider} batch {batch}: {proc.stderr[-2000:]}")

@@ -16,6 +16,7 @@ can launch) and append it to REGISTRY.
 
 Usage: python benchmarks/kernel_report.py [--out benchmarks/results/static] [--only NAME]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -122,16 +123,20 @@ def kmeans_launches() -> list[Launch]:
 # row_term, col_term) are runtime ints that are never specialised, so each mode below is
 # one compiled variant however the wrapper sets them.
 CONTRASTIVE_MODES = [
-    ("fwd", "clip+cols", {"SIGLIP": False, "COLS": True}),    # square CLIP, atomic column sums
-    ("fwd", "rows", {"SIGLIP": False, "COLS": False}),        # InfoNCE rows, ring steps, deterministic CLIP
-    ("fwd", "siglip", {"SIGLIP": True, "COLS": False}),       # SigLIP, positives or negatives only
+    ("fwd", "clip+cols", {"SIGLIP": False, "COLS": True}),  # square CLIP, atomic column sums
+    ("fwd", "rows", {"SIGLIP": False, "COLS": False}),  # InfoNCE rows, ring steps, deterministic CLIP
+    ("fwd", "siglip", {"SIGLIP": True, "COLS": False}),  # SigLIP, positives or negatives only
     ("bwd", "softmax atomic", {"SIGLIP": False, "DK_ATOMIC": True}),
     ("bwd", "softmax columns", {"SIGLIP": False, "DK_ATOMIC": False}),
     ("bwd", "siglip atomic", {"SIGLIP": True, "DK_ATOMIC": True}),
     ("bwd", "siglip columns", {"SIGLIP": True, "DK_ATOMIC": False}),
 ]
-CONTRASTIVE_DTYPES = [(torch.float32, False, "fp32-tf32"), (torch.float32, True, "fp32-strict"),
-                      (torch.bfloat16, False, "bf16"), (torch.float16, False, "fp16")]
+CONTRASTIVE_DTYPES = [
+    (torch.float32, False, "fp32-tf32"),
+    (torch.float32, True, "fp32-strict"),
+    (torch.bfloat16, False, "bf16"),
+    (torch.float16, False, "fp16"),
+]
 
 
 def contrastive_launches() -> list[Launch]:
@@ -349,9 +354,11 @@ def traffic_rows() -> list[dict]:
                          "tiles": f"{cfg[0]}x{cfg[1]}x{cfg[2]}", **t})  # fmt: skip
     cl = importlib.import_module("mode_fast.kernels.contrastive_loss")
     variants = [  # (label, loss, bwd, deterministic)
-        ("clip atomic", "clip", "atomic", False), ("clip columns", "clip", "columns", False),
+        ("clip atomic", "clip", "atomic", False),
+        ("clip columns", "clip", "columns", False),
         ("clip deterministic", "clip", "columns", True),
-        ("siglip atomic", "siglip", "atomic", False), ("siglip columns", "siglip", "columns", False),
+        ("siglip atomic", "siglip", "atomic", False),
+        ("siglip columns", "siglip", "columns", False),
     ]
     for b in (32768, 1 << 20):
         for dtype in (torch.bfloat16, torch.float32):
@@ -456,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     traffic = traffic_rows()
     write(args.out, rows, traffic)
     text = (args.out / "kernels.md").read_text()
-    print(text[text.index("## Counted"):])  # the traffic table, for the log
+    print(text[text.index("## Counted") :])  # the traffic table, for the log
     bad = [r for r in rows if r["spill_free_required"] and r["spill_store_bytes"] + r["spill_load_bytes"]]
     print(f"{len(rows)} kernel configs; written to {args.out}/kernels.md")
     for r in bad:

@@ -5,6 +5,7 @@ bigrams of its words, the way MetaCLIP's list adds Wikipedia bigrams, to `n_entr
 Captions: ~100-byte English-like strings with Zipf-distributed words (a few very common,
 a long tail), stop words, punctuation and the odd newline, as alt-texts have.
 """
+
 from __future__ import annotations
 
 import itertools

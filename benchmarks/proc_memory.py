@@ -3,6 +3,7 @@
 Peak RSS of one phase: call reset_peak() when the phase starts, then
 status_mb("VmHWM") - the VmRSS read at the start is what the phase added.
 """
+
 from __future__ import annotations
 
 

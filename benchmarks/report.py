@@ -4,6 +4,7 @@ Within each benchmark group the row whose extra_info has ``baseline: true`` is t
 peer; every row's speed-up is peer median / row median, from the same run.
 Usage: python benchmarks/report.py RESULTS.json [--out RESULTS.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,12 @@ def render(results: dict) -> str:
     ]
     for group, benches in groups.items():
         base = next((b for b in benches if b.get("extra_info", {}).get("baseline")), None)
-        lines += [f"### {group}", "", "| provider | median | min | rounds | speed-up vs peer | notes |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"### {group}",
+            "",
+            "| provider | median | min | rounds | speed-up vs peer | notes |",
+            "|---|---|---|---|---|---|",
+        ]
         for b in benches:
             info = dict(b.get("extra_info", {}))
             stats = b["stats"]

@@ -8,6 +8,7 @@ or the whole new one. A missing, truncated or foreign file raises `InputError` n
 
 Library module: never imports a job module.
 """
+
 from __future__ import annotations
 
 import random

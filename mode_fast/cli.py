@@ -6,6 +6,7 @@ A user-caused error (`mode_fast.errors.ModeFastError`) ends as one line,
 ``mode-fast JOB: error: ...``, exit 2; ``--debug`` shows its traceback instead.
 Ctrl-C ends as one line, exit 130.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ levels (`mode_fast.experts`) and the output folder's layout and writers
 (`mode_fast.clusters`), with shards spread over `mode_fast.executor`. See `run` for the
 outputs; `run_cluster_job(ClusterJob(...))` is the same job from Python.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,10 @@ class ClusterJob:
         if self.n_experts > self.fine_k:
             raise ConfigError(f"--experts {self.n_experts} is more than --fine-k {self.fine_k} fine centers")
         if self.sample < self.fine_k:
-            raise ConfigError(f"--sample {self.sample} is smaller than --fine-k {self.fine_k}: "
-                              "k-means needs at least one embedding per fine center")
+            raise ConfigError(
+                f"--sample {self.sample} is smaller than --fine-k {self.fine_k}: "
+                "k-means needs at least one embedding per fine center"
+            )
         if not self.shards:
             raise InputError("no shards given")
 
@@ -97,9 +100,7 @@ def _finite_rows(emb: np.ndarray) -> np.ndarray:
 def _embed_task(task: dict[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
     """Pool task: embed one shard (cached); returns its finite embeddings and skips."""
     emb = _get_embedder(task["embedder"], task["device"], task["batch_size"])
-    se = embed_shard(
-        task["shard"], emb, task["cache_dir"], task["caption_key"], task["key_field"]
-    )
+    se = embed_shard(task["shard"], emb, task["cache_dir"], task["caption_key"], task["key_field"])
     ok = _finite_rows(se.embeddings)
     return se.embeddings[ok], se.skipped
 
@@ -113,9 +114,7 @@ def _assign_task(task: dict[str, Any]) -> dict[str, Any]:
     if key not in _WORKER:
         _WORKER[key] = cf.ClusterFolder(task["centers"]).centers()
     model: TwoLevel = _WORKER[key]
-    se = embed_shard(
-        task["shard"], emb, task["cache_dir"], task["caption_key"], task["key_field"]
-    )
+    se = embed_shard(task["shard"], emb, task["cache_dir"], task["caption_key"], task["key_field"])
     skipped = dict(se.skipped)
     ok = _finite_rows(se.embeddings)
     if not ok.all():
@@ -135,8 +134,13 @@ def _assign_task(task: dict[str, Any]) -> dict[str, Any]:
     return {"shard": str(task["shard"]), "assigned": len(keys), "records": len(se.keys), "skipped": skipped}
 
 
-def _fit_on_sample(job: ClusterJob, runner: Any, tasks: list[dict[str, Any]], init: Any,
-                   embedded: Callable[[str], None] = lambda shard: None) -> TwoLevel:
+def _fit_on_sample(
+    job: ClusterJob,
+    runner: Any,
+    tasks: list[dict[str, Any]],
+    init: Any,
+    embedded: Callable[[str], None] = lambda shard: None,
+) -> TwoLevel:
     """Embed shards in a seeded random order until `job.sample` finite embeddings are in
     hand, draw that many at random, fit the two levels. The shards used are the shortest
     prefix of that order, so the sample is the same for any executor and worker count;
@@ -198,8 +202,16 @@ def _tasks(job: ClusterJob, folder: cf.ClusterFolder) -> list[dict[str, Any]]:
     return [dict(common, shard=str(s), output=str(folder.assignment_path(s))) for s in job.shards]
 
 
-def _centers(job: ClusterJob, folder: cf.ClusterFolder, runner: Any, tasks: list[dict[str, Any]],
-             init: Any, want: dict[str, Any], state: RunState, embedded: Callable[[str], None]) -> TwoLevel:
+def _centers(
+    job: ClusterJob,
+    folder: cf.ClusterFolder,
+    runner: Any,
+    tasks: list[dict[str, Any]],
+    init: Any,
+    want: dict[str, Any],
+    state: RunState,
+    embedded: Callable[[str], None],
+) -> TwoLevel:
     """The centers run.json vouches for (same inputs and arguments), else a new fit."""
     if state.is_done("centers"):
         logger.warning("cluster: resuming with the existing %s", folder.centers_path)
@@ -227,24 +239,44 @@ def run_cluster_job(job: ClusterJob) -> dict[str, Any]:
     if len(set(ids)) != len(ids):
         raise InputError("the same shard is listed twice")
     ename = _embedder_name(job)
-    args = {"--fine-k": job.fine_k, "--experts": job.n_experts, "--sample": job.sample, "--seed": job.seed,
-            "--niter": job.niter, "--balanced": job.balanced, "--balanced-coarse": job.balanced_coarse,
-            "--embedder": ename,
-            "--caption-key": job.caption_key, "--key-field": job.key_field}
+    args = {
+        "--fine-k": job.fine_k,
+        "--experts": job.n_experts,
+        "--sample": job.sample,
+        "--seed": job.seed,
+        "--niter": job.niter,
+        "--balanced": job.balanced,
+        "--balanced-coarse": job.balanced_coarse,
+        "--embedder": ename,
+        "--caption-key": job.caption_key,
+        "--key-field": job.key_field,
+    }
 
     def recompute(field: str) -> list[str] | None:
         return ["centers", "assign:*", f"embed:{field[6:]}"] if field.startswith("input ") else None
 
     out = Path(job.out)
-    with RunState.open(out, "cluster", inputs={i: fingerprint(s) for s, i in zip(job.shards, ids)}, args=args,
-                       recompute=recompute, overwrite=job.overwrite, owned=CLUSTER_OUTPUTS,
-                       log=logger.warning) as state, state.interrupts():
+    with (
+        RunState.open(
+            out,
+            "cluster",
+            inputs={i: fingerprint(s) for s, i in zip(job.shards, ids)},
+            args=args,
+            recompute=recompute,
+            overwrite=job.overwrite,
+            owned=CLUSTER_OUTPUTS,
+            log=logger.warning,
+        ) as state,
+        state.interrupts(),
+    ):
         if state.finished:
             logger.warning("cluster: %s already holds this clustering (same inputs and arguments): nothing to do", out)
             return json.loads((out / cf.SIZES).read_text())
         if not state.resumed and (out / cf.CENTERS).exists():
-            raise ConfigError(f"{out} holds a cluster run without {MANIFEST} (an older mode-fast): "
-                              "rerun with --overwrite to start over, or use another --out")
+            raise ConfigError(
+                f"{out} holds a cluster run without {MANIFEST} (an older mode-fast): "
+                "rerun with --overwrite to start over, or use another --out"
+            )
         return _run_cluster_job(job, ids, ename, state)
 
 
@@ -253,7 +285,9 @@ def _run_cluster_job(job: ClusterJob, ids: list[str], ename: str, state: RunStat
     tasks = _tasks(job, folder)
     cache_dir = folder.root / cf.EMBEDDINGS
     sid_of = {str(s): i for s, i in zip(job.shards, ids)}
-    for s, i in zip(job.shards, ids):  # a cache run.json does not vouch for (killed mid-shard, a changed shard) is redone
+    for s, i in zip(
+        job.shards, ids
+    ):  # a cache run.json does not vouch for (killed mid-shard, a changed shard) is redone
         if not state.is_done(f"embed:{i}"):
             for f in cache_files(cache_dir, s, ename):
                 f.unlink(missing_ok=True)
@@ -384,11 +418,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--niter", type=int, default=25, help="k-means iterations")
     parser.add_argument("--no-balanced", dest="balanced", action="store_false",
                         help="plain (not size-balanced) k-means for the fine level")  # fmt: skip
-    parser.add_argument("--no-balanced-coarse", dest="balanced_coarse", action="store_false",
-                        help="plain (not size-balanced) k-means for grouping the fine centers into experts")
+    parser.add_argument(
+        "--no-balanced-coarse",
+        dest="balanced_coarse",
+        action="store_false",
+        help="plain (not size-balanced) k-means for grouping the fine centers into experts",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over: remove this job's earlier outputs in --out first")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over: remove this job's earlier outputs in --out first"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ centers' config. One rule covers them: the names the built-in embedders had
 
 Library module: never imports a job module.
 """
+
 from __future__ import annotations
 
 import json
@@ -133,8 +134,9 @@ class ClusterFolder:
             )
         return files_
 
-    def iter_assignments(self, paths: Sequence[Path] | None = None,
-                         columns: Sequence[str] = ("key", "expert")) -> Iterator[tuple[Path, Any, dict[str, int]]]:
+    def iter_assignments(
+        self, paths: Sequence[Path] | None = None, columns: Sequence[str] = ("key", "expert")
+    ) -> Iterator[tuple[Path, Any, dict[str, int]]]:
         """(file, pyarrow table of `columns`, skip counts) per assignment file."""
         import pyarrow.parquet as pq
 
@@ -173,8 +175,15 @@ def write_embedder_spec(root: str | Path, embedder: Any, name: str) -> EmbedderS
     return spec
 
 
-def write_assignment_table(path: str | Path, keys: np.ndarray, fine: np.ndarray, expert: np.ndarray,
-                           sqdist: np.ndarray, shard: str | Path, skipped: dict[str, int]) -> None:
+def write_assignment_table(
+    path: str | Path,
+    keys: np.ndarray,
+    fine: np.ndarray,
+    expert: np.ndarray,
+    sqdist: np.ndarray,
+    shard: str | Path,
+    skipped: dict[str, int],
+) -> None:
     """One shard's assignments, atomically (an existing file marks the shard done)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

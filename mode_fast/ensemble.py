@@ -22,6 +22,7 @@ Library use: ``template_class_embeddings(embed, classes, templates)``,
 ``expert_weights(class_embeddings, fine_centers, coarse_of_fine, n_experts)`` and
 ``combine_logits(expert_logits, weights)``; ``check_class_names`` validates a class list.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / norms
 
 
-def template_class_embeddings(embed: Callable[[list[str]], np.ndarray], classes: Sequence[str],
-                              templates: Sequence[str] | None = None) -> np.ndarray:
+def template_class_embeddings(
+    embed: Callable[[list[str]], np.ndarray], classes: Sequence[str], templates: Sequence[str] | None = None
+) -> np.ndarray:
     """[C, D] float64 ensemble-weight inputs, as MoDE makes them (mode.md): each class name
     through every template ("{}" = the name), each embedding normalised, the C x T embeddings
     averaged per class, then normalised. No templates (None or []): the bare names, normalised."""
@@ -89,11 +91,15 @@ def expert_weights(
     if e.ndim != 2 or centers.ndim != 2 or e.shape[1] != centers.shape[1]:
         raise ValueError(f"class embeddings {e.shape} and fine centers {centers.shape} must be [C, D] and [K, D]")
     if coarse.shape != (centers.shape[0],):
-        raise ValueError(f"coarse_of_fine has shape {coarse.shape}, expected ({centers.shape[0]},): one expert per fine center")
+        raise ValueError(
+            f"coarse_of_fine has shape {coarse.shape}, expected ({centers.shape[0]},): one expert per fine center"
+        )
     if e.shape[0] == 0:
         raise ValueError("no class embeddings")
     if coarse.size and (coarse.min() < 0 or coarse.max() >= n_experts):
-        raise ValueError(f"coarse_of_fine has expert ids outside [0, {n_experts}): the cluster file does not match {n_experts} experts")
+        raise ValueError(
+            f"coarse_of_fine has expert ids outside [0, {n_experts}): the cluster file does not match {n_experts} experts"
+        )
     if not (np.isfinite(e).all() and np.isfinite(centers).all()):
         raise ValueError("class embeddings or fine centers contain NaN or inf")
 

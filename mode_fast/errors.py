@@ -6,6 +6,7 @@ file, flag or sample. The CLI (`mode_fast.cli`) prints it as ``mode-fast JOB: er
 and exits 2; ``--debug`` shows the traceback. Library callers catch the family or a member.
 Bugs stay ordinary exceptions, so they keep their tracebacks.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -42,6 +42,7 @@ library: checkpoints (`mode_fast.checkpoint.load_model`), the cluster folder wit
 centers and stored embedder spec (`mode_fast.clusters`), MoDE's weights
 (`mode_fast.ensemble`) and the result files (`mode_fast.results`). It imports no other job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,14 @@ from typing import Any
 import numpy as np
 
 from mode_fast.data.io import ReadReport, ShardError, TarGroup, describe_fields, iter_samples
+from mode_fast.ensemble import (
+    ENSEMBLE_INPUTS,
+    check_class_names,
+    combine_logits,
+    expert_weights,
+    template_class_embeddings,
+)
 from mode_fast.errors import ConfigError, InputError
-from mode_fast.ensemble import (ENSEMBLE_INPUTS, check_class_names, combine_logits, expert_weights,
-                                 template_class_embeddings)
 from mode_fast.results import RECALL_KS, markdown_table, method_order, write_outputs
 
 log = logging.getLogger("mode_fast.evaluate")
@@ -147,8 +153,9 @@ def named_templates(name: str) -> list[str]:
     return [t("{}") for t in lists[name]]  # open_clip keeps them as lambdas
 
 
-def _option_list(value: Path | str | None, option: str, shortcuts: Sequence[str],
-                 load_named: Callable[[str], list[str]]) -> tuple[list[Any], str] | None:
+def _option_list(
+    value: Path | str | None, option: str, shortcuts: Sequence[str], load_named: Callable[[str], list[str]]
+) -> tuple[list[Any], str] | None:
     """--classes / --templates: a shortcut name (given exactly, e.g. `imagenet`) or a JSON-list
     file; (the list, where it came from) or None when the option is not given. A file whose
     name is a shortcut is still reachable as ./NAME."""
@@ -252,7 +259,6 @@ def _image_member(group: TarGroup) -> bytes | None:
     return None if ext is None else group.read(ext)
 
 
-
 def _label_index(value: Any, classes: list[str], where: str) -> int:
     """An integer label (or its digits) is an index; any other string is a class name."""
     if isinstance(value, bool):
@@ -271,8 +277,12 @@ def _label_index(value: Any, classes: list[str], where: str) -> int:
     raise EvalError(f"{where}: label {value!r} is not an index or a class name")
 
 
-def _resolve_meta(base: Path, classes_file: Path | str | None, templates_file: Path | str | None,
-                  fallback_classes: list[str] | None = None) -> tuple[list[str], list[str]]:
+def _resolve_meta(
+    base: Path,
+    classes_file: Path | str | None,
+    templates_file: Path | str | None,
+    fallback_classes: list[str] | None = None,
+) -> tuple[list[str], list[str]]:
     """Class names and templates: the option (a file or a built-in name), else the JSON file
     beside the data, else the fallback (class names) or open_clip's simple templates."""
     given = option_classes(classes_file)
@@ -284,8 +294,10 @@ def _resolve_meta(base: Path, classes_file: Path | str | None, templates_file: P
     elif fallback_classes is not None:
         classes = _checked_classes(fallback_classes, str(base))
     else:
-        raise EvalError(f"{base}: no class names: put classes.json beside the data or pass --classes FILE "
-                        f"(or --classes {'/'.join(CLASS_SETS)})")
+        raise EvalError(
+            f"{base}: no class names: put classes.json beside the data or pass --classes FILE "
+            f"(or --classes {'/'.join(CLASS_SETS)})"
+        )
     given_t = option_templates(templates_file)
     tpath = None if given_t else _find_beside(base, "templates.json")
     if given_t is not None:
@@ -304,12 +316,16 @@ SKLEARN_DATASETS = ("digits",)
 # (mode_fast.data.sample.DOMAINS; captions also say "number 1", "numeral one"), so the ten
 # digits are "digit zero".."digit nine": the same words a model trained on the sample has
 # seen, and plain English for any CLIP.
-DIGIT_CLASSES = [f"digit {w}" for w in
-                 ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+DIGIT_CLASSES = [f"digit {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
 # The sample's generic prompts ("a photo of a {}.", "a drawing of a {}.") plus ones in the
 # style of its glyph captions ("the {obj} in {fg} on {bg}", "{obj} in {fg} ink").
-DIGIT_TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a handwritten {}.",
-                   "the {} in black on white.", "{} in black ink."]
+DIGIT_TEMPLATES = [
+    "a photo of a {}.",
+    "a drawing of a {}.",
+    "a handwritten {}.",
+    "the {} in black on white.",
+    "{} in black ink.",
+]
 DIGIT_IMAGE_SIZE = 32  # 8x8 upsampled 4x (nearest): the sample's image size
 
 
@@ -330,24 +346,30 @@ def digit_image(pixels: np.ndarray, size: int = DIGIT_IMAGE_SIZE) -> Any:
     return Image.fromarray(gray).resize((size, size), Image.Resampling.NEAREST).convert("RGB")
 
 
-def load_sklearn_task(name: str, rest: str, classes_file: Path | str | None = None,
-                      templates_file: Path | str | None = None) -> ClassificationTask:
+def load_sklearn_task(
+    name: str, rest: str, classes_file: Path | str | None = None, templates_file: Path | str | None = None
+) -> ClassificationTask:
     """`sklearn:digits[:N]` (see the module docstring)."""
     spec = SKLEARN_PREFIX + rest
     dataset, _, count = rest.partition(":")
     if dataset not in SKLEARN_DATASETS:
-        raise EvalError(f"--data {spec}: unknown scikit-learn dataset {dataset!r} "
-                        f"(known: {', '.join(SKLEARN_PREFIX + d for d in SKLEARN_DATASETS)})")
+        raise EvalError(
+            f"--data {spec}: unknown scikit-learn dataset {dataset!r} "
+            f"(known: {', '.join(SKLEARN_PREFIX + d for d in SKLEARN_DATASETS)})"
+        )
     limit = None
     if count:
         if not count.isdigit() or int(count) < 1:
-            raise EvalError(f"--data {spec}: the image count after '{SKLEARN_PREFIX}{dataset}:' must be a positive integer")
+            raise EvalError(
+                f"--data {spec}: the image count after '{SKLEARN_PREFIX}{dataset}:' must be a positive integer"
+            )
         limit = int(count)
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise EvalError(f"--data {spec} needs scikit-learn, which is not installed ({e}): "
-                        "pip install scikit-learn") from e
+        raise EvalError(
+            f"--data {spec} needs scikit-learn, which is not installed ({e}): pip install scikit-learn"
+        ) from e
     bunch = load_digits()
     images, labels = np.asarray(bunch.images), np.asarray(bunch.target, dtype=np.int64)
     if limit is not None:
@@ -358,8 +380,10 @@ def load_sklearn_task(name: str, rest: str, classes_file: Path | str | None = No
     given = option_classes(classes_file)
     classes = given[0] if given else list(DIGIT_CLASSES)
     if len(classes) != len(DIGIT_CLASSES):
-        raise EvalError(f"--data {spec}: {given[1] if given else 'classes'} has {len(classes)} class names "
-                        f"but {dataset} has {len(DIGIT_CLASSES)} classes (0..9)")
+        raise EvalError(
+            f"--data {spec}: {given[1] if given else 'classes'} has {len(classes)} class names "
+            f"but {dataset} has {len(DIGIT_CLASSES)} classes (0..9)"
+        )
     given_t = option_templates(templates_file)
     templates = given_t[0] if given_t else list(DIGIT_TEMPLATES)
 
@@ -370,12 +394,16 @@ def load_sklearn_task(name: str, rest: str, classes_file: Path | str | None = No
     return ClassificationTask(name or dataset, spec, classes, templates, items_digits)
 
 
-def load_task(spec: str, classes_file: Path | str | None = None, templates_file: Path | str | None = None,
-              label_field: str = "label") -> ClassificationTask:
+def load_task(
+    spec: str,
+    classes_file: Path | str | None = None,
+    templates_file: Path | str | None = None,
+    label_field: str = "label",
+) -> ClassificationTask:
     """A classification task from one --data SPEC (see the module docstring)."""
     name, _, path_text = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
     if path_text.startswith(SKLEARN_PREFIX):
-        return load_sklearn_task(name, path_text[len(SKLEARN_PREFIX):], classes_file, templates_file)
+        return load_sklearn_task(name, path_text[len(SKLEARN_PREFIX) :], classes_file, templates_file)
     path = Path(path_text)
     # The sample's root folder: use its eval split.
     if path.is_dir() and (path / "eval").is_dir() and not list(path.glob("*.tar")):
@@ -389,7 +417,9 @@ def load_task(spec: str, classes_file: Path | str | None = None, templates_file:
         labels = [lab for _, lab in rows]
         fallback = None if all(lab.strip().isdigit() for lab in labels) else sorted(set(labels))
         classes, templates = _resolve_meta(path, classes_file, templates_file, fallback)
-        resolved = [(path.parent / p, _label_index(lab, classes, f"{path} row {i + 1}")) for i, (p, lab) in enumerate(rows)]
+        resolved = [
+            (path.parent / p, _label_index(lab, classes, f"{path} row {i + 1}")) for i, (p, lab) in enumerate(rows)
+        ]
         for p, _ in resolved:
             if not p.is_file():
                 raise EvalError(f"{path}: image {p} not found")
@@ -405,11 +435,17 @@ def load_task(spec: str, classes_file: Path | str | None = None, templates_file:
         if not subdirs:
             raise EvalError(f"{path}: neither .tar shards nor one sub-folder per class")
         folder_names = [d.name for d in subdirs]
-        classes, templates = _resolve_meta(path, classes_file, templates_file, [n.replace("_", " ") for n in folder_names])
+        classes, templates = _resolve_meta(
+            path, classes_file, templates_file, [n.replace("_", " ") for n in folder_names]
+        )
         if len(classes) != len(subdirs):
             raise EvalError(f"{path}: {len(subdirs)} class folders but {len(classes)} class names")
-        files = [(f, y) for y, d in enumerate(subdirs) for f in sorted(d.rglob("*"))
-                 if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS]
+        files = [
+            (f, y)
+            for y, d in enumerate(subdirs)
+            for f in sorted(d.rglob("*"))
+            if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS
+        ]
         if not files:
             raise EvalError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in the class folders")
 
@@ -429,8 +465,10 @@ def load_task(spec: str, classes_file: Path | str | None = None, templates_file:
             where = f"{shard} sample {group.key}"
             image = _image_member(group)
             if image is None:
-                raise EvalError(f"{where}: no image member ({', '.join('.' + e for e in IMAGE_EXTS)}); "
-                                f"it has {describe_fields(group.sample())}")
+                raise EvalError(
+                    f"{where}: no image member ({', '.join('.' + e for e in IMAGE_EXTS)}); "
+                    f"it has {describe_fields(group.sample())}"
+                )
             if "cls" in group.exts:
                 label: Any = group.read("cls").decode("utf-8", "replace").strip()
             elif "json" in group.exts:
@@ -439,12 +477,16 @@ def load_task(spec: str, classes_file: Path | str | None = None, templates_file:
                 except ValueError as e:
                     raise EvalError(f"{where}: bad .json ({e})") from e
                 if not isinstance(meta, dict) or label_field not in meta:
-                    raise EvalError(f"{where}: no .cls member and no {label_field!r} field in .json "
-                                    f"(--label-field); it has {describe_fields(group.sample())}")
+                    raise EvalError(
+                        f"{where}: no .cls member and no {label_field!r} field in .json "
+                        f"(--label-field); it has {describe_fields(group.sample())}"
+                    )
                 label = meta[label_field]
             else:
-                raise EvalError(f"{where}: no label (.cls member or .json field {label_field!r}); "
-                                f"it has {describe_fields(group.sample())}")
+                raise EvalError(
+                    f"{where}: no label (.cls member or .json field {label_field!r}); "
+                    f"it has {describe_fields(group.sample())}"
+                )
             report.read += 1
             yield _pil_from_bytes(image, where), _label_index(label, classes, where)
 
@@ -487,8 +529,10 @@ def _check_retrieval_key(shards: Sequence[Path], caption_key: str) -> None:
             return  # the task's own check reports an empty task
         group, shard = first
         if _image_member(group) is not None and _retrieval_caption(group, caption_key) is None:
-            raise EvalError(f"--caption-key {caption_key!r}: the first sample {group.key!r} of {shard} has no "
-                            f".txt and no .json field {caption_key!r}; it has {describe_fields(group.sample())}")
+            raise EvalError(
+                f"--caption-key {caption_key!r}: the first sample {group.key!r} of {shard} has no "
+                f".txt and no .json field {caption_key!r}; it has {describe_fields(group.sample())}"
+            )
 
 
 def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTask:
@@ -528,17 +572,24 @@ def find_experts(run_dir: Path, n_experts: int) -> list[Path]:
     """RUN/expert_K/checkpoints/final.pt for K < n_experts; errors name what is missing or extra."""
     if not run_dir.is_dir():
         raise EvalError(f"run folder {run_dir} not found")
-    present = sorted(int(d.name.split("_", 1)[1]) for d in run_dir.glob("expert_*")
-                     if d.is_dir() and d.name.split("_", 1)[1].isdigit())
+    present = sorted(
+        int(d.name.split("_", 1)[1])
+        for d in run_dir.glob("expert_*")
+        if d.is_dir() and d.name.split("_", 1)[1].isdigit()
+    )
     extra = [k for k in present if k >= n_experts]
     if extra:
-        raise EvalError(f"{run_dir} has expert folders {present} but the cluster file has {n_experts} experts "
-                        f"(0..{n_experts - 1}): expert_{extra[0]} does not match it")
+        raise EvalError(
+            f"{run_dir} has expert folders {present} but the cluster file has {n_experts} experts "
+            f"(0..{n_experts - 1}): expert_{extra[0]} does not match it"
+        )
     paths = [run_dir / f"expert_{k}" / "checkpoints" / "final.pt" for k in range(n_experts)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise EvalError(f"the cluster file has {n_experts} experts but {len(missing)} expert checkpoint(s) are "
-                        f"missing: {', '.join(missing)}")
+        raise EvalError(
+            f"the cluster file has {n_experts} experts but {len(missing)} expert checkpoint(s) are "
+            f"missing: {', '.join(missing)}"
+        )
     return paths
 
 
@@ -559,13 +610,14 @@ def _encode_texts(m: LoadedModel, texts: Sequence[str], device: str, batch: int)
 
     parts = []
     for s in range(0, len(texts), batch):
-        tokens = m.tokenizer(list(texts[s:s + batch])).to(device)
+        tokens = m.tokenizer(list(texts[s : s + batch])).to(device)
         parts.append(m.model.encode_text(tokens, normalize=True).float())
     return torch.cat(parts)
 
 
-def zero_shot_classifier(m: LoadedModel, classes: Sequence[str], templates: Sequence[str],
-                         device: str, batch: int = 256) -> Any:
+def zero_shot_classifier(
+    m: LoadedModel, classes: Sequence[str], templates: Sequence[str], device: str, batch: int = 256
+) -> Any:
     """[C, D]: per class the normalised mean of its normalised prompt embeddings (CLIP's recipe)."""
     import torch
 
@@ -574,8 +626,9 @@ def zero_shot_classifier(m: LoadedModel, classes: Sequence[str], templates: Sequ
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
-def _image_features(models: Sequence[LoadedModel], loaders: Iterator[Callable[[], Any]],
-                    device: str, batch: int) -> list[Any]:
+def _image_features(
+    models: Sequence[LoadedModel], loaders: Iterator[Callable[[], Any]], device: str, batch: int
+) -> list[Any]:
     """One pass over the images: every model's normalised features [N, D] (each with its transform)."""
     import torch
 
@@ -660,9 +713,15 @@ def _ensemble_inputs(models: Sequence[LoadedModel], cosines: list[np.ndarray], i
     raise EvalError(f"ensemble inputs {inputs!r}: known are {', '.join(ENSEMBLE_INPUTS)}")
 
 
-def evaluate_classification(task: ClassificationTask, experts: Sequence[LoadedModel],
-                            singles: Sequence[LoadedModel], ens: Ensembler, device: str,
-                            batch: int = 256, ensemble_inputs: str = "cosine") -> dict[str, Any]:
+def evaluate_classification(
+    task: ClassificationTask,
+    experts: Sequence[LoadedModel],
+    singles: Sequence[LoadedModel],
+    ens: Ensembler,
+    device: str,
+    batch: int = 256,
+    ensemble_inputs: str = "cosine",
+) -> dict[str, Any]:
     import torch
 
     labels: list[int] = []
@@ -694,17 +753,30 @@ def evaluate_classification(task: ClassificationTask, experts: Sequence[LoadedMo
     for d in (top1, top5):
         d["best_expert"] = d[experts[best].name]
     return {
-        "kind": "classification", "source": task.source, "n_images": int(len(y)),
-        "n_classes": len(task.classes), "n_templates": len(task.templates),
-        "expert_weights": weights.tolist(), "classes_per_expert": groups.tolist(),
-        "best_expert": experts[best].name, "top1": top1, "top5": top5,
+        "kind": "classification",
+        "source": task.source,
+        "n_images": int(len(y)),
+        "n_classes": len(task.classes),
+        "n_templates": len(task.templates),
+        "expert_weights": weights.tolist(),
+        "classes_per_expert": groups.tolist(),
+        "best_expert": experts[best].name,
+        "top1": top1,
+        "top5": top5,
         "correct": {k: (v.argmax(1) == y).astype(int).tolist() for k, v in scored.items()},
         "labels": y.tolist(),
     }
 
 
-def evaluate_retrieval(task: RetrievalTask, experts: Sequence[LoadedModel], singles: Sequence[LoadedModel],
-                       ens: Ensembler, device: str, batch: int = 256, ensemble_inputs: str = "cosine") -> dict[str, Any]:
+def evaluate_retrieval(
+    task: RetrievalTask,
+    experts: Sequence[LoadedModel],
+    singles: Sequence[LoadedModel],
+    ens: Ensembler,
+    device: str,
+    batch: int = 256,
+    ensemble_inputs: str = "cosine",
+) -> dict[str, Any]:
     import torch
 
     captions: list[str] = []
@@ -737,9 +809,15 @@ def evaluate_retrieval(task: RetrievalTask, experts: Sequence[LoadedModel], sing
         recall[k] = r
     best = max(range(n), key=lambda k: recall[experts[k].name]["mean_recall"])
     recall["best_expert"] = recall[experts[best].name]
-    return {"kind": "retrieval", "source": task.source, "n_pairs": len(captions),
-            "expert_weights": weights.tolist(), "captions_per_expert": groups.tolist(),
-            "best_expert": experts[best].name, "recall": recall}
+    return {
+        "kind": "retrieval",
+        "source": task.source,
+        "n_pairs": len(captions),
+        "expert_weights": weights.tolist(),
+        "captions_per_expert": groups.tolist(),
+        "best_expert": experts[best].name,
+        "recall": recall,
+    }
 
 
 # --------------------------------------------------------------------------- the job
@@ -789,8 +867,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             raise EvalError(f"seed checkpoint {seed} not found: pass --baseline CKPT for the single model")
         singles = [("seed", seed)]
     names = [s[0] for s in singles]
-    clash = [x for x in names if names.count(x) > 1 or x.startswith("expert_")
-             or x in ("best_expert", "mean_ensemble", "mode_ensemble")]
+    clash = [
+        x
+        for x in names
+        if names.count(x) > 1 or x.startswith("expert_") or x in ("best_expert", "mean_ensemble", "mode_ensemble")
+    ]
     if clash:
         raise EvalError(f"single-model name {clash[0]!r} is used twice or clashes with a method: use NAME=CKPT")
     # Tasks are parsed (and their class lists checked) before any model loads: fail fast.
@@ -804,24 +885,31 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     single_models = load_models(singles, cfg.device)
 
     results: dict[str, Any] = {
-        "format": RESULTS_FORMAT, "run": str(cfg.run), "clusters": str(centers_path), "n_experts": n,
+        "format": RESULTS_FORMAT,
+        "run": str(cfg.run),
+        "clusters": str(centers_path),
+        "n_experts": n,
         "embedder": getattr(ens.embedder, "name", str(cfg.embedder)),
         "experts": {m.name: str(m.checkpoint) for m in experts},
         "single_models": [m.name for m in single_models],
         "single_model_checkpoints": {m.name: str(m.checkpoint) for m in single_models},
-        "device": cfg.device, "ensemble_inputs": cfg.ensemble_inputs,
+        "device": cfg.device,
+        "ensemble_inputs": cfg.ensemble_inputs,
         "logit_scales": {m.name: float(m.model.logit_scale.detach().exp()) for m in [*experts, *single_models]},
-        "tasks": {}, "retrieval": {},
+        "tasks": {},
+        "retrieval": {},
     }
     for task in tasks:
         log.info("classification %s (%d classes)", task.name, len(task.classes))
-        results["tasks"][task.name] = evaluate_classification(task, experts, single_models, ens, cfg.device, cfg.batch_size,
-                                                                  cfg.ensemble_inputs)
+        results["tasks"][task.name] = evaluate_classification(
+            task, experts, single_models, ens, cfg.device, cfg.batch_size, cfg.ensemble_inputs
+        )
         results["tasks"][task.name] |= task.reads.skips_dict()  # read: n_images
     for rtask in rtasks:
         log.info("retrieval %s", rtask.name)
-        results["retrieval"][rtask.name] = evaluate_retrieval(rtask, experts, single_models, ens, cfg.device, cfg.batch_size,
-                                                                 cfg.ensemble_inputs)
+        results["retrieval"][rtask.name] = evaluate_retrieval(
+            rtask, experts, single_models, ens, cfg.device, cfg.batch_size, cfg.ensemble_inputs
+        )
         results["retrieval"][rtask.name] |= rtask.reads.skips_dict()  # read: n_pairs
     methods = method_order(results, n)
     if results["tasks"]:
@@ -840,36 +928,68 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="train run folder (RUN/seed, RUN/expert_K)")
-    parser.add_argument("--clusters", type=Path, required=True,
-                        help="`mode-fast cluster` output folder (or its centers.npz)")
-    parser.add_argument("--data", nargs="*", default=[], metavar="SPEC",
-                        help="classification tasks: [NAME=]shards/folder/CSV/sample eval dir, or "
-                             "[NAME=]sklearn:digits[:N] (scikit-learn's bundled handwritten digits; N: a "
-                             "class-balanced subset)")
-    parser.add_argument("--retrieval", nargs="*", default=[], metavar="SHARDS",
-                        help="[NAME=]captioned webdataset shards for image-text retrieval")
+    parser.add_argument(
+        "--clusters", type=Path, required=True, help="`mode-fast cluster` output folder (or its centers.npz)"
+    )
+    parser.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        metavar="SPEC",
+        help="classification tasks: [NAME=]shards/folder/CSV/sample eval dir, or "
+        "[NAME=]sklearn:digits[:N] (scikit-learn's bundled handwritten digits; N: a "
+        "class-balanced subset)",
+    )
+    parser.add_argument(
+        "--retrieval",
+        nargs="*",
+        default=[],
+        metavar="SHARDS",
+        help="[NAME=]captioned webdataset shards for image-text retrieval",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--baseline", action="append", default=[], metavar="[NAME=]CKPT",
-                        help="single model(s) to compare (default: RUN/seed/checkpoints/final.pt); repeatable")
-    parser.add_argument("--classes", metavar="FILE|imagenet",
-                        help="JSON list of class names, or `imagenet` for open_clip's 1000 ImageNet class names "
-                             "(default: classes.json beside the data)")
-    parser.add_argument("--templates", metavar="FILE|openai-imagenet|simple-imagenet",
-                        help="JSON list of prompt templates with '{}', or `openai-imagenet` (open_clip's 80) / "
-                             "`simple-imagenet` (its 7) (default: templates.json beside the data, else the "
-                             "task's own for sklearn:digits, else simple-imagenet)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="[NAME=]CKPT",
+        help="single model(s) to compare (default: RUN/seed/checkpoints/final.pt); repeatable",
+    )
+    parser.add_argument(
+        "--classes",
+        metavar="FILE|imagenet",
+        help="JSON list of class names, or `imagenet` for open_clip's 1000 ImageNet class names "
+        "(default: classes.json beside the data)",
+    )
+    parser.add_argument(
+        "--templates",
+        metavar="FILE|openai-imagenet|simple-imagenet",
+        help="JSON list of prompt templates with '{}', or `openai-imagenet` (open_clip's 80) / "
+        "`simple-imagenet` (its 7) (default: templates.json beside the data, else the "
+        "task's own for sklearn:digits, else simple-imagenet)",
+    )
     parser.add_argument("--label-field", default="label", help="label field of .json when there is no .cls")
-    parser.add_argument("--caption-key", default="caption",
-                        help="retrieval captions, as in curate and cluster: a member extension of that name, else "
-                             "a .json field; the default also falls back to .txt (default: %(default)s)")
-    parser.add_argument("--embedder", default=None,
-                        help="clustering text encoder: minilm, hashN or package.module:callable (default: the one "
-                             "stored with the clusters, embedder.json)")
+    parser.add_argument(
+        "--caption-key",
+        default="caption",
+        help="retrieval captions, as in curate and cluster: a member extension of that name, else "
+        "a .json field; the default also falls back to .txt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embedder",
+        default=None,
+        help="clustering text encoder: minilm, hashN or package.module:callable (default: the one "
+        "stored with the clusters, embedder.json)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--ensemble-inputs", choices=ENSEMBLE_INPUTS, default="cosine",
-                        help="what the ensembles combine: the experts' plain cosine similarities (MoDE's, "
-                             "default) or each times the expert's own logit scale (scaled)")
+    parser.add_argument(
+        "--ensemble-inputs",
+        choices=ENSEMBLE_INPUTS,
+        default="cosine",
+        help="what the ensembles combine: the experts' plain cosine similarities (MoDE's, "
+        "default) or each times the expert's own logit scale (scaled)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -877,11 +997,22 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to evaluate: give --data SPEC... and/or --retrieval SHARDS...")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    cfg = EvalConfig(run=args.run, clusters=args.clusters, data=list(args.data), out=args.out,
-                     baselines=list(args.baseline), retrieval=list(args.retrieval), classes=args.classes,
-                     templates=args.templates, label_field=args.label_field, caption_key=args.caption_key,
-                     embedder=args.embedder, device=args.device, batch_size=args.batch_size,
-                     ensemble_inputs=args.ensemble_inputs)
+    cfg = EvalConfig(
+        run=args.run,
+        clusters=args.clusters,
+        data=list(args.data),
+        out=args.out,
+        baselines=list(args.baseline),
+        retrieval=list(args.retrieval),
+        classes=args.classes,
+        templates=args.templates,
+        label_field=args.label_field,
+        caption_key=args.caption_key,
+        embedder=args.embedder,
+        device=args.device,
+        batch_size=args.batch_size,
+        ensemble_inputs=args.ensemble_inputs,
+    )
     results = evaluate(cfg)
     print(markdown_table(results), end="")
     print(f"results in {args.out}/results.json, results.md, accuracy.png, expert_weights.png")

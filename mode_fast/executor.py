@@ -28,6 +28,7 @@ see mode_fast.runs) and end with their driver however it ends: an exception or i
 the driver terminates them, and a SIGKILLed driver takes them along (parent-death signal on
 Linux, plus a thread watching the driver's pid).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -186,9 +187,15 @@ class LocalExecutor:
         main = threading.current_thread() is threading.main_thread()
         # The parent-death signal follows the thread that forks: safe from the forkserver
         # or this process's main thread, not from a thread that may end first.
-        initargs = (pickle.dumps(init), os.getpid(), process_start(os.getpid()), main or ctx.get_start_method() == "forkserver")
-        pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx,
-                                   initializer=_worker_start, initargs=initargs)
+        initargs = (
+            pickle.dumps(init),
+            os.getpid(),
+            process_start(os.getpid()),
+            main or ctx.get_start_method() == "forkserver",
+        )
+        pool = ProcessPoolExecutor(
+            min(self.workers, len(tasks)), mp_context=ctx, initializer=_worker_start, initargs=initargs
+        )
         complete = False
         try:
             with _sigint_ignored():
@@ -197,7 +204,7 @@ class LocalExecutor:
 
                     forkserver.ensure_running()
                 futures = [pool.submit(_run_task, fn, task) for task in tasks]
-            for future in (futures if ordered else as_completed(futures)):
+            for future in futures if ordered else as_completed(futures):
                 yield future.result()
             complete = True
         finally:
@@ -264,7 +271,10 @@ class RayExecutor:
         ds.context.enable_progress_bars = False
         ds.context.execution_options.preserve_order = ordered
         ds = ds.map_batches(
-            _RayShardWorker, fn_constructor_args=(fn, init), batch_size=1, num_cpus=1,
+            _RayShardWorker,
+            fn_constructor_args=(fn, init),
+            batch_size=1,
+            num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(tasks))),
         )
         seen: set[int] = set()
@@ -284,7 +294,9 @@ class RayExecutor:
             ray.shutdown()
 
 
-def make_executor(kind: str = "local", workers: int | None = 1, address: str | None = None) -> LocalExecutor | RayExecutor:
+def make_executor(
+    kind: str = "local", workers: int | None = 1, address: str | None = None
+) -> LocalExecutor | RayExecutor:
     """kind 'local' (workers: processes, None = all cores) or 'ray' (workers: actors)."""
     if kind == "local":
         return LocalExecutor(max(1, os.cpu_count() or 1) if workers is None else workers)
@@ -293,9 +305,15 @@ def make_executor(kind: str = "local", workers: int | None = 1, address: str | N
     raise ValueError(f"unknown executor {kind!r}: use one of {', '.join(EXECUTORS)}")
 
 
-def run_with_progress(executor: LocalExecutor | RayExecutor, fn: TaskFn, tasks: Sequence[Task], desc: str,
-                      init: Init = None, disable: bool | None = None,
-                      on_result: Callable[[Any], None] | None = None) -> list[Any]:
+def run_with_progress(
+    executor: LocalExecutor | RayExecutor,
+    fn: TaskFn,
+    tasks: Sequence[Task],
+    desc: str,
+    init: Init = None,
+    disable: bool | None = None,
+    on_result: Callable[[Any], None] | None = None,
+) -> list[Any]:
     """All results (in completion order) with a progress bar of shards and records/s
     (tasks that return a dict with 'records' count toward the rate); `on_result` is
     called with each result as it arrives (e.g. a RunState.track callback)."""
@@ -316,7 +334,14 @@ def run_with_progress(executor: LocalExecutor | RayExecutor, fn: TaskFn, tasks: 
 
 
 def add_executor_arguments(parser: Any) -> None:
-    parser.add_argument("--executor", choices=EXECUTORS, default="local",
-                        help="where shard tasks run: local processes (default) or a Ray cluster")
-    parser.add_argument("--ray-address", default=None,
-                        help="Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where shard tasks run: local processes (default) or a Ray cluster",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a local Ray)",
+    )

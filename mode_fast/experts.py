@@ -6,6 +6,7 @@ Library module: `TwoLevel` (the fitted centers, saved as one .npz) and `fit_two_
 over `mode_fast.kmeans`. The cluster job's output folder is read and written by
 `mode_fast.clusters`. Never imports a job module.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,13 +80,11 @@ class TwoLevel:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "TwoLevel":
+    def load(cls, path: str | Path) -> TwoLevel:
         with np.load(path, allow_pickle=False) as z:
             fmt = str(z["format"]) if "format" in z else None
             if fmt != TWO_LEVEL_FORMAT:
-                raise ValueError(
-                    f"{path}: not a two-level centers file (format {fmt!r}, want {TWO_LEVEL_FORMAT!r})"
-                )
+                raise ValueError(f"{path}: not a two-level centers file (format {fmt!r}, want {TWO_LEVEL_FORMAT!r})")
             return cls(
                 fine_centroids=z["fine_centroids"],
                 coarse_centroids=z["coarse_centroids"],
@@ -128,8 +127,9 @@ def fit_two_level(
         fine_k, niter=niter, seed=seed, balanced=balanced, spherical=spherical, verbose=verbose,
         max_points_per_centroid=max_points_per_centroid,
     ).fit(x)  # fmt: skip
-    coarse = KMeans(n_experts, niter=max(niter, 50), seed=seed, spherical=spherical, verbose=verbose,
-                    balanced=balanced_coarse)
+    coarse = KMeans(
+        n_experts, niter=max(niter, 50), seed=seed, spherical=spherical, verbose=verbose, balanced=balanced_coarse
+    )
     coarse.fit(fine.centroids)
     # MoDE's coarse step predicts each fine center's group with the fitted centers (nearest).
     expert_of_fine = np.asarray(coarse.assign(fine.centroids)[0], dtype=np.int64)

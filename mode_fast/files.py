@@ -7,6 +7,7 @@ the folder is fsynced so the rename survives a power cut. A reader sees the old 
 the whole new one, never half of one. A full or read-only disk raises `OutputError`
 naming the path, with the temporary removed.
 """
+
 from __future__ import annotations
 
 import contextlib

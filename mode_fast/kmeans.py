@@ -5,6 +5,7 @@ Library module: the assignment step is `mode_fast.kernels.kmeans_assign` (exact 
 every backend); MoDE's two levels built from it are in `mode_fast.experts`. Never imports a
 job module.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from mode_fast.kernels.kmeans_assign import kmeans_assign
 logger = logging.getLogger(__name__)
 
 KMEANS_FORMAT = "mode_fast.kmeans/1"
+
 
 # ---------------------------------------------------------------------------------
 # helpers
@@ -67,7 +69,6 @@ def _like_input(t: torch.Tensor, ref: Any) -> Any:
     return t.cpu().numpy()
 
 
-
 def _imbalance(counts: torch.Tensor) -> float:
     """faiss's imbalance factor: k * sum(n_i^2) / (sum n_i)^2; 1.0 is perfectly even."""
     c = counts.double()
@@ -90,9 +91,7 @@ def _scores_topk(x: torch.Tensor, c: torch.Tensor, m: int, chunk: int = 2048):
 # ---------------------------------------------------------------------------------
 # balanced assignment
 # ---------------------------------------------------------------------------------
-def balanced_assign(
-    x: torch.Tensor, centroids: torch.Tensor, capacity: int, n_candidates: int = 32
-) -> torch.Tensor:
+def balanced_assign(x: torch.Tensor, centroids: torch.Tensor, capacity: int, n_candidates: int = 32) -> torch.Tensor:
     """Assign each row of x to a center so that no center gets more than `capacity` rows.
 
     Greedy deferred acceptance in rounds: every unassigned point proposes to its next
@@ -105,9 +104,7 @@ def balanced_assign(
     """
     n, k = x.shape[0], centroids.shape[0]
     if capacity * k < n:
-        raise ValueError(
-            f"balanced_assign: capacity {capacity} x {k} clusters < {n} points (infeasible)"
-        )
+        raise ValueError(f"balanced_assign: capacity {capacity} x {k} clusters < {n} points (infeasible)")
     device = x.device
     labels = torch.full((n,), -1, dtype=torch.int64, device=device)
     load = torch.zeros(k, dtype=torch.int64, device=device)
@@ -142,9 +139,7 @@ def balanced_assign(
 # ---------------------------------------------------------------------------------
 # k-means
 # ---------------------------------------------------------------------------------
-def cluster_sums(
-    x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, k: int, method: str = "auto"
-) -> torch.Tensor:
+def cluster_sums(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, k: int, method: str = "auto") -> torch.Tensor:
     """Per-cluster weighted sums of the rows of x, fp64 [k, D], bitwise reproducible.
 
     "index_add" (CPU default): fp32 index_add_ over blocks of 8192 rows, each block's
@@ -276,7 +271,7 @@ class KMeans:
         logger.info(msg)
 
     # -- fitting ------------------------------------------------------------------
-    def fit(self, x: Any, weights: Any = None, init_centroids: Any = None) -> "KMeans":
+    def fit(self, x: Any, weights: Any = None, init_centroids: Any = None) -> KMeans:
         """Fit on x [N, D] (numpy or torch), optional weights [N] >= 0, optional starting
         centers [k, D] (replacing the `init` method)."""
         device = self.device or (x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
@@ -310,17 +305,13 @@ class KMeans:
         if self.balanced:
             capacity = self.max_cluster_size or math.ceil(n / self.k)
             if capacity * self.k < n:
-                raise ValueError(
-                    f"KMeans.fit: max_cluster_size={capacity} x k={self.k} < {n} fitted points"
-                )
+                raise ValueError(f"KMeans.fit: max_cluster_size={capacity} x k={self.k} < {n} fitted points")
 
         t0 = time.perf_counter()
         if init_centroids is not None:
             c = _as_tensor(init_centroids, "KMeans.fit init_centroids", device).clone()
             if c.shape != (self.k, d):
-                raise ValueError(
-                    f"KMeans.fit: init_centroids has shape {tuple(c.shape)}, want {(self.k, d)}"
-                )
+                raise ValueError(f"KMeans.fit: init_centroids has shape {tuple(c.shape)}, want {(self.k, d)}")
             _check_finite(c, "KMeans.fit init_centroids")
             if self.spherical:
                 c = torch.nn.functional.normalize(c, dim=1)
@@ -492,9 +483,7 @@ class KMeans:
         device = self._centroids.device
         xt = _as_tensor(x, "KMeans.assign x", device)
         if xt.shape[1] != self._centroids.shape[1]:
-            raise ValueError(
-                f"KMeans.assign: x has D={xt.shape[1]}, centers have D={self._centroids.shape[1]}"
-            )
+            raise ValueError(f"KMeans.assign: x has D={xt.shape[1]}, centers have D={self._centroids.shape[1]}")
         if self.spherical:
             xt = torch.nn.functional.normalize(xt, dim=1)
         if balanced:
@@ -518,16 +507,14 @@ class KMeans:
         )
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "KMeans":
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> KMeans:
         with np.load(path, allow_pickle=False) as z:
             fmt = str(z["format"]) if "format" in z else None
             if fmt != KMEANS_FORMAT:
                 raise ValueError(f"{path}: not a KMeans file (format {fmt!r}, want {KMEANS_FORMAT!r})")
             cfg = json.loads(str(z["config"]))
             km = cls(**cfg, device=device)
-            km._centroids = torch.from_numpy(z["centroids"].astype(np.float32)).to(
-                km.device or "cpu"
-            )
+            km._centroids = torch.from_numpy(z["centroids"].astype(np.float32)).to(km.device or "cpu")
             km.stats = json.loads(str(z["stats"]))
         if km._centroids.shape[0] != km.k:
             raise ValueError(f"{path}: {km._centroids.shape[0]} centroids for k={km.k}")

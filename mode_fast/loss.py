@@ -33,6 +33,7 @@ Peak memory of the loss itself: O(B * D) saved for backward plus O(chunk * B)
 temporaries (torch backend) or a few tiles (Triton), where B is the number of columns
 (the gathered batch, or the local batch with ``ring=True``). No B x B tensor.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,9 +49,9 @@ if dist.is_available():
 from mode_fast.kernels import dispatch
 from mode_fast.kernels.contrastive_loss import (
     _as_scalar_tensor,
-    _kernel_kw,
     _check_features,
     _grad_like,
+    _kernel_kw,
     _row_dots,
     _sub_labels,
     clip_loss,
@@ -151,13 +152,28 @@ class _RingClip(torch.autograd.Function):
             d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
             d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
-def ring_clip_loss(image_features, text_features, logit_scale, rank: int, world_size: int,
-                   group=None, chunk_size: int | None = None, backend: str = "auto", *,
-                   deterministic: bool = False, bwd: str | None = None) -> torch.Tensor:
+def ring_clip_loss(
+    image_features,
+    text_features,
+    logit_scale,
+    rank: int,
+    world_size: int,
+    group=None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    *,
+    deterministic: bool = False,
+    bwd: str | None = None,
+) -> torch.Tensor:
     """CLIP loss of the local rows against all ranks' blocks without gathering them (see module doc).
 
     Every rank must hold the same number of rows.
@@ -166,8 +182,7 @@ def ring_clip_loss(image_features, text_features, logit_scale, rank: int, world_
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     backend = pick_backend(dispatch.RING_BLOCK, image_features, backend)
     kw = _kernel_kw(False, deterministic, bwd)
-    return _RingClip.apply(image_features, text_features, scale_t, rank, world_size, group, backend, chunk_size,
-                           kw)
+    return _RingClip.apply(image_features, text_features, scale_t, rank, world_size, group, backend, chunk_size, kw)
 
 
 class ClipLoss(nn.Module):
@@ -191,8 +206,10 @@ class ClipLoss(nn.Module):
     ):
         super().__init__()
         if use_horovod:
-            raise ValueError("use_horovod=True is not supported by mode_fast.loss.ClipLoss; "
-                             "use open_clip.loss.ClipLoss or torch.distributed")
+            raise ValueError(
+                "use_horovod=True is not supported by mode_fast.loss.ClipLoss; "
+                "use open_clip.loss.ClipLoss or torch.distributed"
+            )
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels  # labels are implicit (the diagonal): nothing to cache
@@ -215,22 +232,39 @@ class ClipLoss(nn.Module):
         if self.world_size > 1:
             _check_world(self.rank, self.world_size, self.group)
         if self.world_size > 1 and self.ring:
-            loss = ring_clip_loss(image_features, text_features, logit_scale, self.rank, self.world_size,
-                                  self.group, self.chunk_size, self.backend, **self._kw())
+            loss = ring_clip_loss(
+                image_features,
+                text_features,
+                logit_scale,
+                self.rank,
+                self.world_size,
+                self.group,
+                self.chunk_size,
+                self.backend,
+                **self._kw(),
+            )
         elif self.world_size > 1:
             args = (self.gather_with_grad, not self.local_loss, self.rank, self.world_size, self.group)
             all_img = _gather(image_features, *args)
             all_txt = _gather(text_features, *args)
             if self.local_loss:
-                loss = local_clip_loss(image_features, text_features, all_img, all_txt, logit_scale,
-                                       self.rank * image_features.shape[0], backend=self.backend,
-                                       chunk_size=self.chunk_size, **self._kw())
+                loss = local_clip_loss(
+                    image_features,
+                    text_features,
+                    all_img,
+                    all_txt,
+                    logit_scale,
+                    self.rank * image_features.shape[0],
+                    backend=self.backend,
+                    chunk_size=self.chunk_size,
+                    **self._kw(),
+                )
             else:
-                loss = clip_loss(all_img, all_txt, logit_scale, self.backend, chunk_size=self.chunk_size,
-                                 **self._kw())
+                loss = clip_loss(all_img, all_txt, logit_scale, self.backend, chunk_size=self.chunk_size, **self._kw())
         else:
-            loss = clip_loss(image_features, text_features, logit_scale, self.backend, chunk_size=self.chunk_size,
-                             **self._kw())
+            loss = clip_loss(
+                image_features, text_features, logit_scale, self.backend, chunk_size=self.chunk_size, **self._kw()
+            )
         if logit_bias is not None:
             # a bias shifts every logit of a row alike: softmax cross-entropy is unchanged and
             # its gradient is 0; kept in the graph so logit_bias.grad is 0, not None
@@ -290,13 +324,29 @@ class SigLipLoss(nn.Module):
         self.labels: dict = {}
 
     def _negatives(self, image_features, text_block, logit_scale, logit_bias):
-        return siglip_loss(image_features, text_block, logit_scale, logit_bias, self.backend,
-                           positives=False, chunk_size=self.chunk_size, deterministic=self.deterministic,
-                           bwd=self.bwd)
+        return siglip_loss(
+            image_features,
+            text_block,
+            logit_scale,
+            logit_bias,
+            self.backend,
+            positives=False,
+            chunk_size=self.chunk_size,
+            deterministic=self.deterministic,
+            bwd=self.bwd,
+        )
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
-        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, self.backend,
-                           chunk_size=self.chunk_size, deterministic=self.deterministic, bwd=self.bwd)
+        loss = siglip_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            self.backend,
+            chunk_size=self.chunk_size,
+            deterministic=self.deterministic,
+            bwd=self.bwd,
+        )
         if self.world_size > 1:
             _check_world(self.rank, self.world_size, self.group)
             if self.dist_impl in ("shift", "bidir"):

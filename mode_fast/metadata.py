@@ -19,6 +19,7 @@ kept as written (``Einstein``). WordNet 3.0 Copyright 2006 by Princeton Universi
 redistributed under the WordNet licence (``mode_fast/data/WORDNET_LICENSE.txt``).
 Rebuild it with ``mode-fast metadata build --out FILE`` (Debian: ``wordnet-base``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,9 @@ def validate_metadata(entries: object, source: str = "metadata") -> list[str]:
         except UnicodeEncodeError as exc:
             raise MetadataError(f"{source}: entry {i} ({e!r}) is not valid Unicode ({exc.reason})") from exc
         if e in first_index:
-            raise MetadataError(f"{source}: entry {i} {e!r} duplicates entry {first_index[e]} (ids are positions, so one must go)")
+            raise MetadataError(
+                f"{source}: entry {i} {e!r} duplicates entry {first_index[e]} (ids are positions, so one must go)"
+            )
         first_index[e] = i
     return entries  # type: ignore[return-value]
 
@@ -119,7 +122,9 @@ def build_from_wordnet(wordnet_dir: str | os.PathLike) -> list[str]:
     d = Path(wordnet_dir)
     missing = [f for f in WORDNET_FILES if not (d / f).is_file()]
     if missing:
-        raise MetadataError(f"{d}: not a WordNet dict folder (missing {', '.join(missing)}); try `apt-get install wordnet-base`")
+        raise MetadataError(
+            f"{d}: not a WordNet dict folder (missing {', '.join(missing)}); try `apt-get install wordnet-base`"
+        )
     seen: dict[str, None] = {}  # insertion-ordered set: first occurrence fixes the id
     for name in WORDNET_FILES:
         with open(d / name, encoding="utf-8") as f:
@@ -178,13 +183,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "check":
             entries = load_metadata(args.file)
-            print(f"{args.file}: {len(entries):,} entries, sha256 {metadata_sha256(entries)[:16]}; first: {entries[:5]}")
+            print(
+                f"{args.file}: {len(entries):,} entries, sha256 {metadata_sha256(entries)[:16]}; first: {entries[:5]}"
+            )
             return 0
         lists = []
         if not args.no_wordnet:
             wn = Path(args.wordnet_dir) if args.wordnet_dir else default_wordnet_dir()
             if wn is None:
-                raise MetadataError("WordNet 3.0 not found: `apt-get install wordnet-base`, or pass --wordnet-dir / --no-wordnet")
+                raise MetadataError(
+                    "WordNet 3.0 not found: `apt-get install wordnet-base`, or pass --wordnet-dir / --no-wordnet"
+                )
             lists.append(build_from_wordnet(wn))
         lists += [load_metadata(p) for p in args.merge]
         if not lists:

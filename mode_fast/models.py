@@ -5,6 +5,7 @@ Library module: `register_model_configs` makes the project's configs known to op
 `create_model` builds a model with its training transform and tokenizer. Checkpoints are in
 `mode_fast.checkpoint`. Never imports a job module.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,13 @@ class CreatedModel:
     kwargs: dict[str, Any] = field(default_factory=dict)  # stored in checkpoints to rebuild it
 
 
-def create_model(name: str, device: str | torch.device = "cpu", siglip: bool = False,
-                 patch_dropout: float | None = None, output_dict: bool = True) -> CreatedModel:
+def create_model(
+    name: str,
+    device: str | torch.device = "cpu",
+    siglip: bool = False,
+    patch_dropout: float | None = None,
+    output_dict: bool = True,
+) -> CreatedModel:
     """A freshly initialised open_clip model (draws from torch's global RNG: seed first)."""
     import open_clip
 

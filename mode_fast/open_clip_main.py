@@ -10,6 +10,7 @@ its `main` runs as is. Only the contrastive loss differs: `mode_fast.loss.ClipLo
 CoCa keep open_clip's losses. This project's model configs (mode-fast-tiny, ...) are
 registered too, so `--model mode-fast-tiny --dataset-type synthetic` trains on a CPU.
 """
+
 from __future__ import annotations
 
 import logging

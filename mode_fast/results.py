@@ -4,6 +4,7 @@
 retrieval.png); the demo (`mode_fast.pipeline`) prints the same table. Library module:
 never imports a job module.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,6 @@ def method_order(results: dict[str, Any], n_experts: int) -> list[str]:
     return [f"expert_{k}" for k in range(n_experts)] + ["best_expert", "mean_ensemble", "mode_ensemble"] + singles
 
 
-
 def ensemble_note(results: dict[str, Any]) -> str:
     """Which similarities the ensembles combined (results.json `ensemble_inputs`)."""
     inputs = results.get("ensemble_inputs", "scaled")  # older results: eval scaled them
@@ -35,26 +35,51 @@ def markdown_table(results: dict[str, Any]) -> str:
     methods = method_order(results, n)
     lines = []
     if results["tasks"]:
-        lines += ["Zero-shot top-1 accuracy (%). " + ensemble_note(results), "",
-                  "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        lines += [
+            "Zero-shot top-1 accuracy (%). " + ensemble_note(results),
+            "",
+            "| task | " + " | ".join(methods) + " |",
+            "|---" * (len(methods) + 1) + "|",
+        ]
         for name, t in results["tasks"].items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * t['top1'][m]:.1f}" for m in methods) + " |")
         avg = results["average"]["top1"]
         lines.append("| **average** | " + " | ".join(f"**{100 * avg[m]:.1f}**" for m in methods) + " |")
-        lines += ["", "MoDE expert weights (classes per expert)", "",
-                  "| task | " + " | ".join(f"expert_{k}" for k in range(n)) + " |", "|---" * (n + 1) + "|"]
+        lines += [
+            "",
+            "MoDE expert weights (classes per expert)",
+            "",
+            "| task | " + " | ".join(f"expert_{k}" for k in range(n)) + " |",
+            "|---" * (n + 1) + "|",
+        ]
         for name, t in results["tasks"].items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{w:.3f} ({c})" for w, c in zip(t["expert_weights"], t["classes_per_expert"])) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{w:.3f} ({c})" for w, c in zip(t["expert_weights"], t["classes_per_expert"]))
+                + " |"
+            )
     if results["retrieval"]:
-        lines += ["", "Image-text retrieval recall (%), image->text / text->image", "",
-                  "| task | method | " + " | ".join(f"i2t R@{k}" for k in RECALL_KS) + " | "
-                  + " | ".join(f"t2i R@{k}" for k in RECALL_KS) + " |", "|---" * (2 + 2 * len(RECALL_KS)) + "|"]
+        lines += [
+            "",
+            "Image-text retrieval recall (%), image->text / text->image",
+            "",
+            "| task | method | "
+            + " | ".join(f"i2t R@{k}" for k in RECALL_KS)
+            + " | "
+            + " | ".join(f"t2i R@{k}" for k in RECALL_KS)
+            + " |",
+            "|---" * (2 + 2 * len(RECALL_KS)) + "|",
+        ]
         for name, t in results["retrieval"].items():
             for m in methods:
                 r = t["recall"][m]
-                lines.append(f"| {name} | {m} | " + " | ".join(
-                    f"{100 * r[f'{d}_R@{k}']:.1f}" for d in ("image_to_text", "text_to_image") for k in RECALL_KS) + " |")
+                lines.append(
+                    f"| {name} | {m} | "
+                    + " | ".join(
+                        f"{100 * r[f'{d}_R@{k}']:.1f}" for d in ("image_to_text", "text_to_image") for k in RECALL_KS
+                    )
+                    + " |"
+                )
     lines += skip_lines(results)
     return "\n".join(lines) + "\n"
 
@@ -65,8 +90,9 @@ def skip_lines(results: dict[str, Any]) -> list[str]:
     for kind, count in (("tasks", "n_images"), ("retrieval", "n_pairs")):
         for name, t in results.get(kind, {}).items():
             reasons = ", ".join(f"{r} {n}" for r, n in t.get("skipped", {}).items())
-            lines.append(f"- {name}: read {t[count]}, skipped {t.get('skipped_total', 0)}"
-                         + (f" ({reasons})" if reasons else ""))
+            lines.append(
+                f"- {name}: read {t[count]}, skipped {t.get('skipped_total', 0)}" + (f" ({reasons})" if reasons else "")
+            )
     return ["", "Samples read and skipped", "", *lines] if lines else []
 
 
@@ -89,15 +115,23 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     written = []
     if results["tasks"]:
         groups = list(results["tasks"]) + ["average"]
-        values = [[results["tasks"][g]["top1"][m] if g != "average" else results["average"]["top1"][m]
-                   for m in methods] for g in groups]
+        values = [
+            [results["tasks"][g]["top1"][m] if g != "average" else results["average"]["top1"][m] for m in methods]
+            for g in groups
+        ]
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(methods) / 3), 4))
         width = 0.8 / len(methods)
         cmap = plt.get_cmap("tab10")
         for j, m in enumerate(methods):
             xs = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
-            ax.bar(xs, [100 * v[j] for v in values], width, label=m, color=cmap(j % 10),
-                   hatch="//" if m == "mode_ensemble" else None)
+            ax.bar(
+                xs,
+                [100 * v[j] for v in values],
+                width,
+                label=m,
+                color=cmap(j % 10),
+                hatch="//" if m == "mode_ensemble" else None,
+            )
         ax.set_xticks(np.arange(len(groups)), groups)
         ax.set_ylabel("zero-shot top-1 (%)")
         ax.set_title("Experts, ensembles and single models per task")
@@ -177,6 +211,10 @@ def cluster_agreement(truth: Any, clusters: Any) -> dict[str, Any]:
         ami = None
     else:
         ami = float(adjusted_mutual_info_score(t, c))
-    return {"purity": float(table.max(1).sum() / len(truth)), "ami": ami, "groups": [str(g) for g in groups],
-            "clusters": [int(i) if np.issubdtype(ids.dtype, np.integer) else str(i) for i in ids],
-            "contingency": table.tolist()}
+    return {
+        "purity": float(table.max(1).sum() / len(truth)),
+        "ami": ami,
+        "groups": [str(g) for g in groups],
+        "clusters": [int(i) if np.issubdtype(ids.dtype, np.integer) else str(i) for i in ids],
+        "contingency": table.tolist(),
+    }

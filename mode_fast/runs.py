@@ -31,6 +31,7 @@ Usage (a job's driver)::
             if not state.is_done(unit): ...; state.mark_done(unit, files)
         state.finish(files)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,8 +53,19 @@ from mode_fast import __version__
 from mode_fast.errors import ConfigError, Interrupted, ModeFastError, output_error
 from mode_fast.files import remove_stale_temporaries, write_json
 
-__all__ = ["LOCK", "MANIFEST", "OutputLock", "OutputLocked", "RunState", "StopRequest", "code_version",
-           "fingerprint", "interrupts_as_error", "interrupts_deferred", "process_start"]
+__all__ = [
+    "LOCK",
+    "MANIFEST",
+    "OutputLock",
+    "OutputLocked",
+    "RunState",
+    "StopRequest",
+    "code_version",
+    "fingerprint",
+    "interrupts_as_error",
+    "interrupts_deferred",
+    "process_start",
+]
 
 MANIFEST = "run.json"
 LOCK = ".lock"
@@ -111,12 +123,18 @@ class OutputLock:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise output_error(self.path, exc) from exc
-            raise OutputLocked(f"{self.path.parent} is in use by {self._holder()}: wait for it to finish, "
-                               "or use another --out") from None
+            raise OutputLocked(
+                f"{self.path.parent} is in use by {self._holder()}: wait for it to finish, or use another --out"
+            ) from None
         # Held: name ourselves. Written in place (a rename would swap the locked inode).
-        body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                           "proc_start": process_start(os.getpid())}).encode()
+        body = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "proc_start": process_start(os.getpid()),
+            }
+        ).encode()
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, body, 0)
@@ -219,8 +237,9 @@ class RunState:
     from the previous run), `resumed` (a previous run of this configuration existed).
     """
 
-    def __init__(self, out: Path, job: str, inputs: dict[str, Any], args: dict[str, Any], lock: OutputLock,
-                 log: Log) -> None:
+    def __init__(
+        self, out: Path, job: str, inputs: dict[str, Any], args: dict[str, Any], lock: OutputLock, log: Log
+    ) -> None:
         self.out, self.job, self.inputs, self.args = out, job, inputs, args
         self.lock, self.log = lock, log
         self.units: dict[str, list[str]] = {}
@@ -234,9 +253,18 @@ class RunState:
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
-    def open(cls, out_dir: str | os.PathLike, job: str, *, inputs: dict[str, Any], args: dict[str, Any],
-             recompute: Recompute = None, overwrite: bool = False, owned: Iterable[str] = (),
-             log: Log | None = None) -> RunState:
+    def open(
+        cls,
+        out_dir: str | os.PathLike,
+        job: str,
+        *,
+        inputs: dict[str, Any],
+        args: dict[str, Any],
+        recompute: Recompute = None,
+        overwrite: bool = False,
+        owned: Iterable[str] = (),
+        log: Log | None = None,
+    ) -> RunState:
         """Lock `out_dir` and reconcile its run.json with this run (see the module doc).
 
         inputs: name -> fingerprint (JSON); args: flag -> value (JSON), the result-changing
@@ -249,8 +277,9 @@ class RunState:
         out = Path(out_dir)
         lock = OutputLock(out)
         lock.acquire()
-        state = cls(out, job, json.loads(json.dumps(inputs)), json.loads(json.dumps(args)), lock,
-                    log or (lambda msg: None))
+        state = cls(
+            out, job, json.loads(json.dumps(inputs)), json.loads(json.dumps(args)), lock, log or (lambda msg: None)
+        )
         try:
             remove_stale_temporaries(out)  # a killed run's half-written files; we hold the lock
             if overwrite:
@@ -271,11 +300,14 @@ class RunState:
             return None
         except (OSError, ValueError) as exc:
             # Written atomically, so damage is not ours: say so rather than guess.
-            raise ConfigError(f"{path} cannot be read ({exc}): rerun with --overwrite to start over, "
-                              "or use another --out") from None
+            raise ConfigError(
+                f"{path} cannot be read ({exc}): rerun with --overwrite to start over, or use another --out"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not a mode-fast {FORMAT} run manifest: rerun with --overwrite "
-                              "to start over, or use another --out")
+            raise ConfigError(
+                f"{path} is not a mode-fast {FORMAT} run manifest: rerun with --overwrite "
+                "to start over, or use another --out"
+            )
         return data
 
     def _fields(self) -> dict[str, Any]:
@@ -288,10 +320,15 @@ class RunState:
         if old is None:
             return
         if old.get("job") != self.job:
-            raise ConfigError(f"{self.out} holds a {old.get('job')} run, not {self.job}: use another --out "
-                              "(or --overwrite to start over)")
-        previous = {"code": old.get("code")} | old.get("args", {}) | \
-            {f"input {k}": v for k, v in old.get("inputs", {}).items()}
+            raise ConfigError(
+                f"{self.out} holds a {old.get('job')} run, not {self.job}: use another --out "
+                "(or --overwrite to start over)"
+            )
+        previous = (
+            {"code": old.get("code")}
+            | old.get("args", {})
+            | {f"input {k}": v for k, v in old.get("inputs", {}).items()}
+        )
         now = self._fields()
         self.changed = sorted(f for f in previous.keys() | now.keys() if previous.get(f) != now.get(f))
         units: dict[str, list[str]] = dict(old.get("units", {}))
@@ -302,8 +339,10 @@ class RunState:
         invalid = {u for pats in patterns.values() for u in units if any(fnmatch.fnmatchcase(u, p) for p in pats)}
         names = [self._field_name(f, previous.get(f), now.get(f)) for f in self.changed]
         for name in names[:3]:  # a re-copied pool changes every input: a few names, then a count
-            self.log(f"{self.job}: {name}{'' if name.endswith(')') else ' changed'} since the run in {self.out}: "
-                     "recomputing what it affects")
+            self.log(
+                f"{self.job}: {name}{'' if name.endswith(')') else ' changed'} since the run in {self.out}: "
+                "recomputing what it affects"
+            )
         if len(names) > 3:
             self.log(f"{self.job}: and {len(names) - 3} more changed inputs or arguments")
         for unit in sorted(invalid):
@@ -316,8 +355,12 @@ class RunState:
         self.units = units
         self.resumed = True
         outputs = list(old.get("outputs", []))
-        self.finished = bool(old.get("finished")) and not self.changed and not missing \
+        self.finished = (
+            bool(old.get("finished"))
+            and not self.changed
+            and not missing
             and all((self.out / f).exists() for f in outputs)
+        )
         if self.finished:
             self.outputs = outputs
 
@@ -333,9 +376,11 @@ class RunState:
         if field == "code":
             return f"{self.out} holds a {self.job} run made by {old}, this is {new}: {way_out}"
         if field.startswith("input "):
-            return (f"{self.out} holds a {self.job} run whose {self._field_name(field, old, new)}: {way_out}")
-        return (f"{self.out} holds a {self.job} run made with {field} {_describe(field, old)}, this run has "
-                f"{field} {_describe(field, new)}: {way_out}")
+            return f"{self.out} holds a {self.job} run whose {self._field_name(field, old, new)}: {way_out}"
+        return (
+            f"{self.out} holds a {self.job} run made with {field} {_describe(field, old)}, this run has "
+            f"{field} {_describe(field, new)}: {way_out}"
+        )
 
     def _remove_owned(self, owned: Iterable[str]) -> None:
         for name in [MANIFEST, *owned]:
@@ -400,11 +445,19 @@ class RunState:
         self._write()
 
     def _write(self) -> None:
-        write_json(self.out / MANIFEST, {
-            "format": FORMAT, "job": self.job, "code": code_version(), "inputs": self.inputs,
-            "args": self.args, "units": dict(sorted(self.units.items())), "outputs": self.outputs,
-            "finished": self.finished,
-        })
+        write_json(
+            self.out / MANIFEST,
+            {
+                "format": FORMAT,
+                "job": self.job,
+                "code": code_version(),
+                "inputs": self.inputs,
+                "args": self.args,
+                "units": dict(sorted(self.units.items())),
+                "outputs": self.outputs,
+                "finished": self.finished,
+            },
+        )
         self._dirty = False
         self._last_flush = time.monotonic()
 

@@ -30,6 +30,7 @@ Job module: argument parsing, a validated frozen `TrainConfig`, and calls into t
 (`mode_fast.models`, `mode_fast.checkpoint`, `mode_fast.training`, the loader in
 `mode_fast.data.loader`, the cluster folder in `mode_fast.clusters`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,18 @@ from mode_fast.data import loader as data_loader
 from mode_fast.errors import ConfigError, InputError, Interrupted, ModeFastError
 from mode_fast.models import create_model, project_model_names, register_model_configs
 from mode_fast.runs import RunState, fingerprint, interrupts_as_error, interrupts_deferred
-from mode_fast.training import (Dist, MetricsLog, batches, cosine_lr, init_distributed, make_loss, param_groups,
-                                pick_device, resolve_sample_spec, train_step)
+from mode_fast.training import (
+    Dist,
+    MetricsLog,
+    batches,
+    cosine_lr,
+    init_distributed,
+    make_loss,
+    param_groups,
+    pick_device,
+    resolve_sample_spec,
+    train_step,
+)
 
 log = logging.getLogger("mode_fast.train")
 
@@ -66,49 +77,106 @@ DEFAULT_CAPTION_KEY = "caption"  # curate's and cluster's default: .json field o
 # --------------------------------------------------------------------------- arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
-    g.add_argument("--data", nargs="+", required=True, metavar="SHARDS",
-                   help="webdataset .tar shards: files, folders, globs or {000..009} patterns")
-    g.add_argument("--image-key", default=data_loader.DEFAULT_IMAGE_KEY,
-                   help="image member extensions, ';'-separated, first present wins (default: %(default)s)")
-    g.add_argument("--caption-key", default=DEFAULT_CAPTION_KEY,
-                   help="the caption, as in curate and cluster: a member extension of that name, else a field "
-                        "of the .json member; the default also falls back to .txt (default: %(default)s)")
-    g.add_argument("--keep-keys", type=Path, metavar="FILE",
-                   help="train only on these keys, one per line (curate's DIR/kept_keys.txt)")
-    g.add_argument("--clusters", type=Path, metavar="DIR",
-                   help="`mode-fast cluster` output with the per-pair expert assignments (experts only)")
-    g.add_argument("--expert-share", type=float, default=0.02,
-                   help="share of other clusters' pairs an expert also trains on (default: %(default)s)")
-    g.add_argument("--shuffle-window", type=int, default=5000,
-                   help="samples move at most this far in the local shuffle (default: %(default)s)")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="SHARDS",
+        help="webdataset .tar shards: files, folders, globs or {000..009} patterns",
+    )
+    g.add_argument(
+        "--image-key",
+        default=data_loader.DEFAULT_IMAGE_KEY,
+        help="image member extensions, ';'-separated, first present wins (default: %(default)s)",
+    )
+    g.add_argument(
+        "--caption-key",
+        default=DEFAULT_CAPTION_KEY,
+        help="the caption, as in curate and cluster: a member extension of that name, else a field "
+        "of the .json member; the default also falls back to .txt (default: %(default)s)",
+    )
+    g.add_argument(
+        "--keep-keys",
+        type=Path,
+        metavar="FILE",
+        help="train only on these keys, one per line (curate's DIR/kept_keys.txt)",
+    )
+    g.add_argument(
+        "--clusters",
+        type=Path,
+        metavar="DIR",
+        help="`mode-fast cluster` output with the per-pair expert assignments (experts only)",
+    )
+    g.add_argument(
+        "--expert-share",
+        type=float,
+        default=0.02,
+        help="share of other clusters' pairs an expert also trains on (default: %(default)s)",
+    )
+    g.add_argument(
+        "--shuffle-window",
+        type=int,
+        default=5000,
+        help="samples move at most this far in the local shuffle (default: %(default)s)",
+    )
     g.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
 
     g = parser.add_argument_group("MoDE stage")
-    g.add_argument("--stage", choices=("seed", "expert"), default=None,
-                   help="seed: train on all the data; expert: see --expert (default: seed)")
-    g.add_argument("--expert", type=int, default=None, metavar="K",
-                   help="train expert K from the seed checkpoint on cluster K's data")
-    g.add_argument("--seed-checkpoint", type=Path,
-                   help="the seed model to fork experts from (default: OUT/seed/checkpoints/final.pt)")
+    g.add_argument(
+        "--stage",
+        choices=("seed", "expert"),
+        default=None,
+        help="seed: train on all the data; expert: see --expert (default: seed)",
+    )
+    g.add_argument(
+        "--expert",
+        type=int,
+        default=None,
+        metavar="K",
+        help="train expert K from the seed checkpoint on cluster K's data",
+    )
+    g.add_argument(
+        "--seed-checkpoint",
+        type=Path,
+        help="the seed model to fork experts from (default: OUT/seed/checkpoints/final.pt)",
+    )
 
     g = parser.add_argument_group("model and optimisation")
-    g.add_argument("--model", default="mode-fast-tiny",
-                   help="open_clip architecture name, or one of this project's: "
-                        + ", ".join(project_model_names()))
+    g.add_argument(
+        "--model",
+        default="mode-fast-tiny",
+        help="open_clip architecture name, or one of this project's: " + ", ".join(project_model_names()),
+    )
     g.add_argument("--siglip", action="store_true", help="sigmoid loss (SigLIP) instead of InfoNCE")
-    g.add_argument("--deterministic", action="store_true",
-                   help="the loss kernels' deterministic mode: no float atomics, the same bits every run")
-    g.add_argument("--patch-dropout", type=float, default=None,
-                   help="drop this share of image patches in training (FLIP; open_clip's force_patch_dropout)")
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="the loss kernels' deterministic mode: no float atomics, the same bits every run",
+    )
+    g.add_argument(
+        "--patch-dropout",
+        type=float,
+        default=None,
+        help="drop this share of image patches in training (FLIP; open_clip's force_patch_dropout)",
+    )
     g.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
-    g.add_argument("--epochs", type=int, default=1,
-                   help="epochs the seed trains (default: %(default)s); an expert trains the rest of "
-                        "the seed's schedule")
-    g.add_argument("--steps", type=int, help="steps this job trains (overrides --epochs; for an expert, "
-                                             "at most what is left of the seed's schedule)")
-    g.add_argument("--schedule-epochs", type=int,
-                   help="length of the cosine schedule in epochs, >= --epochs; the seed stops at "
-                        "--epochs and experts train the rest (MoDE: 27 of 32). Default: --epochs")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=1,
+        help="epochs the seed trains (default: %(default)s); an expert trains the rest of the seed's schedule",
+    )
+    g.add_argument(
+        "--steps",
+        type=int,
+        help="steps this job trains (overrides --epochs; for an expert, at most what is left of the seed's schedule)",
+    )
+    g.add_argument(
+        "--schedule-epochs",
+        type=int,
+        help="length of the cosine schedule in epochs, >= --epochs; the seed stops at "
+        "--epochs and experts train the rest (MoDE: 27 of 32). Default: --epochs",
+    )
     g.add_argument("--schedule-steps", type=int, help="length of the cosine schedule in steps")
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--wd", type=float, default=0.2, help="weight decay (not on gains, biases, scale)")
@@ -117,27 +185,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=1e-6)
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
     g.add_argument("--grad-clip-norm", type=float, default=1.0, help="0 disables (default: %(default)s)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
 
     g = parser.add_argument_group("run")
     g.add_argument("--out", type=Path, required=True, help="run folder; this job writes OUT/seed or OUT/expert_K")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
-    g.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="MIN",
-                   help="also checkpoint when this much wall time passed since the last one, so a kill "
-                        "loses little; 0: only --save-every (default: %(default)s)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from CKPT (an explicit path). Without CKPT it changes nothing: "
-                        "rerunning the same command always continues the job's own latest.pt")
-    g.add_argument("--overwrite", action="store_true",
-                   help="forget this job's earlier run in its folder (checkpoints, metrics) and start over")
+    g.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=5.0,
+        metavar="MIN",
+        help="also checkpoint when this much wall time passed since the last one, so a kill "
+        "loses little; 0: only --save-every (default: %(default)s)",
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CKPT",
+        help="continue from CKPT (an explicit path). Without CKPT it changes nothing: "
+        "rerunning the same command always continues the job's own latest.pt",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="forget this job's earlier run in its folder (checkpoints, metrics) and start over",
+    )
     g.add_argument("--log-every", type=int, default=1, help="metrics.jsonl interval in steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     # Test hook: end the job after this step as a kill would (no checkpoint unless one is due).
     g.add_argument("--stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
-
 
 
 # --------------------------------------------------------------------------- config
@@ -232,9 +314,31 @@ class TrainConfig:
 
 
 _RESULT_ARGS = (
-    "data", "image_key", "caption_key", "keep_keys", "clusters", "expert_share", "shuffle_window",
-    "stage", "expert", "model", "siglip", "patch_dropout", "epochs", "steps", "schedule_epochs", "schedule_steps",
-    "lr", "wd", "beta1", "beta2", "eps", "warmup", "grad_clip_norm", "precision", "seed",
+    "data",
+    "image_key",
+    "caption_key",
+    "keep_keys",
+    "clusters",
+    "expert_share",
+    "shuffle_window",
+    "stage",
+    "expert",
+    "model",
+    "siglip",
+    "patch_dropout",
+    "epochs",
+    "steps",
+    "schedule_epochs",
+    "schedule_steps",
+    "lr",
+    "wd",
+    "beta1",
+    "beta2",
+    "eps",
+    "warmup",
+    "grad_clip_norm",
+    "precision",
+    "seed",
 )
 
 
@@ -319,12 +423,21 @@ def _open_run(cfg: TrainConfig, ddp: Dist) -> tuple[RunState | None, bool]:
     if ddp.is_main:
         try:
             args = {f"--{k.replace('_', '-')}": v for k, v in cfg.result_config(ddp.world_size).items()}
-            state = RunState.open(cfg.job_dir, "train", inputs=_run_inputs(cfg), args=args,
-                                  overwrite=cfg.overwrite, owned=JOB_OUTPUTS, log=log.warning)
+            state = RunState.open(
+                cfg.job_dir,
+                "train",
+                inputs=_run_inputs(cfg),
+                args=args,
+                overwrite=cfg.overwrite,
+                owned=JOB_OUTPUTS,
+                log=log.warning,
+            )
             if not state.resumed and (cfg.job_dir / "checkpoints").is_dir() and cfg.resume is None:
                 state.close()
-                raise ConfigError(f"{cfg.job_dir} holds a train run without run.json (an older mode-fast): "
-                                  "rerun with --resume to continue it, --overwrite to start over, or use another --out")
+                raise ConfigError(
+                    f"{cfg.job_dir} holds a train run without run.json (an older mode-fast): "
+                    "rerun with --resume to continue it, --overwrite to start over, or use another --out"
+                )
         except ModeFastError as e:
             verdict = e
     if ddp.world_size > 1:
@@ -378,9 +491,11 @@ def _training_data(cfg: TrainConfig) -> _Data:
             if keep_keys:
                 hints.append(f"{cfg.keep_keys} holds keys like {min(keep_keys)!r}")
             if expert_filter is not None and expert_filter.first_unassigned is not None:
-                hints.append(f"{expert_filter.unassigned} shard keys (e.g. {expert_filter.first_unassigned!r}) "
-                             f"have no assignment in {cfg.clusters}, whose keys look like "
-                             f"{next(iter(expert_filter.assignments), None)!r}")
+                hints.append(
+                    f"{expert_filter.unassigned} shard keys (e.g. {expert_filter.first_unassigned!r}) "
+                    f"have no assignment in {cfg.clusters}, whose keys look like "
+                    f"{next(iter(expert_filter.assignments), None)!r}"
+                )
         raise InputError(f"{e}. {'; '.join(hints)}" if hints else str(e)) from e
     return _Data(index, spec, expert_filter.unassigned if expert_filter else 0)
 
@@ -389,8 +504,9 @@ def _expert_filter(cfg: TrainConfig) -> data_loader.ExpertFilter:
     assert cfg.clusters is not None and cfg.expert is not None  # checked by TrainConfig
     assigned = data_loader.load_expert_assignments(cfg.clusters)
     if assigned.n_experts is not None and cfg.expert >= assigned.n_experts:
-        raise ConfigError(f"--expert {cfg.expert}: {cfg.clusters} has {assigned.n_experts} experts "
-                          f"(0..{assigned.n_experts - 1})")
+        raise ConfigError(
+            f"--expert {cfg.expert}: {cfg.clusters} has {assigned.n_experts} experts (0..{assigned.n_experts - 1})"
+        )
     if cfg.expert not in set(assigned.expert_of_key.values()):
         raise InputError(f"expert {cfg.expert} has no pairs in {cfg.clusters}/assignments")
     return data_loader.ExpertFilter(assigned.expert_of_key, cfg.expert, cfg.expert_share, cfg.seed)
@@ -460,18 +576,23 @@ def _restore(run: _Run, start: _Start) -> int:
         ckpt = load_checkpoint(start.resume_path)
         diff = {k: (ckpt["config"].get(k), v) for k, v in run.config.items() if ckpt["config"].get(k) != v}
         if diff:
-            raise ConfigError(f"--resume {start.resume_path}: arguments differ from the checkpoint's "
-                              f"(checkpoint, now): {diff}")
+            raise ConfigError(
+                f"--resume {start.resume_path}: arguments differ from the checkpoint's (checkpoint, now): {diff}"
+            )
         run.model.load_state_dict(ckpt["state_dict"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
         job_step = int(ckpt["job_step"])
-        run.schedule = _Schedule(int(ckpt["schedule_step"]) - job_step, int(ckpt["schedule_total"]),
-                                 int(ckpt["job_steps"]))
+        run.schedule = _Schedule(
+            int(ckpt["schedule_step"]) - job_step, int(ckpt["schedule_total"]), int(ckpt["job_steps"])
+        )
         if len(ckpt["rng"]) == run.ddp.world_size:
             set_rng_state(ckpt["rng"][run.ddp.rank])
         else:  # another world size: same data, but dropout draws cannot be the same anyway
-            log.warning("resuming %d processes from a checkpoint of %d: random state reseeded",
-                        run.ddp.world_size, len(ckpt["rng"]))
+            log.warning(
+                "resuming %d processes from a checkpoint of %d: random state reseeded",
+                run.ddp.world_size,
+                len(ckpt["rng"]),
+            )
         log.info("resumed %s at step %d of %d", start.resume_path, job_step, run.schedule.job_steps)
         return job_step
     if start.seed_ckpt is not None:
@@ -503,8 +624,10 @@ def _write_job_files(run: _Run, data: _Data, steps_per_epoch: int, loss_source: 
     job_dir = run.cfg.job_dir
     job_dir.mkdir(parents=True, exist_ok=True)
     index = data.index
-    files.write_text(job_dir / "config.json", json.dumps(
-        {**run.config, "world_size": run.ddp.world_size, "loss": loss_source}, indent=2, default=str) + "\n")
+    files.write_text(
+        job_dir / "config.json",
+        json.dumps({**run.config, "world_size": run.ddp.world_size, "loss": loss_source}, indent=2, default=str) + "\n",
+    )
     files.write_text(job_dir / "data.json", json.dumps({
         "shards": [str(p) for p in index.shards], "samples_per_shard": index.counts.tolist(),
         "samples": index.total, **index.report.skips_dict(), "steps_per_epoch": steps_per_epoch,  # read, skipped
@@ -530,8 +653,11 @@ def train(cfg: TrainConfig | argparse.Namespace) -> Path:
     with state or contextlib.nullcontext():
         if finished:
             if ddp.is_main:
-                log.warning("train: %s already finished with these inputs and arguments: nothing to do "
-                            "(--overwrite to train again)", cfg.job_dir)
+                log.warning(
+                    "train: %s already finished with these inputs and arguments: nothing to do "
+                    "(--overwrite to train again)",
+                    cfg.job_dir,
+                )
             return final
         where = ["setup"]
         try:
@@ -543,8 +669,9 @@ def train(cfg: TrainConfig | argparse.Namespace) -> Path:
             raise
 
 
-def _train(cfg: TrainConfig, device: torch.device, bf16: bool, ddp: Dist, state: RunState | None,
-           where: list[str]) -> Path:
+def _train(
+    cfg: TrainConfig, device: torch.device, bf16: bool, ddp: Dist, state: RunState | None, where: list[str]
+) -> Path:
     start = _starting_point(cfg)
     data = _training_data(cfg)  # before the model: bad data fails before any weights exist
 
@@ -553,8 +680,14 @@ def _train(cfg: TrainConfig, device: torch.device, bf16: bool, ddp: Dist, state:
     # the trainer's own random stream (dropout), per job and per rank
     torch.manual_seed(data_loader.sample_seed(cfg.seed, -1 if cfg.expert is None else cfg.expert, ddp.rank))
     stream = data_loader.ShardStream(
-        data.index, data.spec, built.preprocess_train, built.tokenizer, cfg.batch_size * ddp.world_size,
-        rank=ddp.rank, world_size=ddp.world_size, shuffle_window=cfg.shuffle_window,
+        data.index,
+        data.spec,
+        built.preprocess_train,
+        built.tokenizer,
+        cfg.batch_size * ddp.world_size,
+        rank=ddp.rank,
+        world_size=ddp.world_size,
+        shuffle_window=cfg.shuffle_window,
         # each expert sees its data in its own order
         seed=cfg.seed if cfg.expert is None else cfg.seed + 7919 * (cfg.expert + 1),
     )
@@ -563,8 +696,20 @@ def _train(cfg: TrainConfig, device: torch.device, bf16: bool, ddp: Dist, state:
         param_groups(built.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
     loss_fn, loss_source = make_loss(cfg.siglip, ddp.rank, ddp.world_size, deterministic=cfg.deterministic)
-    run = _Run(cfg, ddp, device, bf16, built.model, built.kwargs, built.model, optimizer, loss_fn,
-               _schedule(cfg, start, train_loader.steps_per_epoch), cfg.result_config(ddp.world_size), state)
+    run = _Run(
+        cfg,
+        ddp,
+        device,
+        bf16,
+        built.model,
+        built.kwargs,
+        built.model,
+        optimizer,
+        loss_fn,
+        _schedule(cfg, start, train_loader.steps_per_epoch),
+        cfg.result_config(ddp.world_size),
+        state,
+    )
     job_step = _restore(run, start)
     if ddp.world_size > 1:
         run.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -573,9 +718,19 @@ def _train(cfg: TrainConfig, device: torch.device, bf16: bool, ddp: Dist, state:
     if ddp.is_main:
         _write_job_files(run, data, train_loader.steps_per_epoch, loss_source)
         s = run.schedule
-        log.info("%s: %d samples, %d steps/epoch of %d, job steps %d..%d, schedule %d..%d of %d, loss %s",
-                 cfg.job_dir, data.index.total, train_loader.steps_per_epoch, stream.global_batch, job_step,
-                 s.job_steps, s.start, s.start + s.job_steps, s.total, loss_source)
+        log.info(
+            "%s: %d samples, %d steps/epoch of %d, job steps %d..%d, schedule %d..%d of %d, loss %s",
+            cfg.job_dir,
+            data.index.total,
+            train_loader.steps_per_epoch,
+            stream.global_batch,
+            job_step,
+            s.job_steps,
+            s.start,
+            s.start + s.job_steps,
+            s.total,
+            loss_source,
+        )
     where[0] = f"step {job_step}/{run.schedule.job_steps}"
     return _loop(run, train_loader, job_step, where)
 
@@ -588,8 +743,14 @@ def _loop(run: _Run, train_loader: data_loader.TrainLoader, job_step: int, where
 
     cfg, s, spe = run.cfg, run.schedule, train_loader.steps_per_epoch
     global_batch = train_loader.stream.global_batch
-    progress = tqdm(total=s.job_steps, initial=job_step, disable=cfg.no_progress or not run.ddp.is_main,
-                    desc=cfg.job_dir.name, unit="step", dynamic_ncols=True)
+    progress = tqdm(
+        total=s.job_steps,
+        initial=job_step,
+        disable=cfg.no_progress or not run.ddp.is_main,
+        desc=cfg.job_dir.name,
+        unit="step",
+        dynamic_ncols=True,
+    )
     # always cut back to the checkpoint: metrics.jsonl never holds a step twice
     metrics = MetricsLog(cfg.job_dir / "metrics.jsonl", job_step) if run.ddp.is_main else None
     run.train_model.train()
@@ -600,8 +761,17 @@ def _loop(run: _Run, train_loader: data_loader.TrainLoader, job_step: int, where
             for step, batch in batches(train_loader, job_step, s.job_steps):
                 data_time = time.perf_counter() - t_last
                 lr = cosine_lr(s.start + step, cfg.lr, cfg.warmup, s.total)
-                loss = train_step(run.model, run.train_model, run.loss_fn, run.optimizer, batch, run.device, lr,
-                                  cfg.grad_clip_norm, run.bf16)
+                loss = train_step(
+                    run.model,
+                    run.train_model,
+                    run.loss_fn,
+                    run.optimizer,
+                    batch,
+                    run.device,
+                    lr,
+                    cfg.grad_clip_norm,
+                    run.bf16,
+                )
                 done = step + 1
                 where[0] = f"step {done}/{s.job_steps}"
                 if metrics is not None:

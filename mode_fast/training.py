@@ -7,6 +7,7 @@ one optimisation step (`train_step`), and metrics.jsonl (`MetricsLog`). The `mod
 train` job composes them; checkpoints are in `mode_fast.checkpoint`, models in
 `mode_fast.models`. Library module: never imports a job module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,9 @@ def loss_classes() -> tuple[type, type, str]:
         return ClipLoss, SigLipLoss, "open_clip.loss (mode_fast.loss not available)"
 
 
-def make_loss(siglip: bool, rank: int = 0, world_size: int = 1,
-              deterministic: bool = False) -> tuple[torch.nn.Module, str]:
+def make_loss(
+    siglip: bool, rank: int = 0, world_size: int = 1, deterministic: bool = False
+) -> tuple[torch.nn.Module, str]:
     """(loss module, where from). InfoNCE with gather_with_grad: every rank's loss is the
     global batch's, and DDP's gradient average then equals the one-process gradient.
     deterministic: the loss kernels' deterministic mode (open_clip's loss, the fallback,
@@ -127,9 +129,17 @@ def batches(train_loader: Any, job_step: int, job_steps: int) -> Iterator[tuple[
                 return
 
 
-def train_step(model: torch.nn.Module, train_model: torch.nn.Module, loss_fn: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, batch: dict[str, Any], device: torch.device, lr: float,
-               grad_clip_norm: float, bf16: bool) -> torch.Tensor:
+def train_step(
+    model: torch.nn.Module,
+    train_model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    device: torch.device,
+    lr: float,
+    grad_clip_norm: float,
+    bf16: bool,
+) -> torch.Tensor:
     """One optimisation step at learning rate `lr`; returns the (detached) loss.
     `train_model` is `model` or its DDP wrapper; the logit scale is clamped as CLIP does."""
     for group in optimizer.param_groups:
@@ -215,6 +225,7 @@ def resolve_sample_spec(first_shard: str | Path, image_key: str, caption_key: st
     present = ", ".join("." + e for e in sorted(members)) or "(none)"
     raise InputError(
         f"caption key {caption_key!r} not found in the first sample {key!r} of {first_shard}: its members are "
-        f"{present}" + (f" and its .json fields {fields}" if "json" in members else "")
+        f"{present}"
+        + (f" and its .json fields {fields}" if "json" in members else "")
         + ": pass --caption-key with one of them"
     )

@@ -17,6 +17,7 @@ candidates measured on real multilingual text (benchmarks/results/cpu/langid.md)
 installs with ``pip install mode-fast[worldwide]``. It reports ISO 639-1 codes (``en``,
 ``ja``, ``zh``, ...), which name the per-language metadata lists.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ def load_language_metadata(path: str | os.PathLike) -> dict[str, list[str]]:
     else:
         obj = _read_json(p)
         if not isinstance(obj, dict):
-            raise MetadataError(f"{p}: expected a folder of <lang>.json lists or a JSON object mapping language to "
-                                f"list, got a JSON {type(obj).__name__}")
+            raise MetadataError(
+                f"{p}: expected a folder of <lang>.json lists or a JSON object mapping language to "
+                f"list, got a JSON {type(obj).__name__}"
+            )
         if not obj:
             raise MetadataError(f"{p}: the object maps no language")
         for code, entries in obj.items():
@@ -154,8 +157,10 @@ def p_to_t(counts: np.ndarray, p: float) -> float:
 def language_thresholds(counts: dict[str, np.ndarray], t_en: float) -> dict[str, float]:
     """t per language: t_en for English, p_to_t(counts, t_to_p(English counts, t_en)) else."""
     if ENGLISH not in counts or np.asarray(counts[ENGLISH]).sum() == 0:
-        raise ConfigError("metaclip2 balancing derives every language's t from English (--t is the English "
-                          "threshold), but no caption matched English metadata: give an en list and English captions")
+        raise ConfigError(
+            "metaclip2 balancing derives every language's t from English (--t is the English "
+            "threshold), but no caption matched English metadata: give an en list and English captions"
+        )
     p = t_to_p(counts[ENGLISH], t_en)
     return {lang: (float(t_en) if lang == ENGLISH else p_to_t(c, p)) for lang, c in counts.items()}
 
@@ -189,8 +194,9 @@ def kept_by_language(scores: dict[str, np.ndarray], thresholds: dict[str, float]
     return {lang: int((np.asarray(s) < thresholds[lang]).sum()) for lang, s in scores.items()}
 
 
-def solve_english_t(counts: dict[str, np.ndarray], scores: dict[str, np.ndarray],
-                    target_size: int) -> tuple[float, int]:
+def solve_english_t(
+    counts: dict[str, np.ndarray], scores: dict[str, np.ndarray], target_size: int
+) -> tuple[float, int]:
     """The English t whose per-language thresholds keep `target_size` records in all.
 
     (t_en, kept). The kept total rises with t_en; the English share p only changes where
@@ -223,8 +229,8 @@ def solve_english_t(counts: dict[str, np.ndarray], scores: dict[str, np.ndarray]
         others += np.searchsorted(s, _ShareTable(c).t(p_k), side="left")  # count of s < t
     en = np.sort(np.asarray(scores[ENGLISH]))
     en = en[np.isfinite(en)]
-    e_low = np.searchsorted(en, lows, side="right")     # t just above d_k: s <= d_k kept
-    e_high = np.searchsorted(en, highs, side="left")    # t = d_{k+1}: s < d_{k+1} kept
+    e_low = np.searchsorted(en, lows, side="right")  # t just above d_k: s <= d_k kept
+    e_high = np.searchsorted(en, highs, side="left")  # t = d_{k+1}: s < d_{k+1} kept
     lo_total, hi_total = others + e_low, others + e_high
     k_hits = np.flatnonzero((lo_total <= target_size) & (target_size <= hi_total))
     if k_hits.size:
@@ -263,7 +269,9 @@ class LanguageMatchers:
         if metadata is not None:
             from mode_fast._matcher import Matcher
 
-            self.matchers = {lang: Matcher(entries, semantics="metaclip2") for lang, entries in sorted(metadata.items())}
+            self.matchers = {
+                lang: Matcher(entries, semantics="metaclip2") for lang, entries in sorted(metadata.items())
+            }
         self._index()
 
     def _index(self, sizes: dict[str, int] | None = None) -> None:
@@ -332,7 +340,7 @@ class LanguageMatchers:
         return offsets, out
 
     def counts_by_language(self, counts: np.ndarray) -> dict[str, np.ndarray]:
-        return {lang: counts[self.bases[lang]:self.bases[lang] + self.sizes[lang]] for lang in self.languages}
+        return {lang: counts[self.bases[lang] : self.bases[lang] + self.sizes[lang]] for lang in self.languages}
 
 
 def lone_surrogate_caption(record: object, caption_key: str, path: str | os.PathLike) -> str | None:
@@ -366,16 +374,21 @@ def probabilities(counts: np.ndarray, thresholds: dict[str, float], matchers: La
         t = thresholds[lang]
         c = c.astype(np.float64)
         base = matchers.bases[lang]
-        probs[base:base + len(c)] = np.where(c > t, t / np.maximum(c, 1.0), 1.0 if t > 0 else 0.0)
-        probs[base:base + len(c)][c == 0] = 1.0
+        probs[base : base + len(c)] = np.where(c > t, t / np.maximum(c, 1.0), 1.0 if t > 0 else 0.0)
+        probs[base : base + len(c)][c == 0] = 1.0
     return probs
 
 
 # --- the curate job's worldwide steps (kept here so curate.py only branches) ----------------------
 
 
-def match_captions(matchers: LanguageMatchers, lid: LanguageIdentifier, captions: Sequence[str],
-                   has_caption: Sequence[bool], threads: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def match_captions(
+    matchers: LanguageMatchers,
+    lid: LanguageIdentifier,
+    captions: Sequence[str],
+    has_caption: Sequence[bool],
+    threads: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Language ID then per-language matching for one shard: (offsets, global ids,
     language per record). Records without a caption get language "" and no matches."""
     langs = lid([c if ok else "" for c, ok in zip(captions, has_caption)])
@@ -406,29 +419,40 @@ class WorldwideBalance:
         return int((self.scores < self.record_thresholds(self.thresholds(t_en))).sum())
 
     def solve(self, target_size: int) -> tuple[float, int]:
-        scores_by_lang = {lang: self.scores[self.inverse == np.searchsorted(self.codes, lang)]
-                          if lang in self.codes else np.zeros(0) for lang in self.matchers.languages}
+        scores_by_lang = {
+            lang: self.scores[self.inverse == np.searchsorted(self.codes, lang)] if lang in self.codes else np.zeros(0)
+            for lang in self.matchers.languages
+        }
         return solve_english_t(self.counts_by_lang, scores_by_lang, target_size)
 
     def probabilities(self, thresholds: dict[str, float]) -> np.ndarray:
         return probabilities(self.counts, thresholds, self.matchers)
 
-    def summary(self, thresholds: dict[str, float], metadata: dict[str, list[str]],
-                head: object, tail: object, n: int = 20) -> dict[str, object]:
+    def summary(
+        self, thresholds: dict[str, float], metadata: dict[str, list[str]], head: object, tail: object, n: int = 20
+    ) -> dict[str, object]:
         """Per language: pool size, matched, kept, t, entries, head/tail entries (ids
         within the language's own list); languages without metadata, counted."""
         keep = self.scores < self.record_thresholds(thresholds)
         matched = np.isfinite(self.scores)
         languages: dict[str, object] = {}
         no_metadata: dict[str, int] = {}
-        pool = np.bincount(self.inverse, minlength=len(self.codes)) if len(self.inverse) else np.zeros(len(self.codes), int)
+        pool = (
+            np.bincount(self.inverse, minlength=len(self.codes))
+            if len(self.inverse)
+            else np.zeros(len(self.codes), int)
+        )
         for lang in self.matchers.languages:
             at = np.searchsorted(self.codes, lang)
             mask = self.inverse == at if lang in self.codes else np.zeros(len(self.scores), dtype=bool)
             c = self.counts_by_lang[lang]
             languages[lang] = {
-                "pool_size": int(mask.sum()), "matched": int((mask & matched).sum()), "kept": int((mask & keep).sum()),
-                "t": thresholds[lang], "entries": len(c), "entry_id_offset": self.matchers.bases[lang],
+                "pool_size": int(mask.sum()),
+                "matched": int((mask & matched).sum()),
+                "kept": int((mask & keep).sum()),
+                "t": thresholds[lang],
+                "entries": len(c),
+                "entry_id_offset": self.matchers.bases[lang],
                 "entries_with_count_over_t": int((c > thresholds[lang]).sum()),
                 "head_entries": head(metadata[lang], c, n),  # type: ignore[operator]
                 "tail_entries": tail(metadata[lang], c, n),  # type: ignore[operator]
@@ -436,18 +460,24 @@ class WorldwideBalance:
         for code, count in zip(self.codes, pool):
             if str(code) not in self.matchers.sizes:
                 no_metadata[str(code) or "unknown (no text)"] = int(count)
-        return {"languages": languages, "no_metadata": dict(sorted(no_metadata.items(), key=lambda kv: -kv[1])),
-                "no_metadata_total": int(sum(no_metadata.values()))}
+        return {
+            "languages": languages,
+            "no_metadata": dict(sorted(no_metadata.items(), key=lambda kv: -kv[1])),
+            "no_metadata_total": int(sum(no_metadata.values())),
+        }
 
 
 def load_metadata_by_language(metadata: object) -> tuple[dict[str, list[str]], str]:
     """(lists by language, a description) from a path (folder or JSON object) or a dict."""
     if metadata is None:
-        raise ConfigError("--semantics metaclip2 needs --metadata: a folder of <lang>.json lists or one JSON "
-                          "object mapping language code to list (MetaCLIP 2 keeps one list per language)")
+        raise ConfigError(
+            "--semantics metaclip2 needs --metadata: a folder of <lang>.json lists or one JSON "
+            "object mapping language code to list (MetaCLIP 2 keeps one list per language)"
+        )
     if isinstance(metadata, dict):
-        return {_check_code(k, "metadata"): validate_metadata(v, f"metadata [{k}]") for k, v in sorted(metadata.items())}, \
-            f"{len(metadata)} language lists given in code"
+        return {
+            _check_code(k, "metadata"): validate_metadata(v, f"metadata [{k}]") for k, v in sorted(metadata.items())
+        }, f"{len(metadata)} language lists given in code"
     if isinstance(metadata, (str, os.PathLike)):
         return load_language_metadata(metadata), str(metadata)
     raise ConfigError("metaclip2 metadata must be a path or a dict of language -> list")
@@ -458,8 +488,10 @@ def format_language_summary(summary: dict) -> str:
     lines = ["per language (t keeps English's tail share):"]
     for lang, s in summary["languages"].items():
         head = ", ".join(e["entry"] for e in s["head_entries"][:3])
-        lines.append(f"  {lang:<5} pool {s['pool_size']:>9,}  matched {s['matched']:>9,}  kept {s['kept']:>9,}  "
-                     f"t={s['t']:<10,.6g} head: {head}")
+        lines.append(
+            f"  {lang:<5} pool {s['pool_size']:>9,}  matched {s['matched']:>9,}  kept {s['kept']:>9,}  "
+            f"t={s['t']:<10,.6g} head: {head}"
+        )
     if summary["no_metadata"]:
         shown = ", ".join(f"{k}={v:,}" for k, v in list(summary["no_metadata"].items())[:10])
         lines.append(f"  no metadata for {summary['no_metadata_total']:,} captions (dropped): {shown}")

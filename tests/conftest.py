@@ -1,4 +1,5 @@
 """Shared fixtures: tiny pools in every input format, written as users' tools write them."""
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,9 @@ def write_tar_members(path: Path, members: Sequence[tuple[str, bytes]]) -> Path:
     return path
 
 
-def write_pool_shards(folder: Path, records: Sequence[dict], n_shards: int, fmt: str = "tar",
-                      interleave: bool = False) -> list[Path]:
+def write_pool_shards(
+    folder: Path, records: Sequence[dict], n_shards: int, fmt: str = "tar", interleave: bool = False
+) -> list[Path]:
     """records ({"uid", "caption", ...}) split into n_shards shards of one format:
     tar (webdataset.TarWriter: .txt caption, .json record, .jpg stand-in), parquet, jsonl.
     interleave: record i goes to shard i % n_shards, not to contiguous blocks."""
@@ -35,18 +37,32 @@ def write_pool_shards(folder: Path, records: Sequence[dict], n_shards: int, fmt:
         if interleave:
             part = list(records[s::n_shards])
         else:
-            part = list(records[s * len(records) // n_shards:(s + 1) * len(records) // n_shards])
+            part = list(records[s * len(records) // n_shards : (s + 1) * len(records) // n_shards])
         path = folder / f"pool-{s:04d}.{fmt}"
         if fmt == "tar":
             import webdataset as wds
 
             with wds.TarWriter(str(path)) as w:
                 for r in part:
-                    w.write({"__key__": r["uid"], "txt": r["caption"], "json": json.dumps(r).encode(),
-                             "jpg": b"\xff\xd8 not really a jpeg " + r["uid"].encode()})
+                    w.write(
+                        {
+                            "__key__": r["uid"],
+                            "txt": r["caption"],
+                            "json": json.dumps(r).encode(),
+                            "jpg": b"\xff\xd8 not really a jpeg " + r["uid"].encode(),
+                        }
+                    )
         elif fmt == "parquet":
-            pq.write_table(pa.table({"uid": [r["uid"] for r in part], "caption": [r["caption"] for r in part],
-                                     "extra": list(range(len(part)))}), path)
+            pq.write_table(
+                pa.table(
+                    {
+                        "uid": [r["uid"] for r in part],
+                        "caption": [r["caption"] for r in part],
+                        "extra": list(range(len(part))),
+                    }
+                ),
+                path,
+            )
         elif fmt == "jsonl":
             path.write_text("".join(json.dumps(r) + "\n" for r in part))
         else:
@@ -58,6 +74,7 @@ def write_pool_shards(folder: Path, records: Sequence[dict], n_shards: int, fmt:
 @pytest.fixture
 def metadata_file(tmp_path: Path) -> Callable[[Sequence[str]], Path]:
     """make(entries) -> a metadata.json (JSON list of strings) in the test's tmp dir."""
+
     def make(entries: Sequence[str]) -> Path:
         path = tmp_path / "metadata.json"
         path.write_text(json.dumps(list(entries), ensure_ascii=False))

@@ -6,6 +6,7 @@ folder), and its msgid is the English original, so the same messages give a labe
 multilingual set for language ID and a pool for worldwide curation. Used by the tests and
 benchmarks; messages are cleaned of printf/format placeholders, markup and mnemonics.
 """
+
 from __future__ import annotations
 
 import gettext
@@ -14,18 +15,74 @@ from pathlib import Path
 
 LOCALE_DIR = Path("/usr/share/locale")
 # Catalogues of prose-like messages present for many languages on Debian.
-DOMAINS = ("apt", "libapt-pkg6.0", "glib20", "gtk20", "gtk20-properties", "dpkg", "coreutils", "gdk-pixbuf",
-           "at-spi2-core", "PackageKit", "shared-mime-info", "grep", "findutils", "tar", "sed", "bash",
-           "gettext-tools", "libc", "wget", "systemd", "software-properties", "Linux-PAM", "xkeyboard-config")
+DOMAINS = (
+    "apt",
+    "libapt-pkg6.0",
+    "glib20",
+    "gtk20",
+    "gtk20-properties",
+    "dpkg",
+    "coreutils",
+    "gdk-pixbuf",
+    "at-spi2-core",
+    "PackageKit",
+    "shared-mime-info",
+    "grep",
+    "findutils",
+    "tar",
+    "sed",
+    "bash",
+    "gettext-tools",
+    "libc",
+    "wget",
+    "systemd",
+    "software-properties",
+    "Linux-PAM",
+    "xkeyboard-config",
+)
 # Locale folder -> ISO 639-1 code (the code language-ID libraries report).
 LOCALES = {
-    "ar": "ar", "bg": "bg", "ca": "ca", "cs": "cs", "da": "da", "de": "de", "el": "el", "es": "es",
-    "et": "et", "eu": "eu", "fa": "fa", "fi": "fi", "fr": "fr", "gl": "gl", "he": "he", "hi": "hi",
-    "hr": "hr", "hu": "hu", "id": "id", "it": "it", "ja": "ja", "ko": "ko", "lt": "lt", "lv": "lv",
-    "nl": "nl", "pl": "pl", "pt": "pt", "ro": "ro", "ru": "ru", "sk": "sk", "sl": "sl", "sv": "sv",
-    "th": "th", "tr": "tr", "uk": "uk", "vi": "vi", "zh_CN": "zh",
+    "ar": "ar",
+    "bg": "bg",
+    "ca": "ca",
+    "cs": "cs",
+    "da": "da",
+    "de": "de",
+    "el": "el",
+    "es": "es",
+    "et": "et",
+    "eu": "eu",
+    "fa": "fa",
+    "fi": "fi",
+    "fr": "fr",
+    "gl": "gl",
+    "he": "he",
+    "hi": "hi",
+    "hr": "hr",
+    "hu": "hu",
+    "id": "id",
+    "it": "it",
+    "ja": "ja",
+    "ko": "ko",
+    "lt": "lt",
+    "lv": "lv",
+    "nl": "nl",
+    "pl": "pl",
+    "pt": "pt",
+    "ro": "ro",
+    "ru": "ru",
+    "sk": "sk",
+    "sl": "sl",
+    "sv": "sv",
+    "th": "th",
+    "tr": "tr",
+    "uk": "uk",
+    "vi": "vi",
+    "zh_CN": "zh",
 }
-_PLACEHOLDER = re.compile(r"%(\d+\$)?[-+ #0]*\d*(\.\d+)?(hh|h|ll|l|L|z|j|t|I64|'|I)?[a-zA-Z%]|\$\{?\w+\}?|\{[^{}]*\}|<[^<>]*>|&\w+;")
+_PLACEHOLDER = re.compile(
+    r"%(\d+\$)?[-+ #0]*\d*(\.\d+)?(hh|h|ll|l|L|z|j|t|I64|'|I)?[a-zA-Z%]|\$\{?\w+\}?|\{[^{}]*\}|<[^<>]*>|&\w+;"
+)
 
 
 _BIDI_MARKS = dict.fromkeys(range(0x202A, 0x202F))  # embedding marks some catalogues wrap English in

@@ -1,5 +1,6 @@
 """mode_fast.kmeans, .experts, .embed: KMeans, balanced assignment, MoDE's two levels, caption embeddings
 and the `mode-fast cluster` job, on small synthetic data."""
+
 from __future__ import annotations
 
 import logging
@@ -93,9 +94,11 @@ def test_kmeans_weights():
     x2, _ = _blobs([30, 30, 30], seed=7)
     junk = np.full((25, 8), 1000.0, dtype=np.float32)
     ref = KMeans(3, init="random", seed=1).fit(x2).centroids
-    got = KMeans(3, init="random", seed=1).fit(
-        np.concatenate([x2, junk]), weights=np.r_[np.ones(90), np.zeros(25)]
-    ).centroids
+    got = (
+        KMeans(3, init="random", seed=1)
+        .fit(np.concatenate([x2, junk]), weights=np.r_[np.ones(90), np.zeros(25)])
+        .centroids
+    )
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 

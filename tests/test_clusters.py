@@ -1,5 +1,6 @@
 """mode_fast.clusters (the one reader of a cluster folder) and mode_fast.embed's specs: the
 embedder's spec is stored with the clusters and eval rebuilds the same embedder from it."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cluster import _write_shards
 
 from mode_fast import evaluate
 from mode_fast.cluster import ClusterJob, run_cluster_job
@@ -14,7 +16,6 @@ from mode_fast.clusters import EMBEDDER, ClusterFolder, spec_from_legacy_name
 from mode_fast.embed import HashEmbedder, MiniLMEmbedder, embedder_spec, make_embedder
 from mode_fast.errors import ConfigError, InputError
 from mode_fast.experts import TwoLevel
-from test_cluster import _write_shards
 
 
 class LetterEmbedder:
@@ -56,7 +57,10 @@ def test_command_line_specs():
     assert make_embedder("hash8").spec == {"kind": "hash", "dim": 8}
     assert embedder_spec("minilm") == {"kind": "minilm"}
     assert embedder_spec(f"{__name__}:LetterEmbedder") == {
-        "kind": "factory", "factory": f"{__name__}:LetterEmbedder", "kwargs": {}}
+        "kind": "factory",
+        "factory": f"{__name__}:LetterEmbedder",
+        "kwargs": {},
+    }
     with pytest.raises(ConfigError, match="unknown embedder 'clip'"):
         make_embedder("clip")
     with pytest.raises(ConfigError, match="cannot be imported"):

@@ -1,4 +1,5 @@
 """clip_loss / siglip_loss, torch backend, against open_clip 3.3's ClipLoss / SigLipLoss (CPU)."""
+
 from __future__ import annotations
 
 import pytest
@@ -124,13 +125,16 @@ def test_infonce_is_open_clip_local_rows():
     rows = slice(10, 20)
 
     def ours():
-        return 0.5 * (infonce_loss(img[rows], txt, scale, 10, chunk_size=4)
-                      + infonce_loss(txt[rows], img, scale, 10, chunk_size=4))
+        return 0.5 * (
+            infonce_loss(img[rows], txt, scale, 10, chunk_size=4)
+            + infonce_loss(txt[rows], img, scale, 10, chunk_size=4)
+        )
 
     def naive():
         labels = torch.arange(10, 20)
-        return 0.5 * (F.cross_entropy(scale * img[rows] @ txt.t(), labels)
-                      + F.cross_entropy(scale * txt[rows] @ img.t(), labels))
+        return 0.5 * (
+            F.cross_entropy(scale * img[rows] @ txt.t(), labels) + F.cross_entropy(scale * txt[rows] @ img.t(), labels)
+        )
 
     assert_close(run(ours, img, txt, scale), run(naive, img, txt, scale), 1e-5, "infonce")
 
@@ -146,8 +150,9 @@ def test_local_clip_loss_is_open_clip_local_loss():
 
     def naive():
         labels = torch.arange(14, 21)
-        return 0.5 * (F.cross_entropy(scale * img[rows] @ txt.t(), labels)
-                      + F.cross_entropy(scale * txt[rows] @ img.t(), labels))
+        return 0.5 * (
+            F.cross_entropy(scale * img[rows] @ txt.t(), labels) + F.cross_entropy(scale * txt[rows] @ img.t(), labels)
+        )
 
     assert_close(run(ours, img, txt, scale), run(naive, img, txt, scale), 1e-5, "local_clip_loss")
 
@@ -256,8 +261,10 @@ def test_default_backward_mode_has_the_lower_counted_traffic():
 
     for b in (32768, 1 << 20):
         for itemsize in (2, 4):
-            counted = {mode: total(cl.traffic(b, b, 768, itemsize, 64, 64, bwd=mode)["bwd"])
-                       for mode in dispatch.CONTRASTIVE_BWD}
+            counted = {
+                mode: total(cl.traffic(b, b, 768, itemsize, 64, 64, bwd=mode)["bwd"])
+                for mode in dispatch.CONTRASTIVE_BWD
+            }
             assert min(counted, key=counted.get) == dispatch.DEFAULT_CONTRASTIVE_BWD, counted
     # the formulas against a hand count: one 64 x 64 tile, D = 32, fp32, atomic backward
     t = cl.traffic(64, 64, 32, 4, 64, 64, bwd="atomic")["bwd"]
@@ -280,8 +287,10 @@ def test_deterministic_torch_path_repeats_bitwise_and_refuses_the_atomic_backwar
         loss.backward()
         return [loss.detach(), i.grad, t.grad]
 
-    for fn in (lambda i, t: clip_loss(i, t, 10.0, "torch", deterministic=True, chunk_size=16),
-               lambda i, t: siglip_loss(i, t, 10.0, -5.0, "torch", deterministic=True, chunk_size=16)):
+    for fn in (
+        lambda i, t: clip_loss(i, t, 10.0, "torch", deterministic=True, chunk_size=16),
+        lambda i, t: siglip_loss(i, t, 10.0, -5.0, "torch", deterministic=True, chunk_size=16),
+    ):
         a, b = run(fn), run(fn)
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="deterministic=True needs bwd='columns'"):

@@ -7,6 +7,7 @@ a script (`python tests/test_contrastive_loss_triton.py B D STRIDED`) prints the
 relative errors against the chunked torch backend as JSON.
 Interpreter pitfalls avoided: fp32 only (bf16 tl.dot is wrong there), one tile config.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,10 +73,16 @@ def _rect_rel_errors(b: int, d: int, strided: bool, device="cpu", dtype=torch.fl
     off = b - m - 1
     variants = {
         "infonce": (lambda i, t, s, bk: cl.infonce_loss(i[:m], t, s, off, backend=bk, strict_fp32=True)),
-        "local": (lambda i, t, s, bk: cl.local_clip_loss(i[off:off + m], t[off:off + m], i, t, s, off,
-                                                         backend=bk, strict_fp32=True)),
-        "siglip_negatives": (lambda i, t, s, bk: cl.siglip_loss(i[:m], t, s, torch.tensor(-6.0, device=device),
-                                                                backend=bk, positives=False, strict_fp32=True)),
+        "local": (
+            lambda i, t, s, bk: cl.local_clip_loss(
+                i[off : off + m], t[off : off + m], i, t, s, off, backend=bk, strict_fp32=True
+            )
+        ),
+        "siglip_negatives": (
+            lambda i, t, s, bk: cl.siglip_loss(
+                i[:m], t, s, torch.tensor(-6.0, device=device), backend=bk, positives=False, strict_fp32=True
+            )
+        ),
     }
     out = {}
     for name, fn in variants.items():
@@ -153,8 +160,7 @@ def _determinism(b: int, d: int, strided: bool) -> dict:
             "repeat_equal": all(torch.equal(x, y) for x, y in zip(a, again)),
             "torch_repeat_equal": all(torch.equal(x, y) for x, y in zip(ref, ref2)),
             "err": max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, ref)),
-            "atomic_err": max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
-                              for x, y in zip(atomic, ref)),
+            "atomic_err": max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(atomic, ref)),
             "atomic_launches": not launched.get("atomic") and bool(launched.get("dk:columns")),
         }
     # program order: each program owns its rows, so one launch equals the row blocks
@@ -162,7 +168,6 @@ def _determinism(b: int, d: int, strided: bool) -> dict:
     # backward passes, with the q / k roles swapped as the columns pass does)
     g = torch.Generator().manual_seed(7)
     q, k = img0, txt0[: b - 3]
-    n = k.shape[0]
     lse = cl.rows_forward(q, k, 12.0, strict_fp32=True)
     lse_k = cl.rows_forward(k, q, 12.0, strict_fp32=True)
     cfg = cl.launch_configs("bwd", q.dtype)[0]
@@ -176,13 +181,52 @@ def _determinism(b: int, d: int, strided: bool) -> dict:
             def launch(r, d_q, d_s, d_b, fwd_row):
                 ln = r.stop - r.start
                 cl._kernel("fwd", "general")[(triton.cdiv(ln, bm),)](
-                    qq[r], kk, fwd_row, fwd_row, fwd_row, ln, cols, d, qq.stride(0), qq.stride(1),
-                    kk.stride(0), kk.stride(1), 12.0, -6.0, 0, SIGLIP=siglip, COLS=False, PRECISION="ieee",
-                    **cfg)
+                    qq[r],
+                    kk,
+                    fwd_row,
+                    fwd_row,
+                    fwd_row,
+                    ln,
+                    cols,
+                    d,
+                    qq.stride(0),
+                    qq.stride(1),
+                    kk.stride(0),
+                    kk.stride(1),
+                    12.0,
+                    -6.0,
+                    0,
+                    SIGLIP=siglip,
+                    COLS=False,
+                    PRECISION="ieee",
+                    **cfg,
+                )
                 cl._kernel("bwd", "general")[(triton.cdiv(ln, bm),)](
-                    qq[r], kk, l_r[r], l_c, d_q[r], d_q, d_s, d_b, ln, cols, d, qq.stride(0), qq.stride(1),
-                    kk.stride(0), kk.stride(1), 12.0, -6.0, 0.01, 1, 1, SIGLIP=siglip, DK_ATOMIC=False,
-                    PRECISION="ieee", **cfg)
+                    qq[r],
+                    kk,
+                    l_r[r],
+                    l_c,
+                    d_q[r],
+                    d_q,
+                    d_s,
+                    d_b,
+                    ln,
+                    cols,
+                    d,
+                    qq.stride(0),
+                    qq.stride(1),
+                    kk.stride(0),
+                    kk.stride(1),
+                    12.0,
+                    -6.0,
+                    0.01,
+                    1,
+                    1,
+                    SIGLIP=siglip,
+                    DK_ATOMIC=False,
+                    PRECISION="ieee",
+                    **cfg,
+                )
 
             def bufs():
                 return torch.zeros(rows, d), torch.zeros(progs), torch.zeros(progs), torch.zeros(rows)
@@ -200,8 +244,13 @@ def _determinism(b: int, d: int, strided: bool) -> dict:
 
 def _interpreted(b: int, d: int, strided: bool, rect: bool | str = False) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, str(b), str(d), str(int(strided)), str(int(rect))],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(b), str(d), str(int(strided)), str(int(rect))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -267,8 +316,7 @@ def test_cuda_deterministic_and_column_backward(dtype):
         loss.backward()
         return [loss.detach().float(), img.grad.float(), txt.grad.float()]
 
-    for fn in (lambda i, t, **kw: clip_loss(i, t, 12.0, **kw),
-               lambda i, t, **kw: siglip_loss(i, t, 12.0, -6.0, **kw)):
+    for fn in (lambda i, t, **kw: clip_loss(i, t, 12.0, **kw), lambda i, t, **kw: siglip_loss(i, t, 12.0, -6.0, **kw)):
         a = run(fn, backend="triton", strict_fp32=True, deterministic=True)
         b = run(fn, backend="triton", strict_fp32=True, deterministic=True)
         assert all(torch.equal(x, y) for x, y in zip(a, b))

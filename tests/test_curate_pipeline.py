@@ -1,4 +1,5 @@
 """`mode-fast curate` end to end on small pools, against plain-Python references."""
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from matching_reference import naive_match
+
 from mode_fast.cli import main
 from mode_fast.curate import (
     curate,
@@ -26,10 +27,50 @@ from mode_fast.curate import (
 )
 from mode_fast.data.io import ShardError, read_shard
 
-METADATA = ["dog", "cat", "hot dog", "dog stand", "red", "blue", "circle", "square", "sky", "sea",
-            "ice cream", "café", "tree", "green tree", "bird", "rare thing"]
-WORDS = ["dog"] * 12 + ["cat"] * 6 + ["red"] * 5 + ["hot", "stand", "blue", "circle", "square", "sky", "sea",
-         "ice", "cream", "café", "tree", "green", "bird", "rare", "thing", "a", "the", "photo", "of"]
+METADATA = [
+    "dog",
+    "cat",
+    "hot dog",
+    "dog stand",
+    "red",
+    "blue",
+    "circle",
+    "square",
+    "sky",
+    "sea",
+    "ice cream",
+    "café",
+    "tree",
+    "green tree",
+    "bird",
+    "rare thing",
+]
+WORDS = (
+    ["dog"] * 12
+    + ["cat"] * 6
+    + ["red"] * 5
+    + [
+        "hot",
+        "stand",
+        "blue",
+        "circle",
+        "square",
+        "sky",
+        "sea",
+        "ice",
+        "cream",
+        "café",
+        "tree",
+        "green",
+        "bird",
+        "rare",
+        "thing",
+        "a",
+        "the",
+        "photo",
+        "of",
+    ]
+)
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:
@@ -59,12 +100,26 @@ def run(pool, out, metadata, **kw):
 
 def outputs(out: Path) -> dict[str, bytes]:
     """Every output file by relative name, except the timing-dependent summary."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
-            if p.is_file() and ".work" not in p.parts and p.name != "summary.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in out.rglob("*")
+        if p.is_file() and ".work" not in p.parts and p.name != "summary.json"
+    }
 
 
-TRICKY = ["hot dog stand", "a\tdog\nstand", "ice cream.", "café!", "dog,cat", "dog  cat", "Dog", "",
-          "bird:tree;sky?", "`red`", "green tree tree"]
+TRICKY = [
+    "hot dog stand",
+    "a\tdog\nstand",
+    "ice cream.",
+    "café!",
+    "dog,cat",
+    "dog  cat",
+    "Dog",
+    "",
+    "bird:tree;sky?",
+    "`red`",
+    "green tree tree",
+]
 
 
 # --- the maths against plain Python ------------------------------------------------------------
@@ -144,10 +199,14 @@ def test_kept_set_independent_of_sharding_workers_and_format(tmp_path, meta, mak
     b = run(tmp_path / "three", tmp_path / "out3", meta, t=10, seed=3, workers=2)
     c = run(tmp_path / "jsonl", tmp_path / "outj", meta, t=10, seed=3, workers=2)
     assert a["kept"] == b["kept"] == c["kept"] and 0 < a["kept"] < a["matched"]
-    assert sorted(kept_keys(tmp_path / "out1")) == sorted(kept_keys(tmp_path / "out3")) \
+    assert (
+        sorted(kept_keys(tmp_path / "out1"))
+        == sorted(kept_keys(tmp_path / "out3"))
         == sorted(kept_keys(tmp_path / "outj"))
-    np.testing.assert_array_equal(np.load(tmp_path / "out1" / "entry_count.npy"),
-                                  np.load(tmp_path / "out3" / "entry_count.npy"))
+    )
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "out1" / "entry_count.npy"), np.load(tmp_path / "out3" / "entry_count.npy")
+    )
     run(tmp_path / "one", tmp_path / "out_seed4", meta, t=10, seed=4)
     assert set(kept_keys(tmp_path / "out_seed4")) != set(kept_keys(tmp_path / "out1"))
 
@@ -201,8 +260,11 @@ def test_keep_rate_matches_reference_probability(tmp_path, meta, make_pool):
     summary = run(tmp_path / "pool", tmp_path / "out", meta, t=40)
     counts = np.load(tmp_path / "out" / "entry_count.npy")
     p = entry_probabilities(counts, 40)
-    keep_probs = [1 - math.prod(1 - p[i] for i in naive_match(METADATA, r["caption"]))
-                  for r in recs if naive_match(METADATA, r["caption"])]
+    keep_probs = [
+        1 - math.prod(1 - p[i] for i in naive_match(METADATA, r["caption"]))
+        for r in recs
+        if naive_match(METADATA, r["caption"])
+    ]
     mean = sum(keep_probs)
     sd = math.sqrt(sum(q * (1 - q) for q in keep_probs))
     assert summary["expected_kept"] == pytest.approx(mean, rel=1e-9)
@@ -283,8 +345,11 @@ def test_output_in_input_format(tmp_path, meta, make_pool, fmt):
         rows = [r for t in tables for r in t.to_pylist()]
     else:
         lines = [line for p in sorted((out / "data").glob("*.jsonl")) for line in p.read_text().splitlines()]
-        source_lines = {json.loads(line)["uid"]: line for p in sorted((tmp_path / "pool").glob("*.jsonl"))
-                        for line in p.read_text().splitlines()}
+        source_lines = {
+            json.loads(line)["uid"]: line
+            for p in sorted((tmp_path / "pool").glob("*.jsonl"))
+            for line in p.read_text().splitlines()
+        }
         assert all(source_lines[json.loads(line)["uid"]] == line for line in lines)  # lines copied as they were
         rows = [json.loads(line) for line in lines]
     assert len(rows) == summary["kept"] and [r["uid"] for r in rows] == keys  # pool order
@@ -313,17 +378,31 @@ def _member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 def test_bad_records_are_counted_and_the_rest_processed(tmp_path, meta, make_tar):
     pool = tmp_path / "pool"
     pool.mkdir()
-    make_tar(pool / "a.tar", [("good1.txt", b"a dog"), ("badutf.txt", b"a dog \xff\xfe"), ("nocap.jpg", b"\xff\xd8"),
-                              ("badjson.json", b"{not json"), ("good2.txt", b"a cat")])
+    make_tar(
+        pool / "a.tar",
+        [
+            ("good1.txt", b"a dog"),
+            ("badutf.txt", b"a dog \xff\xfe"),
+            ("nocap.jpg", b"\xff\xd8"),
+            ("badjson.json", b"{not json"),
+            ("good2.txt", b"a cat"),
+        ],
+    )
     # A shard cut off in the middle of a member.
     make_tar(pool / "b.tar", [("t1.txt", b"red sky"), ("t2.txt", b"blue sea " * 200)])
-    (pool / "b.tar").write_bytes((pool / "b.tar").read_bytes()[:1024 + 700])
-    (pool / "c.jsonl").write_text('{"uid": "j1", "caption": "green tree"}\n{broken\n{"uid": "j3"}\n'
-                                  '{"uid": "j4", "caption": "dog \\ud800"}\n')
+    (pool / "b.tar").write_bytes((pool / "b.tar").read_bytes()[: 1024 + 700])
+    (pool / "c.jsonl").write_text(
+        '{"uid": "j1", "caption": "green tree"}\n{broken\n{"uid": "j3"}\n{"uid": "j4", "caption": "dog \\ud800"}\n'
+    )
     pq.write_table(pa.table({"uid": ["p1", "p2"], "caption": ["sky", None]}), pool / "d.parquet")
     summary = run(pool, tmp_path / "out", meta, t=100)
-    assert summary["skipped"] == {"invalid_utf8": 2, "missing_caption": 3, "bad_json": 2, "corrupt_member": 1,
-                                  "corrupt_tar_tail": 1}
+    assert summary["skipped"] == {
+        "invalid_utf8": 2,
+        "missing_caption": 3,
+        "bad_json": 2,
+        "corrupt_member": 1,
+        "corrupt_tar_tail": 1,
+    }
     assert summary["skipped_total"] == 8 and summary["pool_size"] == 13
     assert set(kept_keys(tmp_path / "out")) == {"good1", "good2", "t1", "j1", "p1"}
     assert summary["skipped_by_shard"][str(pool / "b.tar")] == {"corrupt_member": 1, "corrupt_tar_tail": 1}
@@ -349,8 +428,9 @@ def test_jsonl_gz_and_brace_patterns(tmp_path, meta):
     for s in range(3):
         with gzip.open(tmp_path / "pool" / f"p-{s:03d}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs[s::3])
-    summary = curate([str(tmp_path / "pool" / "p-{000..002}.jsonl.gz")], tmp_path / "out", metadata=meta,
-                     t=1000, log=lambda m: None)
+    summary = curate(
+        [str(tmp_path / "pool" / "p-{000..002}.jsonl.gz")], tmp_path / "out", metadata=meta, t=1000, log=lambda m: None
+    )
     assert summary["shards"] == 3 and summary["pool_size"] == 60
     assert len(list((tmp_path / "out" / "data").glob("*.jsonl.gz"))) == 3
 
@@ -367,14 +447,47 @@ def test_cli_estimate_and_run(tmp_path, meta, make_pool, capsys):
 
     make_pool(tmp_path / "pool", make_records(300), 2)
     out = tmp_path / "out"
-    assert main(["curate", str(tmp_path / "pool"), "--out", str(out), "--metadata", str(meta),
-                 "--t", "10", "--estimate", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "curate",
+                str(tmp_path / "pool"),
+                "--out",
+                str(out),
+                "--metadata",
+                str(meta),
+                "--t",
+                "10",
+                "--estimate",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "expected kept" in err and "<- chosen" in err
     assert not (out / "data").exists() and not (out / "manifest.json").exists()
     assert json.loads((out / "summary.json").read_text())["estimate_only"] is True
-    assert main(["curate", str(tmp_path / "pool"), "--out", str(out), "--metadata", str(meta),
-                 "--target-size", "50", "--seed", "9", "--workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "curate",
+                str(tmp_path / "pool"),
+                "--out",
+                str(out),
+                "--metadata",
+                str(meta),
+                "--target-size",
+                "50",
+                "--seed",
+                "9",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert summary["kept"] == 50 and summary["matches_reused_shards"] == 2
@@ -383,6 +496,7 @@ def test_cli_estimate_and_run(tmp_path, meta, make_pool, capsys):
     assert all(i["size"] == Path(i["path"]).stat().st_size for i in manifest["inputs"])
     assert manifest["metadata"]["sha256"] == metadata_sha256(METADATA)
     import hashlib
+
     assert manifest["entry_count_sha256"] == hashlib.sha256((out / "entry_count.npy").read_bytes()).hexdigest()
     assert main(["curate", str(tmp_path / "nothing*.tar"), "--out", str(out)]) == 2
     assert "matches no shard" in capsys.readouterr().err

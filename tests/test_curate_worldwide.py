@@ -6,6 +6,7 @@ metadata lists are made from the pool's own frequent words (English, German) and
 pairs (Japanese, Chinese, Thai); Russian gets no list, so its captions are counted as
 having no metadata. Checked against plain-Python transcriptions of MetaCLIP 2's rules.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def _frequent_words(texts: list[str], n: int) -> list[str]:
 
 
 def _frequent_pairs(texts: list[str], n: int) -> list[str]:
-    pairs = Counter(t[i:i + 2] for t in texts for i in range(len(t) - 1))
+    pairs = Counter(t[i : i + 2] for t in texts for i in range(len(t) - 1))
     return [p for p, _ in pairs.most_common() if p.strip() == p and not p.isascii() and p.isalpha()][:n]
 
 
@@ -93,7 +94,7 @@ def test_counts_thresholds_and_kept_set_against_reference(tmp_path, world):
             counts[base[lang] + i] += 1
     assert np.array_equal(np.load(tmp_path / "out" / "entry_count.npy"), counts)
     # Thresholds: English's t is --t; the others keep English's tail share (t_to_p / p_to_t).
-    per_lang = {lang: counts[base[lang]:base[lang] + len(meta[lang])] for lang in order}
+    per_lang = {lang: counts[base[lang] : base[lang] + len(meta[lang])] for lang in order}
     p = t_to_p_reference(per_lang["en"], 4)
     expected_t = {lang: 4.0 if lang == "en" else float(p_to_t_reference(c, p)) for lang, c in per_lang.items()}
     assert {lang: s["t"] for lang, s in summary["languages"].items()} == expected_t
@@ -152,8 +153,25 @@ def test_cli_end_to_end_with_language_summary(tmp_path, world, capsys):
 
     pool, folder, meta, _ = world
     out = tmp_path / "out"
-    assert main(["curate", str(pool), "--out", str(out), "--metadata", str(folder), "--semantics", "metaclip2",
-                 "--t", "3", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "curate",
+                str(pool),
+                "--out",
+                str(out),
+                "--metadata",
+                str(folder),
+                "--semantics",
+                "metaclip2",
+                "--t",
+                "3",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     text = captured.out + captured.err
     for lang in meta:
@@ -171,6 +189,7 @@ def test_metaclip1_default_does_not_route_by_language(tmp_path, world, metadata_
     from mode_fast.curate import curate
 
     pool, _, meta, _ = world
-    summary = curate([str(pool)], tmp_path / "out", metadata=metadata_file(meta["en"]), t=3, workers=1,
-                     log=lambda m: None)
+    summary = curate(
+        [str(pool)], tmp_path / "out", metadata=metadata_file(meta["en"]), t=3, workers=1, log=lambda m: None
+    )
     assert "languages" not in summary and summary["skipped"].get("invalid_utf8") == SURROGATE_CAPTIONS

@@ -3,6 +3,7 @@
 No GPU here: the CUDA cases pass a device and its compute capability to pick(), which is
 what it reads from a real device.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,12 @@ def test_multi_gpu_siglip_routes_to_a_backend_with_negatives_only_blocks(monkeyp
     assert pick(dispatch.SIGLIP_NEGATIVES, cuda_capability=H100) == "triton"
     # ... and with a Triton that lacked it (this project before these kernels), auto takes
     # torch and an explicit triton is a one-line ConfigError, not a NotImplementedError mid-step
-    old = tuple(dataclasses.replace(c, variants=c.variants - {dispatch.SIGLIP_NEGATIVES})
-                if c.backend == "triton" and c.op == "contrastive" else c for c in dispatch.CAPABILITIES)
+    old = tuple(
+        dataclasses.replace(c, variants=c.variants - {dispatch.SIGLIP_NEGATIVES})
+        if c.backend == "triton" and c.op == "contrastive"
+        else c
+        for c in dispatch.CAPABILITIES
+    )
     assert pick(dispatch.SIGLIP_NEGATIVES, cuda_capability=H100, table=old) == "torch"
     assert pick(dispatch.SIGLIP, cuda_capability=H100, table=old) == "triton"
     with pytest.raises(ConfigError, match="backend='triton' cannot run contrastive .siglip_negatives.*has no"):
@@ -127,8 +132,11 @@ def test_environment_read_in_one_place():
     for path in root.rglob("*.py"):
         for line in path.read_text().splitlines():
             if ("environ" in line or "getenv" in line) and (
-                    "TRITON_INTERPRET" in line or "MODE_FAST_BACKEND" in line or "ENV_BACKEND" in line
-                    or "CONTRASTIVE_BWD" in line):
+                "TRITON_INTERPRET" in line
+                or "MODE_FAST_BACKEND" in line
+                or "ENV_BACKEND" in line
+                or "CONTRASTIVE_BWD" in line
+            ):
                 readers.setdefault(path.relative_to(root).as_posix(), []).append(line.strip())
     assert set(readers) == {"kernels/dispatch.py"}, readers
 

@@ -1,4 +1,5 @@
 """MoDE ensemble weights against a loop-by-loop transcription of mode.md."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from mode_fast.ensemble import (ENSEMBLE_INPUTS, check_class_names, combine_logits, expert_weights,
-                                 template_class_embeddings)
+from mode_fast.ensemble import (
+    ENSEMBLE_INPUTS,
+    check_class_names,
+    combine_logits,
+    expert_weights,
+    template_class_embeddings,
+)
 
 
 def weights_by_the_letter(emb, centers, coarse, n):
@@ -81,9 +87,14 @@ def test_template_class_embeddings_worked_example():
     "a photo of cat" -> (1, 0), "a sketch of cat" -> (0, 1): mean (0.5, 0.5), unit (1/sqrt2, 1/sqrt2);
     "a photo of dog" -> (3, 4) (unit (0.6, 0.8)), "a sketch of dog" -> (0, -2) (unit (0, -1)):
     mean (0.3, -0.1), unit (3, -1)/sqrt10."""
-    table = {"a photo of cat": [1.0, 0.0], "a sketch of cat": [0.0, 1.0],
-             "a photo of dog": [3.0, 4.0], "a sketch of dog": [0.0, -2.0],
-             "cat": [1.0, 0.0], "dog": [0.0, 5.0]}
+    table = {
+        "a photo of cat": [1.0, 0.0],
+        "a sketch of cat": [0.0, 1.0],
+        "a photo of dog": [3.0, 4.0],
+        "a sketch of dog": [0.0, -2.0],
+        "cat": [1.0, 0.0],
+        "dog": [0.0, 5.0],
+    }
     embed = lambda texts: np.array([table[t] for t in texts])  # noqa: E731
     got = template_class_embeddings(embed, ["cat", "dog"], ["a photo of {}", "a sketch of {}"])
     s2, s10 = math.sqrt(2), math.sqrt(10)
@@ -101,8 +112,9 @@ def test_template_averaging_moves_the_weights():
     embed = lambda texts: np.array([table[t] for t in texts])  # noqa: E731
     centers = np.array([[1.0, 0.0], [0.0, 1.0]])
     bare = expert_weights(template_class_embeddings(embed, ["dog"]), centers, np.array([0, 1]), 2)
-    avg = expert_weights(template_class_embeddings(embed, ["dog"], ["a photo of {}", "a sketch of {}"]),
-                         centers, np.array([0, 1]), 2)
+    avg = expert_weights(
+        template_class_embeddings(embed, ["dog"], ["a photo of {}", "a sketch of {}"]), centers, np.array([0, 1]), 2
+    )
     assert bare.argmax() == 1 and avg.argmax() == 0
     # by the letter: C = 1, a = exp(0.5 - 1), m = 5; d = |(3, -1)/sqrt10 - (1, 0)|
     d = math.dist([3 / math.sqrt(10), -1 / math.sqrt(10)], [1, 0])

@@ -1,5 +1,6 @@
 """`mode-fast eval` on tiny random-init models: the ensemble arithmetic against an independent
 recomputation, every input format, retrieval, outputs, and the bad-input errors."""
+
 from __future__ import annotations
 
 import csv
@@ -17,11 +18,11 @@ import pytest
 import torch
 
 from mode_fast import cli, evaluate
-from mode_fast.embed import HashEmbedder
-from mode_fast.experts import TwoLevel
-from mode_fast.data.sample import write_sample
-from mode_fast.ensemble import expert_weights
 from mode_fast.checkpoint import CHECKPOINT_FORMAT
+from mode_fast.data.sample import write_sample
+from mode_fast.embed import HashEmbedder
+from mode_fast.ensemble import expert_weights
+from mode_fast.experts import TwoLevel
 from mode_fast.models import register_model_configs
 
 torch.set_num_threads(1)  # shared 2-core machine
@@ -38,8 +39,9 @@ def save_random_model(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = open_clip.create_model(MODEL, pretrained=None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "model_name": MODEL, "model_kwargs": {},
-                "state_dict": model.state_dict()}, path)
+    torch.save(
+        {"format": CHECKPOINT_FORMAT, "model_name": MODEL, "model_kwargs": {}, "state_dict": model.state_dict()}, path
+    )
     return path
 
 
@@ -48,8 +50,9 @@ def make_centers(path: Path, n_experts: int = N_EXPERTS, fine_k: int = 12, dim: 
     fine = rng.standard_normal((fine_k, dim)).astype(np.float32)
     fine /= np.linalg.norm(fine, axis=1, keepdims=True)
     coarse_of = np.arange(fine_k) % n_experts
-    model = TwoLevel(fine, fine[:n_experts].copy(), coarse_of.astype(np.int64),
-                     {"embedder": f"hash{dim}", "n_experts": n_experts})
+    model = TwoLevel(
+        fine, fine[:n_experts].copy(), coarse_of.astype(np.int64), {"embedder": f"hash{dim}", "n_experts": n_experts}
+    )
     path.mkdir(parents=True, exist_ok=True)
     model.save(path / "centers.npz")
     return model
@@ -67,10 +70,23 @@ def env(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "sample": root / "sample", "run": run, "clusters": root / "clusters"}
 
 
-def eval_cli(env: dict[str, Path], out: Path, *extra: str, run: Path | None = None,
-             clusters: Path | None = None) -> int:
-    return cli.main(["eval", "--run", str(run or env["run"]), "--clusters", str(clusters or env["clusters"]),
-                     "--out", str(out), "--batch-size", "16", *extra])
+def eval_cli(
+    env: dict[str, Path], out: Path, *extra: str, run: Path | None = None, clusters: Path | None = None
+) -> int:
+    return cli.main(
+        [
+            "eval",
+            "--run",
+            str(run or env["run"]),
+            "--clusters",
+            str(clusters or env["clusters"]),
+            "--out",
+            str(out),
+            "--batch-size",
+            "16",
+            *extra,
+        ]
+    )
 
 
 def eval_items(sample: Path) -> list[tuple[bytes, int]]:
@@ -128,12 +144,21 @@ def test_sample_eval_matches_an_independent_recomputation(env, tmp_path, capsys)
     labels = np.array([y for _, y in items])
     assert task["n_images"] == len(items) == 48 and task["n_classes"] == len(classes)
 
-    logits = [reference_logits(env["run"] / f"expert_{k}" / "checkpoints" / "final.pt",
-                               [b for b, _ in items], classes, templates) for k in range(N_EXPERTS)]
-    seed_logits = reference_logits(env["run"] / "seed" / "checkpoints" / "final.pt",
-                                   [b for b, _ in items], classes, templates)
-    w = expert_weights(template_mean(classes, templates),
-                       TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids, np.arange(12) % N_EXPERTS, N_EXPERTS)
+    logits = [
+        reference_logits(
+            env["run"] / f"expert_{k}" / "checkpoints" / "final.pt", [b for b, _ in items], classes, templates
+        )
+        for k in range(N_EXPERTS)
+    ]
+    seed_logits = reference_logits(
+        env["run"] / "seed" / "checkpoints" / "final.pt", [b for b, _ in items], classes, templates
+    )
+    w = expert_weights(
+        template_mean(classes, templates),
+        TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids,
+        np.arange(12) % N_EXPERTS,
+        N_EXPERTS,
+    )
     np.testing.assert_allclose(task["expert_weights"], w, rtol=1e-6)
     assert res["ensemble_inputs"] == "cosine" and "plain cosine similarities" in (out / "results.md").read_text()
     acc = lambda lg: float((lg.argmax(1) == labels).mean())  # noqa: E731
@@ -174,11 +199,21 @@ def test_ensembles_combine_cosines_when_the_scales_differ(env, tmp_path):
     templates = json.loads((env["sample"] / "eval" / "templates.json").read_text())
     items = eval_items(env["sample"])
     labels = np.array([y for _, y in items])
-    cos = [reference_logits(run / f"expert_{k}" / "checkpoints" / "final.pt", [b for b, _ in items], classes,
-                            templates) / scales[k] for k in range(N_EXPERTS)]
-    w = expert_weights(template_mean(classes, templates), TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids,
-                       np.arange(12) % N_EXPERTS, N_EXPERTS)
-    want = {"cosine": sum(wk * c for wk, c in zip(w, cos)), "scaled": sum(wk * s * c for wk, s, c in zip(w, scales, cos))}
+    cos = [
+        reference_logits(run / f"expert_{k}" / "checkpoints" / "final.pt", [b for b, _ in items], classes, templates)
+        / scales[k]
+        for k in range(N_EXPERTS)
+    ]
+    w = expert_weights(
+        template_mean(classes, templates),
+        TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids,
+        np.arange(12) % N_EXPERTS,
+        N_EXPERTS,
+    )
+    want = {
+        "cosine": sum(wk * c for wk, c in zip(w, cos)),
+        "scaled": sum(wk * s * c for wk, s, c in zip(w, scales, cos)),
+    }
     assert (want["cosine"].argmax(1) != want["scaled"].argmax(1)).any(), "the example must tell them apart"
     for inputs, logits in want.items():
         out = tmp_path / inputs
@@ -221,8 +256,7 @@ def test_every_input_format_gives_the_same_scores(env, tmp_path):
     paths = write_formats(env["sample"], tmp_path)
     templates = env["sample"] / "eval" / "templates.json"
     out = tmp_path / "out"
-    assert eval_cli(env, out, "--templates", str(templates), "--data",
-                    *(f"{k}={v}" for k, v in paths.items())) == 0
+    assert eval_cli(env, out, "--templates", str(templates), "--data", *(f"{k}={v}" for k, v in paths.items())) == 0
     res = json.loads((out / "results.json").read_text())
     tasks = res["tasks"]
     assert set(tasks) == {"folder", "csv", "wds"}
@@ -273,8 +307,9 @@ def test_missing_expert_checkpoint_is_named(env, tmp_path, capsys):
 
 
 def test_missing_baseline_checkpoint_is_named(env, tmp_path, capsys):
-    assert eval_cli(env, tmp_path / "out", "--data", str(env["sample"]),
-                    "--baseline", f"big={tmp_path / 'nope.pt'}") == 2
+    assert (
+        eval_cli(env, tmp_path / "out", "--data", str(env["sample"]), "--baseline", f"big={tmp_path / 'nope.pt'}") == 2
+    )
     assert "nope.pt not found" in capsys.readouterr().err
 
 
@@ -291,11 +326,14 @@ def test_expert_count_must_match_the_cluster_file(env, tmp_path, capsys):
     assert "2 experts" in err and "expert_2" in err
 
 
-@pytest.mark.parametrize("classes, message", [
-    (["circle", "square", "circle"], "'circle' appears twice"),
-    (["circle", "  ", "square"], "index 1 is empty"),
-    ([], "class list is empty"),
-])
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        (["circle", "square", "circle"], "'circle' appears twice"),
+        (["circle", "  ", "square"], "index 1 is empty"),
+        ([], "class list is empty"),
+    ],
+)
 def test_bad_class_lists_are_named(env, tmp_path, capsys, classes, message):
     path = tmp_path / "classes.json"
     path.write_text(json.dumps(classes))
@@ -353,8 +391,18 @@ def test_digits_task_is_sklearns_handwritten_digits():
     # the sample's glyph domain calls its digits "digit one" / "digit seven": same words here
     from mode_fast.data.sample import DOMAINS
 
-    assert task.classes == ["digit zero", "digit one", "digit two", "digit three", "digit four", "digit five",
-                            "digit six", "digit seven", "digit eight", "digit nine"]
+    assert task.classes == [
+        "digit zero",
+        "digit one",
+        "digit two",
+        "digit three",
+        "digit four",
+        "digit five",
+        "digit six",
+        "digit seven",
+        "digit eight",
+        "digit nine",
+    ]
     assert task.classes[1] in DOMAINS["glyphs"] and task.classes[7] in DOMAINS["glyphs"]
     assert task.templates and all(t.count("{}") == 1 for t in task.templates)
     for i in (0, 5, 1796):  # dark ink on white paper, each 8x8 pixel a 4x4 block
@@ -393,13 +441,16 @@ def test_digits_templates_and_classes_can_be_overridden(tmp_path):
         evaluate.load_task("sklearn:digits", cpath)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("sklearn:xyz", "unknown scikit-learn dataset 'xyz' (known: sklearn:digits)"),
-    ("d=sklearn:", "unknown scikit-learn dataset ''"),
-    ("sklearn:digits:0", "must be a positive integer"),
-    ("sklearn:digits:ten", "must be a positive integer"),
-    ("sklearn:digits:5000", "asks for 5000 images but digits has 1797"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("sklearn:xyz", "unknown scikit-learn dataset 'xyz' (known: sklearn:digits)"),
+        ("d=sklearn:", "unknown scikit-learn dataset ''"),
+        ("sklearn:digits:0", "must be a positive integer"),
+        ("sklearn:digits:ten", "must be a positive integer"),
+        ("sklearn:digits:5000", "asks for 5000 images but digits has 1797"),
+    ],
+)
 def test_bad_sklearn_specs_are_named(env, tmp_path, capsys, spec, message):
     assert eval_cli(env, tmp_path / "out", "--data", spec) == 2
     err = capsys.readouterr().err
@@ -437,21 +488,25 @@ def test_digits_eval_end_to_end_matches_an_independent_recomputation(env, tmp_pa
         buf = io.BytesIO()
         evaluate.digit_image(px).save(buf, format="PNG")
         pngs.append(buf.getvalue())
-    for name, ckpt in (("expert_0", env["run"] / "expert_0" / "checkpoints" / "final.pt"),
-                       ("seed", env["run"] / "seed" / "checkpoints" / "final.pt")):
+    for name, ckpt in (
+        ("expert_0", env["run"] / "expert_0" / "checkpoints" / "final.pt"),
+        ("seed", env["run"] / "seed" / "checkpoints" / "final.pt"),
+    ):
         lg = reference_logits(ckpt, pngs, evaluate.DIGIT_CLASSES, evaluate.DIGIT_TEMPLATES)
         assert task["top1"][name] == pytest.approx(float((lg.argmax(1) == target[idx]).mean()))
-    w = expert_weights(template_mean(evaluate.DIGIT_CLASSES, evaluate.DIGIT_TEMPLATES),
-                       TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids, np.arange(12) % N_EXPERTS,
-                       N_EXPERTS)
+    w = expert_weights(
+        template_mean(evaluate.DIGIT_CLASSES, evaluate.DIGIT_TEMPLATES),
+        TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids,
+        np.arange(12) % N_EXPERTS,
+        N_EXPERTS,
+    )
     np.testing.assert_allclose(task["expert_weights"], w, rtol=1e-6)
     assert "| digits |" in (out / "results.md").read_text()
 
 
 # --------------------------------------------------------------------------- ImageNet names
 def test_imagenet_class_and_template_shortcuts(tmp_path, monkeypatch):
-    from open_clip.zero_shot_metadata import (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
-                                              SIMPLE_IMAGENET_TEMPLATES)
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
     names, source = evaluate.option_classes("imagenet")
     assert len(names) == 1000 == len(set(names)) and source == "--classes imagenet"
@@ -485,8 +540,12 @@ def test_imagenet_shortcuts_end_to_end(env, tmp_path, capsys):
         rows.append(f"{i}.jpg,{[0, 1, 999][i % 3]}")
     (root / "val.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    assert eval_cli(env, out, "--data", f"in={root / 'val.csv'}", "--classes", "imagenet",
-                    "--templates", "simple-imagenet") == 0
+    assert (
+        eval_cli(
+            env, out, "--data", f"in={root / 'val.csv'}", "--classes", "imagenet", "--templates", "simple-imagenet"
+        )
+        == 0
+    )
     task = json.loads((out / "results.json").read_text())["tasks"]["in"]
     assert (task["n_images"], task["n_classes"], task["n_templates"]) == (6, 1000, 7)
     assert sum(task["classes_per_expert"]) == 1000
@@ -494,8 +553,12 @@ def test_imagenet_shortcuts_end_to_end(env, tmp_path, capsys):
     # bad values name the option, the value and the built-in names
     assert eval_cli(env, tmp_path / "bad", "--data", str(root / "val.csv"), "--classes", "imagenet2") == 2
     assert "--classes imagenet2: no such file, and not a built-in name (imagenet)" in capsys.readouterr().err
-    assert eval_cli(env, tmp_path / "bad", "--data", str(root / "val.csv"), "--classes", "imagenet",
-                    "--templates", "openai") == 2
+    assert (
+        eval_cli(
+            env, tmp_path / "bad", "--data", str(root / "val.csv"), "--classes", "imagenet", "--templates", "openai"
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--templates openai: no such file" in err and "openai-imagenet, simple-imagenet" in err
     assert not (tmp_path / "bad").exists()
@@ -518,7 +581,7 @@ def test_damaged_shard_is_read_past_and_the_skip_reported(env, tmp_path):
     data = bytearray(shard.read_bytes())
     with tarfile.open(shard) as tf:
         offset = tf.getmembers()[3 * 5 + 1].offset
-    data[offset:offset + 100] = b"\x07" * 100  # the header's checksum no longer matches
+    data[offset : offset + 100] = b"\x07" * 100  # the header's checksum no longer matches
     shard.write_bytes(bytes(data))
 
     out = tmp_path / "out"

@@ -1,5 +1,6 @@
 """--executor ray: curate and cluster on a local Ray give the local executor's outputs, byte
 for byte, and a worker killed mid-job loses nothing and counts nothing twice."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mode-fast[ray]'")
 
 from mode_fast.cluster import ClusterJob, run_cluster_job  # noqa: E402
-from mode_fast.experts import TwoLevel  # noqa: E402
 from mode_fast.curate import curate  # noqa: E402
 from mode_fast.data.sample import write_sample  # noqa: E402
 from mode_fast.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402
+from mode_fast.experts import TwoLevel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def pool(tmp_path_factory) -> Path:
 def local_ray(request):
     """A local 2-CPU Ray for one test; `faults` (a ;-separated MODE_FAST_FAULT) reaches the
     workers through the runtime env, which is fixed when Ray starts."""
+
     def start(faults: str | None = None) -> None:
         env = {"MODE_FAST_FAULT": faults} if faults else {}
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
@@ -37,8 +39,11 @@ def local_ray(request):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".work" not in p.parts and p.name != "summary.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".work" not in p.parts and p.name != "summary.json"
+    }
 
 
 def _summary(root: Path) -> dict:
@@ -80,8 +85,17 @@ def test_curate_ray_worker_killed_mid_job(pool, tmp_path, local_ray):
 
 
 def _cluster(pool: Path, out: Path, executor: str) -> dict:
-    job = ClusterJob(shards=sorted(pool.glob("*.tar")), out=out, fine_k=12, n_experts=3, sample=500,
-                     workers=2, executor=executor, embedder="hash16", progress=False)
+    job = ClusterJob(
+        shards=sorted(pool.glob("*.tar")),
+        out=out,
+        fine_k=12,
+        n_experts=3,
+        sample=500,
+        workers=2,
+        executor=executor,
+        embedder="hash16",
+        progress=False,
+    )
     return run_cluster_job(job)
 
 
@@ -149,15 +163,53 @@ def test_cli_executor_ray(pool, tmp_path, capsys):
     """The CLI flag end to end (it starts, and stops, its own local Ray)."""
     from mode_fast.cli import main
 
-    assert main(["curate", str(pool), "--out", str(tmp_path / "o"), "--t", "20", "--seed", "3",
-                 "--workers", "2", "--executor", "ray"]) == 0
+    assert (
+        main(
+            [
+                "curate",
+                str(pool),
+                "--out",
+                str(tmp_path / "o"),
+                "--t",
+                "20",
+                "--seed",
+                "3",
+                "--workers",
+                "2",
+                "--executor",
+                "ray",
+            ]
+        )
+        == 0
+    )
     assert "kept" in capsys.readouterr().out
     assert not ray.is_initialized()
     _curate(pool, tmp_path / "local", "local")
     assert _files(tmp_path / "o") == _files(tmp_path / "local")
-    assert main(["cluster", str(pool / "*.tar"), "--out", str(tmp_path / "c"), "--fine-k", "12", "--experts", "3",
-                 "--sample", "500", "--embedder", "hash16", "--workers", "2", "--executor", "ray",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "cluster",
+                str(pool / "*.tar"),
+                "--out",
+                str(tmp_path / "c"),
+                "--fine-k",
+                "12",
+                "--experts",
+                "3",
+                "--sample",
+                "500",
+                "--embedder",
+                "hash16",
+                "--workers",
+                "2",
+                "--executor",
+                "ray",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert not ray.is_initialized()
     _cluster(pool, tmp_path / "c_local", "local")
     assert _assignments(tmp_path / "c") == _assignments(tmp_path / "c_local")

@@ -1,5 +1,6 @@
 """Library modules never import job modules (curate, cluster, train, evaluate, pipeline,
 cli): every import of every library module is parsed, function-local ones included."""
+
 from __future__ import annotations
 
 import ast
@@ -53,8 +54,10 @@ def test_library_modules_never_import_jobs():
 
 def test_the_rule_sees_function_local_relative_and_dynamic_imports():
     probe = PACKAGE / "data" / "probe.py"  # a name only: the source is given, nothing is written
-    text = ("def f():\n    from ..train import train\n    import mode_fast.cluster\n"
-            "    from mode_fast import evaluate\n    importlib.import_module('mode_fast.curate')\n")
+    text = (
+        "def f():\n    from ..train import train\n    import mode_fast.cluster\n"
+        "    from mode_fast import evaluate\n    importlib.import_module('mode_fast.curate')\n"
+    )
     found = imported_modules(probe, text)
     assert {"mode_fast.train", "mode_fast.cluster", "mode_fast.evaluate", "mode_fast.curate"} <= found
 

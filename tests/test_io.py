@@ -1,4 +1,5 @@
 """Pool discovery, readers (captions, keys, bad input), writers and atomic writes."""
+
 from __future__ import annotations
 
 import gzip
@@ -105,8 +106,22 @@ def test_remove_stale_temporaries_only_touches_temporaries(tmp_path):
 # --- webdataset tars -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["abc.txt", "abc.seg.json", "dir/x.y/abc.jpg", "a.b.c.d", "noext", "dir/.hidden",
-                                  "__key__", "dir/__k__.txt", "", "k.", "UP.TXT"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "abc.txt",
+        "abc.seg.json",
+        "dir/x.y/abc.jpg",
+        "a.b.c.d",
+        "noext",
+        "dir/.hidden",
+        "__key__",
+        "dir/__k__.txt",
+        "",
+        "k.",
+        "UP.TXT",
+    ],
+)
 def test_member_names_split_as_webdataset_does(name):
     from webdataset.tariterators import base_plus_ext
 
@@ -115,36 +130,53 @@ def test_member_names_split_as_webdataset_does(name):
 
 
 def test_tar_caption_lookup(tmp_path, make_tar):
-    path = make_tar(tmp_path / "a.tar", [
-        ("only_txt.txt", b"txt caption"), ("only_txt.jpg", b"img"),
-        ("only_json.json", json.dumps({"caption": "json caption", "title": "a title"}).encode()),
-        ("both.txt", b"from txt"), ("both.json", json.dumps({"caption": "from json"}).encode()),
-        ("json_no_cap.json", b'{"other": 1}'), ("json_no_cap.txt", b"fallback txt"),
-        ("upper.TXT", b"upper-case extension"),
-        ("nothing.jpg", b"img"),
-        ("num.json", b'{"caption": 5}'),
-    ])
+    path = make_tar(
+        tmp_path / "a.tar",
+        [
+            ("only_txt.txt", b"txt caption"),
+            ("only_txt.jpg", b"img"),
+            ("only_json.json", json.dumps({"caption": "json caption", "title": "a title"}).encode()),
+            ("both.txt", b"from txt"),
+            ("both.json", json.dumps({"caption": "from json"}).encode()),
+            ("json_no_cap.json", b'{"other": 1}'),
+            ("json_no_cap.txt", b"fallback txt"),
+            ("upper.TXT", b"upper-case extension"),
+            ("nothing.jpg", b"img"),
+            ("num.json", b'{"caption": 5}'),
+        ],
+    )
     default = list(read_shard(path))
     assert [r.key for r in default] == ["only_txt", "only_json", "both", "json_no_cap", "upper", "nothing", "num"]
-    assert _good(default) == [("only_txt", "txt caption"), ("only_json", "json caption"), ("both", "from json"),
-                              ("json_no_cap", "fallback txt"), ("upper", "upper-case extension")]
+    assert _good(default) == [
+        ("only_txt", "txt caption"),
+        ("only_json", "json caption"),
+        ("both", "from json"),
+        ("json_no_cap", "fallback txt"),
+        ("upper", "upper-case extension"),
+    ]
     assert _reasons(default) == {"nothing": "missing_caption", "num": "caption_not_text"}
     assert default[0].sample == {"__key__": "only_txt", "txt": b"txt caption", "jpg": b"img"}
     # caption_key naming an extension takes that member; naming a field takes it from .json only.
     assert _good(read_shard(path, caption_key="txt")) == [
-        ("only_txt", "txt caption"), ("both", "from txt"), ("json_no_cap", "fallback txt"),
-        ("upper", "upper-case extension")]
+        ("only_txt", "txt caption"),
+        ("both", "from txt"),
+        ("json_no_cap", "fallback txt"),
+        ("upper", "upper-case extension"),
+    ]
     assert _good(read_shard(path, caption_key="title")) == [("only_json", "a title")]
 
 
 def test_tar_bad_text_is_counted_not_raised(tmp_path, make_tar):
-    path = make_tar(tmp_path / "a.tar", [
-        ("ok.txt", b"fine"),
-        ("latin1.txt", "caf\xe9".encode("latin-1")),
-        ("surrogate.json", b'{"caption": "bad \\ud800 escape"}'),
-        ("broken.json", b"{not json"),
-        ("ok2.txt", "caf\xe9 \u2603".encode()),
-    ])
+    path = make_tar(
+        tmp_path / "a.tar",
+        [
+            ("ok.txt", b"fine"),
+            ("latin1.txt", "caf\xe9".encode("latin-1")),
+            ("surrogate.json", b'{"caption": "bad \\ud800 escape"}'),
+            ("broken.json", b"{not json"),
+            ("ok2.txt", "caf\xe9 \u2603".encode()),
+        ],
+    )
     recs = list(read_shard(path))
     assert _good(recs) == [("ok", "fine"), ("ok2", "caf\xe9 \u2603")]
     assert _reasons(recs) == {"latin1": "invalid_utf8", "surrogate": "invalid_utf8", "broken": "bad_json"}
@@ -155,7 +187,7 @@ def _damage_header(path: Path, member_index: int) -> None:
     data = bytearray(path.read_bytes())
     with tarfile.open(path) as tf:
         offset = tf.getmembers()[member_index].offset
-    data[offset:offset + 100] = b"\x07" * 100  # name field garbage: checksum no longer matches
+    data[offset : offset + 100] = b"\x07" * 100  # name field garbage: checksum no longer matches
     path.write_bytes(bytes(data))
 
 
@@ -175,14 +207,14 @@ def test_corrupt_member_costs_its_neighbours_not_the_shard(tmp_path, make_tar):
 
 def test_truncated_tar_keeps_what_was_read(tmp_path, make_tar):
     path = make_tar(tmp_path / "a.tar", [("a.txt", b"first"), ("b.txt", b"second " * 300), ("c.txt", b"third")])
-    path.write_bytes(path.read_bytes()[:512 * 3 + 700])  # cut inside b.txt's data
+    path.write_bytes(path.read_bytes()[: 512 * 3 + 700])  # cut inside b.txt's data
     recs = list(read_shard(path))
     assert _good(recs) == [("a", "first")]
     assert [r.skip_reason for r in recs[1:]] == ["corrupt_member", "corrupt_tar_tail"]
     assert recs[-1].key == "" and "b.txt" in recs[-1].sample["__corrupt__"]
     # Cut inside a header: the record before it may have lost a member.
     path2 = make_tar(tmp_path / "b.tar", [("a.txt", b"first"), ("b.txt", b"second")])
-    path2.write_bytes(path2.read_bytes()[:512 * 2 + 300])
+    path2.write_bytes(path2.read_bytes()[: 512 * 2 + 300])
     assert [r.skip_reason for r in read_shard(path2)] == ["corrupt_member", "corrupt_tar_tail"]
 
 
@@ -230,9 +262,14 @@ def test_unreadable_tars_raise_naming_the_file(tmp_path):
 def test_parquet_keys_captions_and_streaming(tmp_path, monkeypatch):
     monkeypatch.setattr(dio, "PARQUET_BATCH_ROWS", 3)  # several record batches per file
     caps = ["a dog", None, b"bytes caption", b"\xff bad", "e", "f", "g"]
-    table = pa.table({"id": [f"i{i}" for i in range(7)], "key": [f"k{i}" for i in range(7)],
-                      "caption": pa.array([c.encode() if isinstance(c, str) else c for c in caps], pa.binary()),
-                      "n": list(range(7))})
+    table = pa.table(
+        {
+            "id": [f"i{i}" for i in range(7)],
+            "key": [f"k{i}" for i in range(7)],
+            "caption": pa.array([c.encode() if isinstance(c, str) else c for c in caps], pa.binary()),
+            "n": list(range(7)),
+        }
+    )
     pq.write_table(table, tmp_path / "p.parquet")
     recs = list(read_shard(tmp_path / "p.parquet"))
     assert [r.key for r in recs] == [f"k{i}" for i in range(7)]  # no uid column: "key"
@@ -284,8 +321,14 @@ def test_jsonl_records_and_writer(tmp_path, suffix):
     recs = list(read_shard(path))
     assert [r.key for r in recs] == ["a", "b", "c", "shard/3", "shard/4", "shard/5", "e", "two\\nlines", "shard/8"]
     assert _good(recs) == [("a", "a dog"), ("b", "caf\xe9"), ("shard/8", "no key")]
-    assert _reasons(recs) == {"c": "invalid_utf8", "shard/3": "invalid_utf8", "shard/4": "bad_json",
-                              "shard/5": "bad_json", "e": "missing_caption", "two\\nlines": "bad_key"}
+    assert _reasons(recs) == {
+        "c": "invalid_utf8",
+        "shard/3": "invalid_utf8",
+        "shard/4": "bad_json",
+        "shard/5": "bad_json",
+        "e": "missing_caption",
+        "two\\nlines": "bad_key",
+    }
     assert recs[0].sample == {"uid": "a", "caption": "a dog"}
     keep = np.array([r.key in ("a", "e", "shard/8") for r in recs])
     out = tmp_path / f"out{suffix}"

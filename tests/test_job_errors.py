@@ -1,6 +1,7 @@
 """Anything a user can cause ends as one line, `mode-fast JOB: error: ...`, exit 2, naming
 the flag or file (mode_fast.cli's handler); train's outputs get the umask's mode; train
 reads `--caption-key` as curate and cluster do."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_loader import make_shards
 
 from mode_fast import cli
 from mode_fast import train as train_job
-from test_loader import make_shards
 
 torch.set_num_threads(1)  # shared 2-core machine
 
@@ -45,6 +46,7 @@ def seed_ckpt(txt_pool, tmp_path_factory) -> Path:
 @pytest.fixture
 def no_model(monkeypatch):
     """Fails the test if train builds a model (errors must come before that)."""
+
     def refuse(*a, **k):
         raise AssertionError("the model was built before the error")
 
@@ -93,7 +95,8 @@ def test_train_missing_data_from_the_shell(tmp_path):
                            "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"mode-fast train: error: --data: {tmp_path / 'nothing'}: no such file or folder"]
+        f"mode-fast train: error: --data: {tmp_path / 'nothing'}: no such file or folder"
+    ]
     assert "initialized randomly" not in proc.stderr
 
 
@@ -172,7 +175,8 @@ def test_train_outputs_have_the_umasks_mode(txt_pool, tmp_path, umask):
     job = tmp_path / "seed"
     outputs = ["config.json", "data.json", "metrics.jsonl", "checkpoints/latest.pt", "checkpoints/final.pt"]
     assert {name: oct((job / name).stat().st_mode & 0o777) for name in outputs} == {
-        name: oct(0o666 & ~umask) for name in outputs}
+        name: oct(0o666 & ~umask) for name in outputs
+    }
 
 
 # --------------------------------------------------------------------------- --caption-key

@@ -11,6 +11,7 @@ the triton wheel (-v: registers, spills); this test builds that report (into
 $KERNEL_REPORT_DIR when set, for CI to keep, else a temporary folder) and checks it: 0
 spill bytes for every k-means and contrastive-loss config, on both targets.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -160,8 +161,11 @@ def test_each_contrastive_launch_compiles_to_the_variant_the_report_measured(lay
                 dict(Q_ptr=x, K_ptr=k, LSE_ROW_ptr=f32, LSE_COL_ptr=f32, DQ_ptr=f32, DK_ptr=f32, DS_ptr=f32,
                      DB_ptr=f32, g=0.5))  # fmt: skip
         real = dict(M=m, N=n, D=d, scale=1.0, bias=0.0, **st, **ptrs, **merge_or_terms)
-        measured = [ln for ln in report.contrastive_launches()
-                    if ln.kernel == f"contrastive_{kind}" and ln.extra["layout"] == form and ln.extra["dtype"] == "bf16"]
+        measured = [
+            ln
+            for ln in report.contrastive_launches()
+            if ln.kernel == f"contrastive_{kind}" and ln.extra["layout"] == form and ln.extra["dtype"] == "bf16"
+        ]
         assert measured and all(ln.fn is cl._kernel(kind, form) for ln in measured)
         launched = report._specialise(report.Launch("k", "v", cl._kernel(kind, form), real, measured[0].constexprs))
         assert launched == report._specialise(measured[0])

@@ -4,6 +4,7 @@ The Triton kernel runs here under TRITON_INTERPRET=1 in a subprocess: the interp
 chosen when a kernel is decorated, i.e. when mode_fast/kernels/kmeans_assign.py is first imported,
 and this process has already imported it without the variable.
 """
+
 from __future__ import annotations
 
 import json
@@ -379,16 +380,12 @@ _INTERP_SCRIPT = textwrap.dedent(
 def interpreted():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(
-    "case", ["odd", "k_gt_n", "one", "raw", "ties", "pairs", "strided", "offset", "fp16"]
-)
+@pytest.mark.parametrize("case", ["odd", "k_gt_n", "one", "raw", "ties", "pairs", "strided", "offset", "fp16"])
 def test_triton_interpreted_matches_fp64(interpreted, case):
     x, c, labels, sqdist = (torch.tensor(v) for v in interpreted[case])
     _assert_exact(labels, x, c)

@@ -1,5 +1,6 @@
 """The training loader: key checks, filters, and an order that is a pure function of
 (seed, epoch) whatever the workers, ranks or resume position."""
+
 from __future__ import annotations
 
 import io
@@ -192,8 +193,8 @@ def test_start_position_skips_to_the_same_batches(shards):
     keys, images = collect(stream.iter_batches())
     stream.set_position(1, 7)
     keys7, images7 = collect(stream.iter_batches())
-    assert keys7 == keys[7 * 16:]
-    assert torch.equal(images7, images[7 * 16:])
+    assert keys7 == keys[7 * 16 :]
+    assert torch.equal(images7, images[7 * 16 :])
 
 
 def test_too_few_samples_for_a_batch_is_an_error(shards):
@@ -257,12 +258,17 @@ def write_assignments(cluster_dir: Path, shards: list[Path], expert_of_key, n_ex
     (cluster_dir / "assignments").mkdir(parents=True, exist_ok=True)
     for shard, keys in zip(shards, L.build_index(shards, L.SampleSpec()).keys):
         experts = [expert_of_key(k) for k in keys]
-        pq.write_table(pa.table({
-            "key": pa.array(keys, pa.string()),
-            "fine": pa.array(np.array(experts, np.int32) * 2),
-            "expert": pa.array(np.array(experts, np.int32)),
-            "sqdist": pa.array(np.zeros(len(keys), np.float32)),
-        }), cluster_dir / "assignments" / f"{shard_id(shard)}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "key": pa.array(keys, pa.string()),
+                    "fine": pa.array(np.array(experts, np.int32) * 2),
+                    "expert": pa.array(np.array(experts, np.int32)),
+                    "sqdist": pa.array(np.zeros(len(keys), np.float32)),
+                }
+            ),
+            cluster_dir / "assignments" / f"{shard_id(shard)}.parquet",
+        )
     TwoLevel(
         fine_centroids=np.zeros((2 * n_experts, 3), np.float32),
         coarse_centroids=np.zeros((n_experts, 3), np.float32),

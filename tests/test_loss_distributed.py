@@ -1,4 +1,5 @@
 """mode_fast.loss.ClipLoss / SigLipLoss: open_clip parity, 2 processes on gloo, gradient caching."""
+
 from __future__ import annotations
 
 import os
@@ -74,19 +75,30 @@ def _worker(rank: int, port: int) -> None:
                 loss, d_i, d_t, d_s = ours
                 if not kw["local_loss"]:
                     close([loss, d_s], [whole[0], whole[3]], f"ClipLoss {kw} loss and scale grad")
-                close([mean_over_ranks(loss), d_i / WORLD, d_t / WORLD, mean_over_ranks(d_s)],
-                      whole_local, f"ClipLoss {kw} vs one process")
+                close(
+                    [mean_over_ranks(loss), d_i / WORLD, d_t / WORLD, mean_over_ranks(d_s)],
+                    whole_local,
+                    f"ClipLoss {kw} vs one process",
+                )
 
         # the ring, on the world group and on a sub-group (peers addressed by group rank)
         for group in (None, dist.new_group([0, 1])):
-            ring = grads(ClipLoss(ring=True, rank=rank, world_size=WORLD, group=group, chunk_size=4),
-                         img[rows], txt[rows], scale)
-            theirs = grads(OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD),
-                           img[rows], txt[rows], scale)
+            ring = grads(
+                ClipLoss(ring=True, rank=rank, world_size=WORLD, group=group, chunk_size=4), img[rows], txt[rows], scale
+            )
+            theirs = grads(
+                OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD),
+                img[rows],
+                txt[rows],
+                scale,
+            )
             close(ring, theirs, "ring vs open_clip local_loss + gather_with_grad")
             loss, d_i, d_t, d_s = ring
-            close([mean_over_ranks(loss), d_i / WORLD, d_t / WORLD, mean_over_ranks(d_s)], whole_local,
-                  "ring vs one process")
+            close(
+                [mean_over_ranks(loss), d_i / WORLD, d_t / WORLD, mean_over_ranks(d_s)],
+                whole_local,
+                "ring vs one process",
+            )
 
         bias = torch.tensor(-8.0)
         for impl in ("shift", "bidir", "gather", "reduce"):

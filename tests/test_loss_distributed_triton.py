@@ -14,6 +14,7 @@ the fresh processes): the same kernels a GPU runs, through numpy, so sizes are s
 and fp32 (bf16 tl.dot is wrong in the interpreter). Every setting must launch its
 rectangular/square kernels (no silent fallback to the torch path).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,12 @@ CLIP_MODES = [(ll, gg) for ll in (False, True) for gg in (False, True)]
 SIGLIP_IMPLS = ("bidir", "shift", "reduce", "gather")
 # Triton launches each setting must make, by "direction:mode" (contrastive_loss.kernel_launches)
 EXPECTED_LAUNCHES = {
-    **{f"clip local_loss={ll} gather_with_grad={gg}":
-       (["fwd:rows", "bwd:rows"] if ll else ["fwd:clip", "bwd:clip"]) for ll, gg in CLIP_MODES},
+    **{
+        f"clip local_loss={ll} gather_with_grad={gg}": (["fwd:rows", "bwd:rows"] if ll else ["fwd:clip", "bwd:clip"])
+        for ll, gg in CLIP_MODES
+    },
     "clip ring": ["fwd:rows", "fwd:rows_merge", "bwd:rows"],
-    **{f"siglip {impl}": ["fwd:siglip", "bwd:siglip", "fwd:siglip_rect", "bwd:siglip_rect"]
-       for impl in SIGLIP_IMPLS},
+    **{f"siglip {impl}": ["fwd:siglip", "bwd:siglip", "fwd:siglip_rect", "bwd:siglip_rect"] for impl in SIGLIP_IMPLS},
 }
 
 
@@ -63,10 +65,22 @@ def _settings(loss_mod, rank: int, **extra):
     kw = {"rank": rank, "world_size": WORLD}
     out = []
     for ll, gg in CLIP_MODES:
-        out.append((f"clip local_loss={ll} gather_with_grad={gg}",
-                    loss_mod.ClipLoss(local_loss=ll, gather_with_grad=gg, **kw, **extra), False))
-    out.append(("clip ring", loss_mod.ClipLoss(ring=True, **kw, **extra) if extra else
-                loss_mod.ClipLoss(local_loss=True, gather_with_grad=True, **kw), False))
+        out.append(
+            (
+                f"clip local_loss={ll} gather_with_grad={gg}",
+                loss_mod.ClipLoss(local_loss=ll, gather_with_grad=gg, **kw, **extra),
+                False,
+            )
+        )
+    out.append(
+        (
+            "clip ring",
+            loss_mod.ClipLoss(ring=True, **kw, **extra)
+            if extra
+            else loss_mod.ClipLoss(local_loss=True, gather_with_grad=True, **kw),
+            False,
+        )
+    )
     for impl in SIGLIP_IMPLS:
         out.append((f"siglip {impl}", loss_mod.SigLipLoss(dist_impl=impl, **kw, **extra), True))
     return out
@@ -107,8 +121,9 @@ def worker(rank: int, port: int, backend: str, out_path: str) -> None:
         errors = {}
         for name, module, siglip in _settings(open_clip.loss, rank):
             want = _run(_call(module, siglip), img, txt, scale, bias)
-            errors[name] = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-                            for a, b in zip(ours[name], want)]
+            errors[name] = [
+                float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(ours[name], want)
+            ]
         with open(out_path, "w") as f:
             json.dump({"errors": errors, "launches": launches}, f)
     finally:
@@ -129,9 +144,16 @@ def test_every_distributed_setting_matches_open_clip_in_fresh_processes(backend,
         env["TRITON_INTERPRET"] = "1"
     port = _free_port()
     outs = [tmp_path / f"rank{r}.json" for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), backend, str(outs[r])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), str(port), backend, str(outs[r])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
     logs = []
     for p in procs:
         try:

@@ -1,4 +1,5 @@
 """The C++ matcher against the naive reference and pyahocorasick (curation.md semantics)."""
+
 from __future__ import annotations
 
 import pickle
@@ -8,15 +9,39 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from matching_reference import AhoCorasickMatcher, naive_match
+
 from mode_fast._matcher import Matcher, hash_keys
 
 ENTRIES = [
-    "hot", "dog", "hot dog", "dog stand", "stand", "hot dog stand", "a",
-    "new york", "new york city", "york", "york city", "city",
-    "café", "naïve", "Dog", "e.g.", "St. Louis", ",", ".", "1", "ice cream",
-    "trailing ", " leading", "double  space", "tab\there", "😀", "東京", "東京 タワー",
+    "hot",
+    "dog",
+    "hot dog",
+    "dog stand",
+    "stand",
+    "hot dog stand",
+    "a",
+    "new york",
+    "new york city",
+    "york",
+    "york city",
+    "city",
+    "café",
+    "naïve",
+    "Dog",
+    "e.g.",
+    "St. Louis",
+    ",",
+    ".",
+    "1",
+    "ice cream",
+    "trailing ",
+    " leading",
+    "double  space",
+    "tab\there",
+    "😀",
+    "東京",
+    "東京 タワー",
     "é",  # precomposed; the decomposed "e\u0301" must not match it
 ]
 
@@ -74,12 +99,12 @@ def test_overlapping_matches_all_reported(matcher: Matcher) -> None:
 
 def test_spacing_rules(matcher: Matcher) -> None:
     name = lambda text: {ENTRIES[i] for i in matcher.match(text)}  # noqa: E731
-    assert "dog" in name("the dog.")           # punctuation is split off
-    assert "e.g." not in name("e.g. x")       # so entries with punctuation never match
-    assert "," in name("1,000")                # but a punctuation entry does
-    assert "hot dog" in name("hot\tdog")       # tab becomes one space
+    assert "dog" in name("the dog.")  # punctuation is split off
+    assert "e.g." not in name("e.g. x")  # so entries with punctuation never match
+    assert "," in name("1,000")  # but a punctuation entry does
+    assert "hot dog" in name("hot\tdog")  # tab becomes one space
     assert "hot dog" not in name("hot\r\ndog")  # CR and LF become two spaces
-    assert "hot dog" not in name("hot  dog")   # runs of spaces are kept
+    assert "hot dog" not in name("hot  dog")  # runs of spaces are kept
     assert "Dog" in name("Dog") and "dog" not in name("Dog")  # case-sensitive
     assert "é" not in name("cafe\u0301 e\u0301")  # no Unicode normalisation
 
@@ -127,8 +152,7 @@ def _caption_corpus(n_entries: int, n_texts: int, seed: int) -> tuple[list[str],
     entries = list({" ".join(rng.sample(words, rng.choice([1, 1, 1, 2, 3]))) for _ in range(n_entries)})
     puncts = ["", "", "", ",", ".", "!", "\n"]
     texts = [
-        " ".join(rng.choice(words) + rng.choice(puncts) for _ in range(rng.randint(0, 25)))
-        for _ in range(n_texts)
+        " ".join(rng.choice(words) + rng.choice(puncts) for _ in range(rng.randint(0, 25))) for _ in range(n_texts)
     ]
     return entries, texts
 

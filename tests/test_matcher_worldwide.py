@@ -1,4 +1,5 @@
 """metaclip2 matching (MetaCLIP 2's worldwide rules) against a plain-Python transcription."""
+
 from __future__ import annotations
 
 import pickle
@@ -21,25 +22,144 @@ from mode_fast._matcher import Matcher, is_cjk_or_similar
 PY_SPACES = [chr(c) for c in range(0x110000) if chr(c).isspace()]
 
 ENTRIES = [
-    "東京", "東京 タワー", "タワー", "京", "東", "日本語", "中文", "ไทย", "ภาษาไทย", "ລາວ", "မြန်မာ", "ខ្មែរ", "བོད",
-    "hot", "dog", "hot dog", "a", "Inc.", "U.S.", "e.g.", "(a)", "C++", "#1", "-", "--", "...", ",", ".", "?!",
-    "。", "，", "「東京」", "東京。", "—", "～", "“quoted”", "‘x’", "【新】", "《书》", "〈a〉",
-    "café", "naïve", " leading", "trailing ", "double  space", "tab\there", "x\u3000y", "😀", "東京 ", " 東京",
-    "Ａ", "ｘ東", "東x", "x東", "0", "1,000", "π", "𠀀", "𪜀字",  # CJK extension B / C
-    "\u3000", ":", "`", "!", "dog stand", "stand",
+    "東京",
+    "東京 タワー",
+    "タワー",
+    "京",
+    "東",
+    "日本語",
+    "中文",
+    "ไทย",
+    "ภาษาไทย",
+    "ລາວ",
+    "မြန်မာ",
+    "ខ្មែរ",
+    "བོད",
+    "hot",
+    "dog",
+    "hot dog",
+    "a",
+    "Inc.",
+    "U.S.",
+    "e.g.",
+    "(a)",
+    "C++",
+    "#1",
+    "-",
+    "--",
+    "...",
+    ",",
+    ".",
+    "?!",
+    "。",
+    "，",
+    "「東京」",
+    "東京。",
+    "—",
+    "～",
+    "“quoted”",
+    "‘x’",
+    "【新】",
+    "《书》",
+    "〈a〉",
+    "café",
+    "naïve",
+    " leading",
+    "trailing ",
+    "double  space",
+    "tab\there",
+    "x\u3000y",
+    "😀",
+    "東京 ",
+    " 東京",
+    "Ａ",
+    "ｘ東",
+    "東x",
+    "x東",
+    "0",
+    "1,000",
+    "π",
+    "𠀀",
+    "𪜀字",  # CJK extension B / C
+    "\u3000",
+    ":",
+    "`",
+    "!",
+    "dog stand",
+    "stand",
 ]
 
 TEXTS = [
-    "東京タワー", "東京 タワー", "東京\tタワー", "東京\u3000タワー", "　東京　", "\u3000\u3000",
-    "ไทยภาษาไทย", "ภาษาไทยดี", "ລາວ ແລະ ໄທ", "မြန်မာစာ", "ខ្មែរ", "བོད་ཡིག",
-    "hot dog", "  hot dog  ", "\u2003hot dog\u2028", "\x1chot dog\x1f", "\x0bhot\x0cdog\x85", "\xa0hot dog\xa0",
-    "\u1680hot\u205fdog\u202f", "\u2029a\u3000", "a hot dog stand", "hotdog", "Acme Inc.", "Acme Inc. Ltd",
-    "the U.S. army", "(a)(b)", "(a) b", "C++ code", "#1 hit", "a-b", "a--b", "wait...", "a,b", "a , b",
-    "?!", "東京。東京，東京", "「東京」です", "東京。", "x—y", "x～y", "“quoted” text", "‘x’", "【新】品",
-    "《书》名", "〈a〉", "café naïve", "cafe\u0301", "x leading", "trailing  x", "double  space",
-    "tab\there", "x\u3000y", "😀😀", "ｘ東ｘ", "東x東", "x東x", "1,000", "π=3", "𠀀𪜀字", "\t\n\r",
-    "", " ", ":`!", "a\ud800 dog", "\ud800東京\udfff", "\udc00", "hot\ud83d dog", "dog stand",
-    "ＡＢＣ", "mixed 東京 and ไทย and hot dog。",
+    "東京タワー",
+    "東京 タワー",
+    "東京\tタワー",
+    "東京\u3000タワー",
+    "　東京　",
+    "\u3000\u3000",
+    "ไทยภาษาไทย",
+    "ภาษาไทยดี",
+    "ລາວ ແລະ ໄທ",
+    "မြန်မာစာ",
+    "ខ្មែរ",
+    "བོད་ཡིག",
+    "hot dog",
+    "  hot dog  ",
+    "\u2003hot dog\u2028",
+    "\x1chot dog\x1f",
+    "\x0bhot\x0cdog\x85",
+    "\xa0hot dog\xa0",
+    "\u1680hot\u205fdog\u202f",
+    "\u2029a\u3000",
+    "a hot dog stand",
+    "hotdog",
+    "Acme Inc.",
+    "Acme Inc. Ltd",
+    "the U.S. army",
+    "(a)(b)",
+    "(a) b",
+    "C++ code",
+    "#1 hit",
+    "a-b",
+    "a--b",
+    "wait...",
+    "a,b",
+    "a , b",
+    "?!",
+    "東京。東京，東京",
+    "「東京」です",
+    "東京。",
+    "x—y",
+    "x～y",
+    "“quoted” text",
+    "‘x’",
+    "【新】品",
+    "《书》名",
+    "〈a〉",
+    "café naïve",
+    "cafe\u0301",
+    "x leading",
+    "trailing  x",
+    "double  space",
+    "tab\there",
+    "x\u3000y",
+    "😀😀",
+    "ｘ東ｘ",
+    "東x東",
+    "x東x",
+    "1,000",
+    "π=3",
+    "𠀀𪜀字",
+    "\t\n\r",
+    "",
+    " ",
+    ":`!",
+    "a\ud800 dog",
+    "\ud800東京\udfff",
+    "\udc00",
+    "hot\ud83d dog",
+    "dog stand",
+    "ＡＢＣ",
+    "mixed 東京 and ไทย and hot dog。",
 ]
 
 
@@ -58,7 +178,7 @@ def test_metaclip2_batch_equals_single(matcher: Matcher) -> None:
     for threads in (1, 2):
         offsets, ids = matcher.match_batch(texts, threads=threads)
         for i, text in enumerate(texts):
-            assert ids[offsets[i]:offsets[i + 1]].tolist() == naive_match_v2(ENTRIES, text)
+            assert ids[offsets[i] : offsets[i + 1]].tolist() == naive_match_v2(ENTRIES, text)
 
 
 def test_documented_differences() -> None:
@@ -131,8 +251,9 @@ def test_truncated_metaclip2_file(matcher: Matcher, tmp_path) -> None:
 
 # --- property tests: random text over an adversarial alphabet -----------------------------
 
-ALPHABET = (list("ab 東京タワー中ไทยລາວမြខ្བོ.,;:?!`()\"'-#，。、；：？！“”‘’（）【】《》〈〉「」『』～—Ａ😀𠀀")
-            + PY_SPACES)
+ALPHABET = (
+    list("ab 東京タワー中ไทยລາວမြខ្བོ.,;:?!`()\"'-#，。、；：？！“”‘’（）【】《》〈〉「」『』～—Ａ😀𠀀") + PY_SPACES
+)
 SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
 
 entry_st = st.text(alphabet=st.sampled_from(ALPHABET), min_size=1, max_size=4)
@@ -147,7 +268,7 @@ def test_metaclip2_property(entries: list[str], texts: list[str]) -> None:
     for i, text in enumerate(texts):
         expected = naive_match_v2(entries, text)
         assert m.match(text) == expected
-        assert ids[offsets[i]:offsets[i + 1]].tolist() == expected
+        assert ids[offsets[i] : offsets[i + 1]].tolist() == expected
 
 
 @settings(max_examples=100, deadline=None)

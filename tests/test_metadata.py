@@ -1,4 +1,5 @@
 """Metadata lists: validation, merging, the WordNet builder and the shipped default."""
+
 from __future__ import annotations
 
 import gzip
@@ -90,9 +91,18 @@ def test_sha256_depends_on_order():
 
 def test_wordnet_parser_on_fixture():
     assert build_from_wordnet(MINI) == [
-        "dog", "domestic dog", "hot dog", "Einstein", "Albert Einstein",  # nouns, `_` -> space, case kept
+        "dog",
+        "domestic dog",
+        "hot dog",
+        "Einstein",
+        "Albert Einstein",  # nouns, `_` -> space, case kept
         "chase",  # verb "dog" already seen
-        "abounding", "galore", "handy", "ready to hand", "outback", "remote",  # markers stripped
+        "abounding",
+        "galore",
+        "handy",
+        "ready to hand",
+        "outback",
+        "remote",  # markers stripped
         "a priori",
     ]
 

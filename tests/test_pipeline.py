@@ -1,5 +1,6 @@
 """The end-to-end demo (`python -m mode_fast.pipeline --quick`) on a tiny sample: every step
 runs through the CLI, the single model gets the ensemble's training compute, a rerun resumes."""
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,9 @@ def test_summary_json_holds_every_section(demo):
             assert diffs[key]["se"] >= 0
         if name in summary["tasks"]:
             t = summary["tasks"][name]["top1"]
-            assert diffs["mode_ensemble - same_compute"]["diff"] == pytest.approx(t["mode_ensemble"] - t["same_compute"])
+            assert diffs["mode_ensemble - same_compute"]["diff"] == pytest.approx(
+                t["mode_ensemble"] - t["same_compute"]
+            )
     text = (demo / "summary.md").read_text()
     for heading in ("## Curation", "## Clustering", "## Experts", "## Ensemble", "## Comparison"):
         assert heading in text
@@ -102,8 +105,9 @@ def test_curation_counts_match_curates_own(demo):
     entries = load_metadata(None)
     pool = pipeline._records(sorted((demo / "sample" / "pool").glob("*.tar")))
     _, ids = Matcher(entries).match_batch([c for _, c, _ in pool])
-    np.testing.assert_array_equal(np.bincount(ids, minlength=len(entries)),
-                                  np.load(demo / "curated" / "entry_count.npy"))
+    np.testing.assert_array_equal(
+        np.bincount(ids, minlength=len(entries)), np.load(demo / "curated" / "entry_count.npy")
+    )
 
 
 def test_progress_bars_become_lines_when_not_on_a_terminal(monkeypatch, capsys):
@@ -194,7 +198,7 @@ def test_rerun_skips_finished_training(demo, capsys):
     capsys.readouterr()
     assert pipeline.main(["--out", str(demo), "--quick"]) == 0
     runs = json.loads((demo / "timings.json").read_text())["runs"]
-    assert runs[:len(runs_before)] == runs_before and len(runs) == len(runs_before) + 1  # appended
+    assert runs[: len(runs_before)] == runs_before and len(runs) == len(runs_before) + 1  # appended
     steps = runs[-1]["steps"]
     ran = [x["step"] for x in steps if not x.get("skipped")]
     assert not [n for n in ran if n.startswith("train") or n in ("sample", "curate", "cluster", "eval")]

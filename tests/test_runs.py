@@ -5,6 +5,7 @@ signal it: SIGKILL at random moments, Ctrl-C to the group, SIGKILL of the driver
 MODE_FAST_FAULT="slow:SHARD:SECONDS" (mode_fast.executor) holds one shard's task, so a
 run is reliably mid-way when signalled.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,8 +95,9 @@ def test_changed_argument_stops_naming_it_or_recomputes_what_it_affects(tmp_path
     msg = str(err.value)
     assert "\n" not in msg and "--k 1" in msg and "--k 2" in msg and "--overwrite" in msg and "another --out" in msg
     logged = []
-    with _open(out, args={"--k": 1, "--seed": 5}, recompute={"--seed": ["fit", "assign:*"]},
-               log=logged.append) as state:
+    with _open(
+        out, args={"--k": 1, "--seed": 5}, recompute={"--seed": ["fit", "assign:*"]}, log=logged.append
+    ) as state:
         assert not state.is_done("fit") and not state.is_done("assign:0") and state.is_done("embed:0")
         assert not state.finished and state.changed == ["--seed"]
     assert not (out / "fit").exists() and not (out / "assign:0").exists() and (out / "embed:0").exists()
@@ -165,12 +167,17 @@ def test_stale_temporaries_are_removed_when_the_lock_is_taken(tmp_path):
 
 def test_lock_names_the_holder_and_a_dead_holder_never_blocks(tmp_path):
     out = tmp_path / "out"
-    with _open(out), pytest.raises(OutputLocked, match=rf"in use by pid {os.getpid()} on \S+ \(started .*\).*another --out"):
+    with (
+        _open(out),
+        pytest.raises(OutputLocked, match=rf"in use by pid {os.getpid()} on \S+ \(started .*\).*another --out"),
+    ):
         _open(out)
     # a holder killed with SIGKILL: the kernel drops its flock, the next run takes over
-    code = ("import sys, time; from mode_fast.runs import RunState; "
-            "s = RunState.open(sys.argv[1], 'job', inputs={}, args={'--k': 1}); print('held', flush=True); "
-            "time.sleep(60)")
+    code = (
+        "import sys, time; from mode_fast.runs import RunState; "
+        "s = RunState.open(sys.argv[1], 'job', inputs={}, args={'--k': 1}); print('held', flush=True); "
+        "time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, env=_env(), text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -217,13 +224,25 @@ def _env(**extra: str) -> dict[str, str]:
 def _start(args, fault: str | None = None) -> subprocess.Popen:
     """The CLI in its own process group, like a shell job (Ctrl-C reaches the whole group)."""
     env = _env(**({"MODE_FAST_FAULT": fault} if fault else {}))
-    return subprocess.Popen([sys.executable, "-m", "mode_fast.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mode_fast.cli", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _run(args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mode_fast.cli", *map(str, args)], env=_env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "mode_fast.cli", *map(str, args)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _wait_for(cond, timeout: float = 120, what: str = "condition") -> None:
@@ -267,8 +286,11 @@ def _running(pid: int) -> bool:
 
 
 def _outputs(out: Path, skip=(".work", LOCK)) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and not set(skip) & set(p.relative_to(out).parts) and p.name != "summary.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not set(skip) & set(p.relative_to(out).parts) and p.name != "summary.json"
+    }
 
 
 def _one_line(stderr: str) -> list[str]:
@@ -285,8 +307,9 @@ def pool(tmp_path_factory) -> Path:
     return root / "pool"
 
 
-def _check_interrupt_kill_and_concurrency(job_args, out: Path, slow_shard: str, reference: dict[str, bytes],
-                                          job: str, compare) -> None:
+def _check_interrupt_kill_and_concurrency(
+    job_args, out: Path, slow_shard: str, reference: dict[str, bytes], job: str, compare
+) -> None:
     """Shared by curate and cluster: two concurrent runs, Ctrl-C, driver SIGKILL with workers."""
     fault = f"slow:{slow_shard}:60"
     # 1. a second run on the same --out stops at once, naming the holder
@@ -297,8 +320,9 @@ def _check_interrupt_kill_and_concurrency(job_args, out: Path, slow_shard: str, 
         second = _run([*job_args, "--out", out], timeout=120)
         assert second.returncode == 2
         lines = _one_line(second.stderr)
-        assert len(lines) == 1 and f"is in use by pid {first.pid} on " in lines[0] and "started" in lines[0], \
+        assert len(lines) == 1 and f"is in use by pid {first.pid} on " in lines[0] and "started" in lines[0], (
             second.stderr
+        )
         assert time.monotonic() - t0 < 60  # at once: it did not wait for the 60 s shard
         # 2. Ctrl-C (SIGINT to the whole group, as a terminal sends it) once workers are busy
         _wait_for(lambda: len(_descendants(first.pid)) >= 3, what="worker processes")
@@ -312,7 +336,8 @@ def _check_interrupt_kill_and_concurrency(job_args, out: Path, slow_shard: str, 
     assert "Traceback" not in err and "Error" not in err, err
     lines = _one_line(err)
     assert len(lines) == 1 and re.fullmatch(
-        rf"mode-fast {job}: interrupted at .+; rerun the same command to continue", lines[0]), err
+        rf"mode-fast {job}: interrupted at .+; rerun the same command to continue", lines[0]
+    ), err
 
     # 3. SIGKILL of the driver alone: its workers end with it
     run = _start([*job_args, "--out", out], fault)
@@ -380,8 +405,9 @@ def test_curate_killed_at_random_moments_then_rerun_is_identical(pool, curated, 
 
 
 def test_curate_concurrent_run_interrupt_and_driver_kill(pool, curated, tmp_path):
-    _check_interrupt_kill_and_concurrency(_curate_args(pool), tmp_path / "out", "pool-000003", curated, "curate",
-                                          _same_curation)
+    _check_interrupt_kill_and_concurrency(
+        _curate_args(pool), tmp_path / "out", "pool-000003", curated, "curate", _same_curation
+    )
 
 
 def test_curate_rerun_unchanged_is_a_noop_and_a_changed_argument_recomputes(pool, curated, tmp_path):
@@ -393,8 +419,9 @@ def test_curate_rerun_unchanged_is_a_noop_and_a_changed_argument_recomputes(pool
     assert seed.returncode == 0 and "--seed changed since the run in" in seed.stderr
     fresh = tmp_path / "fresh"
     assert _run([*_curate_args(pool, "--seed", "3"), "--out", fresh]).returncode == 0
-    assert _outputs(out, skip=(".work", LOCK, "manifest.json", MANIFEST)) == \
-        _outputs(fresh, skip=(".work", LOCK, "manifest.json", MANIFEST))
+    assert _outputs(out, skip=(".work", LOCK, "manifest.json", MANIFEST)) == _outputs(
+        fresh, skip=(".work", LOCK, "manifest.json", MANIFEST)
+    )
 
 
 # --- cluster --------------------------------------------------------------------------------------
@@ -402,8 +429,22 @@ def test_curate_rerun_unchanged_is_a_noop_and_a_changed_argument_recomputes(pool
 
 def _cluster_args(pool: Path, *extra, workers: int = 2) -> list:
     """Outputs do not depend on --workers (tests/test_cluster.py): in-process runs use one."""
-    return ["cluster", *sorted(pool.glob("*.tar")), "--fine-k", "16", "--experts", "4", "--sample", "1500",
-            "--embedder", "hash32", "--no-progress", "--workers", str(workers), *extra]
+    return [
+        "cluster",
+        *sorted(pool.glob("*.tar")),
+        "--fine-k",
+        "16",
+        "--experts",
+        "4",
+        "--sample",
+        "1500",
+        "--embedder",
+        "hash32",
+        "--no-progress",
+        "--workers",
+        str(workers),
+        *extra,
+    ]
 
 
 def _same_clustering(reference: dict[str, bytes], out: Path) -> None:
@@ -428,8 +469,9 @@ def test_cluster_killed_at_random_moments_then_rerun_is_identical(pool, clustere
 
 
 def test_cluster_concurrent_run_interrupt_and_driver_kill(pool, clustered, tmp_path):
-    _check_interrupt_kill_and_concurrency(_cluster_args(pool), tmp_path / "out", "pool-000003", clustered,
-                                          "cluster", _same_clustering)
+    _check_interrupt_kill_and_concurrency(
+        _cluster_args(pool), tmp_path / "out", "pool-000003", clustered, "cluster", _same_clustering
+    )
 
 
 def _main(args, capsys, caplog) -> tuple[int, str]:
@@ -451,8 +493,12 @@ def test_cluster_changed_argument_stops_and_overwrite_starts_over(pool, clustere
     for flag in (["--niter", "3"], ["--no-balanced"], ["--sample", "1000"]):
         rc, err = _main([*_cluster_args(pool, *flag, workers=1), "--out", out], capsys, caplog)
         lines = _one_line(err)
-        assert rc == 2 and len(lines) == 1 and f"made with {flag[0].replace('no-', '')}" in lines[0] \
-            and "--overwrite" in lines[0], err
+        assert (
+            rc == 2
+            and len(lines) == 1
+            and f"made with {flag[0].replace('no-', '')}" in lines[0]
+            and "--overwrite" in lines[0]
+        ), err
     assert _outputs(out) == clustered  # nothing was touched
     rc, err = _main([*_cluster_args(pool, "--niter", "3", "--overwrite", workers=1), "--out", out], capsys, caplog)
     assert rc == 0, err

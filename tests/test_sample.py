@@ -1,4 +1,5 @@
 """The embedded sample: deterministic, readable, with the mix of captions and images later stages need."""
+
 from __future__ import annotations
 
 import io
@@ -353,7 +354,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr().out
     assert "50 pairs in 3 shards" in printed
     # progress: one line per shard written
-    assert "sample: pool shard 1/3 written (20 pairs)" in printed and "sample: pool shard 3/3 written (50 pairs)" in printed
+    assert (
+        "sample: pool shard 1/3 written (20 pairs)" in printed
+        and "sample: pool shard 3/3 written (50 pairs)" in printed
+    )
     assert "sample: eval shard 1/1 written" in printed
     assert len(_pool(out)) == 50 and (out / "eval/classes.json").is_file()
     assert main(["sample", "--out", str(tmp_path / "bad"), "--num-pairs", "0"]) == 2

@@ -1,6 +1,7 @@
 """One shard reader for every job: the same key rule in curate, cluster, train, eval and
 the demo; a damaged header costs one sample, counted and reported; data-side user errors
 are one line with exit 2."""
+
 from __future__ import annotations
 
 import io
@@ -45,7 +46,7 @@ def damage_header(path: Path, member_index: int) -> None:
     data = bytearray(path.read_bytes())
     with tarfile.open(path) as tf:
         offset = tf.getmembers()[member_index].offset
-    data[offset:offset + 100] = b"\x07" * 100
+    data[offset : offset + 100] = b"\x07" * 100
     path.write_bytes(bytes(data))
 
 
@@ -61,12 +62,20 @@ def one_line_error(err: str, job: str) -> str:
 # --------------------------------------------------------------------------- the key rule
 ODD_MEMBERS = [
     ("__index__.json", b'{"shards": 1}'),  # webdataset-style metadata: no sample
-    ("a.png", png(1)), ("a.txt", b"caption a"), ("a.cls", b"0"),
+    ("a.png", png(1)),
+    ("a.txt", b"caption a"),
+    ("a.cls", b"0"),
     ("noext", b"no extension: no sample"),
-    ("b.png", png(2)), ("b.txt", b"caption b1"), ("b.cls", b"1"),
-    ("b.png", png(3)), ("b.txt", b"caption b2"), ("b.cls", b"2"),  # repeated extensions: a 2nd record b
+    ("b.png", png(2)),
+    ("b.txt", b"caption b1"),
+    ("b.cls", b"1"),
+    ("b.png", png(3)),
+    ("b.txt", b"caption b2"),
+    ("b.cls", b"2"),  # repeated extensions: a 2nd record b
     ("d.", b"trailing dot: no sample"),
-    ("c.png", png(4)), ("c.TXT", b"caption c"), ("c.cls", b"3"),
+    ("c.png", png(4)),
+    ("c.TXT", b"caption c"),
+    ("c.cls", b"3"),
     ("dir/__meta__.txt", b"metadata again"),
 ]
 EXPECTED_KEYS = ["a", "b", "b", "c"]
@@ -131,12 +140,15 @@ def test_no_shard_walker_outside_the_reader():
 
 @pytest.mark.skipif(shutil.which("duplicates") is None, reason="the duplicates tool is not installed")
 def test_duplicates_finds_no_copied_shard_walker():
-    out = subprocess.run(["duplicates", "--repo", str(ROOT / "mode_fast"), "--most", "200", "--seconds", "60"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["duplicates", "--repo", str(ROOT / "mode_fast"), "--most", "200", "--seconds", "60"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     walkers = ("data/io.py", "data/loader.py", "evaluate.py", "pipeline.py")
     rows = [line for line in out.splitlines() if re.match(r"D\d+ ", line)]
-    shared = [r for r in rows if sum(w in r for w in walkers) >= 2 and
-              len({w for w in walkers if w in r}) == 2]
+    shared = [r for r in rows if sum(w in r for w in walkers) >= 2 and len({w for w in walkers if w in r}) == 2]
     assert shared == [], out
 
 
@@ -146,8 +158,11 @@ def damaged_pool(folder: Path, n: int = 200) -> Path:
     member of sample 33) is damaged."""
     members = []
     for i in range(n):
-        members += [(f"k{i:05d}.png", png(i)), (f"k{i:05d}.txt", f"caption {i}".encode()),
-                    (f"k{i:05d}.cls", str(i % 4).encode())]
+        members += [
+            (f"k{i:05d}.png", png(i)),
+            (f"k{i:05d}.txt", f"caption {i}".encode()),
+            (f"k{i:05d}.cls", str(i % 4).encode()),
+        ]
     shard = write_members(folder / "pool-000.tar", members)
     damage_header(shard, 100)
     (folder / "classes.json").write_text(json.dumps(["w", "x", "y", "z"]))
@@ -184,11 +199,14 @@ def test_eval_tasks_read_every_other_sample_and_report_the_skip(tmp_path, caplog
 def test_undecodable_image_in_a_loader_worker_is_one_named_error(tmp_path):
     import torch
 
-    shard = write_members(tmp_path / "pool-000.tar", [
-        m for i in range(8) for m in ((f"k{i}.png", png(i) if i != 5 else b"not a png"), (f"k{i}.txt", b"cap"))])
+    shard = write_members(
+        tmp_path / "pool-000.tar",
+        [m for i in range(8) for m in ((f"k{i}.png", png(i) if i != 5 else b"not a png"), (f"k{i}.txt", b"cap"))],
+    )
     spec = L.SampleSpec(image_key="png", caption_key="txt")
-    stream = L.ShardStream(L.build_index([shard], spec), spec, lambda im: torch.zeros(1), lambda c: c, 4,
-                           shuffle_window=1)
+    stream = L.ShardStream(
+        L.build_index([shard], spec), spec, lambda im: torch.zeros(1), lambda c: c, 4, shuffle_window=1
+    )
     with pytest.raises(L.SampleError) as e:
         list(L.TrainLoader(stream, num_workers=1).epoch(0))
     message = str(e.value)
@@ -198,15 +216,42 @@ def test_undecodable_image_in_a_loader_worker_is_one_named_error(tmp_path):
 # --------------------------------------------------------------------------- CLI errors
 def test_curate_wrong_caption_key_is_one_line(tmp_path, make_pool, capsys):
     make_pool(tmp_path / "pool", [{"uid": f"u{i}", "caption": f"a dog {i}"} for i in range(6)], 2)
-    code = cli.main(["curate", str(tmp_path / "pool"), "--out", str(tmp_path / "out"), "--caption-key", "text",
-                     "--workers", "1", "--t", "5"])
+    code = cli.main(
+        [
+            "curate",
+            str(tmp_path / "pool"),
+            "--out",
+            str(tmp_path / "out"),
+            "--caption-key",
+            "text",
+            "--workers",
+            "1",
+            "--t",
+            "5",
+        ]
+    )
     assert code == 2
     line = one_line_error(capsys.readouterr().err, "curate")
     assert "caption key 'text' is in none of the 6 records" in line
     assert "members .jpg, .json, .txt; .json fields caption, uid" in line
     (tmp_path / "j.jsonl").write_text('{"uid": "a", "caption": "a dog"}\n')
-    assert cli.main(["curate", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "out2"),
-                     "--caption-key", "text", "--workers", "1", "--t", "5"]) == 2
+    assert (
+        cli.main(
+            [
+                "curate",
+                str(tmp_path / "j.jsonl"),
+                "--out",
+                str(tmp_path / "out2"),
+                "--caption-key",
+                "text",
+                "--workers",
+                "1",
+                "--t",
+                "5",
+            ]
+        )
+        == 2
+    )
     assert "they have fields caption, uid" in one_line_error(capsys.readouterr().err, "curate")
 
 
@@ -229,24 +274,59 @@ def test_curate_unwritable_out_is_one_line_naming_the_path(tmp_path, make_pool, 
 
 
 def test_train_wrong_caption_key_and_bad_image_are_one_line(tmp_path, capsys):
-    shard = write_members(tmp_path / "pool" / "pool-000.tar", [
-        m for i in range(8) for m in ((f"k{i}.png", png(i) if i != 5 else b"not a png"), (f"k{i}.txt", b"cap"))])
-    base = ["train", "--data", str(tmp_path / "pool"), "--model", "mode-fast-tiny", "--batch-size", "4",
-            "--warmup", "1", "--steps", "2", "--no-progress", "--shuffle-window", "1"]
+    shard = write_members(
+        tmp_path / "pool" / "pool-000.tar",
+        [m for i in range(8) for m in ((f"k{i}.png", png(i) if i != 5 else b"not a png"), (f"k{i}.txt", b"cap"))],
+    )
+    base = [
+        "train",
+        "--data",
+        str(tmp_path / "pool"),
+        "--model",
+        "mode-fast-tiny",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--shuffle-window",
+        "1",
+    ]
     assert cli.main(base + ["--out", str(tmp_path / "a"), "--caption-key", "title", "--workers", "0"]) == 2
     line = one_line_error(capsys.readouterr().err, "train")
     assert "caption key 'title' not found in the first sample 'k0'" in line and ".png, .txt" in line
-    assert cli.main(base + ["--out", str(tmp_path / "b"), "--image-key", "png", "--caption-key", "txt",
-                            "--workers", "1"]) == 2
+    assert (
+        cli.main(base + ["--out", str(tmp_path / "b"), "--image-key", "png", "--caption-key", "txt", "--workers", "1"])
+        == 2
+    )
     line = one_line_error(capsys.readouterr().err, "train")
     assert str(shard) in line and "'k5'" in line and "cannot decode its image" in line
 
 
 def test_train_reads_past_a_damaged_header_and_reports_the_skip(tmp_path, caplog):
     shard = damaged_pool(tmp_path / "pool")
-    code = cli.main(["train", "--data", str(tmp_path / "pool"), "--out", str(tmp_path / "run"),
-                     "--model", "mode-fast-tiny", "--batch-size", "16", "--warmup", "1", "--steps", "1",
-                     "--workers", "0", "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "pool"),
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            "mode-fast-tiny",
+            "--batch-size",
+            "16",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     data = json.loads((tmp_path / "run" / "seed" / "data.json").read_text())
     assert data["samples"] == 199 and data["skipped"] == {"corrupt_member": 1} and data["skipped_total"] == 1

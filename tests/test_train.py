@@ -1,4 +1,5 @@
 """`mode-fast train` on a tiny pool on the CPU: the MoDE schedule, resume, errors, DDP."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_loader import key_topic, make_shards, write_assignments
 
 from mode_fast import cli, train, training
 from mode_fast.data import loader as L
 from mode_fast.errors import InputError
-from test_loader import key_topic, make_shards, write_assignments
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
 
@@ -129,10 +130,24 @@ def test_assignment_keys_that_match_no_shard_key_are_named(seed_run, pool, tmp_p
     (tmp_path / "assignments").mkdir()
     pq.write_table(pa.table({"key": ["uid-1", "uid-2"], "fine": [0, 1], "expert": [0, 1], "sqdist": [0.0, 0.0]}),
                    tmp_path / "assignments" / "x.parquet")  # fmt: skip
-    with pytest.raises(ValueError, match=r"no usable samples.*200 shard keys \(e.g. 'k\d+'\) have no assignment.*'uid-1'"):
+    with pytest.raises(
+        ValueError, match=r"no usable samples.*200 shard keys \(e.g. 'k\d+'\) have no assignment.*'uid-1'"
+    ):
         # another --out: seed_run/expert_0 holds a finished run with other --clusters
-        run_train(["--data", str(pool / "shards"), "--out", str(tmp_path / "run"), "--expert", "0",
-                   "--clusters", str(tmp_path), "--seed-checkpoint", str(seed_run / "seed/checkpoints/final.pt")])
+        run_train(
+            [
+                "--data",
+                str(pool / "shards"),
+                "--out",
+                str(tmp_path / "run"),
+                "--expert",
+                "0",
+                "--clusters",
+                str(tmp_path),
+                "--seed-checkpoint",
+                str(seed_run / "seed/checkpoints/final.pt"),
+            ]
+        )
 
 
 def test_keep_keys_from_curate_filter_the_pool(pool, tmp_path):

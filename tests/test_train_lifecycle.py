@@ -1,6 +1,7 @@
 """`mode-fast train` under the one run lifecycle (mode_fast.runs): SIGKILL during training
 and during the final write, Ctrl-C, a second run on the same job folder, a finished rerun
 and a rerun with a changed argument, each against an unbroken run of the same command."""
+
 from __future__ import annotations
 
 import json
@@ -52,13 +53,28 @@ KILLER = textwrap.dedent("""
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
 
 
 def _args(pool: Path, out: Path, *extra: str) -> list[str]:
-    return [*BASE, "--data", str(pool / "shards"), "--out", str(out), "--steps", str(STEPS), "--save-every", "3",
-            "--checkpoint-minutes", "0", "--patch-dropout", "0.5", *extra]
+    return [
+        *BASE,
+        "--data",
+        str(pool / "shards"),
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--save-every",
+        "3",
+        "--checkpoint-minutes",
+        "0",
+        "--patch-dropout",
+        "0.5",
+        *extra,
+    ]
 
 
 def _state(path: Path) -> tuple[dict, dict]:
@@ -87,14 +103,17 @@ def _same_result(reference: Path, job: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(pool, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("unbroken")
-    run_train(_args(pool, out)[len(BASE):])
+    run_train(_args(pool, out)[len(BASE) :])
     return out / "seed"
 
 
 def _files(job: Path) -> dict[str, tuple[int, bytes]]:
     """Every file but the lock: (mtime, bytes); run.json's mtime left out (open rewrites it)."""
-    return {p.name: (0 if p.name == MANIFEST else p.stat().st_mtime_ns, p.read_bytes())
-            for p in job.rglob("*") if p.is_file() and p.name != LOCK}
+    return {
+        p.name: (0 if p.name == MANIFEST else p.stat().st_mtime_ns, p.read_bytes())
+        for p in job.rglob("*")
+        if p.is_file() and p.name != LOCK
+    }
 
 
 def _one_line(stderr: str) -> list[str]:
@@ -105,8 +124,14 @@ def test_sigkill_in_training_and_in_the_final_write_then_rerun_is_identical(pool
     out, job = tmp_path / "run", tmp_path / "run/seed"
     kill_step = random.Random().randint(1, STEPS - 1)  # a random moment; named if the test fails
     for when, step in ((f"step {kill_step}", kill_step), ("final.pt", 0)):
-        p = subprocess.run([sys.executable, "-c", KILLER, str(step), "final" if step == 0 else "-",
-                            *_args(pool, out)], env=_env(), capture_output=True, text=True, timeout=300, check=False)
+        p = subprocess.run(
+            [sys.executable, "-c", KILLER, str(step), "final" if step == 0 else "-", *_args(pool, out)],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert p.returncode == -signal.SIGKILL, (when, p.stderr[-2000:])
     # killed while writing final.pt: the partial file is a temporary, final.pt is not there
     assert not (job / "checkpoints/final.pt").exists()
@@ -114,7 +139,7 @@ def test_sigkill_in_training_and_in_the_final_write_then_rerun_is_identical(pool
     assert not json.loads((job / MANIFEST).read_text())["finished"]
     with open(job / "metrics.jsonl", "a") as f:  # as if killed mid-line
         f.write('{"step": 13, "lo')
-    final = run_train(_args(pool, out)[len(BASE):])
+    final = run_train(_args(pool, out)[len(BASE) :])
     assert final == job / "checkpoints/final.pt"
     _same_result(reference, job)
 
@@ -123,12 +148,20 @@ def test_sigint_checkpoints_and_a_second_run_stops_naming_the_holder(pool, refer
     out, job = tmp_path / "run", tmp_path / "run/seed"
     args = _args(pool, out, "--save-every", "100")  # only the interrupt checkpoints
     # with a loader worker, in its own process group as a shell job: Ctrl-C reaches the whole group
-    proc = subprocess.Popen([sys.executable, "-m", "mode_fast", "train", *args, "--workers", "1"], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mode_fast", "train", *args, "--workers", "1"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not ((job / "metrics.jsonl").is_file() and len(metrics(job)) >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read()[-2000:] if proc.stderr else ""
+            )
             time.sleep(0.05)
         # a second run on the same job folder stops at once, naming the holder
         t0 = time.monotonic()
@@ -151,13 +184,13 @@ def test_sigint_checkpoints_and_a_second_run_stops_naming_the_holder(pool, refer
     assert [r["step"] for r in metrics(job)] == list(range(1, at + 1))
 
     # the same command continues (no --resume needed) to the unbroken run's result
-    run_train(args[len(BASE):])
+    run_train(args[len(BASE) :])
     _same_result(reference, job)
 
     # a finished job rerun is a no-op that says so
     before = _files(job)  # run.json is rewritten (atomically) with the same bytes
     with caplog.at_level(logging.WARNING, logger="mode_fast.train"):
-        assert run_train(args[len(BASE):]) == job / "checkpoints/final.pt"
+        assert run_train(args[len(BASE) :]) == job / "checkpoints/final.pt"
     assert "already finished" in caplog.text and "nothing to do" in caplog.text
     assert _files(job) == before
 
@@ -175,6 +208,18 @@ def test_checkpoints_by_wall_time(pool, tmp_path):
     run_train(["--data", str(pool / "shards"), "--out", str(tmp_path), "--steps", "4", "--save-every", "100",
                "--checkpoint-minutes", "1e-9", "--stop-at-step", "3"])  # fmt: skip
     assert torch.load(tmp_path / "seed/checkpoints/latest.pt", weights_only=True)["job_step"] == 3
-    run_train(["--data", str(pool / "shards"), "--out", str(tmp_path / "b"), "--steps", "4", "--save-every", "100",
-               "--stop-at-step", "3"])  # fmt: skip  (default: minutes, so none in 3 quick steps)
+    run_train(
+        [
+            "--data",
+            str(pool / "shards"),
+            "--out",
+            str(tmp_path / "b"),
+            "--steps",
+            "4",
+            "--save-every",
+            "100",
+            "--stop-at-step",
+            "3",
+        ]
+    )  # fmt: skip  (default: minutes, so none in 3 quick steps)
     assert not (tmp_path / "b/seed/checkpoints/latest.pt").exists()

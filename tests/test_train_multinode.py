@@ -1,6 +1,7 @@
 """Training past one machine, as far as one machine allows: a two-"node" torchrun launch
 (two launchers, one process each, meeting at a rendezvous address as two hosts would) and
 experts run as independent, concurrent jobs on one run folder."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import sys
 
 import pytest
 import torch
-
 from test_train import BASE, metrics, pool, run_train, weights  # noqa: F401  (pool: fixture)
 
 torch.set_num_threads(1)
@@ -25,8 +25,7 @@ def _free_port() -> int:
 
 def _launch(argv: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
-    return subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> None:

@@ -1,5 +1,6 @@
 """MetaCLIP 2 pieces: per-language metadata, thresholds (t_to_p / p_to_t), solving the
 English t for a target size, and language ID on real multilingual text."""
+
 from __future__ import annotations
 
 import gzip
@@ -38,16 +39,21 @@ def test_folder_and_object_forms_agree(tmp_path):
     (folder / "README.txt").write_text("not a list")  # ignored: not .json
     obj = tmp_path / "meta.json"
     obj.write_text(json.dumps(lists | {"th": ["ไทย"]}, ensure_ascii=False), encoding="utf-8")
-    assert load_language_metadata(folder) == load_language_metadata(obj) == dict(sorted((lists | {"th": ["ไทย"]}).items()))
+    assert (
+        load_language_metadata(folder) == load_language_metadata(obj) == dict(sorted((lists | {"th": ["ไทย"]}).items()))
+    )
 
 
-@pytest.mark.parametrize("lists, match", [
-    ({"en": ["dog", "dog"]}, r"meta.json \[en\]: entry 1 'dog' duplicates entry 0"),
-    ({"ja": ["東京", 3]}, r"meta.json \[ja\]: entry 1 is int"),
-    ({"ja": []}, r"\[ja\]: the list is empty"),
-    ({"e n": ["x"]}, "'e n' is not a language code"),
-    ({}, "maps no language"),
-])
+@pytest.mark.parametrize(
+    "lists, match",
+    [
+        ({"en": ["dog", "dog"]}, r"meta.json \[en\]: entry 1 'dog' duplicates entry 0"),
+        ({"ja": ["東京", 3]}, r"meta.json \[ja\]: entry 1 is int"),
+        ({"ja": []}, r"\[ja\]: the list is empty"),
+        ({"e n": ["x"]}, "'e n' is not a language code"),
+        ({}, "maps no language"),
+    ],
+)
 def test_object_form_errors_name_file_language_and_index(tmp_path, lists, match):
     path = tmp_path / "meta.json"
     path.write_text(json.dumps(lists, ensure_ascii=False), encoding="utf-8")
@@ -64,7 +70,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(MetadataError, match="no <lang>.json"):
         load_language_metadata(empty)
     with pytest.raises(MetadataError, match="JSON list"):
-        (tmp_path / "list.json").write_text("[\"a\"]")
+        (tmp_path / "list.json").write_text('["a"]')
         load_language_metadata(tmp_path / "list.json")
 
 
@@ -179,7 +185,7 @@ def test_language_matchers_route_and_use_global_ids(tmp_path):
         offsets, ids = matchers.match(captions, langs, threads=1)
         for i, (caption, lang) in enumerate(zip(captions, langs)):
             expected = [lm.bases[lang] + j for j in naive_match_v2(meta[lang], caption)] if lang in meta else []
-            assert ids[offsets[i]:offsets[i + 1]].tolist() == expected, caption
+            assert ids[offsets[i] : offsets[i + 1]].tolist() == expected, caption
     counts = np.arange(7, dtype=np.uint64)
     assert [c.tolist() for c in lm.counts_by_language(counts).values()] == [[0, 1, 2], [3, 4, 5], [6]]
 
@@ -189,9 +195,12 @@ def test_lone_surrogate_caption_recovered_from_jsonl_only(tmp_path):
     from mode_fast.worldwide import lone_surrogate_caption
 
     shard = tmp_path / "a.jsonl"
-    shard.write_text('{"key": "k1", "caption": "\\ud800 東京 dog"}\n'
-                     '{"key": "k2", "caption": "fine"}\n'
-                     '{"key": "\\udfff", "caption": "bad key"}\n', encoding="utf-8")
+    shard.write_text(
+        '{"key": "k1", "caption": "\\ud800 東京 dog"}\n'
+        '{"key": "k2", "caption": "fine"}\n'
+        '{"key": "\\udfff", "caption": "bad key"}\n',
+        encoding="utf-8",
+    )
     records = list(read_shard(shard, "caption", None))
     assert [r.skip_reason for r in records] == ["invalid_utf8", None, "invalid_utf8"]
     assert [lone_surrogate_caption(r, "caption", shard) for r in records] == ["\ud800 東京 dog", None, None]

@@ -49,6 +49,7 @@ walk of the training loader, eval and the demo, yields only undamaged samples an
 the rest in a `ReadReport` (read and skipped counts by reason and shard) that the jobs
 report.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -440,13 +441,17 @@ class ReadReport:
     def describe(self) -> str:
         """One line: 'read N samples, skipped K (reason: n in shard, ...)'."""
         text = f"read {self.read:,} samples, skipped {self.skipped_total:,}"
-        parts = [f"{reason} {n} in {Path(shard).name}" for shard, counts in self.skipped_by_shard.items()
-                 for reason, n in counts.items()]
+        parts = [
+            f"{reason} {n} in {Path(shard).name}"
+            for shard, counts in self.skipped_by_shard.items()
+            for reason, n in counts.items()
+        ]
         return text + (f" ({'; '.join(parts)})" if parts else "")
 
 
-def iter_samples(path: str | os.PathLike, report: ReadReport | None = None,
-                 read_data: bool = True) -> Iterator[TarGroup]:
+def iter_samples(
+    path: str | os.PathLike, report: ReadReport | None = None, read_data: bool = True
+) -> Iterator[TarGroup]:
     """The undamaged samples of one tar, in file order; damaged ones (and a damaged end)
     are counted in `report` as corrupt_member / corrupt_tar_tail, never raised."""
     report = report if report is not None else ReadReport()
@@ -462,8 +467,12 @@ def iter_samples(path: str | os.PathLike, report: ReadReport | None = None,
         report.skip(path, CORRUPT_TAR_TAIL)
     report.ignored_members.update(scan.ignored)
     if damaged or scan.tail_damage is not None:
-        log.warning("%s: damaged tar: skipped %d sample(s)%s", path, damaged,
-                    f"; damaged end ({scan.tail_damage})" if scan.tail_damage else "")
+        log.warning(
+            "%s: damaged tar: skipped %d sample(s)%s",
+            path,
+            damaged,
+            f"; damaged end ({scan.tail_damage})" if scan.tail_damage else "",
+        )
 
 
 # --- wrong keys: name the key and what the records do have ------------------------------------

@@ -28,6 +28,7 @@ reason and shard in `DataIndex.report` (train writes them to data.json and its l
 An image that cannot be decoded is an error naming shard and sample (SampleError), raised
 in the trainer's process as one line even when a loader worker met it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +87,7 @@ class SampleSpec:
     def caption_field(self) -> list[str] | None:
         if not self.caption_key.startswith("json:"):
             return None
-        path = self.caption_key[len("json:"):]
+        path = self.caption_key[len("json:") :]
         if not path:
             raise DataKeyError(f"caption key {self.caption_key!r}: give a field, e.g. json:caption")
         return path.split(".")
@@ -269,9 +270,7 @@ def _usable(group: TarGroup, spec: SampleSpec) -> str | None:
     return None
 
 
-def _scan_shard(
-    shard: Path, spec: SampleSpec, keep: Callable[[str], bool] | None, report: ReadReport
-) -> list[str]:
+def _scan_shard(shard: Path, spec: SampleSpec, keep: Callable[[str], bool] | None, report: ReadReport) -> list[str]:
     keys: list[str] = []
     for group in iter_samples(shard, report, read_data=False):
         reason = _usable(group, spec)
@@ -357,9 +356,7 @@ class ShardStream:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
         if index.total < global_batch:
-            raise ValueError(
-                f"{index.total} usable samples are fewer than one global batch of {global_batch}"
-            )
+            raise ValueError(f"{index.total} usable samples are fewer than one global batch of {global_batch}")
         self.index = index
         self.spec = spec
         self.preprocess = preprocess
@@ -451,8 +448,10 @@ class ShardStream:
                 # An error, not a skip: every batch's samples are fixed by the epoch plan
                 # (the same in any number of workers and ranks), so a sample cannot be
                 # dropped here without changing the order the whole run depends on.
-                raise SampleError(f"shard {shard}: sample {key!r}: cannot decode its image "
-                                  f"({type(e).__name__}: {e}); remove the sample or re-encode it") from e
+                raise SampleError(
+                    f"shard {shard}: sample {key!r}: cannot decode its image "
+                    f"({type(e).__name__}: {e}); remove the sample or re-encode it"
+                ) from e
             # Augmentation randomness tied to the sample, not to the process or worker;
             # the CPU generator alone (torch.manual_seed would also queue CUDA seeding).
             saved = torch.get_rng_state()
@@ -528,12 +527,14 @@ class TrainLoader:
         # Our own generator: the DataLoader draws worker seeds from it, and drawing them from
         # the global RNG would make the trainer's random state depend on where epochs began.
         generator = torch.Generator().manual_seed(sample_seed(self.stream.seed, epoch, -1))
-        return _reraise_errors(DataLoader(
-            _TorchStream(self.stream),
-            batch_size=None,
-            num_workers=self.num_workers,
-            prefetch_factor=2 if self.num_workers else None,
-            pin_memory=self.pin_memory,
-            generator=generator,
-            worker_init_fn=_ignore_interrupts if self.num_workers else None,
-        ))
+        return _reraise_errors(
+            DataLoader(
+                _TorchStream(self.stream),
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=2 if self.num_workers else None,
+                pin_memory=self.pin_memory,
+                generator=generator,
+                worker_init_fn=_ignore_interrupts if self.num_workers else None,
+            )
+        )

@@ -43,6 +43,7 @@ is removed first, stale ``pool-*.tar``/``eval-*.tar`` and leftover temporaries a
 and everything is rewritten, so a killed run is never mistaken for a complete one. Other
 files in ``DIR`` are left alone. Two runs writing the same ``DIR`` at once are not supported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,8 +126,18 @@ DOMAIN_TEMPLATES: dict[str, list[str]] = {
     "scenes": ["{obj} at {time}", "a view of the {obj} under a {sky} sky", "{obj} landscape with {extra}",
                "panorama of a {obj}, {extra}", "{time} over the {obj}"],
 }  # fmt: skip
-PREFIXES = ["", "a photo of", "picture of", "an image of", "close up of", "a drawing of", "illustration:",
-            "poster -", "high quality photo of", "painting of"]
+PREFIXES = [
+    "",
+    "a photo of",
+    "picture of",
+    "an image of",
+    "close up of",
+    "a drawing of",
+    "illustration:",
+    "poster -",
+    "high quality photo of",
+    "painting of",
+]
 CONNECTORS = ["on a", "with a", "near the", "from the", "for the", "in a", "by the", "at the"]
 # Long tails: drawn with Zipf weights, so the first words are common and the last ones rare
 # (the nouns run from household things to a deep tail that a 10k pool sees a few times).
@@ -269,7 +280,11 @@ def _caption(label: int, fg: str | None, bg: str | None, rng: random.Random, tai
     template: str = _TEMPLATES[domain].pick(rng)
     fields = {"obj": _CLASS_WORDS[name].pick(rng), "fg": fg, "bg": bg}
     if domain == "scenes":
-        fields |= {"time": _SCENE_TIMES.pick(rng), "sky": _SCENE_SKIES.pick(rng), "extra": _SCENE_EXTRAS[name].pick(rng)}
+        fields |= {
+            "time": _SCENE_TIMES.pick(rng),
+            "sky": _SCENE_SKIES.pick(rng),
+            "extra": _SCENE_EXTRAS[name].pick(rng),
+        }
     parts = [_PREFIXES.pick(rng), template.format(**fields)]
     for _ in range((tail_count or _TAIL_COUNT).pick(rng)):
         parts.append(f"{_CONNECTORS.pick(rng)} {_TAIL_ADJECTIVES.pick(rng)} {_TAIL_NOUNS.pick(rng)}")
@@ -664,7 +679,9 @@ def write_sample(
             progress(f"sample: pool shard {k + 1}/{len(pool_shards)} written ({indices.stop:,} pairs)")
     eval_per_class = [0] * len(CLASS_NAMES)
     for k, rel in enumerate(eval_shards):
-        samples = [_eval_sample(i, seed, image_size) for i in range(k * shard_size, min((k + 1) * shard_size, eval_pairs))]
+        samples = [
+            _eval_sample(i, seed, image_size) for i in range(k * shard_size, min((k + 1) * shard_size, eval_pairs))
+        ]
         for s in samples:
             eval_per_class[s["label"]] += 1
         file_bytes[rel] = _write_shard(out / rel, samples, with_cls=True)
@@ -708,8 +725,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mismatch-rate", type=float, default=0.1, help="share of wrong pairs (default 0.1)")
     parser.add_argument("--noise-rate", type=float, default=0.05, help="share of word-free captions (default 0.05)")
     parser.add_argument("--near-duplicate-rate", type=float, default=0.05, help="default 0.05")
-    parser.add_argument("--tricky-rate", type=float, default=0.03, help="share with tabs/newlines/non-ASCII (default 0.03)")
-    parser.add_argument("--force", action="store_true", help="rewrite even if a complete output of the same arguments exists")
+    parser.add_argument(
+        "--tricky-rate", type=float, default=0.03, help="share with tabs/newlines/non-ASCII (default 0.03)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rewrite even if a complete output of the same arguments exists"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

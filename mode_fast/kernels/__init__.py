@@ -5,6 +5,7 @@ backend can do): ``"auto"`` takes Triton on CUDA tensors and the PyTorch path ev
 else (the CPU included), and never a backend that cannot do the call;
 ``MODE_FAST_BACKEND=torch|triton`` forces one. Nothing here needs a GPU to import.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -12,7 +13,7 @@ from typing import Any
 
 # A function named like its submodule is imported eagerly: importing the submodule
 # first would otherwise bind the package attribute to the module, not the function.
-from .kmeans_assign import kmeans_assign
+from .kmeans_assign import kmeans_assign  # noqa: F401  (re-exported; __all__ is built below)
 
 # public name -> submodule that defines it, imported on first use
 _EXPORTS = {

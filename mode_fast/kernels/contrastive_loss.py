@@ -66,6 +66,7 @@ siglip_loss(), and the ring's per-step blocks ring_block_forward / ring_block_ba
 (mode_fast.loss passes the blocks around). The backend of each call is chosen by
 mode_fast.kernels.dispatch. reference.py keeps only the naive test oracles.
 """
+
 from __future__ import annotations
 
 import collections
@@ -151,8 +152,9 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sub_labels(d_q: torch.Tensor, d_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor, offset: int,
-                coeff: float) -> None:
+def _sub_labels(
+    d_q: torch.Tensor, d_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor, offset: int, coeff: float
+) -> None:
     """The label terms of dQ, dK: -coeff on each positive pair (row i, column offset + i).
 
     In-place fp32 -= input dtype: no upcast copy of q or k.
@@ -172,35 +174,68 @@ except ImportError:  # the torch backend still works
 if triton is not None:
 
     @triton.jit
-    def _logits_tile(I_ptr, T_ptr, rows, cols, row_ok, col_ok, D, I_stride_b, I_stride_d,
-                     T_stride_b, T_stride_d,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PRECISION: tl.constexpr):
+    def _logits_tile(
+        I_ptr,
+        T_ptr,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        D,
+        I_stride_b,
+        I_stride_d,
+        T_stride_b,
+        T_stride_d,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """I[rows] . T[cols]^T over all of D in BLOCK_K slices, fp32 accumulation."""
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < D
             # masked lanes must read 0 (other=0.0) so they add nothing to the dot
-            a = tl.load(I_ptr + rows[:, None] * I_stride_b + ks[None, :] * I_stride_d,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bt = tl.load(T_ptr + cols[None, :] * T_stride_b + ks[:, None] * T_stride_d,
-                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            a = tl.load(
+                I_ptr + rows[:, None] * I_stride_b + ks[None, :] * I_stride_d,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            bt = tl.load(
+                T_ptr + cols[None, :] * T_stride_b + ks[:, None] * T_stride_d,
+                mask=col_ok[None, :] & k_ok[:, None],
+                other=0.0,
+            )
             acc = tl.dot(a, bt, acc, input_precision=PRECISION)
         return acc
 
     def _block_fwd(
         # data
-        Q_ptr, K_ptr, ROW_ptr, COL_SUM_ptr, COL_SHIFT_ptr,
+        Q_ptr,
+        K_ptr,
+        ROW_ptr,
+        COL_SUM_ptr,
+        COL_SHIFT_ptr,
         # shapes
-        M, N, D,
+        M,
+        N,
+        D,
         # strides
-        Q_stride_m, Q_stride_d, K_stride_n, K_stride_d,
+        Q_stride_m,
+        Q_stride_d,
+        K_stride_n,
+        K_stride_d,
         # constants
-        scale, bias,
+        scale,
+        bias,
         merge,  # runtime flag: start from the LSE already in ROW (a ring step)
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, SIGLIP: tl.constexpr, COLS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+        SIGLIP: tl.constexpr,
+        COLS: tl.constexpr,
     ):
         """Rows of Q (M) against all columns of K (N); one program per block of rows.
 
@@ -220,8 +255,23 @@ if triton is not None:
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
             ok = row_ok[:, None] & col_ok[None, :]
-            logits = scale * _logits_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, Q_stride_m, Q_stride_d,
-                                          K_stride_n, K_stride_d, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            logits = scale * _logits_tile(
+                Q_ptr,
+                K_ptr,
+                rows,
+                cols,
+                row_ok,
+                col_ok,
+                D,
+                Q_stride_m,
+                Q_stride_d,
+                K_stride_n,
+                K_stride_d,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                PRECISION,
+            )
             if SIGLIP:
                 x = logits + bias
                 sp = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))  # stable softplus
@@ -242,16 +292,35 @@ if triton is not None:
 
     def _block_bwd(
         # data
-        Q_ptr, K_ptr, LSE_ROW_ptr, LSE_COL_ptr, DQ_ptr, DK_ptr, DS_ptr, DB_ptr,
+        Q_ptr,
+        K_ptr,
+        LSE_ROW_ptr,
+        LSE_COL_ptr,
+        DQ_ptr,
+        DK_ptr,
+        DS_ptr,
+        DB_ptr,
         # shapes
-        M, N, D,
+        M,
+        N,
+        D,
         # strides (DQ / DK are contiguous fp32 [M, D] / [N, D])
-        Q_stride_m, Q_stride_d, K_stride_n, K_stride_d,
+        Q_stride_m,
+        Q_stride_d,
+        K_stride_n,
+        K_stride_d,
         # constants
-        scale, bias, g,
-        row_term, col_term,  # runtime flags: which softmax terms dL has (not SIGLIP)
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, SIGLIP: tl.constexpr, DK_ATOMIC: tl.constexpr,
+        scale,
+        bias,
+        g,
+        row_term,
+        col_term,  # runtime flags: which softmax terms dL has (not SIGLIP)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+        SIGLIP: tl.constexpr,
+        DK_ATOMIC: tl.constexpr,
     ):
         """Recompute each tile once; dL = g * ([P_row] + [P_col]) or g * sigmoid(x).
 
@@ -273,8 +342,23 @@ if triton is not None:
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
             ok = row_ok[:, None] & col_ok[None, :]
-            raw = _logits_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, Q_stride_m, Q_stride_d,
-                               K_stride_n, K_stride_d, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            raw = _logits_tile(
+                Q_ptr,
+                K_ptr,
+                rows,
+                cols,
+                row_ok,
+                col_ok,
+                D,
+                Q_stride_m,
+                Q_stride_d,
+                K_stride_n,
+                K_stride_d,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                PRECISION,
+            )
             logits = scale * raw
             if SIGLIP:
                 p = tl.sigmoid(logits + bias)
@@ -292,18 +376,26 @@ if triton is not None:
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < D
-                k_blk = tl.load(K_ptr + cols[:, None] * K_stride_n + ks[None, :] * K_stride_d,
-                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                k_blk = tl.load(
+                    K_ptr + cols[:, None] * K_stride_n + ks[None, :] * K_stride_d,
+                    mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
                 dq_ptrs = DQ_ptr + rows[:, None] * D + ks[None, :]
                 dq_mask = row_ok[:, None] & k_ok[None, :]
                 dq = tl.load(dq_ptrs, mask=dq_mask, other=0.0)
                 tl.store(dq_ptrs, dq + gs * tl.dot(p_in, k_blk, input_precision=PRECISION), mask=dq_mask)
                 if DK_ATOMIC:
-                    q_blk = tl.load(Q_ptr + rows[:, None] * Q_stride_m + ks[None, :] * Q_stride_d,
-                                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    tl.atomic_add(DK_ptr + cols[:, None] * D + ks[None, :],
-                                  gs * tl.dot(tl.trans(p_in), q_blk, input_precision=PRECISION),
-                                  mask=col_ok[:, None] & k_ok[None, :])
+                    q_blk = tl.load(
+                        Q_ptr + rows[:, None] * Q_stride_m + ks[None, :] * Q_stride_d,
+                        mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0,
+                    )
+                    tl.atomic_add(
+                        DK_ptr + cols[:, None] * D + ks[None, :],
+                        gs * tl.dot(tl.trans(p_in), q_blk, input_precision=PRECISION),
+                        mask=col_ok[:, None] & k_ok[None, :],
+                    )
         tl.store(DS_ptr + pid, tl.sum(ds_acc, 0))
         tl.store(DB_ptr + pid, tl.sum(db_acc, 0))
 
@@ -318,11 +410,13 @@ if triton is not None:
     _PTRS_FWD = ("Q_ptr", "K_ptr", "ROW_ptr", "COL_SUM_ptr", "COL_SHIFT_ptr")
     _PTRS_BWD = ("Q_ptr", "K_ptr", "LSE_ROW_ptr", "LSE_COL_ptr", "DQ_ptr", "DK_ptr", "DS_ptr", "DB_ptr")
     _block_fwd_kernel = triton.jit(do_not_specialize=_RUNTIME[:3])(_block_fwd)
-    _block_fwd_kernel_general = triton.jit(do_not_specialize=_RUNTIME[:3] + _INTS,
-                                           do_not_specialize_on_alignment=_PTRS_FWD)(_block_fwd)
+    _block_fwd_kernel_general = triton.jit(
+        do_not_specialize=_RUNTIME[:3] + _INTS, do_not_specialize_on_alignment=_PTRS_FWD
+    )(_block_fwd)
     _block_bwd_kernel = triton.jit(do_not_specialize=_RUNTIME[:2] + _RUNTIME[3:])(_block_bwd)
-    _block_bwd_kernel_general = triton.jit(do_not_specialize=_RUNTIME[:2] + _RUNTIME[3:] + _INTS,
-                                           do_not_specialize_on_alignment=_PTRS_BWD)(_block_bwd)
+    _block_bwd_kernel_general = triton.jit(
+        do_not_specialize=_RUNTIME[:2] + _RUNTIME[3:] + _INTS, do_not_specialize_on_alignment=_PTRS_BWD
+    )(_block_bwd)
 
 
 # Launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by kernel, layout and
@@ -381,8 +475,9 @@ def _as_dict(cfg: tuple[int, int, int, int, int]) -> dict[str, int]:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
 
 
-def launch_configs(kind: str, dtype: torch.dtype, layout: str = "aligned",
-                   strict_fp32: bool = False) -> list[dict[str, int]]:
+def launch_configs(
+    kind: str, dtype: torch.dtype, layout: str = "aligned", strict_fp32: bool = False
+) -> list[dict[str, int]]:
     """The configs the wrappers may launch for `kind` ("fwd" or "bwd") on inputs of this
     dtype, strict-fp32 flag and layout (the static report compiles each one)."""
     if dispatch.interpreting():
@@ -407,13 +502,24 @@ def _tuned_kernel(kind: str, layout: str, dtype: torch.dtype, strict_fp32: bool)
         configs = [triton.Config({k: v for k, v in _as_dict(c).items() if k.startswith("BLOCK")},
                                  num_warps=c[3], num_stages=c[4]) for c in _CONFIGS[key]]  # fmt: skip
         keep = ["ROW_ptr", "COL_SUM_ptr"] if kind == "fwd" else ["DQ_ptr", "DK_ptr"]
-        _TUNED[key] = triton.autotune(configs=configs, key=["M", "N", "D"], restore_value=keep)(
-            _kernel(kind, layout))
+        _TUNED[key] = triton.autotune(configs=configs, key=["M", "N", "D"], restore_value=keep)(_kernel(kind, layout))
     return _TUNED[key]
 
 
-def _pass_traffic(m: int, n: int, d: int, s: int, bm: int, bn: int, kind: str, *, lse_loads: int = 0,
-                  cols: bool = False, merge: bool = False, dk_atomic: bool = False) -> dict[str, float]:
+def _pass_traffic(
+    m: int,
+    n: int,
+    d: int,
+    s: int,
+    bm: int,
+    bn: int,
+    kind: str,
+    *,
+    lse_loads: int = 0,
+    cols: bool = False,
+    merge: bool = False,
+    dk_atomic: bool = False,
+) -> dict[str, float]:
     """One launch of a block kernel (module doc: Global-memory traffic); lse_loads: how many
     LSE vectors the backward reads (per row once, per column block once per tile)."""
     p, c = -(-m // bm), -(-n // bn)
@@ -425,12 +531,26 @@ def _pass_traffic(m: int, n: int, d: int, s: int, bm: int, bn: int, kind: str, *
         loads = tiles * ((bm + 2 * bn) * d * s + bm * d * 4) + (tiles * bm * d * s if dk_atomic else 0)
         loads += (m * 4 if lse_loads else 0) + (tiles * bn * 4 if lse_loads > 1 else 0)
         stores, atomics = tiles * bm * d * 4 + 2 * p * 4, (tiles * bn * d if dk_atomic else 0)
-    return {"global_load_bytes": float(loads), "global_store_bytes": float(stores),
-            "atomic_ops": float(atomics), "atomic_bytes": 4.0 * atomics}
+    return {
+        "global_load_bytes": float(loads),
+        "global_store_bytes": float(stores),
+        "atomic_ops": float(atomics),
+        "atomic_bytes": 4.0 * atomics,
+    }
 
 
-def traffic(m: int, n: int, d: int, itemsize: int, block_m: int, block_n: int, *, loss: str = "clip",
-            bwd: str = "atomic", deterministic: bool = False) -> dict[str, dict[str, float]]:
+def traffic(
+    m: int,
+    n: int,
+    d: int,
+    itemsize: int,
+    block_m: int,
+    block_n: int,
+    *,
+    loss: str = "clip",
+    bwd: str = "atomic",
+    deterministic: bool = False,
+) -> dict[str, dict[str, float]]:
     """The module doc's traffic formulas for one call, in bytes (atomics: a count), with
     this tile config: {"fwd": ..., "bwd": ...}. loss: "clip" (square, M = N), "rows" (one
     InfoNCE direction, M queries x N keys) or "siglip"; bwd: "atomic" or "columns";
@@ -461,8 +581,18 @@ def _precision(x: torch.Tensor, strict_fp32: bool) -> str:
     return "tf32" if (x.dtype == torch.float32 and not strict_fp32) else "ieee"
 
 
-def _launch(kind: str, q: torch.Tensor, k: torch.Tensor, buffers: tuple, args: tuple, consts: dict,
-            strict_fp32: bool, deterministic: bool, config: dict | None, mode: str) -> Any:
+def _launch(
+    kind: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    buffers: tuple,
+    args: tuple,
+    consts: dict,
+    strict_fp32: bool,
+    deterministic: bool,
+    config: dict | None,
+    mode: str,
+) -> Any:
     """Launch one block kernel over cdiv(M, BLOCK_M) row programs.
 
     Under the interpreter, with deterministic=True or an explicit config (benchmarks): one
@@ -498,8 +628,16 @@ def _max_programs(kind: str, q: torch.Tensor, dtype_like: torch.Tensor, strict_f
     return triton.cdiv(q.shape[0], smallest)
 
 
-def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, strict_fp32: bool = False,
-                        deterministic: bool = False, config: dict | None = None):
+def contrastive_forward(
+    img,
+    txt,
+    scale: float,
+    bias: float,
+    siglip: bool,
+    strict_fp32: bool = False,
+    deterministic: bool = False,
+    config: dict | None = None,
+):
     """Square B x B forward on the kernel. CLIP: (loss, lse_row, lse_col); SigLIP: (loss, None, None).
 
     CLIP's column LSE: column sums added atomically from the row pass (default), or with
@@ -507,15 +645,24 @@ def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, stric
     """
     b, d = img.shape
     if siglip:
-        row = rows_forward(img, txt, scale, bias, siglip=True, strict_fp32=strict_fp32,
-                           deterministic=deterministic, config=config, mode="siglip")
+        row = rows_forward(
+            img,
+            txt,
+            scale,
+            bias,
+            siglip=True,
+            strict_fp32=strict_fp32,
+            deterministic=deterministic,
+            config=config,
+            mode="siglip",
+        )
         diag = scale * _row_dots(img, txt)
         return (row.sum() - (diag + bias).sum()) / b, None, None
     if deterministic:
-        row = rows_forward(img, txt, scale, strict_fp32=strict_fp32, deterministic=True, config=config,
-                           mode="clip")
-        lse_col = rows_forward(txt, img, scale, strict_fp32=strict_fp32, deterministic=True, config=config,
-                               mode="clip_cols")
+        row = rows_forward(img, txt, scale, strict_fp32=strict_fp32, deterministic=True, config=config, mode="clip")
+        lse_col = rows_forward(
+            txt, img, scale, strict_fp32=strict_fp32, deterministic=True, config=config, mode="clip_cols"
+        )
     else:
         row = torch.empty(b, dtype=torch.float32, device=img.device)
         col_sum = torch.zeros(b, dtype=torch.float32, device=img.device)
@@ -525,10 +672,35 @@ def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, stric
         t_norm = torch.linalg.vector_norm(txt, dim=1).float()
         i_max = torch.linalg.vector_norm(img, dim=1).max().float()
         col_shift = (abs(scale) * t_norm * i_max) * (1.0 + 1e-2) + 1e-3
-        args = (img, txt, row, col_sum, col_shift, b, b, d, img.stride(0), img.stride(1), txt.stride(0),
-                txt.stride(1), float(scale), float(bias), 0)
-        _launch("fwd", img, txt, (row, col_sum, col_shift), args, dict(SIGLIP=False, COLS=True),
-                strict_fp32, False, config, "clip")
+        args = (
+            img,
+            txt,
+            row,
+            col_sum,
+            col_shift,
+            b,
+            b,
+            d,
+            img.stride(0),
+            img.stride(1),
+            txt.stride(0),
+            txt.stride(1),
+            float(scale),
+            float(bias),
+            0,
+        )
+        _launch(
+            "fwd",
+            img,
+            txt,
+            (row, col_sum, col_shift),
+            args,
+            dict(SIGLIP=False, COLS=True),
+            strict_fp32,
+            False,
+            config,
+            "clip",
+        )
         lse_col = col_shift + torch.log(col_sum)
         # Columns whose every logit sits > ~87 below the bound underflow to a zero sum: rare
         # (it needs s * (||I|| ||T|| - max logit) > 87); redo those exactly as rows of T I^T.
@@ -540,17 +712,42 @@ def contrastive_forward(img, txt, scale: float, bias: float, siglip: bool, stric
     return loss, row, lse_col
 
 
-def contrastive_backward(img, txt, scale: float, bias: float, lse_row, lse_col, grad: float, siglip: bool,
-                         strict_fp32: bool = False, bwd: str = dispatch.DEFAULT_CONTRASTIVE_BWD, deterministic: bool = False,
-                         config: dict | None = None):
+def contrastive_backward(
+    img,
+    txt,
+    scale: float,
+    bias: float,
+    lse_row,
+    lse_col,
+    grad: float,
+    siglip: bool,
+    strict_fp32: bool = False,
+    bwd: str = dispatch.DEFAULT_CONTRASTIVE_BWD,
+    deterministic: bool = False,
+    config: dict | None = None,
+):
     """Square B x B backward on the kernel: (d_img, d_txt fp32, d_scale, d_bias)."""
     b, d = img.shape
     d_img = torch.zeros(b, d, dtype=torch.float32, device=img.device)
     d_txt = torch.zeros(b, d, dtype=torch.float32, device=img.device)
     g = grad / b if siglip else grad / (2.0 * b)
-    d_scale, d_bias = rows_backward(img, txt, scale, bias, lse_row, g, d_img, d_txt, siglip=siglip,
-                                    strict_fp32=strict_fp32, bwd=bwd, deterministic=deterministic,
-                                    config=config, lse_col=lse_col, mode="siglip" if siglip else "clip")
+    d_scale, d_bias = rows_backward(
+        img,
+        txt,
+        scale,
+        bias,
+        lse_row,
+        g,
+        d_img,
+        d_txt,
+        siglip=siglip,
+        strict_fp32=strict_fp32,
+        bwd=bwd,
+        deterministic=deterministic,
+        config=config,
+        lse_col=lse_col,
+        mode="siglip" if siglip else "clip",
+    )
     # the diagonal (label) terms of dLogits: -g (SigLIP) or -2g (CLIP) on each positive pair
     pos = g if siglip else 2.0 * g
     _sub_labels(d_img, d_txt, img, txt, 0, pos * scale)
@@ -559,9 +756,19 @@ def contrastive_backward(img, txt, scale: float, bias: float, lse_row, lse_col, 
     return d_img, d_txt, d_scale, d_bias
 
 
-def rows_forward(q, k, scale: float, bias: float = 0.0, *, siglip: bool = False, merge_into=None,
-                 strict_fp32: bool = False, deterministic: bool = False, config: dict | None = None,
-                 mode: str | None = None) -> torch.Tensor:
+def rows_forward(
+    q,
+    k,
+    scale: float,
+    bias: float = 0.0,
+    *,
+    siglip: bool = False,
+    merge_into=None,
+    strict_fp32: bool = False,
+    deterministic: bool = False,
+    config: dict | None = None,
+    mode: str | None = None,
+) -> torch.Tensor:
     """Rectangular M x N forward on the kernel: per row of q, the LSE of s q k^T (or with
     siglip the sum of softplus(s q k^T + b)), fp32 [M]. merge_into: a running row LSE,
     updated in place to the LSE over it and this block (a ring step), and returned.
@@ -573,16 +780,45 @@ def rows_forward(q, k, scale: float, bias: float = 0.0, *, siglip: bool = False,
     else:
         row = torch.empty(m, dtype=torch.float32, device=q.device)
     mode = mode or ("siglip_rect" if siglip else "rows_merge" if merge_into is not None else "rows")
-    args = (q, k, row, row, row, m, k.shape[0], d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            float(scale), float(bias), int(merge_into is not None))
-    _launch("fwd", q, k, (row,), args, dict(SIGLIP=siglip, COLS=False), strict_fp32, deterministic, config,
-            mode)
+    args = (
+        q,
+        k,
+        row,
+        row,
+        row,
+        m,
+        k.shape[0],
+        d,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        float(scale),
+        float(bias),
+        int(merge_into is not None),
+    )
+    _launch("fwd", q, k, (row,), args, dict(SIGLIP=siglip, COLS=False), strict_fp32, deterministic, config, mode)
     return row
 
 
-def rows_backward(q, k, scale: float, bias: float, lse, g: float, d_q, d_k, *, siglip: bool = False,
-                  strict_fp32: bool = False, bwd: str = dispatch.DEFAULT_CONTRASTIVE_BWD, deterministic: bool = False,
-                  config: dict | None = None, lse_col=None, mode: str | None = None) -> tuple[float, float]:
+def rows_backward(
+    q,
+    k,
+    scale: float,
+    bias: float,
+    lse,
+    g: float,
+    d_q,
+    d_k,
+    *,
+    siglip: bool = False,
+    strict_fp32: bool = False,
+    bwd: str = dispatch.DEFAULT_CONTRASTIVE_BWD,
+    deterministic: bool = False,
+    config: dict | None = None,
+    lse_col=None,
+    mode: str | None = None,
+) -> tuple[float, float]:
     """Rectangular backward on the kernel, dL = g * softmax_rows(s q k^T) (lse: its row LSE;
     with lse_col, the square CLIP case, + g * softmax_cols) or g * sigmoid(s q k^T + b):
     adds s dL k to d_q and s dL^T q to d_k (contiguous fp32, in place) and returns
@@ -607,10 +843,27 @@ def rows_backward(q, k, scale: float, bias: float, lse, g: float, d_q, d_k, *, s
     col_term = int(lse_col is not None)
     consts = dict(SIGLIP=siglip, DK_ATOMIC=bwd == "atomic")
     common = (float(scale), float(bias), float(g))
-    args = (q, k, lse_r, lse_c, d_q, d_k, d_s, d_b, m, k.shape[0], d, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), *common, 1, col_term)
-    _launch("bwd", q, k, (lse_r, lse_c, d_q, d_k, d_s, d_b), args, consts, strict_fp32, deterministic, config,
-            mode)
+    args = (
+        q,
+        k,
+        lse_r,
+        lse_c,
+        d_q,
+        d_k,
+        d_s,
+        d_b,
+        m,
+        k.shape[0],
+        d,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        *common,
+        1,
+        col_term,
+    )
+    _launch("bwd", q, k, (lse_r, lse_c, d_q, d_k, d_s, d_b), args, consts, strict_fp32, deterministic, config, mode)
     kernel_launches[f"dk:{bwd}"] += 1
     if bwd == "columns":
         # Q and K swapped: the row LSE of this pass is the other's column LSE and vice versa
@@ -622,10 +875,37 @@ def rows_backward(q, k, scale: float, bias: float, lse, g: float, d_q, d_k, *, s
             lse_r2, lse_c2, terms = lse_col, lse_r, (1, 1)
         else:
             lse_r2, lse_c2, terms = lse_r, lse_r, (0, 1)
-        args = (k, q, lse_r2, lse_c2, d_k, d_q, scratch[:grid2], scratch[grid2:], n, m, d, k.stride(0),
-                k.stride(1), q.stride(0), q.stride(1), *common, *terms)
-        _launch("bwd", k, q, (lse_r2, lse_c2, d_k, scratch), args, consts, strict_fp32, deterministic,
-                config, mode + "_cols")
+        args = (
+            k,
+            q,
+            lse_r2,
+            lse_c2,
+            d_k,
+            d_q,
+            scratch[:grid2],
+            scratch[grid2:],
+            n,
+            m,
+            d,
+            k.stride(0),
+            k.stride(1),
+            q.stride(0),
+            q.stride(1),
+            *common,
+            *terms,
+        )
+        _launch(
+            "bwd",
+            k,
+            q,
+            (lse_r2, lse_c2, d_k, scratch),
+            args,
+            consts,
+            strict_fp32,
+            deterministic,
+            config,
+            mode + "_cols",
+        )
     return float(d_s.sum(dtype=torch.float64)), float(d_b.sum(dtype=torch.float64))
 
 
@@ -762,8 +1042,9 @@ def siglip_forward_torch(img, txt, scale: float, bias: float, positives: bool = 
     return (total / b).float()
 
 
-def siglip_backward_torch(img, txt, scale: float, bias: float, grad: float, positives: bool = True,
-                          chunk: int | None = None):
+def siglip_backward_torch(
+    img, txt, scale: float, bias: float, grad: float, positives: bool = True, chunk: int | None = None
+):
     """(d_img, d_txt fp32, d_scale, d_bias) of siglip_forward_torch: dx = g (sigmoid(x) - Id), g = grad / B."""
     b, d = img.shape
     chunk = chunk or contrastive_default_chunk(txt.shape[0], img.device)
@@ -789,41 +1070,108 @@ def siglip_backward_torch(img, txt, scale: float, bias: float, grad: float, posi
 
 
 # --------------------------------------------------------------------------- blocks, either backend
-def row_lse(q, k, scale: float, backend: str, *, merge_into=None, chunk: int | None = None,
-            strict_fp32: bool = False, deterministic: bool = False, bwd: str | None = None) -> torch.Tensor:
+def row_lse(
+    q,
+    k,
+    scale: float,
+    backend: str,
+    *,
+    merge_into=None,
+    chunk: int | None = None,
+    strict_fp32: bool = False,
+    deterministic: bool = False,
+    bwd: str | None = None,
+) -> torch.Tensor:
     """Row LSE of s q k^T on a resolved backend ("torch" or "triton"); see row_lse_torch.
     (bwd is accepted so forward and backward share one keyword set; unused here.)"""
     if backend == "triton":
-        return rows_forward(q, k, scale, merge_into=merge_into, strict_fp32=strict_fp32,
-                            deterministic=deterministic)
+        return rows_forward(q, k, scale, merge_into=merge_into, strict_fp32=strict_fp32, deterministic=deterministic)
     return row_lse_torch(q, k, scale, chunk, merge_into=merge_into)
 
 
-def row_softmax_grad(q, k, scale: float, lse, g: float, d_q, d_k, backend: str, *, chunk: int | None = None,
-                     strict_fp32: bool = False, deterministic: bool = False, bwd: str | None = None) -> float:
+def row_softmax_grad(
+    q,
+    k,
+    scale: float,
+    lse,
+    g: float,
+    d_q,
+    d_k,
+    backend: str,
+    *,
+    chunk: int | None = None,
+    strict_fp32: bool = False,
+    deterministic: bool = False,
+    bwd: str | None = None,
+) -> float:
     """row_softmax_grad_torch on a resolved backend ("torch" or "triton")."""
     if backend == "triton":
-        return rows_backward(q, k, scale, 0.0, lse, g, d_q, d_k, strict_fp32=strict_fp32,
-                             deterministic=deterministic, bwd=dispatch.contrastive_bwd(bwd))[0]
+        return rows_backward(
+            q,
+            k,
+            scale,
+            0.0,
+            lse,
+            g,
+            d_q,
+            d_k,
+            strict_fp32=strict_fp32,
+            deterministic=deterministic,
+            bwd=dispatch.contrastive_bwd(bwd),
+        )[0]
     return row_softmax_grad_torch(q, k, scale, lse, g, d_q, d_k, chunk)
 
 
-def ring_block_forward(q, k_block, scale: float, lse, backend: str, *, chunk: int | None = None,
-                       strict_fp32: bool = False, deterministic: bool = False,
-                       bwd: str | None = None) -> torch.Tensor:
+def ring_block_forward(
+    q,
+    k_block,
+    scale: float,
+    lse,
+    backend: str,
+    *,
+    chunk: int | None = None,
+    strict_fp32: bool = False,
+    deterministic: bool = False,
+    bwd: str | None = None,
+) -> torch.Tensor:
     """One ring step's forward: the running row LSE `lse` of q (fp32, contiguous) merged in
     place with the LSE of s q k_block^T; `lse=None` starts it. Returns the running LSE."""
-    return row_lse(q, k_block, scale, backend, merge_into=lse, chunk=chunk, strict_fp32=strict_fp32,
-                   deterministic=deterministic)
+    return row_lse(
+        q, k_block, scale, backend, merge_into=lse, chunk=chunk, strict_fp32=strict_fp32, deterministic=deterministic
+    )
 
 
-def ring_block_backward(q, k_block, scale: float, lse, g: float, d_q, d_k_block, backend: str, *,
-                        chunk: int | None = None, strict_fp32: bool = False, deterministic: bool = False,
-                        bwd: str | None = None) -> float:
+def ring_block_backward(
+    q,
+    k_block,
+    scale: float,
+    lse,
+    g: float,
+    d_q,
+    d_k_block,
+    backend: str,
+    *,
+    chunk: int | None = None,
+    strict_fp32: bool = False,
+    deterministic: bool = False,
+    bwd: str | None = None,
+) -> float:
     """One ring step's backward: adds g * softmax-rows gradients (normalised by the final
     LSE) to d_q and to the visiting block's accumulator d_k_block; returns the scale's share."""
-    return row_softmax_grad(q, k_block, scale, lse, g, d_q, d_k_block, backend, chunk=chunk,
-                            strict_fp32=strict_fp32, deterministic=deterministic, bwd=bwd)
+    return row_softmax_grad(
+        q,
+        k_block,
+        scale,
+        lse,
+        g,
+        d_q,
+        d_k_block,
+        backend,
+        chunk=chunk,
+        strict_fp32=strict_fp32,
+        deterministic=deterministic,
+        bwd=bwd,
+    )
 
 
 # --------------------------------------------------------------------------- autograd Functions
@@ -866,15 +1214,18 @@ class _ClipLoss(torch.autograd.Function):
         backend, chunk, kw = ctx.opts
         scale = float(scale_t)
         if backend == "triton":
-            d_img, d_txt, d_scale, _ = contrastive_backward(img, txt, scale, 0.0, lse_row, lse_col, float(grad),
-                                                            False, **kw)
+            d_img, d_txt, d_scale, _ = contrastive_backward(
+                img, txt, scale, 0.0, lse_row, lse_col, float(grad), False, **kw
+            )
         else:
             d_img, d_txt, d_scale = clip_sym_backward_torch(img, txt, scale, lse_row, lse_col, float(grad), chunk)
         return (
             d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
             d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            None, None, None,
+            None,
+            None,
+            None,
         )
 
 
@@ -908,7 +1259,10 @@ class _InfoNCE(torch.autograd.Function):
             d_q.to(q.dtype) if ctx.needs_input_grad[0] else None,
             d_k.to(k.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
-            None, None, None, None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -934,22 +1288,26 @@ class _SigLipLoss(torch.autograd.Function):
         positives, backend, chunk, kw = ctx.opts
         scale, bias = float(scale_t), float(bias_t)
         if backend == "triton" and positives:
-            d_img, d_txt, d_scale, d_bias = contrastive_backward(img, txt, scale, bias, None, None, float(grad),
-                                                                 True, **kw)
+            d_img, d_txt, d_scale, d_bias = contrastive_backward(
+                img, txt, scale, bias, None, None, float(grad), True, **kw
+            )
         elif backend == "triton":
             d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
             d_txt = torch.zeros(txt.shape, dtype=torch.float32, device=img.device)
-            d_scale, d_bias = rows_backward(img, txt, scale, bias, None, float(grad) / img.shape[0], d_img, d_txt,
-                                            siglip=True, **kw)
+            d_scale, d_bias = rows_backward(
+                img, txt, scale, bias, None, float(grad) / img.shape[0], d_img, d_txt, siglip=True, **kw
+            )
         else:
-            d_img, d_txt, d_scale, d_bias = siglip_backward_torch(img, txt, scale, bias, float(grad), positives,
-                                                                  chunk)
+            d_img, d_txt, d_scale, d_bias = siglip_backward_torch(img, txt, scale, bias, float(grad), positives, chunk)
         return (
             d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
             d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
             _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
             _grad_like(d_bias, bias_t, ctx.needs_input_grad[3]),
-            None, None, None, None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -1050,8 +1408,10 @@ def local_clip_loss(
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     backend = pick_backend(dispatch.CLIP_LOCAL, image_features, backend)
     opts = (int(offset), backend, chunk_size, _kernel_kw(strict_fp32, deterministic, bwd))
-    return 0.5 * (_InfoNCE.apply(image_features, all_text_features, scale_t, *opts)
-                  + _InfoNCE.apply(text_features, all_image_features, scale_t, *opts))
+    return 0.5 * (
+        _InfoNCE.apply(image_features, all_text_features, scale_t, *opts)
+        + _InfoNCE.apply(text_features, all_image_features, scale_t, *opts)
+    )
 
 
 def siglip_loss(
@@ -1076,5 +1436,13 @@ def siglip_loss(
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     bias_t = _as_scalar_tensor(logit_bias, "logit_bias", image_features)
     backend = pick_backend(dispatch.SIGLIP if positives else dispatch.SIGLIP_NEGATIVES, image_features, backend)
-    return _SigLipLoss.apply(image_features, text_features, scale_t, bias_t, positives, backend, chunk_size,
-                             _kernel_kw(strict_fp32, deterministic, bwd))
+    return _SigLipLoss.apply(
+        image_features,
+        text_features,
+        scale_t,
+        bias_t,
+        positives,
+        backend,
+        chunk_size,
+        _kernel_kw(strict_fp32, deterministic, bwd),
+    )

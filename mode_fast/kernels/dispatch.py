@@ -23,6 +23,7 @@ the dtypes, the devices, whether ``backend="auto"`` may choose it, and what it n
   name: ``"auto"`` keeps the torch path on the CPU (the interpreter checks semantics,
   at numpy speed).
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,11 +41,11 @@ ENV_BACKEND = "MODE_FAST_BACKEND"
 _FORCEABLE = ("torch", "triton")
 
 # Variants of the contrastive op (mode_fast.kernels.contrastive_loss)
-CLIP = "clip"                          # symmetric B x B, both directions in one pass
-INFONCE = "infonce"                    # local rows vs N columns, positives at column offset + row
-CLIP_LOCAL = "clip_local"              # both directions of local rows vs gathered columns (local_loss)
-RING_BLOCK = "ring_block"              # one ring step: rows vs a visiting block, running LSE merged
-SIGLIP = "siglip"                      # sigmoid loss, positives on the diagonal
+CLIP = "clip"  # symmetric B x B, both directions in one pass
+INFONCE = "infonce"  # local rows vs N columns, positives at column offset + row
+CLIP_LOCAL = "clip_local"  # both directions of local rows vs gathered columns (local_loss)
+RING_BLOCK = "ring_block"  # one ring step: rows vs a visiting block, running LSE merged
+SIGLIP = "siglip"  # sigmoid loss, positives on the diagonal
 SIGLIP_NEGATIVES = "siglip_negatives"  # sigmoid loss, every pair negative (another rank's texts)
 CONTRASTIVE_VARIANTS = (CLIP, INFONCE, CLIP_LOCAL, RING_BLOCK, SIGLIP, SIGLIP_NEGATIVES)
 # How the Triton contrastive backward forms dK (mode_fast.kernels.contrastive_loss):
@@ -71,20 +72,38 @@ class Capability:
     op: str
     variants: frozenset
     dtypes: frozenset
-    devices: frozenset          # device types it runs on natively
-    auto: bool = True           # may "auto" choose it
+    devices: frozenset  # device types it runs on natively
+    auto: bool = True  # may "auto" choose it
     requires: str | None = None  # a package that must be importable
     interpretable: bool = False  # also runs on CPU tensors when TRITON_INTERPRET is set
-    min_cuda: tuple = (0, 0)    # lowest CUDA compute capability
+    min_cuda: tuple = (0, 0)  # lowest CUDA compute capability
     min_cuda_bf16: tuple = (0, 0)  # lowest CUDA compute capability for bf16 inputs
 
 
 CAPABILITIES: tuple[Capability, ...] = (
     # Triton: the fused kernels. Triton 3 targets sm_70+ (Volta); bf16 tl.dot needs sm_80+.
-    Capability("triton", "contrastive", frozenset(CONTRASTIVE_VARIANTS), _FLOATS, frozenset({"cuda"}),
-               requires="triton", interpretable=True, min_cuda=(7, 0), min_cuda_bf16=(8, 0)),
-    Capability("triton", "kmeans_assign", frozenset({ASSIGN}), _FLOATS, frozenset({"cuda"}),
-               requires="triton", interpretable=True, min_cuda=(7, 0), min_cuda_bf16=(8, 0)),
+    Capability(
+        "triton",
+        "contrastive",
+        frozenset(CONTRASTIVE_VARIANTS),
+        _FLOATS,
+        frozenset({"cuda"}),
+        requires="triton",
+        interpretable=True,
+        min_cuda=(7, 0),
+        min_cuda_bf16=(8, 0),
+    ),
+    Capability(
+        "triton",
+        "kmeans_assign",
+        frozenset({ASSIGN}),
+        _FLOATS,
+        frozenset({"cuda"}),
+        requires="triton",
+        interpretable=True,
+        min_cuda=(7, 0),
+        min_cuda_bf16=(8, 0),
+    ),
     # torch: the chunked PyTorch paths, every device, every variant.
     Capability("torch", "contrastive", frozenset(CONTRASTIVE_VARIANTS), _FLOATS, frozenset({"cpu", "cuda", "meta"})),
     # k-means on the CPU: torch, not faiss. Measured on the 2-core AMD EPYC dev box (AVX-512;
@@ -95,8 +114,9 @@ CAPABILITIES: tuple[Capability, ...] = (
     # dependency; backend="faiss" remains for raw speed, by name only.
     # See benchmarks/results/cpu/kmeans_assign.md.
     Capability("torch", "kmeans_assign", frozenset({ASSIGN}), _FLOATS, frozenset({"cpu", "cuda", "meta"})),
-    Capability("faiss", "kmeans_assign", frozenset({ASSIGN}), _FLOATS, frozenset({"cpu"}), auto=False,
-               requires="faiss"),
+    Capability(
+        "faiss", "kmeans_assign", frozenset({ASSIGN}), _FLOATS, frozenset({"cpu"}), auto=False, requires="faiss"
+    ),
 )
 
 
@@ -122,8 +142,9 @@ def contrastive_bwd(requested: str | None = None) -> str:
     if value is None:
         value = os.environ.get(ENV_CONTRASTIVE_BWD, "").strip() or DEFAULT_CONTRASTIVE_BWD
         if value not in CONTRASTIVE_BWD:
-            raise ConfigError(f"{ENV_CONTRASTIVE_BWD}={value!r}: must be one of {', '.join(CONTRASTIVE_BWD)} "
-                              "(or unset)")
+            raise ConfigError(
+                f"{ENV_CONTRASTIVE_BWD}={value!r}: must be one of {', '.join(CONTRASTIVE_BWD)} (or unset)"
+            )
     if value not in CONTRASTIVE_BWD:
         raise ConfigError(f"bwd must be one of {CONTRASTIVE_BWD} or None, got {value!r}")
     return value
@@ -134,8 +155,9 @@ def _importable(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def _why_not(cap: Capability, variant: str, device: torch.device, dtype: torch.dtype,
-             cuda_capability: tuple | None) -> str | None:
+def _why_not(
+    cap: Capability, variant: str, device: torch.device, dtype: torch.dtype, cuda_capability: tuple | None
+) -> str | None:
     """None if `cap` can do the call, else the reason in words."""
     if variant not in cap.variants:
         return f"has no {variant!r} kernel"
@@ -145,8 +167,10 @@ def _why_not(cap: Capability, variant: str, device: torch.device, dtype: torch.d
         return f"needs the {cap.requires} package, which is not importable"
     if device.type == "cpu" and cap.interpretable and "cpu" not in cap.devices:
         if not interpreting():
-            return (f"needs CUDA tensors (the tensors are on {device}); use backend='torch', "
-                    "or set TRITON_INTERPRET=1 before triton is imported")
+            return (
+                f"needs CUDA tensors (the tensors are on {device}); use backend='torch', "
+                "or set TRITON_INTERPRET=1 before triton is imported"
+            )
         return None
     if device.type not in cap.devices:
         return f"does not run on {device.type}"

@@ -44,6 +44,7 @@ Layers: torch path (kmeans_assign_torch, the CPU backend) -> private @triton.jit
 -> host wrapper _assign_triton -> kmeans_assign(). Test oracles and the naive baseline
 live in reference.py.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -104,9 +105,7 @@ def kmeans_default_chunk(k: int, device: torch.device) -> int:
     return int(min(max(budget // max(k, 1), 128), 1 << 16))
 
 
-def kmeans_recheck_near_ties(
-    x_rows: torch.Tensor, centroids: torch.Tensor, candidates: torch.Tensor
-) -> torch.Tensor:
+def kmeans_recheck_near_ties(x_rows: torch.Tensor, centroids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Exact argmin over each row's candidate centers, by direct differences in fp64.
 
     x_rows [R, D] and centroids [K, D] in fp32; candidates [R, K] bool (every row has at
@@ -126,9 +125,7 @@ def kmeans_recheck_near_ties(
     # All terms are >= 0, so the fp64 sum's relative error is at most gamma_{D+2}.
     tied = dist <= row_min[rows] * (1.0 + 2.0 * _gamma(d + 2, _U64))
     idx = torch.where(tied, cols, torch.full_like(cols, k))
-    return torch.full((r,), k, dtype=torch.int64, device=x_rows.device).scatter_reduce(
-        0, rows, idx, "amin"
-    )
+    return torch.full((r,), k, dtype=torch.int64, device=x_rows.device).scatter_reduce(0, rows, idx, "amin")
 
 
 def _best_two(scores: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
@@ -334,12 +331,8 @@ if triton is not None:
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             m = row_mask[:, None] & (dd < D)[None, :]
-            x = tl.load(
-                X_ptr + rows[:, None] * X_stride_n + dd[None, :] * X_stride_d, mask=m, other=0.0
-            ).to(tl.float32)
-            c = tl.load(
-                C_ptr + arg_off[:, None] + dd[None, :] * C_stride_d, mask=m, other=0.0
-            ).to(tl.float32)
+            x = tl.load(X_ptr + rows[:, None] * X_stride_n + dd[None, :] * X_stride_d, mask=m, other=0.0).to(tl.float32)
+            c = tl.load(C_ptr + arg_off[:, None] + dd[None, :] * C_stride_d, mask=m, other=0.0).to(tl.float32)
             diff = x - c
             sq += tl.sum(diff * diff, axis=1)
             xsq += tl.sum(x * x, axis=1)
@@ -590,9 +583,7 @@ def _validate(x: torch.Tensor, centroids: torch.Tensor, backend: str) -> None:
         if t.dim() != 2:
             raise ValueError(f"kmeans_assign: {name} must be 2-D, got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise TypeError(
-                f"kmeans_assign: {name} has dtype {t.dtype}; use float32, float16 or bfloat16"
-            )
+            raise TypeError(f"kmeans_assign: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
     if x.shape[1] != centroids.shape[1]:
         raise ValueError(
             f"kmeans_assign: dimension mismatch, x is {tuple(x.shape)} and centroids "
@@ -602,14 +593,10 @@ def _validate(x: torch.Tensor, centroids: torch.Tensor, backend: str) -> None:
         raise ValueError("kmeans_assign: centroids is empty (K = 0)")
     if x.dtype != centroids.dtype:
         raise TypeError(
-            f"kmeans_assign: dtype mismatch, x is {x.dtype} and centroids {centroids.dtype}; "
-            "cast one to the other"
+            f"kmeans_assign: dtype mismatch, x is {x.dtype} and centroids {centroids.dtype}; cast one to the other"
         )
     if x.device != centroids.device:
-        raise ValueError(
-            f"kmeans_assign: device mismatch, x is on {x.device} and centroids on "
-            f"{centroids.device}"
-        )
+        raise ValueError(f"kmeans_assign: device mismatch, x is on {x.device} and centroids on {centroids.device}")
     if backend not in BACKENDS:
         raise ValueError(f"kmeans_assign: unknown backend {backend!r}; choose one of {BACKENDS}")
     if not bool(torch.isfinite(centroids).all()):
@@ -664,10 +651,7 @@ def kmeans_assign(
         labels, sqdist = kmeans_assign_torch(x, centroids, chunk_size=chunk_size, exact=exact)
     elif backend == "triton":
         if x.device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (x is on {x.device}); "
-                "use backend='torch' or 'auto'"
-            )
+            raise ValueError(f"backend='triton' needs CUDA tensors (x is on {x.device}); use backend='torch' or 'auto'")
         labels, sqdist = _assign_triton(x, centroids, exact, deterministic)
     else:
         labels, sqdist = _assign_faiss(x, centroids)

@@ -1,12 +1,14 @@
-"""Pure-PyTorch reference paths: test oracles, benchmark baselines and the contrastive CPU paths.
+"""Plain-PyTorch test oracles and benchmark baselines, nothing production runs.
 
-Each kernel family keeps its references in its own section below.
+The torch paths that run in production live beside their Triton kernels
+(contrastive_loss.py, kmeans_assign.py); these are the independent references they are
+tested against. Each kernel family has its own section below.
 """
 
+import torch
+
 # ---- contrastive loss (see contrastive_loss.py) ----
-# Naive losses that materialise the B x B logits: test oracles only. The chunked torch
-# path that production runs is in contrastive_loss.py, beside the Triton kernels.
-import torch as _cl_torch
+# Naive losses that materialise the B x B logits: test oracles only.
 
 
 def clip_loss_naive(img, txt, scale, bias=None):
@@ -14,27 +16,24 @@ def clip_loss_naive(img, txt, scale, bias=None):
     logits = scale * img @ txt.t()
     if bias is not None:
         logits = logits + bias
-    labels = _cl_torch.arange(img.shape[0], device=img.device)
-    ce = _cl_torch.nn.functional.cross_entropy
+    labels = torch.arange(img.shape[0], device=img.device)
+    ce = torch.nn.functional.cross_entropy
     return 0.5 * (ce(logits, labels) + ce(logits.t(), labels))
 
 
 def siglip_loss_naive(img, txt, scale, bias):
     """Test reference: -sum log sigmoid(z (s I T^T + b)) / B with z = 2 Id - 1."""
     logits = scale * img @ txt.t() + bias
-    z = 2 * _cl_torch.eye(img.shape[0], device=img.device, dtype=logits.dtype) - 1
-    return -_cl_torch.nn.functional.logsigmoid(z * logits).sum() / img.shape[0]
+    z = 2 * torch.eye(img.shape[0], device=img.device, dtype=logits.dtype) - 1
+    return -torch.nn.functional.logsigmoid(z * logits).sum() / img.shape[0]
 
 
 # ---- k-means assignment (see kmeans_assign.py) ----
 # Test oracle (fp64 brute force) and the naive benchmark baseline (cdist materialises
 # N x K). The production torch path lives in kmeans_assign.py.
-import torch as _torch
 
 
-def kmeans_assign_bruteforce(
-    x: _torch.Tensor, centroids: _torch.Tensor
-) -> tuple[_torch.Tensor, _torch.Tensor]:
+def kmeans_assign_bruteforce(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Test reference: fp64 direct differences over all N x K pairs (small inputs only).
 
     Returns (labels int64 lowest index among fp64-equal minima, sqdist float64).
@@ -46,10 +45,8 @@ def kmeans_assign_bruteforce(
     return arg, best
 
 
-def kmeans_assign_cdist(
-    x: _torch.Tensor, centroids: _torch.Tensor
-) -> tuple[_torch.Tensor, _torch.Tensor]:
+def kmeans_assign_cdist(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive baseline: torch.cdist then argmin, materialising the full N x K matrix."""
-    dist = _torch.cdist(x.float(), centroids.float())
+    dist = torch.cdist(x.float(), centroids.float())
     best, arg = dist.min(1)
     return arg, best * best
