@@ -51,7 +51,14 @@ import numpy as np
 from mode_fast.data.io import ReadReport, iter_samples
 from mode_fast.errors import StepFailed
 from mode_fast.files import atomic_write, write_json
-from mode_fast.results import cluster_agreement, ensemble_note, markdown_table, paired_difference, proportion_se
+from mode_fast.results import (
+    cluster_agreement,
+    ensemble_note,
+    markdown_table,
+    paired_difference,
+    proportion_se,
+    save_figure,
+)
 
 PROGRESS_EVERY = 20.0  # seconds between progress-bar lines when not on a terminal
 
@@ -624,16 +631,6 @@ def build_summary(
 FIG_WIDTH = 9.5  # inches; at 110 dpi about 1050 px, within a laptop screen
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_summary(summary: dict[str, Any], folder: Path) -> dict[str, Path]:
     """The summary's figures (titles, labelled axes, chance lines, legends outside the data)."""
     import matplotlib
@@ -655,7 +652,7 @@ def plot_summary(summary: dict[str, Any], folder: Path) -> dict[str, Path]:
     ax.set_ylabel("pairs matching the entry")
     ax.set_title(f"Curation: {cur['pool_pairs']:,} pairs -> {cur['kept_pairs']:,}; head (> t) flattened, tail kept")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    plots["curation"] = _save(fig, folder / "curation.png")
+    plots["curation"] = save_figure(fig, folder / "curation.png")
 
     cl = summary["clustering"]
     table = np.asarray(cl["pairs_per_expert_and_domain"])
@@ -670,7 +667,7 @@ def plot_summary(summary: dict[str, Any], folder: Path) -> dict[str, Path]:
     ami = "n/a" if cl["domain_ami"] is None else f"{cl['domain_ami']:.2f}"
     ax.set_title(f"Curated pairs per expert and domain (AMI {ami}, purity {cl['domain_purity']:.2f})")
     fig.colorbar(im, ax=ax, label="pairs")
-    plots["clustering"] = _save(fig, folder / "clustering.png")
+    plots["clustering"] = save_figure(fig, folder / "clustering.png")
 
     per = summary["experts"]["top1_per_domain_task"]
     if per and next(iter(per.values())):
@@ -687,7 +684,7 @@ def plot_summary(summary: dict[str, Any], folder: Path) -> dict[str, Path]:
         ax.set_ylabel("expert")
         ax.set_title("Each expert's zero-shot top-1 (%) on each domain's task")
         fig.colorbar(im, ax=ax, label="top-1 (%)")
-        plots["experts"] = _save(fig, folder / "experts.png")
+        plots["experts"] = save_figure(fig, folder / "experts.png")
 
     tasks = summary["tasks"]
     methods = ["mode_ensemble", "mean_ensemble", "best_expert", "same_compute", "seed"]
@@ -723,7 +720,7 @@ def plot_summary(summary: dict[str, Any], folder: Path) -> dict[str, Path]:
     ax.set_ylabel("zero-shot top-1 (%), bars: ±1 SE")
     ax.set_title("MoDE ensemble vs plain mean vs best expert vs single model of equal training compute")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    plots["comparison"] = _save(fig, folder / "comparison.png")
+    plots["comparison"] = save_figure(fig, folder / "comparison.png")
 
     ens = summary["ensemble"]
     names = list(ens)
@@ -742,7 +739,7 @@ def plot_summary(summary: dict[str, Any], folder: Path) -> dict[str, Path]:
     ax.set_ylabel("MoDE weight")
     ax.set_title("MoDE's expert weights per task (from the class names through the templates)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    plots["ensemble"] = _save(fig, folder / "ensemble_weights.png")
+    plots["ensemble"] = save_figure(fig, folder / "ensemble_weights.png")
     return plots
 
 

@@ -96,12 +96,15 @@ def skip_lines(results: dict[str, Any]) -> list[str]:
     return ["", "Samples read and skipped", "", *lines] if lines else []
 
 
-def _save_fig(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
+    """Write a pyplot figure as PNG atomically (110 dpi) and close it; the one figure
+    writer for eval's and the demo's plots."""
     import matplotlib.pyplot as plt
 
     with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=110, **savefig)
     plt.close(fig)
+    return path
 
 
 def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
@@ -136,7 +139,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("zero-shot top-1 (%)")
         ax.set_title("Experts, ensembles and single models per task")
         ax.legend(fontsize=7, ncol=2)
-        _save_fig(fig, out / "accuracy.png")
+        save_figure(fig, out / "accuracy.png", bbox_inches="tight")
         written.append(out / "accuracy.png")
 
         fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(results["tasks"]) * n / 2), 3.5))
@@ -150,7 +153,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("MoDE weight")
         ax.set_title("Expert weights per task (from class names)")
         ax.legend(fontsize=7)
-        _save_fig(fig, out / "expert_weights.png")
+        save_figure(fig, out / "expert_weights.png", bbox_inches="tight")
         written.append(out / "expert_weights.png")
     if results["retrieval"]:
         names = list(results["retrieval"])
@@ -162,7 +165,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xticks(np.arange(len(names)), names)
         ax.set_ylabel("mean recall@1/5/10, both ways (%)")
         ax.legend(fontsize=7, ncol=2)
-        _save_fig(fig, out / "retrieval.png")
+        save_figure(fig, out / "retrieval.png", bbox_inches="tight")
         written.append(out / "retrieval.png")
     return written
 
