@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_cluster import _write_shards
 
-from mode_fast import evaluate
+from mode_fast import scoring
 from mode_fast.cluster import ClusterJob, run_cluster_job
 from mode_fast.clusters import EMBEDDER, ClusterFolder, spec_from_legacy_name
 from mode_fast.embed import HashEmbedder, MiniLMEmbedder, embedder_spec, make_embedder
@@ -91,7 +91,7 @@ def test_custom_embedder_round_trips_through_the_cluster_folder(clustered):
     rebuilt = folder.embedder()
     assert isinstance(rebuilt, LetterEmbedder) and rebuilt.letters == "etaoinsh"
     # eval uses that embedder, not one guessed from a name
-    used = evaluate._embedder_for(folder, None, "cpu")
+    used = scoring.embedder_for(folder, None, "cpu")
     assert np.array_equal(used(TEXTS), LetterEmbedder("etaoinsh")(TEXTS), equal_nan=True)
     # and the assignments it reads are the ones the job wrote
     sizes = json.loads((clustered / "cluster_sizes.json").read_text())
@@ -107,7 +107,7 @@ def test_the_same_folder_through_its_centers_file(clustered):
 
 
 def test_eval_override_wins(clustered):
-    assert isinstance(evaluate._embedder_for(ClusterFolder(clustered), "hash8", "cpu"), HashEmbedder)
+    assert isinstance(scoring.embedder_for(ClusterFolder(clustered), "hash8", "cpu"), HashEmbedder)
 
 
 def old_folder(path: Path, name: str) -> ClusterFolder:

@@ -122,29 +122,21 @@ def test_template_averaging_moves_the_weights():
     np.testing.assert_allclose(avg, [math.exp(s0 / 8) / (math.exp(s0 / 8) + 1), 1 / (math.exp(s0 / 8) + 1)])
 
 
-class _FakeModel:
-    """What _ensemble_inputs reads: .model.logit_scale (a log scale, as open_clip keeps it)."""
-
-    def __init__(self, scale: float):
-        import torch
-
-        self.model = type("M", (), {"logit_scale": torch.tensor(math.log(scale))})()
-
-
 def test_ensembles_combine_plain_cosines_by_default():
     """mode.md: the weighted zero-shot outputs are plain cosine similarities. Worked example:
     expert 0 (scale 100) cosines [0.5, 0.4], expert 1 (scale 10) cosines [0.1, 0.3], equal weights:
     cosine mean [0.3, 0.35] -> class 1; scaled mean [25.5, 21.5] -> class 0."""
-    from mode_fast.evaluate import EvalError, _ensemble_inputs
+    from mode_fast.scoring import ensemble_inputs
+    from mode_fast.tasks import EvalError
 
-    models = [_FakeModel(100.0), _FakeModel(10.0)]
+    scales = [100.0, 10.0]  # each expert's logit scale
     cos = [np.array([[0.5, 0.4]]), np.array([[0.1, 0.3]])]
     w = np.array([0.5, 0.5])
-    plain = combine_logits(_ensemble_inputs(models, cos, "cosine"), w)
-    scaled = combine_logits(_ensemble_inputs(models, cos, "scaled"), w)
+    plain = combine_logits(ensemble_inputs(scales, cos, "cosine"), w)
+    scaled = combine_logits(ensemble_inputs(scales, cos, "scaled"), w)
     np.testing.assert_allclose(plain, [[0.3, 0.35]])
     np.testing.assert_allclose(scaled, [[25.5, 21.5]], rtol=1e-6)
     assert plain.argmax() == 1 and scaled.argmax() == 0
     assert ENSEMBLE_INPUTS == ("cosine", "scaled")
     with pytest.raises(EvalError, match="known are cosine, scaled"):
-        _ensemble_inputs(models, cos, "logits")
+        ensemble_inputs(scales, cos, "logits")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mode_fast import cli, evaluate
+from mode_fast import cli, evaluate, scoring, tasks
 from mode_fast.checkpoint import CHECKPOINT_FORMAT
 from mode_fast.data.sample import write_sample
 from mode_fast.embed import HashEmbedder
@@ -284,15 +284,15 @@ def test_retrieval_recall_both_ways(env, tmp_path):
 def test_recall_at_k_ranks():
     sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.2, 0.3, 0.1]])
     # ranks of the right item: query 0 -> 0, query 1 -> 1, query 2 -> 2
-    assert evaluate.recall_at_k(sim, (1, 2, 3)) == {"R@1": 1 / 3, "R@2": 2 / 3, "R@3": 1.0}
-    assert evaluate.recall_at_k(np.eye(4), (1,)) == {"R@1": 1.0}
+    assert scoring.recall_at_k(sim, (1, 2, 3)) == {"R@1": 1 / 3, "R@2": 2 / 3, "R@3": 1.0}
+    assert scoring.recall_at_k(np.eye(4), (1,)) == {"R@1": 1.0}
 
 
 def test_topk_accuracy():
     logits = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
-    assert evaluate.topk_accuracy(logits, np.array([1, 2]), 1) == 0.5
-    assert evaluate.topk_accuracy(logits, np.array([1, 2]), 2) == 0.5
-    assert evaluate.topk_accuracy(logits, np.array([1, 2]), 3) == 1.0
+    assert scoring.topk_accuracy(logits, np.array([1, 2]), 1) == 0.5
+    assert scoring.topk_accuracy(logits, np.array([1, 2]), 2) == 0.5
+    assert scoring.topk_accuracy(logits, np.array([1, 2]), 3) == 1.0
 
 
 # --------------------------------------------------------------------------- bad input
@@ -364,7 +364,7 @@ def test_ensemble_weights_follow_the_class_names(env):
     """Classes placed exactly on one expert's fine centers give that expert the top weight."""
     centers = TwoLevel.load(env["clusters"] / "centers.npz")
     table = {f"c{i}": centers.fine_centroids[i] for i in range(12)}
-    ens = evaluate.Ensembler(centers, lambda texts: np.stack([table[t] for t in texts]))
+    ens = scoring.Ensembler(centers, lambda texts: np.stack([table[t] for t in texts]))
     for k in range(N_EXPERTS):
         names = [f"c{i}" for i in range(12) if i % N_EXPERTS == k]
         w, groups = ens.weights(names)
@@ -382,7 +382,7 @@ def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def test_digits_task_is_sklearns_handwritten_digits():
     images, target = sklearn_digits()
-    task = evaluate.load_task("sklearn:digits")
+    task = tasks.load_task("sklearn:digits")
     assert (task.name, task.source, task.kind) == ("digits", "sklearn:digits", "classification")
     items = list(task.items())
     labels = np.array([y for _, y in items])
@@ -418,13 +418,13 @@ def test_digits_task_is_sklearns_handwritten_digits():
 
 def test_digits_subset_is_balanced_and_deterministic():
     _, target = sklearn_digits()
-    task = evaluate.load_task("small=sklearn:digits:50")
+    task = tasks.load_task("small=sklearn:digits:50")
     assert task.name == "small" and task.source == "sklearn:digits:50"
     first = [(np.asarray(load()), y) for load, y in task.items()]
-    again = [(np.asarray(load()), y) for load, y in evaluate.load_task("sklearn:digits:50").items()]
+    again = [(np.asarray(load()), y) for load, y in tasks.load_task("sklearn:digits:50").items()]
     assert len(first) == 50 and np.bincount([y for _, y in first]).tolist() == [5] * 10
     assert all(np.array_equal(a, b) and ya == yb for (a, ya), (b, yb) in zip(first, again))
-    idx = evaluate.balanced_subset(target, 50)
+    idx = tasks.balanced_subset(target, 50)
     assert np.all(np.diff(idx) > 0) and [y for _, y in first] == target[idx].tolist()
 
 
@@ -433,12 +433,12 @@ def test_digits_templates_and_classes_can_be_overridden(tmp_path):
     tpath.write_text(json.dumps(["{}"]))
     cpath = tmp_path / "c.json"
     cpath.write_text(json.dumps([str(i) for i in range(10)]))
-    task = evaluate.load_task("sklearn:digits:10", cpath, tpath)
+    task = tasks.load_task("sklearn:digits:10", cpath, tpath)
     assert task.templates == ["{}"] and task.classes == [str(i) for i in range(10)]
-    assert len(evaluate.load_task("sklearn:digits:10", templates_file="openai-imagenet").templates) == 80
+    assert len(tasks.load_task("sklearn:digits:10", templates_file="openai-imagenet").templates) == 80
     cpath.write_text(json.dumps(["zero", "one"]))
-    with pytest.raises(evaluate.EvalError, match="2 class names but digits has 10 classes"):
-        evaluate.load_task("sklearn:digits", cpath)
+    with pytest.raises(tasks.EvalError, match="2 class names but digits has 10 classes"):
+        tasks.load_task("sklearn:digits", cpath)
 
 
 @pytest.mark.parametrize(
@@ -460,8 +460,8 @@ def test_bad_sklearn_specs_are_named(env, tmp_path, capsys, spec, message):
 
 def test_digits_without_sklearn_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import -> ImportError
-    with pytest.raises(evaluate.EvalError, match=r"sklearn:digits needs scikit-learn, which is not installed"):
-        evaluate.load_task("sklearn:digits")
+    with pytest.raises(tasks.EvalError, match=r"sklearn:digits needs scikit-learn, which is not installed"):
+        tasks.load_task("sklearn:digits")
 
 
 def test_evaluate_does_not_import_sklearn():
@@ -476,26 +476,26 @@ def test_digits_eval_end_to_end_matches_an_independent_recomputation(env, tmp_pa
     res = json.loads((out / "results.json").read_text())
     assert list(res["tasks"]) == ["digits", "sample"]
     task = res["tasks"]["digits"]
-    assert (task["n_images"], task["n_classes"], task["n_templates"]) == (60, 10, len(evaluate.DIGIT_TEMPLATES))
+    assert (task["n_images"], task["n_classes"], task["n_templates"]) == (60, 10, len(tasks.DIGIT_TEMPLATES))
     assert task["source"] == "sklearn:digits:60"
     methods = evaluate.method_order(res, N_EXPERTS)
     assert set(task["top1"]) == set(task["top5"]) == set(methods)
     # expert_0 and the seed, recomputed from open_clip on the same images (PNG is lossless)
     images, target = sklearn_digits()
-    idx = evaluate.balanced_subset(target, 60)
+    idx = tasks.balanced_subset(target, 60)
     pngs = []
     for px in images[idx]:
         buf = io.BytesIO()
-        evaluate.digit_image(px).save(buf, format="PNG")
+        tasks.digit_image(px).save(buf, format="PNG")
         pngs.append(buf.getvalue())
     for name, ckpt in (
         ("expert_0", env["run"] / "expert_0" / "checkpoints" / "final.pt"),
         ("seed", env["run"] / "seed" / "checkpoints" / "final.pt"),
     ):
-        lg = reference_logits(ckpt, pngs, evaluate.DIGIT_CLASSES, evaluate.DIGIT_TEMPLATES)
+        lg = reference_logits(ckpt, pngs, tasks.DIGIT_CLASSES, tasks.DIGIT_TEMPLATES)
         assert task["top1"][name] == pytest.approx(float((lg.argmax(1) == target[idx]).mean()))
     w = expert_weights(
-        template_mean(evaluate.DIGIT_CLASSES, evaluate.DIGIT_TEMPLATES),
+        template_mean(tasks.DIGIT_CLASSES, tasks.DIGIT_TEMPLATES),
         TwoLevel.load(env["clusters"] / "centers.npz").fine_centroids,
         np.arange(12) % N_EXPERTS,
         N_EXPERTS,
@@ -508,26 +508,26 @@ def test_digits_eval_end_to_end_matches_an_independent_recomputation(env, tmp_pa
 def test_imagenet_class_and_template_shortcuts(tmp_path, monkeypatch):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-    names, source = evaluate.option_classes("imagenet")
+    names, source = tasks.option_classes("imagenet")
     assert len(names) == 1000 == len(set(names)) and source == "--classes imagenet"
     differ = [i for i, (a, b) in enumerate(zip(names, IMAGENET_CLASSNAMES)) if a != b]
     assert differ == [744, 836]  # open_clip's two repeated names, given their WordNet lemma
     assert (names[657], names[744], names[836], names[837]) == ("missile", "projectile", "sunglass", "sunglasses")
     assert names[0] == "tench" and names[999] == "toilet paper"
-    assert evaluate.option_templates("openai-imagenet")[0] == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-    assert evaluate.option_templates("simple-imagenet")[0] == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
-    assert len(evaluate.option_templates("openai-imagenet")[0]) == 80
+    assert tasks.option_templates("openai-imagenet")[0] == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert tasks.option_templates("simple-imagenet")[0] == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+    assert len(tasks.option_templates("openai-imagenet")[0]) == 80
     # a CSV of ImageNet labels (indices or names) needs no JSON files
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "val.csv").write_text("path,label\na.png,1\na.png,goldfish\na.png,projectile\n")
-    task = evaluate.load_task(str(tmp_path / "val.csv"), "imagenet", "openai-imagenet")
+    task = tasks.load_task(str(tmp_path / "val.csv"), "imagenet", "openai-imagenet")
     assert len(task.classes) == 1000 and len(task.templates) == 80
     assert [y for _, y in task.items()] == [1, 1, 744]
     # a file that happens to be called like a shortcut is still reachable as ./NAME
     monkeypatch.chdir(tmp_path)
     Path("imagenet").write_text(json.dumps(["a", "b"]))
-    assert evaluate.option_classes("./imagenet")[0] == ["a", "b"]
-    assert len(evaluate.option_classes("imagenet")[0]) == 1000
+    assert tasks.option_classes("./imagenet")[0] == ["a", "b"]
+    assert len(tasks.option_classes("imagenet")[0]) == 1000
 
 
 def test_imagenet_shortcuts_end_to_end(env, tmp_path, capsys):

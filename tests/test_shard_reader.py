@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mode_fast import cli, evaluate
+from mode_fast import cli, tasks
 from mode_fast.data import io as dio
 from mode_fast.data import loader as L
 
@@ -117,9 +117,9 @@ def test_every_job_reads_the_same_samples_from_odd_members(tmp_path):
     assert sorted(zip(batch["keys"], batch["texts"])) == sorted(zip(EXPECTED_KEYS, EXPECTED_CAPTIONS))
 
     # eval: labels in record order, captions for retrieval
-    task = evaluate.load_task(str(folder))
+    task = tasks.load_task(str(folder))
     assert [y for _, y in task.items()] == [0, 1, 2, 3]
-    rtask = evaluate.load_retrieval_task(str(folder))
+    rtask = tasks.load_retrieval_task(str(folder))
     assert [c for _, c in rtask.items()] == EXPECTED_CAPTIONS
     assert task.reads.read == rtask.reads.read == 4 and task.reads.skipped_total == 0
 
@@ -146,7 +146,7 @@ def test_duplicates_finds_no_copied_shard_walker():
         text=True,
         check=True,
     ).stdout
-    walkers = ("data/io.py", "data/loader.py", "evaluate.py", "pipeline.py")
+    walkers = ("data/io.py", "data/loader.py", "tasks.py", "pipeline.py")
     rows = [line for line in out.splitlines() if re.match(r"D\d+ ", line)]
     shared = [r for r in rows if sum(w in r for w in walkers) >= 2 and len({w for w in walkers if w in r}) == 2]
     assert shared == [], out
@@ -186,13 +186,13 @@ def test_training_loader_reads_every_other_sample_and_reports_the_skip(tmp_path)
 
 def test_eval_tasks_read_every_other_sample_and_report_the_skip(tmp_path, caplog):
     shard = damaged_pool(tmp_path / "pool")
-    task = evaluate.load_task(str(tmp_path / "pool"))
+    task = tasks.load_task(str(tmp_path / "pool"))
     labels = [y for _, y in task.items()]
     assert labels == [i % 4 for i in range(200) if i != 33]
     assert task.reads.read == 199 and task.reads.skipped == {"corrupt_member": 1}
     assert task.reads.skips_dict()["skipped_by_shard"] == {str(shard): {"corrupt_member": 1}}
     assert any("damaged tar" in r.getMessage() and "pool-000.tar" in r.getMessage() for r in caplog.records)
-    rtask = evaluate.load_retrieval_task(str(tmp_path / "pool"))
+    rtask = tasks.load_retrieval_task(str(tmp_path / "pool"))
     assert len(list(rtask.items())) == 199 and rtask.reads.skipped_total == 1
 
 
