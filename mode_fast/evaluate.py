@@ -296,6 +296,8 @@ def _evaluate(cfg: EvalConfig, plan: _Plan, state: RunState) -> dict[str, Any]:
     _clear_stale(cfg.out, state)
     models = _model_loader(plan, cfg.device)
     ensembler = _ensembler_loader(plan, cfg)
+    if not all(state.is_done(_weights_unit(t.name)) for t in plan.tasks):
+        ensembler()  # first: an encoder that cannot be rebuilt fails before any scoring
     for i, task in enumerate(plan.tasks):
         state.where = f"scoring {task.name} (task {i + 1}/{len(plan.tasks)})"
         _score_task(cfg, plan, task, state, models)
