@@ -97,7 +97,7 @@ def _same_as(reference: Path, out: Path) -> None:
 def test_sigkill_at_random_writes_then_rerun_is_identical(env, reference, tmp_path):
     out = tmp_path / "out"
     rng = random.Random()
-    kills = [(mode, rng.randint(1, WRITES)) for mode in ("before", "after", "before")]  # named if the test fails
+    kills = [(mode, rng.randint(1, WRITES)) for mode in ("before", "after")]  # named if the test fails
     codes = []
     for mode, n in kills:
         p = subprocess.run([sys.executable, "-c", KILLER, mode, str(n), *_cli_args(env, out)], env=_env(),
@@ -210,3 +210,16 @@ def test_unwritable_out_is_one_line_naming_the_path(env, tmp_path, capsys):
     assert cli.main(["eval", *_cli_args(env, blocker / "out")]) == 2
     lines = _one_line(capsys.readouterr().err)
     assert len(lines) == 1 and f"cannot write {blocker / 'out'}" in lines[0], lines
+
+
+def test_results_without_a_run_manifest_stop(env, reference, tmp_path, capsys):
+    """An --out written by an eval from before run.json: one line and the way out, nothing
+    left behind that would make the next run take it for this one's."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / MANIFEST).unlink()
+    before = _files(out, with_mtime=True)
+    assert eval_cli(env, out, *_tasks(env)) == 2
+    lines = _one_line(capsys.readouterr().err)
+    assert len(lines) == 1 and f"{out} holds an eval run without run.json" in lines[0] and "--overwrite" in lines[0]
+    assert _files(out, with_mtime=True) == before
