@@ -280,11 +280,11 @@ def _read_results(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} cannot be read ({e}): rerun with --overwrite to start over") from e
 
 
-def _read_unit(path: Path) -> dict[str, np.ndarray]:
-    """A stored unit (written atomically by this job, so damage is someone else's)."""
+def _read_unit(path: Path, *keys: str) -> list[np.ndarray]:
+    """Arrays of a stored unit (written atomically by this job, so damage is someone else's)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return [z[k] for k in keys]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ConfigError(
             f"{path} cannot be read ({e}): rerun with --overwrite to start over, or use another --out"
@@ -379,7 +379,7 @@ def _weigh_task(cfg: EvalConfig, plan: _Plan, task: Task, state: RunState, ensem
     if task.kind == "classification":
         weights, groups = ens.weights(task.classes, task.templates)
     else:
-        captions = _read_unit(_score_path(cfg.out, task.name, plan.experts[0][0]))["targets"].tolist()
+        captions = _read_unit(_score_path(cfg.out, task.name, plan.experts[0][0]), "targets")[0].tolist()
         weights, groups = ens.weights(captions)
     name = getattr(ens.embedder, "name", str(cfg.embedder))
     path = _weights_path(cfg.out, task.name)
@@ -388,23 +388,19 @@ def _weigh_task(cfg: EvalConfig, plan: _Plan, task: Task, state: RunState, ensem
 
 
 def _assemble(cfg: EvalConfig, plan: _Plan) -> dict[str, Any]:
-    """results.json from the stored units alone, so a resumed run ends as an unbroken one."""
+    """results.json from the stored units alone, so a resumed run ends as an unbroken one
+    (one task's scores in memory at a time)."""
     experts = [name for name, _ in plan.experts]
-    singles = [name for name, _ in plan.singles]
-    units = {
-        t.name: {name: _read_unit(_score_path(cfg.out, t.name, name)) for name, _ in plan.models} for t in plan.tasks
-    }
-    weights = {t.name: _read_unit(_weights_path(cfg.out, t.name)) for t in plan.tasks}
     first = plan.tasks[0].name
-    scales = {name: float(units[first][name]["logit_scale"]) for name, _ in plan.models}
+    scales = {name: float(_read_unit(_score_path(cfg.out, first, name), "logit_scale")[0]) for name, _ in plan.models}
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "run": str(cfg.run),
         "clusters": str(plan.folder.centers_path),
         "n_experts": len(experts),
-        "embedder": str(weights[first]["embedder"]),
+        "embedder": str(_read_unit(_weights_path(cfg.out, first), "embedder")[0]),
         "experts": {name: str(path) for name, path in plan.experts},
-        "single_models": singles,
+        "single_models": [name for name, _ in plan.singles],
         "single_model_checkpoints": {name: str(path) for name, path in plan.singles},
         "device": cfg.device,
         "ensemble_inputs": cfg.ensemble_inputs,
@@ -413,16 +409,16 @@ def _assemble(cfg: EvalConfig, plan: _Plan) -> dict[str, Any]:
         "retrieval": {},
     }
     for task in plan.tasks:
-        stored, w = units[task.name], weights[task.name]
-        scores = {name: u["scores"] for name, u in stored.items()}
-        pair = (w["weights"], w["groups"])
+        scores = {name: _read_unit(_score_path(cfg.out, task.name, name), "scores")[0] for name, _ in plan.models}
+        targets, reads = _read_unit(_score_path(cfg.out, task.name, experts[0]), "targets", "reads")
+        weights, groups = _read_unit(_weights_path(cfg.out, task.name), "weights", "groups")
+        pair = (weights, groups)
         if task.kind == "classification":
-            labels = stored[experts[0]]["targets"]
-            summary = classification_summary(task, scores, labels, experts, pair, scales, cfg.ensemble_inputs)
+            summary = classification_summary(task, scores, targets, experts, pair, scales, cfg.ensemble_inputs)
         else:
             summary = retrieval_summary(task, scores, experts, pair, scales, cfg.ensemble_inputs)
         section = "tasks" if task.kind == "classification" else "retrieval"
-        results[section][task.name] = summary | json.loads(str(stored[experts[0]]["reads"]))
+        results[section][task.name] = summary | json.loads(str(reads))
     _averages(results)
     return results
 
