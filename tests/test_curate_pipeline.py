@@ -296,7 +296,7 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path, meta, make_pool):
 
 
 def test_crash_in_pass_two_leaves_no_manifest_then_resumes(tmp_path, meta, make_pool, monkeypatch):
-    import mode_fast.curate as C
+    import mode_fast.curation as C
 
     make_pool(tmp_path / "pool", make_records(300), 3)
     clean = tmp_path / "clean"

@@ -516,6 +516,26 @@ def _caption_from_sample(sample: dict[str, Any], caption_key: str) -> tuple[Any,
     return None, None
 
 
+def lone_surrogate_caption(record: Record, caption_key: str, path: str | os.PathLike) -> str | None:
+    """The caption of a record `read_shard` skipped as ``invalid_utf8`` only because its
+    JSON text holds lone surrogates ("\\ud800" escapes), which MetaCLIP 2 matches on its
+    other characters (mode_fast.worldwide); None for any other record or skip (undecodable
+    bytes, a bad key, parquet, whose strings are valid UTF-8 by construction)."""
+    if record.skip_reason != "invalid_utf8" or not _utf8_encodable(record.key):
+        return None
+    sample = record.sample or {}
+    fmt = shard_format(path)
+    if fmt == "jsonl":
+        raw = sample.get(caption_key)
+    elif fmt == "tar":
+        raw, reason = _caption_from_sample(sample, caption_key)
+        if reason is not None:
+            return None
+    else:
+        return None
+    return raw if isinstance(raw, str) and not _utf8_encodable(raw) else None
+
+
 def _read_tar(path: Path, caption_key: str) -> Iterator[Record]:
     scan = TarScan(path)
     for group in scan:
