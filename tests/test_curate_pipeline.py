@@ -15,9 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from matching_reference import naive_match
 
-from mode_fast.cli import main
-from mode_fast.curate import (
-    curate,
+from mode_fast.balance import (
     entry_probabilities,
     expected_kept,
     key_hashes,
@@ -25,6 +23,8 @@ from mode_fast.curate import (
     record_scores,
     solve_t,
 )
+from mode_fast.cli import main
+from mode_fast.curate import curate
 from mode_fast.data.io import ShardError, read_shard
 
 METADATA = [

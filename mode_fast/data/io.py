@@ -19,7 +19,8 @@ Bad input is a record with ``caption=None`` and a ``skip_reason``, never an exce
 surrogates), ``caption_not_text``, ``bad_json``, ``bad_key`` (a key with a line break,
 which kept_keys.txt could not hold), ``corrupt_member`` (see below), and one pseudo-record
 ``corrupt_tar_tail`` (key "", not a sample, no index) when a tar ends in damage. A shard
-that cannot be read at all raises `ShardError` naming the file.
+that cannot be read at all raises `ShardError` naming the file. MetaCLIP 2 matches a caption
+with lone surrogates on its other characters: `lone_surrogate_caption` gives it back.
 
 Tar members and keys (the one key rule; `member_key`, used by every job through `TarScan`):
 - a member's key is its name up to the first dot of the last path component, its
