@@ -5,7 +5,8 @@ A file is written to a temporary name beside its target (``.<name>.<random>.tmp`
 umask gives any other new file (mkstemp would leave 0600), renamed over the target, and
 the folder is fsynced so the rename survives a power cut. A reader sees the old file or
 the whole new one, never half of one. A full or read-only disk raises `OutputError`
-naming the path, with the temporary removed.
+naming the path, with the temporary removed. `sha256_file` is the one hash of a
+file's bytes (curate's stamps and manifest).
 """
 
 from __future__ import annotations
@@ -133,6 +134,17 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
 
     with atomic_write(path) as f:
         np.savez(f, **arrays)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

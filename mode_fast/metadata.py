@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from mode_fast.errors import InputError
@@ -44,7 +45,9 @@ class MetadataError(InputError):
     """A metadata file that cannot be used as it is; the message names file and index."""
 
 
-def _read_json(path: Path) -> object:
+def read_metadata_json(path: Path) -> object:
+    """The JSON in a metadata file (.json or .json.gz, a UTF-8 BOM allowed), unvalidated;
+    an unreadable, truncated or non-JSON file raises MetadataError naming it."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
@@ -88,7 +91,18 @@ def validate_metadata(entries: object, source: str = "metadata") -> list[str]:
 def load_metadata(path: str | os.PathLike | None = None) -> list[str]:
     """The shipped WordNet list (None) or a validated MetaCLIP-style metadata.json[.gz]."""
     p = DEFAULT_METADATA if path is None else Path(path)
-    return validate_metadata(_read_json(p), str(p))
+    return validate_metadata(read_metadata_json(p), str(p))
+
+
+def load_metadata_from(metadata: str | os.PathLike | Sequence[str] | None) -> tuple[list[str], str]:
+    """(validated entries, where they came from) for a metadata.json path, a list given
+    in code, or None (the shipped WordNet list)."""
+    if metadata is None:
+        return load_metadata(None), "mode_fast default (WordNet 3.0)"
+    if isinstance(metadata, (str, os.PathLike)):
+        return load_metadata(metadata), str(metadata)
+    entries = validate_metadata(list(metadata), "metadata list")
+    return entries, f"list of {len(entries)} entries given in code"
 
 
 def metadata_sha256(entries: list[str]) -> str:

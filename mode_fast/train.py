@@ -74,8 +74,15 @@ DEFAULT_CAPTION_KEY = "caption"  # curate's and cluster's default: .json field o
 
 
 # --------------------------------------------------------------------------- arguments
-# --------------------------------------------------------------------------- arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _data_arguments(parser)
+    _stage_arguments(parser)
+    _model_arguments(parser)
+    _optimisation_arguments(parser)
+    _run_arguments(parser)
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -121,6 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
 
+
+def _stage_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("MoDE stage")
     g.add_argument(
         "--stage",
@@ -141,7 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the seed model to fork experts from (default: OUT/seed/checkpoints/final.pt)",
     )
 
-    g = parser.add_argument_group("model and optimisation")
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
     g.add_argument(
         "--model",
         default="mode-fast-tiny",
@@ -159,6 +170,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="drop this share of image patches in training (FLIP; open_clip's force_patch_dropout)",
     )
+    g.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
+
+
+def _optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=64, help="per process (default: %(default)s)")
     g.add_argument(
         "--epochs",
@@ -185,10 +203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=1e-6)
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
     g.add_argument("--grad-clip-norm", type=float, default=1.0, help="0 disables (default: %(default)s)")
-    g.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU"
-    )
 
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--out", type=Path, required=True, help="run folder; this job writes OUT/seed or OUT/expert_K")
     g.add_argument("--seed", type=int, default=0)
@@ -308,6 +325,7 @@ class TrainConfig:
     def result_config(self, world_size: int) -> dict[str, Any]:
         """The settings that change the trained weights: a resumed job must have the same."""
         cfg = {k: getattr(self, k) for k in _RESULT_ARGS}
+        cfg |= {k: getattr(self, k) for k, default in _ADDED_RESULT_ARGS.items() if getattr(self, k) != default}
         cfg["data"] = list(self.data)
         cfg["global_batch"] = self.batch_size * world_size
         return json.loads(json.dumps(cfg, default=str))  # Paths -> str, tuples -> lists
@@ -340,6 +358,11 @@ _RESULT_ARGS = (
     "precision",
     "seed",
 )
+# Result-changing arguments added after run.json and checkpoints first recorded the others,
+# with their defaults: recorded only when not at the default, so a run made before the field
+# existed (which ran at the default) reads as the default and continues, and a changed value
+# stops the rerun naming the flag like any other.
+_ADDED_RESULT_ARGS = {"deterministic": False}
 
 
 def _resolve_stage(stage: str | None, expert: int | None, clusters: Path | None) -> str:

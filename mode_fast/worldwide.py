@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mode_fast.balance import head_entries, tail_entries
 from mode_fast.errors import ConfigError
-from mode_fast.metadata import MetadataError, _read_json, validate_metadata
+from mode_fast.metadata import MetadataError, read_metadata_json, validate_metadata
 
 ENGLISH = "en"
 UNKNOWN_LANGUAGE = ""  # empty caption: no language to route to
@@ -60,9 +61,9 @@ def load_language_metadata(path: str | os.PathLike) -> dict[str, list[str]]:
             code = _check_code(f.name.removesuffix(".gz").removesuffix(".json"), str(f))
             if code in out:
                 raise MetadataError(f"{f}: language {code!r} has both a .json and a .json.gz list")
-            out[code] = validate_metadata(_read_json(f), str(f))
+            out[code] = validate_metadata(read_metadata_json(f), str(f))
     else:
-        obj = _read_json(p)
+        obj = read_metadata_json(p)
         if not isinstance(obj, dict):
             raise MetadataError(
                 f"{p}: expected a folder of <lang>.json lists or a JSON object mapping language to "
@@ -343,29 +344,6 @@ class LanguageMatchers:
         return {lang: counts[self.bases[lang] : self.bases[lang] + self.sizes[lang]] for lang in self.languages}
 
 
-def lone_surrogate_caption(record: object, caption_key: str, path: str | os.PathLike) -> str | None:
-    """The caption of a record the shard reader skipped as invalid_utf8 because its JSON
-    text holds lone surrogates ("\\ud800" escapes), which MetaCLIP 2 matches on its other
-    characters; None for any other skip (undecodable bytes, a bad key)."""
-    from mode_fast.data import io as data_io
-
-    if getattr(record, "skip_reason", None) != "invalid_utf8":
-        return None
-    key, sample = getattr(record, "key", ""), getattr(record, "sample", None) or {}
-    if not data_io._utf8_encodable(key):
-        return None
-    fmt = data_io.shard_format(path)
-    if fmt == "jsonl":
-        raw = sample.get(caption_key)
-    elif fmt == "tar":
-        raw, reason = data_io._caption_from_sample(sample, caption_key)
-        if reason is not None:
-            return None
-    else:  # parquet strings are valid UTF-8 by construction
-        return None
-    return raw if isinstance(raw, str) and not data_io._utf8_encodable(raw) else None
-
-
 def probabilities(counts: np.ndarray, thresholds: dict[str, float], matchers: LanguageMatchers) -> np.ndarray:
     """Per-entry probability t_lang / max(count, t_lang) (MetaCLIP 2's count_to_prob),
     global ids; an entry with count 0 gets 1 (it never matched, so it never matters)."""
@@ -398,7 +376,8 @@ def match_captions(
 
 class WorldwideBalance:
     """MetaCLIP 2's balancing over one pool: per-language counts and thresholds, each
-    record kept iff its score (curate.record_scores on global ids) < its language's t."""
+    record kept iff its score (`mode_fast.balance.record_scores` on global ids) < its
+    language's t. The methods are `mode_fast.balance.PoolBalance`'s, with t English's."""
 
     def __init__(self, matchers: LanguageMatchers, counts: np.ndarray, scores: np.ndarray, langs: np.ndarray) -> None:
         self.matchers = matchers
@@ -415,24 +394,34 @@ class WorldwideBalance:
         per_code = np.array([thresholds.get(str(c), -np.inf) for c in self.codes], dtype=np.float64)
         return per_code[self.inverse] if len(self.inverse) else np.zeros(0)
 
-    def kept(self, t_en: float) -> int:
-        return int((self.scores < self.record_thresholds(self.thresholds(t_en))).sum())
+    def record_t(self, t_en: float) -> np.ndarray:
+        """The threshold each record's score is compared with: its language's t."""
+        return self.record_thresholds(self.thresholds(t_en))
 
-    def solve(self, target_size: int) -> tuple[float, int]:
+    def kept(self, t_en: float) -> int:
+        return int((self.scores < self.record_t(t_en)).sum())
+
+    def solve(self, target_size: int) -> float:
+        """The English t keeping `target_size` records in all (or the largest keeping fewer:
+        solve_english_t)."""
         scores_by_lang = {
             lang: self.scores[self.inverse == np.searchsorted(self.codes, lang)] if lang in self.codes else np.zeros(0)
             for lang in self.matchers.languages
         }
-        return solve_english_t(self.counts_by_lang, scores_by_lang, target_size)
+        return solve_english_t(self.counts_by_lang, scores_by_lang, target_size)[0]
 
-    def probabilities(self, thresholds: dict[str, float]) -> np.ndarray:
-        return probabilities(self.counts, thresholds, self.matchers)
+    def probabilities(self, t_en: float) -> np.ndarray:
+        return probabilities(self.counts, self.thresholds(t_en), self.matchers)
 
-    def summary(
-        self, thresholds: dict[str, float], metadata: dict[str, list[str]], head: object, tail: object, n: int = 20
-    ) -> dict[str, object]:
+    def entries_over_t(self, t_en: float) -> int:
+        """Entries whose count exceeds their language's t."""
+        thresholds = self.thresholds(t_en)
+        return sum(int((c > thresholds[lang]).sum()) for lang, c in self.counts_by_lang.items())
+
+    def summary(self, t_en: float, metadata: dict[str, list[str]], n: int = 20) -> dict[str, object]:
         """Per language: pool size, matched, kept, t, entries, head/tail entries (ids
         within the language's own list); languages without metadata, counted."""
+        thresholds = self.thresholds(t_en)
         keep = self.scores < self.record_thresholds(thresholds)
         matched = np.isfinite(self.scores)
         languages: dict[str, object] = {}
@@ -454,8 +443,8 @@ class WorldwideBalance:
                 "entries": len(c),
                 "entry_id_offset": self.matchers.bases[lang],
                 "entries_with_count_over_t": int((c > thresholds[lang]).sum()),
-                "head_entries": head(metadata[lang], c, n),  # type: ignore[operator]
-                "tail_entries": tail(metadata[lang], c, n),  # type: ignore[operator]
+                "head_entries": head_entries(metadata[lang], c, n),
+                "tail_entries": tail_entries(metadata[lang], c, n),
             }
         for code, count in zip(self.codes, pool):
             if str(code) not in self.matchers.sizes:

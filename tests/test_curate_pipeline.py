@@ -15,9 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from matching_reference import naive_match
 
-from mode_fast.cli import main
-from mode_fast.curate import (
-    curate,
+from mode_fast.balance import (
     entry_probabilities,
     expected_kept,
     key_hashes,
@@ -25,6 +23,8 @@ from mode_fast.curate import (
     record_scores,
     solve_t,
 )
+from mode_fast.cli import main
+from mode_fast.curate import curate
 from mode_fast.data.io import ShardError, read_shard
 
 METADATA = [
@@ -296,7 +296,7 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path, meta, make_pool):
 
 
 def test_crash_in_pass_two_leaves_no_manifest_then_resumes(tmp_path, meta, make_pool, monkeypatch):
-    import mode_fast.curate as C
+    import mode_fast.curation as C
 
     make_pool(tmp_path / "pool", make_records(300), 3)
     clean = tmp_path / "clean"

@@ -80,7 +80,7 @@ def _curate(pool, out, folder, **kw):
 
 
 def test_counts_thresholds_and_kept_set_against_reference(tmp_path, world):
-    from mode_fast.curate import key_hashes, record_scores
+    from mode_fast.balance import key_hashes, record_scores
 
     pool, folder, meta, records = world
     summary = _curate(pool, tmp_path / "out", folder, t=4)

@@ -223,3 +223,38 @@ def test_checkpoints_by_wall_time(pool, tmp_path):
         ]
     )  # fmt: skip  (default: minutes, so none in 3 quick steps)
     assert not (tmp_path / "b/seed/checkpoints/latest.pt").exists()
+
+
+def _short(pool: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(pool / "shards"), "--out", str(out), "--steps", "2", "--checkpoint-minutes", "0", *extra]
+
+
+def test_deterministic_is_a_result_argument(pool, tmp_path, capsys):
+    """--deterministic changes the loss kernels' sums, so a rerun that changes it stops like
+    any result-changing argument, in either direction; the same command is a no-op."""
+    for recorded, rerun in (([], ["--deterministic"]), (["--deterministic"], [])):
+        out = tmp_path / ("on" if recorded else "off")
+        run_train(_short(pool, out, *recorded))
+        capsys.readouterr()
+        assert cli.main(["train", *BASE, *_short(pool, out, *rerun)]) == 2
+        lines = _one_line(capsys.readouterr().err)
+        assert len(lines) == 1 and "--deterministic" in lines[0] and "--overwrite" in lines[0], lines
+    assert cli.main(["train", *BASE, *_short(pool, tmp_path / "on", "--deterministic")]) == 0  # finished: a no-op
+    manifest = json.loads((tmp_path / "on/seed" / MANIFEST).read_text())
+    assert manifest["args"]["--deterministic"] is True
+
+
+def test_a_run_recorded_before_deterministic_existed_continues(pool, tmp_path):
+    """A run folder written before --deterministic was a recorded argument (run.json and the
+    checkpoint's config lack it) continues when the flag is at its default."""
+    out, job = tmp_path / "old", tmp_path / "old/seed"
+    run_train(_short(pool, out, "--save-every", "1", "--stop-at-step", "1"))  # a kill after step 1
+    manifest = json.loads((job / MANIFEST).read_text())
+    manifest["args"].pop("--deterministic", None)  # as an older mode-fast wrote it
+    (job / MANIFEST).write_text(json.dumps(manifest))
+    ckpt = torch.load(job / "checkpoints/latest.pt", map_location="cpu", weights_only=True)
+    ckpt["config"].pop("deterministic", None)
+    torch.save(ckpt, job / "checkpoints/latest.pt")
+    assert run_train(_short(pool, out)) == job / "checkpoints/final.pt"
+    assert [r["step"] for r in metrics(job)] == [1, 2]  # continued at step 1, not restarted
+    assert json.loads((job / MANIFEST).read_text())["finished"]

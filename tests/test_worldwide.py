@@ -191,8 +191,7 @@ def test_language_matchers_route_and_use_global_ids(tmp_path):
 
 
 def test_lone_surrogate_caption_recovered_from_jsonl_only(tmp_path):
-    from mode_fast.data.io import read_shard
-    from mode_fast.worldwide import lone_surrogate_caption
+    from mode_fast.data.io import lone_surrogate_caption, read_shard
 
     shard = tmp_path / "a.jsonl"
     shard.write_text(

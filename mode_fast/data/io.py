@@ -19,7 +19,8 @@ Bad input is a record with ``caption=None`` and a ``skip_reason``, never an exce
 surrogates), ``caption_not_text``, ``bad_json``, ``bad_key`` (a key with a line break,
 which kept_keys.txt could not hold), ``corrupt_member`` (see below), and one pseudo-record
 ``corrupt_tar_tail`` (key "", not a sample, no index) when a tar ends in damage. A shard
-that cannot be read at all raises `ShardError` naming the file.
+that cannot be read at all raises `ShardError` naming the file. MetaCLIP 2 matches a caption
+with lone surrogates on its other characters: `lone_surrogate_caption` gives it back.
 
 Tar members and keys (the one key rule; `member_key`, used by every job through `TarScan`):
 - a member's key is its name up to the first dot of the last path component, its
@@ -514,6 +515,26 @@ def _caption_from_sample(sample: dict[str, Any], caption_key: str) -> tuple[Any,
     if caption_key == "caption" and "txt" in sample:
         return sample["txt"], None
     return None, None
+
+
+def lone_surrogate_caption(record: Record, caption_key: str, path: str | os.PathLike) -> str | None:
+    """The caption of a record `read_shard` skipped as ``invalid_utf8`` only because its
+    JSON text holds lone surrogates ("\\ud800" escapes), which MetaCLIP 2 matches on its
+    other characters (mode_fast.worldwide); None for any other record or skip (undecodable
+    bytes, a bad key, parquet, whose strings are valid UTF-8 by construction)."""
+    if record.skip_reason != "invalid_utf8" or not _utf8_encodable(record.key):
+        return None
+    sample = record.sample or {}
+    fmt = shard_format(path)
+    if fmt == "jsonl":
+        raw = sample.get(caption_key)
+    elif fmt == "tar":
+        raw, reason = _caption_from_sample(sample, caption_key)
+        if reason is not None:
+            return None
+    else:
+        return None
+    return raw if isinstance(raw, str) and not _utf8_encodable(raw) else None
 
 
 def _read_tar(path: Path, caption_key: str) -> Iterator[Record]:
