@@ -157,7 +157,7 @@ def test_near_duplicates_copy_an_earlier_caption_of_the_same_class(sample_dir: P
 
 
 def test_caption_colours_are_the_colours_drawn(sample_dir: Path) -> None:
-    checked = 0
+    checked = with_colour = 0
     for s, m in zip(_pool(sample_dir), _metas(_pool(sample_dir))):
         if m["domain"] != "shapes" or m["caption_kind"] != "clean":
             continue
@@ -165,10 +165,14 @@ def test_caption_colours_are_the_colours_drawn(sample_dir: Path) -> None:
         bg, fg = (np.asarray(sample_module.COLOURS[m[k]], dtype=np.float32) for k in ("bg_colour", "fg_colour"))
         near_bg = (np.abs(pixels - bg).max(1) < 60).mean()
         near_fg = (np.abs(pixels - fg).max(1) < 60).mean()
-        assert near_bg > 0.25 and near_fg > 0.05, m  # a shape covers about 10-65% of the frame
-        assert m["fg_colour"] in m["caption"]  # every shapes template names the colour drawn
+        assert near_bg > 0.1 and near_fg > 0.1, m  # a shape covers about 25-70% of the frame
+        # a caption names the colours drawn or none (most name none: COLOUR_CAPTION_RATE)
+        named = {w for w in _words(m["caption"]) if w in sample_module.COLOURS}
+        assert named <= {m["fg_colour"], m["bg_colour"]}, m
+        with_colour += bool(named)
         checked += 1
     assert checked > 50
+    assert 0.1 < with_colour / checked < 0.5
 
 
 def test_captions_hit_metadata_except_noise(sample_dir: Path, matcher) -> None:

@@ -17,10 +17,12 @@ fg_colour, bg_colour``; the caption is always a clean one, for retrieval-style c
 
 What is in it:
 - Four visual domains with different image statistics, four classes each (``DOMAINS``):
-  flat shapes on a plain background, full-frame periodic textures, dark glyphs on light
-  paper, and banded colour scenes. Labels are global (0..15); ``DOMAINS`` groups them.
-- Captions built from WordNet lemmas (the shipped MetaCLIP metadata): colour words that are
-  the colours actually drawn, several surface forms per class ("checkered pattern",
+  large light shapes on a dark plain background, full-frame periodic textures in any two
+  colours, bold dark glyphs on light paper, and banded scenes under a random light (brightness
+  and colour cast). Labels are global (0..15); ``DOMAINS`` groups them.
+- Captions built from WordNet lemmas (the shipped MetaCLIP metadata): in a
+  ``COLOUR_CAPTION_RATE`` share of shapes/textures/glyphs captions, colour words that are
+  the colours actually drawn; several surface forms per class ("checkered pattern",
   "chessboard"), domain words, and suffix phrases whose words are Zipf-distributed over
   long lists, so curation has heads and a long tail to balance. Multi-word and overlapping
   entries appear ("hot dog", "polka dot", "coffee shop"). Pool captions average ~65 bytes.
@@ -66,7 +68,7 @@ from PIL import Image, ImageDraw, ImageFont
 from mode_fast.files import atomic_write, write_json
 
 # Bump when the same arguments would give different bytes: an older output is then rewritten.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 DOMAINS: dict[str, list[str]] = {
     "shapes": ["circle", "square", "triangle", "cross"],
@@ -86,6 +88,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # Glyphs are ink on paper: dark foregrounds, light backgrounds (a different colour statistic).
 GLYPH_INKS = ["black", "blue", "red", "green", "purple", "brown"]
 GLYPH_PAPERS = ["white", "yellow", "pink"]
+# Shapes are light on dark: one polarity, so the outline is the strongest signal in the pixels
+# rather than a random pair of colours (with any two colours, shapes stayed at chance).
+SHAPE_FILLS = ["white", "yellow", "pink", "orange"]
+SHAPE_GROUNDS = ["black", "blue", "purple", "brown"]
 
 # Caption surface forms per class (first = class name); every word is a WordNet lemma or
 # an inflection of one, so metadata matching finds something in every clean caption.
@@ -126,6 +132,18 @@ DOMAIN_TEMPLATES: dict[str, list[str]] = {
     "scenes": ["{obj} at {time}", "a view of the {obj} under a {sky} sky", "{obj} landscape with {extra}",
                "panorama of a {obj}, {extra}", "{time} over the {obj}"],
 }  # fmt: skip
+# The same without colour words. While every caption named two random colours, shapes and
+# textures stayed at chance for every model (issue 16): the colours were the easy signal to
+# align. So only a COLOUR_CAPTION_RATE share of shapes/textures/glyphs captions names them.
+PLAIN_TEMPLATES: dict[str, list[str]] = {
+    "shapes": ["a {obj} icon", "simple {obj} symbol", "a {obj} drawn on paper", "flat {obj} clip art",
+               "{obj} sticker design"],
+    "textures": ["{obj} texture sample", "seamless {obj} background", "{obj} fabric swatch",
+                 "wallpaper with a {obj} design", "{obj} print on cloth"],
+    "glyphs": ["the {obj} on a sign", "{obj} in ink on a card", "font sample: {obj}", "{obj} printed on paper",
+               "a {obj} stamp"],
+}  # fmt: skip
+COLOUR_CAPTION_RATE = 0.3
 PREFIXES = [
     "",
     "a photo of",
@@ -231,8 +249,9 @@ def _zipf(items: Sequence[str], exponent: float = 1.1) -> _Choices:
 
 
 _UNIFORM_CLASS = _Choices(range(len(CLASS_NAMES)))
-_CLASS_WORDS = {name: _Choices(words, [2.0] + [1.0] * (len(words) - 1)) for name, words in CLASS_WORDS.items()}
+_CLASS_WORDS = {name: _Choices(words, [3.0] + [1.0] * (len(words) - 1)) for name, words in CLASS_WORDS.items()}
 _TEMPLATES = {domain: _Choices(templates) for domain, templates in DOMAIN_TEMPLATES.items()}
+_PLAIN_TEMPLATES = {domain: _Choices(templates) for domain, templates in PLAIN_TEMPLATES.items()}
 _PREFIXES = _zipf(PREFIXES, 0.8)
 _CONNECTORS = _zipf(CONNECTORS, 0.8)
 _TAIL_ADJECTIVES = _zipf(TAIL_ADJECTIVES)
@@ -241,6 +260,7 @@ _TAIL_COUNT = _Choices(TAIL_PHRASE_COUNTS, TAIL_PHRASE_WEIGHTS)
 _BENCHMARK_TAIL_COUNT = _Choices(TAIL_PHRASE_COUNTS, BENCHMARK_TAIL_PHRASE_WEIGHTS)
 _COLOURS = _Choices(list(COLOURS))
 _INKS, _PAPERS = _Choices(GLYPH_INKS), _Choices(GLYPH_PAPERS)
+_FILLS, _GROUNDS = _Choices(SHAPE_FILLS), _Choices(SHAPE_GROUNDS)
 _TRICKY = _Choices(TRICKY_INSERTS)
 _SCENE_EXTRAS = {name: _Choices(extras) for name, extras in SCENE_EXTRAS.items()}
 _SCENE_TIMES, _SCENE_SKIES = _Choices(SCENE_TIMES), _Choices(SCENE_SKIES)
@@ -262,6 +282,8 @@ def _colours_for(label: int, rng: random.Random) -> tuple[str | None, str | None
         return None, None
     if domain == "glyphs":
         return _INKS.pick(rng), _PAPERS.pick(rng)
+    if domain == "shapes":
+        return _FILLS.pick(rng), _GROUNDS.pick(rng)
     fg = _COLOURS.pick(rng)
     bg = _COLOURS.pick(rng)
     while bg == fg:
@@ -277,7 +299,8 @@ def _caption(label: int, fg: str | None, bg: str | None, rng: random.Random, tai
     long-tail suffix phrases drawn from `tail_count`."""
     name = CLASS_NAMES[label]
     domain = DOMAIN_OF_CLASS[label]
-    template: str = _TEMPLATES[domain].pick(rng)
+    coloured = domain not in PLAIN_TEMPLATES or rng.random() < COLOUR_CAPTION_RATE
+    template: str = (_TEMPLATES if coloured else _PLAIN_TEMPLATES)[domain].pick(rng)
     fields = {"obj": _CLASS_WORDS[name].pick(rng), "fg": fg, "bg": bg}
     if domain == "scenes":
         fields |= {
@@ -381,8 +404,8 @@ def _jitter(rgb: Sequence[int], rng: np.random.Generator, spread: float = 12.0) 
 def _draw_shape(name: str, fg: np.ndarray, bg: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     img = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
     draw = ImageDraw.Draw(img)
-    r = size * rng.uniform(0.22, 0.4)
-    cx, cy = size * rng.uniform(0.38, 0.62, size=2)
+    r = size * rng.uniform(0.28, 0.42)  # large: the outline spans several 8-px patches
+    cx, cy = size * rng.uniform(0.4, 0.6, size=2)
     colour = tuple(int(v) for v in fg)
     if name == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
@@ -399,7 +422,7 @@ def _draw_shape(name: str, fg: np.ndarray, bg: np.ndarray, rng: np.random.Genera
 
 def _draw_texture(name: str, fg: np.ndarray, bg: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    freq = rng.uniform(3.0, 6.0)
+    freq = rng.uniform(2.5, 4.5)  # periods of 7-13 px: about one per 8-px patch or more
     phase = rng.uniform(0.0, 2 * np.pi)
     if name == "stripes":
         angle = rng.uniform(0.0, np.pi)
@@ -425,7 +448,7 @@ def _draw_glyph(name: str, fg: np.ndarray, bg: np.ndarray, rng: np.random.Genera
     centre = (size * rng.uniform(0.4, 0.6), size * rng.uniform(0.4, 0.6))
     fill = tuple(int(v) for v in fg)
     if isinstance(font, ImageFont.FreeTypeFont):
-        draw.text(centre, GLYPH_TEXT[name], fill=fill, font=font, anchor="mm")
+        draw.text(centre, GLYPH_TEXT[name], fill=fill, font=font, anchor="mm", stroke_width=1, stroke_fill=fill)
     else:  # bitmap fonts only anchor at the top left
         draw.text((centre[0] - 3, centre[1] - 5), GLYPH_TEXT[name], fill=fill, font=font)
     return np.asarray(img, dtype=np.float32)
@@ -464,11 +487,18 @@ def _draw_scene(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
+def _light(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Time of day: a random brightness and colour cast, so that a scene's mean colour alone
+    does not give its class away (issue 16: every model was at 100% on scenes)."""
+    cast = rng.normal(0.0, 30.0, 3)
+    return img * rng.uniform(0.55, 1.15) + cast
+
+
 def _draw(label: int, fg: str | None, bg: str | None, rng: np.random.Generator, size: int) -> np.ndarray:
     """An RGB uint8 image of class `label` in colours fg on bg (named; None for scenes)."""
     name, domain = CLASS_NAMES[label], DOMAIN_OF_CLASS[label]
     if domain == "scenes":
-        img = _draw_scene(name, rng, size)
+        img = _light(_draw_scene(name, rng, size), rng)
     else:
         assert fg is not None and bg is not None
         fg_rgb, bg_rgb = _jitter(COLOURS[fg], rng), _jitter(COLOURS[bg], rng)
