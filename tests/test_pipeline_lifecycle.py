@@ -1,0 +1,178 @@
+"""The demo under the one lifecycle rule (issue 13), on the quick settings, stopped early:
+a SIGKILLed demo takes its running step along; the rerun skips the finished steps and runs
+the killed one again (which continues by its own rule); a second demo on the same --out
+stops at once naming the holder; SIGINT ends the demo with one line, exit 130; a rerun
+with other settings stops naming the field and the way out."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mode_fast.runs import recorded_finished
+
+ROOT = Path(__file__).resolve().parents[1]
+PROG = "python -m mode_fast.pipeline"
+
+
+class Demo:
+    """`python -m mode_fast.pipeline --out OUT [--quick]` as a process, its output collected."""
+
+    def __init__(self, out: Path, quick: bool = True) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "mode_fast.pipeline", "--out", str(out)] + (["--quick"] if quick else [])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, done, what: str, timeout: float = 300) -> None:
+        end = time.monotonic() + timeout
+        while not done():
+            assert self.proc.poll() is None, f"the demo ended ({self.proc.returncode}) before {what}:\n{self.text}"
+            assert time.monotonic() < end, f"no {what} after {timeout} s:\n{self.text}"
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 120) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        return code
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in found]
+        found.update(kids)
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent's wait is missing
+
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A quick demo SIGKILLed while it trains the seed (its step's run.json written, the
+    step not finished); returns (out, the processes below the demo at the kill, kill time)."""
+    out = tmp_path_factory.mktemp("life") / "demo"
+    demo = Demo(out)
+    seed = out / "run" / "seed"
+    demo.wait_for(lambda: (seed / "run.json").is_file(), "train seed's run.json")
+    below = descendants(demo.proc.pid)
+    demo.proc.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert demo.finish() == -signal.SIGKILL
+    assert below, "the step's process was not found"
+    assert not recorded_finished(seed), "the seed finished before the kill: not a kill mid-step"
+    return out, below, killed_at
+
+
+def test_sigkill_of_the_demo_leaves_no_step_process(killed):
+    _, below, killed_at = killed
+    while any(alive(p) for p in below) and time.monotonic() - killed_at < 10:
+        time.sleep(0.2)
+    assert [p for p in below if alive(p)] == []
+
+
+@pytest.fixture(scope="module")
+def rerun(killed):
+    """The same command again, with a second demo started on the same --out while it runs;
+    SIGINT once it has continued past the killed step into the first expert."""
+    out, _, _ = killed
+    demo = Demo(out)
+
+    def holder() -> int | None:
+        try:
+            return json.loads((out / ".lock").read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    demo.wait_for(lambda: holder() == demo.proc.pid, "the lock naming the rerun")
+    second = Demo(out)
+    second_code = second.finish()
+    demo.wait_for(lambda: (out / "run" / "expert_0" / "run.json").is_file(), "train expert 0's run.json")
+    below = descendants(demo.proc.pid)
+    demo.proc.send_signal(signal.SIGINT)
+    code = demo.finish()
+    return {"out": out, "demo": demo, "code": code, "second": second, "second_code": second_code, "below": below}
+
+
+def test_second_demo_on_the_same_out_stops_naming_the_holder(rerun):
+    second = rerun["second"]
+    assert rerun["second_code"] == 2
+    assert len(second.lines) == 1, second.text
+    line = second.lines[0]
+    assert line.startswith(f"{PROG}: error: {rerun['out']} is in use by pid {rerun['demo'].proc.pid} on "), line
+    assert line.endswith("): wait for it to finish, or use another --out"), line
+    assert "(started " in line
+
+
+def test_rerun_skips_finished_steps_and_runs_the_killed_one_again(rerun):
+    text, out = rerun["demo"].text, rerun["out"]
+    for name in ("sample", "curate", "cluster"):
+        assert re.search(rf"^skip: {name}: already done \(", text, re.M), text
+    assert "records it finished" in text  # curate and cluster: their own run.json says so
+    assert "skip: train seed" not in text
+    assert re.search(r"^\$ .* train .* --stage seed", text, re.M)
+    assert recorded_finished(out / "run" / "seed")  # the killed step went on to finish
+    demo_run = json.loads((out / "run.json").read_text())
+    assert set(demo_run["units"]) == {"sample", "curate", "cluster", "train seed"}
+    assert demo_run["args"]["--quick"] is True and not demo_run["finished"]
+
+
+def test_sigint_stops_the_demo_with_one_line_and_exit_130(rerun):
+    demo = rerun["demo"]
+    assert rerun["code"] == 130
+    assert demo.lines[-1] == f"{PROG}: interrupted at step train expert 0; rerun the same command to continue"
+    assert "Traceback" not in demo.text
+    assert not recorded_finished(rerun["out"] / "run" / "expert_0")
+    time.sleep(1)
+    assert [p for p in rerun["below"] if alive(p)] == []  # the step got the signal and ended too
+
+
+def test_rerun_with_other_settings_stops_naming_the_field(rerun):
+    """Full settings into the quick run's folder: nothing is mixed, nothing is touched."""
+    out = rerun["out"]
+    before = (out / "run.json").read_bytes()
+    full = Demo(out, quick=False)
+    assert full.finish(60) == 2
+    assert full.lines == [
+        f"{PROG}: error: {out} holds a demo run made with --quick true, this run has --quick false: "
+        "rerun with --overwrite to start over, or use another --out"
+    ]
+    assert (out / "run.json").read_bytes() == before
