@@ -176,3 +176,38 @@ def test_rerun_with_other_settings_stops_naming_the_field(rerun):
         "rerun with --overwrite to start over, or use another --out"
     ]
     assert (out / "run.json").read_bytes() == before
+
+
+DRIVER = """
+import sys
+from pathlib import Path
+from mode_fast import pipeline
+from mode_fast.runs import RunState
+out = Path(sys.argv[1])
+silent = [sys.executable, "-c", "import time; print('step', 'up', flush=True); time.sleep(120)"]
+with RunState.open(out, "probe", inputs={}, args={}) as state, pipeline._Driver(state, []).interrupts() as driver:
+    driver.step(pipeline.Step("silent", silent, out / "never", out))
+"""
+
+
+def test_a_silent_step_dies_with_the_sigkilled_demo(tmp_path):
+    """A step that writes nothing would not notice its reader is gone (no broken pipe): the
+    kernel's parent-death signal is what ends it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    assert driver.stdout is not None
+    first = b""
+    while b"step up" not in first:
+        line = driver.stdout.readline()
+        assert line, first.decode()
+        first += line
+    below = descendants(driver.pid)
+    assert below
+    driver.kill()
+    driver.wait()
+    end = time.monotonic() + 10
+    while any(alive(p) for p in below) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert [p for p in below if alive(p)] == []
