@@ -6,6 +6,7 @@ with other settings stops naming the field and the way out."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mode_fast.runs import recorded_finished
+from mode_fast import pipeline
+from mode_fast.files import write_json
+from mode_fast.runs import RunState, recorded_finished
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m mode_fast.pipeline"
@@ -50,6 +53,14 @@ class Demo:
             assert self.proc.poll() is None, f"the demo ended ({self.proc.returncode}) before {what}:\n{self.text}"
             assert time.monotonic() < end, f"no {what} after {timeout} s:\n{self.text}"
             time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def killed_on_failure(self):
+        try:
+            yield
+        except BaseException:
+            self.proc.kill()  # its step dies with it
+            raise
 
     def finish(self, timeout: float = 120) -> int:
         code = self.proc.wait(timeout)
@@ -92,7 +103,8 @@ def killed(tmp_path_factory):
     out = tmp_path_factory.mktemp("life") / "demo"
     demo = Demo(out)
     seed = out / "run" / "seed"
-    demo.wait_for(lambda: (seed / "run.json").is_file(), "train seed's run.json")
+    with demo.killed_on_failure():
+        demo.wait_for(lambda: (seed / "run.json").is_file(), "train seed's run.json")
     below = descendants(demo.proc.pid)
     demo.proc.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -122,10 +134,11 @@ def rerun(killed):
         except (OSError, ValueError, KeyError):
             return None
 
-    demo.wait_for(lambda: holder() == demo.proc.pid, "the lock naming the rerun")
-    second = Demo(out)
-    second_code = second.finish()
-    demo.wait_for(lambda: (out / "run" / "expert_0" / "run.json").is_file(), "train expert 0's run.json")
+    with demo.killed_on_failure():
+        demo.wait_for(lambda: holder() == demo.proc.pid, "the lock naming the rerun")
+        second = Demo(out)
+        second_code = second.finish()
+        demo.wait_for(lambda: (out / "run" / "expert_0" / "run.json").is_file(), "train expert 0's run.json")
     below = descendants(demo.proc.pid)
     demo.proc.send_signal(signal.SIGINT)
     code = demo.finish()
@@ -160,6 +173,7 @@ def test_sigint_stops_the_demo_with_one_line_and_exit_130(rerun):
     assert rerun["code"] == 130
     assert demo.lines[-1] == f"{PROG}: interrupted at step train expert 0; rerun the same command to continue"
     assert "Traceback" not in demo.text
+    assert re.search(r"^mode-fast train: interrupted", demo.text, re.M), demo.lines[-6:]  # the step said so
     assert not recorded_finished(rerun["out"] / "run" / "expert_0")
     time.sleep(1)
     assert [p for p in rerun["below"] if alive(p)] == []  # the step got the signal and ended too
@@ -211,3 +225,47 @@ def test_a_silent_step_dies_with_the_sigkilled_demo(tmp_path):
     while any(alive(p) for p in below) and time.monotonic() < end:
         time.sleep(0.1)
     assert [p for p in below if alive(p)] == []
+
+
+def test_a_step_is_finished_only_when_its_own_run_json_says_so(tmp_path):
+    step = pipeline.Step("cluster", ["true"], tmp_path / "clusters" / "cluster_sizes.json", tmp_path / "clusters")
+    step.folder.mkdir()
+    step.output.write_text("{}")
+    own = step.folder / "run.json"
+    with RunState.open(tmp_path, "demo", inputs={}, args={}) as state:
+        assert pipeline._step_finished(step, state) is None  # the demo has not recorded it
+        state.mark_done("cluster", [step.output])
+        assert pipeline._step_finished(step, state) == f"{step.output} exists"  # a job without run.json
+        write_json(own, {"format": 1, "job": "cluster", "finished": False, "outputs": []})
+        assert pipeline._step_finished(step, state) is None  # its job was killed mid-way: run it again
+        write_json(own, {"format": 1, "job": "cluster", "finished": True, "outputs": ["cluster_sizes.json"]})
+        assert pipeline._step_finished(step, state) == f"{own} records it finished"
+        step.output.unlink()
+        assert pipeline._step_finished(step, state) is None
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert pipeline.main(["--out", str(blocker / "demo"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"{PROG}: error: cannot write {blocker / 'demo' / '.lock'}: Not a directory\n"
+
+
+def test_an_interrupt_while_loading_a_checkpoint_is_not_damage(tmp_path, monkeypatch):
+    """Found by the demo's SIGINT test: Ctrl-C during train's load of the seed checkpoint
+    was reported as "checkpoint ... is damaged or truncated: interrupted at setup", exit 2."""
+    import torch
+
+    from mode_fast.checkpoint import load_checkpoint
+    from mode_fast.errors import Interrupted
+
+    path = tmp_path / "final.pt"
+    torch.save({"step": 1}, path)
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted("interrupted at setup; rerun the same command to continue")
+
+    monkeypatch.setattr(torch, "load", interrupted)
+    with pytest.raises(Interrupted, match="^interrupted at setup"):
+        load_checkpoint(path)
