@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+from test_runs import _descendants as descendants
+from test_runs import _running as alive
 
 from mode_fast import pipeline
 from mode_fast.files import write_json
@@ -66,31 +68,6 @@ class Demo:
         code = self.proc.wait(timeout)
         self._reader.join(10)
         return code
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` (Linux /proc)."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in found]
-        found.update(kids)
-        todo += kids
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has ended; only its parent's wait is missing
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
