@@ -170,20 +170,23 @@ def test_rerun_with_other_settings_stops_naming_the_field(rerun):
 
 
 DRIVER = """
-import sys
+import argparse, sys
 from pathlib import Path
 from mode_fast import pipeline
+from mode_fast.cli import run_job
 from mode_fast.runs import RunState
 out = Path(sys.argv[1])
 silent = [sys.executable, "-c", "import time; print('step', 'up', flush=True); time.sleep(120)"]
-with RunState.open(out, "probe", inputs={}, args={}) as state, pipeline._Driver(state, []).interrupts() as driver:
-    driver.step(pipeline.Step("silent", silent, out / "never", out))
+def drive(args):
+    with RunState.open(out, "probe", inputs={}, args={}) as state, pipeline._Driver(state, []).interrupts() as d:
+        d.step(pipeline.Step("silent", silent, out / "never", out))
+sys.exit(run_job("probe", drive, argparse.Namespace()))
 """
 
 
-def test_a_silent_step_dies_with_the_sigkilled_demo(tmp_path):
-    """A step that writes nothing would not notice its reader is gone (no broken pipe): the
-    kernel's parent-death signal is what ends it."""
+def silent_step(tmp_path: Path) -> tuple[subprocess.Popen, set[int]]:
+    """The demo's step driver running one step that sleeps and writes nothing; (the driver,
+    the processes below it once the step is up)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
@@ -196,12 +199,32 @@ def test_a_silent_step_dies_with_the_sigkilled_demo(tmp_path):
         first += line
     below = descendants(driver.pid)
     assert below
-    driver.kill()
-    driver.wait()
-    end = time.monotonic() + 10
+    return driver, below
+
+
+def all_ended(below: set[int], seconds: float) -> list[int]:
+    end = time.monotonic() + seconds
     while any(alive(p) for p in below) and time.monotonic() < end:
         time.sleep(0.1)
-    assert [p for p in below if alive(p)] == []
+    return [p for p in below if alive(p)]
+
+
+def test_a_silent_step_dies_with_the_sigkilled_demo(tmp_path):
+    """A step that writes nothing would not notice its reader is gone (no broken pipe): the
+    kernel's parent-death signal is what ends it."""
+    driver, below = silent_step(tmp_path)
+    driver.kill()
+    driver.wait()
+    assert all_ended(below, 10) == []
+
+
+def test_sigterm_goes_to_the_step_then_the_demo_stops_with_one_line(tmp_path):
+    driver, below = silent_step(tmp_path)
+    driver.terminate()
+    out, _ = driver.communicate(timeout=30)
+    assert driver.returncode == 130
+    assert out.decode().splitlines() == ["probe: interrupted at step silent; rerun the same command to continue"]
+    assert all_ended(below, 1) == []
 
 
 def test_a_step_is_finished_only_when_its_own_run_json_says_so(tmp_path):
