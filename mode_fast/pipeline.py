@@ -28,7 +28,8 @@ interrupts"): --out is locked while the demo runs; its run.json records the sett
 (--quick or the full run) and the finished steps, so a rerun with other settings stops
 naming them, and a rerun of the same command skips the finished steps (a step with its own
 run.json must also be finished by it: one killed mid-way runs again and continues) and
-says so. Ctrl-C/SIGTERM reach the running step, which stops at its own consistent point;
+says so; once a step has run, the later ones run too (their own run.json decides what is
+left: nothing, when their inputs did not change). Ctrl-C/SIGTERM reach the running step, which stops at its own consistent point;
 the demo then stops with one line, exit 130. A killed demo takes its running step along.
 Job module: it runs the other jobs as processes (never imports them); a failed step ends the
 demo with one line (`mode_fast.errors.StepFailed`, exit 2) under the failing step's own error.
@@ -294,6 +295,7 @@ class _Driver:
         self.proc: subprocess.Popen | None = None
         self.signal: int | None = None
         self.where = "start"
+        self.ran = False  # a step ran: the later ones run too, their jobs decide what is left
 
     def _stopped(self) -> Interrupted:
         return Interrupted(f"interrupted at {self.where}; rerun the same command to continue")
@@ -318,9 +320,11 @@ class _Driver:
                 signal.signal(s, h)
 
     def step(self, step: Step) -> None:
-        """Run `step` unless it is finished (then say so and record the skip)."""
+        """Run `step` unless it is finished (then say so and record the skip). Once a step has
+        run, the later ones are not skipped on the demo's word: what they read may have changed
+        (a lost file redone), so each job's own run.json decides (a no-op when nothing did)."""
         self.where = f"step {step.name}"
-        why = _step_finished(step, self.state)
+        why = None if self.ran else _step_finished(step, self.state)
         if why is not None:
             print(f"skip: {step.name}: already done ({why})", flush=True)
             self.log.append({"step": step.name, "skipped": True})
@@ -336,6 +340,7 @@ class _Driver:
                 "command": shlex.join(step.cmd),
             }
         )
+        self.ran = True
         if code == 0:
             self.state.mark_done(step.name, [step.output])
             self.state.flush()
