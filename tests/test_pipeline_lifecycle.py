@@ -269,3 +269,19 @@ def test_an_interrupt_while_loading_a_checkpoint_is_not_damage(tmp_path, monkeyp
     monkeypatch.setattr(torch, "load", interrupted)
     with pytest.raises(Interrupted, match="^interrupted at setup"):
         load_checkpoint(path)
+
+
+def test_after_a_step_runs_the_later_ones_run_too(tmp_path, capsys):
+    """A redone step may change what the later ones read: they run again (their jobs decide)."""
+    noop = [sys.executable, "-c", "pass"]
+    first = pipeline.Step("first", noop, tmp_path / "first.txt", tmp_path / "first")
+    second = pipeline.Step("second", noop, tmp_path / "second.txt", tmp_path / "second")
+    for step in (first, second):
+        step.output.write_text("")
+    log: list[dict] = []
+    with RunState.open(tmp_path, "demo", inputs={}, args={}) as state, pipeline._Driver(state, log).interrupts() as d:
+        state.mark_done("second", [second.output])  # recorded, but "first" is not: it runs
+        d.step(first)
+        d.step(second)
+    assert [x["step"] for x in log if not x.get("skipped")] == ["first", "second"]
+    assert "skip:" not in capsys.readouterr().out
