@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mode_fast import files
-from mode_fast.errors import InputError
+from mode_fast.errors import InputError, Interrupted
 
 CHECKPOINT_FORMAT = "mode_fast.train/1"
 
@@ -36,6 +36,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Interrupted:  # Ctrl-C while loading (a job's signal handler): not damage
+        raise
     except Exception as e:  # torch/zipfile/pickle raise many types for a damaged file
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError(f"checkpoint {path} is damaged or truncated: {reason}") from e

@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +44,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mode_fast.runs import process_start
+from mode_fast.runs import die_with_parent, process_start
 
 EXECUTORS = ("local", "ray")
 
@@ -91,9 +90,6 @@ def _call_init(init: Init) -> None:
         init[0](*init[1])
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
 def _die_with(driver_pid: int, driver_start: str | None, pdeathsig: bool) -> None:
     """Make this worker process end when the driver does, however the driver ends.
 
@@ -101,14 +97,8 @@ def _die_with(driver_pid: int, driver_start: str | None, pdeathsig: bool) -> Non
     parent-death signal (Linux; the parent is the forkserver, which exits when the driver
     does, or the driver itself) and, as a fallback everywhere, a thread that exits the
     process once the driver's pid is gone or belongs to another process."""
-    if pdeathsig and sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() == 1:  # the parent died before prctl: no signal will come
-            os._exit(1)
+    if pdeathsig and die_with_parent(signal.SIGKILL) and os.getppid() == 1:
+        os._exit(1)  # the parent died before prctl: no signal will come
 
     def watch() -> None:
         while True:

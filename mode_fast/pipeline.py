@@ -1,6 +1,6 @@
 """The end-to-end demo on the embedded sample: sample -> curate -> cluster -> train -> eval.
 
-    python -m mode_fast.pipeline --out demo_out [--quick]
+    python -m mode_fast.pipeline --out demo_out [--quick] [--overwrite]
 
 Each step is the documented CLI (`python -m mode_fast <job> ...`), run as a subprocess and
 printed before it runs, so the demo is also a recipe. MoDE at toy scale:
@@ -19,11 +19,18 @@ printed before it runs, so the demo is also a recipe. MoDE at toy scale:
 Outputs under --out: sample/, curated/, clusters/, run/ (seed, experts), single/ (the same-
 compute model), eval/ (results.json, results.md, plots), eval_digits/ (the same for the
 digits), report/ (the summary's plots), summary.md, summary.json (curation, clustering,
-experts, ensemble, comparison, per-task chance and top-1) and timings.json (one entry per
-run, appended).
+experts, ensemble, comparison, per-task chance and top-1; `mode_fast.report`), timings.json
+(one entry per run, appended), and the demo's own run.json and .lock.
 Progress: each step's own progress lines pass through; when the output is not a terminal,
 progress bars (carriage-return updates) come out as one line every `PROGRESS_EVERY` seconds.
-A rerun skips finished steps (a step is finished when its final output exists) and says so.
+Reruns follow the one lifecycle rule (mode_fast.runs; README "Reruns, kills and
+interrupts"): --out is locked while the demo runs; its run.json records the settings
+(--quick or the full run) and the finished steps, so a rerun with other settings stops
+naming them, and a rerun of the same command skips the finished steps (a step with its own
+run.json must also be finished by it: one killed mid-way runs again and continues) and
+says so; once a step has run, the later ones run too (their own run.json decides what is
+left: nothing, when their inputs did not change). Ctrl-C/SIGTERM reach the running step, which stops at its own consistent point;
+the demo then stops with one line, exit 130. A killed demo takes its running step along.
 Job module: it runs the other jobs as processes (never imports them); a failed step ends the
 demo with one line (`mode_fast.errors.StepFailed`, exit 2) under the failing step's own error.
 """
@@ -31,6 +38,8 @@ demo with one line (`mode_fast.errors.StepFailed`, exit 2) under the failing ste
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import importlib.util
 import io
@@ -38,27 +47,22 @@ import json
 import os
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mode_fast.data.io import ReadReport, iter_samples
-from mode_fast.errors import StepFailed
-from mode_fast.files import atomic_write, write_json
-from mode_fast.results import (
-    cluster_agreement,
-    ensemble_note,
-    markdown_table,
-    paired_difference,
-    proportion_se,
-    save_figure,
-)
+from mode_fast.errors import ConfigError, Interrupted, StepFailed
+from mode_fast.files import atomic_write, write_json, write_text
+from mode_fast.report import build_summary, plot_summary, summary_markdown
+from mode_fast.runs import MANIFEST, RunState, die_with_parent, recorded_finished
 
 PROGRESS_EVERY = 20.0  # seconds between progress-bar lines when not on a terminal
 
@@ -128,6 +132,10 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
 def _relay(proc: subprocess.Popen, tty: bool) -> None:
     """Pass a step's output through. Lines ending in newline go out at once; a progress bar's
     carriage-return updates go out as they come on a terminal, else one every PROGRESS_EVERY s."""
@@ -160,38 +168,80 @@ def _relay(proc: subprocess.Popen, tty: bool) -> None:
         out.flush()
 
 
-def _run(cmd: list[str], log: list[dict[str, Any]], name: str) -> None:
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
-    started, cpu0 = time.perf_counter(), _children_cpu()
-    tty = sys.stdout.isatty()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")
-    )
-    try:
-        _relay(proc, tty)
-    finally:
-        code = proc.wait()
-    log.append(
-        {
-            "step": name,
-            "seconds": round(time.perf_counter() - started, 1),
-            "cpu_seconds": round(_children_cpu() - cpu0, 1),
-            "command": shlex.join(cmd),
-        }
-    )
-    if code != 0:
-        raise StepFailed(f"step {name!r} failed with exit code {code}: {shlex.join(cmd)}")
+# --------------------------------------------------------------------------- the steps
+@dataclass(frozen=True)
+class Step:
+    """One step: its documented command, the file it ends by writing (recorded in the demo's
+    run.json) and its own output folder (whose run.json, where the job keeps one, must also
+    record it finished)."""
+
+    name: str
+    cmd: list[str]
+    output: Path
+    folder: Path
 
 
-def _step(done: Path | bool, cmd: list[str], log: list[dict[str, Any]], name: str) -> None:
-    """Run a step unless its final output exists (then say so and record the skip)."""
-    finished = done if isinstance(done, bool) else done.is_file()
-    if finished:
-        where = "" if isinstance(done, bool) else f" ({done} exists)"
-        print(f"skip: {name}: already done{where}", flush=True)
-        log.append({"step": name, "skipped": True})
-        return
-    _run(cmd, log, name)
+def _flags(**values: Any) -> list[str]:
+    """["--num-pairs", "320", ...] from num_pairs=320, in the order given."""
+    return [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _prepare_steps(out: Path, s: Settings) -> list[Step]:
+    py = [sys.executable, "-m", "mode_fast"]
+    sample, curated, clusters = out / "sample", out / "curated", out / "clusters"
+    sizes = _flags(num_pairs=s.num_pairs, eval_pairs=s.eval_pairs, shard_size=s.shard_size)
+    cluster = _flags(fine_k=s.fine_k, experts=s.experts, embedder=s.embedder, sample=s.target_size)
+    return [
+        Step("sample", [*py, "sample", "--out", str(sample), *sizes], sample / "sample_info.json", sample),
+        Step(
+            "curate",
+            [*py, "curate", str(sample / "pool"), "--out", str(curated), *_flags(target_size=s.target_size, seed=0)],
+            curated / "manifest.json",
+            curated,
+        ),
+        Step(
+            "cluster",
+            [*py, "cluster", str(curated / "data"), "--out", str(clusters), *cluster],
+            clusters / "cluster_sizes.json",
+            clusters,
+        ),
+    ]
+
+
+def _train_steps(out: Path, s: Settings) -> list[Step]:
+    py = [sys.executable, "-m", "mode_fast", "train", "--data", str(out / "curated" / "data")]
+    py += _flags(batch_size=s.batch_size, warmup=s.warmup, workers=s.workers, model=s.model, seed=0, lr=s.lr, wd=s.wd)
+    run, single = out / "run", out / "single"
+
+    def final(job: Path) -> Path:
+        return job / "checkpoints" / "final.pt"
+
+    seed = _flags(out=run, stage="seed", steps=s.seed_steps, schedule_steps=s.seed_steps + s.expert_steps)
+    steps = [Step("train seed", [*py, *seed], final(run / "seed"), run / "seed")]
+    for k in range(s.experts):
+        expert = _flags(out=run, expert=k, clusters=out / "clusters", steps=s.expert_steps)
+        steps.append(Step(f"train expert {k}", [*py, *expert], final(run / f"expert_{k}"), run / f"expert_{k}"))
+    # Same total training compute as seed + all experts: same steps x batch, same model.
+    total = s.seed_steps + s.experts * s.expert_steps
+    same = _flags(out=single, stage="seed", steps=total, schedule_steps=total)
+    steps.append(Step("train same-compute single model", [*py, *same], final(single / "seed"), single / "seed"))
+    return steps
+
+
+def _eval_steps(out: Path, s: Settings, domain_specs: list[str]) -> list[Step]:
+    """eval on the sample's tasks; with scikit-learn, eval on its digits too."""
+    run, sample, ev = out / "run", out / "sample", out / "eval"
+    models = [sys.executable, "-m", "mode_fast", "eval", "--run", str(run), "--clusters", str(out / "clusters")]
+    models += ["--baseline", f"seed={run / 'seed' / 'checkpoints' / 'final.pt'}"]
+    models += ["--baseline", f"same_compute={out / 'single' / 'seed' / 'checkpoints' / 'final.pt'}"]
+    tasks = ["--data", f"all16={sample / 'eval'}", *domain_specs, "--retrieval", f"captions={sample / 'eval'}"]
+    steps = [Step("eval", [*models, "--out", str(ev), *tasks], ev / "results.json", ev)]
+    if have_sklearn():
+        digits = out / "eval_digits"
+        spec = "sklearn:digits" + (f":{s.digits}" if s.digits else "")
+        cmd = [*models, "--out", str(digits), "--data", f"digits={spec}"]
+        steps.append(Step("eval digits", cmd, digits / "results.json", digits))
+    return steps
 
 
 def write_domain_tasks(sample: Path, out: Path) -> list[str]:
@@ -224,26 +274,124 @@ def write_domain_tasks(sample: Path, out: Path) -> list[str]:
     return specs
 
 
-def _sample_done(sample: Path, s: Settings) -> bool:
-    """The sample is finished when its info file records these settings (write_sample's own
-    check also compares file sizes; this only spares starting the process)."""
-    try:
-        args = json.loads((sample / "sample_info.json").read_text(encoding="utf-8"))["args"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return (args.get("num_pairs"), args.get("eval_pairs"), args.get("shard_size")) == (
-        s.num_pairs,
-        s.eval_pairs,
-        s.shard_size,
-    )
+# --------------------------------------------------------------------------- running them
+def _step_finished(step: Step, state: RunState) -> str | None:
+    """Why `step` counts as finished, or None. The demo's run.json must record it, and the
+    step's own run.json, where its job keeps one, must record it finished: a step killed
+    mid-way is run again and continues by its own rule."""
+    if not state.is_done(step.name) or not step.output.is_file():
+        return None
+    if (step.folder / MANIFEST).exists():
+        return f"{step.folder / MANIFEST} records it finished" if recorded_finished(step.folder) else None
+    return f"{step.output} exists"
 
 
-def _curate_done(curated: Path, s: Settings) -> bool:
-    try:
-        summary = json.loads((curated / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (curated / "manifest.json").is_file() and summary.get("target_size") == s.target_size
+class _Driver:
+    """Runs the steps as processes. SIGINT/SIGTERM go to the running step, which stops at its
+    own consistent point; then the demo stops with one line (`Interrupted`, exit 130). Each
+    step runs in its own process group (a terminal's Ctrl-C reaches the demo only, which
+    passes it on once) and is killed by the kernel when the demo dies, however it dies."""
+
+    def __init__(self, state: RunState, log: list[dict[str, Any]]) -> None:
+        self.state, self.log = state, log
+        self.proc: subprocess.Popen | None = None
+        self.signal: int | None = None
+        self.where = "start"
+        self.ran = False  # a step ran: the later ones run too, their jobs decide what is left
+
+    def _stopped(self) -> Interrupted:
+        return Interrupted(f"interrupted at {self.where}; rerun the same command to continue")
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        if self.proc is None:
+            raise self._stopped()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signum)  # a second signal too: the step's own "stop now"
+
+    @contextlib.contextmanager
+    def interrupts(self) -> Iterator[_Driver]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def step(self, step: Step) -> None:
+        """Run `step` unless it is finished (then say so and record the skip). Once a step has
+        run, the later ones are not skipped on the demo's word: what they read may have changed
+        (a lost file redone), so each job's own run.json decides (a no-op when nothing did)."""
+        self.where = f"step {step.name}"
+        why = None if self.ran else _step_finished(step, self.state)
+        if why is not None:
+            print(f"skip: {step.name}: already done ({why})", flush=True)
+            self.log.append({"step": step.name, "skipped": True})
+            return
+        print(f"\n$ {shlex.join(step.cmd)}", flush=True)
+        started, cpu0 = time.perf_counter(), _children_cpu()
+        code = self._spawn(step.cmd)
+        self.log.append(
+            {
+                "step": step.name,
+                "seconds": round(time.perf_counter() - started, 1),
+                "cpu_seconds": round(_children_cpu() - cpu0, 1),
+                "command": shlex.join(step.cmd),
+            }
+        )
+        self.ran = True
+        if code == 0:
+            self.state.mark_done(step.name, [step.output])
+            self.state.flush()
+        if self.signal is not None:
+            raise self._stopped()
+        if code != 0:
+            raise StepFailed(f"step {step.name!r} failed with exit code {code}: {shlex.join(step.cmd)}")
+
+    def _spawn(self, cmd: list[str]) -> int:
+        demo = os.getpid()
+
+        def tie() -> None:  # in the child, between fork and exec
+            os.setpgid(0, 0)
+            die_with_parent(signal.SIGKILL)
+            if os.getppid() != demo:  # the demo died before prctl: no signal would come
+                os._exit(1)
+
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=tie)
+        self.proc = proc
+        try:
+            _relay(proc, sys.stdout.isatty())
+        finally:
+            code = proc.wait()
+            self.proc = None
+        return code
+
+
+# --------------------------------------------------------------------------- the job
+# What --overwrite removes: the demo's outputs (its steps' folders included).
+DEMO_OUTPUTS = (
+    *("sample", "curated", "clusters", "run", "single", "tasks", "eval", "eval_digits", "report"),
+    *("summary.json", "summary.md", "timings.json"),
+)
+
+
+def _open_run(out: Path, s: Settings, overwrite: bool) -> RunState:
+    """The demo's own run.json and lock: its settings stop a rerun that differs."""
+    args = {"--quick": s == QUICK, **dataclasses.asdict(s)}
+    state = RunState.open(out, "demo", inputs={}, args=args, overwrite=overwrite, owned=DEMO_OUTPUTS, log=_say)
+    if not state.resumed and any((out / name).exists() for name in DEMO_OUTPUTS):
+        state.close()
+        raise ConfigError(
+            f"{out} holds a demo run without {MANIFEST} (an older mode-fast): "
+            "rerun with --overwrite to start over, or use another --out"
+        )
+    if state.finished:
+        _say(f"demo: {out} already finished with these settings: every step is skipped, the summary written again")
+    return state
 
 
 def _append_timings(path: Path, run: dict[str, Any], digits_note: str) -> dict[str, Any]:
@@ -264,187 +412,12 @@ def _append_timings(path: Path, run: dict[str, Any], digits_note: str) -> dict[s
     return data
 
 
-def run_pipeline(out: Path, s: Settings) -> dict[str, Any]:
-    py = [sys.executable, "-m", "mode_fast"]
-    steps: list[dict[str, Any]] = []
-    t0, cpu0 = time.perf_counter(), _children_cpu()
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    sample, curated, clusters = out / "sample", out / "curated", out / "clusters"
-    run, single, ev = out / "run", out / "single", out / "eval"
-
-    _step(
-        _sample_done(sample, s),
-        py
-        + [
-            "sample",
-            "--out",
-            str(sample),
-            "--num-pairs",
-            str(s.num_pairs),
-            "--eval-pairs",
-            str(s.eval_pairs),
-            "--shard-size",
-            str(s.shard_size),
-        ],
-        steps,
-        "sample",
-    )
-    _step(
-        _curate_done(curated, s),
-        py
-        + ["curate", str(sample / "pool"), "--out", str(curated), "--target-size", str(s.target_size), "--seed", "0"],
-        steps,
-        "curate",
-    )
-    _step(
-        clusters / "cluster_sizes.json",
-        py
-        + [
-            "cluster",
-            str(curated / "data"),
-            "--out",
-            str(clusters),
-            "--fine-k",
-            str(s.fine_k),
-            "--experts",
-            str(s.experts),
-            "--embedder",
-            s.embedder,
-            "--sample",
-            str(s.target_size),
-        ],
-        steps,
-        "cluster",
-    )
-
-    common = [
-        "--data",
-        str(curated / "data"),
-        "--batch-size",
-        str(s.batch_size),
-        "--warmup",
-        str(s.warmup),
-        "--workers",
-        str(s.workers),
-        "--model",
-        s.model,
-        "--seed",
-        "0",
-        "--lr",
-        str(s.lr),
-        "--wd",
-        str(s.wd),
-    ]
-    schedule = s.seed_steps + s.expert_steps
-    _step(
-        run / "seed" / "checkpoints" / "final.pt",
-        py
-        + [
-            "train",
-            *common,
-            "--out",
-            str(run),
-            "--stage",
-            "seed",
-            "--steps",
-            str(s.seed_steps),
-            "--schedule-steps",
-            str(schedule),
-        ],
-        steps,
-        "train seed",
-    )
-    for k in range(s.experts):
-        _step(
-            run / f"expert_{k}" / "checkpoints" / "final.pt",
-            py
-            + [
-                "train",
-                *common,
-                "--out",
-                str(run),
-                "--expert",
-                str(k),
-                "--clusters",
-                str(clusters),
-                "--steps",
-                str(s.expert_steps),
-            ],
-            steps,
-            f"train expert {k}",
-        )
-    # Same total training compute as seed + all experts: same steps x batch, same model.
+def write_summary(out: Path, s: Settings, timings: dict[str, Any], digits_note: str) -> dict[str, Any]:
+    """summary.json, summary.md and the report's figures from the finished steps."""
+    results = json.loads((out / "eval" / "results.json").read_text(encoding="utf-8"))
+    digits_file = out / "eval_digits" / "results.json"
+    digits = json.loads(digits_file.read_text(encoding="utf-8")) if digits_note.startswith("scored") else None
     total = s.seed_steps + s.experts * s.expert_steps
-    _step(
-        single / "seed" / "checkpoints" / "final.pt",
-        py
-        + [
-            "train",
-            *common,
-            "--out",
-            str(single),
-            "--stage",
-            "seed",
-            "--steps",
-            str(total),
-            "--schedule-steps",
-            str(total),
-        ],
-        steps,
-        "train same-compute single model",
-    )
-
-    domain_specs = write_domain_tasks(sample, out / "tasks")
-    # the same experts and single models for every eval
-    eval_models = py + [
-        "eval",
-        "--run",
-        str(run),
-        "--clusters",
-        str(clusters),
-        "--baseline",
-        f"seed={run / 'seed' / 'checkpoints' / 'final.pt'}",
-        "--baseline",
-        f"same_compute={single / 'seed' / 'checkpoints' / 'final.pt'}",
-    ]
-    _step(
-        ev / "results.json",
-        eval_models
-        + [
-            "--out",
-            str(ev),
-            "--data",
-            f"all16={sample / 'eval'}",
-            *domain_specs,
-            "--retrieval",
-            f"captions={sample / 'eval'}",
-        ],
-        steps,
-        "eval",
-    )
-    digits_results = None
-    if have_sklearn():
-        spec = "sklearn:digits" + (f":{s.digits}" if s.digits else "")
-        _step(
-            out / "eval_digits" / "results.json",
-            eval_models + ["--out", str(out / "eval_digits"), "--data", f"digits={spec}"],
-            steps,
-            "eval digits",
-        )
-        digits_results = json.loads((out / "eval_digits" / "results.json").read_text(encoding="utf-8"))
-        digits_note = f"scored {spec}"
-    else:
-        digits_note = "skipped: scikit-learn is not installed (pip install scikit-learn to score its digits)"
-        print(f"\nnote: eval digits {digits_note}", flush=True)
-    this_run = {
-        "started_utc": started,
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-        "cpu_seconds": round(_children_cpu() - cpu0, 1),
-        "cpu_count": os.cpu_count(),
-        "steps": steps,
-    }
-    timings = _append_timings(out / "timings.json", this_run, digits_note)
-    results = json.loads((ev / "results.json").read_text(encoding="utf-8"))
     compute = {
         "ensemble_steps": total,
         "single_model_steps": total,
@@ -453,501 +426,55 @@ def run_pipeline(out: Path, s: Settings) -> dict[str, Any]:
         "single_model_inference_forward_passes": 1,
     }
     print("\nsummary: curation, clustering and comparison figures ...", flush=True)
-    summary = build_summary(out, s, results, compute, timings)
+    summary = build_summary(out, s.__dict__, results, compute, timings)
     summary["digits"] = digits_note
     plots: dict[str, Any] = {**plot_summary(summary, out / "report"), "_base": out}
     write_json(out / "summary.json", summary)
-    text = summary_markdown(results, summary, digits_results, plots)
-    with atomic_write(out / "summary.md", "w") as f:
-        f.write(text)
+    text = summary_markdown(results, summary, digits, plots)
+    write_text(out / "summary.md", text)
     print("\n" + text)
     return summary
 
 
-# --------------------------------------------------------------------------- the summary
-def _records(shards: list[Path]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(key, caption, .json fields) of every captioned sample in the shards."""
-    from mode_fast.data.io import read_shard
-
-    out = []
-    for shard in shards:
-        for rec in read_shard(shard, "caption"):
-            if rec.caption is None:
-                continue
-            meta = json.loads(rec.sample["json"]) if "json" in rec.sample else {}
-            out.append((rec.key, rec.caption, meta))
-    return out
-
-
-def curation_summary(sample: Path, curated: Path) -> dict[str, Any]:
-    """Entry counts before curation (curate's entry_count.npy over the pool) and after (the
-    kept captions matched again with the same metadata): MetaCLIP flattens the head (entries
-    matched more than t times come down to about t) and keeps the tail (entries at or under t
-    keep every match)."""
-    from mode_fast._matcher import Matcher
-    from mode_fast.metadata import load_metadata
-
-    info = json.loads((curated / "summary.json").read_text(encoding="utf-8"))
-    before = np.load(curated / "entry_count.npy").astype(np.int64)
-    entries = load_metadata(None)
-    kept = _records(sorted((curated / "data").glob("*.tar")))
-    _, ids = Matcher(entries).match_batch([c for _, c, _ in kept])
-    after = np.bincount(np.asarray(ids, dtype=np.int64), minlength=len(entries))
-    t = float(info["t"])
-    head, tail = before > t, (before > 0) & (before <= t)
-    top = np.argsort(-before, kind="stable")[:10]
-    kept_domains: dict[str, int] = {}
-    for _, _, meta in kept:
-        kept_domains[meta.get("domain", "?")] = kept_domains.get(meta.get("domain", "?"), 0) + 1
-    return {
-        "pool_pairs": int(info["pool_size"]),
-        "matched_pairs": int(info["matched"]),
-        "kept_pairs": len(kept),
-        "t": t,
-        "entries_matched": int((before > 0).sum()),
-        "head": {
-            "entries": int(head.sum()),
-            "matches_before": int(before[head].sum()),
-            "matches_after": int(after[head].sum()),
-            "largest_after": int(after[head].max()) if head.any() else 0,
-        },
-        "tail": {
-            "entries": int(tail.sum()),
-            "matches_before": int(before[tail].sum()),
-            "matches_after": int(after[tail].sum()),
-            "share_of_matches_kept": float(after[tail].sum() / max(1, before[tail].sum())),
-        },
-        "top_entries": [{"entry": entries[i], "before": int(before[i]), "after": int(after[i])} for i in top],
-        "kept_per_domain": dict(sorted(kept_domains.items())),
-        "_counts": {"before": before, "after": after},  # for the plot; dropped before writing
-    }
-
-
-def clustering_summary(curated: Path, clusters: Path, domains: list[str]) -> dict[str, Any]:
-    """Agreement of the experts with the sample's visual domains (each pair's image domain)."""
-    from mode_fast.clusters import ClusterFolder
-
-    expert_of = ClusterFolder(clusters).expert_of_key()
-    pairs = [
-        (meta["domain"], expert_of[key])
-        for key, _, meta in _records(sorted((curated / "data").glob("*.tar")))
-        if key in expert_of and "domain" in meta
-    ]
-    agree = cluster_agreement([d for d, _ in pairs], [e for _, e in pairs])
-    table = np.asarray(agree["contingency"])  # experts (agree["clusters"]) x domains (agree["groups"])
-    n_experts = max(agree["clusters"]) + 1
-    by_expert = np.zeros((n_experts, len(domains)), dtype=np.int64)
-    for row, k in zip(table, agree["clusters"]):
-        for count, d in zip(row, agree["groups"]):
-            by_expert[k, domains.index(d)] = count
-    # a domain's expert: the one holding most of that domain's pairs
-    domain_expert = {d: int(by_expert[:, j].argmax()) for j, d in enumerate(domains)}
-    return {
-        "domain_ami": agree["ami"],
-        "domain_purity": agree["purity"],
-        "n_pairs": len(pairs),
-        "domains": domains,
-        "pairs_per_expert_and_domain": by_expert.tolist(),
-        "domain_expert": domain_expert,
-        "majority_domain_of_expert": {
-            f"expert_{k}": domains[int(by_expert[k].argmax())] for k in range(n_experts) if by_expert[k].sum()
-        },
-    }
-
-
-def _diff(task: dict[str, Any], a: str, b: str) -> dict[str, float]:
-    d, se = paired_difference(task["correct"][a], task["correct"][b])
-    return {"diff": d, "se": se}
-
-
-COMPARED = ("mean_ensemble", "best_expert", "same_compute")
-
-
-def build_summary(
-    out: Path, s: Settings, results: dict[str, Any], compute: dict[str, Any], timings: dict[str, Any]
-) -> dict[str, Any]:
-    info = json.loads((out / "sample" / "sample_info.json").read_text(encoding="utf-8"))
-    domains = list(info["domains"])
-    n = results["n_experts"]
-    experts = [f"expert_{k}" for k in range(n)]
-    clustering = clustering_summary(out / "curated", out / "clusters", domains)
-    tasks, comparison, ensemble = {}, {}, {}
-    for name, t in results["tasks"].items():
-        # best_expert is the oracle pick on this task: its per-image scores are that expert's
-        correct = dict(t["correct"], best_expert=t["correct"][t["best_expert"]])
-        t = dict(t, correct=correct)
-        tasks[name] = {
-            "n_images": t["n_images"],
-            "n_classes": t["n_classes"],
-            "chance": 1.0 / t["n_classes"],
-            "top1": t["top1"],
-            "se": {m: proportion_se(v, t["n_images"]) for m, v in t["top1"].items()},
-            "best_expert": t["best_expert"],
-            "mode_vs_mean_disagreements": int(
-                sum(a != b for a, b in zip(t["correct"]["mode_ensemble"], t["correct"]["mean_ensemble"]))
-            ),
+def run_pipeline(out: Path, s: Settings, overwrite: bool = False) -> dict[str, Any]:
+    """Every step (skipping those finished), then the summary; see the module doc."""
+    log: list[dict[str, Any]] = []
+    t0, cpu0 = time.perf_counter(), _children_cpu()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with _open_run(out, s, overwrite) as state, _Driver(state, log).interrupts() as driver:
+        for step in _prepare_steps(out, s) + _train_steps(out, s):
+            driver.step(step)
+        driver.where = "the domain tasks"
+        for step in _eval_steps(out, s, write_domain_tasks(out / "sample", out / "tasks")):
+            driver.step(step)
+        if have_sklearn():
+            digits_note = "scored " + "sklearn:digits" + (f":{s.digits}" if s.digits else "")
+        else:
+            digits_note = "skipped: scikit-learn is not installed (pip install scikit-learn to score its digits)"
+            print(f"\nnote: eval digits {digits_note}", flush=True)
+        driver.where = "the summary"
+        this_run = {
+            "started_utc": started,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+            "cpu_seconds": round(_children_cpu() - cpu0, 1),
+            "cpu_count": os.cpu_count(),
+            "steps": log,
         }
-        comparison[name] = {f"mode_ensemble - {b}": _diff(t, "mode_ensemble", b) for b in COMPARED}
-        w = np.asarray(t["expert_weights"])
-        entry: dict[str, Any] = {
-            "weights": w.tolist(),
-            "largest": experts[int(w.argmax())],
-            "classes_per_expert": t["classes_per_expert"],
-        }
-        if name in clustering["domain_expert"]:
-            own = clustering["domain_expert"][name]
-            entry |= {"domain_expert": experts[own], "largest_is_domain_expert": int(w.argmax()) == own}
-        ensemble[name] = entry
-    # the domain tasks hold disjoint images: their mean difference's SE combines theirs
-    dom = [d for d in domains if d in comparison]
-    if dom:
-        comparison["domain_average"] = {
-            key: {
-                "diff": float(np.mean([comparison[d][key]["diff"] for d in dom])),
-                "se": float(np.sqrt(sum(comparison[d][key]["se"] ** 2 for d in dom)) / len(dom)),
-            }
-            for key in comparison[dom[0]]
-        }
-    per_domain = {e: {d: results["tasks"][d]["top1"][e] for d in dom} for e in experts}
-    own_best = {d: max(experts, key=lambda e: per_domain[e][d]) for d in dom}
-    return {
-        "settings": s.__dict__,
-        "compute": compute,
-        "ensemble_inputs": results.get("ensemble_inputs", "scaled"),
-        "timings": timings["runs"][-1],
-        "runs_recorded": len(timings["runs"]),
-        "curation": curation_summary(out / "sample", out / "curated"),
-        "clustering": clustering,
-        "experts": {
-            "top1_per_domain_task": per_domain,
-            "best_expert_per_domain_task": own_best,
-            "domain_expert_is_best": {d: own_best[d] == experts[clustering["domain_expert"][d]] for d in dom},
-        },
-        "ensemble": ensemble,
-        "tasks": tasks,
-        "comparison": comparison,
-    }
-
-
-# --------------------------------------------------------------------------- plots
-FIG_WIDTH = 9.5  # inches; at 110 dpi about 1050 px, within a laptop screen
-
-
-def plot_summary(summary: dict[str, Any], folder: Path) -> dict[str, Path]:
-    """The summary's figures (titles, labelled axes, chance lines, legends outside the data)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots: dict[str, Path] = {}
-    cur = summary["curation"]
-    counts = cur.pop("_counts")
-    before, after = counts["before"], counts["after"]
-    order = np.argsort(-before, kind="stable")[: int((before > 0).sum())]
-    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 4.2), layout="constrained")
-    ranks = np.arange(1, len(order) + 1)
-    ax.loglog(ranks, before[order], ".", ms=3, color="tab:gray", label="before (pool)")
-    ax.loglog(ranks, np.maximum(after[order], 0.8), ".", ms=3, color="tab:blue", label="after (kept; 0 drawn at 0.8)")
-    ax.axhline(cur["t"], color="tab:red", ls="--", lw=1, label=f"t = {cur['t']:.1f}")
-    ax.set_xlabel("metadata entry, by its count in the pool (rank)")
-    ax.set_ylabel("pairs matching the entry")
-    ax.set_title(f"Curation: {cur['pool_pairs']:,} pairs -> {cur['kept_pairs']:,}; head (> t) flattened, tail kept")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    plots["curation"] = save_figure(fig, folder / "curation.png")
-
-    cl = summary["clustering"]
-    table = np.asarray(cl["pairs_per_expert_and_domain"])
-    fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(table) + 2.2), layout="constrained")
-    im = ax.imshow(table, cmap="Blues", aspect="auto")
-    for (i, j), v in np.ndenumerate(table):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if im.norm(v) > 0.6 else "black", fontsize=9)
-    ax.set_xticks(range(len(cl["domains"])), cl["domains"])
-    ax.set_yticks(range(len(table)), [f"expert_{k}" for k in range(len(table))])
-    ax.set_xlabel("visual domain of the image")
-    ax.set_ylabel("expert (coarse cluster)")
-    ami = "n/a" if cl["domain_ami"] is None else f"{cl['domain_ami']:.2f}"
-    ax.set_title(f"Curated pairs per expert and domain (AMI {ami}, purity {cl['domain_purity']:.2f})")
-    fig.colorbar(im, ax=ax, label="pairs")
-    plots["clustering"] = save_figure(fig, folder / "clustering.png")
-
-    per = summary["experts"]["top1_per_domain_task"]
-    if per and next(iter(per.values())):
-        names = list(per)
-        doms = list(next(iter(per.values())))
-        acc = np.array([[100 * per[e][d] for d in doms] for e in names])
-        fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(names) + 2.2), layout="constrained")
-        im = ax.imshow(acc, cmap="Greens", vmin=0, vmax=100, aspect="auto")
-        for (i, j), v in np.ndenumerate(acc):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v > 60 else "black", fontsize=9)
-        ax.set_xticks(range(len(doms)), [f"{d}\n(chance {100 * summary['tasks'][d]['chance']:.0f}%)" for d in doms])
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("domain task")
-        ax.set_ylabel("expert")
-        ax.set_title("Each expert's zero-shot top-1 (%) on each domain's task")
-        fig.colorbar(im, ax=ax, label="top-1 (%)")
-        plots["experts"] = save_figure(fig, folder / "experts.png")
-
-    tasks = summary["tasks"]
-    methods = ["mode_ensemble", "mean_ensemble", "best_expert", "same_compute", "seed"]
-    methods = [m for m in methods if all(m in t["top1"] for t in tasks.values())]
-    names = list(tasks)
-    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 4.4), layout="constrained")
-    width = 0.8 / len(methods)
-    cmap = plt.get_cmap("tab10")
-    for j, m in enumerate(methods):
-        xs = np.arange(len(names)) + (j - (len(methods) - 1) / 2) * width
-        ax.bar(
-            xs,
-            [100 * tasks[t]["top1"][m] for t in names],
-            width,
-            yerr=[100 * tasks[t]["se"][m] for t in names],
-            capsize=2,
-            label=m,
-            color=cmap(j),
-        )
-    for i, t in enumerate(names):
-        ax.hlines(
-            100 * tasks[t]["chance"],
-            i - 0.45,
-            i + 0.45,
-            colors="black",
-            linestyles=":",
-            lw=1.2,
-            label="chance" if i == 0 else None,
-        )
-    ax.set_xticks(np.arange(len(names)), names)
-    ax.set_ylim(0, 105)
-    ax.set_xlabel("task")
-    ax.set_ylabel("zero-shot top-1 (%), bars: ±1 SE")
-    ax.set_title("MoDE ensemble vs plain mean vs best expert vs single model of equal training compute")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    plots["comparison"] = save_figure(fig, folder / "comparison.png")
-
-    ens = summary["ensemble"]
-    names = list(ens)
-    n = len(next(iter(ens.values()))["weights"])
-    fig, ax = plt.subplots(figsize=(FIG_WIDTH, 3.8), layout="constrained")
-    width = 0.8 / n
-    for k in range(n):
-        xs = np.arange(len(names)) + (k - (n - 1) / 2) * width
-        ax.bar(xs, [ens[t]["weights"][k] for t in names], width, label=f"expert_{k}", color=cmap(k))
-    ax.axhline(1.0 / n, color="gray", lw=0.8, ls="--", label="uniform (plain mean)")
-    ax.set_xticks(
-        np.arange(len(names)),
-        [t + (f"\n(domain: {ens[t]['domain_expert']})" if "domain_expert" in ens[t] else "") for t in names],
-    )
-    ax.set_xlabel("task")
-    ax.set_ylabel("MoDE weight")
-    ax.set_title("MoDE's expert weights per task (from the class names through the templates)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    plots["ensemble"] = save_figure(fig, folder / "ensemble_weights.png")
-    return plots
-
-
-# --------------------------------------------------------------------------- summary.md
-def _verdict(a: float, b: float) -> str:
-    """a against b (fractions), judged at the 0.1-point precision the summary prints."""
-    diff = round(100 * a, 1) - round(100 * b, 1)
-    if abs(diff) < 0.05:
-        return "ties with"
-    return "beats" if diff > 0 else "loses to"
-
-
-def _pm(d: dict[str, float]) -> str:
-    return f"{100 * d['diff']:+.1f} ± {100 * d['se']:.1f}"
-
-
-def summary_markdown(
-    results: dict[str, Any],
-    summary: dict[str, Any],
-    digits: dict[str, Any] | None = None,
-    plots: dict[str, Path] | None = None,
-) -> str:
-    """The demo's report, worded from the measured numbers whichever way they go;
-    `digits`: the sklearn digits eval's results, reported on their own."""
-    avg = results["average"]["top1"]
-    ens, one, best = avg["mode_ensemble"], avg["same_compute"], avg["best_expert"]
-    diff = round(100 * ens, 1) - round(100 * one, 1)
-    verdict = _verdict(ens, one)
-    c = summary["compute"]
-    tm = summary["timings"]
-    rel = (lambda p: os.path.relpath(p, plots["_base"])) if plots and "_base" in plots else (lambda p: str(p))
-    img = lambda key, alt: [f"![{alt}]({rel(plots[key])})", ""] if plots and key in plots else []  # noqa: E731
-    ran = [x for x in tm["steps"] if not x.get("skipped")]
-    skipped = [x["step"] for x in tm["steps"] if x.get("skipped")]
-    lines = [
-        "# mode-fast demo",
-        "",
-        f"This run: wall time {tm['wall_seconds']:.0f} s, {tm['cpu_seconds']:.0f} CPU-seconds in the steps' processes, "
-        f"on {tm['cpu_count']} CPU cores (steps: "
-        + (", ".join(f"{x['step']} {x['seconds']:.0f} s" for x in ran) or "none")
-        + ")"
-        + (f"; skipped as already done: {', '.join(skipped)}" if skipped else "")
-        + ". "
-        f"timings.json keeps all {summary['runs_recorded']} run(s).",
-        "",
-        f"MoDE: {results['n_experts']} experts, {c['ensemble_steps']} training steps of batch {c['batch_size']} "
-        f"in all (seed + experts). Single model: same architecture, {c['single_model_steps']} steps of batch "
-        f"{c['batch_size']} on all the data. {ensemble_note(results)}",
-        "",
-        f"**Average zero-shot top-1 over {len(results['tasks'])} tasks: the MoDE ensemble ({100 * ens:.1f}%) "
-        f"{verdict} the single model of equal training compute ({100 * one:.1f}%) by {abs(diff):.1f} points**; "
-        f"plain mean of experts {100 * avg['mean_ensemble']:.1f}%, best expert per task {100 * best:.1f}%, "
-        f"seed {100 * avg['seed']:.1f}%. The ensemble costs {c['ensemble_inference_forward_passes']} forward "
-        "passes per image at inference, the single model 1.",
-        "",
-    ]
-    cur = summary["curation"]
-    lines += [
-        "## Curation (MetaCLIP)",
-        "",
-        f"{cur['pool_pairs']:,} pool pairs, {cur['matched_pairs']:,} matching a metadata entry, "
-        f"{cur['kept_pairs']:,} kept (t = {cur['t']:.1f}). Head: {cur['head']['entries']} entries matched more than "
-        f"t times had {cur['head']['matches_before']:,} matches, {cur['head']['matches_after']:,} after "
-        f"(largest {cur['head']['largest_after']}). Tail: {cur['tail']['entries']} entries matched at most t times "
-        f"had {cur['tail']['matches_before']:,} matches, {cur['tail']['matches_after']:,} after "
-        f"({100 * cur['tail']['share_of_matches_kept']:.0f}% kept). Kept pairs per domain: "
-        + ", ".join(f"{d} {v}" for d, v in cur["kept_per_domain"].items())
-        + ".",
-        "",
-        "| entry | pairs before | pairs after |",
-        "|---|---|---|",
-        *[f"| {e['entry']} | {e['before']} | {e['after']} |" for e in cur["top_entries"]],
-        "",
-        *img("curation", "entry counts before and after curation"),
-    ]
-    cl = summary["clustering"]
-    ami = "n/a (scikit-learn not installed)" if cl["domain_ami"] is None else f"{cl['domain_ami']:.3f}"
-    lines += [
-        "## Clustering: do the experts follow the visual domains?",
-        "",
-        f"Over {cl['n_pairs']:,} curated pairs (clustered by caption only): adjusted mutual information with the "
-        f"image's domain {ami}, purity {cl['domain_purity']:.3f} (1 = each expert holds one domain). "
-        "Each domain's expert (the one holding most of its pairs): "
-        + ", ".join(f"{d} -> expert_{k}" for d, k in cl["domain_expert"].items())
-        + ".",
-        "",
-        "| expert | " + " | ".join(cl["domains"]) + " |",
-        "|---" * (len(cl["domains"]) + 1) + "|",
-        *[
-            f"| expert_{k} | " + " | ".join(str(v) for v in row) + " |"
-            for k, row in enumerate(cl["pairs_per_expert_and_domain"])
-        ],
-        "",
-        *img("clustering", "pairs per expert and domain"),
-    ]
-    per = summary["experts"]["top1_per_domain_task"]
-    doms = list(next(iter(per.values()))) if per else []
-    if doms:
-        lines += [
-            "## Experts: does each specialise?",
-            "",
-            "Zero-shot top-1 (%) of each expert on each domain's task (chance "
-            + ", ".join(f"{d} {100 * summary['tasks'][d]['chance']:.0f}%" for d in doms)
-            + "). "
-            "The domain's own expert is the best expert on: "
-            + ", ".join(f"{d} {'yes' if v else 'no'}" for d, v in summary["experts"]["domain_expert_is_best"].items())
-            + ".",
-            "",
-            "| expert | " + " | ".join(doms) + " |",
-            "|---" * (len(doms) + 1) + "|",
-            *[f"| {e} | " + " | ".join(f"{100 * per[e][d]:.1f}" for d in doms) + " |" for e in per],
-            "",
-            *img("experts", "expert accuracy per domain"),
-        ]
-    en = summary["ensemble"]
-    n = results["n_experts"]
-    lines += [
-        "## Ensemble: MoDE's weights per task",
-        "",
-        "| task | " + " | ".join(f"expert_{k}" for k in range(n)) + " | largest | domain's expert | match |",
-        "|---" * (n + 4) + "|",
-        *[
-            f"| {t} | "
-            + " | ".join(f"{w:.3f}" for w in e["weights"])
-            + f" | {e['largest']} | "
-            + (
-                f"{e['domain_expert']} | {'yes' if e['largest_is_domain_expert'] else 'no'} |"
-                if "domain_expert" in e
-                else "- | - |"
-            )
-            for t, e in en.items()
-        ],
-        "",
-        *img("ensemble", "MoDE weights per task"),
-    ]
-    tasks, cmp_ = summary["tasks"], summary["comparison"]
-    lines += [
-        "## Comparison",
-        "",
-        "Top-1 (%) ± its standard error; differences are MoDE ensemble minus the other, paired over the same "
-        "images, ± their standard error. best_expert is an oracle (the expert that scored best on that task). "
-        "\"mode != mean\" counts the images where MoDE's and the plain mean's correctness differ.",
-        "",
-        "| task | chance | mode_ensemble | mean_ensemble | best_expert | same_compute | seed | MoDE - mean | "
-        "MoDE - best expert | MoDE - same compute | mode != mean |",
-        "|---" * 11 + "|",
-    ]
-    for t, v in tasks.items():
-        top, se = v["top1"], v["se"]
-        cells = [
-            f"{100 * top[m]:.1f} ± {100 * se[m]:.1f}"
-            for m in ("mode_ensemble", "mean_ensemble", "best_expert", "same_compute", "seed")
-        ]
-        lines.append(
-            f"| {t} | {100 * v['chance']:.0f} | "
-            + " | ".join(cells)
-            + " | "
-            + " | ".join(_pm(cmp_[t][f"mode_ensemble - {b}"]) for b in COMPARED)
-            + f" | {v['mode_vs_mean_disagreements']} of {v['n_images']} |"
-        )
-    if "domain_average" in cmp_:
-        lines.append(
-            "| domain tasks' average | | | | | | | "
-            + " | ".join(_pm(cmp_["domain_average"][f"mode_ensemble - {b}"]) for b in COMPARED)
-            + " | |"
-        )
-    lines += ["", *img("comparison", "comparison with chance lines"), "## Every model on every task", ""]
-    text = "\n".join(lines) + markdown_table(results)
-    if digits is not None:
-        t = next(iter(digits["tasks"].values()))
-        top1 = t["top1"]
-        chance = 1 / t["n_classes"]
-        at_chance = max(top1.values()) < chance + 0.03
-        text += "\n".join(
-            [
-                "",
-                "## Real data: scikit-learn's handwritten digits",
-                "",
-                f"{t['n_images']} images of {t['n_classes']} classes ({t['source']}; chance {100 / t['n_classes']:.0f}%), "
-                f"never seen in training (the sample has only the digits one and seven, typeset). Zero-shot top-1: "
-                f"the MoDE ensemble ({100 * top1['mode_ensemble']:.1f}%) {_verdict(top1['mode_ensemble'], top1['same_compute'])} the single model of equal "
-                f"training compute ({100 * top1['same_compute']:.1f}%); mean of experts "
-                f"{100 * top1['mean_ensemble']:.1f}%, best expert {100 * top1['best_expert']:.1f}%, seed "
-                f"{100 * top1['seed']:.1f}%."
-                + (
-                    " Every model is within 3 points of chance: these toy models have not learned handwritten "
-                    "digits, so this task cannot rank them."
-                    if at_chance
-                    else ""
-                ),
-                "",
-                markdown_table(digits),
-            ]
-        )
-    elif summary.get("digits"):
-        text += f"\nDigits (real data): {summary['digits']}.\n"
-    return text
+        summary = write_summary(out, s, _append_timings(out / "timings.json", this_run, digits_note), digits_note)
+        state.finish([out / "summary.json", out / "summary.md"])
+    return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and the hash text encoder (a test run)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over: remove this demo's earlier outputs in --out first"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    run_pipeline(args.out, QUICK if args.quick else FULL)
+    run_pipeline(args.out, QUICK if args.quick else FULL, overwrite=args.overwrite)
     return 0
 
 

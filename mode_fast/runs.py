@@ -43,6 +43,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -61,10 +62,12 @@ __all__ = [
     "RunState",
     "StopRequest",
     "code_version",
+    "die_with_parent",
     "fingerprint",
     "interrupts_as_error",
     "interrupts_deferred",
     "process_start",
+    "recorded_finished",
 ]
 
 MANIFEST = "run.json"
@@ -102,6 +105,23 @@ def process_start(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Have the kernel send `sig` to this process when the thread that started it ends,
+    however it ends (Linux; False elsewhere). It survives exec: a driver sets it in a child
+    between fork and exec (subprocess's preexec_fn) so that the child dies with it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class OutputLock:
@@ -219,6 +239,20 @@ def interrupts_deferred() -> Iterator[StopRequest]:
 
 
 # --- the run manifest ------------------------------------------------------------------------
+
+
+def recorded_finished(out_dir: str | os.PathLike) -> bool:
+    """Whether OUT/run.json records a finished run whose outputs are all there. Read without
+    the lock, for a driver deciding whether to start a job at all (the job, if started,
+    reconciles run.json itself)."""
+    out = Path(out_dir)
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict) or not data.get("finished"):
+        return False
+    return all((out / f).exists() for f in data.get("outputs", []))
 
 
 def _describe(field: str, value: Any) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode_fast import pipeline
+from mode_fast import pipeline, report
 
 torch.set_num_threads(1)  # shared 2-core machine
 
@@ -103,7 +103,7 @@ def test_curation_counts_match_curates_own(demo):
     from mode_fast.metadata import load_metadata
 
     entries = load_metadata(None)
-    pool = pipeline._records(sorted((demo / "sample" / "pool").glob("*.tar")))
+    pool = report.captioned_records(sorted((demo / "sample" / "pool").glob("*.tar")))
     _, ids = Matcher(entries).match_batch([c for _, c, _ in pool])
     np.testing.assert_array_equal(
         np.bincount(ids, minlength=len(entries)), np.load(demo / "curated" / "entry_count.npy")
@@ -125,9 +125,9 @@ def test_progress_bars_become_lines_when_not_on_a_terminal(monkeypatch, capsys):
 
 def test_verdict_is_judged_at_the_printed_precision():
     # 10.13% vs 10.07% both print as 10.1%: a tie, not "10.1% beats 10.1%"
-    assert pipeline._verdict(0.1013, 0.1007) == "ties with"
-    assert pipeline._verdict(0.440, 0.434) == "beats"
-    assert pipeline._verdict(0.434, 0.440) == "loses to"
+    assert report.verdict(0.1013, 0.1007) == "ties with"
+    assert report.verdict(0.440, 0.434) == "beats"
+    assert report.verdict(0.434, 0.440) == "loses to"
 
 
 def test_demo_scores_sklearn_digits_apart_from_the_headline(demo):
