@@ -40,11 +40,9 @@ struct MatchScratch {
         uint32_t size;
         uint64_t hash;
     };
-    std::string normalized;
     std::vector<Token> tokens;
     std::vector<int32_t> token_ids;
     std::vector<int32_t> found;
-    std::string spaced;  // metaclip2: " " + normalized + " " for the automaton
 };
 
 enum class Semantics : uint8_t { kMetaclip1 = 1, kMetaclip2 = 2 };
@@ -96,8 +94,13 @@ private:
     static void insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash);
     void grow_edge_table();
     void build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
-    void match_tokens(MatchScratch& scratch) const;  // trie pass over scratch.normalized into scratch.found
-    void match_automaton(std::string_view spaced, std::vector<int32_t>& found) const;
+    void match_tokens(std::string_view text, MatchScratch& scratch) const;  // trie pass into scratch.found
+    void match_automaton(std::string_view text, std::vector<int32_t>& found) const;
+    struct AcCursor {
+        uint32_t state = 0, fail = 0;
+        bool leaf = false;
+    };
+    void ac_step(AcCursor& c, uint32_t cp, std::vector<int32_t>& found) const;
     const AcEdge* ac_find(uint32_t state, uint32_t cp) const;
     void ac_insert(uint32_t state, uint32_t cp, uint32_t target);
 
@@ -155,6 +158,7 @@ private:
     // none): the root is where most steps of most texts are, and an array beats a probe.
     // Derived from ac_edges_, so rebuilt on load rather than saved.
     std::vector<uint32_t> ac_root_;
+    bool ac_root_skip_[256] = {};  // byte kept by spacing that starts no pattern: root stays root
     bool has_duplicates_ = true;  // any entry repeated: only then is next_same_entry_ read
     void index_root();
 };
