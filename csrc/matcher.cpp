@@ -537,7 +537,35 @@ void Matcher::index_root() {
         if (key != kEmptyKey && (key >> 32) == 0 && (key & 0xFFFFFFFFu) < 0x10000)
             ac_root_[key & 0xFFFFFFFFu] = static_cast<uint32_t>(slot) + 1;
     }
-    for (unsigned b = 0; b < 256; ++b) ac_root_skip_[b] = b < 0x80 && kByteClass.of[b] == kKeep && ac_root_[b] == 0;
+
+    // The fast path of match_automaton: from the root, and from the root's space child
+    // (where every word of a Latin-script text starts, since most patterns there begin
+    // with a space), where each ASCII byte leads, spacing rule included, when it lands
+    // on one of those two again and reports nothing. Found by running the automaton.
+    const AcEdge* space = ac_find(0, ' ');
+    ac_space_state_ = space != nullptr ? space->target : kNone;
+    std::fill(&ac_fast_[0][0], &ac_fast_[0][0] + sizeof ac_fast_, kAcSlow);
+    std::vector<int32_t> found;
+    for (uint32_t from = 0; from < 2; ++from) {
+        if (from == 1 && ac_space_state_ == kNone) break;
+        for (uint32_t b = 0; b < 0x80; ++b) {
+            AcCursor c = cursor_at(from == 0 ? 0 : ac_space_state_);
+            found.clear();
+            if (kByteClass.of[b] == kKeep) {
+                ac_step(c, b, found);
+            } else if (kByteClass.of[b] == kSpace) {
+                ac_step(c, ' ', found);
+            } else {
+                ac_step(c, ' ', found);
+                ac_step(c, b, found);
+                ac_step(c, ' ', found);
+            }
+            if (found.empty() && c.state == 0) ac_fast_[from][b] = 0;
+            if (found.empty() && c.state == ac_space_state_) ac_fast_[from][b] = 1;
+        }
+    }
+    for (uint32_t b = 0; b < 256; ++b)
+        ac_reset_[b] = ac_space_state_ == kNone || ac_fast_[0][b] == ac_fast_[1][b] ? ac_fast_[0][b] : kAcSlow;
 }
 
 // One step of the automaton on code point cp (the state is (state, fail, leaf)).
@@ -578,22 +606,33 @@ inline void Matcher::ac_step(AcCursor& c, uint32_t cp, std::vector<int32_t>& fou
 }
 
 // The automaton over spaced(text) = " " + text with the spacing rule applied + " ",
-// produced on the fly from the text's bytes rather than copied out first.
+// produced on the fly from the text's bytes rather than copied out first. While the
+// automaton is at the root or the root's space child, an ASCII byte costs one look-up
+// in ac_reset_ or ac_fast_; everything else takes ac_step, code point by code point.
 void Matcher::match_automaton(std::string_view text, std::vector<int32_t>& found) const {
     const auto* p = reinterpret_cast<const unsigned char*>(text.data());
     const size_t n = text.size();
     AcCursor c;
     ac_step(c, ' ', found);
+    uint8_t fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;  // row of ac_fast_
     size_t i = 0;
     while (i < n) {
-        // At the root, a byte that the spacing rule keeps and that starts no pattern
-        // leaves the automaton at the root: skip a run of them in one tight loop
-        // (most of a Latin-script text, whose patterns mostly start with a space).
-        if (c.state == 0) {
-            while (i < n && ac_root_skip_[p[i]]) ++i;
+        if (fast < 2) {
+            // A run of bytes that each lead to the same one of the two states from either
+            // (most letters of a Latin-script text) needs no state threaded through it.
+            const size_t start = i;
+            while (i < n && ac_reset_[p[i]] != kAcSlow) ++i;
+            if (i != start) fast = ac_reset_[p[i - 1]];
             if (i == n) break;
         }
         const unsigned char b = p[i];
+        const uint8_t next = ac_fast_[fast][b];
+        if (next != kAcSlow) {
+            fast = next;
+            ++i;
+            continue;
+        }
+        if (fast < 2) c = cursor_at(fast == 0 ? 0 : ac_space_state_);
         if (b < 0x80) {
             const uint8_t cls = kByteClass.of[b];
             if (cls == kKeep) {
@@ -606,14 +645,16 @@ void Matcher::match_automaton(std::string_view text, std::vector<int32_t>& found
                 ac_step(c, ' ', found);
             }
             ++i;
-            continue;
+        } else {
+            // Code points as for_each_code_point gives them (patterns were built with it).
+            size_t len = 0;
+            const uint32_t cp = decode_at(p + i, n - i, &len);
+            ac_step(c, cp == kMalformed ? kMalformed + b : cp, found);
+            i += len;
         }
-        // Code points as for_each_code_point gives them (patterns were built with it).
-        size_t len = 0;
-        const uint32_t cp = decode_at(p + i, n - i, &len);
-        ac_step(c, cp == kMalformed ? kMalformed + b : cp, found);
-        i += len;
+        fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;
     }
+    if (fast < 2) c = cursor_at(fast == 0 ? 0 : ac_space_state_);
     ac_step(c, ' ', found);
 }
 
@@ -863,7 +904,6 @@ Matcher Matcher::load(std::istream& in) {
         read_vec(in, m.ac_states_, kMax);
         read_vec(in, m.ac_edges_, kMax);
         read_pod(in, m.ac_edge_count_);
-        m.index_root();
     }
     in.read(magic, sizeof magic);
     if (!in || std::memcmp(magic, expected, sizeof kMagic) != 0)
@@ -931,6 +971,7 @@ Matcher Matcher::load(std::istream& in) {
         }
     }
     if (!ok) throw std::runtime_error("matcher file is corrupt (inconsistent tables)");
+    if (v2) m.index_root();  // derived tables, built by walking the now validated automaton
     return m;
 }
 

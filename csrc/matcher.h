@@ -158,7 +158,18 @@ private:
     // none): the root is where most steps of most texts are, and an array beats a probe.
     // Derived from ac_edges_, so rebuilt on load rather than saved.
     std::vector<uint32_t> ac_root_;
-    bool ac_root_skip_[256] = {};  // byte kept by spacing that starts no pattern: root stays root
+    // ac_fast_[r][b]: from the root (r = 0) or its space child (r = 1), the state an ASCII
+    // byte b leads to if that is one of those two again with nothing reported (0 or 1),
+    // else kAcSlow; row 2 (any other state) and bytes >= 0x80 are all kAcSlow.
+    static constexpr uint8_t kAcSlow = 0xFF;
+    uint8_t ac_fast_[3][256] = {};
+    // ac_reset_[b]: ac_fast_[0][b] where it equals ac_fast_[1][b] (b leads to the same state
+    // from either), else kAcSlow.
+    uint8_t ac_reset_[256] = {};
+    uint32_t ac_space_state_ = kNone;
+    AcCursor cursor_at(uint32_t state) const {
+        return AcCursor{state, ac_states_[state].fail, ac_states_[state].leaf != 0};
+    }
     bool has_duplicates_ = true;  // any entry repeated: only then is next_same_entry_ read
     void index_root();
 };
