@@ -741,6 +741,34 @@ uint32_t Matcher::child(uint32_t node, uint32_t token) const {
     }
 }
 
+namespace {
+
+// Ascending and unique, in place. A text's ids are few (tens at most, usually): an
+// insertion sort that drops repeats as it goes beats std::sort's set-up on such sizes.
+void sort_unique(std::vector<int32_t>& ids) {
+    const size_t n = ids.size();
+    if (n < 2) return;
+    if (n > 64) {
+        std::sort(ids.begin(), ids.end());
+        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+        return;
+    }
+    int32_t* a = ids.data();
+    size_t kept = 1;
+    for (size_t i = 1; i < n; ++i) {
+        const int32_t v = a[i];
+        size_t j = kept;
+        while (j > 0 && a[j - 1] > v) --j;
+        if (j > 0 && a[j - 1] == v) continue;  // a repeat
+        std::memmove(a + j + 1, a + j, (kept - j) * sizeof(int32_t));
+        a[j] = v;
+        ++kept;
+    }
+    ids.resize(kept);
+}
+
+}  // namespace
+
 void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScratch& scratch) const {
     const bool v2 = semantics_ == Semantics::kMetaclip2;
     if (v2) text = strip_python_whitespace(text);
@@ -749,10 +777,7 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
     found.clear();
     if (token_offsets_.size() > 1) match_tokens(text, scratch);  // no trie entries: nothing to look up
     if (v2 && ac_edge_count_ > 0) match_automaton(text, found);  // an automaton with more than the root
-    if (found.size() > 1) {
-        std::sort(found.begin(), found.end());
-        found.erase(std::unique(found.begin(), found.end()), found.end());
-    }
+    sort_unique(found);
     out.insert(out.end(), found.begin(), found.end());
 }
 

@@ -114,6 +114,21 @@ def test_results_sorted_unique(matcher: Matcher) -> None:
     assert ids == sorted(set(ids))
 
 
+@pytest.mark.parametrize("n_found", [3, 64, 65, 300])
+@pytest.mark.parametrize("semantics", ["metaclip1", "metaclip2"])
+def test_many_ids_in_one_text_sorted_unique(n_found: int, semantics: str) -> None:
+    # Both ways of ordering a text's ids (small and large counts), repeats and a duplicate
+    # entry included, against the naive reference.
+    rng = random.Random(n_found)
+    entries = [f"w{i}" for i in range(400)] + ["w7"]
+    words = [f"w{rng.randrange(400)}" for _ in range(n_found)]
+    text = " ".join(words + words[: n_found // 3])
+    m = Matcher(entries, semantics=semantics)
+    assert m.match(text) == naive_match(entries, text)
+    offsets, ids = m.match_batch([text, "w1", text])
+    assert ids[offsets[2] : offsets[3]].tolist() == naive_match(entries, text)
+
+
 def test_duplicate_and_empty_entries_follow_naive_semantics() -> None:
     entries = ["dog", "cat", "dog", "", "dog"]
     m = Matcher(entries)
