@@ -531,11 +531,20 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
 
 void Matcher::index_root() {
     has_duplicates_ = std::any_of(next_same_entry_.begin(), next_same_entry_.end(), [](int32_t e) { return e >= 0; });
-    ac_root_.assign(0x10000, 0);
-    for (size_t slot = 0; slot < ac_edges_.size(); ++slot) {
-        const uint64_t key = ac_edges_[slot].key;
-        if (key != kEmptyKey && (key >> 32) == 0 && (key & 0xFFFFFFFFu) < 0x10000)
-            ac_root_[key & 0xFFFFFFFFu] = static_cast<uint32_t>(slot) + 1;
+    // Copies of the root's edges, by code point, over the BMP range that has any.
+    uint32_t lo = 0x10000, hi = 0;
+    for (const AcEdge& e : ac_edges_) {
+        const uint32_t cp = static_cast<uint32_t>(e.key & 0xFFFFFFFFu);
+        if (e.key != kEmptyKey && (e.key >> 32) == 0 && cp < 0x10000) {
+            lo = std::min(lo, cp);
+            hi = std::max(hi, cp);
+        }
+    }
+    ac_root_lo_ = lo;
+    ac_root_.assign(lo <= hi ? hi - lo + 1 : 0, AcEdge{kEmptyKey, 0, 0, -1, kNone});
+    for (const AcEdge& e : ac_edges_) {
+        const uint32_t cp = static_cast<uint32_t>(e.key & 0xFFFFFFFFu);
+        if (e.key != kEmptyKey && (e.key >> 32) == 0 && cp < 0x10000) ac_root_[cp - lo] = e;
     }
 
     // The fast path of match_automaton: from the root, and from the root's space child
@@ -574,8 +583,8 @@ inline void Matcher::ac_step(AcCursor& c, uint32_t cp, std::vector<int32_t>& fou
         const AcEdge* e = nullptr;
         if (c.state == 0) {
             if (cp < 0x10000) {
-                const uint32_t slot = ac_root_[cp];
-                e = slot ? &ac_edges_[slot - 1] : nullptr;
+                const uint32_t at = cp - ac_root_lo_;  // wraps below the range
+                e = at < ac_root_.size() && ac_root_[at].key != kEmptyKey ? &ac_root_[at] : nullptr;
             } else {
                 e = ac_find(0, cp);
             }

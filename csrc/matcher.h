@@ -154,10 +154,12 @@ private:
     std::vector<AcState> ac_states_;  // empty unless metaclip2
     std::vector<AcEdge> ac_edges_;
     uint64_t ac_edge_count_ = 0;
-    // The root's edges for the Basic Multilingual Plane, by code point (slot + 1, 0:
-    // none): the root is where most steps of most texts are, and an array beats a probe.
-    // Derived from ac_edges_, so rebuilt on load rather than saved.
-    std::vector<uint32_t> ac_root_;
+    // Copies of the root's edges for the Basic Multilingual Plane, by code point from
+    // ac_root_lo_ (key kEmptyKey: none) over the range that has any: the root is where many
+    // steps of most texts are, and one array read beats a probe (and a CJK script's root
+    // edges, read this way, stay in cache). Derived from ac_edges_: rebuilt on load, not saved.
+    std::vector<AcEdge> ac_root_;
+    uint32_t ac_root_lo_ = 0;
     // ac_fast_[r][b]: from the root (r = 0) or its space child (r = 1), the state an ASCII
     // byte b leads to if that is one of those two again with nothing reported (0 or 1),
     // else kAcSlow; row 2 (any other state) and bytes >= 0x80 are all kAcSlow.
