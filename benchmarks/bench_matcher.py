@@ -4,6 +4,8 @@ Run:  .venv/bin/python -m pytest benchmarks/bench_matcher.py \
           --benchmark-json benchmarks/results/cpu/matcher.json
 then: .venv/bin/python benchmarks/report.py benchmarks/results/cpu/matcher.json
 (`make bench` does both). Sizes: MATCHER_BENCH_ENTRIES (default 500k), MATCHER_BENCH_TEXTS.
+On a shared machine add `--benchmark-timer time.process_time` for the 1-thread groups (per-process CPU
+time; not for the threads group, whose two threads' CPU time adds up): see results/cpu/matcher.md.
 """
 
 from __future__ import annotations

@@ -14,14 +14,42 @@ namespace {
 constexpr uint64_t kEmptyKey = ~uint64_t{0};
 constexpr uint64_t kMul = 0x9E3779B97F4A7C15ull;
 
-// Little-endian load regardless of the host's byte order, so hashes are portable.
-inline uint64_t load_le(const unsigned char* p, size_t n) {
-    uint64_t w = 0;
-    for (size_t i = 0; i < n; ++i) w |= uint64_t{p[i]} << (8 * i);
+// Little-endian load of n <= 8 bytes regardless of the host's byte order, so hashes are
+// portable. Whole-word loads (overlapping for 4..7 bytes) instead of a byte loop: every
+// text token goes through here twice (hash, then slot prefix), and most are short.
+inline uint32_t load32(const unsigned char* p) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    w = __builtin_bswap32(w);
+#endif
     return w;
 }
 
-inline uint64_t mix64(uint64_t x) {
+inline uint64_t load64(const unsigned char* p) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    w = __builtin_bswap64(w);
+#endif
+    return w;
+}
+
+inline uint64_t load_le(const unsigned char* p, size_t n) {
+    if (n >= 8) return load64(p);
+    if (n >= 4) return uint64_t{load32(p)} | (uint64_t{load32(p + n - 4)} << (8 * (n - 4)));
+    if (n == 0) return 0;
+    // 1..3 bytes: first, middle and last (the same byte more than once when n < 3).
+    return uint64_t{p[0]} | (uint64_t{p[n / 2]} << (8 * (n / 2))) | (uint64_t{p[n - 1]} << (8 * (n - 1)));
+}
+
+inline bool equal_bytes(const char* a, const char* b, size_t n) {
+    for (; n >= 8; a += 8, b += 8, n -= 8)
+        if (load64(reinterpret_cast<const unsigned char*>(a)) != load64(reinterpret_cast<const unsigned char*>(b))) return false;
+    return n == 0 || load_le(reinterpret_cast<const unsigned char*>(a), n) == load_le(reinterpret_cast<const unsigned char*>(b), n);
+}
+
+constexpr uint64_t mix64(uint64_t x) {
     x ^= x >> 31;
     x *= 0xBF58476D1CE4E5B9ull;
     x ^= x >> 27;
@@ -38,22 +66,37 @@ inline bool is_wrapped_punct(char c) {
     return c == ',' || c == '.' || c == ';' || c == ':' || c == '?' || c == '!' || c == '`';
 }
 
-// spaced(text) without its two padding spaces: the padding only makes the first
-// and last tokens bounded, which splitting on ' ' already gives.
-void normalize(std::string_view text, std::string& out) {
-    out.clear();
-    out.reserve(text.size() + 16);
-    for (char c : text) {
-        if (is_wrapped_punct(c)) {
-            out.push_back(' ');
-            out.push_back(c);
-            out.push_back(' ');
-        } else if (c == '\t' || c == '\n' || c == '\r') {
-            out.push_back(' ');
-        } else {
-            out.push_back(c);
-        }
+// What the spacing rule does with each byte: kept, turned into a space (space, tab,
+// newline, CR), or wrapped in spaces (, . ; : ? ! `). Bytes >= 0x80 are always kept.
+enum ByteClass : uint8_t { kKeep = 0, kSpace = 1, kWrap = 2 };
+
+struct ByteClasses {
+    uint8_t of[256] = {};
+    constexpr ByteClasses() {
+        of[static_cast<unsigned char>(' ')] = of[static_cast<unsigned char>('\t')] = kSpace;
+        of[static_cast<unsigned char>('\n')] = of[static_cast<unsigned char>('\r')] = kSpace;
+        for (char c : {',', '.', ';', ':', '?', '!', '`'}) of[static_cast<unsigned char>(c)] = kWrap;
     }
+};
+constexpr ByteClasses kByteClass{};
+
+// The tokens of spaced(text).split(' ') without its two padding spaces (they only bound
+// the first and last tokens, which splitting already does), read straight off the text:
+// no spaced copy is built. A space-like byte ends a token; a wrapped punctuation byte
+// ends one and is a token of its own. Empty tokens (runs of spaces) are kept.
+template <class F>
+inline void for_each_spaced_token(std::string_view s, F&& f) {
+    const char* p = s.data();
+    const size_t n = s.size();
+    size_t start = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const uint8_t cls = kByteClass.of[static_cast<unsigned char>(p[i])];
+        if (cls == kKeep) continue;
+        f(p + start, i - start);
+        if (cls == kWrap) f(p + i, 1);
+        start = i + 1;
+    }
+    f(p + start, n - start);
 }
 
 template <class F>
@@ -208,6 +251,9 @@ bool is_cjk_or_similar(uint32_t cp) {
 }
 
 std::string_view strip_python_whitespace(std::string_view text) {
+    if (text.empty()) return text;
+    const auto first = static_cast<unsigned char>(text.front()), last = static_cast<unsigned char>(text.back());
+    if (first < 0x80 && last < 0x80 && !is_python_space(first) && !is_python_space(last)) return text;  // usual case
     size_t len = 0;
     while (!text.empty() && is_python_space(first_code_point(text))) {
         decode_at(reinterpret_cast<const unsigned char*>(text.data()), text.size(), &len);
@@ -228,6 +274,33 @@ uint64_t hash_bytes(const char* data, size_t size, uint64_t seed) {
     if (size > 0) h = mix64(h ^ load_le(p, size) ^ (uint64_t{size} << 59));
     return mix64(h);
 }
+
+namespace {
+
+// hash_bytes(p, n, 0), the vocabulary's hash, with its first mix (which depends on the
+// size alone) looked up: one multiply chain fewer on the path of every text token.
+struct SizeMixes {
+    uint64_t of[256] = {};
+    constexpr SizeMixes() {
+        for (uint64_t n = 0; n < 256; ++n) of[n] = mix64(kMul * (n + 1));
+    }
+};
+constexpr SizeMixes kSizeMix{};
+
+inline uint64_t hash_token(const char* data, size_t size) {
+    if (size >= 256) return hash_bytes(data, size, 0);
+    const auto* p = reinterpret_cast<const unsigned char*>(data);
+    uint64_t h = kSizeMix.of[size];
+    while (size >= 8) {
+        h = mix64(h ^ load64(p)) * kMul;
+        p += 8;
+        size -= 8;
+    }
+    if (size > 0) h = mix64(h ^ load_le(p, size) ^ (uint64_t{size} << 59));
+    return mix64(h);
+}
+
+}  // namespace
 
 // --- construction ----------------------------------------------------------------
 
@@ -458,52 +531,140 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
 
 void Matcher::index_root() {
     has_duplicates_ = std::any_of(next_same_entry_.begin(), next_same_entry_.end(), [](int32_t e) { return e >= 0; });
-    ac_root_.assign(0x10000, 0);
-    for (size_t slot = 0; slot < ac_edges_.size(); ++slot) {
-        const uint64_t key = ac_edges_[slot].key;
-        if (key != kEmptyKey && (key >> 32) == 0 && (key & 0xFFFFFFFFu) < 0x10000)
-            ac_root_[key & 0xFFFFFFFFu] = static_cast<uint32_t>(slot) + 1;
+    // Copies of the root's edges, by code point, over the BMP range that has any.
+    uint32_t lo = 0x10000, hi = 0;
+    for (const AcEdge& e : ac_edges_) {
+        const uint32_t cp = static_cast<uint32_t>(e.key & 0xFFFFFFFFu);
+        if (e.key != kEmptyKey && (e.key >> 32) == 0 && cp < 0x10000) {
+            lo = std::min(lo, cp);
+            hi = std::max(hi, cp);
+        }
+    }
+    ac_root_lo_ = lo;
+    ac_root_.assign(lo <= hi ? hi - lo + 1 : 0, AcEdge{kEmptyKey, 0, 0, -1, kNone});
+    for (const AcEdge& e : ac_edges_) {
+        const uint32_t cp = static_cast<uint32_t>(e.key & 0xFFFFFFFFu);
+        if (e.key != kEmptyKey && (e.key >> 32) == 0 && cp < 0x10000) ac_root_[cp - lo] = e;
+    }
+
+    // The fast path of match_automaton: from the root, and from the root's space child
+    // (where every word of a Latin-script text starts, since most patterns there begin
+    // with a space), where each ASCII byte leads, spacing rule included, when it lands
+    // on one of those two again and reports nothing. Found by running the automaton.
+    const AcEdge* space = ac_find(0, ' ');
+    ac_space_state_ = space != nullptr ? space->target : kNone;
+    std::fill(&ac_fast_[0][0], &ac_fast_[0][0] + sizeof ac_fast_, kAcSlow);
+    std::vector<int32_t> found;
+    for (uint32_t from = 0; from < 2; ++from) {
+        if (from == 1 && ac_space_state_ == kNone) break;
+        for (uint32_t b = 0; b < 0x80; ++b) {
+            AcCursor c = cursor_at(from == 0 ? 0 : ac_space_state_);
+            found.clear();
+            if (kByteClass.of[b] == kKeep) {
+                ac_step(c, b, found);
+            } else if (kByteClass.of[b] == kSpace) {
+                ac_step(c, ' ', found);
+            } else {
+                ac_step(c, ' ', found);
+                ac_step(c, b, found);
+                ac_step(c, ' ', found);
+            }
+            if (found.empty() && c.state == 0) ac_fast_[from][b] = 0;
+            if (found.empty() && c.state == ac_space_state_) ac_fast_[from][b] = 1;
+        }
+    }
+    for (uint32_t b = 0; b < 256; ++b)
+        ac_reset_[b] = ac_space_state_ == kNone || ac_fast_[0][b] == ac_fast_[1][b] ? ac_fast_[0][b] : kAcSlow;
+}
+
+// One step of the automaton on code point cp (the state is (state, fail, leaf)).
+inline void Matcher::ac_step(AcCursor& c, uint32_t cp, std::vector<int32_t>& found) const {
+    for (;;) {
+        const AcEdge* e = nullptr;
+        if (c.state == 0) {
+            if (cp < 0x10000) {
+                const uint32_t at = cp - ac_root_lo_;  // wraps below the range
+                e = at < ac_root_.size() && ac_root_[at].key != kEmptyKey ? &ac_root_[at] : nullptr;
+            } else {
+                e = ac_find(0, cp);
+            }
+            if (e == nullptr) return;  // no pattern starts with cp
+        } else if (!c.leaf) {
+            if (cp >= 128 || ((ac_states_[c.state].ascii_children[cp >> 6] >> (cp & 63)) & 1)) e = ac_find(c.state, cp);
+        }
+        if (e != nullptr) {
+            c.state = e->target;
+            c.fail = e->fail & ~kLeaf;
+            c.leaf = (e->fail & kLeaf) != 0;
+            if (e->report_out < 0) return;
+            if (!has_duplicates_) {  // validated metadata: one entry per pattern
+                found.push_back(e->report_out);
+                for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict) found.push_back(ac_states_[s].out);
+                return;
+            }
+            for (int32_t id = e->report_out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
+            for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict)
+                for (int32_t id = ac_states_[s].out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
+            return;
+        }
+        // A leaf has no edges to probe: straight to its failure state.
+        c.state = c.fail;
+        c.fail = ac_states_[c.state].fail;
+        c.leaf = ac_states_[c.state].leaf != 0;
     }
 }
 
-void Matcher::match_automaton(std::string_view spaced, std::vector<int32_t>& found) const {
-    uint32_t state = 0, fail = 0;
-    bool leaf = false;
-    for_each_code_point(spaced, [&](uint32_t cp) {
-        for (;;) {
-            const AcEdge* e = nullptr;
-            if (state == 0) {
-                if (cp < 0x10000) {
-                    const uint32_t slot = ac_root_[cp];
-                    e = slot ? &ac_edges_[slot - 1] : nullptr;
-                } else {
-                    e = ac_find(0, cp);
-                }
-                if (e == nullptr) return;  // no pattern starts with cp
-            } else if (!leaf) {
-                if (cp >= 128 || ((ac_states_[state].ascii_children[cp >> 6] >> (cp & 63)) & 1)) e = ac_find(state, cp);
-            }
-            if (e != nullptr) {
-                state = e->target;
-                fail = e->fail & ~kLeaf;
-                leaf = (e->fail & kLeaf) != 0;
-                if (e->report_out < 0) return;
-                if (!has_duplicates_) {  // validated metadata: one entry per pattern
-                    found.push_back(e->report_out);
-                    for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict) found.push_back(ac_states_[s].out);
-                    return;
-                }
-                for (int32_t id = e->report_out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
-                for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict)
-                    for (int32_t id = ac_states_[s].out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
-                return;
-            }
-            // A leaf has no edges to probe: straight to its failure state.
-            state = fail;
-            fail = ac_states_[state].fail;
-            leaf = ac_states_[state].leaf != 0;
+// The automaton over spaced(text) = " " + text with the spacing rule applied + " ",
+// produced on the fly from the text's bytes rather than copied out first. While the
+// automaton is at the root or the root's space child, an ASCII byte costs one look-up
+// in ac_reset_ or ac_fast_; everything else takes ac_step, code point by code point.
+void Matcher::match_automaton(std::string_view text, std::vector<int32_t>& found) const {
+    const auto* p = reinterpret_cast<const unsigned char*>(text.data());
+    const size_t n = text.size();
+    AcCursor c;
+    ac_step(c, ' ', found);
+    uint8_t fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;  // row of ac_fast_
+    size_t i = 0;
+    while (i < n) {
+        if (fast < 2) {
+            // A run of bytes that each lead to the same one of the two states from either
+            // (most letters of a Latin-script text) needs no state threaded through it.
+            const size_t start = i;
+            while (i < n && ac_reset_[p[i]] != kAcSlow) ++i;
+            if (i != start) fast = ac_reset_[p[i - 1]];
+            if (i == n) break;
         }
-    });
+        const unsigned char b = p[i];
+        const uint8_t next = ac_fast_[fast][b];
+        if (next != kAcSlow) {
+            fast = next;
+            ++i;
+            continue;
+        }
+        if (fast < 2) c = cursor_at(fast == 0 ? 0 : ac_space_state_);
+        if (b < 0x80) {
+            const uint8_t cls = kByteClass.of[b];
+            if (cls == kKeep) {
+                ac_step(c, b, found);
+            } else if (cls == kSpace) {
+                ac_step(c, ' ', found);
+            } else {
+                ac_step(c, ' ', found);
+                ac_step(c, b, found);
+                ac_step(c, ' ', found);
+            }
+            ++i;
+        } else {
+            // Code points as for_each_code_point gives them (patterns were built with it).
+            size_t len = 0;
+            const uint32_t cp = decode_at(p + i, n - i, &len);
+            ac_step(c, cp == kMalformed ? kMalformed + b : cp, found);
+            i += len;
+        }
+        fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;
+    }
+    if (fast < 2) c = cursor_at(fast == 0 ? 0 : ac_space_state_);
+    ac_step(c, ' ', found);
 }
 
 std::string_view Matcher::entry(size_t id) const {
@@ -574,7 +735,7 @@ int32_t Matcher::token_id(const char* data, size_t size, uint64_t hash) const {
         const uint32_t id = s.id_plus1 - 1;
         if (size <= 8) return static_cast<int32_t>(id);  // size and all bytes are in the slot
         const uint64_t begin = token_offsets_[id], end = token_offsets_[id + 1];
-        if (end - begin == size && std::memcmp(token_bytes_.data() + begin + 8, data + 8, size - 8) == 0)
+        if (end - begin == size && equal_bytes(token_bytes_.data() + begin + 8, data + 8, size - 8))
             return static_cast<int32_t>(id);
     }
 }
@@ -589,63 +750,93 @@ uint32_t Matcher::child(uint32_t node, uint32_t token) const {
     }
 }
 
+namespace {
+
+// Ascending and unique, in place. A text's ids are few (tens at most, usually): an
+// insertion sort that drops repeats as it goes beats std::sort's set-up on such sizes.
+void sort_unique(std::vector<int32_t>& ids) {
+    const size_t n = ids.size();
+    if (n < 2) return;
+    if (n > 64) {
+        std::sort(ids.begin(), ids.end());
+        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+        return;
+    }
+    int32_t* a = ids.data();
+    size_t kept = 1;
+    for (size_t i = 1; i < n; ++i) {
+        const int32_t v = a[i];
+        size_t j = kept;
+        while (j > 0 && a[j - 1] > v) --j;
+        if (j > 0 && a[j - 1] == v) continue;  // a repeat
+        std::memmove(a + j + 1, a + j, (kept - j) * sizeof(int32_t));
+        a[j] = v;
+        ++kept;
+    }
+    ids.resize(kept);
+}
+
+}  // namespace
+
 void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScratch& scratch) const {
     const bool v2 = semantics_ == Semantics::kMetaclip2;
     if (v2) text = strip_python_whitespace(text);
-    normalize(text, scratch.normalized);
 
     auto& found = scratch.found;
     found.clear();
-    if (token_offsets_.size() > 1) match_tokens(scratch);  // no trie entries: nothing to look up
-    if (v2 && ac_edge_count_ > 0) {  // an automaton with more than the root
-        scratch.spaced.clear();
-        scratch.spaced.reserve(scratch.normalized.size() + 2);
-        scratch.spaced.push_back(' ');
-        scratch.spaced.append(scratch.normalized);
-        scratch.spaced.push_back(' ');
-        match_automaton(scratch.spaced, found);
-    }
-    if (found.size() > 1) {
-        std::sort(found.begin(), found.end());
-        found.erase(std::unique(found.begin(), found.end()), found.end());
-    }
+    if (token_offsets_.size() > 1) match_tokens(text, scratch);  // no trie entries: nothing to look up
+    if (v2 && ac_edge_count_ > 0) match_automaton(text, found);  // an automaton with more than the root
+    sort_unique(found);
     out.insert(out.end(), found.begin(), found.end());
 }
 
-void Matcher::match_tokens(MatchScratch& scratch) const {
-    // Three short passes instead of one: hashing every token first lets the memory
-    // system fetch all their table slots at once (prefetch) rather than one by one.
+void Matcher::match_tokens(std::string_view text, MatchScratch& scratch) const {
+    // Short passes instead of one: hashing every token first lets the memory system
+    // fetch all their vocabulary slots at once (prefetch) rather than one by one; the
+    // same then goes for their trie nodes, and for the trie edges to the next token.
+    // The buffers only grow (a text has at most 2 * size + 1 tokens), so no pass
+    // checks capacity per token.
     auto& tokens = scratch.tokens;
-    tokens.clear();
+    auto& ids = scratch.token_ids;
+    if (tokens.size() < 2 * text.size() + 1) {
+        tokens.resize(2 * text.size() + 1);
+        ids.resize(tokens.size());
+    }
+    MatchScratch::Token* tok = tokens.data();
+    size_t n_tokens = 0;
     const size_t mask = vocab_slots_.size() - 1;
-    for_each_token(scratch.normalized, [&](const char* p, size_t n) {
+    for_each_spaced_token(text, [&](const char* p, size_t n) {
         if (n > max_token_size_) {
-            tokens.push_back({nullptr, 0, 0});  // cannot be in the vocabulary
+            tok[n_tokens++] = {nullptr, 0, 0};  // cannot be in the vocabulary
             return;
         }
-        uint64_t h = hash_bytes(p, n, 0);
+        const uint64_t h = hash_token(p, n);
         __builtin_prefetch(&vocab_slots_[h & mask]);
-        tokens.push_back({p, static_cast<uint32_t>(n), h});
+        tok[n_tokens++] = {p, static_cast<uint32_t>(n), h};
     });
-    auto& ids = scratch.token_ids;
-    ids.resize(tokens.size());
-    for (size_t i = 0; i < tokens.size(); ++i) {
-        const auto& t = tokens[i];
-        ids[i] = t.data == nullptr ? -1 : token_id(t.data, t.size, t.hash);
-        if (ids[i] >= 0) __builtin_prefetch(&node_info_[ids[i]]);
+    int32_t* id = ids.data();
+    for (size_t i = 0; i < n_tokens; ++i) {
+        id[i] = tok[i].data == nullptr ? -1 : token_id(tok[i].data, tok[i].size, tok[i].hash);
+        if (id[i] >= 0) __builtin_prefetch(&node_info_[id[i]]);
+    }
+    // Most texts' tokens start some multi-token entry (a bigram list makes nearly every
+    // word one): the edge to the next token is a probe into a large table, so fetch it now.
+    const size_t edge_mask = edges_.size() - 1;
+    for (size_t i = 0; i + 1 < n_tokens; ++i) {
+        if (id[i] >= 0 && id[i + 1] >= 0 && (node_info_[id[i]] & kHasChildren))
+            __builtin_prefetch(&edges_[mix64(edge_key(static_cast<uint32_t>(id[i]), static_cast<uint32_t>(id[i + 1]))) & edge_mask]);
     }
 
     auto& found = scratch.found;
-    const size_t n_tokens = ids.size();
     for (size_t i = 0; i < n_tokens; ++i) {
-        if (ids[i] < 0) continue;
-        uint32_t node = static_cast<uint32_t>(ids[i]);
+        if (id[i] < 0) continue;
+        uint32_t node = static_cast<uint32_t>(id[i]);
         for (size_t j = i + 1;; ++j) {
             const uint32_t info = node_info_[node];
             for (int32_t e = static_cast<int32_t>(info & ~kHasChildren) - 1; e >= 0; e = next_same_entry_[e])
                 found.push_back(e);
-            if (j == n_tokens || ids[j] < 0 || !(info & kHasChildren)) break;
-            node = child(node, static_cast<uint32_t>(ids[j]));
+            if (j == n_tokens || id[j] < 0 || !(info & kHasChildren)) break;
+            node = child(node, static_cast<uint32_t>(id[j]));
             if (node == kNone) break;
         }
     }
@@ -747,7 +938,6 @@ Matcher Matcher::load(std::istream& in) {
         read_vec(in, m.ac_states_, kMax);
         read_vec(in, m.ac_edges_, kMax);
         read_pod(in, m.ac_edge_count_);
-        m.index_root();
     }
     in.read(magic, sizeof magic);
     if (!in || std::memcmp(magic, expected, sizeof kMagic) != 0)
@@ -815,6 +1005,7 @@ Matcher Matcher::load(std::istream& in) {
         }
     }
     if (!ok) throw std::runtime_error("matcher file is corrupt (inconsistent tables)");
+    if (v2) m.index_root();  // derived tables, built by walking the now validated automaton
     return m;
 }
 

@@ -40,11 +40,9 @@ struct MatchScratch {
         uint32_t size;
         uint64_t hash;
     };
-    std::string normalized;
     std::vector<Token> tokens;
     std::vector<int32_t> token_ids;
     std::vector<int32_t> found;
-    std::string spaced;  // metaclip2: " " + normalized + " " for the automaton
 };
 
 enum class Semantics : uint8_t { kMetaclip1 = 1, kMetaclip2 = 2 };
@@ -96,8 +94,13 @@ private:
     static void insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash);
     void grow_edge_table();
     void build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
-    void match_tokens(MatchScratch& scratch) const;  // trie pass over scratch.normalized into scratch.found
-    void match_automaton(std::string_view spaced, std::vector<int32_t>& found) const;
+    void match_tokens(std::string_view text, MatchScratch& scratch) const;  // trie pass into scratch.found
+    void match_automaton(std::string_view text, std::vector<int32_t>& found) const;
+    struct AcCursor {
+        uint32_t state = 0, fail = 0;
+        bool leaf = false;
+    };
+    void ac_step(AcCursor& c, uint32_t cp, std::vector<int32_t>& found) const;
     const AcEdge* ac_find(uint32_t state, uint32_t cp) const;
     void ac_insert(uint32_t state, uint32_t cp, uint32_t target);
 
@@ -151,10 +154,24 @@ private:
     std::vector<AcState> ac_states_;  // empty unless metaclip2
     std::vector<AcEdge> ac_edges_;
     uint64_t ac_edge_count_ = 0;
-    // The root's edges for the Basic Multilingual Plane, by code point (slot + 1, 0:
-    // none): the root is where most steps of most texts are, and an array beats a probe.
-    // Derived from ac_edges_, so rebuilt on load rather than saved.
-    std::vector<uint32_t> ac_root_;
+    // Copies of the root's edges for the Basic Multilingual Plane, by code point from
+    // ac_root_lo_ (key kEmptyKey: none) over the range that has any: the root is where many
+    // steps of most texts are, and one array read beats a probe (and a CJK script's root
+    // edges, read this way, stay in cache). Derived from ac_edges_: rebuilt on load, not saved.
+    std::vector<AcEdge> ac_root_;
+    uint32_t ac_root_lo_ = 0;
+    // ac_fast_[r][b]: from the root (r = 0) or its space child (r = 1), the state an ASCII
+    // byte b leads to if that is one of those two again with nothing reported (0 or 1),
+    // else kAcSlow; row 2 (any other state) and bytes >= 0x80 are all kAcSlow.
+    static constexpr uint8_t kAcSlow = 0xFF;
+    uint8_t ac_fast_[3][256] = {};
+    // ac_reset_[b]: ac_fast_[0][b] where it equals ac_fast_[1][b] (b leads to the same state
+    // from either), else kAcSlow.
+    uint8_t ac_reset_[256] = {};
+    uint32_t ac_space_state_ = kNone;
+    AcCursor cursor_at(uint32_t state) const {
+        return AcCursor{state, ac_states_[state].fail, ac_states_[state].leaf != 0};
+    }
     bool has_duplicates_ = true;  // any entry repeated: only then is next_same_entry_ read
     void index_root();
 };

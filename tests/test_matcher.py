@@ -114,6 +114,21 @@ def test_results_sorted_unique(matcher: Matcher) -> None:
     assert ids == sorted(set(ids))
 
 
+@pytest.mark.parametrize("n_found", [3, 64, 65, 300])
+@pytest.mark.parametrize("semantics", ["metaclip1", "metaclip2"])
+def test_many_ids_in_one_text_sorted_unique(n_found: int, semantics: str) -> None:
+    # Both ways of ordering a text's ids (small and large counts), repeats and a duplicate
+    # entry included, against the naive reference.
+    rng = random.Random(n_found)
+    entries = [f"w{i}" for i in range(400)] + ["w7"]
+    words = [f"w{rng.randrange(400)}" for _ in range(n_found)]
+    text = " ".join(words + words[: n_found // 3])
+    m = Matcher(entries, semantics=semantics)
+    assert m.match(text) == naive_match(entries, text)
+    offsets, ids = m.match_batch([text, "w1", text])
+    assert ids[offsets[2] : offsets[3]].tolist() == naive_match(entries, text)
+
+
 def test_duplicate_and_empty_entries_follow_naive_semantics() -> None:
     entries = ["dog", "cat", "dog", "", "dog"]
     m = Matcher(entries)
@@ -239,6 +254,49 @@ def test_hash_keys_stable_and_seeded() -> None:
     # Pinned values: the sampling of a curation depends on them across machines and releases.
     pinned = [12966293858919529006, 600730234650689926, 6897897098618318412]
     assert hash_keys(["", "uid-1", "a longer key of 25 bytes!"], seed=0).tolist() == pinned
+
+
+def _hash_reference(key: bytes, seed: int) -> int:
+    """hash_bytes as specified (matcher.cpp), in plain Python: little-endian words, mix64."""
+    mask, mul = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+    def mix64(x: int) -> int:
+        x ^= x >> 31
+        x = (x * 0xBF58476D1CE4E5B9) & mask
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    h = mix64((seed + mul * (len(key) + 1)) & mask)
+    whole = len(key) // 8 * 8
+    for at in range(0, whole, 8):
+        h = (mix64(h ^ int.from_bytes(key[at : at + 8], "little")) * mul) & mask
+    if len(key) > whole:
+        h = mix64(h ^ int.from_bytes(key[whole:], "little") ^ (((len(key) - whole) << 59) & mask))
+    return mix64(h)
+
+
+def test_hash_keys_equal_the_specification_at_every_length() -> None:
+    # Every tail length (0..7 bytes past whole words) and a non-ASCII key: the word loads
+    # that replaced the byte loop must give the same values (saved matchers depend on them).
+    keys = ["abcdefghijklmnopqrstuvwxyz0123456789"[:n] for n in range(37)] + ["東京 tower é😀"]
+    for seed in (0, 7):
+        expected = [_hash_reference(k.encode(), seed) for k in keys]
+        assert hash_keys(keys, seed=seed).tolist() == expected
+
+
+# Tokens of every length around the 8-byte slot prefix and sharing long prefixes: the
+# vocabulary compares the bytes past the first 8 separately.
+LONG_TOKEN = st.sampled_from(["aaaaaaaa", "aaaaaaab", "aaaaaaaaa", "aaaaaaaab", "ab", "a" * 17, "a" * 16 + "b", "é東"])
+LONG_TEXT = st.lists(st.one_of(LONG_TOKEN, st.sampled_from([" ", "  ", ".", ",", "\n"])), max_size=16).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=st.lists(LONG_TEXT, min_size=1, max_size=12), texts=st.lists(LONG_TEXT, max_size=8))
+def test_fuzz_long_tokens_against_naive(entries: list[str], texts: list[str]) -> None:
+    m = Matcher(entries)
+    for text in texts:
+        assert m.match(text) == naive_match(entries, text)
 
 
 def test_save_goes_through_the_atomic_writer(tmp_path, monkeypatch) -> None:

@@ -277,3 +277,26 @@ def test_metaclip2_property_after_load(entries: list[str], texts: list[str]) -> 
     m = pickle.loads(pickle.dumps(Matcher(entries, semantics="metaclip2")))
     for text in texts:
         assert m.match(text) == naive_match_v2(entries, text)
+
+
+# Latin-script entries with an unpadded punctuation edge over ASCII-heavy text: this drives
+# the automaton's fast path (the root and its space child, bytes that lead back to either)
+# in and out, around spacing-rule bytes, apostrophes and the odd non-ASCII character.
+LATIN = list("abm A'\"-.,;:!?`()\t\n\r") + ["é", "東", "\u3000"]
+latin_entry_st = st.text(alphabet=st.sampled_from(LATIN), min_size=1, max_size=6)
+latin_text_st = st.text(alphabet=st.sampled_from(LATIN), max_size=60)
+LATIN_FIXED = ["'s", "April Fools'", "maitre d'", "'tween decks", "hot dog", "a", "(a)", "m-"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=st.lists(latin_entry_st, max_size=12), texts=st.lists(latin_text_st, min_size=1, max_size=8))
+def test_metaclip2_property_latin(entries: list[str], texts: list[str]) -> None:
+    entries = LATIN_FIXED + entries
+    m = Matcher(entries, semantics="metaclip2")
+    loaded = pickle.loads(pickle.dumps(m))
+    offsets, ids = m.match_batch(texts, threads=1)
+    for i, text in enumerate(texts):
+        expected = naive_match_v2(entries, text)
+        assert m.match(text) == expected
+        assert loaded.match(text) == expected
+        assert ids[offsets[i] : offsets[i + 1]].tolist() == expected
