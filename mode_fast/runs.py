@@ -284,6 +284,7 @@ class RunState:
         self._last_flush = 0.0
         self._dirty = False
         self.where = "start"  # for the interrupt message; see track()
+        self.defaults: dict[str, Any] = {}  # see open()
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -298,6 +299,7 @@ class RunState:
         overwrite: bool = False,
         owned: Iterable[str] = (),
         log: Log | None = None,
+        defaults: dict[str, Any] | None = None,
     ) -> RunState:
         """Lock `out_dir` and reconcile its run.json with this run (see the module doc).
 
@@ -305,7 +307,9 @@ class RunState:
         ones only. recompute: for a changed field ("--niter", "input NAME", "code"), the
         unit patterns it invalidates, or None to stop naming the field. overwrite: forget
         the previous run and remove `owned` (the job's output files and folders, relative
-        to `out_dir`), so everything is redone.
+        to `out_dir`), so everything is redone. defaults: flag -> value for arguments a job
+        records only when not at that value (fields added after older run.json files were
+        written); messages name the value instead of "none".
         Raises OutputLocked, ConfigError (a changed field the job cannot recompute),
         OutputError (the folder cannot be written)."""
         out = Path(out_dir)
@@ -314,6 +318,7 @@ class RunState:
         state = cls(
             out, job, json.loads(json.dumps(inputs)), json.loads(json.dumps(args)), lock, log or (lambda msg: None)
         )
+        state.defaults = dict(defaults or {})
         try:
             remove_stale_temporaries(out)  # a killed run's half-written files; we hold the lock
             if overwrite:
@@ -411,6 +416,9 @@ class RunState:
             return f"{self.out} holds a {self.job} run made by {old}, this is {new}: {way_out}"
         if field.startswith("input "):
             return f"{self.out} holds a {self.job} run whose {self._field_name(field, old, new)}: {way_out}"
+        if field in self.defaults:  # not recorded means recorded at the default
+            old = self.defaults[field] if old is None else old
+            new = self.defaults[field] if new is None else new
         return (
             f"{self.out} holds a {self.job} run made with {field} {_describe(field, old)}, this run has "
             f"{field} {_describe(field, new)}: {way_out}"

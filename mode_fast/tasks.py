@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from mode_fast.data.io import ReadReport, ShardError, TarGroup, describe_fields, iter_samples
+from mode_fast.data.io import ReadReport, ShardError, TarGroup, describe_fields, iter_samples, sample_caption
 from mode_fast.ensemble import check_class_names
 from mode_fast.errors import InputError
 from mode_fast.runs import fingerprint
@@ -535,17 +535,9 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
     return [(r[0].strip(), r[1].strip()) for r in rows]
 
 
-def _retrieval_caption(group: TarGroup, caption_key: str) -> Any:
-    """Caption from .txt, else the .json field `caption_key`; None when there is none."""
-    if "txt" in group.exts:
-        return group.read("txt").decode("utf-8", "replace")
-    if "json" in group.exts:
-        try:
-            meta = json.loads(group.read("json"))
-        except ValueError:
-            return None
-        return meta.get(caption_key) if isinstance(meta, dict) else None
-    return None
+def _retrieval_caption(group: TarGroup, caption_key: str) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, skip reason), by the rule every job gives --caption-key."""
+    return sample_caption(group.sample(), caption_key)
 
 
 def _check_retrieval_key(shards: Sequence[Path], caption_key: str) -> None:
@@ -557,15 +549,15 @@ def _check_retrieval_key(shards: Sequence[Path], caption_key: str) -> None:
         if first is None:
             return  # the task's own check reports an empty task
         group, shard = first
-        if _image_member(group) is not None and _retrieval_caption(group, caption_key) is None:
+        if _image_member(group) is not None and _retrieval_caption(group, caption_key)[1] == "missing_caption":
             raise EvalError(
                 f"--caption-key {caption_key!r}: the first sample {group.key!r} of {shard} has no "
-                f".txt and no .json field {caption_key!r}; it has {describe_fields(group.sample())}"
+                f"member or .json field {caption_key!r}; it has {describe_fields(group.sample())}"
             )
 
 
 def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTask:
-    """Captioned webdataset shards: caption from .txt, else the .json field `caption_key`."""
+    """Captioned webdataset shards; `caption_key` has curate's meaning (io.sample_caption)."""
     name, path_text = split_spec(spec)
     shards = _list_tars(path_text)
     _check_retrieval_key(shards, caption_key)
@@ -576,10 +568,13 @@ def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTas
         for group, shard in _iter_tar(shards, report):
             where = f"{shard} sample {group.key}"
             image = _image_member(group)
-            caption = _retrieval_caption(group, caption_key)
-            if image is None or not isinstance(caption, str) or not caption.strip():
-                log.warning("%s: skipped (no image or no caption)", where)
-                report.skip(shard, "no image or caption")
+            caption, reason = _retrieval_caption(group, caption_key)
+            if caption is not None and not caption.strip():
+                reason = "empty_caption"
+            if image is None or reason is not None:
+                reason = reason or "no image"
+                log.warning("%s: skipped (%s)", where, reason)
+                report.skip(shard, reason)
                 continue
             report.read += 1
             yield _pil_from_bytes(image, where), caption

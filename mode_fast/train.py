@@ -454,6 +454,7 @@ def _open_run(cfg: TrainConfig, ddp: Dist) -> tuple[RunState | None, bool]:
                 overwrite=cfg.overwrite,
                 owned=JOB_OUTPUTS,
                 log=log.warning,
+                defaults={f"--{k.replace('_', '-')}": v for k, v in _ADDED_RESULT_ARGS.items()},
             )
             if not state.resumed and (cfg.job_dir / "checkpoints").is_dir() and cfg.resume is None:
                 state.close()

@@ -333,3 +333,28 @@ def test_train_reads_past_a_damaged_header_and_reports_the_skip(tmp_path, caplog
     assert data["skipped_by_shard"] == {str(shard): {"corrupt_member": 1}}
     log = caplog.text  # the job's log
     assert "read 199 samples, skipped 1 (corrupt_member 1 in pool-000.tar)" in log and "damaged tar" in log
+
+
+@pytest.mark.parametrize("caption_key", ["caption", "alt"])
+def test_caption_key_means_one_thing_in_every_job(tmp_path, caption_key):
+    """A sample with a .txt and a .json holding both fields: curate, train and eval's
+    retrieval take the caption from the same place (the .json field named by the key; the
+    .txt is the fallback only for the default key when no such field exists)."""
+    from mode_fast.training import resolve_sample_spec
+
+    folder = tmp_path / "shards"
+    members = []
+    for i in range(3):
+        meta = {"caption": f"json caption {i}", "alt": f"json alt {i}"}
+        members += [
+            (f"s{i}.png", png(i)),
+            (f"s{i}.txt", f"txt {i}".encode()),
+            (f"s{i}.json", json.dumps(meta).encode()),
+        ]
+    shard = write_members(folder / "a.tar", members)
+    expected = [f"json {caption_key} {i}" for i in range(3)]
+
+    assert [r.caption for r in dio.read_shard(shard, caption_key=caption_key)] == expected  # curate, cluster
+    assert resolve_sample_spec(shard, "png", caption_key).caption_key == f"json:{caption_key}"  # train
+    rtask = tasks.load_retrieval_task(str(folder), caption_key=caption_key)  # eval
+    assert [c for _, c in rtask.items()] == expected

@@ -239,6 +239,9 @@ def test_deterministic_is_a_result_argument(pool, tmp_path, capsys):
         assert cli.main(["train", *BASE, *_short(pool, out, *rerun)]) == 2
         lines = _one_line(capsys.readouterr().err)
         assert len(lines) == 1 and "--deterministic" in lines[0] and "--overwrite" in lines[0], lines
+        # the unrecorded default reads as false, not "none"
+        old, new = ("true", "false") if recorded else ("false", "true")
+        assert f"made with --deterministic {old}, this run has --deterministic {new}" in lines[0], lines
     assert cli.main(["train", *BASE, *_short(pool, tmp_path / "on", "--deterministic")]) == 0  # finished: a no-op
     manifest = json.loads((tmp_path / "on/seed" / MANIFEST).read_text())
     assert manifest["args"]["--deterministic"] is True

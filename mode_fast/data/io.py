@@ -501,6 +501,14 @@ def describe_fields(sample: Mapping[str, Any]) -> str:
     return text
 
 
+def sample_caption(sample: dict[str, Any], caption_key: str) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, skip_reason) for a webdataset sample: `--caption-key`'s one
+    meaning in every job. The key names a member extension, else a field of the .json
+    member, else (for the default "caption" only) the .txt member; bytes must be UTF-8."""
+    raw, reason = _caption_from_sample(sample, caption_key)
+    return (None, reason) if reason is not None else _as_text(raw)
+
+
 def _caption_from_sample(sample: dict[str, Any], caption_key: str) -> tuple[Any, str | None]:
     """(raw caption or None, None) or (None, skip_reason) for a webdataset sample."""
     if caption_key in sample:
