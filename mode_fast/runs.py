@@ -247,12 +247,14 @@ def recorded_finished(out_dir: str | os.PathLike) -> bool:
     reconciles run.json itself)."""
     out = Path(out_dir)
     try:
-        data = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
+        data = RunState._read(out)
+    except ConfigError:  # damaged or foreign: the job, if started, says so
         return False
-    if not isinstance(data, dict) or not data.get("finished"):
-        return False
-    return all((out / f).exists() for f in data.get("outputs", []))
+    return bool(data and data.get("finished")) and _all_exist(out, data.get("outputs", []))
+
+
+def _all_exist(out: Path, files: Iterable[str]) -> bool:
+    return all((out / f).exists() for f in files)
 
 
 def _describe(field: str, value: Any) -> str:
@@ -386,7 +388,7 @@ class RunState:
             self.log(f"{self.job}: and {len(names) - 3} more changed inputs or arguments")
         for unit in sorted(invalid):
             self._remove_files(units.pop(unit))
-        missing = [u for u, files in units.items() if not all((self.out / f).exists() for f in files)]
+        missing = [u for u, files in units.items() if not _all_exist(self.out, files)]
         for unit in missing:
             del units[unit]
         if missing:
@@ -394,12 +396,7 @@ class RunState:
         self.units = units
         self.resumed = True
         outputs = list(old.get("outputs", []))
-        self.finished = (
-            bool(old.get("finished"))
-            and not self.changed
-            and not missing
-            and all((self.out / f).exists() for f in outputs)
-        )
+        self.finished = bool(old.get("finished")) and not self.changed and not missing and _all_exist(self.out, outputs)
         if self.finished:
             self.outputs = outputs
 
