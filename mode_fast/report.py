@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from mode_fast.results import (
+    chance_lines,
     cluster_agreement,
     ensemble_note,
     markdown_table,
     paired_difference,
     proportion_se,
+    pyplot,
     save_figure,
 )
 
@@ -213,18 +215,9 @@ def build_summary(
 FIG_WIDTH = 9.5  # inches; at 110 dpi about 1050 px, within a laptop screen
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curation(cur: dict[str, Any], counts: dict[str, Any], path: Path) -> Path:
     """Entry counts by rank, before and after curation, with the threshold t."""
-    plt = _pyplot()
+    plt = pyplot()
     before, after = counts["before"], counts["after"]
     order = np.argsort(-before, kind="stable")[: int((before > 0).sum())]
     fig, ax = plt.subplots(figsize=(FIG_WIDTH, 4.2), layout="constrained")
@@ -241,7 +234,7 @@ def plot_curation(cur: dict[str, Any], counts: dict[str, Any], path: Path) -> Pa
 
 def _heatmap(table: Any, cmap: str, xlabels: list[str], ylabels: list[str], fmt: str, **imshow: Any) -> Any:
     """(fig, ax, image) of a labelled table, each cell printed on it."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(table) + 2.2), layout="constrained")
     im = ax.imshow(table, cmap=cmap, aspect="auto", **imshow)
     for (i, j), v in np.ndenumerate(table):
@@ -283,7 +276,7 @@ def plot_experts(summary: dict[str, Any], path: Path) -> Path | None:
 
 def plot_comparison(tasks: dict[str, Any], path: Path) -> Path:
     """Every method's top-1 per task with its SE and the chance line."""
-    plt = _pyplot()
+    plt = pyplot()
     methods = [m for m in METHODS if all(m in t["top1"] for t in tasks.values())]
     names = list(tasks)
     fig, ax = plt.subplots(figsize=(FIG_WIDTH, 4.4), layout="constrained")
@@ -294,11 +287,7 @@ def plot_comparison(tasks: dict[str, Any], path: Path) -> Path:
         top1 = [100 * tasks[t]["top1"][m] for t in names]
         se = [100 * tasks[t]["se"][m] for t in names]
         ax.bar(xs, top1, width, yerr=se, capsize=2, label=m, color=cmap(j))
-    for i, t in enumerate(names):
-        chance = 100 * tasks[t]["chance"]
-        ax.hlines(
-            chance, i - 0.45, i + 0.45, colors="black", linestyles=":", lw=1.2, label="chance" if i == 0 else None
-        )
+    chance_lines(ax, [tasks[t]["chance"] for t in names])
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylim(0, 105)
     ax.set_xlabel("task")
@@ -310,7 +299,7 @@ def plot_comparison(tasks: dict[str, Any], path: Path) -> Path:
 
 def plot_ensemble(ens: dict[str, Any], path: Path) -> Path:
     """MoDE's expert weights per task against the uniform weights of the plain mean."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(ens)
     n = len(next(iter(ens.values()))["weights"])
     fig, ax = plt.subplots(figsize=(FIG_WIDTH, 3.8), layout="constrained")

@@ -7,6 +7,7 @@ never imports a job module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +108,26 @@ def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
     return path
 
 
-def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def chance_lines(ax: Any, chances: Sequence[float]) -> None:
+    """A dotted chance level (a fraction) across each bar group, one legend entry."""
+    for i, chance in enumerate(chances):
+        ax.hlines(
+            100 * chance, i - 0.45, i + 0.45, colors="black", linestyles=":", lw=1.2, label="chance" if i == 0 else None
+        )
+
+
+def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
+    plt = pyplot()
     n = results["n_experts"]
     methods = method_order(results, n)
     written = []
@@ -137,12 +152,8 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
                 color=cmap(j % 10),
                 hatch="//" if m == "mode_ensemble" else None,
             )
-        for i, g in enumerate(groups):  # chance: 1 / classes (the average: of the tasks' chances)
-            chances = [1 / t["n_classes"] for t in results["tasks"].values()] if g == "average" else None
-            chance = np.mean(chances) if chances else 1 / results["tasks"][g]["n_classes"]
-            ax.hlines(
-                100 * chance, i - 0.45, i + 0.45, colors="black", linestyles=":", label="chance" if i == 0 else None
-            )
+        chances = [1 / t["n_classes"] for t in results["tasks"].values()]
+        chance_lines(ax, [*chances, float(np.mean(chances))])  # the average's: the tasks' mean
         ax.set_xticks(np.arange(len(groups)), groups)
         ax.set_xlabel("task")
         ax.set_ylabel("zero-shot top-1 (%)")

@@ -535,11 +535,6 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
     return [(r[0].strip(), r[1].strip()) for r in rows]
 
 
-def _retrieval_caption(group: TarGroup, caption_key: str) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, skip reason), by the rule every job gives --caption-key."""
-    return sample_caption(group.sample(), caption_key)
-
-
 def _check_retrieval_key(shards: Sequence[Path], caption_key: str) -> None:
     """A wrong --caption-key is one error naming the key and the fields the first sample
     has, up front, rather than every pair skipped after the models have loaded."""
@@ -549,7 +544,7 @@ def _check_retrieval_key(shards: Sequence[Path], caption_key: str) -> None:
         if first is None:
             return  # the task's own check reports an empty task
         group, shard = first
-        if _image_member(group) is not None and _retrieval_caption(group, caption_key)[1] == "missing_caption":
+        if _image_member(group) is not None and sample_caption(group.sample(), caption_key)[1] == "missing_caption":
             raise EvalError(
                 f"--caption-key {caption_key!r}: the first sample {group.key!r} of {shard} has no "
                 f"member or .json field {caption_key!r}; it has {describe_fields(group.sample())}"
@@ -568,7 +563,7 @@ def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTas
         for group, shard in _iter_tar(shards, report):
             where = f"{shard} sample {group.key}"
             image = _image_member(group)
-            caption, reason = _retrieval_caption(group, caption_key)
+            caption, reason = sample_caption(group.sample(), caption_key)
             if caption is not None and not caption.strip():
                 reason = "empty_caption"
             if image is None or reason is not None:
