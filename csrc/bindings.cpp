@@ -128,6 +128,7 @@ py::str decode(std::string_view s) { return py::str(s.data(), s.size()); }
 
 PYBIND11_MODULE(_matcher, m) {
     m.doc() = "MetaCLIP substring matcher (C++ core of mode_fast.curate.Matcher)";
+    m.attr("FILE_FORMAT") = modefast::kFileFormat;
 
     py::class_<Matcher>(m, "Matcher", R"doc(
 MetaCLIP substring matcher over a metadata list.

@@ -180,9 +180,12 @@ size_t table_size_for(size_t items) {
 
 // --- binary file helpers -------------------------------------------------------
 constexpr char kMagic[8] = {'M', 'F', 'M', 'A', 'T', 'C', 'H', '1'};
-// metaclip2 files: the metaclip1 layout, then the semantics byte and the automaton.
+// metaclip2 files: the metaclip1 layout, then the semantics byte and the automaton (as a
+// double array: MFMATC2D).
 // metaclip1 matchers keep writing MFMATCH1, byte for byte as before.
-constexpr char kMagic2[8] = {'M', 'F', 'M', 'A', 'T', 'C', 'H', '2'};
+// MFMATCH2 held the automaton as a hash table of edges; its files are refused by name.
+constexpr char kMagic2Old[8] = {'M', 'F', 'M', 'A', 'T', 'C', 'H', '2'};
+constexpr char kMagic2[8] = {'M', 'F', 'M', 'A', 'T', 'C', '2', 'D'};
 
 template <class T>
 void write_vec(std::ostream& out, const std::vector<T>& v) {
@@ -399,6 +402,112 @@ Matcher::Matcher(const std::vector<std::string>& entries, Semantics semantics) :
 
 namespace {
 
+// A build-time map from (state, code) to child state: open addressing, load <= 1/2.
+class EdgeMap {
+public:
+    EdgeMap() { grow(); }
+    uint32_t find(uint32_t state, uint32_t code) const {
+        const uint64_t key = edge_key(state, code);
+        for (size_t slot = mix64(key) & mask_;; slot = (slot + 1) & mask_) {
+            if (keys_[slot] == key) return values_[slot];
+            if (keys_[slot] == kEmptyKey) return UINT32_MAX;
+        }
+    }
+    void insert(uint32_t state, uint32_t code, uint32_t child) {
+        if ((count_ + 1) * 2 > keys_.size()) grow();
+        place(edge_key(state, code), child);
+        ++count_;
+    }
+
+private:
+    void place(uint64_t key, uint32_t value) {
+        size_t slot = mix64(key) & mask_;
+        while (keys_[slot] != kEmptyKey) slot = (slot + 1) & mask_;
+        keys_[slot] = key;
+        values_[slot] = value;
+    }
+    void grow() {
+        std::vector<uint64_t> keys(std::max<size_t>(16, keys_.size() * 2), kEmptyKey);
+        std::vector<uint32_t> values(keys.size());
+        keys.swap(keys_);
+        values.swap(values_);
+        mask_ = keys_.size() - 1;
+        for (size_t i = 0; i < keys.size(); ++i)
+            if (keys[i] != kEmptyKey) place(keys[i], values[i]);
+    }
+    std::vector<uint64_t> keys_;
+    std::vector<uint32_t> values_;
+    size_t mask_ = 0, count_ = 0;
+};
+
+// "The first slot at or after x still in the set", for a set that only loses slots, in
+// near-constant time: next[i] == i marks a member, anything else points further right
+// (a union-find with path compression). Grows on demand; new slots are members.
+struct NextMember {
+    std::vector<uint32_t> next;
+    void reach(size_t size) {
+        for (size_t i = next.size(); i < size; ++i) next.push_back(static_cast<uint32_t>(i));
+    }
+    uint32_t find(uint32_t x) {
+        uint32_t r = x;
+        while (r < next.size() && next[r] != r) r = next[r];
+        while (x < next.size() && x != r) {  // path compression
+            const uint32_t nx = next[x];
+            next[x] = r;
+            x = nx;
+        }
+        return r;  // next.size() when none is left below the end: the caller grows
+    }
+    void remove(uint32_t x) { next[x] = x + 1; }
+};
+
+// Free slots of a growing double array. A state with one child takes the first free slot;
+// a state with several looks only among free slots that have not been turned down often
+// (darts' trick): the dense front of the array is full of holes no wide set of children
+// fits, and scanning them for every such state made the build quadratic.
+class FreeSlots {
+public:
+    explicit FreeSlots(std::vector<Matcher::AcUnit>& units) : units_(units) {}
+    // The first free slot at or after x (several children: the first still worth trying).
+    uint32_t at_or_after(uint32_t x, bool several) {
+        NextMember& set = several ? open_ : free_;
+        for (;;) {
+            reach(x + 1);
+            const uint32_t r = set.find(x);
+            if (r < set.next.size()) return r;
+            x = r;
+        }
+    }
+    bool free(uint32_t x) {
+        reach(x + 1);
+        return free_.next[x] == x;
+    }
+    void take(uint32_t x) {
+        reach(x + 2);
+        free_.remove(x);
+        open_.remove(x);
+    }
+    void turn_down(uint32_t x) {
+        if (++refusals_[x] >= kMaxRefusals) open_.remove(x);
+    }
+    // Slots below `size` exist (new ones free).
+    void reach(size_t size) {
+        if (size <= refusals_.size()) return;
+        if (size >= Matcher::kStateMask) throw std::invalid_argument("metadata too large for the automaton");
+        size = std::max(size, refusals_.size() + refusals_.size() / 2 + 64);
+        free_.reach(size);
+        open_.reach(size);
+        refusals_.resize(size, 0);
+        units_.resize(size, Matcher::AcUnit{UINT32_MAX, 0, 0, -1});
+    }
+
+private:
+    static constexpr uint8_t kMaxRefusals = 8;
+    std::vector<Matcher::AcUnit>& units_;
+    NextMember free_, open_;
+    std::vector<uint8_t> refusals_;
+};
+
 // Code points of a UTF-8 string; a byte that starts no well-formed sequence becomes a
 // value above Unicode of its own, so it only ever equals the same stray byte.
 template <class F>
@@ -420,140 +529,177 @@ void for_each_code_point(std::string_view s, F&& f) {
 
 }  // namespace
 
-const Matcher::AcEdge* Matcher::ac_find(uint32_t state, uint32_t cp) const {
-    const uint64_t key = edge_key(state, cp);
-    const size_t mask = ac_edges_.size() - 1;
-    for (size_t slot = mix64(key) & mask;; slot = (slot + 1) & mask) {
-        const AcEdge& e = ac_edges_[slot];
-        if (e.key == key) return &e;
-        if (e.key == kEmptyKey) return nullptr;
-    }
-}
-
-void Matcher::ac_insert(uint32_t state, uint32_t cp, uint32_t target) {
-    // Load factor up to 3/4: a smaller table stays in cache better, which matters more
-    // here than the slightly longer probe runs.
-    if ((ac_edge_count_ + 1) * 4 > ac_edges_.size() * 3) {
-        std::vector<AcEdge> old(ac_edges_.size() * 2, AcEdge{kEmptyKey, 0, 0, -1, kNone});
-        old.swap(ac_edges_);
-        const size_t mask = ac_edges_.size() - 1;
-        for (const AcEdge& e : old) {
-            if (e.key == kEmptyKey) continue;
-            size_t slot = mix64(e.key) & mask;
-            while (ac_edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
-            ac_edges_[slot] = e;
-        }
-    }
-    const uint64_t key = edge_key(state, cp);
-    const size_t mask = ac_edges_.size() - 1;
-    size_t slot = mix64(key) & mask;
-    while (ac_edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
-    ac_edges_[slot] = AcEdge{key, target, 0, -1, kNone};
-    ++ac_edge_count_;
+inline uint32_t Matcher::ac_code(uint32_t cp) const {
+    if (cp < ac_code_bmp_.size()) return ac_code_bmp_[cp];
+    if (cp < 0x10000 || ac_code_rest_.empty()) return 0;
+    const auto it = std::lower_bound(ac_code_rest_.begin(), ac_code_rest_.end(), uint64_t{cp} << 32);
+    return it != ac_code_rest_.end() && (*it >> 32) == cp ? static_cast<uint32_t>(*it) : 0;
 }
 
 void Matcher::build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids) {
-    ac_states_.assign(1, AcState{0, -1, kNone, 0, {0, 0}});  // the root
-    ac_edges_.assign(16, AcEdge{kEmptyKey, 0, 0, -1, kNone});
-    ac_edge_count_ = 0;
-    std::vector<int32_t> last(1, -1);  // tail of each state's duplicate chain
-    std::vector<uint32_t> parent_child;  // (parent, code point, child) triples for the BFS
+    // Codes: 1, 2, ... to the code points by how often the patterns use them, ties by code
+    // point (deterministic), so the frequent ones are small and children pack densely.
+    std::vector<std::pair<uint64_t, uint32_t>> counts;  // (count, code point)
+    {
+        std::vector<uint64_t> bmp(0x10000, 0);
+        std::vector<uint32_t> rest;
+        for (const std::string& p : patterns)
+            for_each_code_point(p, [&](uint32_t cp) { cp < 0x10000 ? void(++bmp[cp]) : rest.push_back(cp); });
+        for (uint32_t cp = 0; cp < 0x10000; ++cp)
+            if (bmp[cp] > 0) counts.emplace_back(bmp[cp], cp);
+        std::sort(rest.begin(), rest.end());
+        for (size_t i = 0; i < rest.size();) {
+            size_t j = i;
+            while (j < rest.size() && rest[j] == rest[i]) ++j;
+            counts.emplace_back(j - i, rest[i]);
+            i = j;
+        }
+    }
+    std::sort(counts.begin(), counts.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    ac_n_codes_ = static_cast<uint32_t>(counts.size());
+    uint32_t bmp_top = 0;
+    for (const auto& c : counts)
+        if (c.second < 0x10000) bmp_top = std::max(bmp_top, c.second + 1);
+    ac_code_bmp_.assign(bmp_top, 0);
+    ac_code_rest_.clear();
+    for (uint32_t code = 1; code <= ac_n_codes_; ++code) {
+        const uint32_t cp = counts[code - 1].second;
+        if (cp < 0x10000) {
+            ac_code_bmp_[cp] = code;
+        } else {
+            ac_code_rest_.push_back(uint64_t{cp} << 32 | code);
+        }
+    }
+    std::sort(ac_code_rest_.begin(), ac_code_rest_.end());
+    std::vector<std::pair<uint64_t, uint32_t>>().swap(counts);
+
+    // The trie, numbered in insertion order (trie states, not yet slots).
+    EdgeMap edges;
+    std::vector<int32_t> out(1, -1), last(1, -1);  // first entry ending at each state; tail of its duplicates
+    std::vector<uint32_t> parent(1, 0), code_in(1, 0);
     for (size_t k = 0; k < patterns.size(); ++k) {
         uint32_t state = 0;
         for_each_code_point(patterns[k], [&](uint32_t cp) {
-            const AcEdge* e = ac_find(state, cp);
-            if (e != nullptr) {
-                state = e->target;
-                return;
+            const uint32_t code = ac_code(cp);
+            uint32_t next = edges.find(state, code);
+            if (next == UINT32_MAX) {
+                if (out.size() >= kStateMask / 2) throw std::invalid_argument("metadata too large for the automaton");
+                next = static_cast<uint32_t>(out.size());
+                out.push_back(-1);
+                last.push_back(-1);
+                parent.push_back(state);
+                code_in.push_back(code);
+                edges.insert(state, code, next);
             }
-            if (ac_states_.size() >= UINT32_MAX / 2) throw std::invalid_argument("metadata too large for the automaton");
-            const uint32_t next = static_cast<uint32_t>(ac_states_.size());
-            ac_states_.push_back(AcState{0, -1, kNone, 0, {0, 0}});
-            last.push_back(-1);
-            ac_insert(state, cp, next);
-            parent_child.insert(parent_child.end(), {state, cp, next});
             state = next;
         });
-        if (ac_states_[state].out < 0) {
-            ac_states_[state].out = ids[k];
+        if (out[state] < 0) {
+            out[state] = ids[k];
         } else {
             next_same_entry_[last[state]] = ids[k];
         }
         last[state] = ids[k];
     }
-    // Children of each state in CSR form; then breadth first, so a state's failure
-    // link (always shallower) is final before its children need it.
-    const size_t n = ac_states_.size();
+    std::vector<int32_t>().swap(last);
+    const size_t n = out.size();
+    // Children of each trie state, by code, in CSR form.
     std::vector<uint32_t> begin(n + 1, 0);
-    for (size_t i = 0; i < parent_child.size(); i += 3) ++begin[parent_child[i] + 1];
+    for (size_t st = 1; st < n; ++st) ++begin[parent[st] + 1];
     for (size_t st = 0; st < n; ++st) begin[st + 1] += begin[st];
-    std::vector<uint32_t> child_cp(begin[n]), child_state(begin[n]), fill(begin.begin(), begin.end() - 1);
-    for (size_t i = 0; i < parent_child.size(); i += 3) {
-        const uint32_t at = fill[parent_child[i]]++;
-        child_cp[at] = parent_child[i + 1];
-        child_state[at] = parent_child[i + 2];
-    }
-    std::vector<uint32_t>().swap(parent_child);
-    std::vector<uint32_t> queue{0};
+    std::vector<uint32_t> children(n > 0 ? n - 1 : 0), fill(begin.begin(), begin.end() - 1);
+    for (size_t st = 1; st < n; ++st) children[fill[parent[st]]++] = static_cast<uint32_t>(st);
+    std::vector<uint32_t>().swap(fill);
+    std::vector<uint32_t>().swap(parent);
+    for (size_t st = 0; st < n; ++st)
+        std::sort(children.begin() + begin[st], children.begin() + begin[st + 1],
+                  [&](uint32_t a, uint32_t b) { return code_in[a] < code_in[b]; });
+
+    // Slots, breadth first: each state's children at the first base where all are free.
+    ac_units_.clear();
+    FreeSlots slots(ac_units_);
+    std::vector<uint32_t> slot_of(n, 0), queue{0};
     queue.reserve(n);
+    slots.take(0);
+    ac_units_[0] = AcUnit{kNone, 0, 0, -1};
+    uint32_t top = 1;  // slots needed so that base + any code stays inside
     for (size_t head = 0; head < queue.size(); ++head) {
-        const uint32_t st = queue[head];
+        const uint32_t st = queue[head], s = slot_of[st];
+        if (begin[st] == begin[st + 1]) {
+            ac_units_[s].fail = kLeaf;
+            continue;
+        }
+        const uint32_t first = code_in[children[begin[st]]];
+        const bool several = begin[st + 1] - begin[st] > 1;
+        uint32_t base = 0;
+        for (uint32_t f = slots.at_or_after(first + 1, several);; f = slots.at_or_after(f + 1, several)) {
+            base = f - first;
+            bool ok = true;
+            for (uint32_t i = begin[st] + 1; ok && i < begin[st + 1]; ++i) ok = slots.free(base + code_in[children[i]]);
+            if (ok) break;
+            slots.turn_down(f);
+        }
+        ac_units_[s].base = base;
+        top = std::max(top, base + ac_n_codes_ + 1);
         for (uint32_t i = begin[st]; i < begin[st + 1]; ++i) {
-            const uint32_t c = child_state[i], cp = child_cp[i];
-            uint32_t f = 0;
-            if (st != 0) {
-                for (uint32_t g = ac_states_[st].fail;; g = ac_states_[g].fail) {
-                    const AcEdge* e = ac_find(g, cp);
-                    if (e != nullptr) {
-                        f = e->target;
-                        break;
-                    }
-                    if (g == 0) break;
-                }
-            }
-            ac_states_[c].fail = f;
-            ac_states_[c].leaf = begin[c] == begin[c + 1] ? 1 : 0;
-            if (cp < 128) ac_states_[st].ascii_children[cp >> 6] |= uint64_t{1} << (cp & 63);
-            ac_states_[c].dict = ac_states_[f].out >= 0 ? f : ac_states_[f].dict;
+            const uint32_t c = children[i], at = base + code_in[c];
+            slots.take(at);
+            ac_units_[at] = AcUnit{s, 0, 0, -1};
+            slot_of[c] = at;
             queue.push_back(c);
         }
     }
-    for (AcEdge& e : ac_edges_) {
-        if (e.key == kEmptyKey) continue;
-        const AcState& t = ac_states_[e.target];
-        e.fail = t.fail | (t.leaf ? kLeaf : 0);
-        const uint32_t report = t.out >= 0 ? e.target : t.dict;
-        e.report_out = report == kNone ? -1 : ac_states_[report].out;
-        e.report_next = report == kNone ? kNone : ac_states_[report].dict;
-    }
-    index_root();
-}
+    slots.reach(top);
+    ac_units_.resize(top, AcUnit{kNone, 0, 0, -1});
+    ac_units_.shrink_to_fit();
+    if (ac_units_.size() > kStateMask) throw std::invalid_argument("metadata too large for the automaton");
 
-void Matcher::index_root() {
-    has_duplicates_ = std::any_of(next_same_entry_.begin(), next_same_entry_.end(), [](int32_t e) { return e >= 0; });
-    // Copies of the root's edges, by code point, over the BMP range that has any.
-    uint32_t lo = 0x10000, hi = 0;
-    for (const AcEdge& e : ac_edges_) {
-        const uint32_t cp = static_cast<uint32_t>(e.key & 0xFFFFFFFFu);
-        if (e.key != kEmptyKey && (e.key >> 32) == 0 && cp < 0x10000) {
-            lo = std::min(lo, cp);
-            hi = std::max(hi, cp);
+    // Failure links and output chains, breadth first (a failure link is always shallower).
+    ac_chains_.assign(ac_units_.size(), AcChain{-1, kNone, kNone});
+    for (size_t st = 0; st < n; ++st) ac_chains_[slot_of[st]].out = out[st];
+    for (size_t head = 1; head < queue.size(); ++head) {
+        const uint32_t st = queue[head], s = slot_of[st], p = ac_units_[s].check, code = code_in[st];
+        uint32_t f = 0;
+        if (p != 0) {
+            for (uint32_t g = ac_units_[p].fail & kStateMask;; g = ac_units_[g].fail & kStateMask) {
+                const AcUnit& gu = ac_units_[g];
+                if (!(gu.fail & kLeaf) && ac_units_[gu.base + code].check == g) {
+                    f = gu.base + code;
+                    break;
+                }
+                if (g == 0) break;
+            }
+        }
+        AcUnit& u = ac_units_[s];
+        u.fail = (u.fail & kLeaf) | f;
+        AcChain& ch = ac_chains_[s];
+        ch.dict = ac_chains_[f].out >= 0 ? f : ac_chains_[f].dict;
+        const uint32_t reporter = ch.out >= 0 ? s : ch.dict;
+        if (reporter != kNone) {
+            u.report = ac_chains_[reporter].out;
+            ch.report_next = ac_chains_[reporter].dict;
+            if (ch.report_next != kNone) u.fail |= kMoreOut;
         }
     }
-    ac_root_lo_ = lo;
-    ac_root_.assign(lo <= hi ? hi - lo + 1 : 0, AcEdge{kEmptyKey, 0, 0, -1, kNone});
-    for (const AcEdge& e : ac_edges_) {
-        const uint32_t cp = static_cast<uint32_t>(e.key & 0xFFFFFFFFu);
-        if (e.key != kEmptyKey && (e.key >> 32) == 0 && cp < 0x10000) ac_root_[cp - lo] = e;
-    }
+    index_fast_paths();
+}
+
+void Matcher::index_fast_paths() {
+    has_duplicates_ = std::any_of(next_same_entry_.begin(), next_same_entry_.end(), [](int32_t e) { return e >= 0; });
+    ac_active_ = !ac_units_.empty() && !(ac_units_[0].fail & kLeaf);
+    ac_space_code_ = ac_code(' ');
 
     // The fast path of match_automaton: from the root, and from the root's space child
     // (where every word of a Latin-script text starts, since most patterns there begin
     // with a space), where each ASCII byte leads, spacing rule included, when it lands
     // on one of those two again and reports nothing. Found by running the automaton.
-    const AcEdge* space = ac_find(0, ' ');
-    ac_space_state_ = space != nullptr ? space->target : kNone;
+    ac_space_state_ = kNone;
+    if (ac_active_ && ac_space_code_ != 0 && ac_units_[ac_units_[0].base + ac_space_code_].check == 0)
+        ac_space_state_ = ac_units_[0].base + ac_space_code_;
     std::fill(&ac_fast_[0][0], &ac_fast_[0][0] + sizeof ac_fast_, kAcSlow);
+    std::fill(ac_reset_, ac_reset_ + sizeof ac_reset_, kAcSlow);
+    if (!ac_active_) return;
     std::vector<int32_t> found;
     for (uint32_t from = 0; from < 2; ++from) {
         if (from == 1 && ac_space_state_ == kNone) break;
@@ -561,13 +707,13 @@ void Matcher::index_root() {
             AcCursor c = cursor_at(from == 0 ? 0 : ac_space_state_);
             found.clear();
             if (kByteClass.of[b] == kKeep) {
-                ac_step(c, b, found);
+                ac_step(c, ac_code(b), found);
             } else if (kByteClass.of[b] == kSpace) {
-                ac_step(c, ' ', found);
+                ac_step(c, ac_space_code_, found);
             } else {
-                ac_step(c, ' ', found);
-                ac_step(c, b, found);
-                ac_step(c, ' ', found);
+                ac_step(c, ac_space_code_, found);
+                ac_step(c, ac_code(b), found);
+                ac_step(c, ac_space_code_, found);
             }
             if (found.empty() && c.state == 0) ac_fast_[from][b] = 0;
             if (found.empty() && c.state == ac_space_state_) ac_fast_[from][b] = 1;
@@ -577,40 +723,41 @@ void Matcher::index_root() {
         ac_reset_[b] = ac_space_state_ == kNone || ac_fast_[0][b] == ac_fast_[1][b] ? ac_fast_[0][b] : kAcSlow;
 }
 
-// One step of the automaton on code point cp (the state is (state, fail, leaf)).
-inline void Matcher::ac_step(AcCursor& c, uint32_t cp, std::vector<int32_t>& found) const {
+// Every entry reported on entering `state` (its slot's `report` and the rest of the chain).
+void Matcher::ac_report(uint32_t state, std::vector<int32_t>& found) const {
+    const AcUnit& u = ac_units_[state];
+    const uint32_t more = u.fail & kMoreOut ? ac_chains_[state].report_next : kNone;
+    if (!has_duplicates_) {  // validated metadata: one entry per pattern
+        found.push_back(u.report);
+        for (uint32_t s = more; s != kNone; s = ac_chains_[s].dict) found.push_back(ac_chains_[s].out);
+        return;
+    }
+    for (int32_t id = u.report; id >= 0; id = next_same_entry_[id]) found.push_back(id);
+    for (uint32_t s = more; s != kNone; s = ac_chains_[s].dict)
+        for (int32_t id = ac_chains_[s].out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
+}
+
+// One step of the automaton on a code (0: a code point in no pattern).
+inline void Matcher::ac_step(AcCursor& c, uint32_t code, std::vector<int32_t>& found) const {
+    if (code == 0) {  // no pattern spans this code point: back to the root, nothing found
+        c = cursor_at(0);
+        return;
+    }
     for (;;) {
-        const AcEdge* e = nullptr;
-        if (c.state == 0) {
-            if (cp < 0x10000) {
-                const uint32_t at = cp - ac_root_lo_;  // wraps below the range
-                e = at < ac_root_.size() && ac_root_[at].key != kEmptyKey ? &ac_root_[at] : nullptr;
-            } else {
-                e = ac_find(0, cp);
-            }
-            if (e == nullptr) return;  // no pattern starts with cp
-        } else if (!c.leaf) {
-            if (cp >= 128 || ((ac_states_[c.state].ascii_children[cp >> 6] >> (cp & 63)) & 1)) e = ac_find(c.state, cp);
-        }
-        if (e != nullptr) {
-            c.state = e->target;
-            c.fail = e->fail & ~kLeaf;
-            c.leaf = (e->fail & kLeaf) != 0;
-            if (e->report_out < 0) return;
-            if (!has_duplicates_) {  // validated metadata: one entry per pattern
-                found.push_back(e->report_out);
-                for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict) found.push_back(ac_states_[s].out);
+        if (!c.leaf) {
+            const uint32_t t = c.base + code;
+            const AcUnit& u = ac_units_[t];
+            if (u.check == c.state) {
+                c.state = t;
+                c.base = u.base;
+                c.fail = u.fail & kStateMask;
+                c.leaf = (u.fail & kLeaf) != 0;
+                if (u.report >= 0) ac_report(t, found);
                 return;
             }
-            for (int32_t id = e->report_out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
-            for (uint32_t s = e->report_next; s != kNone; s = ac_states_[s].dict)
-                for (int32_t id = ac_states_[s].out; id >= 0; id = next_same_entry_[id]) found.push_back(id);
-            return;
         }
-        // A leaf has no edges to probe: straight to its failure state.
-        c.state = c.fail;
-        c.fail = ac_states_[c.state].fail;
-        c.leaf = ac_states_[c.state].leaf != 0;
+        if (c.state == 0) return;  // no pattern starts with this code
+        c = cursor_at(c.fail);
     }
 }
 
@@ -621,8 +768,8 @@ inline void Matcher::ac_step(AcCursor& c, uint32_t cp, std::vector<int32_t>& fou
 void Matcher::match_automaton(std::string_view text, std::vector<int32_t>& found) const {
     const auto* p = reinterpret_cast<const unsigned char*>(text.data());
     const size_t n = text.size();
-    AcCursor c;
-    ac_step(c, ' ', found);
+    AcCursor c = cursor_at(0);
+    ac_step(c, ac_space_code_, found);
     uint8_t fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;  // row of ac_fast_
     size_t i = 0;
     while (i < n) {
@@ -645,26 +792,76 @@ void Matcher::match_automaton(std::string_view text, std::vector<int32_t>& found
         if (b < 0x80) {
             const uint8_t cls = kByteClass.of[b];
             if (cls == kKeep) {
-                ac_step(c, b, found);
+                ac_step(c, ac_code(b), found);
             } else if (cls == kSpace) {
-                ac_step(c, ' ', found);
+                ac_step(c, ac_space_code_, found);
             } else {
-                ac_step(c, ' ', found);
-                ac_step(c, b, found);
-                ac_step(c, ' ', found);
+                ac_step(c, ac_space_code_, found);
+                ac_step(c, ac_code(b), found);
+                ac_step(c, ac_space_code_, found);
             }
             ++i;
         } else {
             // Code points as for_each_code_point gives them (patterns were built with it).
             size_t len = 0;
             const uint32_t cp = decode_at(p + i, n - i, &len);
-            ac_step(c, cp == kMalformed ? kMalformed + b : cp, found);
+            ac_step(c, ac_code(cp == kMalformed ? kMalformed + b : cp), found);
             i += len;
         }
         fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;
     }
     if (fast < 2) c = cursor_at(fast == 0 ? 0 : ac_space_state_);
-    ac_step(c, ' ', found);
+    ac_step(c, ac_space_code_, found);
+}
+
+// Structural checks of a loaded automaton, so a damaged file fails on load rather than
+// reading out of bounds or looping: every slot a step can read is inside the arrays,
+// every id it reports is an entry, and every failure and output chain ends.
+bool Matcher::ac_checks_out(size_t n_entries) const {
+    const size_t n = ac_units_.size();
+    if (n == 0 || n > kStateMask || ac_chains_.size() != n || ac_units_[0].check != kNone ||
+        (ac_units_[0].fail & kStateMask) != 0 || ac_n_codes_ >= kStateMask)
+        return false;
+    for (uint32_t code : ac_code_bmp_)
+        if (code > ac_n_codes_) return false;
+    for (size_t i = 0; i < ac_code_rest_.size(); ++i) {
+        const uint32_t cp = static_cast<uint32_t>(ac_code_rest_[i] >> 32), code = static_cast<uint32_t>(ac_code_rest_[i]);
+        if (cp < 0x10000 || code == 0 || code > ac_n_codes_) return false;
+        if (i > 0 && (ac_code_rest_[i - 1] >> 32) >= cp) return false;  // sorted, one code each
+    }
+    const auto is_state = [&](uint32_t s) { return s < n && (s == 0 || ac_units_[s].check != kNone); };
+    const auto reports = [&](uint32_t s) { return is_state(s) && ac_chains_[s].out >= 0; };
+    for (size_t i = 0; i < n; ++i) {
+        const AcUnit& u = ac_units_[i];
+        const AcChain& ch = ac_chains_[i];
+        if (i != 0 && u.check == kNone) continue;  // a free slot: only its check is ever read
+        if ((i != 0 && !is_state(u.check)) || !is_state(u.fail & kStateMask)) return false;
+        if (!(u.fail & kLeaf) && uint64_t{u.base} + ac_n_codes_ >= n) return false;
+        if (u.report < -1 || u.report >= static_cast<int64_t>(n_entries)) return false;
+        if (ch.out < -1 || ch.out >= static_cast<int64_t>(n_entries)) return false;
+        if ((ch.dict != kNone && !reports(ch.dict)) || (ch.report_next != kNone && !reports(ch.report_next)))
+            return false;
+        if ((u.fail & kMoreOut) && ch.report_next == kNone) return false;
+    }
+    // Each chain is walked until it meets a state already known to end it.
+    const auto chains_end = [&](auto next, uint32_t end) {
+        std::vector<uint8_t> ends(n, 0);
+        std::vector<uint32_t> path;
+        for (size_t i = 0; i < n; ++i) {
+            if (!is_state(static_cast<uint32_t>(i))) continue;
+            path.clear();
+            uint32_t s = static_cast<uint32_t>(i);
+            while (s != end && !ends[s]) {
+                if (path.size() > n) return false;
+                path.push_back(s);
+                s = next(s);
+            }
+            for (uint32_t p : path) ends[p] = 1;
+        }
+        return true;
+    };
+    return chains_end([&](uint32_t s) { return s == 0 ? 0u : ac_units_[s].fail & kStateMask; }, 0) &&
+           chains_end([&](uint32_t s) { return ac_chains_[s].dict; }, kNone);
 }
 
 std::string_view Matcher::entry(size_t id) const {
@@ -785,7 +982,7 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
     auto& found = scratch.found;
     found.clear();
     if (token_offsets_.size() > 1) match_tokens(text, scratch);  // no trie entries: nothing to look up
-    if (v2 && ac_edge_count_ > 0) match_automaton(text, found);  // an automaton with more than the root
+    if (v2 && ac_active_) match_automaton(text, found);
     sort_unique(found);
     out.insert(out.end(), found.begin(), found.end());
 }
@@ -903,9 +1100,11 @@ void Matcher::save(std::ostream& out) const {
     if (semantics_ != Semantics::kMetaclip1) {
         const uint8_t sem = static_cast<uint8_t>(semantics_);
         out.write(reinterpret_cast<const char*>(&sem), sizeof sem);
-        write_vec(out, ac_states_);
-        write_vec(out, ac_edges_);
-        out.write(reinterpret_cast<const char*>(&ac_edge_count_), sizeof ac_edge_count_);
+        write_vec(out, ac_units_);
+        write_vec(out, ac_chains_);
+        write_vec(out, ac_code_bmp_);
+        write_vec(out, ac_code_rest_);
+        out.write(reinterpret_cast<const char*>(&ac_n_codes_), sizeof ac_n_codes_);
     }
     out.write(magic, sizeof kMagic);  // trailer: a cut-off file is caught on load
     if (!out) throw std::runtime_error("could not write matcher");
@@ -915,6 +1114,8 @@ Matcher Matcher::load(std::istream& in) {
     char magic[sizeof kMagic];
     in.read(magic, sizeof magic);
     const bool v2 = in && std::memcmp(magic, kMagic2, sizeof kMagic2) == 0;
+    if (in && std::memcmp(magic, kMagic2Old, sizeof kMagic2Old) == 0)
+        throw std::runtime_error("matcher file written by an older mode-fast (metaclip2 hash-table layout): build it again");
     if (!in || (!v2 && std::memcmp(magic, kMagic, sizeof kMagic) != 0))
         throw std::runtime_error("not a mode-fast matcher file (bad magic)");
     const char* expected = v2 ? kMagic2 : kMagic;
@@ -935,9 +1136,11 @@ Matcher Matcher::load(std::istream& in) {
         read_pod(in, sem);
         if (sem != static_cast<uint8_t>(Semantics::kMetaclip2)) throw std::runtime_error("matcher file is corrupt (unknown semantics)");
         m.semantics_ = Semantics::kMetaclip2;
-        read_vec(in, m.ac_states_, kMax);
-        read_vec(in, m.ac_edges_, kMax);
-        read_pod(in, m.ac_edge_count_);
+        read_vec(in, m.ac_units_, kMax);
+        read_vec(in, m.ac_chains_, kMax);
+        read_vec(in, m.ac_code_bmp_, 0x10000);
+        read_vec(in, m.ac_code_rest_, kMax);
+        read_pod(in, m.ac_n_codes_);
     }
     in.read(magic, sizeof magic);
     if (!in || std::memcmp(magic, expected, sizeof kMagic) != 0)
@@ -957,55 +1160,14 @@ Matcher Matcher::load(std::istream& in) {
     for (const VocabSlot& s : m.vocab_slots_) ok = ok && s.id_plus1 <= n_tokens;
     for (const Edge& e : m.edges_) ok = ok && (e.key == kEmptyKey || e.target < n_nodes);
     for (uint32_t info : m.node_info_) ok = ok && (info & ~kHasChildren) <= n_entries;
-    for (int32_t e : m.next_same_entry_) ok = ok && e < static_cast<int64_t>(n_entries);
+    // Duplicate chains run to higher ids (entries are added in id order), so they end.
+    for (size_t i = 0; ok && i < n_entries; ++i)
+        ok = m.next_same_entry_[i] == -1 || (m.next_same_entry_[i] > static_cast<int64_t>(i) && m.next_same_entry_[i] < static_cast<int64_t>(n_entries));
     if (v2) {
-        const size_t n_states = m.ac_states_.size();
-        ok = ok && n_states >= 1 && pow2(m.ac_edges_.size()) && m.ac_edge_count_ < m.ac_edges_.size();
-        uint64_t used = 0;
-        for (const AcEdge& e : m.ac_edges_) {
-            if (e.key == kEmptyKey) continue;
-            ++used;
-            ok = ok && (e.key >> 32) < n_states && e.target < n_states && (e.fail & ~kLeaf) < n_states &&
-                 e.report_out < static_cast<int64_t>(n_entries) && (e.report_next == kNone || e.report_next < n_states);
-        }
-        ok = ok && used == m.ac_edge_count_;
-        for (size_t i = 0; ok && i < n_states; ++i) {
-            const AcState& st = m.ac_states_[i];
-            ok = st.fail < n_states && st.leaf <= 1 && st.out < static_cast<int64_t>(n_entries) &&
-                 (st.dict == kNone || st.dict < n_states);
-        }
-        ok = ok && m.ac_states_[0].fail == 0;
-        // Failure and output chains must end (at the root, or kNone): a damaged file could
-        // make them loop. Each state is walked until it meets one already known to end.
-        if (ok) {
-            std::vector<uint8_t> ends(n_states, 0);
-            ends[0] = 1;
-            std::vector<uint32_t> path;
-            for (size_t i = 0; ok && i < n_states; ++i) {
-                path.clear();
-                uint32_t s = static_cast<uint32_t>(i);
-                while (!ends[s] && path.size() <= n_states) {
-                    path.push_back(s);
-                    s = m.ac_states_[s].fail;
-                }
-                ok = path.size() <= n_states;
-                for (uint32_t p : path) ends[p] = 1;
-            }
-            std::fill(ends.begin(), ends.end(), 0);
-            for (size_t i = 0; ok && i < n_states; ++i) {
-                path.clear();
-                uint32_t s = static_cast<uint32_t>(i);
-                while (s != kNone && !ends[s] && path.size() <= n_states) {
-                    path.push_back(s);
-                    s = m.ac_states_[s].dict;
-                }
-                ok = path.size() <= n_states;
-                for (uint32_t p : path) ends[p] = 1;
-            }
-        }
+        ok = ok && m.ac_checks_out(n_entries);
     }
     if (!ok) throw std::runtime_error("matcher file is corrupt (inconsistent tables)");
-    if (v2) m.index_root();  // derived tables, built by walking the now validated automaton
+    if (v2) m.index_fast_paths();  // derived tables, built by walking the now validated automaton
     return m;
 }
 

@@ -47,6 +47,11 @@ struct MatchScratch {
 
 enum class Semantics : uint8_t { kMetaclip1 = 1, kMetaclip2 = 2 };
 
+// Bumped whenever a saved matcher's layout changes, so that callers can name their cached
+// files by it and build again instead of meeting an old file (2: metaclip2's automaton
+// became a double array; metaclip1's layout is unchanged since format 1).
+constexpr int kFileFormat = 2;
+
 class Matcher {
 public:
     Matcher() = default;
@@ -75,8 +80,8 @@ public:
         uint32_t meta;      // high 24 bits of the hash | min(size, 255)
         uint32_t id_plus1;  // 0 marks an empty slot
     };
-    struct AcEdge;
-    struct AcState;
+    struct AcUnit;
+    struct AcChain;
     struct Edge {
         uint64_t key;  // node << 32 | token; kEmptyKey marks an empty slot
         uint32_t target;
@@ -96,13 +101,15 @@ private:
     void build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
     void match_tokens(std::string_view text, MatchScratch& scratch) const;  // trie pass into scratch.found
     void match_automaton(std::string_view text, std::vector<int32_t>& found) const;
+    // Where the automaton is: a state and the fields of its slot that a step reads.
     struct AcCursor {
-        uint32_t state = 0, fail = 0;
+        uint32_t state = 0, base = 0, fail = 0;
         bool leaf = false;
     };
-    void ac_step(AcCursor& c, uint32_t cp, std::vector<int32_t>& found) const;
-    const AcEdge* ac_find(uint32_t state, uint32_t cp) const;
-    void ac_insert(uint32_t state, uint32_t cp, uint32_t target);
+    void ac_step(AcCursor& c, uint32_t code, std::vector<int32_t>& found) const;
+    void ac_report(uint32_t state, std::vector<int32_t>& found) const;
+    uint32_t ac_code(uint32_t cp) const;
+    bool ac_checks_out(size_t n_entries) const;  // a loaded automaton is safe to run
 
     Semantics semantics_ = Semantics::kMetaclip1;
 
@@ -126,40 +133,34 @@ private:
 
 public:
     // metaclip2's Aho-Corasick automaton over the entries not padded on both sides, on
-    // code points (a CJK character is one step, not three). Its goto edges live in one
-    // open-addressing table; each edge also carries its target's failure link and the
-    // first state of its target's output chain, so a step that succeeds touches one
-    // slot and nothing else.
-    struct AcEdge {
-        uint64_t key;      // state << 32 | code point; kEmptyKey marks an empty slot
-        uint32_t target;
-        uint32_t fail;     // failure link of target | kLeaf if target has no children
-        // The output chain of target, first link inlined: the first entry it reports
-        // (-1: none) and the state after that on the chain (kNone: none).
-        int32_t report_out;
-        uint32_t report_next;
+    // code points (a CJK character is one step, not three), as a double array: code points
+    // are renamed to dense codes, most frequent in the patterns first, and the child of
+    // state s on code c sits in slot units[s].base + c if that slot's check is s. A step
+    // reads one slot (no hash, no probe run; a failed look-up costs the same one read), and
+    // states are laid out breadth first, so the shallow states that most steps visit share
+    // cache lines instead of being scattered over a hash table.
+    struct AcUnit {
+        uint32_t check;  // the parent of the state in this slot; kNone: a free slot (and the root)
+        uint32_t base;   // this state's children are at base + code
+        uint32_t fail;   // failure state | kLeaf (no children) | kMoreOut (reports beyond `report`)
+        int32_t report;  // the first entry reported on entering this state, or -1
     };
-    struct AcState {
-        uint32_t fail;
-        int32_t out;   // first entry whose pattern ends here, or -1 (more via next_same_entry_)
-        uint32_t dict; // nearest state on the failure chain with an output, or kNone
-        uint32_t leaf; // 1 if the state has no children: a step from it always fails
-        // Which ASCII code points have an edge from here: in Latin-script text most steps
-        // out of a state fail, and a bit test is far cheaper than a failed probe.
-        uint64_t ascii_children[2];
+    // The output chain, read only when a state reports something.
+    struct AcChain {
+        int32_t out;           // first entry whose pattern ends here, or -1 (more via next_same_entry_)
+        uint32_t dict;         // nearest state on the failure chain with an output, or kNone
+        uint32_t report_next;  // the state after the one that gave `report` on the output chain, or kNone
     };
-    static constexpr uint32_t kLeaf = 0x80000000u;  // states are < 2^31
+    static constexpr uint32_t kLeaf = 0x80000000u, kMoreOut = 0x40000000u, kStateMask = 0x3FFFFFFFu;
 
 private:
-    std::vector<AcState> ac_states_;  // empty unless metaclip2
-    std::vector<AcEdge> ac_edges_;
-    uint64_t ac_edge_count_ = 0;
-    // Copies of the root's edges for the Basic Multilingual Plane, by code point from
-    // ac_root_lo_ (key kEmptyKey: none) over the range that has any: the root is where many
-    // steps of most texts are, and one array read beats a probe (and a CJK script's root
-    // edges, read this way, stay in cache). Derived from ac_edges_: rebuilt on load, not saved.
-    std::vector<AcEdge> ac_root_;
-    uint32_t ac_root_lo_ = 0;
+    std::vector<AcUnit> ac_units_;    // slot 0 is the root; just the root unless metaclip2
+    std::vector<AcChain> ac_chains_;  // by slot, like ac_units_
+    std::vector<uint32_t> ac_code_bmp_;    // code point -> code (0: in no pattern), below its size
+    std::vector<uint64_t> ac_code_rest_;   // code point << 32 | code, sorted: beyond the BMP, stray bytes
+    uint32_t ac_n_codes_ = 0;              // codes are 1 .. ac_n_codes_
+    uint32_t ac_space_code_ = 0;
+    bool ac_active_ = false;               // the root has children: there is something to find
     // ac_fast_[r][b]: from the root (r = 0) or its space child (r = 1), the state an ASCII
     // byte b leads to if that is one of those two again with nothing reported (0 or 1),
     // else kAcSlow; row 2 (any other state) and bytes >= 0x80 are all kAcSlow.
@@ -170,10 +171,11 @@ private:
     uint8_t ac_reset_[256] = {};
     uint32_t ac_space_state_ = kNone;
     AcCursor cursor_at(uint32_t state) const {
-        return AcCursor{state, ac_states_[state].fail, ac_states_[state].leaf != 0};
+        const AcUnit& u = ac_units_[state];
+        return AcCursor{state, u.base, u.fail & kStateMask, (u.fail & kLeaf) != 0};
     }
     bool has_duplicates_ = true;  // any entry repeated: only then is next_same_entry_ read
-    void index_root();
+    void index_fast_paths();  // tables derived from the automaton: rebuilt on load, not saved
 };
 
 // MetaCLIP 2's is_cjk_or_similar on one code point.

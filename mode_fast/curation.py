@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from mode_fast import __version__
-from mode_fast._matcher import Matcher
+from mode_fast._matcher import FILE_FORMAT, Matcher
 from mode_fast.balance import expected_kept, key_hashes, record_scores
 from mode_fast.data.io import (
     CORRUPT_TAR_TAIL,
@@ -171,7 +171,8 @@ def build_matcher(
     if by_language is not None:
         from mode_fast.worldwide import LanguageMatchers
 
-        folder = work / f"matchers-metaclip2-{__version__}-{meta_sha[:16]}"
+        # FILE_FORMAT in the name: a folder saved in an older layout is built again, not loaded.
+        folder = work / f"matchers-metaclip2-{__version__}-f{FILE_FORMAT}-{meta_sha[:16]}"
         if not LanguageMatchers.complete(folder):
             LanguageMatchers(by_language).save(folder)  # languages.json last: complete or rebuilt
         return folder

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import string
 
 import pytest
@@ -236,7 +238,11 @@ def test_save_load_and_pickle_keep_semantics(matcher: Matcher, tmp_path) -> None
     # metaclip1 files keep their old layout (magic MFMATCH1).
     Matcher(["a"]).save(tmp_path / "m1.bin")
     assert (tmp_path / "m1.bin").read_bytes()[:8] == b"MFMATCH1"
-    assert path.read_bytes()[:8] == b"MFMATCH2"
+    assert path.read_bytes()[:8] == b"MFMATC2D"
+    # The hash-table layout of before (MFMATCH2) is refused by name, not misread.
+    (tmp_path / "old.bin").write_bytes(b"MFMATCH2" + path.read_bytes()[8:])
+    with pytest.raises(RuntimeError, match="older mode-fast"):
+        Matcher.load(str(tmp_path / "old.bin"))
 
 
 def test_truncated_metaclip2_file(matcher: Matcher, tmp_path) -> None:
@@ -300,3 +306,45 @@ def test_metaclip2_property_latin(entries: list[str], texts: list[str]) -> None:
         assert m.match(text) == expected
         assert loaded.match(text) == expected
         assert ids[offsets[i] : offsets[i + 1]].tolist() == expected
+
+
+# A damaged file must be refused on load or, where the damage is in data no check can
+# tell from real data (an entry's bytes, a report id still in range), load and match
+# without crashing or hanging. Run in a child process: a crash there fails this test
+# with its signal instead of taking pytest down.
+_FUZZ_CHILD = r"""
+import random, sys
+from mode_fast._matcher import Matcher
+entries, texts, path, out = eval(sys.stdin.read())
+Matcher(entries, semantics="metaclip2").save(path)
+blob = open(path, "rb").read()
+rng = random.Random(7)
+refused = loaded = 0
+for i in range(300):
+    data = bytearray(blob)
+    for _ in range(rng.randint(1, 4)):  # flip bytes between the magic header and trailer
+        at = rng.randrange(8, len(data) - 8)
+        data[at] ^= 1 << rng.randrange(8) if rng.random() < 0.5 else rng.randrange(1, 256)
+    open(out, "wb").write(bytes(data))
+    try:
+        m = Matcher.load(out)
+    except RuntimeError:
+        refused += 1
+        continue
+    loaded += 1
+    for t in texts:
+        m.match(t)
+print(refused, loaded)
+"""
+
+
+def test_damaged_metaclip2_files_are_refused_or_harmless(tmp_path) -> None:
+    entries = ENTRIES + ["東京タワー", "京タ", "ワー", "日本", "本語", "語", "𠀀", "😀x", "x😀"]
+    texts = TEXTS + ["東京タワーと日本語の本", "x😀 東京 𠀀 語", "ภาษาไทย ລາວ"]
+    payload = repr((entries, texts, str(tmp_path / "m.bin"), str(tmp_path / "d.bin")))
+    done = subprocess.run(
+        [sys.executable, "-c", _FUZZ_CHILD], input=payload, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    refused, loaded = map(int, done.stdout.split())
+    assert refused + loaded == 300 and refused > 100  # most damage is caught on load
