@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import string
 import subprocess
 import sys
-import string
 
 import pytest
 from hypothesis import given, settings
