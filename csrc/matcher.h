@@ -43,6 +43,7 @@ struct MatchScratch {
     std::vector<Token> tokens;
     std::vector<int32_t> token_ids;
     std::vector<int32_t> found;
+    std::vector<int32_t> sorted;  // sort_unique's working memory
 };
 
 enum class Semantics : uint8_t { kMetaclip1 = 1, kMetaclip2 = 2 };
@@ -81,7 +82,6 @@ public:
         uint32_t id_plus1;  // 0 marks an empty slot
     };
     struct AcUnit;
-    struct AcChain;
     struct Edge {
         uint64_t key;  // node << 32 | token; kEmptyKey marks an empty slot
         uint32_t target;
@@ -107,7 +107,7 @@ private:
         bool leaf = false;
     };
     void ac_step(AcCursor& c, uint32_t code, std::vector<int32_t>& found) const;
-    void ac_report(uint32_t state, std::vector<int32_t>& found) const;
+    void ac_report(int32_t at, std::vector<int32_t>& found) const;
     uint32_t ac_code(uint32_t cp) const;
     bool ac_checks_out(size_t n_entries) const;  // a loaded automaton is safe to run
 
@@ -142,20 +142,22 @@ public:
     struct AcUnit {
         uint32_t check;  // the parent of the state in this slot; kNone: a free slot (and the root)
         uint32_t base;   // this state's children are at base + code
-        uint32_t fail;   // failure state | kLeaf (no children) | kMoreOut (reports beyond `report`)
-        int32_t report;  // the first entry reported on entering this state, or -1
+        uint32_t fail;   // failure state | kLeaf (no children)
+        int32_t report;  // where in ac_outputs_ the entries reported on entering it start, or -1
     };
-    // The output chain, read only when a state reports something.
-    struct AcChain {
-        int32_t out;           // first entry whose pattern ends here, or -1 (more via next_same_entry_)
-        uint32_t dict;         // nearest state on the failure chain with an output, or kNone
-        uint32_t report_next;  // the state after the one that gave `report` on the output chain, or kNone
-    };
-    static constexpr uint32_t kLeaf = 0x80000000u, kMoreOut = 0x40000000u, kStateMask = 0x3FFFFFFFu;
+    static constexpr uint32_t kLeaf = 0x80000000u, kStateMask = 0x3FFFFFFFu;
+    // In ac_outputs_: an entry id (>= 0), the end of a list, or a jump to offset -(v + 2).
+    static constexpr int32_t kOutputsEnd = -1;
 
 private:
     std::vector<AcUnit> ac_units_;    // slot 0 is the root; just the root unless metaclip2
-    std::vector<AcChain> ac_chains_;  // by slot, like ac_units_
+    // Each reporting state's entries, all of them (its own pattern's, duplicates included,
+    // and those of the patterns that end there as suffixes) in one run: a report reads one
+    // cache line rather than walking a chain of states. A run copies its suffix's run while
+    // that keeps it at most kFlatRun long, and jumps to it otherwise, which bounds the size
+    // by the number of patterns times kFlatRun whatever the metadata.
+    std::vector<int32_t> ac_outputs_;
+    static constexpr uint32_t kFlatRun = 16;
     std::vector<uint32_t> ac_code_bmp_;    // code point -> code (0: in no pattern), below its size
     std::vector<uint64_t> ac_code_rest_;   // code point << 32 | code, sorted: beyond the BMP, stray bytes
     uint32_t ac_n_codes_ = 0;              // codes are 1 .. ac_n_codes_
