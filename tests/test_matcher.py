@@ -114,14 +114,15 @@ def test_results_sorted_unique(matcher: Matcher) -> None:
     assert ids == sorted(set(ids))
 
 
-@pytest.mark.parametrize("n_found", [3, 64, 65, 300])
+@pytest.mark.parametrize("n_found", [3, 32, 33, 64, 65, 300])
 @pytest.mark.parametrize("semantics", ["metaclip1", "metaclip2"])
 def test_many_ids_in_one_text_sorted_unique(n_found: int, semantics: str) -> None:
-    # Both ways of ordering a text's ids (small and large counts), repeats and a duplicate
-    # entry included, against the naive reference.
+    # Both ways of ordering a text's ids (up to 32 by rank, more by radix over as many
+    # bytes as the largest id needs: ids past 65,535 here), repeats and a duplicate entry
+    # included, against the naive reference.
     rng = random.Random(n_found)
-    entries = [f"w{i}" for i in range(400)] + ["w7"]
-    words = [f"w{rng.randrange(400)}" for _ in range(n_found)]
+    entries = [f"w{i}" for i in range(70_000)] + ["w7"]
+    words = [f"w{rng.randrange(70_000)}" for _ in range(n_found)]
     text = " ".join(words + words[: n_found // 3])
     m = Matcher(entries, semantics=semantics)
     assert m.match(text) == naive_match(entries, text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import random
 import string
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from matching_reference import (
     is_cjk_or_similar_v2,
     naive_match,
     naive_match_v2,
+    spaced_entry_v2,
+    spacing,
 )
 
 from mode_fast._matcher import Matcher, is_cjk_or_similar
@@ -348,3 +351,20 @@ def test_damaged_metaclip2_files_are_refused_or_harmless(tmp_path) -> None:
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     refused, loaded = map(int, done.stdout.split())
     assert refused + loaded == 300 and refused > 100  # most damage is caught on load
+
+
+@pytest.mark.parametrize("n_found", [5, 40, 400])
+def test_many_automaton_ids_in_one_text(n_found: int) -> None:
+    # 70,000 two-character CJK entries (ids past 65,535), a text made of n_found of them
+    # run together: matches at every boundary too, overlapping, some repeated.
+    entries = [chr(0x4E00 + i // 300) + chr(0x4E00 + i % 300) for i in range(70_000)]
+    rng = random.Random(n_found)
+    text = "".join(rng.choice(entries) for _ in range(n_found))
+    text += text[: len(text) // 3]
+    m = Matcher(entries, semantics="metaclip2")
+    spaced = spacing(text.strip())
+    expected = [i for i, e in enumerate(entries) if spaced_entry_v2(e) in spaced]
+    assert len(expected) >= n_found // 2
+    assert m.match(text) == expected
+    offsets, ids = m.match_batch(["中", text])
+    assert ids[offsets[1] : offsets[2]].tolist() == expected
