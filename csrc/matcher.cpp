@@ -823,10 +823,17 @@ void Matcher::match_automaton(std::string_view text, std::vector<int32_t>& found
             }
             ++i;
         } else {
-            // Code points as for_each_code_point gives them (patterns were built with it).
-            size_t len = 0;
-            const uint32_t cp = decode_at(p + i, n - i, &len);
-            ac_step(c, ac_code(cp == kMalformed ? kMalformed + b : cp), found);
+            // Code points as for_each_code_point gives them (patterns were built with it); the
+            // three-byte form (CJK, Thai, Hangul, ...) decoded here, the rest by decode_at.
+            uint32_t cp;
+            size_t len = 3;
+            if ((b & 0xF0) == 0xE0 && i + 2 < n && (p[i + 1] & 0xC0) == 0x80 && (p[i + 2] & 0xC0) == 0x80) {
+                cp = (uint32_t{b & 0x0Fu} << 12) | (uint32_t{p[i + 1] & 0x3Fu} << 6) | (p[i + 2] & 0x3Fu);
+            } else {
+                cp = decode_at(p + i, n - i, &len);
+                if (cp == kMalformed) cp += b;
+            }
+            ac_step(c, ac_code(cp), found);
             i += len;
         }
         fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;
