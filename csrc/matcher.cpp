@@ -616,38 +616,58 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
         std::sort(children.begin() + begin[st], children.begin() + begin[st + 1],
                   [&](uint32_t a, uint32_t b) { return code_in[a] < code_in[b]; });
 
+    // Numbered again, breadth first: a state's children are then consecutive numbers in
+    // code order, and the passes below read their arrays in order, not all over memory.
+    std::vector<uint32_t> order{0}, first_child(n + 1, static_cast<uint32_t>(n));
+    order.reserve(n);
+    for (size_t k = 0; k < order.size(); ++k) {
+        const uint32_t st = order[k];
+        first_child[k] = static_cast<uint32_t>(order.size());
+        order.insert(order.end(), children.begin() + begin[st], children.begin() + begin[st + 1]);
+    }
+    std::vector<uint32_t>().swap(begin);
+    std::vector<uint32_t>().swap(children);
+    std::vector<uint32_t> code(n);
+    std::vector<int32_t> out_bfs(n);
+    for (size_t k = 0; k < n; ++k) {
+        code[k] = code_in[order[k]];
+        out_bfs[k] = out[order[k]];
+    }
+    std::vector<uint32_t>().swap(code_in);
+    std::vector<uint32_t>().swap(order);
+    out.swap(out_bfs);
+    std::vector<int32_t>().swap(out_bfs);
+
     // Slots, breadth first: each state's children at the first base where all are free.
     ac_units_.clear();
     FreeSlots slots(ac_units_);
-    std::vector<uint32_t> slot_of(n, 0), queue{0};
-    queue.reserve(n);
+    std::vector<uint32_t> slot_of(n, 0);
     slots.take(0);
     ac_units_[0] = AcUnit{kNone, 0, 0, -1};
     uint32_t top = 1;  // slots needed so that base + any code stays inside
-    for (size_t head = 0; head < queue.size(); ++head) {
-        const uint32_t st = queue[head], s = slot_of[st];
-        if (begin[st] == begin[st + 1]) {
+    for (size_t k = 0; k < n; ++k) {
+        const uint32_t s = slot_of[k], lo = first_child[k], hi = first_child[k + 1];
+        if (lo == hi) {
             ac_units_[s].fail = kLeaf;
             continue;
         }
-        const uint32_t first = code_in[children[begin[st]]];
-        const bool several = begin[st + 1] - begin[st] > 1;
+        const uint32_t first = code[lo];
+        const bool several = hi - lo > 1;
         uint32_t base = 0;
         for (uint32_t f = slots.at_or_after(first + 1, several);; f = slots.at_or_after(f + 1, several)) {
             base = f - first;
             bool ok = true;
-            for (uint32_t i = begin[st] + 1; ok && i < begin[st + 1]; ++i) ok = slots.free(base + code_in[children[i]]);
+            for (uint32_t i = lo + 1; ok && i < hi; ++i) ok = slots.free(base + code[i]);
             if (ok) break;
             slots.turn_down(f);
         }
         ac_units_[s].base = base;
         top = std::max(top, base + ac_n_codes_ + 1);
-        for (uint32_t i = begin[st]; i < begin[st + 1]; ++i) {
-            const uint32_t c = children[i], at = base + code_in[c];
+        for (uint32_t i = lo; i < hi; ++i) {
+            const uint32_t at = base + code[i];
             slots.take(at);
             ac_units_[at] = AcUnit{s, 0, 0, -1};
-            slot_of[c] = at;
-            queue.push_back(c);
+            slot_of[i] = at;
         }
     }
     slots.reach(top);
@@ -659,16 +679,16 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
     // its run is written before the runs that copy or jump to it).
     std::vector<int32_t> out_at(ac_units_.size(), -1);    // by slot: first entry ending there
     std::vector<uint32_t> run_size(ac_units_.size(), 0);  // by slot: its run, end or jump excluded
-    for (size_t st = 0; st < n; ++st) out_at[slot_of[st]] = out[st];
+    for (size_t k = 0; k < n; ++k) out_at[slot_of[k]] = out[k];
     ac_outputs_.clear();
-    for (size_t head = 1; head < queue.size(); ++head) {
-        const uint32_t st = queue[head], s = slot_of[st], p = ac_units_[s].check, code = code_in[st];
+    for (size_t k = 1; k < n; ++k) {
+        const uint32_t s = slot_of[k], p = ac_units_[s].check, c = code[k];
         uint32_t f = 0;
         if (p != 0) {
             for (uint32_t g = ac_units_[p].fail & kStateMask;; g = ac_units_[g].fail & kStateMask) {
                 const AcUnit& gu = ac_units_[g];
-                if (!(gu.fail & kLeaf) && ac_units_[gu.base + code].check == g) {
-                    f = gu.base + code;
+                if (!(gu.fail & kLeaf) && ac_units_[gu.base + c].check == g) {
+                    f = gu.base + c;
                     break;
                 }
                 if (g == 0) break;
