@@ -536,7 +536,24 @@ inline uint32_t Matcher::ac_code(uint32_t cp) const {
     return it != ac_code_rest_.end() && (*it >> 32) == cp ? static_cast<uint32_t>(*it) : 0;
 }
 
+// The patterns' trie on codes, numbered breadth first (state 0 the root).
+struct Matcher::AcTrie {
+    std::vector<uint32_t> code;         // the code on the edge into each state
+    std::vector<int32_t> out;           // first entry whose pattern ends there, or -1
+    std::vector<uint32_t> first_child;  // children of k: first_child[k] .. first_child[k + 1] - 1
+};
+
+// The automaton is built in four steps: codes for the code points, the trie of the
+// patterns, its layout as a double array, then failure links and output runs.
 void Matcher::build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids) {
+    ac_assign_codes(patterns);
+    const AcTrie trie = ac_build_trie(patterns, ids);
+    const std::vector<uint32_t> slot_of = ac_lay_out(trie);
+    ac_link(trie, slot_of);
+    index_fast_paths();
+}
+
+void Matcher::ac_assign_codes(const std::vector<std::string>& patterns) {
     // Codes: 1, 2, ... to the code points by how often the patterns use them, ties by code
     // point (deterministic), so the frequent ones are small and children pack densely.
     std::vector<std::pair<uint64_t, uint32_t>> counts;  // (count, code point)
@@ -574,7 +591,9 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
     }
     std::sort(ac_code_rest_.begin(), ac_code_rest_.end());
     std::vector<std::pair<uint64_t, uint32_t>>().swap(counts);
+}
 
+Matcher::AcTrie Matcher::ac_build_trie(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids) {
     // The trie, numbered in insertion order (trie states, not yet slots).
     EdgeMap edges;
     std::vector<int32_t> out(1, -1), last(1, -1);  // first entry ending at each state; tail of its duplicates
@@ -617,7 +636,7 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
                   [&](uint32_t a, uint32_t b) { return code_in[a] < code_in[b]; });
 
     // Numbered again, breadth first: a state's children are then consecutive numbers in
-    // code order, and the passes below read their arrays in order, not all over memory.
+    // code order, and the layout and linking passes read their arrays in order.
     std::vector<uint32_t> order{0}, first_child(n + 1, static_cast<uint32_t>(n));
     order.reserve(n);
     for (size_t k = 0; k < order.size(); ++k) {
@@ -633,20 +652,22 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
         code[k] = code_in[order[k]];
         out_bfs[k] = out[order[k]];
     }
-    std::vector<uint32_t>().swap(code_in);
-    std::vector<uint32_t>().swap(order);
-    out.swap(out_bfs);
-    std::vector<int32_t>().swap(out_bfs);
+    return AcTrie{std::move(code), std::move(out_bfs), std::move(first_child)};
+}
 
+// Slot of each trie state (by its breadth-first number).
+std::vector<uint32_t> Matcher::ac_lay_out(const AcTrie& trie) {
     // Slots, breadth first: each state's children at the first base where all are free.
     ac_units_.clear();
     FreeSlots slots(ac_units_);
+    const size_t n = trie.code.size();
+    const std::vector<uint32_t>& code = trie.code;
     std::vector<uint32_t> slot_of(n, 0);
     slots.take(0);
     ac_units_[0] = AcUnit{kNone, 0, 0, -1};
     uint32_t top = 1;  // slots needed so that base + any code stays inside
     for (size_t k = 0; k < n; ++k) {
-        const uint32_t s = slot_of[k], lo = first_child[k], hi = first_child[k + 1];
+        const uint32_t s = slot_of[k], lo = trie.first_child[k], hi = trie.first_child[k + 1];
         if (lo == hi) {
             ac_units_[s].fail = kLeaf;
             continue;
@@ -674,15 +695,19 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
     ac_units_.resize(top, AcUnit{kNone, 0, 0, -1});
     ac_units_.shrink_to_fit();
     if (ac_units_.size() > kStateMask) throw std::invalid_argument("metadata too large for the automaton");
+    return slot_of;
+}
 
+void Matcher::ac_link(const AcTrie& trie, const std::vector<uint32_t>& slot_of) {
     // Failure links and output runs, breadth first (a failure link is always shallower, so
     // its run is written before the runs that copy or jump to it).
     std::vector<int32_t> out_at(ac_units_.size(), -1);    // by slot: first entry ending there
     std::vector<uint32_t> run_size(ac_units_.size(), 0);  // by slot: its run, end or jump excluded
-    for (size_t k = 0; k < n; ++k) out_at[slot_of[k]] = out[k];
+    const size_t n = trie.code.size();
+    for (size_t k = 0; k < n; ++k) out_at[slot_of[k]] = trie.out[k];
     ac_outputs_.clear();
     for (size_t k = 1; k < n; ++k) {
-        const uint32_t s = slot_of[k], p = ac_units_[s].check, c = code[k];
+        const uint32_t s = slot_of[k], p = ac_units_[s].check, c = trie.code[k];
         uint32_t f = 0;
         if (p != 0) {
             for (uint32_t g = ac_units_[p].fail & kStateMask;; g = ac_units_[g].fail & kStateMask) {
@@ -712,8 +737,8 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
         if (suffix < 0) {
             ac_outputs_.push_back(kOutputsEnd);
         } else if (run_size[s] + run_size[f] <= kFlatRun) {
-            for (uint32_t k = 0; k <= run_size[f]; ++k) {  // f's run with its end or jump
-                const int32_t v = ac_outputs_[static_cast<size_t>(suffix) + k];
+            for (uint32_t j = 0; j <= run_size[f]; ++j) {  // f's run with its end or jump
+                const int32_t v = ac_outputs_[static_cast<size_t>(suffix) + j];
                 ac_outputs_.push_back(v);
             }
             run_size[s] += run_size[f];
@@ -721,7 +746,6 @@ void Matcher::build_automaton(const std::vector<std::string>& patterns, const st
             ac_outputs_.push_back(-(suffix + 2));
         }
     }
-    index_fast_paths();
 }
 
 void Matcher::index_fast_paths() {

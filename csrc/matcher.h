@@ -99,6 +99,11 @@ private:
     static void insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash);
     void grow_edge_table();
     void build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
+    struct AcTrie;
+    void ac_assign_codes(const std::vector<std::string>& patterns);
+    AcTrie ac_build_trie(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
+    std::vector<uint32_t> ac_lay_out(const AcTrie& trie);
+    void ac_link(const AcTrie& trie, const std::vector<uint32_t>& slot_of);
     void match_tokens(std::string_view text, MatchScratch& scratch) const;  // trie pass into scratch.found
     void match_automaton(std::string_view text, std::vector<int32_t>& found) const;
     // Where the automaton is: a state and the fields of its slot that a step reads.
