@@ -190,6 +190,28 @@ def test_language_matchers_route_and_use_global_ids(tmp_path):
     assert [c.tolist() for c in lm.counts_by_language(counts).values()] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
+def test_matchers_saved_in_an_older_file_format_are_built_again(tmp_path):
+    # Curate keeps the built matchers under .work/ between runs; a folder from a layout this
+    # build cannot read (here: the name it had before FILE_FORMAT, holding unreadable files)
+    # must be left alone and a new one built, never loaded.
+    from mode_fast import __version__
+    from mode_fast._matcher import FILE_FORMAT
+    from mode_fast.curation import build_matcher
+    from mode_fast.worldwide import LanguageMatchers
+
+    meta = {"en": ["hot dog"], "ja": ["東京"]}
+    sha = "0123456789abcdef" * 4
+    stale = tmp_path / f"matchers-metaclip2-{__version__}-{sha[:16]}"
+    stale.mkdir()
+    (stale / "en.bin").write_bytes(b"MFMATCH2" + bytes(64))
+    (stale / "languages.json").write_text('{"languages": ["en"]}')
+    folder = build_matcher(tmp_path, [], sha, meta)
+    assert folder != stale and f"-f{FILE_FORMAT}-" in folder.name
+    offsets, ids = LanguageMatchers.load(folder).match(["東京タワー", "a hot dog"], ["ja", "en"], threads=1)
+    assert ids.tolist() == [1, 0] and offsets.tolist() == [0, 1, 2]
+    assert build_matcher(tmp_path, [], sha, meta) == folder  # complete: reused as it is
+
+
 def test_lone_surrogate_caption_recovered_from_jsonl_only(tmp_path):
     from mode_fast.data.io import lone_surrogate_caption, read_shard
 
