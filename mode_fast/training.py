@@ -216,7 +216,7 @@ def resolve_sample_spec(first_shard: str | Path, image_key: str, caption_key: st
         with contextlib.suppress(ValueError, UnicodeDecodeError):
             meta = json.loads(first.read("json"))
             fields = sorted(meta) if isinstance(meta, dict) else []
-    if caption_key.lower() in members:
+    if io.member_ext(caption_key) in members:
         return spec
     if caption_key in fields:
         return loader.SampleSpec(image_key=image_key, caption_key=f"json:{caption_key}")

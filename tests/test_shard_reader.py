@@ -358,3 +358,24 @@ def test_caption_key_means_one_thing_in_every_job(tmp_path, caption_key):
     assert resolve_sample_spec(shard, "png", caption_key).caption_key == f"json:{caption_key}"  # train
     rtask = tasks.load_retrieval_task(str(folder), caption_key=caption_key)  # eval
     assert [c for _, c in rtask.items()] == expected
+
+
+@pytest.mark.parametrize("caption_key", ["txt", "TXT", ".txt", " .Txt"])
+def test_caption_key_names_a_member_the_same_way_in_every_job(tmp_path, caption_key):
+    """Members are read with lower-cased extensions (webdataset's rule); a key naming one is
+    compared the same way, a leading dot allowed, by curate, train and eval alike."""
+    from mode_fast.data.loader import SampleSpec
+    from mode_fast.training import resolve_sample_spec
+
+    folder = tmp_path / "shards"
+    members = []
+    for i in range(3):
+        members += [(f"s{i}.png", png(i)), (f"s{i}.TXT", f"txt {i}".encode()), (f"s{i}.json", b'{"alt": "x"}')]
+    shard = write_members(folder / "a.tar", members)
+    expected = [f"txt {i}" for i in range(3)]
+
+    assert [r.caption for r in dio.read_shard(shard, caption_key=caption_key)] == expected  # curate, cluster
+    spec = resolve_sample_spec(shard, "png", caption_key)  # train
+    assert isinstance(spec, SampleSpec) and spec.caption_ext == "txt"
+    rtask = tasks.load_retrieval_task(str(folder), caption_key=caption_key)  # eval
+    assert [c for _, c in rtask.items()] == expected

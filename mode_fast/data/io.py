@@ -6,8 +6,8 @@ curation's second pass re-reads a shard and keeps records by index, which avoids
 raw samples in memory and keeps the curated records byte-for-byte those of the input.
 
 Caption lookup (``caption_key``):
-- webdataset: a member extension of that name (``txt``, ``caption``...) if the sample has
-  one; else a field of the ``.json`` member; else, for the default ``caption`` only, the
+- webdataset: a member extension of that name (``txt``, ``caption``...; compared lower-cased,
+  a leading dot allowed: `member_ext`) if the sample has one; else a field of the ``.json`` member; else, for the default ``caption`` only, the
   ``.txt`` member. So the default finds ``{"caption": ...}`` in ``.json`` or a ``.txt``.
 - parquet / jsonl: the column / field of that name (string; parquet binary is UTF-8 decoded).
 Record keys: webdataset ``__key__``; parquet/jsonl the ``key_field`` column (default
@@ -509,10 +509,18 @@ def sample_caption(sample: dict[str, Any], caption_key: str) -> tuple[str | None
     return (None, reason) if reason is not None else _as_text(raw)
 
 
+def member_ext(key: str) -> str:
+    """The member extension a user's key names. Tar members are read with lower-cased
+    extensions (webdataset's rule), so a key is compared the same way, a leading dot
+    allowed: "TXT", ".txt" and "txt" name one member."""
+    return key.strip().lower().lstrip(".")
+
+
 def _caption_from_sample(sample: dict[str, Any], caption_key: str) -> tuple[Any, str | None]:
     """(raw caption or None, None) or (None, skip_reason) for a webdataset sample."""
-    if caption_key in sample:
-        return sample[caption_key], None
+    member = member_ext(caption_key)
+    if member and member in sample:
+        return sample[member], None
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])

@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mode_fast.data.io import DataKeyError, ReadReport, TarGroup, iter_samples
+from mode_fast.data.io import DataKeyError, ReadReport, TarGroup, iter_samples, member_ext
 from mode_fast.errors import InputError, ModeFastError
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,14 @@ class SampleSpec:
 
     @property
     def image_exts(self) -> tuple[str, ...]:
-        exts = tuple(e.strip().lower().lstrip(".") for e in self.image_key.split(";") if e.strip())
+        exts = tuple(member_ext(e) for e in self.image_key.split(";") if e.strip())
         if not exts:
             raise DataKeyError(f"image key {self.image_key!r} names no extension")
         return exts
 
     @property
     def caption_ext(self) -> str:
-        return "json" if self.caption_key.startswith("json:") else self.caption_key.lower().lstrip(".")
+        return "json" if self.caption_key.startswith("json:") else member_ext(self.caption_key)
 
     @property
     def caption_field(self) -> list[str] | None:
