@@ -402,43 +402,36 @@ Matcher::Matcher(const std::vector<std::string>& entries, Semantics semantics) :
 
 namespace {
 
-// A build-time map from (state, code) to child state: open addressing, load <= 1/2.
-class EdgeMap {
-public:
-    EdgeMap() { grow(); }
-    uint32_t find(uint32_t state, uint32_t code) const {
-        const uint64_t key = edge_key(state, code);
-        for (size_t slot = mix64(key) & mask_;; slot = (slot + 1) & mask_) {
-            if (keys_[slot] == key) return values_[slot];
-            if (keys_[slot] == kEmptyKey) return UINT32_MAX;
-        }
+// The one table of labelled edges, (node, label) -> target: the token trie's (saved with
+// the matcher) and the automaton's trie while it is built. Open addressing, linear
+// probing, load <= 1/2; `count` is the number of edges in `table`.
+uint32_t edge_find(const std::vector<Matcher::Edge>& table, uint32_t node, uint32_t label) {
+    const uint64_t key = edge_key(node, label);
+    const size_t mask = table.size() - 1;
+    for (size_t slot = mix64(key) & mask;; slot = (slot + 1) & mask) {
+        const Matcher::Edge& e = table[slot];
+        if (e.key == key) return e.target;
+        if (e.key == kEmptyKey) return UINT32_MAX;
     }
-    void insert(uint32_t state, uint32_t code, uint32_t child) {
-        if ((count_ + 1) * 2 > keys_.size()) grow();
-        place(edge_key(state, code), child);
-        ++count_;
-    }
+}
 
-private:
-    void place(uint64_t key, uint32_t value) {
-        size_t slot = mix64(key) & mask_;
-        while (keys_[slot] != kEmptyKey) slot = (slot + 1) & mask_;
-        keys_[slot] = key;
-        values_[slot] = value;
+void edge_place(std::vector<Matcher::Edge>& table, const Matcher::Edge& e) {
+    const size_t mask = table.size() - 1;
+    size_t slot = mix64(e.key) & mask;
+    while (table[slot].key != kEmptyKey) slot = (slot + 1) & mask;
+    table[slot] = e;
+}
+
+void edge_insert(std::vector<Matcher::Edge>& table, uint64_t& count, uint32_t node, uint32_t label, uint32_t target) {
+    if ((count + 1) * 2 > table.size()) {
+        std::vector<Matcher::Edge> old(table.size() * 2, Matcher::Edge{kEmptyKey, 0, 0});
+        old.swap(table);
+        for (const Matcher::Edge& e : old)
+            if (e.key != kEmptyKey) edge_place(table, e);
     }
-    void grow() {
-        std::vector<uint64_t> keys(std::max<size_t>(16, keys_.size() * 2), kEmptyKey);
-        std::vector<uint32_t> values(keys.size());
-        keys.swap(keys_);
-        values.swap(values_);
-        mask_ = keys_.size() - 1;
-        for (size_t i = 0; i < keys.size(); ++i)
-            if (keys[i] != kEmptyKey) place(keys[i], values[i]);
-    }
-    std::vector<uint64_t> keys_;
-    std::vector<uint32_t> values_;
-    size_t mask_ = 0, count_ = 0;
-};
+    edge_place(table, Matcher::Edge{edge_key(node, label), target, 0});
+    ++count;
+}
 
 // "The first slot at or after x still in the set", for a set that only loses slots, in
 // near-constant time: next[i] == i marks a member, anything else points further right
@@ -595,14 +588,15 @@ void Matcher::ac_assign_codes(const std::vector<std::string>& patterns) {
 
 Matcher::AcTrie Matcher::ac_build_trie(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids) {
     // The trie, numbered in insertion order (trie states, not yet slots).
-    EdgeMap edges;
+    std::vector<Edge> edges(16, Edge{kEmptyKey, 0, 0});
+    uint64_t n_edges = 0;
     std::vector<int32_t> out(1, -1), last(1, -1);  // first entry ending at each state; tail of its duplicates
     std::vector<uint32_t> parent(1, 0), code_in(1, 0);
     for (size_t k = 0; k < patterns.size(); ++k) {
         uint32_t state = 0;
         for_each_code_point(patterns[k], [&](uint32_t cp) {
             const uint32_t code = ac_code(cp);
-            uint32_t next = edges.find(state, code);
+            uint32_t next = edge_find(edges, state, code);
             if (next == UINT32_MAX) {
                 if (out.size() >= kStateMask / 2) throw std::invalid_argument("metadata too large for the automaton");
                 next = static_cast<uint32_t>(out.size());
@@ -610,7 +604,7 @@ Matcher::AcTrie Matcher::ac_build_trie(const std::vector<std::string>& patterns,
                 last.push_back(-1);
                 parent.push_back(state);
                 code_in.push_back(code);
-                edges.insert(state, code, next);
+                edge_insert(edges, n_edges, state, code, next);
             }
             state = next;
         });
@@ -749,7 +743,6 @@ void Matcher::ac_link(const AcTrie& trie, const std::vector<uint32_t>& slot_of) 
 }
 
 void Matcher::index_fast_paths() {
-    has_duplicates_ = std::any_of(next_same_entry_.begin(), next_same_entry_.end(), [](int32_t e) { return e >= 0; });
     ac_active_ = !ac_units_.empty() && !(ac_units_[0].fail & kLeaf);
     ac_space_code_ = ac_code(' ');
 
@@ -971,25 +964,7 @@ uint32_t Matcher::add_token(std::string_view token) {
 }
 
 void Matcher::add_edge(uint32_t node, uint32_t token, uint32_t target) {
-    if ((edge_count_ + 1) * 2 > edges_.size()) grow_edge_table();
-    uint64_t key = edge_key(node, token);
-    size_t mask = edges_.size() - 1;
-    size_t slot = mix64(key) & mask;
-    while (edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
-    edges_[slot] = Edge{key, target, 0};
-    ++edge_count_;
-}
-
-void Matcher::grow_edge_table() {
-    std::vector<Edge> old(edges_.size() * 2, Edge{kEmptyKey, 0, 0});
-    old.swap(edges_);
-    size_t mask = edges_.size() - 1;
-    for (const Edge& e : old) {
-        if (e.key == kEmptyKey) continue;
-        size_t slot = mix64(e.key) & mask;
-        while (edges_[slot].key != kEmptyKey) slot = (slot + 1) & mask;
-        edges_[slot] = e;
-    }
+    edge_insert(edges_, edge_count_, node, token, target);
 }
 
 // --- look-ups ----------------------------------------------------------------------
@@ -1011,13 +986,8 @@ int32_t Matcher::token_id(const char* data, size_t size, uint64_t hash) const {
 }
 
 uint32_t Matcher::child(uint32_t node, uint32_t token) const {
-    const uint64_t key = edge_key(node, token);
-    const size_t mask = edges_.size() - 1;
-    for (size_t slot = mix64(key) & mask;; slot = (slot + 1) & mask) {
-        const Edge& e = edges_[slot];
-        if (e.key == key) return e.target;
-        if (e.key == kEmptyKey) return kNone;
-    }
+    static_assert(kNone == UINT32_MAX, "edge_find reports a missing edge as kNone");
+    return edge_find(edges_, node, token);
 }
 
 namespace {

@@ -97,7 +97,6 @@ private:
     uint32_t add_token(std::string_view token);
     void add_edge(uint32_t node, uint32_t token, uint32_t target);
     static void insert_slot(std::vector<VocabSlot>& table, const VocabSlot& slot, uint64_t hash);
-    void grow_edge_table();
     void build_automaton(const std::vector<std::string>& patterns, const std::vector<int32_t>& ids);
     struct AcTrie;
     void ac_assign_codes(const std::vector<std::string>& patterns);
@@ -181,7 +180,6 @@ private:
         const AcUnit& u = ac_units_[state];
         return AcCursor{state, u.base, u.fail & kStateMask, (u.fail & kLeaf) != 0};
     }
-    bool has_duplicates_ = true;  // any entry repeated: only then is next_same_entry_ read
     void index_fast_paths();  // tables derived from the automaton: rebuilt on load, not saved
 };
 
