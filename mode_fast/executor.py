@@ -7,14 +7,13 @@ executors run the same task functions on the same inputs, so their outputs are b
 every reduction (entry counts, cluster sizes) is done by the driver from the per-shard
 files, exactly (uint64 / int64), whatever ran the tasks and however often.
 
-The Ray executor streams the task list through Ray Data (`map_batches`, one shard per batch)
-into an actor pool. Each actor runs the job's initializer once (loading the matcher, or
-pinning torch's threads; the centers and embedder are then cached per actor), not per
-shard. The shards themselves are read by the project's readers inside the actor, not by
-Ray's `read_webdataset`: those count a corrupt tar member, undecodable text or a missing
-caption as a skip and go on, where a generic reader fails the whole block. Ray Data
-restarts a dead actor and retries its shard (max_restarts / max_task_retries = -1), so a
-killed worker costs only that shard's rerun; a rerun rewrites the same file, and nothing is
+The Ray executor hands the tasks, one at a time, to a pool of actors. Each actor runs the
+job's initializer once (loading the matcher, or pinning torch's threads; the centers and
+embedder are then cached per actor), not per shard. The shards themselves are read by the
+project's readers inside the actor, not by Ray Data's `read_webdataset`: those count a
+corrupt tar member, undecodable text or a missing caption as a skip and go on, where a
+generic reader fails the whole block. Ray restarts a dead actor and resubmits its shard
+(max_restarts / max_task_retries = -1), so a killed worker costs only that shard's rerun; a rerun rewrites the same file, and nothing is
 counted from results in flight, so nothing is lost or counted twice. On a multi-node
 cluster the pool, the output folder and the matcher file must be on storage every node sees.
 
@@ -71,7 +70,23 @@ def _maybe_fault(when: str, task: Task) -> None:
         os._exit(17)
 
 
+# A worker's initializer error, raised by each of its tasks: the driver then gets it as it
+# was raised, where a pool whose initializer raised reports only a broken pool (local) or a
+# dead actor with the error's text (Ray).
+_init_error: Exception | None = None
+
+
+def _start_worker(init: Init) -> None:
+    global _init_error
+    try:
+        _call_init(init)
+    except Exception as exc:
+        _init_error = exc
+
+
 def _run_task(fn: TaskFn, task: Task) -> Any:
+    if _init_error is not None:
+        raise _init_error
     _maybe_fault("before", task)
     result = fn(task)
     _maybe_fault("after", task)
@@ -127,7 +142,7 @@ def _worker_start(init: bytes, driver_pid: int, driver_start: str | None, pdeath
     the driver: a driver killed during that import takes the worker along."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(driver_pid, driver_start, pdeathsig)
-    _call_init(pickle.loads(init))
+    _start_worker(pickle.loads(init))
 
 
 @contextlib.contextmanager
@@ -210,34 +225,35 @@ class LocalExecutor:
 
 
 class _RayShardWorker:
-    """One actor of the pool: runs the initializer once, then one task per batch."""
+    """One actor of the pool: runs the initializer once, then the tasks it is given."""
 
     def __init__(self, fn: TaskFn, init: Init) -> None:
-        _call_init(init)
+        _start_worker(init)
         self.fn = fn
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        results = [pickle.dumps(_run_task(self.fn, pickle.loads(t))) for t in batch["task"]]
-        return {"index": batch["index"], "result": np.array(results, dtype=object)}
+    def run(self, task: Task) -> Any:
+        return _run_task(self.fn, task)
 
 
 class RayExecutor:
-    """Tasks on a Ray cluster: Ray Data feeds them to a pool of `workers` actors.
+    """Tasks on a Ray cluster: a pool of `workers` actors, one task in flight per actor.
 
     Connects to `address` (or RAY_ADDRESS), else starts a local Ray; a Ray already
     initialized in this process (a test's, a notebook's) is used as it is. workers=None:
-    one actor per CPU of the cluster."""
+    one actor per CPU of the cluster.
+
+    Plain actors and `ray.wait`, not Ray Data: Ray Data's iterators leave threads behind
+    (block prefetchers, executor threads of an iteration stopped early) that call into Ray
+    after the map has returned; one that does so after `ray.shutdown()` makes Ray exit the
+    whole process with status 1. Here nothing of Ray runs once `map` has returned."""
 
     name = "ray"
 
     def __init__(self, workers: int | None = None, address: str | None = None) -> None:
         try:
             import ray
-            import ray.data  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ValueError("--executor ray needs Ray Data: pip install 'mode-fast[ray]'") from exc
+            raise ValueError("--executor ray needs Ray: pip install 'mode-fast[ray]'") from exc
         self._started = False
         if not ray.is_initialized():
             # log_to_driver off: workers' own logs stay in Ray's session folder; progress
@@ -253,29 +269,46 @@ class RayExecutor:
     def map(self, fn: TaskFn, tasks: Sequence[Task], init: Init = None, ordered: bool = False) -> Iterator[Any]:
         if not tasks:
             return
-        import ray.data
+        import ray
 
-        items = [{"index": i, "task": pickle.dumps(t)} for i, t in enumerate(tasks)]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one shard per block
-        # The dataset's own copy of the context: the caller's global Ray Data settings stay as they are.
-        ds.context.enable_progress_bars = False
-        ds.context.execution_options.preserve_order = ordered
-        ds = ds.map_batches(
-            _RayShardWorker,
-            fn_constructor_args=(fn, init),
-            batch_size=1,
-            num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(tasks))),
-        )
-        seen: set[int] = set()
-        for row in ds.iter_rows():
-            index = int(row["index"])
-            if index in seen:  # Ray Data delivers each block once; guard the invariant anyway
-                raise RuntimeError(f"Ray returned task {index} twice")
-            seen.add(index)
-            yield pickle.loads(row["result"])
-        if len(seen) != len(tasks):
-            raise RuntimeError(f"Ray returned {len(seen)} of {len(tasks)} task results")
+        # A dead actor is restarted (its initializer runs again) and the task it held is
+        # resubmitted to it, as often as it takes.
+        worker = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)(_RayShardWorker)
+        actors = [worker.remote(fn, init) for _ in range(min(self.workers, len(tasks)))]
+        running: dict[Any, tuple[int, Any]] = {}  # result ref -> (task index, its actor)
+        finished: dict[int, Any] = {}  # ordered: results waiting for an earlier task's
+        submitted = emitted = 0
+
+        def submit(actor: Any) -> None:
+            nonlocal submitted
+            if submitted < len(tasks):
+                running[actor.run.remote(tasks[submitted])] = (submitted, actor)
+                submitted += 1
+
+        try:
+            for actor in actors:
+                submit(actor)
+            while running:
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                index, actor = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    # The task's own error, as the local executor raises it.
+                    raise (exc.cause if isinstance(exc.cause, Exception) else exc) from exc
+                submit(actor)
+                if not ordered:
+                    yield result
+                    continue
+                finished[index] = result
+                while emitted in finished:
+                    yield finished.pop(emitted)
+                    emitted += 1
+        finally:
+            # Any exit (done, an error, the caller stopping early) ends the pool now; tasks
+            # still running are abandoned, and their shards' outputs are atomic.
+            for actor in actors:
+                ray.kill(actor)
 
     def close(self) -> None:
         if self._started:
