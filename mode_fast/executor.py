@@ -13,8 +13,9 @@ embedder are then cached per actor), not per shard. The shards themselves are re
 project's readers inside the actor, not by Ray Data's `read_webdataset`: those count a
 corrupt tar member, undecodable text or a missing caption as a skip and go on, where a
 generic reader fails the whole block. Ray restarts a dead actor and resubmits its shard
-(max_restarts / max_task_retries = -1), so a killed worker costs only that shard's rerun; a rerun rewrites the same file, and nothing is
-counted from results in flight, so nothing is lost or counted twice. On a multi-node
+(max_restarts / max_task_retries = -1), so a killed worker costs only that shard's rerun;
+a rerun rewrites the same file, and nothing is counted from results in flight, so nothing
+is lost or counted twice. On a multi-node
 cluster the pool, the output folder and the matcher file must be on storage every node sees.
 
 Testing hook: MODE_FAST_FAULT="before|after:SUBSTRING:MARKER[;...]" makes the worker whose task
