@@ -15,8 +15,8 @@ corrupt tar member, undecodable text or a missing caption as a skip and go on, w
 generic reader fails the whole block. Ray restarts a dead actor and resubmits its shard
 (max_restarts / max_task_retries = -1), so a killed worker costs only that shard's rerun;
 a rerun rewrites the same file, and nothing is counted from results in flight, so nothing
-is lost or counted twice. On a multi-node
-cluster the pool, the output folder and the matcher file must be on storage every node sees.
+is lost or counted twice. On a multi-node cluster the pool, the output folder and the
+matcher file must be on storage every node sees.
 
 Testing hook: MODE_FAST_FAULT="before|after:SUBSTRING:MARKER[;...]" makes the worker whose task
 mentions SUBSTRING exit abruptly (os._exit) before or after running it, once per MARKER
