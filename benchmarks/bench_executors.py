@@ -16,6 +16,7 @@ captions (default 8k) in 8 parquet shards embedded with all-MiniLM-L6-v2 and ass
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ ray = pytest.importorskip("ray")
 from mode_fast.cluster import ClusterJob, run_cluster_job  # noqa: E402
 from mode_fast.curate import curate  # noqa: E402
 from mode_fast.data.sample import sample_captions  # noqa: E402
+from mode_fast.runs import MANIFEST, RunState  # noqa: E402
 
 CURATE_N = int(os.environ.get("EXEC_BENCH_CURATE_N", 2_000_000))
 CLUSTER_N = int(os.environ.get("EXEC_BENCH_CLUSTER_N", 8_000))
@@ -103,13 +105,19 @@ def test_cluster_assign(benchmark, cluster_setup, tmp_path, local_ray, executor,
     benchmark.group = f"cluster assign {CLUSTER_N // 1000}k captions (MiniLM + K=1024), workers={workers}"
     out = tmp_path / "out"
 
-    def run():
+    def fitted_run_without_assignments():
+        # The fitted run, resumed: its embeddings and assignments forgotten (files removed),
+        # through the run's own manifest, so each round embeds and assigns every shard.
         shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        shutil.copy(fitted / "centers.npz", out / "centers.npz")  # resume path: assign only
+        shutil.copytree(fitted, out)
+        recorded = json.loads((out / MANIFEST).read_text())
+        with RunState.open(out, "cluster", inputs=recorded["inputs"], args=recorded["args"]) as state:
+            assert state.forget("assign:*") and state.forget("embed:*")
+
+    def run():
         return run_cluster_job(ClusterJob(**{**job.__dict__, "out": out, "workers": workers, "executor": executor}))
 
-    sizes = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    sizes = benchmark.pedantic(run, setup=fitted_run_without_assignments, rounds=2, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(
         provider=f"{executor} x{workers}",
         baseline=executor == "local",
