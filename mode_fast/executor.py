@@ -232,6 +232,9 @@ class _RayShardWorker:
         _start_worker(init)
         self.fn = fn
 
+    def ready(self) -> None:
+        """Answers once the actor has started (its initializer has run)."""
+
     def run(self, task: Task) -> Any:
         return _run_task(self.fn, task)
 
@@ -276,6 +279,9 @@ class RayExecutor:
         # resubmitted to it, as often as it takes.
         worker = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)(_RayShardWorker)
         actors = [worker.remote(fn, init) for _ in range(min(self.workers, len(tasks)))]
+        # An actor gets a task once it has started: actors the cluster has no CPU for yet
+        # (more --workers than CPUs, or an autoscaler still adding nodes) hold no task back.
+        starting = {actor.ready.remote(): actor for actor in actors}
         running: dict[Any, tuple[int, Any]] = {}  # result ref -> (task index, its actor)
         finished: dict[int, Any] = {}  # ordered: results waiting for an earlier task's
         submitted = emitted = 0
@@ -287,10 +293,11 @@ class RayExecutor:
                 submitted += 1
 
         try:
-            for actor in actors:
-                submit(actor)
-            while running:
-                (ref,), _ = ray.wait(list(running), num_returns=1)
+            while running or submitted < len(tasks):
+                (ref,), _ = ray.wait([*running, *starting], num_returns=1)
+                if ref in starting:
+                    submit(starting.pop(ref))
+                    continue
                 index, actor = running.pop(ref)
                 try:
                     result = ray.get(ref)

@@ -207,6 +207,23 @@ def test_nothing_of_ray_runs_after_map_returns(tmp_path):
     assert "lived on" in out.stdout
 
 
+def test_more_workers_than_cpus_runs_on_the_actors_that_start(tmp_path):
+    """--workers above the cluster's CPUs: the actors without a CPU never start, and the
+    tasks run on those that do (handing tasks to actors that never start hung the job)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import ray\n"
+        "from mode_fast.executor import make_executor\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "runner = make_executor('ray', workers=3)\n"
+        "print(sorted(runner.map(abs, [-i for i in range(6)])), flush=True)\n"
+        "ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[0, 1, 2, 3, 4, 5]" in out.stdout
+
+
 def test_unknown_executor_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown executor 'spark'"):
         make_executor("spark")
