@@ -239,6 +239,21 @@ class _RayShardWorker:
         return _run_task(self.fn, task)
 
 
+@contextlib.contextmanager
+def _handler_errors_unwrapped() -> Iterator[None]:
+    """Ray's blocking calls run Python's signal handlers from inside their C code. An
+    exception a handler raises (mode_fast.runs turns Ctrl-C into Interrupted) does not stop
+    the call: it waits on, and the exception comes out when it returns, wrapped in a
+    SystemError ("returned a result with an exception set"). Hence short waits, and this
+    raises the handler's exception as is."""
+    try:
+        yield
+    except SystemError as exc:
+        if isinstance(exc.__cause__, Exception):
+            raise exc.__cause__ from None
+        raise
+
+
 class RayExecutor:
     """Tasks on a Ray cluster: a pool of `workers` actors, one task in flight per actor.
 
@@ -294,13 +309,18 @@ class RayExecutor:
 
         try:
             while running or submitted < len(tasks):
-                (ref,), _ = ray.wait([*running, *starting], num_returns=1)
+                ready: list[Any] = []
+                while not ready:  # in short waits: see _handler_errors_unwrapped
+                    with _handler_errors_unwrapped():
+                        ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=0.5)
+                ref = ready[0]
                 if ref in starting:
                     submit(starting.pop(ref))
                     continue
                 index, actor = running.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    with _handler_errors_unwrapped():
+                        result = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     # The task's own error, as the local executor raises it.
                     raise (exc.cause if isinstance(exc.cause, Exception) else exc) from exc

@@ -3,15 +3,23 @@ for byte, and a worker killed mid-job loses nothing and counts nothing twice."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mode-fast[ray]'")
+
+from test_runs import _run as run_cli  # noqa: E402
+from test_runs import _start as start_cli  # noqa: E402
+from test_runs import _wait_for as wait_for  # noqa: E402
 
 from mode_fast.cluster import ClusterJob, run_cluster_job  # noqa: E402
 from mode_fast.curate import curate  # noqa: E402
@@ -222,6 +230,31 @@ def test_more_workers_than_cpus_runs_on_the_actors_that_start(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[0, 1, 2, 3, 4, 5]" in out.stdout
+
+
+def test_ctrl_c_of_a_ray_job_is_one_line_and_the_rerun_continues(pool, tmp_path):
+    """Ctrl-C while the driver waits on Ray: the job's one-line interrupt message (Ray ran
+    the handler inside its C code, and the exception came out as a SystemError traceback),
+    then the rerun finishes with what the local executor writes."""
+    args = ["curate", pool, "--t", "20", "--seed", "3", "--workers", "2", "--executor", "ray", "--out", tmp_path / "o"]
+    run = start_cli(args, fault="slow:pool-000003:60")
+    try:
+        wait_for(lambda: len(list((tmp_path / "o" / ".work" / "matches").glob("*.npz"))) >= 5, what="5 of 6 shards")
+        time.sleep(1.0)
+        os.killpg(run.pid, signal.SIGINT)  # to the whole group, as a terminal sends it
+        _, err = run.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("mode-fast ")] == [
+        "mode-fast curate: interrupted at match (5/6 shards); rerun the same command to continue"
+    ], err
+    rerun = run_cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    _curate(pool, tmp_path / "local", "local")
+    assert _files(tmp_path / "o") == _files(tmp_path / "local")
 
 
 def test_unknown_executor_is_a_clear_error():
