@@ -186,13 +186,22 @@ def test_task_and_initializer_errors_arrive_as_raised(kind, local_ray):
     runner.close()
 
 
+def _python(tmp_path: Path, source: str) -> str:
+    """Run `source` in a fresh Python process (its own Ray); its stdout, once it exits 0."""
+    script = tmp_path / "run.py"
+    script.write_text(source)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def test_nothing_of_ray_runs_after_map_returns(tmp_path):
     """A thread left calling into Ray after `ray.shutdown()` makes Ray end the whole process
     with status 1 (it did, in CI: Ray Data's iterators left block-prefetch threads behind).
     In a fresh process: maps run to the end and stopped early, the executor closed, no
     thread but the main one is left, and the process lives on."""
-    script = tmp_path / "run.py"
-    script.write_text(
+    out = _python(
+        tmp_path,
         "import threading, time\n"
         "from mode_fast.executor import make_executor\n"
         "def work(t):\n"
@@ -207,29 +216,25 @@ def test_nothing_of_ray_runs_after_map_returns(tmp_path):
         "    runner.close()\n"
         "    print('threads', sorted(t.name for t in threading.enumerate()), flush=True)\n"
         "time.sleep(1.5)\n"
-        "print('lived on', flush=True)\n"
+        "print('lived on', flush=True)\n",
     )
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.count("threads ['MainThread']") == 2, out.stdout
-    assert "lived on" in out.stdout
+    assert out.count("threads ['MainThread']") == 2, out.stdout
+    assert "lived on" in out
 
 
 def test_more_workers_than_cpus_runs_on_the_actors_that_start(tmp_path):
     """--workers above the cluster's CPUs: the actors without a CPU never start, and the
     tasks run on those that do (handing tasks to actors that never start hung the job)."""
-    script = tmp_path / "run.py"
-    script.write_text(
+    out = _python(
+        tmp_path,
         "import ray\n"
         "from mode_fast.executor import make_executor\n"
         "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
         "runner = make_executor('ray', workers=3)\n"
         "print(sorted(runner.map(abs, [-i for i in range(6)])), flush=True)\n"
-        "ray.shutdown()\n"
+        "ray.shutdown()\n",
     )
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "[0, 1, 2, 3, 4, 5]" in out.stdout
+    assert "[0, 1, 2, 3, 4, 5]" in out
 
 
 def test_ctrl_c_of_a_ray_job_is_one_line_and_the_rerun_continues(pool, tmp_path):
