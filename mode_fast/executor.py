@@ -322,8 +322,9 @@ class RayExecutor:
                     with _handler_errors_unwrapped():
                         result = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
-                    # The task's own error, as the local executor raises it.
-                    raise (exc.cause if isinstance(exc.cause, Exception) else exc) from exc
+                    if isinstance(exc.cause, Exception):  # the task's own error, as the local executor raises it
+                        raise exc.cause from exc
+                    raise
                 submit(actor)
                 if not ordered:
                     yield result
