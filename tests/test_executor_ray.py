@@ -17,6 +17,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mode-fast[ray]'")
 
+from test_runs import _one_line as one_line  # noqa: E402
 from test_runs import _run as run_cli  # noqa: E402
 from test_runs import _start as start_cli  # noqa: E402
 from test_runs import _wait_for as wait_for  # noqa: E402
@@ -146,8 +147,6 @@ def _refuse_to_start():
 
 
 def _register_this_module_by_value():
-    import sys
-
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
@@ -218,7 +217,7 @@ def test_nothing_of_ray_runs_after_map_returns(tmp_path):
         "time.sleep(1.5)\n"
         "print('lived on', flush=True)\n",
     )
-    assert out.count("threads ['MainThread']") == 2, out.stdout
+    assert out.count("threads ['MainThread']") == 2, out
     assert "lived on" in out
 
 
@@ -253,7 +252,7 @@ def test_ctrl_c_of_a_ray_job_is_one_line_and_the_rerun_continues(pool, tmp_path)
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 130, err
     assert "Traceback" not in err, err
-    assert [line for line in err.splitlines() if line.startswith("mode-fast ")] == [
+    assert one_line(err) == [
         "mode-fast curate: interrupted at match (5/6 shards); rerun the same command to continue"
     ], err
     rerun = run_cli(args)
