@@ -2,8 +2,9 @@
 
 Each job module defines ``add_arguments(parser)`` and ``run(args) -> int``; only the
 module of the chosen subcommand is imported, so `mode-fast curate` never loads torch.
-A user-caused error (`mode_fast.errors.ModeFastError`) ends as one line,
-``mode-fast JOB: error: ...``, exit 2; ``--debug`` shows its traceback instead.
+A user-caused error (`mode_fast.errors.ModeFastError`, a bad flag, a non-finite number
+in any numeric flag) ends as one line, ``mode-fast JOB: error: ...``, exit 2; ``--debug``
+shows its traceback instead.
 Ctrl-C ends as one line, exit 130.
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-from mode_fast.errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, ModeFastError
+from mode_fast.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, Interrupted, ModeFastError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +29,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metadata": ("mode_fast.metadata", "build or merge a metadata list (WordNet, user lists)"),
     "sample": ("mode_fast.data.sample", "write the embedded synthetic sample pool"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the one error contract: a bad flag is one line, exit 2 (argparse prints
+    its whole usage block first, which buries the line that says what is wrong)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every float an argument holds is finite: ``--t inf`` or ``--lr nan`` would pass each
+    job's range checks (inf > 0) and fail deep inside, so they are refused here, once."""
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"--{dest.replace('_', '-')} must be a finite number, got {v}")
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -46,6 +66,7 @@ def run_job(prog: str, run: Callable[[argparse.Namespace], int | None], args: ar
     debug = bool(getattr(args, "debug", False))
     setup_logging(debug)
     try:
+        check_numbers(args)
         return int(run(args) or 0)
     except Interrupted as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -65,14 +86,14 @@ def run_job(prog: str, run: Callable[[argparse.Namespace], int | None], args: ar
 def job_main(prog: str, module: object, argv: Sequence[str] | None = None) -> int:
     """``python -m mode_fast.JOB ...``: the same parser and handler as ``mode-fast JOB``."""
     doc = (getattr(module, "__doc__", None) or prog).splitlines()[0]
-    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser = ArgumentParser(prog=prog, description=doc)
     add_common_arguments(parser)
     module.add_arguments(parser)  # type: ignore[attr-defined]
     return run_job(prog, module.run, parser.parse_args(argv))  # type: ignore[attr-defined]
 
 
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mode-fast", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="mode-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)

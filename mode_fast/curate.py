@@ -117,11 +117,11 @@ class CurateConfig:
         if self.semantics not in SEMANTICS:
             raise ConfigError(f"--semantics must be metaclip1 or metaclip2, not {self.semantics!r}")
         if self.t is not None and self.target_size is not None:
-            raise ValueError("give either t or target_size, not both")
+            raise ConfigError("give either --t or --target-size, not both")
         if self.t is not None and not (self.t > 0 and math.isfinite(self.t)):
-            raise ValueError(f"t must be a positive number, got {self.t}")
+            raise ConfigError(f"--t must be a positive finite number, got {self.t}")
         if self.target_size is not None and self.target_size <= 0:
-            raise ValueError(f"target size must be positive, got {self.target_size}")
+            raise ConfigError(f"--target-size must be >= 1, got {self.target_size}")
         if self.t is not None:  # the manifest says 20.0 whether the caller passed 20 or 20.0
             object.__setattr__(self, "t", float(self.t))
 

@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -303,7 +304,9 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be >= {low}, got {value}")
         for flag, value in (("--lr", self.lr), ("--wd", self.wd), ("--grad-clip-norm", self.grad_clip_norm),
                             ("--eps", self.eps), ("--checkpoint-minutes", self.checkpoint_minutes)):  # fmt: skip
-            if not value >= 0:  # also NaN
+            if not math.isfinite(value):  # the CLI refuses these too; Python callers reach here
+                raise ConfigError(f"{flag} must be a finite number, got {value}")
+            if value < 0:
                 raise ConfigError(f"{flag} must be >= 0, got {value}")
         for flag, value in (("--expert-share", self.expert_share), ("--beta1", self.beta1), ("--beta2", self.beta2)):
             if not 0.0 <= value <= 1.0:

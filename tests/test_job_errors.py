@@ -114,6 +114,52 @@ def test_train_nonsensical_flags_name_the_flag(txt_pool, tmp_path, capsys, no_mo
     assert named in error_line(capsys, "train")
 
 
+# --------------------------------------------------------------------------- non-finite numbers
+@pytest.mark.parametrize("job,flags,named", [
+    ("curate", ["--t", "inf"], "--t must be a finite number, got inf"),
+    ("curate", ["--t", "nan"], "--t must be a finite number, got nan"),
+    ("train", ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    ("train", ["--patch-dropout", "nan"], "--patch-dropout must be a finite number, got nan"),
+    ("train", ["--expert-share=-inf"], "--expert-share must be a finite number, got -inf"),
+    ("train", ["--checkpoint-minutes", "inf"], "--checkpoint-minutes must be a finite number, got inf"),
+    ("sample", ["--mismatch-rate", "nan"], "--mismatch-rate must be a finite number, got nan"),
+])  # fmt: skip
+def test_non_finite_numbers_are_one_line_before_any_output(txt_pool, tmp_path, capsys, no_model, job, flags, named):
+    out = tmp_path / "o"
+    args = {"curate": [str(txt_pool), "--out", str(out)], "train": [*TRAIN, "--data", str(txt_pool), "--out", str(out)],
+            "sample": ["--out", str(out)]}[job]  # fmt: skip
+    assert cli.main([job, *args, *flags]) == 2
+    assert named in error_line(capsys, job)
+    assert not out.exists()
+
+
+def test_non_finite_numbers_from_python_are_config_errors(txt_pool, tmp_path):
+    """Library callers get the same family (ModeFastError) as the CLI, not a bare ValueError."""
+    from mode_fast.curate import CurateConfig
+    from mode_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--t must be a positive finite number"):
+        CurateConfig(pools=[str(txt_pool)], out=tmp_path / "o", t=float("inf"))
+    with pytest.raises(ConfigError, match="--lr must be a finite number, got inf"):
+        train_job.TrainConfig(data=(str(txt_pool),), out=tmp_path / "o", lr=float("inf"))
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["train", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    (["curate", "--out", "x"], "the following arguments are required: POOL"),
+    (["eval", "--run", "r", "--clusters", "c", "--out", "o", "--ensemble-inputs", "x"],
+     "argument --ensemble-inputs: invalid choice"),
+    (["nonsense"], "argument COMMAND: invalid choice"),
+])  # fmt: skip
+def test_bad_usage_is_one_line(capsys, argv, named):
+    """argparse's own errors follow the contract too: one line, exit 2, no usage block."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and lines[0].endswith("--help)"), lines
+
+
 # --------------------------------------------------------------------------- checkpoints
 def truncated_copy(ckpt: Path, dest: Path) -> Path:
     data = ckpt.read_bytes()
