@@ -209,7 +209,8 @@ def load_state(target: Any, ckpt: dict[str, Any], field: str, path: str | Path) 
     try:
         target.load_state_dict(ckpt[field])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = " ".join(str(e).split()) or type(e).__name__  # torch's is several lines: one line, shortened
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
         what = ckpt.get("model_name") if field == "state_dict" else type(target).__name__
         raise InputError(f"checkpoint {path}: its {field} does not fit {what} ({reason})") from e
 
