@@ -38,10 +38,6 @@ class Recorder(HashEmbedder):
         Path(marker).write_text(tag)
         self.name = f"recorder-{tag}"
 
-    @property
-    def spec(self) -> dict:
-        return {"kind": "factory", "factory": f"{__name__}:Recorder", "kwargs": {}}
-
 
 def write_spec(folder: Path, spec: object) -> Path:
     path = folder / EMBEDDER
