@@ -24,7 +24,7 @@ import torch
 
 from mode_fast import clusters as cf
 from mode_fast import files
-from mode_fast.embed import cache_files, embed_shard, make_embedder, shard_id
+from mode_fast.embed import cache_files, embed_shard, embedder_spec, make_embedder, shard_id
 from mode_fast.errors import ConfigError, InputError
 from mode_fast.executor import add_executor_arguments, make_executor, run_with_progress
 from mode_fast.experts import TwoLevel, fit_two_level
@@ -182,8 +182,11 @@ def _fit_on_sample(
 
 
 def _embedder_name(job: ClusterJob) -> str:
+    """The embedder's name; a spec it cannot be rebuilt from, or a missing package (MiniLM's),
+    stops here, before any output."""
     if isinstance(job.embedder, (str, dict)):
         return make_embedder(job.embedder).name  # cheap: models load lazily
+    embedder_spec(job.embedder)  # an object's .spec is checked now, not after the fit
     return str(job.embedder.name)
 
 

@@ -14,6 +14,11 @@
 (`mode_fast.data.loader.load_expert_assignments`) and eval all go through it. Problems
 raise `InputError` naming the file.
 
+The folder is data (docs: the trust model): the stored spec is checked
+(`mode_fast.embed.check_spec`), and one that imports code (kind ``factory``) is used only
+when the user names the same factory with ``--embedder`` (`ClusterFolder.resolve_embedder`);
+the built-in kinds (minilm, hash) rebuild without a flag.
+
 Folders written before embedder.json existed record only the embedder's name in the
 centers' config. One rule covers them: the names the built-in embedders had
 (``all-MiniLM-L6-v2``, ``hashN``) give those embedders, any other name needs ``--embedder``.
@@ -34,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from mode_fast import files
-from mode_fast.embed import EmbedderSpec, embedder_spec, make_embedder, shard_id
+from mode_fast.embed import EmbedderSpec, check_spec, embedder_spec, is_factory, make_embedder, parse_embedder, shard_id
 from mode_fast.errors import InputError
 from mode_fast.experts import TwoLevel
 
@@ -101,7 +106,8 @@ class ClusterFolder:
     # -- embedder ---------------------------------------------------------------------
     def embedder_spec(self) -> tuple[EmbedderSpec | None, str]:
         """(spec, where it came from): embedder.json, else the legacy-name rule; the spec is
-        None when neither tells (a custom embedder without a spec, or an unknown old name)."""
+        None when neither tells (a custom embedder without a spec, or an unknown old name).
+        The spec is checked (`check_spec`, InputError naming its source), nothing is built."""
         path = self.root / EMBEDDER
         if path.is_file():
             try:
@@ -110,16 +116,38 @@ class ClusterFolder:
                 raise InputError(f"{path}: cannot read the embedder spec ({e})") from e
             if not isinstance(doc, dict) or doc.get("format") != EMBEDDER_FORMAT:
                 raise InputError(f"{path}: not an embedder spec (format {EMBEDDER_FORMAT!r})")
-            return doc.get("spec"), str(path)
-        name = str(self.centers().config.get("embedder", ""))
-        return spec_from_legacy_name(name), f"{self.centers_path} (embedder name {name!r}, no {EMBEDDER})"
+            spec, source = doc.get("spec"), str(path)
+        else:
+            name = str(self.centers().config.get("embedder", ""))
+            spec, source = spec_from_legacy_name(name), f"{self.centers_path} (embedder name {name!r}, no {EMBEDDER})"
+        return (None if spec is None else check_spec(spec, source, InputError)), source
 
-    def embedder(self, device: str = "cpu", batch_size: int = 256) -> Any:
-        """The clustering's caption embedder, rebuilt from its stored spec."""
+    def resolve_embedder(self, override: str | None = None) -> tuple[EmbedderSpec, str]:
+        """(the spec to embed with, where it came from). `override` is the user's --embedder:
+        it wins, except that naming the stored factory takes the stored spec (its kwargs
+        are the clustering's). Without it, the stored spec, unless that imports code: a
+        factory runs only when the user names it."""
+        if override is not None:
+            wanted = parse_embedder(override)
+            if is_factory(wanted):
+                stored, source = self.embedder_spec()
+                if is_factory(stored) and stored["factory"] == wanted["factory"]:
+                    return stored, source
+            return wanted, f"--embedder {override}"
         spec, source = self.embedder_spec()
         if spec is None:
             raise InputError(f"cannot tell the clustering encoder from {source}: pass --embedder")
-        return make_embedder(spec, device=device, batch_size=batch_size)
+        if is_factory(spec):
+            factory = spec["factory"]
+            raise InputError(
+                f"{source} names the embedder factory {factory!r}, which would run code from the cluster "
+                f"folder: pass --embedder {factory} to use it"
+            )
+        return spec, source
+
+    def embedder(self, device: str = "cpu", batch_size: int = 256, override: str | None = None) -> Any:
+        """The clustering's caption embedder, rebuilt from the spec `resolve_embedder` picks."""
+        return make_embedder(self.resolve_embedder(override)[0], device=device, batch_size=batch_size)
 
     # -- assignments ------------------------------------------------------------------
     def assignment_path(self, shard: str | Path) -> Path:

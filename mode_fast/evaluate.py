@@ -53,6 +53,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from mode_fast.checkpoint import check_model_checkpoint
 from mode_fast.clusters import EMBEDDER, ClusterFolder
 from mode_fast.ensemble import ENSEMBLE_INPUTS
 from mode_fast.errors import ConfigError, ModeFastError
@@ -112,10 +113,12 @@ class EvalConfig:
 # --------------------------------------------------------------------------- the plan
 @dataclass
 class _Plan:
-    """What the run reads, checked before --out is touched: the cluster folder, the models
-    (experts first) and the tasks (classification, then retrieval)."""
+    """What the run reads, checked before --out is touched: the cluster folder and where its
+    text encoder's spec comes from, the models (experts first) and the tasks
+    (classification, then retrieval)."""
 
     folder: ClusterFolder
+    embedder_source: str  # the file (or --embedder) the encoder's spec comes from
     experts: list[tuple[str, Path]]
     singles: list[tuple[str, Path]]
     tasks: list[Task]
@@ -157,15 +160,18 @@ def _single_models(cfg: EvalConfig) -> list[tuple[str, Path]]:
 def _plan(cfg: EvalConfig) -> _Plan:
     folder = ClusterFolder(cfg.clusters)
     n = folder.centers().n_experts
+    _, embedder_source = folder.resolve_embedder(cfg.embedder or None)  # a factory in the folder needs the flag
     experts = [(f"expert_{k}", p) for k, p in enumerate(find_experts(cfg.run, n))]
     singles = _single_models(cfg)
+    for _, path in experts + singles:  # a crafted or foreign checkpoint is refused before --out is touched
+        check_model_checkpoint(path)
     # Tasks are parsed (and their class lists checked) before any model loads: fail fast.
     tasks: list[Task] = [load_task(s, cfg.classes, cfg.templates, cfg.label_field) for s in cfg.data]
     tasks += [load_retrieval_task(s, cfg.caption_key) for s in cfg.retrieval]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise EvalError(f"two tasks are named alike in {names}: name them with NAME=SPEC")
-    return _Plan(folder, experts, singles, tasks)
+    return _Plan(folder, embedder_source, experts, singles, tasks)
 
 
 # --------------------------------------------------------------------------- units and run.json
@@ -198,7 +204,7 @@ def _run_inputs(cfg: EvalConfig, plan: _Plan) -> dict[str, Any]:
     inputs |= {f"task {t.name}": task_fingerprint(t) for t in plan.tasks}
     inputs["centers"] = fingerprint(plan.folder.centers_path)
     spec = plan.folder.root / EMBEDDER
-    if cfg.embedder is None and spec.is_file():
+    if plan.embedder_source == str(spec):  # the stored spec is used (no --embedder, or its factory named)
         inputs["embedder spec"] = fingerprint(spec)
     return inputs
 
@@ -490,7 +496,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--embedder",
         default=None,
         help="clustering text encoder: minilm, hashN or package.module:callable (default: the one "
-        "stored with the clusters, embedder.json)",
+        "stored with the clusters, embedder.json; a stored package.module:callable is used only "
+        "when named here)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)

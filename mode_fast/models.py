@@ -34,6 +34,12 @@ def project_model_names() -> list[str]:
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 
+# The constructor kwargs `model_kwargs` can return (all floats): the only ones a checkpoint
+# may carry (`mode_fast.checkpoint` refuses any other, since open_clip's loaders take kwargs
+# that read files).
+STORED_MODEL_KWARGS = frozenset({"init_logit_scale", "init_logit_bias"})
+
+
 def model_kwargs(siglip: bool) -> dict[str, Any]:
     """Constructor arguments beyond the architecture: open_clip's SigLIP init for a sigmoid loss."""
     return {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0} if siglip else {}

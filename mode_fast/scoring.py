@@ -163,12 +163,9 @@ class Ensembler:
 
 def embedder_for(folder: Any, override: str | None, device: str) -> Any:
     """The clustering's caption encoder, rebuilt from the spec stored with the clusters
-    (`mode_fast.clusters.ClusterFolder`); an override spec (eval --embedder) replaces it."""
-    from mode_fast.embed import make_embedder
-
-    if override:
-        return make_embedder(override, device=device)
-    return folder.embedder(device=device)
+    (`mode_fast.clusters.ClusterFolder.resolve_embedder`); an override spec (eval
+    --embedder) replaces it, or, naming the stored factory, allows it."""
+    return folder.embedder(device=device, override=override or None)
 
 
 def ensemble_inputs(scales: Sequence[float], cosines: Sequence[np.ndarray], inputs: str) -> list[np.ndarray]:

@@ -51,7 +51,15 @@ import torch
 import torch.distributed as dist
 
 from mode_fast import files
-from mode_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mode_fast.checkpoint import (
+    RESUME_FIELDS,
+    SEED_FIELDS,
+    load_checkpoint,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mode_fast.data import loader as data_loader
 from mode_fast.errors import ConfigError, InputError, Interrupted, ModeFastError
 from mode_fast.models import create_model, project_model_names, register_model_configs
@@ -408,7 +416,7 @@ def _starting_point(cfg: TrainConfig) -> _Start:
             f"seed checkpoint {seed_path} not found: train the seed first "
             f"(`mode-fast train --stage seed --out {cfg.out} ...`) or pass --seed-checkpoint"
         )
-    seed_ckpt = load_checkpoint(seed_path)
+    seed_ckpt = load_checkpoint(seed_path, SEED_FIELDS)
     if seed_ckpt["model_name"] != cfg.model:
         raise ConfigError(f"seed checkpoint {seed_path} is a {seed_ckpt['model_name']}, not --model {cfg.model}")
     return _Start(None, seed_ckpt)
@@ -600,20 +608,20 @@ class _Run:
 def _restore(run: _Run, start: _Start) -> int:
     """Load the starting state into the model and optimizer; returns the job step reached."""
     if start.resume_path is not None:
-        ckpt = load_checkpoint(start.resume_path)
+        ckpt = load_checkpoint(start.resume_path, RESUME_FIELDS)
         diff = {k: (ckpt["config"].get(k), v) for k, v in run.config.items() if ckpt["config"].get(k) != v}
         if diff:
             raise ConfigError(
                 f"--resume {start.resume_path}: arguments differ from the checkpoint's (checkpoint, now): {diff}"
             )
-        run.model.load_state_dict(ckpt["state_dict"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        load_state(run.model, ckpt, "state_dict", start.resume_path)
+        load_state(run.optimizer, ckpt, "optimizer", start.resume_path)
         job_step = int(ckpt["job_step"])
         run.schedule = _Schedule(
             int(ckpt["schedule_step"]) - job_step, int(ckpt["schedule_total"]), int(ckpt["job_steps"])
         )
         if len(ckpt["rng"]) == run.ddp.world_size:
-            set_rng_state(ckpt["rng"][run.ddp.rank])
+            set_rng_state(ckpt["rng"][run.ddp.rank], start.resume_path)
         else:  # another world size: same data, but dropout draws cannot be the same anyway
             log.warning(
                 "resuming %d processes from a checkpoint of %d: random state reseeded",
@@ -623,8 +631,9 @@ def _restore(run: _Run, start: _Start) -> int:
         log.info("resumed %s at step %d of %d", start.resume_path, job_step, run.schedule.job_steps)
         return job_step
     if start.seed_ckpt is not None:
-        run.model.load_state_dict(start.seed_ckpt["state_dict"])
-        run.optimizer.load_state_dict(start.seed_ckpt["optimizer"])  # MoDE: experts continue the seed's run
+        seed = _seed_path(run.cfg)
+        load_state(run.model, start.seed_ckpt, "state_dict", seed)
+        load_state(run.optimizer, start.seed_ckpt, "optimizer", seed)  # MoDE: experts continue the seed's run
     return 0
 
 

@@ -88,10 +88,12 @@ def test_custom_embedder_round_trips_through_the_cluster_folder(clustered):
     spec, source = folder.embedder_spec()
     assert source == str(clustered / EMBEDDER)
     assert spec == LetterEmbedder("etaoinsh").spec
-    rebuilt = folder.embedder()
+    # a factory runs only when the user names it (--embedder); then with the stored kwargs
+    factory = f"{__name__}:LetterEmbedder"
+    rebuilt = folder.embedder(override=factory)
     assert isinstance(rebuilt, LetterEmbedder) and rebuilt.letters == "etaoinsh"
     # eval uses that embedder, not one guessed from a name
-    used = scoring.embedder_for(folder, None, "cpu")
+    used = scoring.embedder_for(folder, factory, "cpu")
     assert np.array_equal(used(TEXTS), LetterEmbedder("etaoinsh")(TEXTS), equal_nan=True)
     # and the assignments it reads are the ones the job wrote
     sizes = json.loads((clustered / "cluster_sizes.json").read_text())
