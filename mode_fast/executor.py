@@ -44,6 +44,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mode_fast.errors import ConfigError
 from mode_fast.runs import die_with_parent, process_start
 
 EXECUTORS = ("local", "ray")
@@ -272,7 +273,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ValueError("--executor ray needs Ray: pip install 'mode-fast[ray]'") from exc
+            raise ConfigError("--executor ray needs Ray: pip install 'mode-fast[ray]'") from exc
         self._started = False
         if not ray.is_initialized():
             # log_to_driver off: workers' own logs stay in Ray's session folder; progress
@@ -354,7 +355,7 @@ def make_executor(
         return LocalExecutor(max(1, os.cpu_count() or 1) if workers is None else workers)
     if kind == "ray":
         return RayExecutor(workers, address)
-    raise ValueError(f"unknown executor {kind!r}: use one of {', '.join(EXECUTORS)}")
+    raise ConfigError(f"unknown executor {kind!r}: use one of {', '.join(EXECUTORS)}")
 
 
 def run_with_progress(
