@@ -408,6 +408,7 @@ class ShardStream:
         return range(lo, lo + self.local_batch)
 
     def plan(self) -> _Plan:
+        """The current epoch's plan: a pure function of (index counts, seed, epoch, window)."""
         counts = self.index.counts
         shard_order, order = epoch_plan(counts, self.seed, self.epoch, self.shuffle_window)
         return _Plan(shard_order, order, np.concatenate([[0], np.cumsum(counts[shard_order])]))
@@ -515,7 +516,7 @@ class ShardStream:
         shard, key, reason = bad
         raise SampleError(
             f"shard {shard}: sample {key!r} ({reason}) cannot be replaced: none of the {len(column)} samples of "
-            f"its batch slot in epoch {self.epoch} (positions {column.start}, {column.start}+{column.step}, ...) "
+            f"its batch slot's column in epoch {self.epoch} (epoch positions {column.start} + k x {column.step}) "
             "has a decodable image; check the shards' images"
         )
 
