@@ -55,6 +55,7 @@ import numpy as np
 
 from mode_fast.checkpoint import check_model_checkpoint
 from mode_fast.clusters import EMBEDDER, ClusterFolder
+from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE
 from mode_fast.ensemble import ENSEMBLE_INPUTS
 from mode_fast.errors import ConfigError, ModeFastError
 from mode_fast.files import save_npz
@@ -107,6 +108,7 @@ class EvalConfig:
     device: str = "cpu"
     batch_size: int = 256
     ensemble_inputs: str = "cosine"  # ENSEMBLE_INPUTS: MoDE's plain cosines, or "scaled"
+    max_bad_share: float = DEFAULT_MAX_BAD_SHARE  # not in run.json: it stops a task, scores stay the same
     overwrite: bool = False  # forget an earlier evaluation in `out` and start over
 
 
@@ -366,7 +368,7 @@ def _score_task(
         return
     log.info("%s %s: scoring %s", task.kind, task.name, ", ".join(todo))
     loaded = models(todo)
-    scores, targets = task_scores(task, loaded, cfg.device, cfg.batch_size)
+    scores, targets = task_scores(task, loaded, cfg.device, cfg.batch_size, cfg.max_bad_share)
     reads = np.asarray(json.dumps(task.reads.skips_dict()))
     stored = np.asarray(targets, dtype=np.int64 if task.kind == "classification" else str)
     for m, s in zip(loaded, scores):
@@ -502,6 +504,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
+        "--max-bad-share",
+        type=float,
+        default=DEFAULT_MAX_BAD_SHARE,
+        metavar="SHARE",
+        help="stop a task when more than this share of its images cannot be decoded or are over the "
+        "pixel limit (they are skipped and counted in results.json; default: %(default)s)",
+    )
+    parser.add_argument(
         "--ensemble-inputs",
         choices=ENSEMBLE_INPUTS,
         default="cosine",
@@ -520,6 +530,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to evaluate: give --data SPEC... and/or --retrieval SHARDS...")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.max_bad_share <= 1.0:  # also NaN
+        raise ConfigError(f"--max-bad-share must be in [0, 1], got {args.max_bad_share}")
     cfg = EvalConfig(
         run=args.run,
         clusters=args.clusters,
@@ -536,6 +548,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         ensemble_inputs=args.ensemble_inputs,
         overwrite=args.overwrite,
+        max_bad_share=args.max_bad_share,
     )
     results = evaluate(cfg)
     print(markdown_table(results), end="")

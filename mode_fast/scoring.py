@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE
 from mode_fast.ensemble import ENSEMBLE_INPUTS, combine_logits, expert_weights, template_class_embeddings
 from mode_fast.results import RECALL_KS
 from mode_fast.tasks import ClassificationTask, EvalError, RetrievalTask
@@ -183,11 +184,17 @@ def logit_scale(m: LoadedModel) -> float:
 
 
 def task_scores(
-    task: ClassificationTask | RetrievalTask, models: Sequence[LoadedModel], device: str, batch: int = 256
+    task: ClassificationTask | RetrievalTask,
+    models: Sequence[LoadedModel],
+    device: str,
+    batch: int = 256,
+    max_bad_share: float = DEFAULT_MAX_BAD_SHARE,
 ) -> tuple[list[np.ndarray], list[Any]]:
     """One pass over the task's images: per model the cosine similarities (float32, [N, C]
     with the classes or [N, N] with the captions), and the labels or captions in image
-    order. A model's scores do not depend on which other models share the pass."""
+    order. A model's scores do not depend on which other models share the pass. Images
+    skipped as bad (undecodable, over the pixel limit) are left out; more than
+    `max_bad_share` of the task's images stops it (InputError, one line)."""
     import torch
 
     targets: list[Any] = []
@@ -199,6 +206,7 @@ def task_scores(
 
     with torch.no_grad():
         feats = _image_features(models, loaders(), device, batch)
+        task.bad.check(len(targets) + len(task.bad), max_bad_share, f"images of task {task.name}")
         if not targets:
             if task.kind == "classification":
                 raise EvalError(f"task {task.name}: no images in {task.source}")

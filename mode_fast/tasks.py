@@ -19,6 +19,13 @@ templates (each with one "{}"): --templates FILE, or --templates openai-imagenet
 templates.json beside the data, else the task's own (digits) or SIMPLE_IMAGENET_TEMPLATES.
 Retrieval: captioned webdataset shards (caption from .txt, else a .json field).
 
+Images are decoded as the items are read (mode_fast.data.images.decode_image: bounded
+memory, JPEGs over the pixel limit decoded reduced): an image that cannot be decoded or is
+over the pixel limit is skipped, logged and counted by reason and shard (for a folder or
+CSV task the "shard" is the folder or CSV, the key the image's path in it) in the task's
+`reads` (results.json, results.md) and `bad`; scoring stops with one line when they pass
+--max-bad-share of the task's images (`mode_fast.scoring.task_scores`).
+
 Each task lists the files its items read and the reader options that matter
 (`task_fingerprint`, what eval's run.json records). Library module: never imports a job
 module.
@@ -30,7 +37,6 @@ import contextlib
 import csv
 import glob
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from mode_fast.data.images import BadImages, decode_image
 from mode_fast.data.io import ReadReport, ShardError, TarGroup, describe_fields, iter_samples, sample_caption
 from mode_fast.ensemble import check_class_names
 from mode_fast.errors import InputError
@@ -65,9 +72,10 @@ class ClassificationTask:
     templates: list[str]
     items: Callable[[], Iterator[tuple[Callable[[], Any], int]]]
     kind: str = "classification"
-    reads: ReadReport = field(default_factory=ReadReport)  # shard tasks: skips counted by items()
+    reads: ReadReport = field(default_factory=ReadReport)  # skips counted by items()
     files: list[Path] = field(default_factory=list)  # what items() reads (task_fingerprint)
     options: dict[str, Any] = field(default_factory=dict)  # reader options that change items()
+    bad: BadImages = field(default_factory=BadImages)  # images items() skipped as bad
 
 
 @dataclass
@@ -81,6 +89,7 @@ class RetrievalTask:
     reads: ReadReport = field(default_factory=ReadReport)
     files: list[Path] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    bad: BadImages = field(default_factory=BadImages)
 
     @property
     def classes(self) -> list[str]:  # no class names: the captions are the texts
@@ -206,30 +215,19 @@ def _find_beside(base: Path, name: str) -> Path | None:
     return None
 
 
-def _pil_from_bytes(data: bytes, where: str) -> Callable[[], Any]:
-    def load() -> Any:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise EvalError(f"{where}: not a readable image ({e})") from e
-
-    return load
-
-
-def _pil_from_path(path: Path) -> Callable[[], Any]:
-    def load() -> Any:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise EvalError(f"{path}: not a readable image ({e})") from e
-
-    return load
+def _decoded(
+    source: bytes | Path, shard: str | Path, key: str, reads: ReadReport, bad: BadImages
+) -> Callable[[], Any] | None:
+    """The loader of a decoded image, or None when it is skipped (logged, counted)."""
+    decoded = decode_image(source)
+    if decoded.image is None:
+        log.warning("%s sample %s: skipped (%s: %s)", shard, key, decoded.reason, decoded.detail)
+        reads.skip(shard, str(decoded.reason))
+        bad.add([(str(shard), key, str(decoded.reason))])
+        return None
+    reads.read += 1
+    image = decoded.image
+    return lambda: image
 
 
 def _list_tars(spec: str) -> list[Path]:
@@ -442,12 +440,18 @@ def _csv_task(
         if not p.is_file():
             raise EvalError(f"{path}: image {p} not found")
 
+    report, bad = ReadReport(), BadImages()
+
     def items_csv() -> Iterator[tuple[Callable[[], Any], int]]:
-        for p, y in resolved:
-            yield _pil_from_path(p), y
+        report.clear()
+        bad.clear()
+        for (given, _), (p, y) in zip(rows, resolved):
+            load = _decoded(p, path, given, report, bad)
+            if load is not None:
+                yield load, y
 
     files = [path, *dict.fromkeys(p for p, _ in resolved)]
-    return ClassificationTask(name, str(path), classes, templates, items_csv, files=files)
+    return ClassificationTask(name, str(path), classes, templates, items_csv, reads=report, files=files, bad=bad)
 
 
 def _folder_task(
@@ -469,11 +473,19 @@ def _folder_task(
     if not files:
         raise EvalError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in the class folders")
 
-    def items_folder() -> Iterator[tuple[Callable[[], Any], int]]:
-        for f, y in files:
-            yield _pil_from_path(f), y
+    report, bad = ReadReport(), BadImages()
 
-    return ClassificationTask(name, str(path), classes, templates, items_folder, files=[f for f, _ in files])
+    def items_folder() -> Iterator[tuple[Callable[[], Any], int]]:
+        report.clear()
+        bad.clear()
+        for f, y in files:
+            load = _decoded(f, path, f.relative_to(path).as_posix(), report, bad)
+            if load is not None:
+                yield load, y
+
+    return ClassificationTask(
+        name, str(path), classes, templates, items_folder, reads=report, files=[f for f, _ in files], bad=bad
+    )
 
 
 def _shard_task(
@@ -481,10 +493,11 @@ def _shard_task(
 ) -> ClassificationTask:
     shards = _list_tars(str(path))
     classes, templates = _resolve_meta(shards[0].parent if not path.is_dir() else path, classes_file, templates_file)
-    report = ReadReport()
+    report, bad = ReadReport(), BadImages()
 
     def items_tar() -> Iterator[tuple[Callable[[], Any], int]]:
         report.clear()
+        bad.clear()
         for group, shard in _iter_tar(shards, report):
             where = f"{shard} sample {group.key}"
             image = _image_member(group)
@@ -493,12 +506,21 @@ def _shard_task(
                     f"{where}: no image member ({', '.join('.' + e for e in IMAGE_EXTS)}); "
                     f"it has {describe_fields(group.sample())}"
                 )
-            label = _tar_label(group, label_field, where)
-            report.read += 1
-            yield _pil_from_bytes(image, where), _label_index(label, classes, where)
+            label = _label_index(_tar_label(group, label_field, where), classes, where)
+            load = _decoded(image, shard, group.key, report, bad)
+            if load is not None:
+                yield load, label
 
     return ClassificationTask(
-        name, str(path), classes, templates, items_tar, reads=report, files=shards, options={"label_field": label_field}
+        name,
+        str(path),
+        classes,
+        templates,
+        items_tar,
+        reads=report,
+        files=shards,
+        options={"label_field": label_field},
+        bad=bad,
     )
 
 
@@ -556,10 +578,11 @@ def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTas
     name, path_text = split_spec(spec)
     shards = _list_tars(path_text)
     _check_retrieval_key(shards, caption_key)
-    report = ReadReport()
+    report, bad = ReadReport(), BadImages()
 
     def items() -> Iterator[tuple[Callable[[], Any], str]]:
         report.clear()
+        bad.clear()
         for group, shard in _iter_tar(shards, report):
             where = f"{shard} sample {group.key}"
             image = _image_member(group)
@@ -571,8 +594,9 @@ def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTas
                 log.warning("%s: skipped (%s)", where, reason)
                 report.skip(shard, reason)
                 continue
-            report.read += 1
-            yield _pil_from_bytes(image, where), caption
+            load = _decoded(image, shard, group.key, report, bad)
+            if load is not None:
+                yield load, caption
 
     return RetrievalTask(
         name or Path(path_text).stem or "retrieval",
@@ -581,4 +605,5 @@ def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTas
         reads=report,
         files=shards,
         options={"caption_key": caption_key},
+        bad=bad,
     )

@@ -11,7 +11,8 @@ Output of one job, under OUT/seed or OUT/expert_K:
                           every --checkpoint-minutes and on an interrupt
   checkpoints/final.pt    the same at the end of the job (what experts and eval load)
   metrics.jsonl           one JSON object per logged step (step, epoch, loss, lr, ...)
-  config.json, data.json  the arguments, and the data index (counts, skipped samples)
+  config.json, data.json  the arguments, and the data index (counts, skipped samples; the
+                          images skipped as bad, rewritten at each checkpoint)
   run.json, .lock         the run manifest and the job folder's lock (mode_fast.runs)
 
 Reruns follow the one lifecycle rule (mode_fast.runs; README "Reruns, kills and
@@ -22,6 +23,14 @@ RNG state: the result is bit-identical to an uninterrupted run (the data order i
 function of (seed, epoch), see mode_fast.data.loader). A finished job rerun is a no-op; a
 changed argument or input stops naming it. Ctrl-C/SIGTERM save a checkpoint at the end of
 the current step; checkpoints are also written every --checkpoint-minutes.
+
+Bad images (undecodable, or over the pixel limit; mode_fast.data.images) are skipped and
+their batch slots filled by the loader (mode_fast.data.loader), so batches stay full and
+resume stays exact. The distinct bad samples of the job are gathered from every rank at
+each step, kept in the checkpoint (a resumed job continues the count), logged (the first
+few one by one, then summed up at checkpoints) and listed in data.json; the job stops with
+one line once they pass --max-bad-share of the usable samples. That flag changes whether a
+run stops, not its weights: a rerun with another value continues the job.
 
 Several processes: `torchrun --nproc-per-node 2 -m mode_fast train ...` (gloo on CPU,
 nccl on GPU); --batch-size is per process, as in open_clip.
@@ -61,6 +70,7 @@ from mode_fast.checkpoint import (
     set_rng_state,
 )
 from mode_fast.data import loader as data_loader
+from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE, BadImages
 from mode_fast.errors import ConfigError, InputError, Interrupted, ModeFastError
 from mode_fast.models import create_model, project_model_names, register_model_configs
 from mode_fast.runs import RunState, fingerprint, interrupts_as_error, interrupts_deferred
@@ -136,6 +146,14 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         help="samples move at most this far in the local shuffle (default: %(default)s)",
     )
     g.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
+    g.add_argument(
+        "--max-bad-share",
+        type=float,
+        default=DEFAULT_MAX_BAD_SHARE,
+        metavar="SHARE",
+        help="stop when more than this share of the usable samples have images that cannot be decoded "
+        "or are over the pixel limit (they are skipped and their batch slots filled; default: %(default)s)",
+    )
 
 
 def _stage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +280,7 @@ class TrainConfig:
     expert_share: float = 0.02
     shuffle_window: int = 5000
     workers: int = 2
+    max_bad_share: float = DEFAULT_MAX_BAD_SHARE  # not a result argument: it stops a run, weights stay the same
     stage: str = "seed"  # resolved: "seed" or "expert"
     expert: int | None = None
     seed_checkpoint: Path | None = None
@@ -316,7 +335,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be a finite number, got {value}")
             if value < 0:
                 raise ConfigError(f"{flag} must be >= 0, got {value}")
-        for flag, value in (("--expert-share", self.expert_share), ("--beta1", self.beta1), ("--beta2", self.beta2)):
+        for flag, value in (("--expert-share", self.expert_share), ("--beta1", self.beta1), ("--beta2", self.beta2),
+                            ("--max-bad-share", self.max_bad_share)):  # fmt: skip
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{flag} must be in [0, 1], got {value}")
         if self.patch_dropout is not None and not 0.0 <= self.patch_dropout < 1.0:
@@ -599,6 +619,10 @@ class _Run:
     schedule: _Schedule
     config: dict[str, Any]
     state: RunState | None = None  # rank 0: the run manifest
+    bad: BadImages = dataclasses.field(default_factory=BadImages)  # the job's distinct bad samples
+    usable: int = 0  # usable samples in the index: what --max-bad-share is a share of
+    data_info: dict[str, Any] = dataclasses.field(default_factory=dict)  # data.json but the bad images
+    logged_bad: int = 0  # bad samples the log has told of (the first few one by one, then in sums)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -628,6 +652,8 @@ def _restore(run: _Run, start: _Start) -> int:
                 run.ddp.world_size,
                 len(ckpt["rng"]),
             )
+        run.bad.add(_checkpoint_skips(ckpt, start.resume_path))
+        run.logged_bad = len(run.bad)  # the earlier run logged them
         log.info("resumed %s at step %d of %d", start.resume_path, job_step, run.schedule.job_steps)
         return job_step
     if start.seed_ckpt is not None:
@@ -635,6 +661,16 @@ def _restore(run: _Run, start: _Start) -> int:
         load_state(run.model, start.seed_ckpt, "state_dict", seed)
         load_state(run.optimizer, start.seed_ckpt, "optimizer", seed)  # MoDE: experts continue the seed's run
     return 0
+
+
+def _checkpoint_skips(ckpt: dict[str, Any], path: Path) -> list[tuple[str, str, str]]:
+    """The bad samples a checkpoint counted (none in one written before they were kept)."""
+    records = ckpt.get("skipped_images", [])
+    if not isinstance(records, list) or not all(
+        isinstance(r, (list, tuple)) and len(r) == 3 and all(isinstance(x, str) for x in r) for r in records
+    ):
+        raise InputError(f"checkpoint {path}: skipped_images is not a list of [shard, key, reason]")
+    return [tuple(r) for r in records]
 
 
 def _save(run: _Run, path: Path, step: int) -> None:
@@ -652,7 +688,7 @@ def _save(run: _Run, path: Path, step: int) -> None:
         "state_dict": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "job_step": step, "job_steps": s.job_steps,
         "schedule_step": s.start + step, "schedule_total": s.total,
-        "rng": rngs,
+        "rng": rngs, "skipped_images": [list(r) for r in run.bad.sorted()],
     })  # fmt: skip
 
 
@@ -664,11 +700,25 @@ def _write_job_files(run: _Run, data: _Data, steps_per_epoch: int, loss_source: 
         job_dir / "config.json",
         json.dumps({**run.config, "world_size": run.ddp.world_size, "loss": loss_source}, indent=2, default=str) + "\n",
     )
-    files.write_text(job_dir / "data.json", json.dumps({
+    run.data_info = {
         "shards": [str(p) for p in index.shards], "samples_per_shard": index.counts.tolist(),
         "samples": index.total, **index.report.skips_dict(), "steps_per_epoch": steps_per_epoch,  # read, skipped
         "caption": data.spec.caption_key, "unassigned_keys": data.unassigned,
-    }, indent=2, default=str) + "\n")  # fmt: skip
+    }  # fmt: skip
+    _write_data_json(run)
+
+
+def _write_data_json(run: _Run) -> None:
+    """data.json (rank 0): the index, and the images skipped as bad so far by reason and
+    shard, with their keys; rewritten at each checkpoint and at the end."""
+    if not run.ddp.is_main:
+        return
+    bad = {**run.bad.report().skips_dict(), "samples": [list(r) for r in run.bad.sorted()],
+           "max_bad_share": run.cfg.max_bad_share}  # fmt: skip
+    files.write_text(
+        run.cfg.job_dir / "data.json",
+        json.dumps({**run.data_info, "skipped_images": bad}, indent=2, default=str) + "\n",
+    )
 
 
 # --------------------------------------------------------------------------- the job
@@ -745,6 +795,7 @@ def _train(
         _schedule(cfg, start, train_loader.steps_per_epoch),
         cfg.result_config(ddp.world_size),
         state,
+        usable=data.index.total,
     )
     job_step = _restore(run, start)
     if ddp.world_size > 1:
@@ -793,6 +844,7 @@ def _loop(run: _Run, train_loader: data_loader.TrainLoader, job_step: int, where
     t_last = time.perf_counter()
     t_saved = time.monotonic()
     try:
+        _check_bad(run)  # a rerun of a job stopped for bad images, with the same limit
         with interrupts_deferred() as stop:
             for step, batch in batches(train_loader, job_step, s.job_steps):
                 data_time = time.perf_counter() - t_last
@@ -825,13 +877,16 @@ def _loop(run: _Run, train_loader: data_loader.TrainLoader, job_step: int, where
                             "samples_per_s": samples_per_s, "data_time": data_time,
                             "samples_seen": done * global_batch, "time": time.time(),
                         })  # fmt: skip
-                if done >= s.job_steps:
-                    break
                 due = cfg.checkpoint_minutes > 0 and time.monotonic() - t_saved >= 60 * cfg.checkpoint_minutes
-                interrupted, due = _agree(run.ddp, bool(stop), due)
-                if done % cfg.save_every == 0 or due or interrupted:
+                interrupted, due, skipped = _agree(run.ddp, bool(stop), due, bool(batch["skips"]))
+                too_many = skipped and _count_bad(run, batch["skips"])
+                if done >= s.job_steps and not too_many:
+                    break
+                if done % cfg.save_every == 0 or due or interrupted or too_many:
                     _save_latest(run, done)
                     t_saved = time.monotonic()
+                if too_many:
+                    _check_bad(run)
                 if interrupted:
                     raise Interrupted(f"interrupted at step {done}/{s.job_steps}; rerun the same command to continue")
                 if cfg.stop_at_step is not None and cfg.stop_at_step <= done:
@@ -855,9 +910,47 @@ def _agree(ddp: Dist, *flags: bool) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def _count_bad(run: _Run, skips: Sequence[Sequence[str]]) -> bool:
+    """Add this step's bad samples of every rank (all ranks call this when any had some:
+    see `_agree`), log the new ones; whether the job is now over --max-bad-share."""
+    records = [tuple(r) for r in skips]
+    if run.ddp.world_size > 1:
+        gathered: list[Any] = [None] * run.ddp.world_size
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    new = run.bad.add(records)
+    if run.ddp.is_main:
+        for shard, key, reason in new:
+            if run.logged_bad >= _LOGGED_ONE_BY_ONE:
+                break
+            log.warning(
+                "%s sample %r: skipped (%s); its batch slot is filled from the next samples", shard, key, reason
+            )
+            run.logged_bad += 1
+            if run.logged_bad == _LOGGED_ONE_BY_ONE:
+                log.warning("further bad images are summed up at each checkpoint and listed in data.json")
+    return run.bad.over(run.usable, run.cfg.max_bad_share)
+
+
+_LOGGED_ONE_BY_ONE = 10
+
+
+def _log_bad_total(run: _Run) -> None:
+    """One line summing up the bad images not logged one by one (rank 0)."""
+    if run.ddp.is_main and len(run.bad) > run.logged_bad:
+        log.warning("images skipped as bad so far: %s; %s/data.json lists them", run.bad.summary(), run.cfg.job_dir)
+        run.logged_bad = len(run.bad)
+
+
+def _check_bad(run: _Run) -> None:
+    run.bad.check(run.usable, run.cfg.max_bad_share, "usable samples", f" ({run.cfg.job_dir}/data.json lists them)")
+
+
 def _save_latest(run: _Run, step: int) -> None:
     latest = run.ckpt_dir / "latest.pt"
     _save(run, latest, step)
+    _write_data_json(run)
+    _log_bad_total(run)
     if run.state is not None:
         run.state.mark_done("latest", [latest])
         run.state.flush()
@@ -872,6 +965,8 @@ def _finish(run: _Run, job_step: int, metrics: MetricsLog | None) -> None:
         _save_latest(run, s.job_steps)
     final = run.ckpt_dir / "final.pt"
     _save(run, final, s.job_steps)
+    if run.ddp.is_main and len(run.bad):
+        log.warning("images skipped as bad in this job: %s (data.json lists them)", run.bad.summary())
     run.ddp.barrier()
     if run.state is not None:
         if metrics is not None:

@@ -518,7 +518,9 @@ def test_imagenet_class_and_template_shortcuts(tmp_path, monkeypatch):
     assert tasks.option_templates("simple-imagenet")[0] == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
     assert len(tasks.option_templates("openai-imagenet")[0]) == 80
     # a CSV of ImageNet labels (indices or names) needs no JSON files
-    (tmp_path / "a.png").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")  # items() decode (a bad image is skipped)
     (tmp_path / "val.csv").write_text("path,label\na.png,1\na.png,goldfish\na.png,projectile\n")
     task = tasks.load_task(str(tmp_path / "val.csv"), "imagenet", "openai-imagenet")
     assert len(task.classes) == 1000 and len(task.templates) == 80

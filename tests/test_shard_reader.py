@@ -196,21 +196,30 @@ def test_eval_tasks_read_every_other_sample_and_report_the_skip(tmp_path, caplog
     assert len(list(rtask.items())) == 199 and rtask.reads.skipped_total == 1
 
 
-def test_undecodable_image_in_a_loader_worker_is_one_named_error(tmp_path):
+def test_undecodable_image_in_a_loader_worker_is_filled_and_counted(tmp_path):
+    """k5 cannot be decoded: its slot is filled from its column (epoch positions 1, 5 with
+    a global batch of 4 and no shuffle: k1) and the skip travels with the batch; a column
+    with no decodable image left is one named error, raised through the worker."""
     import torch
 
-    shard = write_members(
-        tmp_path / "pool-000.tar",
-        [m for i in range(8) for m in ((f"k{i}.png", png(i) if i != 5 else b"not a png"), (f"k{i}.txt", b"cap"))],
-    )
-    spec = L.SampleSpec(image_key="png", caption_key="txt")
-    stream = L.ShardStream(
-        L.build_index([shard], spec), spec, lambda im: torch.zeros(1), lambda c: c, 4, shuffle_window=1
-    )
+    def stream(bad: set[int], name: str) -> L.ShardStream:
+        shard = write_members(
+            tmp_path / name,
+            [m for i in range(8) for m in ((f"k{i}.png", b"not a png" if i in bad else png(i)), (f"k{i}.txt", b"cap"))],
+        )
+        spec = L.SampleSpec(image_key="png", caption_key="txt")
+        return L.ShardStream(
+            L.build_index([shard], spec), spec, lambda im: torch.zeros(1), lambda c: c, 4, shuffle_window=1
+        )
+
+    batches = list(L.TrainLoader(stream({5}, "pool-000.tar"), num_workers=1).epoch(0))
+    assert [b["keys"] for b in batches] == [["k0", "k1", "k2", "k3"], ["k4", "k1", "k6", "k7"]]
+    assert [b["skips"] for b in batches] == [[], [[str(tmp_path / "pool-000.tar"), "k5", "undecodable image"]]]
     with pytest.raises(L.SampleError) as e:
-        list(L.TrainLoader(stream, num_workers=1).epoch(0))
+        list(L.TrainLoader(stream({1, 5}, "pool-001.tar"), num_workers=1).epoch(0))
     message = str(e.value)
-    assert "\n" not in message and str(shard) in message and "'k5'" in message and "cannot decode" in message
+    assert "\n" not in message and str(tmp_path / "pool-001.tar") in message and "'k1'" in message
+    assert "none of the 2 samples" in message
 
 
 # --------------------------------------------------------------------------- CLI errors
@@ -301,8 +310,8 @@ def test_train_wrong_caption_key_and_bad_image_are_one_line(tmp_path, capsys):
         cli.main(base + ["--out", str(tmp_path / "b"), "--image-key", "png", "--caption-key", "txt", "--workers", "1"])
         == 2
     )
-    line = one_line_error(capsys.readouterr().err, "train")
-    assert str(shard) in line and "'k5'" in line and "cannot decode its image" in line
+    line = one_line_error(capsys.readouterr().err, "train")  # 1 of 8 is over --max-bad-share's 0.1%
+    assert str(shard) in line and "'k5' (undecodable image)" in line and "--max-bad-share 0.001" in line
 
 
 def test_train_reads_past_a_damaged_header_and_reports_the_skip(tmp_path, caplog):

@@ -20,34 +20,45 @@ as an uninterrupted one-process run:
    batch p skips the earlier batches without reading their data.
 4. Image augmentation draws from a torch RNG seeded by (seed, epoch, position), so a
    sample's tensor does not depend on which process made it.
+5. Bad images are filled, not dropped: an image that cannot be decoded or is over the
+   pixel limit (mode_fast.data.images.decode_image) is skipped where its batch is built,
+   and its slot is filled from the slot's column: epoch position p's column is the
+   positions p+G, p+2G, ... (wrapping to the start of the epoch, the dropped tail
+   included), and the first of them that decodes fills the slot, keeping the slot's
+   augmentation seed (seed, epoch, p). Columns of one global batch are disjoint, so a
+   batch never holds a sample twice, and the choice depends on the plan and the data
+   alone: the batches are the same for any number of workers and ranks and on resume.
+   The substitute is read by a header scan of its shard (bad images are rare; the job
+   stops past --max-bad-share). Each batch carries the (shard, key, reason) of its own
+   slots' bad samples (`skips`), not of bad candidates passed over (those are counted
+   in their own batch); the trainer counts the distinct ones. A column with no
+   decodable image at all is an error (SampleError).
 
 Sample layout and damage: shards are walked by mode_fast.data.io.iter_samples, the walk
 every job shares (webdataset's `KEY.EXT` grouping, one documented key rule, resync past a
 damaged header). Samples skipped for damage, a missing key or a filter are counted by
 reason and shard in `DataIndex.report` (train writes them to data.json and its log).
-An image that cannot be decoded is an error naming shard and sample (SampleError), raised
-in the trainer's process as one line even when a loader worker met it.
+A worker's ModeFastError is raised in the trainer's process as one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mode_fast.data.images import decode_image
 from mode_fast.data.io import DataKeyError, ReadReport, TarGroup, iter_samples, member_ext
-from mode_fast.errors import InputError, ModeFastError
+from mode_fast.errors import ConfigError, InputError, ModeFastError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +67,7 @@ DEFAULT_CAPTION_KEY = "txt"
 
 
 class SampleError(InputError):
-    """A sample that cannot be used although the index accepted it (an undecodable image)."""
+    """No sample can fill a batch slot: every image of its column is bad."""
 
 
 # --------------------------------------------------------------------------- sample spec
@@ -334,7 +345,19 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 # --------------------------------------------------------------------------- dataset
-Batch = dict[str, Any]  # {"images": [B,3,H,W], "texts": [B,L], "keys": list[str], "positions": [B]}
+# {"images": [B,3,H,W], "texts": [B,L], "keys": list[str], "positions": [B] (the slots'),
+#  "skips": [[shard, key, reason]] of the slots' own bad samples}
+Batch = dict[str, Any]
+RawSample = tuple[str, bytes, bytes, Path]  # key, image bytes, caption bytes, shard
+
+
+@dataclass
+class _Plan:
+    """One epoch's plan (see the module doc), as every worker and rank computes it."""
+
+    shard_order: np.ndarray
+    order: np.ndarray  # epoch position -> stream position
+    stream_start: np.ndarray  # stream position of each shard (in stream order) start
 
 
 class ShardStream:
@@ -356,7 +379,10 @@ class ShardStream:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
         if index.total < global_batch:
-            raise ValueError(f"{index.total} usable samples are fewer than one global batch of {global_batch}")
+            raise ConfigError(
+                f"--batch-size {global_batch // world_size} on {world_size} process(es): {index.total} usable "
+                f"samples are fewer than one global batch of {global_batch}; lower --batch-size or add data"
+            )
         self.index = index
         self.spec = spec
         self.preprocess = preprocess
@@ -381,9 +407,14 @@ class ShardStream:
         lo = batch * self.global_batch + self.rank * self.local_batch
         return range(lo, lo + self.local_batch)
 
-    def iter_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[Batch]:
+    def plan(self) -> _Plan:
+        """The current epoch's plan: a pure function of (index counts, seed, epoch, window)."""
         counts = self.index.counts
         shard_order, order = epoch_plan(counts, self.seed, self.epoch, self.shuffle_window)
+        return _Plan(shard_order, order, np.concatenate([[0], np.cumsum(counts[shard_order])]))
+
+    def iter_batches(self, worker: int = 0, num_workers: int = 1) -> Iterator[Batch]:
+        plan = self.plan()
         my_batches = list(range(self.start_batch + worker, self.steps_per_epoch, num_workers))
         if not my_batches:
             return
@@ -391,21 +422,21 @@ class ShardStream:
         wanted: dict[int, tuple[int, int, int]] = {}
         for b in my_batches:
             for slot, pos in enumerate(self.batch_positions(b)):
-                wanted[int(order[pos])] = (b, slot, pos)
-        stream_start = np.concatenate([[0], np.cumsum(counts[shard_order])])
-        pending: dict[int, dict[int, tuple[str, bytes, bytes, int, Path]]] = {b: {} for b in my_batches}
+                wanted[int(plan.order[pos])] = (b, slot, pos)
+        pending: dict[int, dict[int, RawSample]] = {b: {} for b in my_batches}
         next_i = 0  # index into my_batches of the next batch to yield
 
-        for s, shard_i in enumerate(shard_order):
-            lo, hi = int(stream_start[s]), int(stream_start[s + 1])
+        for s, shard_i in enumerate(plan.shard_order):
+            lo, hi = int(plan.stream_start[s]), int(plan.stream_start[s + 1])
             if not any(q in wanted for q in range(lo, hi)):
                 continue  # none of this worker's samples here: do not open it
-            for q, key, image, caption, shard in self._read_shard(int(shard_i), lo, wanted):
-                b, slot, pos = wanted[q]
-                pending[b][slot] = (key, image, caption, pos, shard)
+            for q, sample in self._read_shard(int(shard_i), lo, wanted):
+                b, slot, _ = wanted[q]
+                pending[b][slot] = sample
                 # yield as soon as the next batch is whole: raw samples held stay ~ the window
                 while next_i < len(my_batches) and len(pending[my_batches[next_i]]) == self.local_batch:
-                    yield self._make_batch(pending.pop(my_batches[next_i]))
+                    b = my_batches[next_i]
+                    yield self._make_batch(b, pending.pop(b), plan)
                     next_i += 1
         if next_i != len(my_batches):
             raise RuntimeError(
@@ -413,11 +444,9 @@ class ShardStream:
                 "last shard; were shards changed during training?"
             )
 
-    def _read_shard(
-        self, shard_i: int, stream_lo: int, wanted: Mapping[int, Any]
-    ) -> Iterator[tuple[int, str, bytes, bytes, Path]]:
-        """(stream position, key, image bytes, caption bytes, shard) of wanted samples of a
-        shard; the same walk and checks as the index, so positions line up."""
+    def _read_shard(self, shard_i: int, stream_lo: int, wanted: Container[int]) -> Iterator[tuple[int, RawSample]]:
+        """(stream position, sample) of the wanted samples of a shard; the same walk and
+        checks as the index, so positions line up."""
         path = self.index.shards[shard_i]
         expected = self.index.keys[shard_i]
         keep = set(expected)
@@ -433,26 +462,29 @@ class ShardStream:
             if q in wanted:
                 image_ext = self.spec.image_ext_of(group.exts)
                 assert image_ext is not None  # checked by _usable
-                yield q, group.key, group.read(image_ext), group.read(self.spec.caption_ext), path
+                yield q, (group.key, group.read(image_ext), group.read(self.spec.caption_ext), path)
         if i != len(expected):
             raise RuntimeError(f"shard {path} changed since it was indexed ({i} of {len(expected)} samples)")
 
-    def _make_batch(self, items: Mapping[int, tuple[str, bytes, bytes, int, Path]]) -> Batch:
-        images, captions, keys, positions = [], [], [], []
-        for slot in range(self.local_batch):
-            key, image_bytes, caption_bytes, pos, shard = items[slot]
-            try:
-                with Image.open(io.BytesIO(image_bytes)) as im:
-                    image = im.convert("RGB")
-            except Exception as e:  # PIL raises several types for broken files
-                # An error, not a skip: every batch's samples are fixed by the epoch plan
-                # (the same in any number of workers and ranks), so a sample cannot be
-                # dropped here without changing the order the whole run depends on.
-                raise SampleError(
-                    f"shard {shard}: sample {key!r}: cannot decode its image "
-                    f"({type(e).__name__}: {e}); remove the sample or re-encode it"
-                ) from e
-            # Augmentation randomness tied to the sample, not to the process or worker;
+    def _fetch(self, q: int, plan: _Plan) -> RawSample:
+        """The sample at stream position q, by a scan of its shard's headers up to it."""
+        s = int(np.searchsorted(plan.stream_start, q, side="right")) - 1
+        samples = self._read_shard(int(plan.shard_order[s]), int(plan.stream_start[s]), {q})
+        with contextlib.closing(samples):
+            return next(samples)[1]
+
+    def _make_batch(self, b: int, items: Mapping[int, RawSample], plan: _Plan) -> Batch:
+        images, captions, keys, skips = [], [], [], []
+        positions = list(self.batch_positions(b))
+        for slot, pos in enumerate(positions):
+            key, image_bytes, caption_bytes, shard = items[slot]
+            decoded = decode_image(image_bytes)
+            if decoded.image is None:
+                skips.append([str(shard), key, str(decoded.reason)])  # lists: what a DataLoader worker passes on
+                key, image, caption_bytes = self._substitute(pos, plan, skips[-1])
+            else:
+                image = decoded.image
+            # Augmentation randomness tied to the slot, not to the process or worker;
             # the CPU generator alone (torch.manual_seed would also queue CUDA seeding).
             saved = torch.get_rng_state()
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, pos))
@@ -463,13 +495,30 @@ class ShardStream:
             caption = self.spec.caption_from_bytes(caption_bytes)
             captions.append(caption or "")
             keys.append(key)
-            positions.append(pos)
         return {
             "images": torch.stack(images),
             "texts": self.tokenizer(captions),
             "keys": keys,
             "positions": torch.tensor(positions, dtype=torch.int64),
+            "skips": skips,
         }
+
+    def _substitute(self, pos: int, plan: _Plan, bad: Sequence[str]) -> tuple[str, Any, bytes]:
+        """(key, image, caption bytes) of the first sample of pos's column after it that
+        decodes (see the module doc); bad ones passed over are not counted here."""
+        column = range(pos % self.global_batch, self.index.total, self.global_batch)
+        at = column.index(pos)
+        for j in range(1, len(column)):
+            key, image_bytes, caption_bytes, _ = self._fetch(int(plan.order[column[(at + j) % len(column)]]), plan)
+            decoded = decode_image(image_bytes)
+            if decoded.image is not None:
+                return key, decoded.image, caption_bytes
+        shard, key, reason = bad
+        raise SampleError(
+            f"shard {shard}: sample {key!r} ({reason}) cannot be replaced: none of the {len(column)} samples of "
+            f"its batch slot's column in epoch {self.epoch} (epoch positions {column.start} + k x {column.step}) "
+            "has a decodable image; check the shards' images"
+        )
 
 
 class _TorchStream(IterableDataset):
