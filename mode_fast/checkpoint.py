@@ -76,6 +76,13 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "rng": ("a list of random states", lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v)),
     "stage": ("'seed' or 'expert'", lambda v: isinstance(v, str) and v in ("seed", "expert")),
     "expert": ("an expert number or None", lambda v: v is None or _count(v)),
+    "skipped_images": (
+        "a list of [shard, key, reason]",
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(r, list | tuple) and len(r) == 3 and all(isinstance(x, str) for x in r) for r in v)
+        ),
+    ),
 }
 MODEL_FIELDS = ("model_name", "state_dict")  # what eval needs (model_kwargs may be absent: none)
 SEED_FIELDS = ("model_name", "state_dict", "optimizer", "schedule_step", "schedule_total")

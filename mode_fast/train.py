@@ -652,7 +652,7 @@ def _restore(run: _Run, start: _Start) -> int:
                 run.ddp.world_size,
                 len(ckpt["rng"]),
             )
-        run.bad.add(_checkpoint_skips(ckpt, start.resume_path))
+        run.bad.add(_checkpoint_skips(ckpt))
         run.logged_bad = len(run.bad)  # the earlier run logged them
         log.info("resumed %s at step %d of %d", start.resume_path, job_step, run.schedule.job_steps)
         return job_step
@@ -663,14 +663,10 @@ def _restore(run: _Run, start: _Start) -> int:
     return 0
 
 
-def _checkpoint_skips(ckpt: dict[str, Any], path: Path) -> list[tuple[str, str, str]]:
-    """The bad samples a checkpoint counted (none in one written before they were kept)."""
-    records = ckpt.get("skipped_images", [])
-    if not isinstance(records, list) or not all(
-        isinstance(r, (list, tuple)) and len(r) == 3 and all(isinstance(x, str) for x in r) for r in records
-    ):
-        raise InputError(f"checkpoint {path}: skipped_images is not a list of [shard, key, reason]")
-    return [tuple(r) for r in records]
+def _checkpoint_skips(ckpt: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The bad samples a checkpoint counted (checked by load_checkpoint; none in a checkpoint
+    written before they were kept)."""
+    return [(str(a), str(b), str(c)) for a, b, c in ckpt.get("skipped_images", [])]
 
 
 def _save(run: _Run, path: Path, step: int) -> None:
