@@ -44,6 +44,7 @@ import datetime
 import importlib.util
 import io
 import json
+import math
 import os
 import resource
 import shlex
@@ -143,7 +144,7 @@ def _relay(proc: subprocess.Popen, tty: bool) -> None:
     assert proc.stdout is not None
     out = sys.stdout
     pending = b""
-    last_bar = 0.0
+    last_bar = -math.inf  # the first bar always goes out (monotonic time starts near 0 at boot)
     while True:
         chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
         if not chunk:
