@@ -327,9 +327,9 @@ def _clear_stale(out: Path, state: RunState) -> None:
     vouched = {f for files in state.units.values() for f in files}
     found = sorted((out / SCORES).rglob("*"), reverse=True) if (out / SCORES).is_dir() else []
     for path in found:  # deepest first, so emptied folders go too
-        if path.is_file() and state.rel(path) not in vouched:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
+        if (path.is_file() or path.is_symlink()) and state.rel(path) not in vouched:
+            path.unlink()  # a symlink goes as the link: what it leads to is not ours
+        elif path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()
 
 

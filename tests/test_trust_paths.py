@@ -216,6 +216,14 @@ def test_eval_run_json_listing_paths_outside_is_refused(tmp_path, outside, capsy
     _refused(capsys, argv, str(out / MANIFEST), repr(listed))
     _still_there(outside)
     assert not (out / "scores").exists()
+    # a symlink in its own scores/ folder, leading out: eval clears it as the link it is
+    (out / MANIFEST).unlink()
+    (out / "scores").mkdir()
+    (out / "scores" / "old").symlink_to(outside["folder"], target_is_directory=True)
+    capsys.readouterr()
+    assert cli.main([*argv, "--batch-size", "16"]) == 0, capsys.readouterr().err
+    _still_there(outside)
+    assert not (out / "scores" / "old").exists() and not (out / "scores" / "old").is_symlink()
 
 
 # --- the demo's sample -----------------------------------------------------------------------------
