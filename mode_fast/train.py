@@ -412,7 +412,9 @@ def _check_inputs(cfg: TrainConfig) -> None:
     """The cheap checks of the arguments against the files they name, made before any output
     folder, lock or file exists, so that a refused job leaves nothing behind (the shard list
     is checked by `_run_inputs`, also before): the key list, the checkpoint to resume, and
-    for an expert the cluster folder (assignments, the expert number) and the seed."""
+    for an expert the expert number against the cluster folder and the seed's existence.
+    What needs reading whole (checkpoints, assignments) is checked after; a failure there
+    still leaves nothing behind (`RunState.abandon`)."""
     if cfg.keep_keys is not None and not cfg.keep_keys.is_file():
         raise InputError(f"--keep-keys {cfg.keep_keys}: file not found (curate writes OUT/kept_keys.txt)")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
@@ -421,7 +423,6 @@ def _check_inputs(cfg: TrainConfig) -> None:
         return
     assert cfg.clusters is not None and cfg.expert is not None  # checked by TrainConfig
     folder = ClusterFolder(cfg.clusters)
-    folder.assignment_files()  # InputError naming the folder when it holds none
     if folder.has_centers() and cfg.expert >= folder.n_experts:
         n = folder.n_experts
         raise ConfigError(f"--expert {cfg.expert}: {cfg.clusters} has {n} experts (0..{n - 1})")

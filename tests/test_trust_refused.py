@@ -81,10 +81,13 @@ def test_train_refuses_missing_inputs_before_making_its_folder(world, tmp_path, 
     cases = [
         (["--keep-keys", str(tmp_path / "nope.txt")], "--keep-keys"),
         (["--resume", str(tmp_path / "nope.pt")], "--resume"),
-        (["--expert", "0", "--clusters", str(tmp_path / "no-clusters")], "no assignments"),
         (["--expert", "0", "--clusters", str(world["clusters"])], "seed checkpoint"),
         (["--data", str(tmp_path / "no-shards")], "--data"),
-    ]
+        # found once the lock is held (the seed loaded, then the assignments read): the
+        # folder the run made goes again
+        (["--expert", "0", "--clusters", str(tmp_path / "no-clusters"),
+          "--seed-checkpoint", str(world["run"] / "seed" / "checkpoints" / "final.pt")], "no assignments"),
+    ]  # fmt: skip
     for extra, named in cases:
         out = tmp_path / "out"
         capsys.readouterr()
