@@ -460,7 +460,7 @@ def _sample(
 ) -> dict[str, Any]:
     """Pass 2: curated shards under OUT/data, kept_keys.txt; resumes finished shards."""
     counts_path = cfg.out / "entry_count.npy"
-    tasks = curation.sample_tasks(files, config, counts_path, balanced.t, cfg.seed, balanced.t_by_language)
+    tasks = curation.sample_tasks(cfg.out, files, config, counts_path, balanced.t, cfg.seed, balanced.t_by_language)
     if len(tasks) < len(files):
         log(f"sample: {len(files) - len(tasks)} of {len(files)} shards already written for this t, seed and input")
     if tasks:
@@ -469,7 +469,7 @@ def _sample(
             (cfg.out / name).unlink(missing_ok=True)
     done = state.track("sample", len(files), len(files) - len(tasks))
     run_with_progress(runner, curation.sample_shard, tasks, "sample", on_result=done)
-    removed = curation.remove_stale_outputs(cfg.work, files)
+    removed = curation.remove_stale_outputs(cfg.out, files)
     if removed:
         log(f"sample: removed {removed} curated shards of inputs no longer in the pool")
     curation.write_kept_keys(files, cfg.out / "kept_keys.txt", balanced.kept)

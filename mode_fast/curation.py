@@ -18,8 +18,10 @@ Files under ``OUT/.work`` (`ShardFiles` names them per input shard):
 - ``matcher-<version>-<sha>.bin`` (metaclip2: a ``matchers-metaclip2-...`` folder): the
   matcher, built once per metadata list and loaded, never rebuilt, by each worker.
 - ``sampled/<shard id>.json``: pass 2's done stamp (t, seed, counts sha256, input, match
-  config, destination, kept count), written last; ``kept/<shard id>.txt`` its kept keys.
-  A stamp for an input no longer in the pool marks a curated shard to remove.
+  config, destination relative to OUT, kept count), written last; ``kept/<shard id>.txt``
+  its kept keys. A stamp for an input no longer in the pool marks a curated shard to
+  remove; its destination is data read back, so it is removed only when it lies inside
+  OUT (`mode_fast.files.inside`), and nothing is removed unless every one does.
 
 Curated shards go to ``OUT/data/`` under their path relative to the pools' common folder.
 """
@@ -48,7 +50,7 @@ from mode_fast.data.io import (
     read_shard,
     write_kept,
 )
-from mode_fast.files import atomic_write, save_npz, sha256_file, write_json
+from mode_fast.files import atomic_write, inside, save_npz, sha256_file, write_json
 from mode_fast.runs import fingerprint
 
 MATCHES_FORMAT = 1  # bump when the .npz layout changes: old files are then recomputed
@@ -350,6 +352,7 @@ def expected_kept_by_t(files: Sequence[ShardFiles], probs_by_t: dict[float, np.n
 
 
 def sample_tasks(
+    out: Path,
     files: Sequence[ShardFiles],
     config: dict[str, Any],
     counts_path: Path,
@@ -363,7 +366,8 @@ def sample_tasks(
     stamp_base |= by_language
     tasks = []
     for f in files:
-        stamp = stamp_base | {"input": f.fingerprint, "config": config, "dst": str(f.dst)}
+        # relative: the stamp names the same file whatever the working folder of the next run
+        stamp = stamp_base | {"input": f.fingerprint, "config": config, "dst": os.path.relpath(f.dst, out)}
         previous = _read_json(f.done)
         if (
             previous is not None
@@ -423,19 +427,23 @@ def write_kept_keys(files: Sequence[ShardFiles], path: Path, kept: int) -> None:
             out.write(f.kept_keys.read_text())
 
 
-def remove_stale_outputs(work: Path, files: Sequence[ShardFiles]) -> int:
+def remove_stale_outputs(out: Path, files: Sequence[ShardFiles]) -> int:
     """Remove the curated shards (and stamps, key lists) earlier runs wrote for inputs that
-    are not in this pool; returns how many curated shards were removed."""
+    are not in this pool; returns how many curated shards were removed. Every stale stamp's
+    destination is checked before anything is removed (InputError: one outside OUT)."""
+    work = out / ".work"
     current_stamps = {str(f.done) for f in files}
-    current_dsts = {str(f.dst) for f in files}
-    removed = 0
-    for stamp_path in (work / "sampled").glob("*.json"):
+    current_dsts = {os.path.realpath(f.dst) for f in files}
+    stale = []
+    for stamp_path in sorted((work / "sampled").glob("*.json")):
         if str(stamp_path) in current_stamps:
             continue
-        stamp = _read_json(stamp_path) or {}
-        dst = stamp.get("dst")
-        if dst and dst not in current_dsts and Path(dst).exists():
-            Path(dst).unlink()
+        dst = (_read_json(stamp_path) or {}).get("dst")
+        stale.append((stamp_path, None if dst is None else inside(out, dst, stamp_path)))
+    removed = 0
+    for stamp_path, dst in stale:
+        if dst is not None and os.path.realpath(dst) not in current_dsts and dst.exists():
+            dst.unlink()
             removed += 1
         (work / "kept" / f"{stamp_path.stem}.txt").unlink(missing_ok=True)
         stamp_path.unlink()

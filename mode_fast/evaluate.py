@@ -63,15 +63,18 @@ from mode_fast.results import markdown_table, method_order, write_outputs
 from mode_fast.runs import MANIFEST, RunState, fingerprint
 from mode_fast.scoring import (
     ENSEMBLES,
+    FINAL,
     Ensembler,
     LoadedModel,
     classification_summary,
     embedder_for,
     find_experts,
+    finished_train_job,
     load_models,
     logit_scale,
     retrieval_summary,
     task_scores,
+    unfinished_reason,
 )
 from mode_fast.tasks import (
     ClassificationTask,
@@ -145,9 +148,14 @@ def _parse_baseline(spec: str) -> tuple[str, Path]:
 def _single_models(cfg: EvalConfig) -> list[tuple[str, Path]]:
     singles = [_parse_baseline(b) for b in cfg.baselines]
     if not singles:
-        seed = cfg.run / "seed" / "checkpoints" / "final.pt"
+        seed = cfg.run / "seed" / FINAL
         if not seed.is_file():
             raise EvalError(f"seed checkpoint {seed} not found: pass --baseline CKPT for the single model")
+        if not finished_train_job(seed.parent.parent):  # judged by its job, as the experts are
+            raise EvalError(
+                f"{cfg.run / 'seed'} holds no finished train job ({unfinished_reason(seed.parent.parent)}): "
+                "rerun its train command to finish it, or pass --baseline CKPT for the single model"
+            )
         singles = [("seed", seed)]
     names = [s[0] for s in singles]
     clash = [x for x in names if names.count(x) > 1 or x.startswith("expert_") or x in ENSEMBLES]
@@ -327,9 +335,9 @@ def _clear_stale(out: Path, state: RunState) -> None:
     vouched = {f for files in state.units.values() for f in files}
     found = sorted((out / SCORES).rglob("*"), reverse=True) if (out / SCORES).is_dir() else []
     for path in found:  # deepest first, so emptied folders go too
-        if path.is_file() and state.rel(path) not in vouched:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
+        if (path.is_file() or path.is_symlink()) and state.rel(path) not in vouched:
+            path.unlink()  # a symlink goes as the link: what it leads to is not ours
+        elif path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()
 
 

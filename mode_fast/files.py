@@ -7,6 +7,11 @@ the folder is fsynced so the rename survives a power cut. A reader sees the old 
 the whole new one, never half of one. A full or read-only disk raises `OutputError`
 naming the path, with the temporary removed. `sha256_file` is the one hash of a
 file's bytes (curate's stamps and manifest).
+
+A path read from a file (run.json's file lists, curate's stamps, a sample's shard list) is
+data like the rest of that file: `inside` is the one way such a path becomes a file to
+read, write or delete, and it refuses any that would lie outside the folder it names files
+in (an absolute path elsewhere, a ``..`` escape, a symlink leading out).
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from mode_fast.errors import ModeFastError, output_error
+from mode_fast.errors import InputError, ModeFastError, output_error
 
 TMP_SUFFIX = ".tmp"
+START_OVER = "rerun with --overwrite to start over, or use another --out"
 
 
 def default_file_mode() -> int:
@@ -134,6 +140,22 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
 
     with atomic_write(path) as f:
         np.savez(f, **arrays)
+
+
+def inside(root: str | os.PathLike, path: Any, manifest: str | os.PathLike, way_out: str = START_OVER) -> Path:
+    """`path`, as read from the file `manifest`, joined onto `root`, the folder whose files
+    `manifest` lists. Resolved (symlinks followed, ``..`` applied) it must lie strictly inside
+    `root` resolved; otherwise `InputError`, one line naming `manifest` and `path`, so that
+    nothing outside the job's folder is ever read, written or deleted on a file's say-so.
+    The joined path is returned unresolved: a listed file that is itself a symlink into the
+    folder is removed as the link, never as its target."""
+    root = Path(root)
+    if isinstance(path, str) and path and "\0" not in path:
+        top = os.path.realpath(root)
+        real = os.path.realpath(root / path)
+        if real.startswith(top.rstrip(os.sep) + os.sep):
+            return root / path
+    raise InputError(f"{manifest} lists {path!r}, which lies outside {root}: {way_out}")
 
 
 def sha256_file(path: str | os.PathLike) -> str:

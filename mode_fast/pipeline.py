@@ -61,7 +61,7 @@ from typing import Any
 
 from mode_fast.data.io import ReadReport, iter_samples
 from mode_fast.errors import ConfigError, Interrupted, StepFailed
-from mode_fast.files import atomic_write, write_json, write_text
+from mode_fast.files import atomic_write, inside, write_json, write_text
 from mode_fast.report import build_summary, plot_summary, summary_markdown
 from mode_fast.runs import MANIFEST, RunState, die_with_parent, recorded_finished
 
@@ -248,18 +248,23 @@ def _eval_steps(out: Path, s: Settings, domain_specs: list[str]) -> list[Step]:
 
 def write_domain_tasks(sample: Path, out: Path) -> list[str]:
     """One eval task per visual domain: the held-out images of its classes, relabelled 0..k-1,
-    as webdataset shards with their own classes.json and templates.json."""
-    info = json.loads((sample / "sample_info.json").read_text(encoding="utf-8"))
+    as webdataset shards with their own classes.json and templates.json. The file names in
+    sample_info.json are data: each must lie inside its folder (`mode_fast.files.inside`)."""
+    info_path = sample / "sample_info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8"))
     classes = info["classes"]
-    templates = json.loads((sample / info["templates_file"]).read_text(encoding="utf-8"))
+    again = "rerun with --overwrite to write the sample again"
+    templates = json.loads(inside(sample, info["templates_file"], info_path, again).read_text(encoding="utf-8"))
+    shards = [inside(sample, rel, info_path, again) for rel in info["eval_shards"]]
+    folders = {domain: inside(out, domain, info_path, again) for domain in info["domains"]}
     specs = []
     for domain, labels in info["domains"].items():
-        folder = out / domain
+        folder = folders[domain]
         new_label = {old: i for i, old in enumerate(labels)}
         report = ReadReport()
         with atomic_write(folder / f"{domain}-000000.tar") as f, tarfile.open(fileobj=f, mode="w") as tw:
-            for rel in info["eval_shards"]:
-                for group in iter_samples(sample / rel, report):  # the walk every job shares
+            for shard in shards:
+                for group in iter_samples(shard, report):  # the walk every job shares
                     label = int(group.read("cls"))
                     if label not in new_label:
                         continue

@@ -15,7 +15,17 @@ The rule (README, "Reruns, kills and interrupts"):
 - One run per folder: ``.lock`` is held with ``flock`` for the whole run, and names its
   holder (pid, host, start time) for the message a second run stops with. The kernel
   drops the lock when the holder dies, however it dies, so a killed run never blocks the
-  next one; the file itself stays (removing it would let two runs lock two files).
+  next one; the file itself stays. Only a run that created the folder and then failed
+  before doing anything removes it again (`RunState.abandon`): it unlinks the file while it
+  still holds the lock, and a run that locked the unlinked file meanwhile sees that its
+  file is no longer the folder's and takes the lock again, so two runs never hold two
+  files.
+- A refused run leaves nothing behind: a fresh run that fails before its first unit
+  removes its run.json, and, when it created the folder, its lock and the folder itself
+  if nothing else is in it.
+- The file lists in run.json are data: every path is checked with `mode_fast.files.inside`
+  when run.json is read, before anything is removed; one that lies outside the folder
+  stops the run with one line, and nothing is deleted.
 - SIGINT/SIGTERM become `Interrupted` ("interrupted at assign (3/10 shards); rerun the
   same command to continue"); the CLI prints it as one line and exits 130.
 - Everything is written through `mode_fast.files`, so a full or read-only disk is one
@@ -52,7 +62,7 @@ from typing import Any
 
 from mode_fast import __version__
 from mode_fast.errors import ConfigError, Interrupted, ModeFastError, output_error
-from mode_fast.files import remove_stale_temporaries, write_json
+from mode_fast.files import START_OVER, inside, remove_stale_temporaries, write_json
 
 __all__ = [
     "LOCK",
@@ -130,22 +140,28 @@ class OutputLock:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / LOCK
         self._fd: int | None = None
+        self.created: list[Path] = []  # the folders acquire() made, deepest first
 
     def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise output_error(self.path, exc) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise output_error(self.path, exc) from exc
+                raise OutputLocked(
+                    f"{self.path.parent} is in use by {self._holder()}: wait for it to finish, or use another --out"
+                ) from None
+            # A run that gave its folder back unlinked the file we opened before it let go:
+            # a lock on that file locks nothing, so take the folder's file again.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise output_error(self.path, exc) from exc
-            raise OutputLocked(
-                f"{self.path.parent} is in use by {self._holder()}: wait for it to finish, or use another --out"
-            ) from None
         # Held: name ourselves. Written in place (a rename would swap the locked inode).
         body = json.dumps(
             {
@@ -163,6 +179,19 @@ class OutputLock:
             raise output_error(self.path, exc) from exc
         self._fd = fd
 
+    def _open(self) -> int:
+        folder, missing = self.path.parent, []
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
+        self.created = self.created or missing
+        return fd
+
     def _holder(self) -> str:
         try:
             h = json.loads(self.path.read_text())
@@ -170,13 +199,25 @@ class OutputLock:
         except (OSError, ValueError, KeyError, TypeError):
             return "another run (its lock names no holder yet)"
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Let go of the folder. `remove`: a run that created the folder and did nothing in
+        it gives it back: the lock file goes while still held (see the module doc), then the
+        folders acquire() made, those left empty."""
         if self._fd is None:
             return
         with contextlib.suppress(OSError):
             os.ftruncate(self._fd, 0)  # no stale holder named; the file stays (see module doc)
+        remove = remove and bool(self.created)
+        if remove:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         os.close(self._fd)  # closing drops the flock
         self._fd = None
+        for folder in self.created if remove else []:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another run's lock, files of this run): it stays
+                break
 
 
 # --- interrupts ------------------------------------------------------------------------------
@@ -241,20 +282,36 @@ def interrupts_deferred() -> Iterator[StopRequest]:
 # --- the run manifest ------------------------------------------------------------------------
 
 
-def recorded_finished(out_dir: str | os.PathLike) -> bool:
-    """Whether OUT/run.json records a finished run whose outputs are all there. Read without
-    the lock, for a driver deciding whether to start a job at all (the job, if started,
-    reconciles run.json itself)."""
+def recorded_finished(out_dir: str | os.PathLike, job: str | None = None, output: str | None = None) -> bool:
+    """Whether OUT/run.json records a finished run (of `job`, when given, with `output`
+    among its outputs, when given) whose outputs are all there. Read without the lock, for
+    a driver deciding whether to start a job at all and for eval judging a train folder (a
+    job, if started, reconciles run.json itself)."""
     out = Path(out_dir)
     try:
         data = RunState._read(out)
-    except ConfigError:  # damaged or foreign: the job, if started, says so
+    except ModeFastError:  # damaged, foreign or naming files outside: the job, if started, says so
         return False
-    return bool(data and data.get("finished")) and _all_exist(out, data.get("outputs", []))
+    if not data or not data.get("finished") or (job is not None and data.get("job") != job):
+        return False
+    outputs = data.get("outputs", [])
+    return (output is None or output in outputs) and _all_exist(out, outputs)
 
 
 def _all_exist(out: Path, files: Iterable[str]) -> bool:
-    return all((out / f).exists() for f in files)
+    return all(inside(out, f, out / MANIFEST).exists() for f in files)
+
+
+def _check_files(out: Path, data: dict[str, Any]) -> None:
+    """Every file run.json lists, checked before any is touched (`mode_fast.files.inside`)."""
+    path = out / MANIFEST
+    units, outputs = data.get("units", {}), data.get("outputs", [])
+    if not isinstance(units, dict) or not all(isinstance(f, list) for f in units.values()):
+        raise ConfigError(f"{path}: its units are not lists of files: {START_OVER}")
+    if not isinstance(outputs, list):
+        raise ConfigError(f"{path}: its outputs are not a list of files: {START_OVER}")
+    for f in [*(f for files in units.values() for f in files), *outputs]:
+        inside(out, f, path)
 
 
 def _describe(field: str, value: Any) -> str:
@@ -287,6 +344,7 @@ class RunState:
         self._dirty = False
         self.where = "start"  # for the interrupt message; see track()
         self.defaults: dict[str, Any] = {}  # see open()
+        self._abandoned = False  # see abandon()
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -322,13 +380,16 @@ class RunState:
         )
         state.defaults = dict(defaults or {})
         try:
+            old = None if overwrite else cls._read(out)  # its file lists checked before anything is removed
             remove_stale_temporaries(out)  # a killed run's half-written files; we hold the lock
             if overwrite:
                 state._remove_owned(owned)
-            state._reconcile(None if overwrite else cls._read(out), recompute)
+            state._reconcile(old, recompute)
             state._write()
         except BaseException:
-            lock.release()
+            if lock.created:  # nothing was there before this run: the folder goes again
+                state.abandon()
+            state.close()
             raise
         return state
 
@@ -349,6 +410,7 @@ class RunState:
                 f"{path} is not a mode-fast {FORMAT} run manifest: rerun with --overwrite "
                 "to start over, or use another --out"
             )
+        _check_files(out, data)
         return data
 
     def _fields(self) -> dict[str, Any]:
@@ -434,10 +496,11 @@ class RunState:
 
     def _remove_files(self, files: Iterable[str]) -> None:
         for f in files:
+            path = inside(self.out, f, self.out / MANIFEST)
             try:
-                (self.out / f).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             except OSError as exc:
-                raise output_error(self.out / f, exc) from exc
+                raise output_error(path, exc) from exc
 
     # -- units ------------------------------------------------------------------------------
     def is_done(self, unit: str) -> bool:
@@ -467,11 +530,14 @@ class RunState:
 
     def abandon(self) -> None:
         """A fresh run that failed before doing any unit leaves no run.json, so a corrected
-        command is not stopped by the arguments of a run that did nothing. (Call before close.)"""
+        command is not stopped by the arguments of a run that did nothing; when this run
+        created the folder, `close` removes its lock and the folder itself if nothing else is
+        in it, so a refused job leaves nothing behind. (Call before close.)"""
         if not self.resumed and not self.units and not self.finished:
             with contextlib.suppress(OSError):
                 (self.out / MANIFEST).unlink()
             self._dirty = False
+            self._abandoned = True
 
     def flush(self) -> None:
         if self._dirty:
@@ -527,7 +593,7 @@ class RunState:
             with contextlib.suppress(OSError):
                 remove_stale_temporaries(self.out)
         finally:
-            self.lock.release()
+            self.lock.release(remove=self._abandoned)
 
     def __enter__(self) -> RunState:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self

@@ -12,6 +12,7 @@ logit scale first. Library module: never imports a job module.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,13 @@ import numpy as np
 from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE
 from mode_fast.ensemble import ENSEMBLE_INPUTS, combine_logits, expert_weights, template_class_embeddings
 from mode_fast.results import RECALL_KS
+from mode_fast.runs import MANIFEST, recorded_finished
 from mode_fast.tasks import ClassificationTask, EvalError, RetrievalTask
 
+log = logging.getLogger(__name__)
+
 ENSEMBLES = ("best_expert", "mean_ensemble", "mode_ensemble")
+FINAL = "checkpoints/final.pt"  # a train job's final checkpoint, relative to its folder
 
 
 @dataclass
@@ -36,27 +41,49 @@ class LoadedModel:
     tokenizer: Any
 
 
+def finished_train_job(folder: Path) -> bool:
+    """Whether a train job folder (RUN/seed, RUN/expert_K) holds a finished job: its run.json
+    (mode_fast.runs) records a finished train run with checkpoints/final.pt among its
+    outputs. A folder without run.json (checkpoints put together by hand, or by a mode-fast
+    that wrote none) counts by its checkpoints/final.pt; a folder a job only started (a
+    .lock, a killed or refused run) does not count."""
+    if (folder / MANIFEST).exists():
+        return recorded_finished(folder, job="train", output=FINAL)
+    return (folder / FINAL).is_file()
+
+
+def unfinished_reason(folder: Path) -> str:
+    if (folder / MANIFEST).exists():
+        return f"its {MANIFEST} records no finished train run with {FINAL}"
+    return f"it holds no {MANIFEST} and no {FINAL}"
+
+
 def find_experts(run_dir: Path, n_experts: int) -> list[Path]:
-    """RUN/expert_K/checkpoints/final.pt for K < n_experts; errors name what is missing or extra."""
+    """RUN/expert_K/checkpoints/final.pt for K < n_experts. A run is judged by its finished
+    jobs (`finished_train_job`), not by the folders it holds: an unfinished expert folder is
+    skipped with a warning naming it; errors name what is missing or extra."""
     if not run_dir.is_dir():
         raise EvalError(f"run folder {run_dir} not found")
-    present = sorted(
-        int(d.name.split("_", 1)[1])
+    folders = {
+        int(d.name.split("_", 1)[1]): d
         for d in run_dir.glob("expert_*")
         if d.is_dir() and d.name.split("_", 1)[1].isdigit()
-    )
-    extra = [k for k in present if k >= n_experts]
+    }
+    finished = sorted(k for k, d in folders.items() if finished_train_job(d))
+    for k in sorted(set(folders) - set(finished)):
+        log.warning("eval: skipping %s, not a finished train job: %s", folders[k], unfinished_reason(folders[k]))
+    extra = [k for k in finished if k >= n_experts]
     if extra:
         raise EvalError(
-            f"{run_dir} has expert folders {present} but the cluster file has {n_experts} experts "
+            f"{run_dir} has finished experts {finished} but the cluster file has {n_experts} experts "
             f"(0..{n_experts - 1}): expert_{extra[0]} does not match it"
         )
-    paths = [run_dir / f"expert_{k}" / "checkpoints" / "final.pt" for k in range(n_experts)]
-    missing = [str(p) for p in paths if not p.is_file()]
+    paths = [run_dir / f"expert_{k}" / FINAL for k in range(n_experts)]
+    missing = [str(p) for k, p in enumerate(paths) if k not in finished]
     if missing:
         raise EvalError(
             f"the cluster file has {n_experts} experts but {len(missing)} expert checkpoint(s) are "
-            f"missing: {', '.join(missing)}"
+            f"missing or unfinished: {', '.join(missing)}"
         )
     return paths
 

@@ -69,6 +69,7 @@ from mode_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mode_fast.clusters import ClusterFolder
 from mode_fast.data import loader as data_loader
 from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE, BadImages
 from mode_fast.errors import ConfigError, InputError, Interrupted, ModeFastError
@@ -419,23 +420,54 @@ class _Start:
     seed_ckpt: dict[str, Any] | None = None
 
 
-def _starting_point(cfg: TrainConfig) -> _Start:
-    """run.json (checked by `_open_run`) vouches that latest.pt, when there, is this job's:
-    continuing is the default, and its own config is checked again in `_restore`."""
-    ckpt_dir = cfg.job_dir / "checkpoints"
-    resume_path: Path | None = None
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint the job continues from: --resume CKPT, else its own latest.pt."""
     if cfg.resume is not None and cfg.resume != "auto":
-        resume_path = Path(cfg.resume)
-    elif (ckpt_dir / "latest.pt").is_file():
-        resume_path = ckpt_dir / "latest.pt"
-    if cfg.stage != "expert" or resume_path is not None:
-        return _Start(resume_path)
+        return Path(cfg.resume)
+    latest = cfg.job_dir / "checkpoints" / "latest.pt"
+    return latest if latest.is_file() else None
+
+
+def _required_seed(cfg: TrainConfig) -> Path:
+    """The seed checkpoint an expert starts from; InputError when it is not there."""
     seed_path = _seed_path(cfg)
     if not seed_path.is_file():
         raise InputError(
             f"seed checkpoint {seed_path} not found: train the seed first "
             f"(`mode-fast train --stage seed --out {cfg.out} ...`) or pass --seed-checkpoint"
         )
+    return seed_path
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    """The cheap checks of the arguments against the files they name, made before any output
+    folder, lock or file exists, so that a refused job leaves nothing behind (the shard list
+    is checked by `_run_inputs`, also before): the key list, the checkpoint to resume, and
+    for an expert the expert number against the cluster folder and the seed's existence.
+    What needs reading whole (checkpoints, assignments) is checked after; a failure there
+    still leaves nothing behind (`RunState.abandon`)."""
+    if cfg.keep_keys is not None and not cfg.keep_keys.is_file():
+        raise InputError(f"--keep-keys {cfg.keep_keys}: file not found (curate writes OUT/kept_keys.txt)")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
+        raise InputError(f"--resume {cfg.resume}: checkpoint not found")
+    if cfg.stage != "expert":
+        return
+    assert cfg.clusters is not None and cfg.expert is not None  # checked by TrainConfig
+    folder = ClusterFolder(cfg.clusters)
+    if folder.has_centers() and cfg.expert >= folder.n_experts:
+        n = folder.n_experts
+        raise ConfigError(f"--expert {cfg.expert}: {cfg.clusters} has {n} experts (0..{n - 1})")
+    if _resume_path(cfg) is None:
+        _required_seed(cfg)
+
+
+def _starting_point(cfg: TrainConfig) -> _Start:
+    """run.json (checked by `_open_run`) vouches that latest.pt, when there, is this job's:
+    continuing is the default, and its own config is checked again in `_restore`."""
+    resume_path = _resume_path(cfg)
+    if cfg.stage != "expert" or resume_path is not None:
+        return _Start(resume_path)
+    seed_path = _required_seed(cfg)
     seed_ckpt = load_checkpoint(seed_path, SEED_FIELDS)
     if seed_ckpt["model_name"] != cfg.model:
         raise ConfigError(f"seed checkpoint {seed_path} is a {seed_ckpt['model_name']}, not --model {cfg.model}")
@@ -476,6 +508,7 @@ def _open_run(cfg: TrainConfig, ddp: Dist) -> tuple[RunState | None, bool]:
     state, verdict = None, None
     if ddp.is_main:
         try:
+            _check_inputs(cfg)
             args = {f"--{k.replace('_', '-')}": v for k, v in cfg.result_config(ddp.world_size).items()}
             state = RunState.open(
                 cfg.job_dir,
@@ -488,6 +521,7 @@ def _open_run(cfg: TrainConfig, ddp: Dist) -> tuple[RunState | None, bool]:
                 defaults={f"--{k.replace('_', '-')}": v for k, v in _ADDED_RESULT_ARGS.items()},
             )
             if not state.resumed and (cfg.job_dir / "checkpoints").is_dir() and cfg.resume is None:
+                state.abandon()  # its run.json would vouch for the older run's checkpoints
                 state.close()
                 raise ConfigError(
                     f"{cfg.job_dir} holds a train run without run.json (an older mode-fast): "
@@ -557,11 +591,7 @@ def _training_data(cfg: TrainConfig) -> _Data:
 
 def _expert_filter(cfg: TrainConfig) -> data_loader.ExpertFilter:
     assert cfg.clusters is not None and cfg.expert is not None  # checked by TrainConfig
-    assigned = data_loader.load_expert_assignments(cfg.clusters)
-    if assigned.n_experts is not None and cfg.expert >= assigned.n_experts:
-        raise ConfigError(
-            f"--expert {cfg.expert}: {cfg.clusters} has {assigned.n_experts} experts (0..{assigned.n_experts - 1})"
-        )
+    assigned = data_loader.load_expert_assignments(cfg.clusters)  # the expert number: _check_inputs
     if cfg.expert not in set(assigned.expert_of_key.values()):
         raise InputError(f"expert {cfg.expert} has no pairs in {cfg.clusters}/assignments")
     return data_loader.ExpertFilter(assigned.expert_of_key, cfg.expert, cfg.expert_share, cfg.seed)

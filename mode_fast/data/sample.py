@@ -65,7 +65,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-from mode_fast.files import atomic_write, write_json
+from mode_fast.errors import InputError
+from mode_fast.files import atomic_write, inside, write_json
 
 # Bump when the same arguments would give different bytes: an older output is then rewritten.
 FORMAT_VERSION = 3
@@ -619,8 +620,14 @@ def _shard_names(prefix: str, count: int, shard_size: int) -> list[str]:
 
 
 def _complete(out: Path, info: dict[str, Any]) -> bool:
+    """Whether every file the info lists is there with its size; a listed name outside `out`
+    (`mode_fast.files.inside`) is not this sample's: then it is written again."""
     sizes = info.get("file_bytes", {})
-    return bool(sizes) and all((out / rel).is_file() and (out / rel).stat().st_size == n for rel, n in sizes.items())
+    try:
+        paths = {rel: inside(out, rel, out / "sample_info.json") for rel in sizes}
+    except InputError:
+        return False
+    return bool(sizes) and all(paths[rel].is_file() and paths[rel].stat().st_size == n for rel, n in sizes.items())
 
 
 def _clear_stale(out: Path, keep: set[str]) -> None:
