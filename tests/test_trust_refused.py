@@ -77,6 +77,11 @@ def test_train_expert_beyond_the_cluster_file_leaves_nothing_then_eval_works(wor
 
 
 def test_train_refuses_missing_inputs_before_making_its_folder(world, tmp_path, capsys):
+    import torch
+
+    seed = torch.load(world["run"] / "seed" / "checkpoints" / "final.pt", weights_only=True)
+    seed |= {"optimizer": {"state": {}, "param_groups": []}, "schedule_step": 1, "schedule_total": 4}
+    torch.save(seed, tmp_path / "seed.pt")  # what an expert reads of a seed (checkpoint.SEED_FIELDS)
     base = ["train", "--data", str(world["shards"]), "--workers", "0"]
     cases = [
         (["--keep-keys", str(tmp_path / "nope.txt")], "--keep-keys"),
@@ -86,7 +91,7 @@ def test_train_refuses_missing_inputs_before_making_its_folder(world, tmp_path, 
         # found once the lock is held (the seed loaded, then the assignments read): the
         # folder the run made goes again
         (["--expert", "0", "--clusters", str(tmp_path / "no-clusters"),
-          "--seed-checkpoint", str(world["run"] / "seed" / "checkpoints" / "final.pt")], "no assignments"),
+          "--seed-checkpoint", str(tmp_path / "seed.pt")], "no assignments"),
     ]  # fmt: skip
     for extra, named in cases:
         out = tmp_path / "out"
