@@ -165,13 +165,10 @@ def _model_spec(ckpt: dict[str, Any], path: str | Path) -> tuple[str, dict[str, 
     """(architecture name, constructor kwargs) of a checkpoint, refused unless the name is
     one in open_clip's registry (no 'hf-hub:'/'local-dir:' source that picks files to load)
     and the kwargs are ones mode-fast writes (`models.STORED_MODEL_KWARGS`), finite numbers."""
-    import open_clip
-
-    from mode_fast.models import STORED_MODEL_KWARGS, register_model_configs
+    from mode_fast.models import STORED_MODEL_KWARGS, is_known_model
 
     name = ckpt.get("model_name")
-    register_model_configs()
-    if not isinstance(name, str) or name not in open_clip.list_models():
+    if not is_known_model(name):
         raise InputError(
             f"checkpoint {path}: model_name {name!r} is not an architecture in open_clip's registry "
             "(names from open_clip.list_models(), no 'hf-hub:' or 'local-dir:' source); refused"

@@ -34,6 +34,15 @@ def project_model_names() -> list[str]:
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 
+def is_known_model(name: object) -> bool:
+    """Whether `name` is an architecture in open_clip's registry (with this project's configs):
+    a plain name, no 'hf-hub:'/'local-dir:' source that picks files to load."""
+    import open_clip
+
+    register_model_configs()
+    return isinstance(name, str) and name in open_clip.list_models()
+
+
 # The constructor kwargs `model_kwargs` can return (all floats): the only ones a checkpoint
 # may carry (`mode_fast.checkpoint` refuses any other, since open_clip's loaders take kwargs
 # that read files).

@@ -73,7 +73,7 @@ from mode_fast.clusters import ClusterFolder
 from mode_fast.data import loader as data_loader
 from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE, BadImages
 from mode_fast.errors import ConfigError, InputError, Interrupted, ModeFastError
-from mode_fast.models import create_model, project_model_names, register_model_configs
+from mode_fast.models import create_model, is_known_model, project_model_names, register_model_configs
 from mode_fast.runs import RunState, fingerprint, interrupts_as_error, interrupts_deferred
 from mode_fast.training import (
     Dist,
@@ -442,10 +442,15 @@ def _required_seed(cfg: TrainConfig) -> Path:
 def _check_inputs(cfg: TrainConfig) -> None:
     """The cheap checks of the arguments against the files they name, made before any output
     folder, lock or file exists, so that a refused job leaves nothing behind (the shard list
-    is checked by `_run_inputs`, also before): the key list, the checkpoint to resume, and
+    is checked by `_run_inputs`, also before): the architecture name, the key list, the checkpoint to resume, and
     for an expert the expert number against the cluster folder and the seed's existence.
     What needs reading whole (checkpoints, assignments) is checked after; a failure there
     still leaves nothing behind (`RunState.abandon`)."""
+    if not is_known_model(cfg.model):
+        raise ConfigError(
+            f"--model {cfg.model}: not an architecture open_clip knows (mode-fast's own: "
+            f"{', '.join(project_model_names())}; the rest: open_clip.list_models())"
+        )
     if cfg.keep_keys is not None and not cfg.keep_keys.is_file():
         raise InputError(f"--keep-keys {cfg.keep_keys}: file not found (curate writes OUT/kept_keys.txt)")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():

@@ -114,6 +114,16 @@ def test_train_nonsensical_flags_name_the_flag(txt_pool, tmp_path, capsys, no_mo
     assert named in error_line(capsys, "train")
 
 
+def test_train_unknown_model_is_one_line_before_any_folder(txt_pool, tmp_path, capsys, no_model):
+    """open_clip's own error for an unknown name is a RuntimeError traceback after the job
+    folder exists; the name is checked against its registry first."""
+    out = tmp_path / "o"
+    for name in ("ViT-Nope", "hf-hub:someone/model"):
+        assert cli.main(["train", *TRAIN, "--data", str(txt_pool), "--out", str(out), "--model", name]) == 2
+        assert f"--model {name}: not an architecture open_clip knows" in error_line(capsys, "train")
+        assert not out.exists()
+
+
 # --------------------------------------------------------------------------- non-finite numbers
 @pytest.mark.parametrize("job,flags,named", [
     ("curate", ["--t", "inf"], "--t must be a finite number, got inf"),
