@@ -345,6 +345,7 @@ class RunState:
         self.where = "start"  # for the interrupt message; see track()
         self.defaults: dict[str, Any] = {}  # see open()
         self._abandoned = False  # see abandon()
+        self._before: set[str] = set()  # the folder's entries when the run began (see __exit__)
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -385,6 +386,7 @@ class RunState:
             if overwrite:
                 state._remove_owned(owned)
             state._reconcile(old, recompute)
+            state._before = set(os.listdir(out))  # what a run that writes nothing leaves as it found
             state._write()
         except BaseException:
             if lock.created:  # nothing was there before this run: the folder goes again
@@ -598,7 +600,14 @@ class RunState:
     def __enter__(self) -> RunState:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # A job that stops on a user-caused error before writing anything but run.json and
+        # .lock abandons the run (and gives back a folder it made), whether or not it records
+        # its progress as units (curate keeps its own stamps): a refused job leaves nothing.
+        if isinstance(exc, ModeFastError) and not self._abandoned:
+            with contextlib.suppress(OSError):
+                if set(os.listdir(self.out)) <= self._before | {MANIFEST, LOCK}:
+                    self.abandon()
         self.close()
 
 

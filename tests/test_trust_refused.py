@@ -102,6 +102,28 @@ def test_train_refuses_missing_inputs_before_making_its_folder(world, tmp_path, 
         assert not out.exists(), extra
 
 
+def test_a_job_refused_after_taking_its_folder_gives_it_back(world, tmp_path, capsys, monkeypatch):
+    """curate records no units in run.json (its own stamps), so the backstop is what the
+    folder holds: a user-caused error before anything but run.json and .lock was written
+    removes a folder the run made; a folder that existed, or holds other files, stays."""
+    from mode_fast import curate as curate_job
+    from mode_fast.errors import ConfigError
+
+    def no_ray(*a, **k):
+        raise ConfigError("--executor ray needs Ray: pip install 'mode-fast[ray]'")
+
+    monkeypatch.setattr(curate_job, "make_executor", no_ray)
+    out = tmp_path / "new" / "curated"
+    assert cli.main(["curate", str(world["shards"]), "--out", str(out), "--t", "2"]) == 2
+    assert "--executor ray needs Ray" in _one_line(capsys.readouterr().err)[0]
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    (kept / "mine.txt").parent.mkdir()
+    (kept / "mine.txt").write_text("a user's file")
+    assert cli.main(["curate", str(world["shards"]), "--out", str(kept), "--t", "2"]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == [LOCK, "mine.txt"]  # an existing folder's lock stays
+
+
 def test_a_folder_holding_only_a_lock_is_skipped_by_eval_naming_it(world, tmp_path, capsys, caplog):
     """RUN/expert_5 as a refused train of before left it: eval skips it with a warning (not the
     whole run), and the same for an expert folder whose run.json records no finished job."""
