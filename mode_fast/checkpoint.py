@@ -50,7 +50,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     """(model in eval mode, open_clip's eval transform, tokenizer) from a train checkpoint."""
     import open_clip
 
-    from mode_fast.models import register_model_configs
+    from mode_fast.models import get_tokenizer, register_model_configs
 
     register_model_configs()
     ckpt = load_checkpoint(checkpoint)
@@ -61,7 +61,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError) as e:
         raise InputError(f"checkpoint {checkpoint}: weights do not fit {ckpt['model_name']} ({e})") from e
-    return model.to(device).eval(), preprocess_val, open_clip.get_tokenizer(ckpt["model_name"])
+    return model.to(device).eval(), preprocess_val, get_tokenizer(ckpt["model_name"])
 
 
 def rng_state() -> dict[str, Any]:

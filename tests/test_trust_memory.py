@@ -223,3 +223,122 @@ def test_curate_with_a_20mb_caption_keeps_what_the_reference_keeps(tmp_path, met
     kept = set((out / "kept_keys.txt").read_text().split())
     assert kept == _kept_by_reference(records, entries, 20, 5)
     assert 0 < summary["kept"] < summary["matched"]
+
+
+# --- the bounded tokenizer (mode_fast.models.get_tokenizer) -------------------------------------
+
+
+def _captions() -> list[str]:
+    """Ordinary and adversarial captions, many long enough to be cut."""
+    rng = random.Random(7)
+    words = ["a", "photo", "of", "the", "cat", "sitting", "on", "mat", "near", "window", "sunlit", "room"]
+    english = _words_text(rng, words, 20_000)
+    entity = "ab &amp;amp;lt; x&#39;s &quot;q&quot; "
+    caps = [
+        "",
+        "a photo of a cat",
+        "  A  Photo\tof a\nCAT!!  ",
+        english,
+        english[:1200],
+        english[:600] + "\n" + english[600:1800],
+        english.replace(" ", "\r\n", 200),
+        # whitespace runs, blank lines, leading whitespace: the cut must grow past them
+        "a" + " " * 3000 + english[:3000],
+        " \t\n" * 2000 + english[:2000],
+        english[:400] + "\n  \t\n\n   \n" * 500 + english[:2000],
+        "word " * 3 + " " * 5000 + "more " * 300,
+        # characters that count towards the cut but make no token (other whitespace,
+        # control characters ftfy removes): the cut must grow
+        *[c * 3000 + english[:3000] for c in ("\r", "\u00a0", "\u3000", "\x01", "\r\n")],
+        # HTML entities everywhere, so some straddle every cut
+        *[(entity * 300)[s:] for s in range(0, 40, 3)],
+        "&amp;amp;amp; " * 400 + "<b>",  # a "<" only after the cut: ftfy skips unescaping
+        "&amp;amp;amp; " * 400 + "\n<b>",  # ... in the next line: it does not
+        "&NTILDE; &amp;amp; " * 300 + "x < y",
+        # non-Latin scripts, combining marks, final sigma, full width, ligatures, quotes
+        "Кошка сидит на коврике у окна " * 80,
+        "ΟΔΟΣ ΚΑΙ ΣΠΙΤΙΑ ΣΤΗΝ ΠΟΛΗ " * 80,
+        "قطة تجلس على السجادة " * 100,
+        "बिल्ली खिड़की के पास बैठी है " * 100,
+        "e\u0301 a\u0308\u0301 " * 500,
+        "猫 が 座って いる 日本語 の 文章 " * 150,
+        "ＬＯＵＤ　ＮＯＩＳＥＳ ﬂubberiﬁc “quoted” it’s " * 80,
+        "🐱 on a mat 🧶 " * 300,
+        "x" * 40 + " " + "y, " * 2000,
+    ]
+    return caps
+
+
+@pytest.fixture(scope="module", params=["ViT-B-32", "mode-fast-tiny"])
+def tokenizers(request):
+    import open_clip
+
+    from mode_fast.models import BoundedTokenizer, get_tokenizer, register_model_configs
+
+    register_model_configs()
+    bounded = get_tokenizer(request.param)
+    assert isinstance(bounded, BoundedTokenizer) and bounded.exact
+    return open_clip.get_tokenizer(request.param), bounded
+
+
+def test_bounded_tokenizer_gives_open_clips_ids(tokenizers) -> None:
+    reference, bounded = tokenizers
+    captions = _captions()
+    expected = reference(captions)
+    got = bounded(captions)
+    for caption, want, have in zip(captions, expected, got):
+        assert have.tolist() == want.tolist(), caption[:80]
+    # Most of them really were cut (else this tested nothing).
+    cut = [c for c in captions if bounded.bounded(c, bounded.context_length) != c]
+    assert len(cut) > len(captions) // 2
+    assert bounded.bounded("&amp;amp;amp; " * 400 + "<b>", bounded.context_length).endswith(" <")
+    assert bounded("a photo").tolist() == reference("a photo").tolist()  # a str, as open_clip takes
+
+
+def test_bounded_tokenizer_on_a_20mb_caption(tokenizers) -> None:
+    import time
+
+    reference, bounded = tokenizers
+    rng = random.Random(2)
+    words = ["a", "photo", "of", "the", "cat", "sitting", "on", "mat", "near", "window"]
+    caption = _words_text(rng, words, MB20)
+    start = time.perf_counter()
+    ids = bounded([caption])
+    took = time.perf_counter() - start
+    assert took < 1.0, took  # measured: 2 ms (open_clip: 10 s and 345 MB)
+    assert ids.tolist() == reference([caption[:200_000]]).tolist()  # open_clip on a part that fills it too
+
+
+def test_bounded_tokenizer_pickles_and_delegates(tokenizers) -> None:
+    import pickle
+
+    reference, bounded = tokenizers
+    again = pickle.loads(pickle.dumps(bounded))  # a DataLoader worker gets a copy
+    assert again(["a cat"]).tolist() == reference(["a cat"]).tolist()
+    assert again.vocab_size == reference.vocab_size and again.context_length == reference.context_length
+
+
+def test_training_and_eval_use_the_bounded_tokenizer(tmp_path) -> None:
+    from mode_fast.checkpoint import load_model, save_checkpoint
+    from mode_fast.models import BoundedTokenizer, create_model
+
+    built = create_model("mode-fast-tiny")
+    assert isinstance(built.tokenizer, BoundedTokenizer)
+    state = {"model_name": "mode-fast-tiny", "model_kwargs": built.kwargs, "state_dict": built.model.state_dict()}
+    save_checkpoint(tmp_path / "final.pt", state)
+    assert isinstance(load_model(tmp_path / "final.pt")[2], BoundedTokenizer)
+
+
+def test_other_tokenizers_are_cut_once() -> None:
+    from mode_fast.models import CUT_CHARS_PER_TOKEN, BoundedTokenizer
+
+    class Stub:  # a tokenizer without open_clip's encode (an HF tokenizer, say)
+        context_length = 8
+
+        def __call__(self, texts, context_length=None):
+            return [len(t) for t in texts]
+
+    bounded = BoundedTokenizer(Stub())
+    assert not bounded.exact
+    words = 4 * CUT_CHARS_PER_TOKEN * 8 // 4  # that many characters other than whitespace
+    assert bounded(["word " * 1000, "a cat"]) == [len("word " * words) - 1, 5]  # cut before a space
