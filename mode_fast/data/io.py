@@ -5,6 +5,13 @@ Every reader yields one `Record` per sample in file order, bad ones included (wi
 curation's second pass re-reads a shard and keeps records by index, which avoids holding
 raw samples in memory and keeps the curated records byte-for-byte those of the input.
 
+Shard paths (`list_shards`, `shard_path`; every job lists its shards this way): a shard is
+named by the path the user gave, made absolute with its folder resolved but its own name
+kept, so a symlink stays the link, as in a model-hub cache (``snapshots/x/pool-000.tar ->
+../../blobs/3f2a...``): the format comes from the link's name, ids, outputs and errors name
+the link, and reading reads the target. A file reached under two names is listed once; a
+link to nothing is an error naming where it points.
+
 Caption lookup (``caption_key``):
 - webdataset: a member extension of that name (``txt``, ``caption``...; compared lower-cased,
   a leading dot allowed: `member_ext`) if the sample has one; else a field of the ``.json`` member; else, for the default ``caption`` only, the
@@ -141,8 +148,9 @@ def _is_shard_name(path: Path) -> bool:
 
 
 def _shards_in(folder: Path) -> list[Path]:
-    """The shard files under a folder, linked folders followed (each real folder once);
-    links to nothing are kept, for list_shards to name."""
+    """The shard files under a folder, linked folders followed (each real folder once,
+    under the name walked first, in sorted order); links to nothing are kept, for
+    list_shards to name."""
     found: list[Path] = []
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
