@@ -779,6 +779,10 @@ void Matcher::index_fast_paths() {
         ac_reset_[b] = ac_space_state_ == kNone || ac_fast_[0][b] == ac_fast_[1][b] ? ac_fast_[0][b] : kAcSlow;
 }
 
+namespace {
+void bound_found(MatchScratch& scratch);
+}  // namespace
+
 // Every entry reported on entering a state, from its run in ac_outputs_.
 inline void Matcher::ac_report(int32_t at, std::vector<int32_t>& found) const {
     const int32_t* o = ac_outputs_.data();
@@ -822,58 +826,65 @@ inline void Matcher::ac_step(AcCursor& c, uint32_t code, std::vector<int32_t>& f
 // The automaton over spaced(text) = " " + text with the spacing rule applied + " ",
 // produced on the fly from the text's bytes rather than copied out first. While the
 // automaton is at the root or the root's space child, an ASCII byte costs one look-up
-// in ac_reset_ or ac_fast_; everything else takes ac_step, code point by code point.
-void Matcher::match_automaton(std::string_view text, std::vector<int32_t>& found) const {
+// in ac_reset_ or ac_fast_; everything else takes ac_step, code point by code point. The
+// bytes are walked in stretches of kMatchChunkBytes, the ids found bounded between them.
+void Matcher::match_automaton(std::string_view text, MatchScratch& scratch) const {
+    auto& found = scratch.found;
     const auto* p = reinterpret_cast<const unsigned char*>(text.data());
     const size_t n = text.size();
     AcCursor c = cursor_at(0);
     ac_step(c, ac_space_code_, found);
     uint8_t fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;  // row of ac_fast_
     size_t i = 0;
-    while (i < n) {
-        if (fast < 2) {
-            // A run of bytes that each lead to the same one of the two states from either
-            // (most letters of a Latin-script text) needs no state threaded through it.
-            const size_t start = i;
-            while (i < n && ac_reset_[p[i]] != kAcSlow) ++i;
-            if (i != start) fast = ac_reset_[p[i - 1]];
-            if (i == n) break;
-        }
-        const unsigned char b = p[i];
-        const uint8_t next = ac_fast_[fast][b];
-        if (next != kAcSlow) {
-            fast = next;
-            ++i;
-            continue;
-        }
-        if (fast < 2) c = cursor_at(fast == 0 ? 0 : ac_space_state_);
-        if (b < 0x80) {
-            const uint8_t cls = kByteClass.of[b];
-            if (cls == kKeep) {
-                ac_step(c, ac_code(b), found);
-            } else if (cls == kSpace) {
-                ac_step(c, ac_space_code_, found);
-            } else {
-                ac_step(c, ac_space_code_, found);
-                ac_step(c, ac_code(b), found);
-                ac_step(c, ac_space_code_, found);
+    size_t stop = std::min(n, kMatchChunkBytes);
+    for (;; stop = std::min(n, stop + kMatchChunkBytes)) {
+        while (i < stop) {
+            if (fast < 2) {
+                // A run of bytes that each lead to the same one of the two states from either
+                // (most letters of a Latin-script text) needs no state threaded through it.
+                const size_t start = i;
+                while (i < stop && ac_reset_[p[i]] != kAcSlow) ++i;
+                if (i != start) fast = ac_reset_[p[i - 1]];
+                if (i == stop) break;
             }
-            ++i;
-        } else {
-            // Code points as for_each_code_point gives them (patterns were built with it); the
-            // three-byte form (CJK, Thai, Hangul, ...) decoded here, the rest by decode_at.
-            uint32_t cp;
-            size_t len = 3;
-            if ((b & 0xF0) == 0xE0 && i + 2 < n && (p[i + 1] & 0xC0) == 0x80 && (p[i + 2] & 0xC0) == 0x80) {
-                cp = (uint32_t{b & 0x0Fu} << 12) | (uint32_t{p[i + 1] & 0x3Fu} << 6) | (p[i + 2] & 0x3Fu);
-            } else {
-                cp = decode_at(p + i, n - i, &len);
-                if (cp == kMalformed) cp += b;
+            const unsigned char b = p[i];
+            const uint8_t next = ac_fast_[fast][b];
+            if (next != kAcSlow) {
+                fast = next;
+                ++i;
+                continue;
             }
-            ac_step(c, ac_code(cp), found);
-            i += len;
+            if (fast < 2) c = cursor_at(fast == 0 ? 0 : ac_space_state_);
+            if (b < 0x80) {
+                const uint8_t cls = kByteClass.of[b];
+                if (cls == kKeep) {
+                    ac_step(c, ac_code(b), found);
+                } else if (cls == kSpace) {
+                    ac_step(c, ac_space_code_, found);
+                } else {
+                    ac_step(c, ac_space_code_, found);
+                    ac_step(c, ac_code(b), found);
+                    ac_step(c, ac_space_code_, found);
+                }
+                ++i;
+            } else {
+                // Code points as for_each_code_point gives them (patterns were built with it); the
+                // three-byte form (CJK, Thai, Hangul, ...) decoded here, the rest by decode_at.
+                uint32_t cp;
+                size_t len = 3;
+                if ((b & 0xF0) == 0xE0 && i + 2 < n && (p[i + 1] & 0xC0) == 0x80 && (p[i + 2] & 0xC0) == 0x80) {
+                    cp = (uint32_t{b & 0x0Fu} << 12) | (uint32_t{p[i + 1] & 0x3Fu} << 6) | (p[i + 2] & 0x3Fu);
+                } else {
+                    cp = decode_at(p + i, n - i, &len);
+                    if (cp == kMalformed) cp += b;
+                }
+                ac_step(c, ac_code(cp), found);
+                i += len;
+            }
+            fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;
         }
-        fast = c.state == 0 ? 0 : c.state == ac_space_state_ ? 1 : 2;
+        if (stop == n) break;
+        bound_found(scratch);
     }
     if (fast < 2) c = cursor_at(fast == 0 ? 0 : ac_space_state_);
     ac_step(c, ac_space_code_, found);
@@ -1046,6 +1057,16 @@ void sort_unique(std::vector<int32_t>& ids, std::vector<int32_t>& spare) {
     ids.resize(kept);
 }
 
+// Between the chunks of a long text: once the ids found outgrow their limit they are
+// deduplicated, and the limit becomes twice what is left, so that the ids held stay about
+// the text's distinct entries rather than one per occurrence, at an amortised cost of a
+// constant per id found.
+void bound_found(MatchScratch& scratch) {
+    if (scratch.found.size() <= scratch.found_limit) return;
+    sort_unique(scratch.found, scratch.sorted);
+    scratch.found_limit = std::max(scratch.found_limit, 2 * scratch.found.size());
+}
+
 }  // namespace
 
 void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScratch& scratch) const {
@@ -1054,28 +1075,54 @@ void Matcher::match(std::string_view text, std::vector<int32_t>& out, MatchScrat
 
     auto& found = scratch.found;
     found.clear();
+    scratch.found_limit = size_t{1} << 16;
     if (token_offsets_.size() > 1) match_tokens(text, scratch);  // no trie entries: nothing to look up
-    if (v2 && ac_active_) match_automaton(text, found);
+    if (v2 && ac_active_) match_automaton(text, scratch);
     sort_unique(found, scratch.sorted);
     out.insert(out.end(), found.begin(), found.end());
 }
 
+// A text is matched in chunks that end just after a space-like or punctuation byte, a
+// token boundary: the tokens of the text are those of its chunks (less the empty token
+// each chunk but the last ends with), and a trie walk still going at a chunk's end goes
+// on into the next one (scratch.carry). Texts up to kMatchChunkBytes are one chunk.
 void Matcher::match_tokens(std::string_view text, MatchScratch& scratch) const {
+    scratch.carry.clear();
+    const char* p = text.data();
+    size_t begin = 0;
+    for (;;) {
+        size_t end = text.size();
+        if (end - begin > kMatchChunkBytes) {
+            size_t j = begin + kMatchChunkBytes - 1;
+            while (j < end && kByteClass.of[static_cast<unsigned char>(p[j])] == kKeep) ++j;
+            if (j < end) end = j + 1;
+        }
+        const bool last = end == text.size();
+        match_token_chunk(text.substr(begin, end - begin), last, scratch);
+        if (last) return;
+        bound_found(scratch);
+        begin = end;
+    }
+}
+
+void Matcher::match_token_chunk(std::string_view chunk, bool last, MatchScratch& scratch) const {
     // Short passes instead of one: hashing every token first lets the memory system
     // fetch all their vocabulary slots at once (prefetch) rather than one by one; the
     // same then goes for their trie nodes, and for the trie edges to the next token.
-    // The buffers only grow (a text has at most 2 * size + 1 tokens), so no pass
-    // checks capacity per token.
+    // The buffers only grow, to at most 2 * kMatchChunkBytes + 1 tokens (a chunk has at
+    // most 2 * separators + 1 tokens, and its separators all lie in its first
+    // kMatchChunkBytes bytes but the one that ends it), so no pass checks capacity per token.
     auto& tokens = scratch.tokens;
     auto& ids = scratch.token_ids;
-    if (tokens.size() < 2 * text.size() + 1) {
-        tokens.resize(2 * text.size() + 1);
-        ids.resize(tokens.size());
+    const size_t most = 2 * std::min(chunk.size(), kMatchChunkBytes) + 1;
+    if (tokens.size() < most) {
+        tokens.resize(most);
+        ids.resize(most);
     }
     MatchScratch::Token* tok = tokens.data();
     size_t n_tokens = 0;
     const size_t mask = vocab_slots_.size() - 1;
-    for_each_spaced_token(text, [&](const char* p, size_t n) {
+    for_each_spaced_token(chunk, [&](const char* p, size_t n) {
         if (n > max_token_size_) {
             tok[n_tokens++] = {nullptr, 0, 0};  // cannot be in the vocabulary
             return;
@@ -1084,6 +1131,7 @@ void Matcher::match_tokens(std::string_view text, MatchScratch& scratch) const {
         __builtin_prefetch(&vocab_slots_[h & mask]);
         tok[n_tokens++] = {p, static_cast<uint32_t>(n), h};
     });
+    if (!last) --n_tokens;  // the empty token after the separator that ends the chunk
     int32_t* id = ids.data();
     for (size_t i = 0; i < n_tokens; ++i) {
         id[i] = tok[i].data == nullptr ? -1 : token_id(tok[i].data, tok[i].size, tok[i].hash);
@@ -1098,6 +1146,24 @@ void Matcher::match_tokens(std::string_view text, MatchScratch& scratch) const {
     }
 
     auto& found = scratch.found;
+    auto& carry = scratch.next_carry;
+    carry.clear();
+    // Walks from the previous chunk: their nodes were reported there and have children.
+    for (uint32_t node : scratch.carry) {
+        for (size_t j = 0;; ++j) {
+            if (j == n_tokens) {
+                if (!last) carry.push_back(node);
+                break;
+            }
+            if (id[j] < 0) break;
+            node = child(node, static_cast<uint32_t>(id[j]));
+            if (node == kNone) break;
+            const uint32_t info = node_info_[node];
+            for (int32_t e = static_cast<int32_t>(info & ~kHasChildren) - 1; e >= 0; e = next_same_entry_[e])
+                found.push_back(e);
+            if (!(info & kHasChildren)) break;
+        }
+    }
     for (size_t i = 0; i < n_tokens; ++i) {
         if (id[i] < 0) continue;
         uint32_t node = static_cast<uint32_t>(id[i]);
@@ -1105,11 +1171,15 @@ void Matcher::match_tokens(std::string_view text, MatchScratch& scratch) const {
             const uint32_t info = node_info_[node];
             for (int32_t e = static_cast<int32_t>(info & ~kHasChildren) - 1; e >= 0; e = next_same_entry_[e])
                 found.push_back(e);
-            if (j == n_tokens || id[j] < 0 || !(info & kHasChildren)) break;
+            if (j == n_tokens || id[j] < 0 || !(info & kHasChildren)) {
+                if (!last && j == n_tokens && (info & kHasChildren)) carry.push_back(node);
+                break;
+            }
             node = child(node, static_cast<uint32_t>(id[j]));
             if (node == kNone) break;
         }
     }
+    scratch.carry.swap(carry);
 }
 
 void Matcher::match_batch(const std::vector<std::string_view>& texts, int threads,

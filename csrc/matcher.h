@@ -33,7 +33,11 @@ namespace modefast {
 // Stable 64-bit hash of a byte string (same value on every platform and run).
 uint64_t hash_bytes(const char* data, size_t size, uint64_t seed);
 
-// Per-thread working memory for Matcher::match, reused across texts.
+// Per-thread working memory for Matcher::match, reused across texts. Its size is bounded
+// whatever the text's length: a long text is matched in chunks of kMatchChunkBytes (the
+// token buffers hold one chunk), and the ids found are deduplicated as they pile up, so
+// a 20 MB caption costs this much plus a few bytes per distinct entry, not 56 bytes per
+// text byte as when every token of the text was held at once.
 struct MatchScratch {
     struct Token {
         const char* data;
@@ -44,7 +48,13 @@ struct MatchScratch {
     std::vector<int32_t> token_ids;
     std::vector<int32_t> found;
     std::vector<int32_t> sorted;  // sort_unique's working memory
+    // Trie walks still going at the end of a chunk (their nodes), continued on the next.
+    std::vector<uint32_t> carry, next_carry;
+    size_t found_limit = 0;  // `found` is deduplicated when it grows past this
 };
+
+// A text longer than this is matched chunk by chunk (each chunk ends at a token boundary).
+constexpr size_t kMatchChunkBytes = size_t{1} << 14;
 
 enum class Semantics : uint8_t { kMetaclip1 = 1, kMetaclip2 = 2 };
 
@@ -104,7 +114,8 @@ private:
     std::vector<uint32_t> ac_lay_out(const AcTrie& trie);
     void ac_link(const AcTrie& trie, const std::vector<uint32_t>& slot_of);
     void match_tokens(std::string_view text, MatchScratch& scratch) const;  // trie pass into scratch.found
-    void match_automaton(std::string_view text, std::vector<int32_t>& found) const;
+    void match_token_chunk(std::string_view chunk, bool last, MatchScratch& scratch) const;
+    void match_automaton(std::string_view text, MatchScratch& scratch) const;
     // Where the automaton is: a state and the fields of its slot that a step reads.
     struct AcCursor {
         uint32_t state = 0, base = 0, fail = 0;

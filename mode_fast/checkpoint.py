@@ -197,6 +197,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     weights): the checkpoint's state_dict is all there is."""
     import open_clip
 
+    from mode_fast.models import get_tokenizer
+
     ckpt = load_checkpoint(checkpoint, MODEL_FIELDS)
     name, kwargs = _model_spec(ckpt, checkpoint)
     model, _, preprocess_val = open_clip.create_model_and_transforms(
@@ -204,7 +206,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
         **kwargs,
     )  # fmt: skip
     load_state(model, ckpt, "state_dict", checkpoint)
-    return model.to(device).eval(), preprocess_val, open_clip.get_tokenizer(ckpt["model_name"])
+    return model.to(device).eval(), preprocess_val, get_tokenizer(name)
 
 
 def load_state(target: Any, ckpt: dict[str, Any], field: str, path: str | Path) -> None:

@@ -219,10 +219,13 @@ def embedder_spec(embedder: Any) -> EmbedderSpec | None:
 
 def shard_id(path: str | Path) -> str:
     """Stable file-name-safe id for a shard: its stem plus a hash of its absolute path
-    (two folders may both hold 00000.tar)."""
+    (two folders may both hold 00000.tar). A symlinked shard is named by the link, not by
+    its target (`mode_fast.data.io.shard_path`; the same id as before for other files)."""
     import hashlib
 
-    p = Path(path).resolve()
+    from mode_fast.data.io import shard_path
+
+    p = shard_path(path)
     stem = p.name.split(".")[0] or "shard"
     return f"{stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
 

@@ -47,7 +47,15 @@ from typing import Any
 import numpy as np
 
 from mode_fast.data.images import BadImages, decode_image
-from mode_fast.data.io import ReadReport, ShardError, TarGroup, describe_fields, iter_samples, sample_caption
+from mode_fast.data.io import (
+    ReadReport,
+    ShardError,
+    TarGroup,
+    describe_fields,
+    distinct_files,
+    iter_samples,
+    sample_caption,
+)
 from mode_fast.ensemble import check_class_names
 from mode_fast.errors import InputError
 from mode_fast.runs import fingerprint
@@ -231,16 +239,18 @@ def _decoded(
 
 
 def _list_tars(spec: str) -> list[Path]:
+    """The tars of a folder, a glob or one file, as named (a link stays the link, and one
+    to nothing is an error naming it when read); a file reached by two names once."""
     p = Path(spec)
     if p.is_dir():
         found = sorted(p.glob("*.tar"))
     elif any(c in spec for c in "*?["):
         found = sorted(Path(x) for x in glob.glob(spec))
     else:
-        found = [p] if p.is_file() else []
+        found = [p] if p.is_file() or p.is_symlink() else []
     if not found:
         raise EvalError(f"no webdataset shards found at {spec}")
-    return found
+    return distinct_files(found)
 
 
 def _iter_tar(shards: Sequence[Path], report: ReadReport) -> Iterator[tuple[TarGroup, Path]]:

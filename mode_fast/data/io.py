@@ -5,6 +5,13 @@ Every reader yields one `Record` per sample in file order, bad ones included (wi
 curation's second pass re-reads a shard and keeps records by index, which avoids holding
 raw samples in memory and keeps the curated records byte-for-byte those of the input.
 
+Shard paths (`list_shards`, `shard_path`; every job lists its shards this way): a shard is
+named by the path the user gave, made absolute with its folder resolved but its own name
+kept, so a symlink stays the link, as in a model-hub cache (``snapshots/x/pool-000.tar ->
+../../blobs/3f2a...``): the format comes from the link's name, ids, outputs and errors name
+the link, and reading reads the target. A file reached under two names is listed once; a
+link to nothing is an error naming where it points.
+
 Caption lookup (``caption_key``):
 - webdataset: a member extension of that name (``txt``, ``caption``...; compared lower-cased,
   a leading dot allowed: `member_ext`) if the sample has one; else a field of the ``.json`` member; else, for the default ``caption`` only, the
@@ -102,6 +109,7 @@ class Record:
 
 
 def shard_format(path: str | os.PathLike) -> str:
+    """The format a shard's name says (never its link target's: see `shard_path`)."""
     name = str(path)
     if name.endswith(".tar"):
         return "tar"
@@ -118,14 +126,50 @@ def _expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
+def shard_path(path: str | os.PathLike) -> Path:
+    """A shard's absolute path as every job names it: its folder resolved, its own name
+    kept. A symlink stays the link (a model-hub cache links ``pool-000.tar`` to
+    ``blobs/3f2a...``): its name says the format and names the shard in ids, outputs and
+    errors, and reading it reads the target. For a file that is not a link this is
+    ``Path.resolve()``, so ids made from it stay what they were."""
+    p = Path(path)
+    return p.parent.resolve() / p.name
+
+
+def missing_shard(path: str | os.PathLike) -> ShardError:
+    """The error for a shard that is not there: a link to nothing names its target."""
+    if os.path.islink(path):
+        return ShardError(f"{path}: a link to {os.readlink(path)}, which does not exist")
+    return ShardError(f"{path}: no such file")
+
+
+def _is_shard_name(path: Path) -> bool:
+    return str(path).endswith(SHARD_SUFFIXES)
+
+
 def _shards_in(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file() and str(p).endswith(SHARD_SUFFIXES)]
+    """The shard files under a folder, linked folders followed (each real folder once,
+    under the name walked first, in sorted order); links to nothing are kept, for
+    list_shards to name."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += (Path(root, f) for f in files if _is_shard_name(Path(f)))
+    return found
 
 
 def list_shards(patterns: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files, folders (searched recursively) and glob/brace patterns -> sorted, deduplicated
-    absolute shard paths. A pattern that names nothing, or no shard, is a ShardError."""
-    found: set[Path] = set()
+    """Files, folders (searched recursively) and glob/brace patterns -> sorted absolute
+    shard paths (`shard_path`: links kept as links). A file named twice, or reached by two
+    names (links to one target), is listed once, under the first of its names in order.
+    A pattern that names nothing, or no shard, and a link to nothing are ShardErrors."""
+    found: list[Path] = []
     for pattern in patterns:
         matched: list[Path] = []
         for item in _expand_braces(str(pattern)):
@@ -134,15 +178,27 @@ def list_shards(patterns: Iterable[str | os.PathLike]) -> list[Path]:
                     matched += _shards_in(p) if p.is_dir() else [p]
             elif os.path.isdir(item):
                 matched += _shards_in(Path(item))
-            elif os.path.exists(item):
+            elif os.path.lexists(item):
                 matched.append(Path(item))
             else:
                 raise ShardError(f"{item}: no such file or folder")
-        shards = [p for p in matched if str(p).endswith(SHARD_SUFFIXES)]
+        shards = [shard_path(p) for p in matched if _is_shard_name(p)]
         if not shards:
             raise ShardError(f"{pattern}: matches no shard ({', '.join(SHARD_SUFFIXES)})")
-        found.update(p.resolve() for p in shards)
-    return sorted(found)
+        for p in shards:
+            if not p.exists():
+                raise missing_shard(p)
+        found += shards
+    return distinct_files(found)
+
+
+def distinct_files(paths: Iterable[Path]) -> list[Path]:
+    """Sorted paths with each file once: names of one file (links to one target, the
+    target itself) count as one, listed under the first of them in sorted order."""
+    first: dict[str, Path] = {}
+    for p in sorted(paths):
+        first.setdefault(os.path.realpath(p), p)
+    return sorted(first.values())
 
 
 # --- text checks -------------------------------------------------------------------------
@@ -204,7 +260,7 @@ def read_shard(path: str | os.PathLike, caption_key: str = "caption", key_field:
     """Records of one shard in file order, the format from the suffix (module docstring)."""
     fmt = shard_format(path)
     if not os.path.isfile(path):
-        raise ShardError(f"{path}: no such file")
+        raise missing_shard(path)
     if fmt == "tar":
         return _read_tar(Path(path), caption_key)
     if fmt == "parquet":
@@ -294,7 +350,7 @@ class TarScan:
 
     def _open(self) -> tarfile.TarFile:
         if not self.path.is_file():
-            raise ShardError(f"{self.path}: no such file")
+            raise missing_shard(self.path)
         try:
             # Opened strictly: the first header must be valid, or this is not a tar.
             tf = tarfile.open(self.path, mode="r:")
