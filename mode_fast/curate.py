@@ -88,7 +88,7 @@ __all__ = [  # the balancing names are mode_fast.balance's, re-exported for exis
 
 Log = Callable[[str], None]
 SEMANTICS = ("metaclip1", "metaclip2")
-OWNED = ("data", ".work", "manifest.json", "kept_keys.txt", "entry_count.npy", "entry_prob.npy", "summary.json")
+OWNED = ("data", curation.WORK, "manifest.json", "kept_keys.txt", "entry_count.npy", "entry_prob.npy", "summary.json")
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -131,7 +131,7 @@ class CurateConfig:
 
     @property
     def work(self) -> Path:
-        return self.out / ".work"
+        return self.out / curation.WORK
 
 
 @dataclass(frozen=True)

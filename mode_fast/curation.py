@@ -53,6 +53,7 @@ from mode_fast.data.io import (
 from mode_fast.files import atomic_write, inside, save_npz, sha256_file, write_json
 from mode_fast.runs import fingerprint
 
+WORK = ".work"  # the work folder under OUT (module doc)
 MATCHES_FORMAT = 1  # bump when the .npz layout changes: old files are then recomputed
 METACLIP2 = "metaclip2"
 
@@ -80,7 +81,7 @@ class ShardFiles:
 
 def shard_files(out: Path, shards: Sequence[Path]) -> list[ShardFiles]:
     """The files of every shard of the pool, in pool order."""
-    work = out / ".work"
+    work = out / WORK
     root = Path(os.path.commonpath([str(p.parent) for p in shards])) if shards else out
     files = []
     for path in shards:
@@ -431,7 +432,7 @@ def remove_stale_outputs(out: Path, files: Sequence[ShardFiles]) -> int:
     """Remove the curated shards (and stamps, key lists) earlier runs wrote for inputs that
     are not in this pool; returns how many curated shards were removed. Every stale stamp's
     destination is checked before anything is removed (InputError: one outside OUT)."""
-    work = out / ".work"
+    work = out / WORK
     current_stamps = {str(f.done) for f in files}
     current_dsts = {os.path.realpath(f.dst) for f in files}
     stale = []

@@ -442,8 +442,9 @@ def _required_seed(cfg: TrainConfig) -> Path:
 def _check_inputs(cfg: TrainConfig) -> None:
     """The cheap checks of the arguments against the files they name, made before any output
     folder, lock or file exists, so that a refused job leaves nothing behind (the shard list
-    is checked by `_run_inputs`, also before): the architecture name, the key list, the checkpoint to resume, and
-    for an expert the expert number against the cluster folder and the seed's existence.
+    is checked by `_run_inputs`, also before): the architecture name, the key list, the
+    checkpoint to resume, and for an expert the expert number against the cluster folder
+    and the seed's existence.
     What needs reading whole (checkpoints, assignments) is checked after; a failure there
     still leaves nothing behind (`RunState.abandon`)."""
     if not is_known_model(cfg.model):
@@ -687,7 +688,7 @@ def _restore(run: _Run, start: _Start) -> int:
                 run.ddp.world_size,
                 len(ckpt["rng"]),
             )
-        run.bad.add(_checkpoint_skips(ckpt))
+        run.bad.add(ckpt.get("skipped_images", []))  # checked by load_checkpoint; absent in older checkpoints
         run.logged_bad = len(run.bad)  # the earlier run logged them
         log.info("resumed %s at step %d of %d", start.resume_path, job_step, run.schedule.job_steps)
         return job_step
@@ -696,12 +697,6 @@ def _restore(run: _Run, start: _Start) -> int:
         load_state(run.model, start.seed_ckpt, "state_dict", seed)
         load_state(run.optimizer, start.seed_ckpt, "optimizer", seed)  # MoDE: experts continue the seed's run
     return 0
-
-
-def _checkpoint_skips(ckpt: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """The bad samples a checkpoint counted (checked by load_checkpoint; none in a checkpoint
-    written before they were kept)."""
-    return [(str(a), str(b), str(c)) for a, b, c in ckpt.get("skipped_images", [])]
 
 
 def _save(run: _Run, path: Path, step: int) -> None:
