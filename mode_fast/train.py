@@ -949,9 +949,7 @@ def _count_bad(run: _Run, skips: Sequence[Sequence[str]]) -> bool:
         for shard, key, reason in new:
             if run.logged_bad >= _LOGGED_ONE_BY_ONE:
                 break
-            log.warning(
-                "%s sample %r: skipped (%s); its batch slot is filled from the next samples", shard, key, reason
-            )
+            log.warning("%s sample %r: skipped (%s); its batch slot is filled with another sample", shard, key, reason)
             run.logged_bad += 1
             if run.logged_bad == _LOGGED_ONE_BY_ONE:
                 log.warning("further bad images are summed up at each checkpoint and listed in data.json")
