@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mode_fast.pipeline --out demo_out
+	$(VENV)/bin/mode-fast demo --out demo_out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

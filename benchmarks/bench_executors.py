@@ -25,10 +25,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from mode_fast.cluster import ClusterJob, run_cluster_job  # noqa: E402
-from mode_fast.curate import curate  # noqa: E402
-from mode_fast.data.sample import sample_captions  # noqa: E402
-from mode_fast.runs import MANIFEST, RunState  # noqa: E402
+from mode_fast.core.runs import MANIFEST, RunState  # noqa: E402
+from mode_fast.demo.sample import sample_captions  # noqa: E402
+from mode_fast.jobs.cluster import ClusterJob, run_cluster_job  # noqa: E402
+from mode_fast.jobs.curate import curate  # noqa: E402
 
 CURATE_N = int(os.environ.get("EXEC_BENCH_CURATE_N", 2_000_000))
 CLUSTER_N = int(os.environ.get("EXEC_BENCH_CLUSTER_N", 8_000))

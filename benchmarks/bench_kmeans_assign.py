@@ -176,7 +176,7 @@ def test_fit_faiss(benchmark, cpu_case):
 
 @pytest.mark.benchmark(group=FIT_GROUP)
 def test_fit_mode_fast(benchmark, cpu_case):
-    from mode_fast.kmeans import KMeans
+    from mode_fast.clustering.kmeans import KMeans
 
     x = cpu_case[0][:FIT_N]
     km = benchmark.pedantic(lambda: KMeans(K, niter=10, init="random", tol=0).fit(x), rounds=3, iterations=1)

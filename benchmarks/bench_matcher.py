@@ -311,7 +311,7 @@ def test_v2_paired_with_fastest_peer(benchmark, corpus_v2, matchers_v2):
 def test_v2_language_id(benchmark, corpus_v2):
     # Beside the matcher: what routing each caption by language costs per thread.
     lid_mod = pytest.importorskip("py3langid")  # noqa: F841
-    from mode_fast.worldwide import LanguageIdentifier
+    from mode_fast.curation.worldwide import LanguageIdentifier
 
     lid = LanguageIdentifier()
     texts = corpus_v2[2][:5000]

@@ -30,7 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode_fast import models, train, training
+from mode_fast.jobs import train
+from mode_fast.training import loop as training
+from mode_fast.training import models
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -48,7 +50,7 @@ def loss_class(provider: str) -> type:
         from open_clip.loss import ClipLoss
 
         return ClipLoss
-    loss_module = pytest.importorskip("mode_fast.loss", reason="mode_fast.loss not written yet")
+    loss_module = pytest.importorskip("mode_fast.training.loss", reason="mode_fast.training.loss not written yet")
     return loss_module.ClipLoss
 
 

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from mode_fast.files import write_json, write_text
+from mode_fast.core.files import write_json, write_text
 
 # shared memory per block (opt-in maximum): H100/H200 228 KB - 1 KB, A100 164 KB - 1 KB
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}

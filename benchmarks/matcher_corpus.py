@@ -17,7 +17,7 @@ PUNCT = ["", "", "", "", "", "", ",", ".", "!", ":", "\n"]
 
 def _base_words() -> list[str]:
     try:
-        from mode_fast.metadata import load_metadata
+        from mode_fast.curation.metadata import load_metadata
 
         return load_metadata(None)
     except Exception:  # the list not built yet: a synthetic vocabulary of the same size

@@ -2,7 +2,7 @@
 
 Each job module defines ``add_arguments(parser)`` and ``run(args) -> int``; only the
 module of the chosen subcommand is imported, so `mode-fast curate` never loads torch.
-A user-caused error (`mode_fast.errors.ModeFastError`, a bad flag, a non-finite number
+A user-caused error (`mode_fast.core.errors.ModeFastError`, a bad flag, a non-finite number
 in any numeric flag) ends as one line, ``mode-fast JOB: error: ...``, exit 2; ``--debug``
 shows its traceback instead.
 Ctrl-C ends as one line, exit 130.
@@ -15,20 +15,27 @@ import importlib
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NoReturn
 
-from mode_fast.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, Interrupted, ModeFastError
+from mode_fast.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, Interrupted, ModeFastError
 
-# name -> (module, one-line help)
+# name -> (job module, one-line help); only the CLI imports mode_fast.jobs
 COMMANDS: dict[str, tuple[str, str]] = {
-    "curate": ("mode_fast.curate", "MetaCLIP curation: match captions to metadata, count, balance"),
-    "cluster": ("mode_fast.cluster", "MoDE two-level clustering: fine k-means centers, coarse experts"),
-    "train": ("mode_fast.train", "train MoDE data experts on open_clip models"),
-    "eval": ("mode_fast.evaluate", "zero-shot evaluation of experts and their ensemble"),
-    "metadata": ("mode_fast.metadata", "build or merge a metadata list (WordNet, user lists)"),
-    "sample": ("mode_fast.data.sample", "write the embedded synthetic sample pool"),
+    "curate": ("mode_fast.jobs.curate", "MetaCLIP curation: match captions to metadata, count, balance"),
+    "cluster": ("mode_fast.jobs.cluster", "MoDE two-level clustering: fine k-means centers, coarse experts"),
+    "train": ("mode_fast.jobs.train", "train MoDE data experts on open_clip models"),
+    "eval": ("mode_fast.jobs.eval", "zero-shot evaluation of experts and their ensemble"),
+    "metadata": ("mode_fast.jobs.metadata", "build or merge a metadata list (WordNet, user lists)"),
+    "sample": ("mode_fast.jobs.sample", "write the embedded synthetic sample pool"),
+    "demo": ("mode_fast.jobs.demo", "the whole pipeline on the embedded sample: sample, curate, cluster, train, eval"),
+    "open-clip-train": (
+        "mode_fast.jobs.open_clip_main",
+        "open_clip's own trainer (open_clip_train.main, its arguments) with this project's loss",
+    ),
 }
+# commands whose arguments belong to another program: everything after the name is passed on
+PASSTHROUGH = {"open-clip-train"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -83,15 +90,6 @@ def run_job(prog: str, run: Callable[[argparse.Namespace], int | None], args: ar
         return EXIT_USAGE
 
 
-def job_main(prog: str, module: object, argv: Sequence[str] | None = None) -> int:
-    """``python -m mode_fast.JOB ...``: the same parser and handler as ``mode-fast JOB``."""
-    doc = (getattr(module, "__doc__", None) or prog).splitlines()[0]
-    parser = ArgumentParser(prog=prog, description=doc)
-    add_common_arguments(parser)
-    module.add_arguments(parser)  # type: ignore[attr-defined]
-    return run_job(prog, module.run, parser.parse_args(argv))  # type: ignore[attr-defined]
-
-
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="mode-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -108,6 +106,10 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in PASSTHROUGH:
+        module = importlib.import_module(COMMANDS[command][0])
+        rest = argv[argv.index(command) + 1 :]
+        return run_job(f"mode-fast {command}", lambda _args: module.main(rest), argparse.Namespace())
     parser = _build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     return run_job(f"mode-fast {args.command}", args._run, args)

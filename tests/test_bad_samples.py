@@ -24,9 +24,10 @@ from test_evaluate import env, eval_cli, write_formats  # noqa: F401  (env: fixt
 from test_loader import collect, identity_preprocess, make_shards, toy_tokenizer
 from test_train import BASE, metrics, parse, run_train, torchrun, weights
 
-from mode_fast import cli, train
+from mode_fast import cli
 from mode_fast.data import loader as L
 from mode_fast.data.images import MAX_PIXELS, OVER_PIXEL_LIMIT, UNDECODABLE, decode_image
+from mode_fast.jobs import train
 
 torch.set_num_threads(1)  # bitwise equality of resumed runs needs the same sums; shared 2-core machine
 
@@ -193,12 +194,12 @@ def reference(bad_pool, tmp_path_factory) -> dict:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logging.getLogger("mode_fast.train").addHandler(handler)
+    logging.getLogger("mode_fast.jobs.train").addHandler(handler)
     try:
         final = run_train(_args(bad_pool, out, "--max-bad-share", "0.05"))
     finally:
         train.train_step = real
-        logging.getLogger("mode_fast.train").removeHandler(handler)
+        logging.getLogger("mode_fast.jobs.train").removeHandler(handler)
     return {"final": final, "job": out / "seed", "batches": seen, "log": [r.getMessage() for r in records]}
 
 

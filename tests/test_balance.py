@@ -1,5 +1,5 @@
-"""The two balancings behind one interface (mode_fast.balance.PoolBalance, MetaCLIP 1, and
-mode_fast.worldwide.WorldwideBalance, MetaCLIP 2): with English the only language, MetaCLIP 2's
+"""The two balancings behind one interface (mode_fast.curation.balance.PoolBalance, MetaCLIP 1, and
+mode_fast.curation.worldwide.WorldwideBalance, MetaCLIP 2): with English the only language, MetaCLIP 2's
 rules are MetaCLIP 1's, so the two must agree on every method."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mode_fast.balance import PoolBalance, entry_probabilities, key_hashes, record_scores, t_ladder
-from mode_fast.worldwide import LanguageMatchers, WorldwideBalance
+from mode_fast.curation.balance import PoolBalance, entry_probabilities, key_hashes, record_scores, t_ladder
+from mode_fast.curation.worldwide import LanguageMatchers, WorldwideBalance
 
 
 def _pool(seed: int, n_records: int = 400, n_entries: int = 50):

@@ -1,4 +1,4 @@
-"""mode_fast.kmeans, .experts, .embed: KMeans, balanced assignment, MoDE's two levels, caption embeddings
+"""mode_fast.clustering.kmeans, .experts, .embed: KMeans, balanced assignment, MoDE's two levels, caption embeddings
 and the `mode-fast cluster` job, on small synthetic data."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mode_fast.experts import TwoLevel, fit_two_level
-from mode_fast.kmeans import KMeans, balanced_assign
+from mode_fast.clustering.experts import TwoLevel, fit_two_level
+from mode_fast.clustering.kmeans import KMeans, balanced_assign
 
 
 def _blobs(sizes, d=8, spread=0.3, seed=0, scale=10.0):
@@ -142,12 +142,12 @@ def test_kmeans_empty_cluster_split_unit():
 def test_kmeans_subsampling_is_logged(caplog):
     rng = np.random.default_rng(9)
     x = rng.normal(size=(500, 4)).astype(np.float32)
-    with caplog.at_level(logging.WARNING, logger="mode_fast.kmeans"):
+    with caplog.at_level(logging.WARNING, logger="mode_fast.clustering.kmeans"):
         km = KMeans(5, max_points_per_centroid=20, niter=3).fit(x)
     assert km.subsample == (500, 100)
     assert any("subsampling 100 of 500" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mode_fast.kmeans"):
+    with caplog.at_level(logging.WARNING, logger="mode_fast.clustering.kmeans"):
         km = KMeans(5, max_points_per_centroid=200, niter=3).fit(x)
     assert km.subsample is None
     assert not any("subsampling" in r.getMessage() for r in caplog.records)
@@ -313,7 +313,7 @@ def test_two_level_normalises_its_input():
 def test_cluster_cli_no_balanced_coarse_flag():
     import argparse
 
-    from mode_fast import cluster
+    from mode_fast.jobs import cluster
 
     parser = argparse.ArgumentParser()
     cluster.add_arguments(parser)
@@ -333,7 +333,7 @@ def test_two_level_k_larger_than_sample():
 # caption embeddings
 # ---------------------------------------------------------------------------------
 def test_hash_embedder_is_deterministic_and_normalised():
-    from mode_fast.embed import HashEmbedder
+    from mode_fast.clustering.embedders import HashEmbedder
 
     e = HashEmbedder(16)
     a = e(["a cat on a mat", "A CAT on a mat!", "sports car", "!!!"])
@@ -349,7 +349,7 @@ def test_minilm_embedder_real_model():
     pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
     import pickle
 
-    from mode_fast.embed import MiniLMEmbedder
+    from mode_fast.clustering.embedders import MiniLMEmbedder
 
     e = MiniLMEmbedder(device="cpu", batch_size=2)
     caps = ["a photo of a cat", "a kitten sleeping on a sofa", "a red sports car on a road",
@@ -366,7 +366,7 @@ def test_minilm_embedder_real_model():
 
 
 def test_make_embedder():
-    from mode_fast.embed import HashEmbedder, MiniLMEmbedder, make_embedder
+    from mode_fast.clustering.embedders import HashEmbedder, MiniLMEmbedder, make_embedder
 
     assert isinstance(make_embedder("minilm"), MiniLMEmbedder)
     assert make_embedder("hash8").dim == 8 and isinstance(make_embedder("hash"), HashEmbedder)
@@ -418,7 +418,7 @@ def io_module():
 
 
 def test_embed_shard_caches_atomically(io_module, tmp_path):
-    from mode_fast.embed import HashEmbedder, embed_shard
+    from mode_fast.clustering.embedders import HashEmbedder, embed_shard
 
     _write_shards(tmp_path / "shards", [45])
     shard = tmp_path / "shards" / "00000.tar"
@@ -449,7 +449,7 @@ def _cli(args):
 def test_cluster_job_end_to_end_and_resume(io_module, tmp_path, capsys):
     import json
 
-    from mode_fast.embed import HashEmbedder
+    from mode_fast.clustering.embedders import HashEmbedder
 
     captions = _write_shards(tmp_path / "shards", [120, 90, 0, 100])  # shard 2 is empty
     out = tmp_path / "out"
@@ -518,7 +518,7 @@ def test_cluster_job_no_shards(io_module, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["index_add", "segment"])
 def test_cluster_sums_methods_agree_with_fp64(method):
-    from mode_fast.kmeans import cluster_sums
+    from mode_fast.clustering.kmeans import cluster_sums
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20000, 7, generator=g)

@@ -1,4 +1,4 @@
-"""mode_fast.clusters (the one reader of a cluster folder) and mode_fast.embed's specs: the
+"""mode_fast.clustering.folder (the one reader of a cluster folder) and mode_fast.clustering.embedders's specs: the
 embedder's spec is stored with the clusters and eval rebuilds the same embedder from it."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from test_cluster import _write_shards
 
-from mode_fast import scoring
-from mode_fast.cluster import ClusterJob, run_cluster_job
-from mode_fast.clusters import EMBEDDER, ClusterFolder, spec_from_legacy_name
-from mode_fast.embed import HashEmbedder, MiniLMEmbedder, embedder_spec, make_embedder
-from mode_fast.errors import ConfigError, InputError
-from mode_fast.experts import TwoLevel
+from mode_fast.clustering.embedders import HashEmbedder, MiniLMEmbedder, embedder_spec, make_embedder
+from mode_fast.clustering.experts import TwoLevel
+from mode_fast.clustering.folder import EMBEDDER, ClusterFolder, spec_from_legacy_name
+from mode_fast.core.errors import ConfigError, InputError
+from mode_fast.evaluation import scoring
+from mode_fast.jobs.cluster import ClusterJob, run_cluster_job
 
 
 class LetterEmbedder:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
-from mode_fast.errors import ConfigError
+from mode_fast.core.errors import ConfigError
 from mode_fast.kernels import clip_loss, siglip_loss
 from mode_fast.kernels.contrastive_loss import infonce_loss, local_clip_loss
 
@@ -301,8 +301,8 @@ def test_train_deterministic_flag_reaches_the_loss():
     """mode-fast train --deterministic: parsed into TrainConfig and passed to the loss."""
     import argparse
 
-    from mode_fast import train
-    from mode_fast.training import make_loss
+    from mode_fast.jobs import train
+    from mode_fast.training.loop import make_loss
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
@@ -311,4 +311,4 @@ def test_train_deterministic_flag_reaches_the_loss():
         assert cfg.deterministic is want
         for siglip in (False, True):
             loss, source = make_loss(siglip, deterministic=cfg.deterministic)
-            assert source == "mode_fast.loss" and loss.deterministic is want
+            assert source == "mode_fast.training.loss" and loss.deterministic is want

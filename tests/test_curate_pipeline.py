@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from matching_reference import naive_match
 
-from mode_fast.balance import (
+from mode_fast.cli import main
+from mode_fast.curation.balance import (
     entry_probabilities,
     expected_kept,
     key_hashes,
@@ -23,9 +24,8 @@ from mode_fast.balance import (
     record_scores,
     solve_t,
 )
-from mode_fast.cli import main
-from mode_fast.curate import curate
 from mode_fast.data.io import ShardError, read_shard
+from mode_fast.jobs.curate import curate
 
 METADATA = [
     "dog",
@@ -296,7 +296,7 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path, meta, make_pool):
 
 
 def test_crash_in_pass_two_leaves_no_manifest_then_resumes(tmp_path, meta, make_pool, monkeypatch):
-    import mode_fast.curation as C
+    import mode_fast.curation.shards as C
 
     make_pool(tmp_path / "pool", make_records(300), 3)
     clean = tmp_path / "clean"
@@ -443,7 +443,7 @@ def test_duplicate_keys_are_reported(tmp_path, meta, make_pool):
 
 
 def test_cli_estimate_and_run(tmp_path, meta, make_pool, capsys):
-    from mode_fast.metadata import metadata_sha256
+    from mode_fast.curation.metadata import metadata_sha256
 
     make_pool(tmp_path / "pool", make_records(300), 2)
     out = tmp_path / "out"

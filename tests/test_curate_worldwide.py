@@ -17,7 +17,7 @@ import pytest
 from matching_reference import naive_match_v2, p_to_t_reference, t_to_p_reference
 from multilingual_corpus import available, catalogue_texts
 
-from mode_fast.worldwide import lid_available
+from mode_fast.curation.worldwide import lid_available
 
 pytestmark = [
     pytest.mark.skipif(not lid_available(), reason="py3langid not installed (mode-fast[worldwide])"),
@@ -64,7 +64,7 @@ def world(tmp_path_factory):
 
 def _reference(meta, records):
     """Language, matched ids (per language list) of each record, by MetaCLIP 2's rules."""
-    from mode_fast.worldwide import LanguageIdentifier
+    from mode_fast.curation.worldwide import LanguageIdentifier
 
     langs = LanguageIdentifier()([r["caption"] for r in records])
     matches = [naive_match_v2(meta[lang], r["caption"]) if lang in meta else [] for r, lang in zip(records, langs)]
@@ -72,7 +72,7 @@ def _reference(meta, records):
 
 
 def _curate(pool, out, folder, **kw):
-    from mode_fast.curate import curate
+    from mode_fast.jobs.curate import curate
 
     kw.setdefault("workers", 1)
     kw.setdefault("log", lambda m: None)
@@ -80,7 +80,7 @@ def _curate(pool, out, folder, **kw):
 
 
 def test_counts_thresholds_and_kept_set_against_reference(tmp_path, world):
-    from mode_fast.balance import key_hashes, record_scores
+    from mode_fast.curation.balance import key_hashes, record_scores
 
     pool, folder, meta, records = world
     summary = _curate(pool, tmp_path / "out", folder, t=4)
@@ -123,7 +123,7 @@ def test_counts_thresholds_and_kept_set_against_reference(tmp_path, world):
 
 
 def test_rebalancing_reuses_language_and_matches(tmp_path, world, monkeypatch):
-    from mode_fast import worldwide
+    from mode_fast.curation import worldwide
 
     pool, folder, _, _ = world
     out = tmp_path / "out"
@@ -186,7 +186,7 @@ def test_cli_end_to_end_with_language_summary(tmp_path, world, capsys):
 
 
 def test_metaclip1_default_does_not_route_by_language(tmp_path, world, metadata_file):
-    from mode_fast.curate import curate
+    from mode_fast.jobs.curate import curate
 
     pool, _, meta, _ = world
     summary = curate(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mode_fast
-from mode_fast.errors import ConfigError
+from mode_fast.core.errors import ConfigError
 from mode_fast.kernels import contrastive_loss, dispatch
 
 CUDA = torch.device("cuda", 0)

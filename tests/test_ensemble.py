@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mode_fast.ensemble import (
+from mode_fast.evaluation.ensemble import (
     ENSEMBLE_INPUTS,
     check_class_names,
     combine_logits,
@@ -126,8 +126,8 @@ def test_ensembles_combine_plain_cosines_by_default():
     """mode.md: the weighted zero-shot outputs are plain cosine similarities. Worked example:
     expert 0 (scale 100) cosines [0.5, 0.4], expert 1 (scale 10) cosines [0.1, 0.3], equal weights:
     cosine mean [0.3, 0.35] -> class 1; scaled mean [25.5, 21.5] -> class 0."""
-    from mode_fast.scoring import ensemble_inputs
-    from mode_fast.tasks import EvalError
+    from mode_fast.evaluation.scoring import ensemble_inputs
+    from mode_fast.evaluation.tasks import EvalError
 
     scales = [100.0, 10.0]  # each expert's logit scale
     cos = [np.array([[0.5, 0.4]]), np.array([[0.1, 0.3]])]

@@ -1,4 +1,4 @@
-"""`mode-fast eval` under the one run lifecycle (mode_fast.runs): SIGKILL at random writes
+"""`mode-fast eval` under the one run lifecycle (mode_fast.core.runs): SIGKILL at random writes
 (before and after each rename), Ctrl-C, a second run on the same --out, a finished rerun,
 and reruns with a changed argument, a retrained checkpoint and a changed code version, each
 against an unbroken run of the same command."""
@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from test_evaluate import env, eval_cli, save_random_model  # noqa: F401  (env: fixture)
 
-from mode_fast import cli, runs
-from mode_fast.runs import LOCK, MANIFEST
+from mode_fast import cli
+from mode_fast.core import runs
+from mode_fast.core.runs import LOCK, MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def test_sigint_a_second_run_and_a_finished_rerun(env, reference, tmp_path, caps
 
     # a finished evaluation rerun is a no-op that says so
     before = _files(out, with_mtime=True)
-    with caplog.at_level(logging.WARNING, logger="mode_fast.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="mode_fast.jobs.eval"):
         assert eval_cli(env, out, *_tasks(env)) == 0
     assert "already holds this evaluation" in caplog.text and "nothing to do" in caplog.text
     assert _files(out, with_mtime=True) == before
@@ -177,7 +178,7 @@ def test_changed_argument_recombines_and_retrained_checkpoint_rescores(env, refe
     assert eval_cli(env, out, *_tasks(env), run=run) == 0
     units = _unit_mtimes(out)
     save_random_model(run / "expert_1" / "checkpoints" / "final.pt", 7)
-    with caplog.at_level(logging.WARNING, logger="mode_fast.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="mode_fast.jobs.eval"):
         assert eval_cli(env, out, *_tasks(env), run=run) == 0
     assert "expert_1/checkpoints/final.pt (changed) since the run in" in caplog.text
     now = _unit_mtimes(out)

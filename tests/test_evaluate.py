@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from mode_fast import cli, evaluate, scoring, tasks
-from mode_fast.checkpoint import CHECKPOINT_FORMAT
-from mode_fast.data.sample import write_sample
-from mode_fast.embed import HashEmbedder
-from mode_fast.ensemble import expert_weights
-from mode_fast.experts import TwoLevel
-from mode_fast.models import register_model_configs
+from mode_fast import cli
+from mode_fast.clustering.embedders import HashEmbedder
+from mode_fast.clustering.experts import TwoLevel
+from mode_fast.demo.sample import write_sample
+from mode_fast.evaluation import scoring, tasks
+from mode_fast.evaluation.ensemble import expert_weights
+from mode_fast.jobs import eval as evaluate
+from mode_fast.training.checkpoint import CHECKPOINT_FORMAT
+from mode_fast.training.models import register_model_configs
 
 torch.set_num_threads(1)  # shared 2-core machine
 
@@ -389,7 +391,7 @@ def test_digits_task_is_sklearns_handwritten_digits():
     assert len(items) == 1797 and np.array_equal(labels, target)
     assert sorted(set(labels.tolist())) == list(range(10))
     # the sample's glyph domain calls its digits "digit one" / "digit seven": same words here
-    from mode_fast.data.sample import DOMAINS
+    from mode_fast.demo.sample import DOMAINS
 
     assert task.classes == [
         "digit zero",
@@ -465,7 +467,7 @@ def test_digits_without_sklearn_is_a_clear_error(monkeypatch):
 
 
 def test_evaluate_does_not_import_sklearn():
-    code = "import sys, mode_fast.evaluate; print('sklearn' in sys.modules)"
+    code = "import sys, mode_fast.jobs.eval; print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -22,12 +22,12 @@ from test_runs import _run as run_cli  # noqa: E402
 from test_runs import _start as start_cli  # noqa: E402
 from test_runs import _wait_for as wait_for  # noqa: E402
 
-from mode_fast.cluster import ClusterJob, run_cluster_job  # noqa: E402
-from mode_fast.curate import curate  # noqa: E402
-from mode_fast.data.sample import write_sample  # noqa: E402
-from mode_fast.errors import InputError  # noqa: E402
-from mode_fast.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402
-from mode_fast.experts import TwoLevel  # noqa: E402
+from mode_fast.clustering.experts import TwoLevel  # noqa: E402
+from mode_fast.core.errors import InputError  # noqa: E402
+from mode_fast.core.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402
+from mode_fast.demo.sample import write_sample  # noqa: E402
+from mode_fast.jobs.cluster import ClusterJob, run_cluster_job  # noqa: E402
+from mode_fast.jobs.curate import curate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_nothing_of_ray_runs_after_map_returns(tmp_path):
     out = _python(
         tmp_path,
         "import threading, time\n"
-        "from mode_fast.executor import make_executor\n"
+        "from mode_fast.core.executor import make_executor\n"
         "def work(t):\n"
         "    time.sleep(t['s'])\n"
         "    return t['i']\n"
@@ -227,7 +227,7 @@ def test_more_workers_than_cpus_runs_on_the_actors_that_start(tmp_path):
     out = _python(
         tmp_path,
         "import ray\n"
-        "from mode_fast.executor import make_executor\n"
+        "from mode_fast.core.executor import make_executor\n"
         "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
         "runner = make_executor('ray', workers=3)\n"
         "print(sorted(runner.map(abs, [-i for i in range(6)])), flush=True)\n"

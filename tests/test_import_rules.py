@@ -1,5 +1,11 @@
-"""Library modules never import job modules (curate, cluster, train, evaluate, pipeline,
-cli): every import of every library module is parsed, function-local ones included."""
+"""The layers by package: core <- data, kernels <- stages <- demo <- jobs <- cli.
+
+Every import of every module in the package is parsed (function-local, relative and
+`importlib.import_module("...")` ones included) and judged by the package it names, so a new
+module is held to its folder's rule with no list of module names to keep up to date. Stages
+(curation, clustering, training, evaluation) may use one another as long as no two of them
+import each other; only the CLI imports the jobs.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,22 @@ from pathlib import Path
 import mode_fast
 
 PACKAGE = Path(mode_fast.__file__).parent
-JOBS = {"mode_fast.curate", "mode_fast.cluster", "mode_fast.train", "mode_fast.evaluate",
-        "mode_fast.pipeline", "mode_fast.cli"}  # fmt: skip
-# `python -m mode_fast` is the CLI itself. The small subcommands that are also libraries
-# (metadata, data.sample) and open_clip's trainer wrapper are held to the library rule.
-ENTRY_POINTS = {"mode_fast.__main__"}
+# package -> layer; a module may import its own package and lower layers (stages: see above)
+LAYERS = {
+    "core": 0,
+    "_matcher": 1,  # the native extension (csrc/)
+    "data": 1,
+    "kernels": 1,
+    "curation": 2,
+    "clustering": 2,
+    "training": 2,
+    "evaluation": 2,
+    "demo": 3,
+    "jobs": 4,
+    "cli": 5,
+    "__main__": 6,
+}
+STAGES = {name for name, layer in LAYERS.items() if layer == 2}
 
 
 def module_name(path: Path) -> str:
@@ -35,40 +52,87 @@ def imported_modules(path: Path, source: str | None = None) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from mode_fast import train`
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from mode_fast import jobs`
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
             if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
                 found.add(node.args[0].value)
     return found
 
 
-def library_modules() -> dict[str, Path]:
-    mods = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: p for name, p in mods.items() if name not in JOBS | ENTRY_POINTS}
+def top_package(module: str) -> str | None:
+    """`mode_fast.clustering.folder` -> "clustering"; None for the root package itself and for
+    names outside mode_fast."""
+    parts = module.split(".")
+    if parts[0] != "mode_fast" or len(parts) == 1:
+        return None
+    return parts[1]
 
 
-def test_library_modules_never_import_jobs():
-    offenders = {name: sorted(imported_modules(p) & JOBS) for name, p in library_modules().items()}
-    assert {k: v for k, v in offenders.items() if v} == {}
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def package_imports() -> dict[tuple[str, str], list[str]]:
+    """(importing package, imported package) -> the modules where it happens."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for name, path in modules().items():
+        src = top_package(name)
+        if src is None:
+            continue
+        for target in imported_modules(path):
+            dst = top_package(target)
+            if dst is not None and dst != src and not dst.startswith("__version__"):
+                edges.setdefault((src, dst), []).append(name)
+    return edges
+
+
+def test_every_package_has_a_layer():
+    folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    files = {p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    assert (folders | files | {"_matcher"}) - set(LAYERS) == set()
+
+
+def test_packages_import_only_lower_layers():
+    wrong = {
+        f"{src} -> {dst}": where
+        for (src, dst), where in package_imports().items()
+        if LAYERS[dst] > LAYERS[src] or (LAYERS[dst] == LAYERS[src] and src not in STAGES)
+    }
+    assert wrong == {}
+
+
+def test_stages_do_not_import_each_other_both_ways():
+    edges = package_imports()
+    both = {(a, b) for (a, b) in edges if a in STAGES and b in STAGES and (b, a) in edges and a < b}
+    assert both == set(), {pair: (edges[pair], edges[pair[::-1]]) for pair in both}
+
+
+def test_the_root_package_imports_only_the_core_eagerly():
+    """`import mode_fast` stays light (curate never loads torch): the public API is resolved on
+    first use; the root imports only the core (the finder of 0.1's import paths)."""
+    root = PACKAGE / "__init__.py"
+    names = {m for m in imported_modules(root) if m.startswith("mode_fast")}
+    assert names and {top_package(m) for m in names} == {"core"}
 
 
 def test_the_rule_sees_function_local_relative_and_dynamic_imports():
     probe = PACKAGE / "data" / "probe.py"  # a name only: the source is given, nothing is written
     text = (
-        "def f():\n    from ..train import train\n    import mode_fast.cluster\n"
-        "    from mode_fast import evaluate\n    importlib.import_module('mode_fast.curate')\n"
+        "def f():\n    from ..jobs.train import main\n    import mode_fast.clustering.kmeans\n"
+        "    from mode_fast import jobs\n    importlib.import_module('mode_fast.evaluation.tasks')\n"
     )
-    found = imported_modules(probe, text)
-    assert {"mode_fast.train", "mode_fast.cluster", "mode_fast.evaluate", "mode_fast.curate"} <= found
+    found = {top_package(m) for m in imported_modules(probe, text)}
+    assert {"jobs", "clustering", "evaluation"} <= found
 
 
-def test_library_covers_the_new_modules():
-    names = set(library_modules())
-    for lib in ("mode_fast.kmeans", "mode_fast.experts", "mode_fast.embed", "mode_fast.clusters",
-                "mode_fast.checkpoint", "mode_fast.models", "mode_fast.training", "mode_fast.files",
-                "mode_fast.errors", "mode_fast.data.loader", "mode_fast.data.io"):  # fmt: skip
-        assert lib in names
+def test_the_layer_check_fails_on_a_job_imported_from_a_stage(monkeypatch):
+    """The check itself can fail: a stage module that imports a job is reported."""
+    real = imported_modules
 
+    def with_probe(path: Path, source: str | None = None) -> set[str]:
+        found = real(path, source)
+        return found | {"mode_fast.jobs.train"} if module_name(path) == "mode_fast.training.loop" else found
 
-def test_evaluate_imports_no_other_job():
-    assert imported_modules(PACKAGE / "evaluate.py") & (JOBS - {"mode_fast.evaluate", "mode_fast.cli"}) == set()
+    monkeypatch.setitem(globals(), "imported_modules", with_probe)
+    edges = package_imports()
+    assert edges[("training", "jobs")] == ["mode_fast.training.loop"]

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mode_fast.core.files import atomic_write, remove_stale_temporaries
 from mode_fast.data import io as dio
 from mode_fast.data.io import (
     ShardError,
@@ -20,7 +21,6 @@ from mode_fast.data.io import (
     split_member_name,
     write_kept,
 )
-from mode_fast.files import atomic_write, remove_stale_temporaries
 
 RECORDS = [{"uid": f"u{i:03d}", "caption": f"photo {i} of a dog"} for i in range(10)]
 

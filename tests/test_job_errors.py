@@ -15,7 +15,7 @@ import torch
 from test_loader import make_shards
 
 from mode_fast import cli
-from mode_fast import train as train_job
+from mode_fast.jobs import train as train_job
 
 torch.set_num_threads(1)  # shared 2-core machine
 
@@ -145,8 +145,8 @@ def test_non_finite_numbers_are_one_line_before_any_output(txt_pool, tmp_path, c
 
 def test_non_finite_numbers_from_python_are_config_errors(txt_pool, tmp_path):
     """Library callers get the same family (ModeFastError) as the CLI, not a bare ValueError."""
-    from mode_fast.curate import CurateConfig
-    from mode_fast.errors import ConfigError
+    from mode_fast.core.errors import ConfigError
+    from mode_fast.jobs.curate import CurateConfig
 
     with pytest.raises(ConfigError, match="--t must be a positive finite number"):
         CurateConfig(pools=[str(txt_pool)], out=tmp_path / "o", t=float("inf"))
@@ -217,7 +217,7 @@ def test_debug_shows_the_traceback(tmp_path):
 # --------------------------------------------------------------------------- output modes
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_train_outputs_have_the_umasks_mode(txt_pool, tmp_path, umask):
-    from mode_fast import files
+    from mode_fast.core import files
 
     old = os.umask(umask)
     saved_mode = files._FILE_MODE
@@ -253,7 +253,7 @@ def test_train_and_curate_read_the_same_captions(tmp_path):
     """The loader's captions under the resolved key are io.read_shard's (curate/cluster's)."""
     from mode_fast.data import loader as L
     from mode_fast.data.io import iter_samples, read_shard
-    from mode_fast.training import resolve_sample_spec
+    from mode_fast.training.loop import resolve_sample_spec
 
     for fmt in ("txt", "json"):
         shard = make_shards(tmp_path / fmt, n=8, per_shard=8, caption=fmt)[0]

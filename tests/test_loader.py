@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from mode_fast.clustering.folder import load_expert_assignments
+from mode_fast.core.errors import InputError
 from mode_fast.data import loader as L
-from mode_fast.errors import InputError
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
 
@@ -252,8 +253,8 @@ def write_assignments(cluster_dir: Path, shards: list[Path], expert_of_key, n_ex
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mode_fast.embed import shard_id
-    from mode_fast.experts import TwoLevel
+    from mode_fast.clustering.embedders import shard_id
+    from mode_fast.clustering.experts import TwoLevel
 
     (cluster_dir / "assignments").mkdir(parents=True, exist_ok=True)
     for shard, keys in zip(shards, L.build_index(shards, L.SampleSpec()).keys):
@@ -278,16 +279,16 @@ def write_assignments(cluster_dir: Path, shards: list[Path], expert_of_key, n_ex
 
 def test_load_expert_assignments(shards, tmp_path):
     write_assignments(tmp_path, shards, key_topic)
-    got = L.load_expert_assignments(tmp_path)
+    got = load_expert_assignments(tmp_path)
     assert got.n_experts == 4
     assert got.expert_of_key == {f"k{i:05d}": i % 4 for i in range(200)}
     with pytest.raises(InputError, match="mode-fast cluster"):
-        L.load_expert_assignments(tmp_path / "nothing")
+        load_expert_assignments(tmp_path / "nothing")
 
 
 def test_expert_stream_holds_own_cluster_and_share(shards, tmp_path):
     write_assignments(tmp_path, shards, key_topic)
-    got = L.load_expert_assignments(tmp_path)
+    got = load_expert_assignments(tmp_path)
     f = L.ExpertFilter(got.expert_of_key, 2, other_share=0.1, seed=0)
     stream = make_stream(shards, batch=8, keep=f)
     own = [k for k in got.expert_of_key if key_topic(k) == 2]

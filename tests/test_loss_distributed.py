@@ -1,4 +1,4 @@
-"""mode_fast.loss.ClipLoss / SigLipLoss: open_clip parity, 2 processes on gloo, gradient caching."""
+"""mode_fast.training.loss.ClipLoss / SigLipLoss: open_clip parity, 2 processes on gloo, gradient caching."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
-from mode_fast.loss import ClipLoss, SigLipLoss
+from mode_fast.training.loss import ClipLoss, SigLipLoss
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,7 @@
-"""Every distributed setting of mode_fast.loss on 2 gloo ranks, torch and Triton, against open_clip.
+"""Every distributed setting of mode_fast.training.loss on 2 gloo ranks, torch and Triton, against open_clip.
 
 Each rank is a fresh process running this file as a script (`python THIS RANK PORT BACKEND
-OUT`). It imports mode_fast.loss and runs every setting (ClipLoss local_loss x
+OUT`). It imports mode_fast.training.loss and runs every setting (ClipLoss local_loss x
 gather_with_grad, the ring, SigLipLoss bidir / shift / reduce / gather) before open_clip
 is imported at all, so the run sees the process a user's job has: a missing import of
 torch.distributed.nn (open_clip imports it as a side effect) fails here. Only then does
@@ -97,7 +97,7 @@ def worker(rank: int, port: int, backend: str, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    import mode_fast.loss
+    import mode_fast.training.loss
     from mode_fast.kernels import contrastive_loss
 
     torch.set_num_threads(1)
@@ -110,7 +110,7 @@ def worker(rank: int, port: int, backend: str, out_path: str) -> None:
         scale, bias = torch.tensor(14.0), torch.tensor(-8.0)
         ours, launches = {}, {}
         chunk = 5 if backend == "torch" else None  # torch: chunks that do not divide the rows
-        for name, module, siglip in _settings(mode_fast.loss, rank, backend=backend, chunk_size=chunk):
+        for name, module, siglip in _settings(mode_fast.training.loss, rank, backend=backend, chunk_size=chunk):
             before = contrastive_loss.kernel_launches.copy()
             ours[name] = _run(_call(module, siglip), img, txt, scale, bias)
             launches[name] = dict(contrastive_loss.kernel_launches - before)

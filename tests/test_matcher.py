@@ -301,13 +301,13 @@ def test_fuzz_long_tokens_against_naive(entries: list[str], texts: list[str]) ->
 
 
 def test_save_goes_through_the_atomic_writer(tmp_path, monkeypatch) -> None:
-    """The matcher file is an output like any other (mode_fast.files): the umask's mode,
+    """The matcher file is an output like any other (mode_fast.core.files): the umask's mode,
     not mkstemp's 0600; a failed save names the path and leaves no temporary behind."""
     import os
     import stat
 
-    from mode_fast.errors import OutputError
-    from mode_fast.files import default_file_mode
+    from mode_fast.core.errors import OutputError
+    from mode_fast.core.files import default_file_mode
 
     m = Matcher(["hot", "hot dog"])
     path = tmp_path / "m.bin"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mode_fast.cli import main
-from mode_fast.metadata import (
+from mode_fast.curation.metadata import (
     MetadataError,
     build_from_wordnet,
     default_wordnet_dir,
@@ -168,7 +168,7 @@ def test_shipped_file_is_byte_identical_to_a_fresh_build(tmp_path):
 
 
 def test_cli_without_wordnet(tmp_path, capsys, monkeypatch):
-    import mode_fast.metadata as md
+    import mode_fast.curation.metadata as md
 
     monkeypatch.setattr(md, "default_wordnet_dir", lambda: None)
     out = tmp_path / "o.json"

@@ -1,4 +1,4 @@
-"""The end-to-end demo (`python -m mode_fast.pipeline --quick`) on a tiny sample: every step
+"""The end-to-end demo (`mode-fast demo --quick`) on a tiny sample: every step
 runs through the CLI, the single model gets the ensemble's training compute, a rerun resumes."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode_fast import pipeline, report
+from mode_fast import cli
+from mode_fast.demo import pipeline, report
 
 torch.set_num_threads(1)  # shared 2-core machine
 
@@ -18,7 +19,7 @@ torch.set_num_threads(1)  # shared 2-core machine
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert pipeline.main(["--out", str(out), "--quick"]) == 0
+    assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
     return out
 
 
@@ -100,7 +101,7 @@ def test_curation_counts_match_curates_own(demo):
     import numpy as np
 
     from mode_fast._matcher import Matcher
-    from mode_fast.metadata import load_metadata
+    from mode_fast.curation.metadata import load_metadata
 
     entries = load_metadata(None)
     pool = report.captioned_records(sorted((demo / "sample" / "pool").glob("*.tar")))
@@ -157,7 +158,7 @@ def test_demo_without_sklearn_skips_the_digits_with_a_note(demo, tmp_path, monke
     out = tmp_path / "demo"
     shutil.copytree(demo, out, ignore=shutil.ignore_patterns("eval_digits"))
     monkeypatch.setattr(pipeline, "have_sklearn", lambda: False)
-    assert pipeline.main(["--out", str(out), "--quick"]) == 0
+    assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
     timings = json.loads((out / "timings.json").read_text())
     assert [x["step"] for x in timings["runs"][-1]["steps"]][-1] == "eval"
     assert timings["digits"].startswith("skipped: scikit-learn is not installed")
@@ -196,7 +197,7 @@ def test_rerun_skips_finished_training(demo, capsys):
     before = ckpt(demo / "run" / "expert_0" / "checkpoints" / "final.pt")["state_dict"]
     runs_before = json.loads((demo / "timings.json").read_text())["runs"]
     capsys.readouterr()
-    assert pipeline.main(["--out", str(demo), "--quick"]) == 0
+    assert cli.main(["demo", "--out", str(demo), "--quick"]) == 0
     runs = json.loads((demo / "timings.json").read_text())["runs"]
     assert runs[: len(runs_before)] == runs_before and len(runs) == len(runs_before) + 1  # appended
     steps = runs[-1]["steps"]

@@ -21,20 +21,21 @@ import pytest
 from test_runs import _descendants as descendants
 from test_runs import _running as alive
 
-from mode_fast import pipeline
-from mode_fast.files import write_json
-from mode_fast.runs import RunState, recorded_finished
+from mode_fast import cli
+from mode_fast.core.files import write_json
+from mode_fast.core.runs import RunState, recorded_finished
+from mode_fast.demo import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-PROG = "python -m mode_fast.pipeline"
+PROG = "mode-fast demo"
 
 
 class Demo:
-    """`python -m mode_fast.pipeline --out OUT [--quick]` as a process, its output collected."""
+    """`mode-fast demo --out OUT [--quick]` as a process, its output collected."""
 
     def __init__(self, out: Path, quick: bool = True) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "mode_fast.pipeline", "--out", str(out)] + (["--quick"] if quick else [])
+        cmd = [sys.executable, "-m", "mode_fast", "demo", "--out", str(out)] + (["--quick"] if quick else [])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -172,9 +173,9 @@ def test_rerun_with_other_settings_stops_naming_the_field(rerun):
 DRIVER = """
 import argparse, sys
 from pathlib import Path
-from mode_fast import pipeline
+from mode_fast.demo import pipeline
 from mode_fast.cli import run_job
-from mode_fast.runs import RunState
+from mode_fast.core.runs import RunState
 out = Path(sys.argv[1])
 silent = [sys.executable, "-c", "import time; print('step', 'up', flush=True); time.sleep(120)"]
 def drive(args):
@@ -247,7 +248,7 @@ def test_a_step_is_finished_only_when_its_own_run_json_says_so(tmp_path):
 def test_an_unwritable_out_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    assert pipeline.main(["--out", str(blocker / "demo"), "--quick"]) == 2
+    assert cli.main(["demo", "--out", str(blocker / "demo"), "--quick"]) == 2
     err = capsys.readouterr().err
     assert err == f"{PROG}: error: cannot write {blocker / 'demo' / '.lock'}: Not a directory\n"
 
@@ -257,8 +258,8 @@ def test_an_interrupt_while_loading_a_checkpoint_is_not_damage(tmp_path, monkeyp
     was reported as "checkpoint ... is damaged or truncated: interrupted at setup", exit 2."""
     import torch
 
-    from mode_fast.checkpoint import load_checkpoint
-    from mode_fast.errors import Interrupted
+    from mode_fast.core.errors import Interrupted
+    from mode_fast.training.checkpoint import load_checkpoint
 
     path = tmp_path / "final.pt"
     torch.save({"step": 1}, path)

@@ -1,8 +1,8 @@
-"""The job lifecycle (mode_fast.runs): the library rule, then curate and cluster as users run them.
+"""The job lifecycle (mode_fast.core.runs): the library rule, then curate and cluster as users run them.
 
 Job tests run `python -m mode_fast.cli` in its own process group (as a shell runs it) and
 signal it: SIGKILL at random moments, Ctrl-C to the group, SIGKILL of the driver alone.
-MODE_FAST_FAULT="slow:SHARD:SECONDS" (mode_fast.executor) holds one shard's task, so a
+MODE_FAST_FAULT="slow:SHARD:SECONDS" (mode_fast.core.executor) holds one shard's task, so a
 run is reliably mid-way when signalled.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from mode_fast.errors import ConfigError, Interrupted, OutputError
-from mode_fast.runs import LOCK, MANIFEST, OutputLocked, RunState, fingerprint
+from mode_fast.core.errors import ConfigError, Interrupted, OutputError
+from mode_fast.core.runs import LOCK, MANIFEST, OutputLocked, RunState, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_changed_input_is_named_with_its_path(tmp_path):
 
 
 def test_new_code_version_stops_or_recomputes_and_many_changes_log_briefly(tmp_path, monkeypatch):
-    from mode_fast import runs
+    from mode_fast.core import runs
 
     out = tmp_path / "out"
     with _open(out, inputs={f"s{i}": i for i in range(10)}) as state:
@@ -174,7 +174,7 @@ def test_lock_names_the_holder_and_a_dead_holder_never_blocks(tmp_path):
         _open(out)
     # a holder killed with SIGKILL: the kernel drops its flock, the next run takes over
     code = (
-        "import sys, time; from mode_fast.runs import RunState; "
+        "import sys, time; from mode_fast.core.runs import RunState; "
         "s = RunState.open(sys.argv[1], 'job', inputs={}, args={'--k': 1}); print('held', flush=True); "
         "time.sleep(60)"
     )

@@ -15,7 +15,7 @@ from PIL import Image
 
 from mode_fast.cli import main
 from mode_fast.data import sample as sample_module
-from mode_fast.data.sample import CLASS_NAMES, DOMAIN_OF_CLASS, DOMAINS, TEMPLATES, sample_captions, write_sample
+from mode_fast.demo.sample import CLASS_NAMES, DOMAIN_OF_CLASS, DOMAINS, TEMPLATES, sample_captions, write_sample
 
 ARGS = {"num_pairs": 800, "shard_size": 300, "eval_pairs": 96, "seed": 3}  # 3 pool shards, last one short
 
@@ -29,8 +29,8 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def matcher():
-    from mode_fast.curate import Matcher
-    from mode_fast.metadata import load_metadata
+    from mode_fast.curation.metadata import load_metadata
+    from mode_fast.jobs.curate import Matcher
 
     return Matcher(load_metadata(None))  # the shipped WordNet list: what `mode-fast curate` uses by default
 
@@ -190,7 +190,7 @@ def test_captions_hit_metadata_except_noise(sample_dir: Path, matcher) -> None:
 
 
 def test_every_vocabulary_word_is_metadata(matcher) -> None:
-    from mode_fast.metadata import load_metadata
+    from mode_fast.curation.metadata import load_metadata
 
     entries = set(load_metadata(None))
     vocabulary = sample_module.TAIL_NOUNS + sample_module.TAIL_ADJECTIVES + list(sample_module.COLOURS)

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mode_fast import cli, tasks
+from mode_fast import cli
 from mode_fast.data import io as dio
 from mode_fast.data import loader as L
+from mode_fast.evaluation import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -349,7 +350,7 @@ def test_caption_key_means_one_thing_in_every_job(tmp_path, caption_key):
     """A sample with a .txt and a .json holding both fields: curate, train and eval's
     retrieval take the caption from the same place (the .json field named by the key; the
     .txt is the fallback only for the default key when no such field exists)."""
-    from mode_fast.training import resolve_sample_spec
+    from mode_fast.training.loop import resolve_sample_spec
 
     folder = tmp_path / "shards"
     members = []
@@ -374,7 +375,7 @@ def test_caption_key_names_a_member_the_same_way_in_every_job(tmp_path, caption_
     """Members are read with lower-cased extensions (webdataset's rule); a key naming one is
     compared the same way, a leading dot allowed, by curate, train and eval alike."""
     from mode_fast.data.loader import SampleSpec
-    from mode_fast.training import resolve_sample_spec
+    from mode_fast.training.loop import resolve_sample_spec
 
     folder = tmp_path / "shards"
     members = []

@@ -15,9 +15,11 @@ import pytest
 import torch
 from test_loader import key_topic, make_shards, write_assignments
 
-from mode_fast import cli, train, training
+from mode_fast import cli
+from mode_fast.core.errors import InputError
 from mode_fast.data import loader as L
-from mode_fast.errors import InputError
+from mode_fast.jobs import train
+from mode_fast.training import loop as training
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
 
@@ -292,13 +294,13 @@ def test_two_process_resume_is_bit_identical(pool, tmp_path):
 # --------------------------------------------------------------------------- open_clip's trainer
 @pytest.mark.parametrize("siglip", [False, True])
 def test_open_clip_trainer_runs_with_this_projects_loss(tmp_path, monkeypatch, siglip):
-    """open_clip_train's main on its synthetic data through mode_fast.open_clip_main: the
+    """open_clip_train's main on its synthetic data through mode_fast.jobs.open_clip_main: the
     loss it trains with is this project's, and equals open_clip's on the same features."""
     import logging
 
     import open_clip
 
-    from mode_fast import open_clip_main
+    from mode_fast.jobs import open_clip_main
 
     pytest.importorskip("pandas", reason="open_clip_train needs pandas (open_clip_torch[training])")
 

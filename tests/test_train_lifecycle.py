@@ -1,4 +1,4 @@
-"""`mode-fast train` under the one run lifecycle (mode_fast.runs): SIGKILL during training
+"""`mode-fast train` under the one run lifecycle (mode_fast.core.runs): SIGKILL during training
 and during the final write, Ctrl-C, a second run on the same job folder, a finished rerun
 and a rerun with a changed argument, each against an unbroken run of the same command."""
 
@@ -20,7 +20,7 @@ import torch
 from test_train import BASE, metrics, pool, run_train  # noqa: F401  (pool: fixture)
 
 from mode_fast import cli
-from mode_fast.runs import LOCK, MANIFEST
+from mode_fast.core.runs import LOCK, MANIFEST
 
 torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): bitwise equality needs the same sums
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,8 @@ STEPS = 12  # one epoch of the 200-pair pool at batch 16
 # or halfway through writing final.pt (some bytes in its temporary file, none renamed).
 KILLER = textwrap.dedent("""
     import os, signal, sys, torch
-    from mode_fast import cli, train
+    from mode_fast import cli
+    from mode_fast.jobs import train
     kill_step, kill_final = int(sys.argv[1]), sys.argv[2] == "final"
     real_step, real_save, real_ckpt, calls, final = train.train_step, torch.save, train.save_checkpoint, [0], [False]
     def step(*a, **k):
@@ -189,7 +190,7 @@ def test_sigint_checkpoints_and_a_second_run_stops_naming_the_holder(pool, refer
 
     # a finished job rerun is a no-op that says so
     before = _files(job)  # run.json is rewritten (atomically) with the same bytes
-    with caplog.at_level(logging.WARNING, logger="mode_fast.train"):
+    with caplog.at_level(logging.WARNING, logger="mode_fast.jobs.train"):
         assert run_train(args[len(BASE) :]) == job / "checkpoints/final.pt"
     assert "already finished" in caplog.text and "nothing to do" in caplog.text
     assert _files(job) == before

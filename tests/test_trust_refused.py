@@ -1,6 +1,6 @@
 """A refused job leaves nothing behind: train checks its arguments against the files they
 name before it makes its folder; a run that fails before its first unit gives back a folder
-it created (mode_fast.runs, with the lock race kept safe); and eval judges a run by its
+it created (mode_fast.core.runs, with the lock race kept safe); and eval judges a run by its
 finished train jobs, skipping with a warning any folder a job only started."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from test_evaluate import make_centers, save_random_model
 from test_runs import _one_line
 
 from mode_fast import cli
-from mode_fast.errors import OutputError
-from mode_fast.runs import LOCK, MANIFEST, OutputLock, OutputLocked, RunState
-from mode_fast.scoring import finished_train_job
+from mode_fast.core.errors import OutputError
+from mode_fast.core.runs import LOCK, MANIFEST, OutputLock, OutputLocked, RunState
+from mode_fast.evaluation.scoring import finished_train_job
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     with the seed and both experts, as hand-assembled checkpoints (no run.json)."""
     from test_loader import make_shards, write_assignments
 
-    from mode_fast.data.sample import write_sample
+    from mode_fast.demo.sample import write_sample
 
     root = tmp_path_factory.mktemp("refused")
     shards = make_shards(root / "shards", n=16, per_shard=8)
@@ -106,8 +106,8 @@ def test_a_job_refused_after_taking_its_folder_gives_it_back(world, tmp_path, ca
     """curate records no units in run.json (its own stamps), so the backstop is what the
     folder holds: a user-caused error before anything but run.json and .lock was written
     removes a folder the run made; a folder that existed, or holds other files, stays."""
-    from mode_fast import curate as curate_job
-    from mode_fast.errors import ConfigError
+    from mode_fast.core.errors import ConfigError
+    from mode_fast.jobs import curate as curate_job
 
     def no_ray(*a, **k):
         raise ConfigError("--executor ray needs Ray: pip install 'mode-fast[ray]'")

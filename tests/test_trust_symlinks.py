@@ -17,10 +17,10 @@ import torch
 from conftest import write_pool_shards
 
 from mode_fast import cli
-from mode_fast.curation import shard_id as curation_shard_id
+from mode_fast.clustering.embedders import shard_id as embed_shard_id
+from mode_fast.curation.shards import shard_id as curation_shard_id
 from mode_fast.data.io import ShardError, list_shards
-from mode_fast.data.sample import write_sample
-from mode_fast.embed import shard_id as embed_shard_id
+from mode_fast.demo.sample import write_sample
 
 torch.set_num_threads(1)  # shared 2-core machine
 

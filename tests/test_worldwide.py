@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from matching_reference import count_to_prob_reference, p_to_t_reference, t_to_p_reference
 
-from mode_fast.errors import ConfigError
-from mode_fast.metadata import MetadataError
-from mode_fast.worldwide import (
+from mode_fast.core.errors import ConfigError
+from mode_fast.curation.metadata import MetadataError
+from mode_fast.curation.worldwide import (
     _ShareTable,
     kept_by_language,
     language_thresholds,
@@ -145,7 +145,7 @@ needs_lid = pytest.mark.skipif(not lid_available(), reason="py3langid not instal
 def test_language_id_on_real_text():
     from multilingual_corpus import available, catalogue_texts
 
-    from mode_fast.worldwide import LanguageIdentifier
+    from mode_fast.curation.worldwide import LanguageIdentifier
 
     if not available():
         pytest.skip("no gettext catalogues under /usr/share/locale")
@@ -159,7 +159,7 @@ def test_language_id_on_real_text():
 
 @needs_lid
 def test_language_id_edge_cases():
-    from mode_fast.worldwide import LanguageIdentifier
+    from mode_fast.curation.worldwide import LanguageIdentifier
 
     lid = LanguageIdentifier()
     assert lid(["", " \u3000\n"]) == ["", ""]
@@ -172,7 +172,7 @@ def test_language_id_edge_cases():
 def test_language_matchers_route_and_use_global_ids(tmp_path):
     from matching_reference import naive_match_v2
 
-    from mode_fast.worldwide import LanguageMatchers
+    from mode_fast.curation.worldwide import LanguageMatchers
 
     meta = {"en": ["dog", "hot dog", "Tokyo"], "ja": ["東京", "タワー", "dog"], "th": ["ไทย"]}
     lm = LanguageMatchers(meta)
@@ -196,8 +196,8 @@ def test_matchers_saved_in_an_older_file_format_are_built_again(tmp_path):
     # must be left alone and a new one built, never loaded.
     from mode_fast import __version__
     from mode_fast._matcher import FILE_FORMAT
-    from mode_fast.curation import build_matcher
-    from mode_fast.worldwide import LanguageMatchers
+    from mode_fast.curation.shards import build_matcher
+    from mode_fast.curation.worldwide import LanguageMatchers
 
     meta = {"en": ["hot dog"], "ja": ["東京"]}
     sha = "0123456789abcdef" * 4

@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from mode_fast.core.errors import InputError
 from mode_fast.data.io import ReadReport
-from mode_fast.errors import InputError
 
 MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)  # PIL's default Image.MAX_IMAGE_PIXELS
 UNDECODABLE = "undecodable image"

@@ -77,8 +77,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from mode_fast.errors import InputError
-from mode_fast.files import atomic_write
+from mode_fast.core.errors import InputError
+from mode_fast.core.files import atomic_write
 
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
@@ -592,7 +592,7 @@ def _caption_from_sample(sample: dict[str, Any], caption_key: str) -> tuple[Any,
 def lone_surrogate_caption(record: Record, caption_key: str, path: str | os.PathLike) -> str | None:
     """The caption of a record `read_shard` skipped as ``invalid_utf8`` only because its
     JSON text holds lone surrogates ("\\ud800" escapes), which MetaCLIP 2 matches on its
-    other characters (mode_fast.worldwide); None for any other record or skip (undecodable
+    other characters (mode_fast.curation.worldwide); None for any other record or skip (undecodable
     bytes, a bad key, parquet, whose strings are valid UTF-8 by construction)."""
     if record.skip_reason != "invalid_utf8" or not _utf8_encodable(record.key):
         return None

@@ -56,9 +56,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mode_fast.core.errors import ConfigError, InputError, ModeFastError
 from mode_fast.data.images import decode_image
 from mode_fast.data.io import DataKeyError, ReadReport, TarGroup, iter_samples, member_ext
-from mode_fast.errors import ConfigError, InputError, ModeFastError
 
 log = logging.getLogger(__name__)
 
@@ -226,24 +226,6 @@ def read_key_list(path: str | Path) -> set[str]:
         raise FileNotFoundError(f"key list {path} not found (curate writes DIR/kept_keys.txt)")
     with open(path, encoding="utf-8") as f:
         return {line.strip() for line in f if line.strip()}
-
-
-@dataclass
-class ExpertAssignments:
-    """Per-pair expert ids from a `mode-fast cluster` folder."""
-
-    expert_of_key: dict[str, int]
-    n_experts: int | None  # from centers.npz; None when that file is absent
-
-
-def load_expert_assignments(cluster_dir: str | Path) -> ExpertAssignments:
-    """Per-pair experts of a `mode-fast cluster` folder, read by its one reader
-    (`mode_fast.clusters.ClusterFolder`); the expert count from centers.npz when present."""
-    from mode_fast.clusters import ClusterFolder
-
-    folder = ClusterFolder(cluster_dir)
-    expert_of_key = folder.expert_of_key()
-    return ExpertAssignments(expert_of_key, folder.n_experts if folder.has_centers() else None)
 
 
 # --------------------------------------------------------------------------- index

@@ -63,7 +63,7 @@ table at B = 32k and 1M.
 Layers: Triton kernels (_*_kernel) and torch paths (*_torch) -> host forward / backward
 per variant -> autograd Functions -> clip_loss(), infonce_loss(), local_clip_loss(),
 siglip_loss(), and the ring's per-step blocks ring_block_forward / ring_block_backward
-(mode_fast.loss passes the blocks around). The backend of each call is chosen by
+(mode_fast.training.loss passes the blocks around). The backend of each call is chosen by
 mode_fast.kernels.dispatch. reference.py keeps only the naive test oracles.
 """
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mode_fast.errors import ConfigError
+from mode_fast.core.errors import ConfigError
 
 BACKENDS = ("auto", "torch", "triton", "faiss")
 ENV_BACKEND = "MODE_FAST_BACKEND"

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from mode_fast.errors import ConfigError
+from mode_fast.core.errors import ConfigError
 
 from . import dispatch
 
