@@ -1,2 +1,1 @@
-"""The demo: the embedded synthetic sample, the end-to-end pipeline on it, and its report.
-"""
+"""The demo: the embedded synthetic sample, the end-to-end pipeline on it, and its report."""

@@ -1,2 +1,1 @@
-"""Zero-shot evaluation: tasks, scoring of single models, MoDE's task-adaptive ensemble, results.
-"""
+"""Zero-shot evaluation: tasks, scoring of single models, MoDE's task-adaptive ensemble, results."""

@@ -1,0 +1,78 @@
+"""core.config: a field declares its flag once; parser, range checks and manifest come from it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mode_fast.core.config import (
+    ADDED,
+    add_arguments,
+    added_defaults,
+    check_ranges,
+    config_from_args,
+    flag_of,
+    manifest_args,
+    option,
+    result_flags,
+)
+from mode_fast.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Probe:
+    data: tuple[str, ...] = option(help="inputs", result=True, flag="data", nargs="+")
+    out: Path = option(help="output folder", result=False)
+    k: int = option(8, help="centers", result=True, low=1, group="fit")
+    share: float = option(0.5, help="a share", result=True, high=1.0, group="fit")
+    drop: float | None = option(None, help="dropout", result=True, high=1.0, high_open=True)
+    fast: bool = option(False, help="a switch", result=ADDED)
+    note: str | None = option(None, help="not result-changing", result=False, metavar="TEXT")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+def parse(*argv: str) -> Probe:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Probe)
+    return config_from_args(Probe, parser.parse_args(list(argv)))
+
+
+def test_parser_types_defaults_and_required_come_from_the_fields(tmp_path):
+    cfg = parse("a", "b", "--out", str(tmp_path), "--k", "3", "--fast")
+    assert cfg == Probe(data=("a", "b"), out=tmp_path, k=3, fast=True)
+    assert isinstance(cfg.out, Path) and isinstance(cfg.k, int)
+    with pytest.raises(SystemExit):
+        parse("a")  # --out is required: the field has no default
+
+
+def test_manifest_holds_the_result_fields_in_order_and_added_ones_only_when_changed(tmp_path):
+    cfg = parse("a", "--out", str(tmp_path))
+    assert manifest_args(cfg) == {"--data": ["a"], "--k": 8, "--share": 0.5, "--drop": None}
+    assert list(manifest_args(cfg)) == ["--data", "--k", "--share", "--drop"]
+    assert manifest_args(parse("a", "--out", str(tmp_path), "--fast"))["--fast"] is True
+    assert added_defaults(Probe) == {"--fast": False}
+    assert result_flags(Probe) == {"--data", "--k", "--share", "--drop", "--fast"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--k", "0"], "--k must be >= 1, got 0"),
+        (["--share", "1.5"], r"--share must be in \[0, 1\], got 1.5"),
+        (["--drop", "1.0"], r"--drop must be in \[0, 1\), got 1.0"),
+        (["--share", "nan"], "--share must be a finite number, got nan"),
+    ],
+)
+def test_declared_bounds_are_checked_with_the_flag_named(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse("a", "--out", str(tmp_path), *argv)
+
+
+def test_flag_of_names_positionals_and_options():
+    assert flag_of(Probe, "data") == "data"
+    assert flag_of(Probe, "note") == "--note"
