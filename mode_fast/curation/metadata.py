@@ -29,8 +29,10 @@ import os
 import re
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from mode_fast.core.config import option
 from mode_fast.core.errors import InputError
 
 DEFAULT_METADATA = Path(__file__).parent / "data" / "metadata_wordnet.json.gz"
@@ -175,3 +177,46 @@ def save_metadata(entries: list[str], path: str | os.PathLike) -> None:
                 gz.write(blob)
         else:
             f.write(blob)
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetadataBuildConfig:
+    """`mode-fast metadata build`: a list from WordNet 3.0 and/or merged user lists."""
+
+    out: str = option(help="output .json or .json.gz", result=False)
+    wordnet_dir: str | None = option(
+        None, help="WordNet dict folder (default: the Debian wordnet-base location)", result=True
+    )
+    no_wordnet: bool = option(False, help="only merge the --merge lists", result=True)
+    merge: tuple[str, ...] = option(
+        (), help="metadata.json files appended in order", result=True, nargs="*", metavar="FILE"
+    )
+
+
+@dataclass(frozen=True)
+class MetadataCheckConfig:
+    """`mode-fast metadata check`: validate a metadata file and print its size."""
+
+    file: str = option(help="the metadata file", result=False, flag="file")
+
+
+def build_metadata(cfg: MetadataBuildConfig) -> list[str]:
+    """Build the list `cfg` describes and save it to cfg.out; returns its entries.
+    Raises MetadataError (no WordNet, nothing to build, a bad list)."""
+    lists = []
+    if not cfg.no_wordnet:
+        wn = Path(cfg.wordnet_dir) if cfg.wordnet_dir else default_wordnet_dir()
+        if wn is None:
+            raise MetadataError(
+                "WordNet 3.0 not found: `apt-get install wordnet-base`, or pass --wordnet-dir / --no-wordnet"
+            )
+        lists.append(build_from_wordnet(wn))
+    lists += [load_metadata(p) for p in cfg.merge]
+    if not lists:
+        raise MetadataError("nothing to build: give --merge files or drop --no-wordnet")
+    entries = merge_metadata(*lists)
+    save_metadata(entries, cfg.out)
+    return entries

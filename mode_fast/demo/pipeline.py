@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mode_fast.core.config import option
 from mode_fast.core.errors import ConfigError, Interrupted, StepFailed
 from mode_fast.core.files import atomic_write, inside, write_json, write_text
 from mode_fast.core.runs import MANIFEST, RunState, die_with_parent, recorded_finished
@@ -469,3 +470,21 @@ def run_pipeline(out: Path, s: Settings, overwrite: bool = False) -> dict[str, A
         summary = write_summary(out, s, _append_timings(out / "timings.json", this_run, digits_note), digits_note)
         state.finish([out / "summary.json", out / "summary.md"])
     return summary
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`mode-fast demo`'s settings (each flag declared here once)."""
+
+    out: Path = option(Path("demo_out"), help="the demo's folder (default: %(default)s)", result=False)
+    quick: bool = option(False, help="tiny sizes and the hash text encoder (a test run)", result=True)
+    overwrite: bool = option(False, help="start over: remove this demo's earlier outputs in --out first", result=False)
+
+    @property
+    def settings(self) -> Settings:
+        return QUICK if self.quick else FULL
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """The whole demo (run_pipeline with the settings --quick picks); returns the summary."""
+    return run_pipeline(cfg.out, cfg.settings, overwrite=cfg.overwrite)

@@ -49,12 +49,14 @@ files in ``DIR`` are left alone. Two runs writing the same ``DIR`` at once are n
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import io
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-from mode_fast.core.errors import InputError
+from mode_fast.core.config import check_ranges, option
+from mode_fast.core.errors import ConfigError, InputError
 from mode_fast.core.files import atomic_write, inside, write_json
 
 # Bump when the same arguments would give different bytes: an older output is then rewritten.
@@ -609,7 +612,31 @@ def _write_shard(path: Path, samples: list[dict[str, Any]], with_cls: bool) -> i
 
 def _check_rate(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
+        raise ConfigError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_sample_args(
+    num_pairs: int, shard_size: int, eval_pairs: int, image_size: int, mismatch_rate: float, noise_rate: float,
+    near_duplicate_rate: float, tricky_rate: float,
+) -> None:  # fmt: skip
+    """The one check of the sample's arguments (write_sample and SampleConfig); ConfigError."""
+    if num_pairs <= 0:
+        raise ConfigError(f"num_pairs must be > 0, got {num_pairs}")
+    if shard_size <= 0:
+        raise ConfigError(f"shard_size must be > 0, got {shard_size}")
+    if eval_pairs < 0:
+        raise ConfigError(f"eval_pairs must be >= 0, got {eval_pairs}")
+    if image_size < 16:
+        raise ConfigError(f"image_size must be >= 16 (smaller images lose the shapes), got {image_size}")
+    rates = {"mismatch_rate": mismatch_rate, "noise_rate": noise_rate,
+             "near_duplicate_rate": near_duplicate_rate, "tricky_rate": tricky_rate}  # fmt: skip
+    for name, value in rates.items():
+        _check_rate(name, value)
+    if mismatch_rate + noise_rate + near_duplicate_rate > 1.0:
+        raise ConfigError(
+            f"mismatch_rate + noise_rate + near_duplicate_rate must be <= 1, got "
+            f"{mismatch_rate} + {noise_rate} + {near_duplicate_rate}"
+        )
 
 
 def _shard_names(prefix: str, count: int, shard_size: int) -> list[str]:
@@ -662,23 +689,10 @@ def write_sample(
     A complete output of the same arguments is kept as it is unless `force`.
     `progress`: called with a one-line message after each shard written (the CLI prints it).
     """
-    if num_pairs <= 0:
-        raise ValueError(f"num_pairs must be > 0, got {num_pairs}")
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be > 0, got {shard_size}")
-    if eval_pairs < 0:
-        raise ValueError(f"eval_pairs must be >= 0, got {eval_pairs}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 (smaller images lose the shapes), got {image_size}")
+    check_sample_args(num_pairs, shard_size, eval_pairs, image_size, mismatch_rate, noise_rate,
+                      near_duplicate_rate, tricky_rate)  # fmt: skip
     rates = {"mismatch_rate": mismatch_rate, "noise_rate": noise_rate,
              "near_duplicate_rate": near_duplicate_rate, "tricky_rate": tricky_rate}  # fmt: skip
-    for name, value in rates.items():
-        _check_rate(name, value)
-    if mismatch_rate + noise_rate + near_duplicate_rate > 1.0:
-        raise ValueError(
-            f"mismatch_rate + noise_rate + near_duplicate_rate must be <= 1, got "
-            f"{mismatch_rate} + {noise_rate} + {near_duplicate_rate}"
-        )
     out = Path(out_dir)
     args = {"num_pairs": num_pairs, "shard_size": shard_size, "seed": seed, "eval_pairs": eval_pairs,
             "image_size": image_size, **rates}  # fmt: skip
@@ -744,3 +758,34 @@ def write_sample(
     }
     write_json(info_path, info)  # last: its presence marks the output complete
     return info
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """`mode-fast sample`'s settings (each flag declared here once; checked on creation)."""
+
+    out: Path = option(help="output folder (layout: pool/, eval/, sample_info.json)", result=False)
+    num_pairs: int = option(10_000, help="pool size (default 10000)", result=True)
+    shard_size: int = option(1000, help="samples per tar shard (default 1000)", result=True)
+    eval_pairs: int = option(1000, help="held-out labelled images (default 1000)", result=True)
+    seed: int = option(0, help="the sample's seed", result=True)
+    image_size: int = option(32, help="image side in pixels (default 32)", result=True)
+    mismatch_rate: float = option(0.1, help="share of wrong pairs (default 0.1)", result=True)
+    noise_rate: float = option(0.05, help="share of word-free captions (default 0.05)", result=True)
+    near_duplicate_rate: float = option(0.05, help="default 0.05", result=True)
+    tricky_rate: float = option(0.03, help="share with tabs/newlines/non-ASCII (default 0.03)", result=True)
+    force: bool = option(False, help="rewrite even if a complete output of the same arguments exists", result=False)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        check_sample_args(self.num_pairs, self.shard_size, self.eval_pairs, self.image_size, self.mismatch_rate,
+                          self.noise_rate, self.near_duplicate_rate, self.tricky_rate)  # fmt: skip
+
+
+def run_sample(cfg: SampleConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write the sample `cfg` describes (write_sample); `progress` gets one line per shard."""
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "out"}
+    return write_sample(cfg.out, **kwargs, progress=progress)

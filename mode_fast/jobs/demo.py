@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from mode_fast.demo.pipeline import FULL, QUICK, run_pipeline
+from mode_fast.core import config
+from mode_fast.demo.pipeline import DemoConfig, run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and the hash text encoder (a test run)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="start over: remove this demo's earlier outputs in --out first"
-    )
+    config.add_arguments(parser, DemoConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    run_pipeline(args.out, QUICK if args.quick else FULL, overwrite=args.overwrite)
+    run_demo(config.config_from_args(DemoConfig, args))
     return 0
