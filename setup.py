@@ -43,7 +43,15 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=find_packages(include=["mode_fast", "mode_fast.*"]),
-    package_data={"mode_fast": ["py.typed", "*.pyi", "data/*.json.gz", "data/*.txt", "model_configs/*.json"]},
+    package_data={
+        "mode_fast": [
+            "py.typed",
+            "*.pyi",
+            "curation/data/*.json.gz",
+            "curation/data/*.txt",
+            "training/model_configs/*.json",
+        ]
+    },
     ext_modules=[CMakeExtension("mode_fast._matcher")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

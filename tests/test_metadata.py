@@ -163,7 +163,7 @@ def test_gz_save_is_byte_reproducible_and_failed_save_keeps_old_file(tmp_path):
 def test_shipped_file_is_byte_identical_to_a_fresh_build(tmp_path):
     out = tmp_path / "m.json.gz"
     assert main(["metadata", "build", "--out", str(out)]) == 0  # auto-detected WordNet dir
-    shipped = Path(__file__).parent.parent / "mode_fast" / "data" / "metadata_wordnet.json.gz"
+    shipped = Path(__file__).parent.parent / "mode_fast" / "curation" / "data" / "metadata_wordnet.json.gz"
     assert out.read_bytes() == shipped.read_bytes()
 
 
