@@ -1,6 +1,7 @@
 // MetaCLIP substring matcher: pure C++, no Python.
 //
-// Semantics (../shared/reference/curation.md): a text matches entry e iff " " + e + " "
+// Semantics (MetaCLIP, Xu et al., "Demystifying CLIP Data", arXiv:2309.16671; its code,
+// facebookresearch/MetaCLIP; docs/curation.md): a text matches entry e iff " " + e + " "
 // is a substring of spaced(text), where spaced wraps , . ; : ? ! ` in spaces, turns
 // \t \n \r into spaces and pads the text with one space each side. Every entry found
 // anywhere (overlaps included) is reported once.
