@@ -108,7 +108,7 @@ std::unique_ptr<Matcher> load_file(const std::string& path) {
     }
 }
 
-// Serialised here and written by mode_fast.files, the project's one atomic writer (a
+// Serialised here and written by mode_fast.core.files, the project's one atomic writer (a
 // temporary name its cleanup finds, fsync, the umask's mode, an OutputError naming the
 // path), so the matcher file follows the same rules as every other output.
 void save_file(const Matcher& m, const py::object& path) {
@@ -119,7 +119,7 @@ void save_file(const Matcher& m, const py::object& path) {
         m.save(out);
         data = out.str();
     }
-    py::module_::import("mode_fast.files").attr("write_bytes")(path, py::bytes(data));
+    py::module_::import("mode_fast.core.files").attr("write_bytes")(path, py::bytes(data));
 }
 
 py::str decode(std::string_view s) { return py::str(s.data(), s.size()); }

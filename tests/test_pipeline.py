@@ -209,3 +209,19 @@ def test_rerun_skips_finished_training(demo, capsys):
     assert "skipped as already done: sample, curate, cluster, train seed" in (demo / "summary.md").read_text()
     after = ckpt(demo / "run" / "expert_0" / "checkpoints" / "final.pt")["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_demo_run_json_records_the_result_flags_its_config_declares(demo):
+    """The demo's parser comes from DemoConfig, and run.json's arguments hold the flags it
+    declares result-changing (plus the settings they pick)."""
+    import argparse
+
+    from mode_fast.core.config import add_arguments, config_from_args, result_flags
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, pipeline.DemoConfig)
+    cfg = config_from_args(pipeline.DemoConfig, parser.parse_args(["--out", str(demo), "--quick"]))
+    assert cfg.settings == pipeline.QUICK
+    args = json.loads((demo / "run.json").read_text())["args"]
+    assert result_flags(pipeline.DemoConfig) == {"--quick"}
+    assert set(args) == {"--quick", *pipeline.dataclasses.asdict(pipeline.QUICK)}

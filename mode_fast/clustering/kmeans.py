@@ -24,7 +24,7 @@ from mode_fast.kernels.kmeans_assign import kmeans_assign
 
 logger = logging.getLogger(__name__)
 
-KMEANS_FORMAT = "mode_fast.clustering.kmeans/1"
+KMEANS_FORMAT = "mode_fast.kmeans/1"  # a format name, not a module path: centers of 0.1 carry it
 
 
 # ---------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class KMeans:
     - Reproducible: the same data, seed and settings give the same centers (no atomics;
       labels are exact, see kmeans_assign).
     - save(path) / KMeans.load(path): .npz with `centroids` float32 [k, D], `config` (JSON
-      of the constructor arguments), `stats` (JSON list), `format` = "mode_fast.clustering.kmeans/1".
+      of the constructor arguments), `stats` (JSON list), `format` = "mode_fast.kmeans/1".
     """
 
     def __init__(
