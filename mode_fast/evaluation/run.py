@@ -110,7 +110,7 @@ class EvalConfig:
         "[NAME=]sklearn:digits[:N] (scikit-learn's bundled handwritten digits; N: a "
         "class-balanced subset)",
         result=True,
-        cli_default=(),  # the CLI may give --retrieval alone; Python callers name both
+        cli_default=(),  # the CLI may give --retrieval alone; from Python, data=() says so
         nargs="*",
         metavar="SPEC",
     )
