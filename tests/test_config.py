@@ -76,3 +76,17 @@ def test_declared_bounds_are_checked_with_the_flag_named(tmp_path, argv, message
 def test_flag_of_names_positionals_and_options():
     assert flag_of(Probe, "data") == "data"
     assert flag_of(Probe, "note") == "--note"
+
+
+@dataclass(frozen=True)
+class Renamed:
+    baselines: tuple[str, ...] = option((), help="models", result=True, flag="--baseline", action="append")
+    extra: int = option(0, help="added later", result=ADDED, flag="--more")
+
+
+def test_manifest_keys_are_the_declared_flags_not_the_field_names():
+    cfg = Renamed(baselines=("a",), extra=2)
+    assert manifest_args(cfg) == {"--baseline": ["a"], "--more": 2}
+    assert manifest_args(cfg, {"baselines": ["a"], "global_batch": 8}) == {"--baseline": ["a"], "--global-batch": 8}
+    assert result_flags(Renamed) == {"--baseline", "--more"}
+    assert added_defaults(Renamed) == {"--more": 0}

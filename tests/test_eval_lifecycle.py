@@ -147,7 +147,7 @@ def test_sigint_a_second_run_and_a_finished_rerun(env, reference, tmp_path, caps
 
     # a finished evaluation rerun is a no-op that says so
     before = _files(out, with_mtime=True)
-    with caplog.at_level(logging.WARNING, logger="mode_fast.jobs.eval"):
+    with caplog.at_level(logging.WARNING, logger="mode_fast.evaluation.run"):
         assert eval_cli(env, out, *_tasks(env)) == 0
     assert "already holds this evaluation" in caplog.text and "nothing to do" in caplog.text
     assert _files(out, with_mtime=True) == before
@@ -178,7 +178,7 @@ def test_changed_argument_recombines_and_retrained_checkpoint_rescores(env, refe
     assert eval_cli(env, out, *_tasks(env), run=run) == 0
     units = _unit_mtimes(out)
     save_random_model(run / "expert_1" / "checkpoints" / "final.pt", 7)
-    with caplog.at_level(logging.WARNING, logger="mode_fast.jobs.eval"):
+    with caplog.at_level(logging.WARNING, logger="mode_fast.evaluation.run"):
         assert eval_cli(env, out, *_tasks(env), run=run) == 0
     assert "expert_1/checkpoints/final.pt (changed) since the run in" in caplog.text
     now = _unit_mtimes(out)

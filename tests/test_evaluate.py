@@ -23,7 +23,7 @@ from mode_fast.clustering.experts import TwoLevel
 from mode_fast.demo.sample import write_sample
 from mode_fast.evaluation import scoring, tasks
 from mode_fast.evaluation.ensemble import expert_weights
-from mode_fast.jobs import eval as evaluate
+from mode_fast.evaluation.results import method_order
 from mode_fast.training.checkpoint import CHECKPOINT_FORMAT
 from mode_fast.training.models import register_model_configs
 
@@ -103,7 +103,7 @@ def eval_items(sample: Path) -> list[tuple[bytes, int]]:
 
 
 def reference_logits(ckpt: Path, images: list[bytes], classes: list[str], templates: list[str]) -> np.ndarray:
-    """Zero-shot logits computed here from open_clip directly (independent of evaluate.py)."""
+    """Zero-shot logits computed here from open_clip directly (independent of mode_fast.evaluation)."""
     import open_clip
     from PIL import Image
 
@@ -480,7 +480,7 @@ def test_digits_eval_end_to_end_matches_an_independent_recomputation(env, tmp_pa
     task = res["tasks"]["digits"]
     assert (task["n_images"], task["n_classes"], task["n_templates"]) == (60, 10, len(tasks.DIGIT_TEMPLATES))
     assert task["source"] == "sklearn:digits:60"
-    methods = evaluate.method_order(res, N_EXPERTS)
+    methods = method_order(res, N_EXPERTS)
     assert set(task["top1"]) == set(task["top5"]) == set(methods)
     # expert_0 and the seed, recomputed from open_clip on the same images (PNG is lossless)
     images, target = sklearn_digits()
@@ -613,3 +613,60 @@ def test_wrong_retrieval_caption_key_is_one_line(env, tmp_path, capsys):
     lines = [line for line in err.splitlines() if ": error: " in line]
     assert len(lines) == 1 and "Traceback" not in err
     assert "--caption-key 'caption'" in lines[0] and "k0" in lines[0] and ".json fields id, text" in lines[0]
+
+
+def test_run_json_args_are_the_configs_result_changing_flags(env, tmp_path):
+    """The parser comes from EvalConfig's fields; run.json records exactly the result-changing
+    ones (eval adds no derived entry), and each has a rerun rule."""
+    import argparse
+
+    from mode_fast.core.config import config_from_args, result_flags
+    from mode_fast.evaluation.run import RECOMPUTE_ARGS, EvalConfig, run_evaluation
+    from mode_fast.jobs import eval as eval_job
+
+    parser = argparse.ArgumentParser()
+    eval_job.add_arguments(parser)
+    argv = ["--run", str(env["run"]), "--clusters", str(env["clusters"]), "--out", str(tmp_path / "out")]
+    args = parser.parse_args([*argv, "--batch-size", "16", "--data", f"sample={env['sample']}"])
+    run_evaluation(config_from_args(EvalConfig, args))
+    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["args"]
+    assert set(recorded) == result_flags(EvalConfig)
+    assert recorded["--baseline"] == [] and recorded["--batch-size"] == 16  # the flag, not the field name
+    assert set(RECOMPUTE_ARGS) == result_flags(EvalConfig)
+
+
+def test_old_evaluate_entry_warns_and_matches_the_cli(env, tmp_path):
+    """0.1's `mode_fast.evaluate.evaluate(EvalConfig(...))` still runs for one release: the
+    config built in Python equals the CLI's, so after the CLI's run it is a no-op."""
+    import warnings
+
+    out = tmp_path / "out"
+    assert eval_cli(env, out, "--data", f"sample={env['sample']}") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the old module name warns too
+        from mode_fast.evaluate import EvalConfig, evaluate
+    cfg = EvalConfig(run=env["run"], clusters=env["clusters"], data=[f"sample={env['sample']}"], out=out, batch_size=16)
+    before = (out / "run.json").read_bytes()
+    with pytest.warns(DeprecationWarning, match="run_evaluation"):
+        results = evaluate(cfg)
+    assert results == json.loads((out / "results.json").read_text())
+    assert (out / "run.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": ()}, "nothing to evaluate: give --data SPEC... and/or --retrieval SHARDS..."),
+        ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+        ({"max_bad_share": 1.5}, r"--max-bad-share must be in \[0, 1\], got 1.5"),
+        ({"ensemble_inputs": "sum"}, "--ensemble-inputs must be one of cosine, scaled, got 'sum'"),
+    ],
+)
+def test_eval_config_checks_its_fields_from_python(tmp_path, change, message):
+    from mode_fast.core.errors import ConfigError
+    from mode_fast.evaluation.run import EvalConfig
+
+    base = {"run": tmp_path, "clusters": tmp_path, "data": ["x"], "out": tmp_path}
+    assert EvalConfig(**base).data == ("x",)  # a list from Python is kept as a tuple: the config is frozen
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig(**{**base, **change})

@@ -90,6 +90,13 @@ def _flag(f: dataclasses.Field, opt: Option) -> str:
     return opt.flag or "--" + f.name.replace("_", "-")
 
 
+def _arg_key(f: dataclasses.Field, opt: Option) -> str:
+    """A field's key in run.json "args": its flag (``--baseline`` for a field ``baselines``
+    declared with that flag); a positional's, ``--`` and its name."""
+    flag = _flag(f, opt)
+    return flag if flag.startswith("-") else "--" + f.name.replace("_", "-")
+
+
 def _base_type(annotation: Any) -> Any:
     """int for `int | None`, Path for `Path`, ...; None when argparse should keep strings."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -168,16 +175,17 @@ def result_values(cfg: Any) -> dict[str, Any]:
 
 def manifest_args(cfg: Any, values: dict[str, Any] | None = None) -> dict[str, Any]:
     """flag -> value: the arguments run.json records (`values`: result_values, maybe with a
-    job's derived entries, keyed by field name)."""
+    job's derived entries, keyed by field name; a derived entry's key is ``--`` and its name)."""
     values = result_values(cfg) if values is None else values
-    return {"--" + name.replace("_", "-"): value for name, value in values.items()}
+    keys = {f.name: _arg_key(f, opt) for f, opt in options(cfg)}
+    return {keys.get(name, "--" + name.replace("_", "-")): value for name, value in values.items()}
 
 
 def added_defaults(cls: Any) -> dict[str, Any]:
     """flag -> default of the ``ADDED`` fields (RunState.open's `defaults`)."""
-    return {"--" + f.name.replace("_", "-"): _json(f.default) for f, opt in options(cls) if opt.result == ADDED}
+    return {_arg_key(f, opt): _json(f.default) for f, opt in options(cls) if opt.result == ADDED}
 
 
 def result_flags(cls: Any) -> set[str]:
     """The manifest keys a config's result-changing fields produce (tests check run.json against it)."""
-    return {"--" + f.name.replace("_", "-") for f, opt in options(cls) if opt.result}
+    return {_arg_key(f, opt) for f, opt in options(cls) if opt.result}

@@ -44,7 +44,7 @@ MOVED = {
     "mode_fast.curate": "mode_fast.jobs.curate",
     "mode_fast.cluster": "mode_fast.jobs.cluster",
     "mode_fast.train": "mode_fast.jobs.train",
-    "mode_fast.evaluate": "mode_fast.jobs.eval",
+    "mode_fast.evaluate": "mode_fast.evaluation.run",
     "mode_fast.open_clip_main": "mode_fast.jobs.open_clip_main",
 }
 # old modules that are packages now: package -> the module that holds the old attributes

@@ -1,4 +1,5 @@
-"""MoDE's task-adaptive ensemble of data experts (../shared/reference/mode.md).
+"""MoDE's task-adaptive ensemble of data experts (Ma et al., "MoDE: CLIP Data Experts via
+Clustering", CVPR 2024, arXiv:2404.16030).
 
 For a task with C class names, each class name is embedded with the clustering text
 encoder through the task's prompt templates (the template embeddings averaged, then

@@ -5,9 +5,10 @@ cosine similarities (image x class for classification, image x caption for retri
 float32 as the models compute them. `classification_summary` / `retrieval_summary` turn
 stored scores into results: top-1/top-5 or recall@1/5/10 both ways, for each model, the
 best expert (an oracle pick), the plain mean of the experts and MoDE's weighted ensemble
-(mode_fast.evaluation.ensemble, ../shared/reference/mode.md). Both ensembles combine plain cosine
-similarities, as MoDE's public code does; "scaled" multiplies each expert's by its own
-logit scale first. Library module: never imports a job module.
+(mode_fast.evaluation.ensemble; Ma et al., "MoDE: CLIP Data Experts via Clustering", CVPR
+2024, arXiv:2404.16030). Both ensembles combine plain cosine similarities, as MoDE's public
+code does; "scaled" multiplies each expert's by its own logit scale first. Library module:
+never imports a job module.
 """
 
 from __future__ import annotations
