@@ -291,9 +291,9 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path, meta, make_pool):
     before = outputs(out)
     # A kill: one shard's matches gone (pass 1), another's curated shard and stamp gone
     # (pass 2), a half-written temporary left behind.
-    next((out / ".work" / "matches").glob("pool-0000.tar-*.npz")).unlink()
+    next((out / ".work" / "matches").glob("pool-0000-*.npz")).unlink()
     (out / "data" / "pool-0001.tar").unlink()
-    next((out / ".work" / "sampled").glob("pool-0001.tar-*.json")).unlink()
+    next((out / ".work" / "sampled").glob("pool-0001-*.json")).unlink()
     (out / "data" / ".pool-0001.tar.abc123.tmp").write_bytes(b"half")
     summary = run(tmp_path / "pool", out, meta, t=10)
     # re-matching shard 0 gives the same lists and counts, so its curated shard stands
@@ -528,3 +528,37 @@ def test_run_json_args_are_the_configs_result_flags(tmp_path, meta, make_pool):
     assert recorded["--metadata"] == metadata_sha256(METADATA) and recorded["--t"] == 5.0
     with pytest.raises(SystemExit):  # argparse: one of the two
         parser.parse_args([str(tmp_path / "pool"), "--out", str(out), "--t", "5", "--target-size", "3"])
+
+
+def test_old_curate_entry_warns_and_still_logs_to_its_callback(tmp_path, meta, make_pool):
+    from mode_fast.jobs.curate import curate as old_curate
+
+    make_pool(tmp_path / "pool", make_records(100), 1)
+    logged: list[str] = []
+    with pytest.warns(DeprecationWarning, match="run_curation"):
+        summary = old_curate(
+            [str(tmp_path / "pool")], tmp_path / "out", metadata=meta, t=5, workers=1, log=logged.append
+        )
+    assert summary == run_curation(
+        CurateConfig(pools=(str(tmp_path / "pool"),), out=tmp_path / "out", metadata=meta, t=5)
+    )
+    assert any("<- chosen" in m for m in logged)
+
+
+def test_a_work_folder_named_by_the_old_shard_ids_is_redone_not_mixed(tmp_path, meta, make_pool):
+    """0.1 named .work files name-sha1[:10] (pool-0000.tar-0123456789.npz); they are never read:
+    a rerun that changes anything matches again and removes the old stamps and key lists."""
+    make_pool(tmp_path / "pool", make_records(300), 2)
+    out = tmp_path / "out"
+    run(tmp_path / "pool", out, meta, t=20)
+    for sub in ("matches", "sampled", "kept"):  # as 0.1 left them
+        for p in (out / ".work" / sub).iterdir():
+            stem, digest = p.stem.rsplit("-", 1)
+            p.rename(p.with_name(f"{stem}.tar-{digest}ab{p.suffix}"))
+    summary = run(tmp_path / "pool", out, meta, t=10)
+    assert summary["matches_computed_shards"] == 2 and summary["sampled_shards"] == 2
+    assert not list((out / ".work" / "sampled").glob("*.tar-*")) and not list((out / ".work" / "kept").glob("*.tar-*"))
+    run(tmp_path / "pool", tmp_path / "clean", meta, t=10)
+    redone, clean = outputs(out), outputs(tmp_path / "clean")
+    del redone["run.json"], clean["run.json"]  # its outputs list names the old matches files too
+    assert redone == clean
