@@ -109,7 +109,7 @@ class CurateConfig:
         nargs="+",
         metavar="POOL",
     )
-    out: Path = option(help="output folder", result=False, type=str)  # printed back as typed
+    out: Path = option(help="output folder", result=False, type=str)  # the job prints it as typed; a Path here
     metadata: Metadata = option(
         None,
         help="MetaCLIP-style metadata.json (JSON list of strings); default: the shipped WordNet list",
