@@ -26,9 +26,9 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from mode_fast.core.runs import MANIFEST, RunState  # noqa: E402
+from mode_fast.curation.run import CurateConfig, run_curation  # noqa: E402
 from mode_fast.demo.sample import sample_captions  # noqa: E402
 from mode_fast.jobs.cluster import ClusterJob, run_cluster_job  # noqa: E402
-from mode_fast.jobs.curate import curate  # noqa: E402
 
 CURATE_N = int(os.environ.get("EXEC_BENCH_CURATE_N", 2_000_000))
 CLUSTER_N = int(os.environ.get("EXEC_BENCH_CLUSTER_N", 8_000))
@@ -87,7 +87,8 @@ def test_curate(benchmark, curate_pool, tmp_path, local_ray, executor, workers):
 
     def run():
         shutil.rmtree(out, ignore_errors=True)  # every round matches, counts and writes afresh
-        return curate([curate_pool], out, t=50, seed=0, workers=workers, executor=executor, log=lambda m: None)
+        cfg = CurateConfig(pools=(curate_pool,), out=out, t=50, seed=0, workers=workers, executor=executor)
+        return run_curation(cfg)
 
     summary = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(

@@ -90,3 +90,21 @@ def test_manifest_keys_are_the_declared_flags_not_the_field_names():
     assert manifest_args(cfg, {"baselines": ["a"], "global_batch": 8}) == {"--baseline": ["a"], "--global-batch": 8}
     assert result_flags(Renamed) == {"--baseline", "--more"}
     assert added_defaults(Renamed) == {"--more": 0}
+
+
+class Either:
+    t: float | None = option(None, help="a threshold", result=True, exclusive="size")
+    target_size: int | None = option(None, help="a size", result=True, exclusive="size")
+    estimate_only: bool = option(False, help="count only", result=True, flag="--estimate")
+
+
+def test_exclusive_fields_share_one_group_and_manifest_keys_are_the_declared_flags():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Either)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--t", "1", "--target-size", "2"])  # argparse: not allowed with --t
+    cfg = config_from_args(Either, parser.parse_args(["--target-size", "2", "--estimate"]))
+    assert cfg == Either(target_size=2, estimate_only=True)
+    assert manifest_args(cfg) == {"--t": None, "--target-size": 2, "--estimate": True}
+    assert manifest_args(cfg, {"estimate_only": True, "derived_value": 1}) == {"--estimate": True, "--derived-value": 1}
+    assert result_flags(Either) == {"--t", "--target-size", "--estimate"}

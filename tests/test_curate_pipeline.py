@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import random
 import tarfile
@@ -24,8 +25,8 @@ from mode_fast.curation.balance import (
     record_scores,
     solve_t,
 )
+from mode_fast.curation.run import CurateConfig, run_curation
 from mode_fast.data.io import ShardError, read_shard
-from mode_fast.jobs.curate import curate
 
 METADATA = [
     "dog",
@@ -94,8 +95,11 @@ def kept_keys(out: Path) -> list[str]:
 
 def run(pool, out, metadata, **kw):
     kw.setdefault("workers", 1)
-    kw.setdefault("log", lambda m: None)
     return curate([str(pool)], out, metadata=metadata, **kw)
+
+
+def curate(pools, out, **kw):
+    return run_curation(CurateConfig(pools=tuple(pools), out=out, **kw))
 
 
 def outputs(out: Path) -> dict[str, bytes]:
@@ -211,15 +215,16 @@ def test_kept_set_independent_of_sharding_workers_and_format(tmp_path, meta, mak
     assert set(kept_keys(tmp_path / "out_seed4")) != set(kept_keys(tmp_path / "out1"))
 
 
-def test_new_t_reuses_matches_and_keeps_a_subset(tmp_path, meta, make_pool):
+def test_new_t_reuses_matches_and_keeps_a_subset(tmp_path, meta, make_pool, caplog):
     make_pool(tmp_path / "pool", make_records(500), 2)
     out = tmp_path / "out"
     first = run(tmp_path / "pool", out, meta, t=20)
     assert first["matches_computed_shards"] == 2
     stored = {p: p.stat().st_mtime_ns for p in (out / ".work" / "matches").glob("*.npz")}
     big = set(kept_keys(out))
-    logged: list[str] = []
-    second = run(tmp_path / "pool", out, meta, t=5, log=logged.append)
+    caplog.set_level(logging.INFO, logger="mode_fast.curation")
+    second = run(tmp_path / "pool", out, meta, t=5)
+    logged = caplog.messages
     assert second["matches_reused_shards"] == 2 and second["matches_computed_shards"] == 0
     assert {p: p.stat().st_mtime_ns for p in (out / ".work" / "matches").glob("*.npz")} == stored
     assert any("reusing stored matches for 2 of 2" in m for m in logged)
@@ -229,15 +234,16 @@ def test_new_t_reuses_matches_and_keeps_a_subset(tmp_path, meta, make_pool):
     assert {row["t"]: row["kept_with_seed"] for row in first["t_ladder"]}[5] == second["kept"]
 
 
-def test_changed_input_or_caption_key_recomputes_and_says_so(tmp_path, meta, make_pool):
+def test_changed_input_or_caption_key_recomputes_and_says_so(tmp_path, meta, make_pool, caplog):
     recs = make_records(200)
     shards = make_pool(tmp_path / "pool", recs, 2)
     out = tmp_path / "out"
     run(tmp_path / "pool", out, meta, t=5)
     make_pool(tmp_path / "pool2", recs[:50], 1)
     (tmp_path / "pool2" / "pool-0000.tar").replace(shards[1])  # same name, other content
-    logged: list[str] = []
-    summary = run(tmp_path / "pool", out, meta, t=5, log=logged.append)
+    caplog.set_level(logging.INFO, logger="mode_fast.curation")
+    summary = run(tmp_path / "pool", out, meta, t=5)
+    logged = caplog.messages
     assert summary["matches_computed_shards"] == 1 and summary["pool_size"] == 150
     assert any("recomputing 1 shards" in m for m in logged)
     summary = run(tmp_path / "pool", out, meta, t=5, caption_key="txt")
@@ -285,9 +291,9 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path, meta, make_pool):
     before = outputs(out)
     # A kill: one shard's matches gone (pass 1), another's curated shard and stamp gone
     # (pass 2), a half-written temporary left behind.
-    next((out / ".work" / "matches").glob("pool-0000.tar-*.npz")).unlink()
+    next((out / ".work" / "matches").glob("pool-0000-*.npz")).unlink()
     (out / "data" / "pool-0001.tar").unlink()
-    next((out / ".work" / "sampled").glob("pool-0001.tar-*.json")).unlink()
+    next((out / ".work" / "sampled").glob("pool-0001-*.json")).unlink()
     (out / "data" / ".pool-0001.tar.abc123.tmp").write_bytes(b"half")
     summary = run(tmp_path / "pool", out, meta, t=10)
     # re-matching shard 0 gives the same lists and counts, so its curated shard stands
@@ -326,7 +332,7 @@ def test_removed_input_removes_its_curated_shard(tmp_path, meta, make_pool):
     out = tmp_path / "out"
     run(tmp_path / "pool", out, meta, t=10)
     assert len(list((out / "data").glob("*.tar"))) == 3
-    summary = curate([str(tmp_path / "pool" / "pool-000{0,1}.tar")], out, metadata=meta, t=10, log=lambda m: None)
+    summary = curate([str(tmp_path / "pool" / "pool-000{0,1}.tar")], out, metadata=meta, t=10)
     assert summary["stale_outputs_removed"] == 1
     assert sorted(p.name for p in (out / "data").glob("*.tar")) == ["pool-0000.tar", "pool-0001.tar"]
 
@@ -428,9 +434,7 @@ def test_jsonl_gz_and_brace_patterns(tmp_path, meta):
     for s in range(3):
         with gzip.open(tmp_path / "pool" / f"p-{s:03d}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs[s::3])
-    summary = curate(
-        [str(tmp_path / "pool" / "p-{000..002}.jsonl.gz")], tmp_path / "out", metadata=meta, t=1000, log=lambda m: None
-    )
+    summary = curate([str(tmp_path / "pool" / "p-{000..002}.jsonl.gz")], tmp_path / "out", metadata=meta, t=1000)
     assert summary["shards"] == 3 and summary["pool_size"] == 60
     assert len(list((tmp_path / "out" / "data").glob("*.jsonl.gz"))) == 3
 
@@ -502,3 +506,59 @@ def test_cli_estimate_and_run(tmp_path, meta, make_pool, capsys):
     assert "matches no shard" in capsys.readouterr().err
     assert main(["curate", str(tmp_path / "pool"), "--out", str(out), "--metadata", str(meta), "--t", "-1"]) == 2
     assert "t must be a positive number" in capsys.readouterr().err
+
+
+def test_run_json_args_are_the_configs_result_flags(tmp_path, meta, make_pool):
+    """The parser is built from CurateConfig, and run.json records its result-changing flags:
+    --metadata by the list's sha256, --semantics (added with MetaCLIP 2) only when not metaclip1."""
+    import argparse
+
+    from mode_fast.core.config import result_flags
+    from mode_fast.curation.metadata import metadata_sha256
+    from mode_fast.jobs import curate as curate_job
+
+    make_pool(tmp_path / "pool", make_records(100), 1)
+    parser = argparse.ArgumentParser()
+    curate_job.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args([str(tmp_path / "pool"), "--out", str(out), "--metadata", str(meta), "--t", "5"])
+    assert curate_job.run(args) == 0
+    recorded = json.loads((out / "run.json").read_text())["args"]
+    assert set(recorded) == result_flags(CurateConfig) - {"--semantics"}
+    assert recorded["--metadata"] == metadata_sha256(METADATA) and recorded["--t"] == 5.0
+    with pytest.raises(SystemExit):  # argparse: one of the two
+        parser.parse_args([str(tmp_path / "pool"), "--out", str(out), "--t", "5", "--target-size", "3"])
+
+
+def test_old_curate_entry_warns_and_still_logs_to_its_callback(tmp_path, meta, make_pool):
+    from mode_fast.jobs.curate import curate as old_curate
+
+    make_pool(tmp_path / "pool", make_records(100), 1)
+    logged: list[str] = []
+    with pytest.warns(DeprecationWarning, match="run_curation"):
+        summary = old_curate(
+            [str(tmp_path / "pool")], tmp_path / "out", metadata=meta, t=5, workers=1, log=logged.append
+        )
+    assert summary == run_curation(
+        CurateConfig(pools=(str(tmp_path / "pool"),), out=tmp_path / "out", metadata=meta, t=5)
+    )
+    assert any("<- chosen" in m for m in logged)
+
+
+def test_a_work_folder_named_by_the_old_shard_ids_is_redone_not_mixed(tmp_path, meta, make_pool):
+    """0.1 named .work files name-sha1[:10] (pool-0000.tar-0123456789.npz); they are never read:
+    a rerun that changes anything matches again and removes the old stamps and key lists."""
+    make_pool(tmp_path / "pool", make_records(300), 2)
+    out = tmp_path / "out"
+    run(tmp_path / "pool", out, meta, t=20)
+    for sub in ("matches", "sampled", "kept"):  # as 0.1 left them
+        for p in (out / ".work" / sub).iterdir():
+            stem, digest = p.stem.rsplit("-", 1)
+            p.rename(p.with_name(f"{stem}.tar-{digest}ab{p.suffix}"))
+    summary = run(tmp_path / "pool", out, meta, t=10)
+    assert summary["matches_computed_shards"] == 2 and summary["sampled_shards"] == 2
+    assert not list((out / ".work" / "sampled").glob("*.tar-*")) and not list((out / ".work" / "kept").glob("*.tar-*"))
+    run(tmp_path / "pool", tmp_path / "clean", meta, t=10)
+    redone, clean = outputs(out), outputs(tmp_path / "clean")
+    del redone["run.json"], clean["run.json"]  # its outputs list names the old matches files too
+    assert redone == clean

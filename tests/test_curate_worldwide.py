@@ -72,11 +72,10 @@ def _reference(meta, records):
 
 
 def _curate(pool, out, folder, **kw):
-    from mode_fast.jobs.curate import curate
+    from mode_fast.curation.run import CurateConfig, run_curation
 
     kw.setdefault("workers", 1)
-    kw.setdefault("log", lambda m: None)
-    return curate([str(pool)], out, metadata=str(folder), semantics="metaclip2", **kw)
+    return run_curation(CurateConfig(pools=(str(pool),), out=out, metadata=str(folder), semantics="metaclip2", **kw))
 
 
 def test_counts_thresholds_and_kept_set_against_reference(tmp_path, world):
@@ -186,10 +185,10 @@ def test_cli_end_to_end_with_language_summary(tmp_path, world, capsys):
 
 
 def test_metaclip1_default_does_not_route_by_language(tmp_path, world, metadata_file):
-    from mode_fast.jobs.curate import curate
+    from mode_fast.curation.run import CurateConfig, run_curation
 
     pool, _, meta, _ = world
-    summary = curate(
-        [str(pool)], tmp_path / "out", metadata=metadata_file(meta["en"]), t=3, workers=1, log=lambda m: None
+    summary = run_curation(
+        CurateConfig(pools=(str(pool),), out=tmp_path / "out", metadata=metadata_file(meta["en"]), t=3, workers=1)
     )
     assert "languages" not in summary and summary["skipped"].get("invalid_utf8") == SURROGATE_CAPTIONS

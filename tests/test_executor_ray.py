@@ -25,9 +25,9 @@ from test_runs import _wait_for as wait_for  # noqa: E402
 from mode_fast.clustering.experts import TwoLevel  # noqa: E402
 from mode_fast.core.errors import InputError  # noqa: E402
 from mode_fast.core.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402
+from mode_fast.curation.run import CurateConfig, run_curation  # noqa: E402
 from mode_fast.demo.sample import write_sample  # noqa: E402
 from mode_fast.jobs.cluster import ClusterJob, run_cluster_job  # noqa: E402
-from mode_fast.jobs.curate import curate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def _summary(root: Path) -> dict:
 
 
 def _curate(pool: Path, out: Path, executor: str) -> dict:
-    return curate([pool], out, t=20, seed=3, workers=2, executor=executor, log=lambda m: None)
+    return run_curation(CurateConfig(pools=(pool,), out=out, t=20, seed=3, workers=2, executor=executor))
 
 
 def test_curate_ray_matches_local_byte_for_byte(pool, tmp_path, local_ray):

@@ -146,7 +146,7 @@ def test_non_finite_numbers_are_one_line_before_any_output(txt_pool, tmp_path, c
 def test_non_finite_numbers_from_python_are_config_errors(txt_pool, tmp_path):
     """Library callers get the same family (ModeFastError) as the CLI, not a bare ValueError."""
     from mode_fast.core.errors import ConfigError
-    from mode_fast.jobs.curate import CurateConfig
+    from mode_fast.curation.run import CurateConfig
 
     with pytest.raises(ConfigError, match="--t must be a positive finite number"):
         CurateConfig(pools=[str(txt_pool)], out=tmp_path / "o", t=float("inf"))

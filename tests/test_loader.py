@@ -253,8 +253,8 @@ def write_assignments(cluster_dir: Path, shards: list[Path], expert_of_key, n_ex
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mode_fast.clustering.embedders import shard_id
     from mode_fast.clustering.experts import TwoLevel
+    from mode_fast.data.io import shard_id
 
     (cluster_dir / "assignments").mkdir(parents=True, exist_ok=True)
     for shard, keys in zip(shards, L.build_index(shards, L.SampleSpec()).keys):

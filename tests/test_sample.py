@@ -29,8 +29,8 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def matcher():
+    from mode_fast import Matcher
     from mode_fast.curation.metadata import load_metadata
-    from mode_fast.jobs.curate import Matcher
 
     return Matcher(load_metadata(None))  # the shipped WordNet list: what `mode-fast curate` uses by default
 

@@ -208,7 +208,7 @@ def _kept_by_reference(records: list[tuple[str, str]], entries: list[str], t: fl
 
 
 def test_curate_with_a_20mb_caption_keeps_what_the_reference_keeps(tmp_path, metadata_file, make_pool) -> None:
-    from mode_fast.jobs.curate import curate
+    from mode_fast.curation.run import CurateConfig, run_curation
 
     entries = ["dog", "cat", "hot dog", "red car", "sky", "sea"]
     rng = random.Random(3)
@@ -217,8 +217,8 @@ def test_curate_with_a_20mb_caption_keeps_what_the_reference_keeps(tmp_path, met
     records[150] = ("u0150", _words_text(rng, words, MB20))
     make_pool(tmp_path / "pool", [{"uid": k, "caption": c} for k, c in records], 2)
     out = tmp_path / "out"
-    summary = curate(
-        [str(tmp_path / "pool")], out, metadata=metadata_file(entries), t=20, seed=5, workers=1, log=lambda m: None
+    summary = run_curation(
+        CurateConfig(pools=(str(tmp_path / "pool"),), out=out, metadata=metadata_file(entries), t=20, seed=5, workers=1)
     )
     kept = set((out / "kept_keys.txt").read_text().split())
     assert kept == _kept_by_reference(records, entries, 20, 5)

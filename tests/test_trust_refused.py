@@ -107,7 +107,7 @@ def test_a_job_refused_after_taking_its_folder_gives_it_back(world, tmp_path, ca
     folder holds: a user-caused error before anything but run.json and .lock was written
     removes a folder the run made; a folder that existed, or holds other files, stays."""
     from mode_fast.core.errors import ConfigError
-    from mode_fast.jobs import curate as curate_job
+    from mode_fast.curation import run as curate_job
 
     def no_ray(*a, **k):
         raise ConfigError("--executor ray needs Ray: pip install 'mode-fast[ray]'")

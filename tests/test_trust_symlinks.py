@@ -17,9 +17,7 @@ import torch
 from conftest import write_pool_shards
 
 from mode_fast import cli
-from mode_fast.clustering.embedders import shard_id as embed_shard_id
-from mode_fast.curation.shards import shard_id as curation_shard_id
-from mode_fast.data.io import ShardError, list_shards
+from mode_fast.data.io import ShardError, list_shards, shard_id
 from mode_fast.demo.sample import write_sample
 
 torch.set_num_threads(1)  # shared 2-core machine
@@ -64,8 +62,7 @@ def test_shards_keep_the_links_name_and_read_the_target(pools) -> None:
     shards = list_shards([pools["hub"] / "pool", pools["hub"] / "mixed"])
     assert [p.name for p in shards] == ["part-a.parquet", "pool-0000.jsonl", "pool-000000.tar", "pool-000001.tar"]
     assert all(p.is_symlink() and p.parent.is_absolute() for p in shards)
-    assert embed_shard_id(shards[2]).startswith("pool-000000-")
-    assert curation_shard_id(shards[2]).startswith("pool-000000.tar-")
+    assert shard_id(shards[2]).startswith("pool-000000-")  # curate's and cluster's files alike
 
 
 def test_ids_of_files_that_are_not_links_are_unchanged(pools, tmp_path) -> None:
@@ -77,9 +74,8 @@ def test_ids_of_files_that_are_not_links_are_unchanged(pools, tmp_path) -> None:
         real = sorted(p.resolve() for p in (pools["plain"] / "pool").glob("*.tar"))
         assert shards == real
         for p in shards:
-            assert curation_shard_id(p) == f"{p.name}-{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:10]}"
             old = f"{p.name.split('.')[0]}-{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]}"
-            assert embed_shard_id(p) == embed_shard_id(os.path.relpath(p)) == old
+            assert shard_id(p) == shard_id(os.path.relpath(p)) == old  # cluster's assignments/<id>.parquet
 
 
 def test_one_file_under_two_names_is_listed_once(pools, tmp_path) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 
 from mode_fast.core import files
 from mode_fast.core.errors import ConfigError, ModeFastError
+from mode_fast.data.io import shard_id  # cluster's assignments/<id>.parquet are named by it
 
 EmbedderSpec = dict[str, Any]
 
@@ -215,19 +216,6 @@ def embedder_spec(embedder: Any) -> EmbedderSpec | None:
         return None
     where = f"the .spec of embedder {getattr(embedder, 'name', type(embedder).__name__)}"
     return check_spec(json.loads(json.dumps(spec)), where)  # a plain JSON copy: what is stored is what is rebuilt
-
-
-def shard_id(path: str | Path) -> str:
-    """Stable file-name-safe id for a shard: its stem plus a hash of its absolute path
-    (two folders may both hold 00000.tar). A symlinked shard is named by the link, not by
-    its target (`mode_fast.data.io.shard_path`; the same id as before for other files)."""
-    import hashlib
-
-    from mode_fast.data.io import shard_path
-
-    p = shard_path(path)
-    stem = p.name.split(".")[0] or "shard"
-    return f"{stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
 
 
 @dataclass

@@ -49,6 +49,7 @@ class Option:
     high: float | None = None  # value <= high (< high with high_open)
     high_open: bool = False
     cli_default: Any = _UNSET  # the parser's default when it differs from the field's (resolved later)
+    exclusive: str | None = None  # fields naming the same one: at most one of their flags on a command line
     argparse: dict[str, Any] = dataclasses.field(default_factory=dict)  # nargs, metavar, choices, type, ...
 
 
@@ -63,11 +64,12 @@ def option(
     high: float | None = None,
     high_open: bool = False,
     cli_default: Any = _UNSET,
+    exclusive: str | None = None,
     default_factory: Any = _MISSING,
     **argparse_kwargs: Any,
 ) -> Any:
     """A config field with its command-line flag (the module docstring says how it is used)."""
-    meta = Option(help, result, flag, group, low, high, high_open, cli_default, argparse_kwargs)
+    meta = Option(help, result, flag, group, low, high, high_open, cli_default, exclusive, argparse_kwargs)
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={_KEY: meta})
     return dataclasses.field(default=default, metadata={_KEY: meta})
@@ -106,12 +108,20 @@ def _base_type(annotation: Any) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: Any) -> None:
-    """Add one argument per declared field of `cls`, grouped as declared."""
+    """Add one argument per declared field of `cls`, grouped as declared; fields declaring
+    the same `exclusive` name share one argparse mutually exclusive group (argparse then
+    refuses two of them in one command line; the config checks it for Python callers)."""
     hints = typing.get_type_hints(cls)
     groups: dict[str | None, Any] = {None: parser}
+    exclusive: dict[str, Any] = {}
     for f, opt in options(cls):
         if opt.group not in groups:
             groups[opt.group] = parser.add_argument_group(opt.group)
+        target = groups[opt.group]
+        if opt.exclusive is not None:
+            if opt.exclusive not in exclusive:
+                exclusive[opt.exclusive] = target.add_mutually_exclusive_group()
+            target = exclusive[opt.exclusive]
         kwargs: dict[str, Any] = {"help": opt.help, **opt.argparse}
         flag = _flag(f, opt)
         positional = not flag.startswith("-")
@@ -128,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: Any) -> None:
                 kwargs["required"] = True
             elif kwargs.get("action") != "store_true" or default:
                 kwargs["default"] = default
-        groups[opt.group].add_argument(flag, **kwargs)
+        target.add_argument(flag, **kwargs)
 
 
 def config_from_args(cls: Any, args: argparse.Namespace, **resolved: Any) -> Any:

@@ -41,7 +41,7 @@ MOVED = {
     "mode_fast.pipeline": "mode_fast.demo.pipeline",
     "mode_fast.report": "mode_fast.demo.report",
     "mode_fast.data.sample": "mode_fast.demo.sample",
-    "mode_fast.curate": "mode_fast.jobs.curate",
+    "mode_fast.curate": "mode_fast.curation.run",
     "mode_fast.cluster": "mode_fast.jobs.cluster",
     "mode_fast.train": "mode_fast.jobs.train",
     "mode_fast.evaluate": "mode_fast.evaluation.run",

@@ -1,6 +1,7 @@
 """MetaCLIP's balancing maths: entry probabilities, per-pair draws, record scores, t.
 
-Semantics: ../shared/reference/curation.md. A record with match set S is kept with
+Semantics: MetaCLIP's (Xu et al., "Demystifying CLIP Data", ICLR 2024, arXiv:2309.16671;
+facebookresearch/MetaCLIP). A record with match set S is kept with
 probability ``1 - prod_{i in S} (1 - p_i)``, ``p_i = min(1, t / count_i)``.
 
 How sampling is made reproducible and independent of sharding and workers: every

@@ -4,9 +4,10 @@ Two passes over the pool, each one task per shard run by `mode_fast.core.executo
 processes or Ray actors): `match_shard` (pass 1) reads a shard, matches its captions and
 writes the shard's match lists; `sample_shard` (pass 2) writes its curated shard. The
 balancing between them (counts, scores, t) is `mode_fast.curation.balance`; the job
-(`mode_fast.jobs.curate`) only orders the steps.
+(`mode_fast.curation.run`) only orders the steps.
 
-Files under ``OUT/.work`` (`ShardFiles` names them per input shard):
+Files under ``OUT/.work`` (`ShardFiles` names them per input shard, by
+`mode_fast.data.io.shard_id`, the id cluster names its files by too):
 
 - ``matches/<shard id>.npz`` (layout `MATCHES_FORMAT`): ``offsets``, ``ids`` (CSR of the
   matched entry ids per record, in file order), ``key_hashes``, ``keys``, ``meta`` (JSON:
@@ -28,7 +29,6 @@ Curated shards go to ``OUT/data/`` under their path relative to the pools' commo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -50,6 +50,7 @@ from mode_fast.data.io import (
     describe_fields,
     lone_surrogate_caption,
     read_shard,
+    shard_id,
     write_kept,
 )
 
@@ -59,12 +60,6 @@ METACLIP2 = "metaclip2"
 
 
 # --- where each shard's work lives -------------------------------------------------------------
-
-
-def shard_id(path: Path) -> str:
-    """File name plus a hash of the full path: unique, and readable in .work/."""
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    return f"{path.name}-{digest}"
 
 
 @dataclass(frozen=True)

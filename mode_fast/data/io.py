@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -134,6 +135,16 @@ def shard_path(path: str | os.PathLike) -> Path:
     ``Path.resolve()``, so ids made from it stay what they were."""
     p = Path(path)
     return p.parent.resolve() / p.name
+
+
+def shard_id(path: str | os.PathLike) -> str:
+    """A shard's id in file names (curate's ``.work/``, cluster's ``assignments/`` and
+    embedding cache): its name up to the first dot plus sha1[:8] of its `shard_path` (two
+    folders may both hold 00000.tar; a symlinked shard is named by the link). Train and eval
+    find a shard's assignments by it, so the rule never changes for a file name that exists."""
+    p = shard_path(path)
+    stem = p.name.split(".")[0] or "shard"
+    return f"{stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
 
 
 def missing_shard(path: str | os.PathLike) -> ShardError:
