@@ -47,16 +47,17 @@ class ClusterConfig:
                                       flag="shards", nargs="+")  # fmt: skip
     out: Path = option(help="output folder", result=False)
     fine_k: int = option(1024, help="fine clusters (default 1024)", result=True, low=1)
+    # named as its flag: run.json's key is --<field name>
     experts: int = option(4, help="coarse groups = experts (4)", result=True, low=1)
     sample: int = option(65536, help="embeddings the k-means is fitted on (default 65536)", result=True, low=1)
     workers: int = option(1, help="parallel shard processes (local) or actors (ray)", result=False, low=0)
     executor: str = executor_option()  # or "ray": same outputs either way
     ray_address: str | None = ray_address_option()
-    seed: int = option(1234, help="", result=True)
+    seed: int = option(1234, help="", result=True)  # no help text, as in 0.1
     niter: int = option(25, help="k-means iterations", result=True, low=1)
     balanced: bool = option(True, help="plain (not size-balanced) k-means for the fine level", result=True,
                             flag="--no-balanced", action="store_false")  # fmt: skip
-    # MoDE's coarse step is balanced too (its public code: facebookresearch/MetaCLIP, mode/)
+    # MoDE's coarse step is balanced too (facebookresearch/MetaCLIP, mode/prep_hrchy.py)
     balanced_coarse: bool = option(
         True,
         help="plain (not size-balanced) k-means for grouping the fine centers into experts",
@@ -79,7 +80,13 @@ class ClusterConfig:
     key_field: str | None = option(None, help="json field to use as the pair key", result=True)
     device: str = option("cpu", help="torch device for embedding/assignment", result=False)
     batch_size: int = option(256, help="captions per encoder batch", result=False, low=1)
-    progress: bool = option(True, help="", result=False, flag="--no-progress", action="store_false")
+    progress: bool = option(
+        True,
+        help="",  # no help text, as in 0.1
+        result=False,
+        flag="--no-progress",
+        action="store_false",
+    )
     overwrite: bool = option(False, help="start over: remove this job's earlier outputs in --out first", result=False)
 
     def __post_init__(self) -> None:
