@@ -16,6 +16,7 @@ captions (default 8k) in 8 parquet shards embedded with all-MiniLM-L6-v2 and ass
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,10 +26,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from mode_fast.clustering.run import ClusterConfig, run_clustering  # noqa: E402
 from mode_fast.core.runs import MANIFEST, RunState  # noqa: E402
 from mode_fast.curation.run import CurateConfig, run_curation  # noqa: E402
 from mode_fast.demo.sample import sample_captions  # noqa: E402
-from mode_fast.jobs.cluster import ClusterJob, run_cluster_job  # noqa: E402
 
 CURATE_N = int(os.environ.get("EXEC_BENCH_CURATE_N", 2_000_000))
 CLUSTER_N = int(os.environ.get("EXEC_BENCH_CLUSTER_N", 8_000))
@@ -66,16 +67,16 @@ def curate_pool(tmp_path_factory) -> Path:
 def cluster_setup(tmp_path_factory):
     pool = _parquet_pool(tmp_path_factory.mktemp("cluster_pool"), CLUSTER_N)
     fitted = tmp_path_factory.mktemp("cluster_fit")
-    job = ClusterJob(
+    job = ClusterConfig(
         shards=sorted(pool.glob("*.parquet")),
         out=fitted,
         fine_k=1024,
-        n_experts=4,
+        experts=4,
         sample=CLUSTER_N,
         workers=1,
         progress=False,
     )
-    run_cluster_job(job)  # fits centers.npz once; timed rounds only embed and assign
+    run_clustering(job)  # fits centers.npz once; timed rounds only embed and assign
     return job, fitted
 
 
@@ -116,7 +117,7 @@ def test_cluster_assign(benchmark, cluster_setup, tmp_path, local_ray, executor,
             assert state.forget("assign:*") and state.forget("embed:*")
 
     def run():
-        return run_cluster_job(ClusterJob(**{**job.__dict__, "out": out, "workers": workers, "executor": executor}))
+        return run_clustering(dataclasses.replace(job, out=out, workers=workers, executor=executor))
 
     sizes = benchmark.pedantic(run, setup=fitted_run_without_assignments, rounds=2, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(

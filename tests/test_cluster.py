@@ -313,6 +313,7 @@ def test_two_level_normalises_its_input():
 def test_cluster_cli_no_balanced_coarse_flag():
     import argparse
 
+    from mode_fast.clustering.run import ClusterConfig
     from mode_fast.jobs import cluster
 
     parser = argparse.ArgumentParser()
@@ -320,7 +321,7 @@ def test_cluster_cli_no_balanced_coarse_flag():
     assert parser.parse_args(["x.tar", "--out", "o"]).balanced_coarse is True
     args = parser.parse_args(["x.tar", "--out", "o", "--no-balanced-coarse"])
     assert args.balanced_coarse is False and args.balanced is True
-    assert cluster.ClusterJob.__dataclass_fields__["balanced_coarse"].default is True
+    assert ClusterConfig.__dataclass_fields__["balanced_coarse"].default is True
 
 
 def test_two_level_k_larger_than_sample():
@@ -514,6 +515,45 @@ def test_cluster_job_k_larger_than_pool(io_module, tmp_path, capsys):
 def test_cluster_job_no_shards(io_module, tmp_path, capsys):
     assert _cli([tmp_path / "nothing-*.tar", "--out", tmp_path / "o"]) == 2
     assert "no shards" in capsys.readouterr().err
+
+
+def test_cluster_run_json_args_are_the_configs_result_flags(io_module, tmp_path):
+    """The job's parser comes from ClusterConfig, and run.json records exactly the fields
+    declared result-changing (--embedder as the embedder's name)."""
+    import argparse
+    import json
+
+    from mode_fast.clustering.run import ClusterConfig
+    from mode_fast.core.config import result_flags
+    from mode_fast.core.runs import MANIFEST
+    from mode_fast.jobs import cluster
+
+    _write_shards(tmp_path / "shards", [60])
+    parser = argparse.ArgumentParser()
+    cluster.add_arguments(parser)
+    argv = [str(tmp_path / "shards" / "00000.tar"), "--out", str(tmp_path / "o"), "--fine-k", "4",
+            "--experts", "2", "--sample", "50", "--embedder", "hash16", "--no-progress"]  # fmt: skip
+    assert cluster.run(parser.parse_args(argv)) == 0
+    recorded = json.loads((tmp_path / "o" / MANIFEST).read_text())["args"]
+    assert set(recorded) == result_flags(ClusterConfig)
+    assert recorded["--experts"] == 2 and recorded["--embedder"] == "hash16"
+
+
+def test_cluster_old_entry_warns_and_runs(io_module, tmp_path):
+    """0.1's ClusterJob(n_experts=...) and run_cluster_job stay for one release, warning."""
+    import json
+
+    from mode_fast.clustering.run import ClusterConfig, ClusterJob, run_cluster_job
+
+    _write_shards(tmp_path / "shards", [60])
+    with pytest.warns(DeprecationWarning, match="ClusterConfig"):
+        job = ClusterJob(shards=[tmp_path / "shards" / "00000.tar"], out=tmp_path / "o", fine_k=4, n_experts=2,
+                         sample=50, embedder="hash16", progress=False)  # fmt: skip
+    assert isinstance(job, ClusterConfig) and job.n_experts == job.experts == 2
+    with pytest.warns(DeprecationWarning, match="run_clustering"):
+        sizes = run_cluster_job(job)
+    assert sizes == json.loads((tmp_path / "o" / "cluster_sizes.json").read_text())
+    assert sizes["n_experts"] == 2
 
 
 @pytest.mark.parametrize("method", ["index_add", "segment"])

@@ -13,9 +13,9 @@ from test_cluster import _write_shards
 from mode_fast.clustering.embedders import HashEmbedder, MiniLMEmbedder, embedder_spec, make_embedder
 from mode_fast.clustering.experts import TwoLevel
 from mode_fast.clustering.folder import EMBEDDER, ClusterFolder, spec_from_legacy_name
+from mode_fast.clustering.run import ClusterConfig, run_clustering
 from mode_fast.core.errors import ConfigError, InputError
 from mode_fast.evaluation import scoring
-from mode_fast.jobs.cluster import ClusterJob, run_cluster_job
 
 
 class LetterEmbedder:
@@ -77,9 +77,9 @@ def test_legacy_names_follow_one_rule():
 def clustered(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("clustered")
     _write_shards(root / "shards", [80, 80])
-    job = ClusterJob(shards=sorted((root / "shards").glob("*.tar")), out=root / "out", fine_k=6, n_experts=2,
+    job = ClusterConfig(shards=sorted((root / "shards").glob("*.tar")), out=root / "out", fine_k=6, experts=2,
                      sample=160, embedder=LetterEmbedder("etaoinsh"), progress=False)  # fmt: skip
-    run_cluster_job(job)
+    run_clustering(job)
     return root / "out"
 
 
@@ -131,9 +131,9 @@ def test_old_folders_fall_back_by_the_documented_rule(tmp_path):
 
 def test_an_embedder_without_spec_needs_the_flag(tmp_path):
     _write_shards(tmp_path / "shards", [60])
-    job = ClusterJob(shards=[tmp_path / "shards" / "00000.tar"], out=tmp_path / "out", fine_k=4, n_experts=2,
+    job = ClusterConfig(shards=[tmp_path / "shards" / "00000.tar"], out=tmp_path / "out", fine_k=4, experts=2,
                      sample=60, embedder=Unnamed("etaoin"), progress=False)  # fmt: skip
-    run_cluster_job(job)
+    run_clustering(job)
     doc = json.loads((tmp_path / "out" / EMBEDDER).read_text())
     assert doc["spec"] is None and doc["name"] == "letters-etaoin"
     with pytest.raises(InputError, match="pass --embedder"):

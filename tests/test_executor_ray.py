@@ -23,11 +23,11 @@ from test_runs import _start as start_cli  # noqa: E402
 from test_runs import _wait_for as wait_for  # noqa: E402
 
 from mode_fast.clustering.experts import TwoLevel  # noqa: E402
+from mode_fast.clustering.run import ClusterConfig, run_clustering  # noqa: E402
 from mode_fast.core.errors import InputError  # noqa: E402
 from mode_fast.core.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402
 from mode_fast.curation.run import CurateConfig, run_curation  # noqa: E402
 from mode_fast.demo.sample import write_sample  # noqa: E402
-from mode_fast.jobs.cluster import ClusterJob, run_cluster_job  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +97,18 @@ def test_curate_ray_worker_killed_mid_job(pool, tmp_path, local_ray):
 
 
 def _cluster(pool: Path, out: Path, executor: str) -> dict:
-    job = ClusterJob(
+    job = ClusterConfig(
         shards=sorted(pool.glob("*.tar")),
         out=out,
         fine_k=12,
-        n_experts=3,
+        experts=3,
         sample=500,
         workers=2,
         executor=executor,
         embedder="hash16",
         progress=False,
     )
-    return run_cluster_job(job)
+    return run_clustering(job)
 
 
 def _assignments(out: Path) -> dict[str, bytes]:

@@ -1,6 +1,7 @@
-"""MoDE's two-level clustering (../shared/reference/mode.md): fine centers fitted on a
-sample of caption embeddings, coarse groups (the data experts) by clustering the fine
-centers; a pair's expert is the coarse group of its nearest fine center.
+"""MoDE's two-level clustering (Ma et al., "MoDE: CLIP Data Experts via Clustering", CVPR
+2024, arXiv:2404.16030; its public code: facebookresearch/MetaCLIP, mode/prep_hrchy.py):
+fine centers fitted on a sample of caption embeddings, coarse groups (the data experts) by
+clustering the fine centers; a pair's expert is the coarse group of its nearest fine center.
 
 Library module: `TwoLevel` (the fitted centers, saved as one .npz) and `fit_two_level`,
 over `mode_fast.clustering.kmeans`. The cluster job's output folder is read and written by
@@ -28,8 +29,9 @@ UNIT_TOLERANCE = 1e-4
 
 
 def unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
-    """x with every row L2-normalised (MoDE clusters unit vectors, mode.md); rows already of
-    unit norm are kept as they are; a zero or non-finite row is an error naming its index."""
+    """x with every row L2-normalised (MoDE clusters unit vectors, mode/prep_hrchy.py); rows
+    already of unit norm are kept as they are; a zero or non-finite row is an error naming
+    its index."""
     norms = torch.linalg.vector_norm(x, dim=1)
     bad = ~torch.isfinite(norms) | (norms == 0)
     if bool(bad.any()):
@@ -61,8 +63,8 @@ class TwoLevel:
     def assign(self, x: Any, backend: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(fine ids, expert ids, sqdist to the fine center), numpy, greedy nearest fine center.
 
-        Rows are L2-normalised first, as MoDE does before both levels (mode.md, "What MoDE's
-        public code does"); unit rows are left as they are."""
+        Rows are L2-normalised first, as MoDE's public code does before both levels
+        (facebookresearch/MetaCLIP, mode/prep_hrchy.py); unit rows are left as they are."""
         xt = unit_rows(_as_tensor(x, "TwoLevel.assign x"), "TwoLevel.assign x")
         c = torch.from_numpy(self.fine_centroids).to(xt.device)
         fine, sqdist = kmeans_assign(xt, c, backend=backend)
@@ -105,8 +107,9 @@ def fit_two_level(
     max_points_per_centroid: int = 256,
     balanced_coarse: bool = True,
 ) -> tuple[TwoLevel, KMeans, KMeans]:
-    """MoDE's two levels on a sample of caption embeddings (mode.md, "What MoDE's public
-    code does"); rows are L2-normalised first (unit rows are used as they are).
+    """MoDE's two levels on a sample of caption embeddings, as MoDE's public code
+    (facebookresearch/MetaCLIP, mode/prep_hrchy.py); rows are L2-normalised first (unit rows
+    are used as they are).
 
     Fine: KMeans(fine_k), balanced by default as in the paper (the bound applies to the
     fitted sample; the pool is then assigned greedily to the nearest fine center).

@@ -236,6 +236,49 @@ def write_assignment_table(
     files.write_with(Path(path), lambda f: pq.write_table(table, f))
 
 
+def plot_clusters(model: TwoLevel, fine_sizes: np.ndarray, path: str | Path) -> None:
+    """DIR/clusters.png: 2-D PCA of the fine centers coloured by expert (area ~ cluster size), the
+    fine-cluster size histogram, and the expert sizes. Agg canvas: no display needed and
+    no global matplotlib backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    c = model.fine_centroids.astype(np.float64)
+    c = c - c.mean(0)
+    # top-2 principal directions by SVD (K x D is small)
+    _, _, vt = np.linalg.svd(c, full_matrices=False)
+    xy = c @ vt[:2].T if vt.shape[0] >= 2 else np.c_[c @ vt[:1].T, np.zeros(len(c))]
+    experts = model.expert_of_fine
+    fig = Figure(figsize=(15, 4.8))
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1, 0.7]})
+    area = 8 + 120 * fine_sizes / max(1, fine_sizes.max())
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    base = colormaps["tab10" if model.n_experts <= 10 else "tab20"]
+    n_colors = len(base.colors)  # type: ignore[attr-defined]
+    cmap = ListedColormap([base.colors[e % n_colors] for e in range(model.n_experts)])  # type: ignore[attr-defined]
+    sc = ax1.scatter(xy[:, 0], xy[:, 1], c=experts, s=area, cmap=cmap, alpha=0.75,
+                     vmin=-0.5, vmax=model.n_experts - 0.5)  # fmt: skip
+    fig.colorbar(sc, ax=ax1, ticks=range(model.n_experts), label="expert")
+    ax1.set_title(f"{len(c)} fine centers, PCA (area ~ size)")
+    ax1.set_xlabel("PC 1")
+    ax1.set_ylabel("PC 2")
+    ax2.hist(fine_sizes, bins=min(50, max(5, len(fine_sizes) // 4)), color="0.35")
+    ax2.set_title("fine cluster sizes")
+    ax2.set_xlabel("pairs per fine cluster")
+    ax2.set_ylabel("fine clusters")
+    esz = np.bincount(experts, weights=fine_sizes, minlength=model.n_experts)
+    colors = [sc.cmap(sc.norm(e)) for e in range(model.n_experts)]
+    ax3.bar(range(model.n_experts), esz, color=colors)
+    ax3.set_xticks(range(model.n_experts))
+    ax3.set_title("pairs per expert")
+    ax3.set_xlabel("expert")
+    fig.tight_layout()
+    files.write_with(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 @dataclass
 class ExpertAssignments:
     """Per-pair expert ids from a `mode-fast cluster` folder."""

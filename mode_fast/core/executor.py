@@ -40,10 +40,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
+from mode_fast.core.config import add_arguments, option
 from mode_fast.core.errors import ConfigError
 from mode_fast.core.runs import die_with_parent, process_start
 
@@ -386,15 +388,35 @@ def run_with_progress(
     return results
 
 
-def add_executor_arguments(parser: Any) -> None:
-    parser.add_argument(
-        "--executor",
-        choices=EXECUTORS,
-        default="local",
+def executor_option() -> Any:
+    """A job config's ``executor`` field (``--executor``): where its shard tasks run. Not
+    result-changing: both executors write the same outputs (module docstring)."""
+    return option(
+        "local",
         help="where shard tasks run: local processes (default) or a Ray cluster",
+        result=False,
+        choices=EXECUTORS,
     )
-    parser.add_argument(
-        "--ray-address",
-        default=None,
+
+
+def ray_address_option() -> Any:
+    """A job config's ``ray_address`` field (``--ray-address``), next to `executor_option`."""
+    return option(
+        None,
         help="Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a local Ray)",
+        result=False,
     )
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """The executor flags alone, for a parser whose job has no config class yet."""
+
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
+
+
+def add_executor_arguments(parser: Any) -> None:
+    """--executor and --ray-address (as declared by `executor_option`, `ray_address_option`).
+    A job with a config declares the two fields with those instead."""
+    add_arguments(parser, ExecutorOptions)
