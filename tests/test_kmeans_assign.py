@@ -279,8 +279,8 @@ def test_public_export_is_the_function():
 _INTERP_SCRIPT = textwrap.dedent(
     """
     import json, torch
-    from mode_fast.kernels.kmeans_assign import kmeans_assign, _triton_config
-    assert _triton_config(torch.float32)["BLOCK_D"] == 16  # interpreter config in use
+    from mode_fast.kernels.kmeans_assign import kmeans_assign, launch_configs
+    assert launch_configs(torch.float32)[0]["BLOCK_D"] == 16  # interpreter config in use
     out = {}
     g = torch.Generator().manual_seed(0)
     cases = {
@@ -455,10 +455,12 @@ def test_every_launch_config_on_gpu(dtype, layout, cfg):
     """Each config the autotuner may pick gives the exact labels, the same bits twice."""
     import importlib
 
+    from mode_fast.kernels import launch
+
     km = importlib.import_module("mode_fast.kernels.kmeans_assign")
     x, c = _data(600, 130, 256 if layout == "aligned" else 129, seed=22, dtype=dtype)
     x, c = x.cuda(), c.cuda()
-    assert km._layout(x, c) == layout
+    assert launch.layout(x, c) == layout
     a = km._assign_triton(x, c, exact=True, config=cfg)
     b = km._assign_triton(x, c, exact=True, config=cfg)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
