@@ -327,7 +327,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     bufs = [torch.empty(37) for _ in range(3)] + [torch.empty(37, dtype=torch.int64) for _ in range(2)]
     best, second, third, arg, arg2 = bufs
     sq, xsq = torch.empty(37), torch.empty(37)
-    km._kmeans_assign_kernel[(triton.cdiv(37, 16),)](
+    km.ASSIGN.kernel("aligned")[(triton.cdiv(37, 16),)](
         x, c, c_sq, best, second, third, arg, arg2, sq, xsq, 37, 50, 35, 64,
         x.stride(0), x.stride(1), c.stride(0), c.stride(1),
         BLOCK_N=16, BLOCK_K=16, BLOCK_D=16, IEEE_FP32=True)
@@ -360,7 +360,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     x, c = torch.randn(70, 35, generator=g), torch.randn(50, 35, generator=g)
     c_sq = (c * c).sum(1)
     order_ok = True
-    for fn in (km._kmeans_assign_kernel, km._kmeans_assign_kernel_general):
+    for fn in (km.ASSIGN.kernel("aligned"), km.ASSIGN.kernel("general")):
         def bufs(n):
             return [torch.empty(n) for _ in range(3)] + [torch.empty(n, dtype=torch.int64) for _ in range(2)] + [torch.empty(n), torch.empty(n)]
         whole = bufs(70)
