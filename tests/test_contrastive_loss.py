@@ -263,8 +263,7 @@ def test_default_backward_mode_has_the_lower_counted_traffic(kernel_traffic):
     for b in (32768, 1 << 20):
         for itemsize in (2, 4):
             counted = {
-                mode: total(traffic(b, b, 768, itemsize, 64, 64, bwd=mode)["bwd"])
-                for mode in dispatch.CONTRASTIVE_BWD
+                mode: total(traffic(b, b, 768, itemsize, 64, 64, bwd=mode)["bwd"]) for mode in dispatch.CONTRASTIVE_BWD
             }
             assert min(counted, key=counted.get) == dispatch.DEFAULT_CONTRASTIVE_BWD, counted
     # the formulas against a hand count: one 64 x 64 tile, D = 32, fp32, atomic backward
