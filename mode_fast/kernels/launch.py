@@ -57,8 +57,8 @@ def aligned(t: torch.Tensor) -> bool:
 
 
 def layout(x: torch.Tensor, *others: torch.Tensor) -> str:
-    """ "aligned" when x's width D is divisible by 16 and x and every other tensor the kernel
-    takes is aligned(); else "general"."""
+    """The compiled form to launch: "aligned" when x's width D is divisible by 16 and x and
+    every other tensor the kernel takes is aligned(), else "general"."""
     ok = x.shape[1] % 16 == 0 and all(aligned(t) for t in (x, *others))
     return "aligned" if ok else "general"
 
