@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from kernel_traffic import kmeans_assign_traffic  # benchmarks/ (conftest.py puts it on the path)
 
 from mode_fast.kernels import reference
 from mode_fast.kernels.kmeans_assign import kmeans_assign
@@ -275,12 +276,12 @@ def _variants() -> list[tuple]:
         return []
     out = []
     for dtype in (torch.bfloat16, torch.float32):
-        for cfg in km._CONFIGS[("aligned", km._dtype_class(dtype))]:
-            out.append((dtype, "aligned", km._as_dict(cfg)))
+        for cfg in km.launch_configs(dtype, "aligned"):
+            out.append((dtype, "aligned", cfg))
         out.append((dtype, "aligned", "autotune"))
         out.append((dtype, "aligned", "deterministic"))
-        for cfg in km._CONFIGS[("general", km._dtype_class(dtype))]:
-            out.append((dtype, "general", km._as_dict(cfg)))
+        for cfg in km.launch_configs(dtype, "general"):
+            out.append((dtype, "general", cfg))
     return out
 
 
@@ -322,7 +323,7 @@ def test_gpu_variant(benchmark, gpu_variant_data, variant):
         fn = lambda: km._assign_triton(x, c, exact=True, config=cfg)[0]
     traffic = {}
     if isinstance(cfg, dict):  # the counted traffic of this config, next to its time
-        traffic = km.traffic(VAR_N, 1024, 768, x.element_size(), cfg["BLOCK_N"], cfg["BLOCK_K"])
+        traffic = kmeans_assign_traffic(VAR_N, 1024, 768, x.element_size(), cfg["BLOCK_N"], cfg["BLOCK_K"])
     _run(benchmark, fn, VAR_N, 1024, 768, ref, rounds=5, provider=f"mode-fast triton {_variant_id(variant)}",
          device=torch.cuda.get_device_name(0), baseline=cfg == "deterministic",
          **{f"counted_{k}": v for k, v in traffic.items()})  # fmt: skip

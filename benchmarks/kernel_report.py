@@ -9,7 +9,7 @@ loads), stack, shared memory (Triton's dynamic allocation), and static counts of
 tensor-core instructions (mma / wgmma in the PTX; HMMA / HGMMA in the SASS) and of global
 atomics (atom / red in the PTX; ATOM / RED in the SASS). Static counts are instructions
 in the code, not executions. A second section prints the counted global-memory traffic
-of each kernel at the headline shapes next to the compulsory traffic.
+of each kernel at the headline shapes next to the compulsory traffic (kernel_traffic.py).
 
 Adding a kernel: write a function returning its Launch list (one per config a wrapper
 can launch) and append it to REGISTRY.
@@ -37,8 +37,11 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):  # also when loaded by file path (the compile test)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from kernel_traffic import contrastive_traffic, kmeans_assign_traffic
 
 from mode_fast.core.files import write_json, write_text
 
@@ -90,8 +93,8 @@ def kmeans_launches() -> list[Launch]:
     # Each layout family is one compiled form (see kmeans_assign.py): the aligned one is
     # specialised on D, strides and pointers (headline D = 768); the general one on nothing.
     layouts = {
-        "aligned": (km._kmeans_assign_kernel, 768, (768, 1), (768, 1)),
-        "general": (km._kmeans_assign_kernel_general, 129, (258, 2), (1, 1024)),
+        "aligned": (km.ASSIGN.kernel("aligned"), 768, (768, 1), (768, 1)),
+        "general": (km.ASSIGN.kernel("general"), 129, (258, 2), (1, 1024)),
     }
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -165,7 +168,7 @@ def contrastive_launches() -> list[Launch]:
                     out.append(Launch(
                         kernel=f"contrastive_{kind}",
                         variant=f"{mode} {label} {layout} {tiles} w{cfg['num_warps']} s{cfg['num_stages']}",
-                        fn=cl._kernel(kind, layout), args=args,
+                        fn=cl.LAUNCHERS[kind].kernel(layout), args=args,
                         constexprs={**consts, "PRECISION": precision,
                                     **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], spill_free=True,
@@ -347,9 +350,10 @@ def traffic_rows() -> list[dict]:
     rows = []
     n, k, d = 10_000_000, 1024, 768
     for dtype in (torch.bfloat16, torch.float32):
-        tiles = dict.fromkeys(c[:3] for c in km._CONFIGS[("aligned", km._dtype_class(dtype))])
+        blocks = ("BLOCK_N", "BLOCK_K", "BLOCK_D")
+        tiles = dict.fromkeys(tuple(c[b] for b in blocks) for c in km.launch_configs(dtype))
         for cfg in tiles:  # stages and warps do not change the counts
-            t = km.traffic(n, k, d, dtype.itemsize, cfg[0], cfg[1])
+            t = kmeans_assign_traffic(n, k, d, dtype.itemsize, cfg[0], cfg[1])
             rows.append({"kernel": "kmeans_assign", "shape": f"N=10M K=1024 D=768 {_TDTYPE[dtype]}",
                          "tiles": f"{cfg[0]}x{cfg[1]}x{cfg[2]}", **t})  # fmt: skip
     cl = importlib.import_module("mode_fast.kernels.contrastive_loss")
@@ -365,7 +369,7 @@ def traffic_rows() -> list[dict]:
             cfg = cl.launch_configs("bwd", dtype)[0]  # the deterministic / first config
             bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
             for label, loss, bwd, det in variants:
-                t = cl.traffic(b, b, 768, dtype.itemsize, bm, bn, loss=loss, bwd=bwd, deterministic=det)
+                t = contrastive_traffic(b, b, 768, dtype.itemsize, bm, bn, loss=loss, bwd=bwd, deterministic=det)
                 for direction, v in t.items():
                     if direction == "fwd" and bwd == "columns" and not det:
                         continue  # the forward does not depend on the backward's mode
@@ -415,7 +419,7 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
     lines += [
         "",
         "## Counted global-memory traffic per call (formulas in the opening comments of "
-        "kmeans_assign.py and contrastive_loss.py, computed by their traffic())",
+        "kmeans_assign.py and contrastive_loss.py, computed by benchmarks/kernel_traffic.py)",
         "",
         "Loads as issued by the kernel (re-reads served by L2 count); compulsory = inputs "
         "read once, outputs written once. GB = 1e9 bytes. Issued loads are L2 requests; "

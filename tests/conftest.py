@@ -93,3 +93,16 @@ def make_pool() -> Callable[..., list[Path]]:
 def make_tar() -> Callable[[Path, Sequence[tuple[str, bytes]]], Path]:
     """write_tar_members(path, [(name, bytes), ...])."""
     return write_tar_members
+
+
+@pytest.fixture(scope="session")
+def kernel_traffic():
+    """benchmarks/kernel_traffic.py, the kernels' counted global-memory traffic (it lives
+    beside the kernel report, outside the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_traffic.py"
+    spec = importlib.util.spec_from_file_location("kernel_traffic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -250,11 +250,12 @@ def test_torch_backend_ignores_autocast():
     torch.testing.assert_close(g_cast, g_plain, rtol=1e-6, atol=1e-9)
 
 
-def test_default_backward_mode_has_the_lower_counted_traffic():
-    """dispatch's default dK mode is the one whose counted traffic (contrastive_loss.traffic,
-    the module doc's formulas) is lower at the headline shapes, B = 32k and 1M at D = 768."""
-    from mode_fast.kernels import contrastive_loss as cl
+def test_default_backward_mode_has_the_lower_counted_traffic(kernel_traffic):
+    """dispatch's default dK mode is the one whose counted traffic (benchmarks/kernel_traffic.py,
+    the contrastive module doc's formulas) is lower at the headline shapes, B = 32k and 1M at D = 768."""
     from mode_fast.kernels import dispatch
+
+    traffic = kernel_traffic.contrastive_traffic
 
     def total(t):
         return t["global_load_bytes"] + t["global_store_bytes"] + t["atomic_bytes"]
@@ -262,15 +263,14 @@ def test_default_backward_mode_has_the_lower_counted_traffic():
     for b in (32768, 1 << 20):
         for itemsize in (2, 4):
             counted = {
-                mode: total(cl.traffic(b, b, 768, itemsize, 64, 64, bwd=mode)["bwd"])
-                for mode in dispatch.CONTRASTIVE_BWD
+                mode: total(traffic(b, b, 768, itemsize, 64, 64, bwd=mode)["bwd"]) for mode in dispatch.CONTRASTIVE_BWD
             }
             assert min(counted, key=counted.get) == dispatch.DEFAULT_CONTRASTIVE_BWD, counted
     # the formulas against a hand count: one 64 x 64 tile, D = 32, fp32, atomic backward
-    t = cl.traffic(64, 64, 32, 4, 64, 64, bwd="atomic")["bwd"]
+    t = traffic(64, 64, 32, 4, 64, 64, bwd="atomic")["bwd"]
     assert t["atomic_ops"] == 64 * 32 and t["global_store_bytes"] == 64 * 32 * 4 + 8
     assert t["global_load_bytes"] == (64 + 2 * 64 + 64) * 32 * 4 + 64 * 32 * 4 + 64 * 4 + 64 * 4
-    cols = cl.traffic(64, 64, 32, 4, 64, 64, bwd="columns")["bwd"]
+    cols = traffic(64, 64, 32, 4, 64, 64, bwd="columns")["bwd"]
     assert cols["atomic_ops"] == 0 and cols["global_store_bytes"] == 2 * (64 * 32 * 4 + 8)
 
 

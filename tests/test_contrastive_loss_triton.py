@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from kernel_launches import counting
 
 # (B, D, strided): odd B and D, B below one tile, widths 640 / 1152 (not powers of two)
 CASES = [(3, 16, False), (37, 20, False), (50, 33, True), (40, 640, False), (24, 1152, True)]
@@ -90,10 +91,10 @@ def _rect_rel_errors(b: int, d: int, strided: bool, device="cpu", dtype=torch.fl
         for backend in ("triton", "torch"):
             img, txt = img0.detach().requires_grad_(), txt0.detach().requires_grad_()
             scale = torch.tensor(12.0, device=device, requires_grad=True)
-            before = cl.kernel_launches.copy()
-            loss = fn(img, txt, scale, backend)
-            loss.backward()
-            launched = launched or dict(cl.kernel_launches - before)
+            with counting() as launches:
+                loss = fn(img, txt, scale, backend)
+                loss.backward()
+            launched = launched or dict(launches)
             results.append([loss.detach().float()] + [x.grad.float() for x in (img, txt, scale)])
         out[name] = [float((a - c).abs().max() / c.abs().max().clamp_min(1e-30)) for a, c in zip(*results)]
         out[name + "_launches"] = launched
@@ -101,15 +102,15 @@ def _rect_rel_errors(b: int, d: int, strided: bool, device="cpu", dtype=torch.fl
     q, k1, k2 = img0[:m], txt0[:m], txt0[m : 2 * m]
     results = []
     for backend in ("triton", "torch"):
-        before = cl.kernel_launches.copy()
-        lse = cl.ring_block_forward(q, k1, 12.0, None, backend, strict_fp32=True)
-        lse = cl.ring_block_forward(q, k2, 12.0, lse, backend, strict_fp32=True)
-        d_q = torch.zeros(q.shape, dtype=torch.float32, device=device)
-        acc1, acc2 = torch.zeros_like(d_q), torch.zeros_like(d_q)
-        ds = cl.ring_block_backward(q, k1, 12.0, lse, 0.01, d_q, acc1, backend, strict_fp32=True)
-        ds += cl.ring_block_backward(q, k2, 12.0, lse, 0.01, d_q, acc2, backend, strict_fp32=True)
+        with counting() as launches:
+            lse = cl.ring_block_forward(q, k1, 12.0, None, backend, strict_fp32=True)
+            lse = cl.ring_block_forward(q, k2, 12.0, lse, backend, strict_fp32=True)
+            d_q = torch.zeros(q.shape, dtype=torch.float32, device=device)
+            acc1, acc2 = torch.zeros_like(d_q), torch.zeros_like(d_q)
+            ds = cl.ring_block_backward(q, k1, 12.0, lse, 0.01, d_q, acc1, backend, strict_fp32=True)
+            ds += cl.ring_block_backward(q, k2, 12.0, lse, 0.01, d_q, acc2, backend, strict_fp32=True)
         if backend == "triton":
-            out["ring_launches"] = dict(cl.kernel_launches - before)
+            out["ring_launches"] = dict(launches)
         results.append([lse, d_q, acc1, acc2, torch.tensor(ds)])
     out["ring"] = [float((a - c).abs().max() / c.abs().max().clamp_min(1e-30)) for a, c in zip(*results)]
     return out
@@ -149,9 +150,9 @@ def _determinism(b: int, d: int, strided: bool) -> dict:
         "siglip_negatives": lambda i, t, s, **kw: cl.siglip_loss(i[:m], t, s, -6.0, positives=False, **kw),
     }
     for name, fn in variants.items():
-        before = cl.kernel_launches.copy()
-        a = run(fn, backend="triton", strict_fp32=True, deterministic=True)
-        launched = dict(cl.kernel_launches - before)
+        with counting() as launches:
+            a = run(fn, backend="triton", strict_fp32=True, deterministic=True)
+        launched = dict(launches)
         again = run(fn, backend="triton", strict_fp32=True, deterministic=True)
         ref = run(fn, backend="torch")
         atomic = run(fn, backend="triton", strict_fp32=True, bwd="atomic")
@@ -180,7 +181,7 @@ def _determinism(b: int, d: int, strided: bool) -> dict:
 
             def launch(r, d_q, d_s, d_b, fwd_row):
                 ln = r.stop - r.start
-                cl._kernel("fwd", "general")[(triton.cdiv(ln, bm),)](
+                cl.FWD.kernel("general")[(triton.cdiv(ln, bm),)](
                     qq[r],
                     kk,
                     fwd_row,
@@ -201,7 +202,7 @@ def _determinism(b: int, d: int, strided: bool) -> dict:
                     PRECISION="ieee",
                     **cfg,
                 )
-                cl._kernel("bwd", "general")[(triton.cdiv(ln, bm),)](
+                cl.BWD.kernel("general")[(triton.cdiv(ln, bm),)](
                     qq[r],
                     kk,
                     l_r[r],

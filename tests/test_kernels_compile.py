@@ -28,6 +28,8 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # pragma: no cover
 
 import torch
 
+from mode_fast.kernels import launch
+
 km = importlib.import_module("mode_fast.kernels.kmeans_assign")  # the package re-exports the function by that name
 cl = importlib.import_module("mode_fast.kernels.contrastive_loss")
 
@@ -101,7 +103,7 @@ def test_each_launch_compiles_to_the_variant_the_report_measured(layout, dtype):
     signature the report compiled for its family (so the report covers every launch)."""
     x = LAYOUTS[layout](dtype)
     c = torch.empty(1000, x.shape[1], dtype=dtype)  # K not a multiple of 16 on purpose
-    family = km._layout(x, c)
+    family = launch.layout(x, c)
     assert family == ("aligned" if layout in ("contiguous", "padded_rows") else "general")
     f32, i64 = torch.empty(77), torch.empty(77, dtype=torch.int64)
     n, d = 12_345, x.shape[1]
@@ -111,8 +113,8 @@ def test_each_launch_compiles_to_the_variant_the_report_measured(layout, dtype):
                 C_stride_k=c.stride(0), C_stride_d=c.stride(1))  # fmt: skip
     measured = [ln for ln in report.kmeans_launches() if ln.extra["layout"] == family
                 and ln.extra["dtype"] == {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]]  # fmt: skip
-    assert measured and all(ln.fn is km._kernel(family) for ln in measured)
-    launched = report._specialise(report.Launch("k", "v", km._kernel(family), real, measured[0].constexprs))
+    assert measured and all(ln.fn is km.ASSIGN.kernel(family) for ln in measured)
+    launched = report._specialise(report.Launch("k", "v", km.ASSIGN.kernel(family), real, measured[0].constexprs))
     assert launched == report._specialise(measured[0])
 
 
@@ -152,7 +154,7 @@ def test_each_contrastive_launch_compiles_to_the_variant_the_report_measured(lay
     x = LAYOUTS[layout](dtype)
     k = torch.empty(1000, x.shape[1], dtype=dtype)
     f32 = torch.empty(77)
-    form = cl._layout(x, k, f32)
+    form = launch.layout(x, k, f32)
     assert form == ("aligned" if layout in ("contiguous", "padded_rows") else "general")
     m, n, d = 12_345, 1000, x.shape[1]
     st = dict(Q_stride_m=x.stride(0), Q_stride_d=x.stride(1), K_stride_n=k.stride(0), K_stride_d=k.stride(1))
@@ -166,6 +168,7 @@ def test_each_contrastive_launch_compiles_to_the_variant_the_report_measured(lay
             for ln in report.contrastive_launches()
             if ln.kernel == f"contrastive_{kind}" and ln.extra["layout"] == form and ln.extra["dtype"] == "bf16"
         ]
-        assert measured and all(ln.fn is cl._kernel(kind, form) for ln in measured)
-        launched = report._specialise(report.Launch("k", "v", cl._kernel(kind, form), real, measured[0].constexprs))
+        kernel = cl.LAUNCHERS[kind].kernel(form)
+        assert measured and all(ln.fn is kernel for ln in measured)
+        launched = report._specialise(report.Launch("k", "v", kernel, real, measured[0].constexprs))
         assert launched == report._specialise(measured[0])

@@ -279,8 +279,8 @@ def test_public_export_is_the_function():
 _INTERP_SCRIPT = textwrap.dedent(
     """
     import json, torch
-    from mode_fast.kernels.kmeans_assign import kmeans_assign, _triton_config
-    assert _triton_config(torch.float32)["BLOCK_D"] == 16  # interpreter config in use
+    from mode_fast.kernels.kmeans_assign import kmeans_assign, launch_configs
+    assert launch_configs(torch.float32)[0]["BLOCK_D"] == 16  # interpreter config in use
     out = {}
     g = torch.Generator().manual_seed(0)
     cases = {
@@ -327,7 +327,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     bufs = [torch.empty(37) for _ in range(3)] + [torch.empty(37, dtype=torch.int64) for _ in range(2)]
     best, second, third, arg, arg2 = bufs
     sq, xsq = torch.empty(37), torch.empty(37)
-    km._kmeans_assign_kernel[(triton.cdiv(37, 16),)](
+    km.ASSIGN.kernel("aligned")[(triton.cdiv(37, 16),)](
         x, c, c_sq, best, second, third, arg, arg2, sq, xsq, 37, 50, 35, 64,
         x.stride(0), x.stride(1), c.stride(0), c.stride(1),
         BLOCK_N=16, BLOCK_K=16, BLOCK_D=16, IEEE_FP32=True)
@@ -360,7 +360,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     x, c = torch.randn(70, 35, generator=g), torch.randn(50, 35, generator=g)
     c_sq = (c * c).sum(1)
     order_ok = True
-    for fn in (km._kmeans_assign_kernel, km._kmeans_assign_kernel_general):
+    for fn in (km.ASSIGN.kernel("aligned"), km.ASSIGN.kernel("general")):
         def bufs(n):
             return [torch.empty(n) for _ in range(3)] + [torch.empty(n, dtype=torch.int64) for _ in range(2)] + [torch.empty(n), torch.empty(n)]
         whole = bufs(70)
@@ -455,10 +455,12 @@ def test_every_launch_config_on_gpu(dtype, layout, cfg):
     """Each config the autotuner may pick gives the exact labels, the same bits twice."""
     import importlib
 
+    from mode_fast.kernels import launch
+
     km = importlib.import_module("mode_fast.kernels.kmeans_assign")
     x, c = _data(600, 130, 256 if layout == "aligned" else 129, seed=22, dtype=dtype)
     x, c = x.cuda(), c.cuda()
-    assert km._layout(x, c) == layout
+    assert launch.layout(x, c) == layout
     a = km._assign_triton(x, c, exact=True, config=cfg)
     b = km._assign_triton(x, c, exact=True, config=cfg)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -30,7 +30,7 @@ LOCAL_B, D = 11, 20  # odd; 22 gathered rows span two 16-row tiles of the interp
 RTOL = 1e-5
 CLIP_MODES = [(ll, gg) for ll in (False, True) for gg in (False, True)]
 SIGLIP_IMPLS = ("bidir", "shift", "reduce", "gather")
-# Triton launches each setting must make, by "direction:mode" (contrastive_loss.kernel_launches)
+# Triton launches each setting must make, by "direction:mode" (tests/kernel_launches.py)
 EXPECTED_LAUNCHES = {
     **{
         f"clip local_loss={ll} gather_with_grad={gg}": (["fwd:rows", "bwd:rows"] if ll else ["fwd:clip", "bwd:clip"])
@@ -96,9 +96,9 @@ def worker(rank: int, port: int, backend: str, out_path: str) -> None:
     assert "open_clip" not in sys.modules and "torch.distributed.nn" not in sys.modules
     import torch
     import torch.distributed as dist
+    from kernel_launches import counting
 
     import mode_fast.training.loss
-    from mode_fast.kernels import contrastive_loss
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -111,9 +111,9 @@ def worker(rank: int, port: int, backend: str, out_path: str) -> None:
         ours, launches = {}, {}
         chunk = 5 if backend == "torch" else None  # torch: chunks that do not divide the rows
         for name, module, siglip in _settings(mode_fast.training.loss, rank, backend=backend, chunk_size=chunk):
-            before = contrastive_loss.kernel_launches.copy()
-            ours[name] = _run(_call(module, siglip), img, txt, scale, bias)
-            launches[name] = dict(contrastive_loss.kernel_launches - before)
+            with counting() as launched:
+                ours[name] = _run(_call(module, siglip), img, txt, scale, bias)
+            launches[name] = dict(launched)
         # everything above ran without open_clip: now the reference
         assert "open_clip" not in sys.modules
         import open_clip.loss

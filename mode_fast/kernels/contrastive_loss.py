@@ -41,7 +41,7 @@ reductions are for a fixed shape; torch.use_deterministic_algorithms is the user
 
 Global-memory traffic per call (Triton; s = bytes per input element, bm x bn the tile,
 P = ceil(M / bm) row programs, C = ceil(N / bn) column blocks; loads as issued, re-reads
-served by L2 count too; traffic() computes these):
+served by L2 count too; benchmarks/kernel_traffic.py computes these):
     forward pass        P C (bm + bn) D s                 (Q and K tiles over D)
                         + P C bn 4   with CLIP's atomic column sums (the shifts)
                         + M 4 read   for a ring merge;    stores M 4
@@ -64,24 +64,20 @@ Layers: Triton kernels (_*_kernel) and torch paths (*_torch) -> host forward / b
 per variant -> autograd Functions -> clip_loss(), infonce_loss(), local_clip_loss(),
 siglip_loss(), and the ring's per-step blocks ring_block_forward / ring_block_backward
 (mode_fast.training.loss passes the blocks around). The backend of each call is chosen by
-mode_fast.kernels.dispatch. reference.py keeps only the naive test oracles.
+mode_fast.kernels.dispatch; the launch (compiled forms, configs, autotuning) is
+mode_fast.kernels.launch's. reference.py keeps only the naive test oracles.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Any
 
 import torch
 
-from . import dispatch
+from . import dispatch, launch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# Triton launches by kernel and mode since import: tests read it to prove a kernel ran
-# (no silent fallback to the torch path).
-kernel_launches: collections.Counter = collections.Counter()
 
 
 # --------------------------------------------------------------------------- checks
@@ -399,80 +395,56 @@ if triton is not None:
         tl.store(DS_ptr + pid, tl.sum(ds_acc, 0))
         tl.store(DB_ptr + pid, tl.sum(db_acc, 0))
 
-    # Two compiled forms of each kernel body, so that each launch config compiles to exactly
-    # one machine-code variant (the one benchmarks/kernel_report.py measured), whatever the
-    # call's sizes: Triton otherwise specialises on every int that is 1 or divisible by 16
-    # and every pointer that is 16-byte aligned. "aligned" (when _layout() says so): unit
-    # stride along D; D, row strides and every pointer divisible by 16; M, N and the flags
-    # generic. "general": any layout, nothing specialised.
-    _RUNTIME = ("M", "N", "merge", "row_term", "col_term")
-    _INTS = ("D", "Q_stride_m", "Q_stride_d", "K_stride_n", "K_stride_d")
-    _PTRS_FWD = ("Q_ptr", "K_ptr", "ROW_ptr", "COL_SUM_ptr", "COL_SHIFT_ptr")
-    _PTRS_BWD = ("Q_ptr", "K_ptr", "LSE_ROW_ptr", "LSE_COL_ptr", "DQ_ptr", "DK_ptr", "DS_ptr", "DB_ptr")
-    _block_fwd_kernel = triton.jit(do_not_specialize=_RUNTIME[:3])(_block_fwd)
-    _block_fwd_kernel_general = triton.jit(
-        do_not_specialize=_RUNTIME[:3] + _INTS, do_not_specialize_on_alignment=_PTRS_FWD
-    )(_block_fwd)
-    _block_bwd_kernel = triton.jit(do_not_specialize=_RUNTIME[:2] + _RUNTIME[3:])(_block_bwd)
-    _block_bwd_kernel_general = triton.jit(
-        do_not_specialize=_RUNTIME[:2] + _RUNTIME[3:] + _INTS, do_not_specialize_on_alignment=_PTRS_BWD
-    )(_block_bwd)
-
 
 # Launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by kernel, layout and
-# dtype class ("fp32" = TF32 or strict IEEE inputs, "16bit" = fp16/bf16). Every entry
+# dtype class ("fp32" = TF32, "ieee" = strict fp32, "16bit" = fp16/bf16). Every entry
 # compiles with 0 bytes of register spills for sm_90a and sm_80 (ptxas from the triton
 # wheel; benchmarks/results/static/kernels.md, asserted by tests/test_kernels_compile.py).
 # On CUDA the wrappers autotune over the list (cached by M, N, D); the first entry is the
 # one deterministic=True pins. Found spilling on sm_80 and left out: the general (scalar
 # load) backward at 64 x 64 (16-bit: 84 / 48 B; TF32 64x64x16: 8 / 4 B), the strict-fp32
 # forward at 32x64x32 (16 B), and the strict backward at 64 x 64 tiles (428-2900 B).
-_CONFIGS: dict[tuple[str, str, str], tuple[tuple[int, int, int, int, int], ...]] = {
-    ("fwd", "aligned", "16bit"): ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3)),
-    ("fwd", "aligned", "fp32"): ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3)),
-    ("fwd", "general", "16bit"): ((64, 64, 32, 4, 2),),
-    ("fwd", "general", "fp32"): ((64, 64, 16, 4, 1),),
-    ("bwd", "aligned", "16bit"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
-    ("bwd", "aligned", "fp32"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
-    ("bwd", "general", "16bit"): ((32, 64, 32, 4, 1),),
-    ("bwd", "general", "fp32"): ((32, 64, 16, 4, 1),),
-    # strict fp32: IEEE dots run on FMA units with operands in registers: smaller tiles
-    ("fwd", "aligned", "ieee"): ((64, 64, 16, 4, 2), (32, 64, 16, 4, 3)),
-    ("fwd", "general", "ieee"): ((64, 64, 16, 4, 1),),
-    ("bwd", "aligned", "ieee"): ((32, 64, 16, 4, 2), (32, 32, 32, 4, 2)),
-    ("bwd", "general", "ieee"): ((32, 64, 16, 4, 1),),
-}  # fmt: skip
-# Under the interpreter: the smallest tiles tl.dot accepts, one config (autotune with
-# several configs fails there, and it runs through numpy).
-_INTERPRETER_CONFIG = (16, 16, 16, 1, 1)
+# Strict fp32: IEEE dots run on FMA units with operands in registers, hence smaller tiles.
+_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+FWD = launch.Launcher(
+    "contrastive fwd",
+    _BLOCKS,
+    table={
+        ("aligned", "16bit"): ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3)),
+        ("aligned", "fp32"): ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3)),
+        ("general", "16bit"): ((64, 64, 32, 4, 2),),
+        ("general", "fp32"): ((64, 64, 16, 4, 1),),
+        ("aligned", "ieee"): ((64, 64, 16, 4, 2), (32, 64, 16, 4, 3)),
+        ("general", "ieee"): ((64, 64, 16, 4, 1),),
+    },
+    tune_key=("M", "N", "D"),
+    restore=("ROW_ptr", "COL_SUM_ptr"),  # timing runs accumulate into them
+)
+BWD = launch.Launcher(
+    "contrastive bwd",
+    _BLOCKS,
+    table={
+        ("aligned", "16bit"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
+        ("aligned", "fp32"): ((64, 64, 32, 4, 2), (64, 128, 32, 8, 2)),
+        ("general", "16bit"): ((32, 64, 32, 4, 1),),
+        ("general", "fp32"): ((32, 64, 16, 4, 1),),
+        ("aligned", "ieee"): ((32, 64, 16, 4, 2), (32, 32, 32, 4, 2)),
+        ("general", "ieee"): ((32, 64, 16, 4, 1),),
+    },
+    tune_key=("M", "N", "D"),
+    restore=("DQ_ptr", "DK_ptr"),
+)
+LAUNCHERS = {"fwd": FWD, "bwd": BWD}  # by kind
+if triton is not None:
+    # The batch sizes and the term flags stay generic in both forms; the aligned form
+    # specialises on D and the strides (see mode_fast.kernels.launch).
+    _INTS = ("D", "Q_stride_m", "Q_stride_d", "K_stride_n", "K_stride_d")
+    FWD.compile(_block_fwd, runtime=("M", "N", "merge"), ints=_INTS)
+    BWD.compile(_block_bwd, runtime=("M", "N", "row_term", "col_term"), ints=_INTS)
 
 # The backward's dK: "columns" (a second, column-owned pass, no atomics) or "atomic" (one
 # pass, dK added with float atomics). See the traffic formulas in the module doc.
 BWD_MODES = dispatch.CONTRASTIVE_BWD
-
-
-def _dtype_class(dtype: torch.dtype, strict_fp32: bool = False) -> str:
-    if dtype != torch.float32:
-        return "16bit"
-    return "ieee" if strict_fp32 else "fp32"
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """Triton's rule for the aligned form: pointer 16-byte aligned, and for a matrix unit
-    stride along its last axis and a row stride divisible by 16."""
-    if t.data_ptr() % 16:
-        return False
-    return t.dim() == 1 or (t.stride(1) == 1 and t.stride(0) % 16 == 0)
-
-
-def _layout(q: torch.Tensor, k: torch.Tensor, *buffers: torch.Tensor) -> str:
-    ok = q.shape[1] % 16 == 0 and all(_aligned(t) for t in (q, k, *buffers))
-    return "aligned" if ok else "general"
-
-
-def _as_dict(cfg: tuple[int, int, int, int, int]) -> dict[str, int]:
-    bm, bn, bk, warps, stages = cfg
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
 
 
 def launch_configs(
@@ -480,100 +452,7 @@ def launch_configs(
 ) -> list[dict[str, int]]:
     """The configs the wrappers may launch for `kind` ("fwd" or "bwd") on inputs of this
     dtype, strict-fp32 flag and layout (the static report compiles each one)."""
-    if dispatch.interpreting():
-        return [_as_dict(_INTERPRETER_CONFIG)]
-    return [_as_dict(c) for c in _CONFIGS[(kind, layout, _dtype_class(dtype, strict_fp32))]]
-
-
-def _kernel(kind: str, layout: str) -> Any:
-    if kind == "fwd":
-        return _block_fwd_kernel if layout == "aligned" else _block_fwd_kernel_general
-    return _block_bwd_kernel if layout == "aligned" else _block_bwd_kernel_general
-
-
-_TUNED: dict[tuple[str, str, str], Any] = {}
-
-
-def _tuned_kernel(kind: str, layout: str, dtype: torch.dtype, strict_fp32: bool) -> Any:
-    """triton.autotune over the list, cached by (M, N, D) (the autotuner adds dtypes).
-    Timing runs restore the buffers the kernel accumulates into. Built on first use."""
-    key = (kind, layout, _dtype_class(dtype, strict_fp32))
-    if key not in _TUNED:
-        configs = [triton.Config({k: v for k, v in _as_dict(c).items() if k.startswith("BLOCK")},
-                                 num_warps=c[3], num_stages=c[4]) for c in _CONFIGS[key]]  # fmt: skip
-        keep = ["ROW_ptr", "COL_SUM_ptr"] if kind == "fwd" else ["DQ_ptr", "DK_ptr"]
-        _TUNED[key] = triton.autotune(configs=configs, key=["M", "N", "D"], restore_value=keep)(_kernel(kind, layout))
-    return _TUNED[key]
-
-
-def _pass_traffic(
-    m: int,
-    n: int,
-    d: int,
-    s: int,
-    bm: int,
-    bn: int,
-    kind: str,
-    *,
-    lse_loads: int = 0,
-    cols: bool = False,
-    merge: bool = False,
-    dk_atomic: bool = False,
-) -> dict[str, float]:
-    """One launch of a block kernel (module doc: Global-memory traffic); lse_loads: how many
-    LSE vectors the backward reads (per row once, per column block once per tile)."""
-    p, c = -(-m // bm), -(-n // bn)
-    tiles = p * c
-    if kind == "fwd":
-        loads = tiles * (bm + bn) * d * s + (m * 4 if merge else 0) + (tiles * bn * 4 if cols else 0)
-        stores, atomics = m * 4, (tiles * bn if cols else 0)
-    else:
-        loads = tiles * ((bm + 2 * bn) * d * s + bm * d * 4) + (tiles * bm * d * s if dk_atomic else 0)
-        loads += (m * 4 if lse_loads else 0) + (tiles * bn * 4 if lse_loads > 1 else 0)
-        stores, atomics = tiles * bm * d * 4 + 2 * p * 4, (tiles * bn * d if dk_atomic else 0)
-    return {
-        "global_load_bytes": float(loads),
-        "global_store_bytes": float(stores),
-        "atomic_ops": float(atomics),
-        "atomic_bytes": 4.0 * atomics,
-    }
-
-
-def traffic(
-    m: int,
-    n: int,
-    d: int,
-    itemsize: int,
-    block_m: int,
-    block_n: int,
-    *,
-    loss: str = "clip",
-    bwd: str = "atomic",
-    deterministic: bool = False,
-) -> dict[str, dict[str, float]]:
-    """The module doc's traffic formulas for one call, in bytes (atomics: a count), with
-    this tile config: {"fwd": ..., "bwd": ...}. loss: "clip" (square, M = N), "rows" (one
-    InfoNCE direction, M queries x N keys) or "siglip"; bwd: "atomic" or "columns";
-    deterministic: CLIP's column LSE by a second row pass. "compulsory": inputs read once,
-    outputs written once."""
-    s, bm, bn = itemsize, block_m, block_n
-    softmax = loss != "siglip"
-    if loss == "clip" and deterministic:
-        a, b = _pass_traffic(m, n, d, s, bm, bn, "fwd"), _pass_traffic(n, m, d, s, bm, bn, "fwd")
-        fwd = {k: a[k] + b[k] for k in a}
-    else:
-        fwd = _pass_traffic(m, n, d, s, bm, bn, "fwd", cols=loss == "clip")
-    lse = (2 if loss == "clip" else 1) if softmax else 0
-    if bwd == "atomic":
-        back = _pass_traffic(m, n, d, s, bm, bn, "bwd", lse_loads=lse, dk_atomic=True)
-    else:
-        a = _pass_traffic(m, n, d, s, bm, bn, "bwd", lse_loads=lse)
-        b = _pass_traffic(n, m, d, s, bm, bn, "bwd", lse_loads=2 if softmax else 0)
-        back = {k: a[k] + b[k] for k in a}
-    lse_bytes = (m + (n if loss == "clip" else 0)) * 4 if softmax else m * 4
-    fwd["compulsory_bytes"] = float((m + n) * d * s + lse_bytes)
-    back["compulsory_bytes"] = float((m + n) * d * (s + 4) + (lse_bytes if softmax else 0))
-    return {"fwd": fwd, "bwd": back}
+    return LAUNCHERS[kind].configs(dtype, layout, strict_fp32)
 
 
 def _precision(x: torch.Tensor, strict_fp32: bool) -> str:
@@ -591,34 +470,25 @@ def _launch(
     strict_fp32: bool,
     deterministic: bool,
     config: dict | None,
-    mode: str,
 ) -> Any:
-    """Launch one block kernel over cdiv(M, BLOCK_M) row programs.
-
-    Under the interpreter, with deterministic=True or an explicit config (benchmarks): one
-    config (the list's first unless given); otherwise autotuned over the list on CUDA.
-    buffers: the other tensors passed (their alignment picks the compiled form).
-    """
+    """Launch one block kernel ("fwd" or "bwd") over cdiv(M, BLOCK_M) row programs
+    (Launcher.launch: one config, or autotuned on CUDA). buffers: the other tensors passed
+    (their alignment picks the compiled form). When autotuned, the grid depends on the
+    tuned BLOCK_M: the per-program outputs are sized for the smallest BLOCK_M of the list
+    (_max_programs), their unused tail left at zero."""
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
-    m = q.shape[0]
-    layout = _layout(q, k, *buffers)
     consts = dict(consts, PRECISION=_precision(q, strict_fp32))
-    kernel_launches[f"{kind}:{mode}"] += 1
-    if consts.get("COLS") or consts.get("DK_ATOMIC"):
-        kernel_launches["atomic"] += 1  # a launch with float atomics (never under deterministic=True)
-    if dispatch.interpreting() or deterministic or config is not None:
-        cfg = config or launch_configs(kind, q.dtype, layout, strict_fp32)[0]
-        if cfg not in launch_configs(kind, q.dtype, layout, strict_fp32):
-            raise ValueError(f"contrastive {kind}: {cfg} is not a {layout} config for {q.dtype}")
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-        _kernel(kind, layout)[grid](*args, **consts, **cfg)
-        return grid[0]
-    # the grid depends on the tuned BLOCK_M: the per-program outputs are sized for the
-    # smallest BLOCK_M of the list (_max_programs), their unused tail left at zero
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-    _tuned_kernel(kind, layout, q.dtype, strict_fp32)[grid](*args, **consts)
-    return grid
+    return LAUNCHERS[kind].launch(
+        q.shape[0],
+        args,
+        consts,
+        dtype=q.dtype,
+        layout=launch.layout(q, k, *buffers),
+        strict_fp32=strict_fp32,
+        deterministic=deterministic,
+        config=config,
+    )
 
 
 def _max_programs(kind: str, q: torch.Tensor, dtype_like: torch.Tensor, strict_fp32: bool) -> int:
@@ -654,15 +524,12 @@ def contrastive_forward(
             strict_fp32=strict_fp32,
             deterministic=deterministic,
             config=config,
-            mode="siglip",
         )
         diag = scale * _row_dots(img, txt)
         return (row.sum() - (diag + bias).sum()) / b, None, None
     if deterministic:
-        row = rows_forward(img, txt, scale, strict_fp32=strict_fp32, deterministic=True, config=config, mode="clip")
-        lse_col = rows_forward(
-            txt, img, scale, strict_fp32=strict_fp32, deterministic=True, config=config, mode="clip_cols"
-        )
+        row = rows_forward(img, txt, scale, strict_fp32=strict_fp32, deterministic=True, config=config)
+        lse_col = rows_forward(txt, img, scale, strict_fp32=strict_fp32, deterministic=True, config=config)
     else:
         row = torch.empty(b, dtype=torch.float32, device=img.device)
         col_sum = torch.zeros(b, dtype=torch.float32, device=img.device)
@@ -699,7 +566,6 @@ def contrastive_forward(
             strict_fp32,
             False,
             config,
-            "clip",
         )
         lse_col = col_shift + torch.log(col_sum)
         # Columns whose every logit sits > ~87 below the bound underflow to a zero sum: rare
@@ -746,7 +612,6 @@ def contrastive_backward(
         deterministic=deterministic,
         config=config,
         lse_col=lse_col,
-        mode="siglip" if siglip else "clip",
     )
     # the diagonal (label) terms of dLogits: -g (SigLIP) or -2g (CLIP) on each positive pair
     pos = g if siglip else 2.0 * g
@@ -767,7 +632,6 @@ def rows_forward(
     strict_fp32: bool = False,
     deterministic: bool = False,
     config: dict | None = None,
-    mode: str | None = None,
 ) -> torch.Tensor:
     """Rectangular M x N forward on the kernel: per row of q, the LSE of s q k^T (or with
     siglip the sum of softplus(s q k^T + b)), fp32 [M]. merge_into: a running row LSE,
@@ -779,7 +643,6 @@ def rows_forward(
         assert row.dtype == torch.float32 and row.is_contiguous() and row.shape == (m,)
     else:
         row = torch.empty(m, dtype=torch.float32, device=q.device)
-    mode = mode or ("siglip_rect" if siglip else "rows_merge" if merge_into is not None else "rows")
     args = (
         q,
         k,
@@ -797,7 +660,7 @@ def rows_forward(
         float(bias),
         int(merge_into is not None),
     )
-    _launch("fwd", q, k, (row,), args, dict(SIGLIP=siglip, COLS=False), strict_fp32, deterministic, config, mode)
+    _launch("fwd", q, k, (row,), args, dict(SIGLIP=siglip, COLS=False), strict_fp32, deterministic, config)
     return row
 
 
@@ -817,7 +680,6 @@ def rows_backward(
     deterministic: bool = False,
     config: dict | None = None,
     lse_col=None,
-    mode: str | None = None,
 ) -> tuple[float, float]:
     """Rectangular backward on the kernel, dL = g * softmax_rows(s q k^T) (lse: its row LSE;
     with lse_col, the square CLIP case, + g * softmax_cols) or g * sigmoid(s q k^T + b):
@@ -834,7 +696,6 @@ def rows_backward(
         raise ValueError("deterministic=True needs bwd='columns' (the atomic backward adds floats in any order)")
     m, d = q.shape
     assert d_q.is_contiguous() and d_k.is_contiguous() and d_q.dtype == d_k.dtype == torch.float32
-    mode = mode or ("siglip_rect" if siglip else "rows")
     grid = _max_programs("bwd", q, q, strict_fp32)
     d_s = torch.zeros(grid, dtype=torch.float32, device=q.device)
     d_b = torch.zeros(grid, dtype=torch.float32, device=q.device)
@@ -863,8 +724,7 @@ def rows_backward(
         1,
         col_term,
     )
-    _launch("bwd", q, k, (lse_r, lse_c, d_q, d_k, d_s, d_b), args, consts, strict_fp32, deterministic, config, mode)
-    kernel_launches[f"dk:{bwd}"] += 1
+    _launch("bwd", q, k, (lse_r, lse_c, d_q, d_k, d_s, d_b), args, consts, strict_fp32, deterministic, config)
     if bwd == "columns":
         # Q and K swapped: the row LSE of this pass is the other's column LSE and vice versa
         # (rows only: the term is the column one). Its scale / bias shares repeat the first's.
@@ -904,7 +764,6 @@ def rows_backward(
             strict_fp32,
             deterministic,
             config,
-            mode + "_cols",
         )
     return float(d_s.sum(dtype=torch.float64)), float(d_b.sum(dtype=torch.float64))
 

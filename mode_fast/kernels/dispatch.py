@@ -51,7 +51,7 @@ CONTRASTIVE_VARIANTS = (CLIP, INFONCE, CLIP_LOCAL, RING_BLOCK, SIGLIP, SIGLIP_NE
 # How the Triton contrastive backward forms dK (mode_fast.kernels.contrastive_loss):
 # "columns", a second column-owned pass without atomics, or "atomic", one pass adding dK
 # with float atomics. The default is the one with less counted global-memory traffic at
-# the headline shapes (contrastive_loss.traffic(); tests/test_contrastive_loss.py checks
+# the headline shapes (benchmarks/kernel_traffic.py; tests/test_contrastive_loss.py checks
 # the choice against it): the columns pass reads and writes dQ-sized fp32 accumulators
 # twice, which outweighs the atomics it saves. Unmeasured on a GPU: benchmarks/gpu_check.sh
 # times both.

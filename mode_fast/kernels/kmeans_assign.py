@@ -26,7 +26,7 @@ deterministic=True therefore pins the first config of the list (no timing involv
 
 Global-memory traffic per call (Triton backend; s = bytes per input element, P =
 ceil(N / BLOCK_N) programs, T = ceil(K / BLOCK_K) center tiles; loads as issued, so
-re-reads served by L2 count too; see traffic()):
+re-reads served by L2 count too; benchmarks/kernel_traffic.py computes these):
     x, main loop      N * D * s * T          (each row block re-read once per center tile)
     centers           P * K * D * s  +  P * K * 4   (every program reads all of C and ||c||^2)
     x + chosen c, sqdist pass   2 * N * D * s
@@ -41,19 +41,18 @@ be near compulsory; unmeasured until a GPU profile (benchmarks/kernel_report.py 
 the table for every config).
 
 Layers: torch path (kmeans_assign_torch, the CPU backend) -> private @triton.jit kernel
--> host wrapper _assign_triton -> kmeans_assign(). Test oracles and the naive baseline
-live in reference.py.
+-> host wrapper _assign_triton -> kmeans_assign(). The launch (compiled forms, configs,
+autotuning) is mode_fast.kernels.launch's. Test oracles and the naive baseline live in
+reference.py.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
 from mode_fast.core.errors import ConfigError
 
-from . import dispatch
+from . import dispatch, launch
 
 try:  # Triton is optional: the torch and faiss backends work without it.
     import triton
@@ -345,117 +344,42 @@ if triton is not None:
         tl.store(SQDIST_ptr + rows, sq, mask=row_mask)
         tl.store(XSQ_ptr + rows, xsq, mask=row_mask)
 
-    # Two compiled forms of the one kernel body, so that each launch config compiles to
-    # exactly one machine-code variant (the one the static report measured), whatever the
-    # call's sizes: Triton otherwise specialises on every int that is 1 or divisible by 16
-    # and every pointer that is 16-byte aligned.
-    # "aligned" (launched only when _layout() says so): unit stride along D, strides, D and
-    # pointers divisible by 16, so loads vectorise; N and K stay generic.
-    _kmeans_assign_kernel = triton.jit(do_not_specialize=("N", "K", "N_TUNE"))(_kmeans_assign)
-    # "general": any layout; nothing specialised. (An N of 2^31 or more would compile a
-    # third, int64 variant of either form; the report measures int32 sizes.)
-    _kmeans_assign_kernel_general = triton.jit(
-        do_not_specialize=("N", "K", "D", "N_TUNE", "X_stride_n", "X_stride_d", "C_stride_k",
-                           "C_stride_d"),
-        do_not_specialize_on_alignment=("X_ptr", "C_ptr", "CSQ_ptr", "BEST_ptr", "SECOND_ptr",
-                                        "THIRD_ptr", "ARG_ptr", "ARG2_ptr", "SQDIST_ptr",
-                                        "XSQ_ptr"),
-    )(_kmeans_assign)  # fmt: skip
-
-
-def _interpreting() -> bool:
-    return dispatch.interpreting()
-
 
 # Launch configs: (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages), per input layout and
-# dtype class. Every entry compiles with 0 bytes of register spills for sm_90a and sm_80
-# (ptxas from the triton wheel; benchmarks/results/static/kernels.md, asserted by
+# dtype class (fp32 inputs always take the IEEE dot, so there is no "ieee" class here).
+# Every entry compiles with 0 bytes of register spills for sm_90a and sm_80 (ptxas from the
+# triton wheel; benchmarks/results/static/kernels.md, asserted by
 # tests/test_kernels_compile.py). On CUDA the wrapper autotunes over its list; the first
 # entry is the one deterministic=True pins. Spill-free choices found by a compile sweep:
 # 128 x 256 tiles, 128 x 128 fp32 FMA tiles and 64-wide BLOCK_D on scalar loads all spill.
-# "aligned": unit stride along D; D, row strides and base pointers divisible by 16 (loads
-# vectorise and pipeline into shared memory). "general": any other layout (odd D, strided
-# views, offset pointers), compiled without specialisation: scalar loads, smaller tiles.
-_CONFIGS: dict[tuple[str, str], tuple[tuple[int, int, int, int, int], ...]] = {
-    ("aligned", "16bit"): ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
-                           (64, 64, 64, 4, 3)),
-    ("aligned", "fp32"): ((128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)),
-    ("general", "16bit"): ((64, 64, 32, 4, 2), (64, 64, 32, 4, 3)),
-    ("general", "fp32"): ((64, 64, 16, 4, 1), (32, 64, 16, 4, 2)),
-}  # fmt: skip
-# Under the interpreter: the smallest tiles tl.dot accepts, one config (autotune with
-# several configs fails there, and it runs through numpy).
-_INTERPRETER_CONFIG = (16, 16, 16, 1, 1)
-
-
-def _dtype_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """Triton's rule for the aligned form: stride 1 along D, row stride (in elements) and
-    base pointer divisible by 16."""
-    return t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
-def _layout(x: torch.Tensor, centroids: torch.Tensor) -> str:
-    ok = x.shape[1] % 16 == 0 and _aligned(x) and _aligned(centroids)
-    return "aligned" if ok else "general"
-
-
-def _as_dict(cfg: tuple[int, int, int, int, int]) -> dict[str, int]:
-    bn, bk, bd, warps, stages = cfg
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
+# The layouts are mode_fast.kernels.launch's: "aligned" loads vectorise and pipeline into
+# shared memory; "general" (odd D, strided views, offset pointers) has scalar loads, smaller tiles.
+ASSIGN = launch.Launcher(
+    "kmeans_assign",
+    blocks=("BLOCK_N", "BLOCK_K", "BLOCK_D"),
+    table={
+        ("aligned", "16bit"): ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)),
+        ("aligned", "fp32"): ((128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)),
+        ("general", "16bit"): ((64, 64, 32, 4, 2), (64, 64, 32, 4, 3)),
+        ("general", "fp32"): ((64, 64, 16, 4, 1), (32, 64, 16, 4, 2)),
+    },  # fmt: skip
+    # cached by shape; N rounded up to a power of two (N_TUNE), so a pool's shards share a pick
+    tune_key=("N_TUNE", "K", "D"),
+)
+if triton is not None:
+    # N and K stay generic in both forms. (An N of 2^31 or more would compile a third, int64
+    # variant of either form; the report measures int32 sizes.)
+    ASSIGN.compile(
+        _kmeans_assign,
+        runtime=("N", "K", "N_TUNE"),
+        ints=("D", "X_stride_n", "X_stride_d", "C_stride_k", "C_stride_d"),
+    )
 
 
 def launch_configs(dtype: torch.dtype, layout: str = "aligned") -> list[dict[str, int]]:
     """The configs the wrapper may launch for inputs of this dtype and layout (the
     static report compiles each one)."""
-    if _interpreting():
-        return [_as_dict(_INTERPRETER_CONFIG)]
-    return [_as_dict(c) for c in _CONFIGS[(layout, _dtype_class(dtype))]]
-
-
-def _triton_config(dtype: torch.dtype, layout: str = "aligned") -> dict[str, int]:
-    """The first config of the list: the interpreter's and deterministic=True's choice."""
-    return launch_configs(dtype, layout)[0]
-
-
-_TUNED: dict[tuple[str, str], Any] = {}
-
-
-def _kernel(layout: str) -> Any:
-    return _kmeans_assign_kernel if layout == "aligned" else _kmeans_assign_kernel_general
-
-
-def _tuned_kernel(layout: str, dtype: torch.dtype) -> Any:
-    """triton.autotune over the layout/dtype's list, cached by shape: (N_TUNE, K, D); the
-    autotuner adds the tensors' dtypes to the key. Built on first use (CUDA only)."""
-    key = (layout, _dtype_class(dtype))
-    if key not in _TUNED:
-        configs = [
-            triton.Config({k: v for k, v in _as_dict(c).items() if k.startswith("BLOCK")},
-                          num_warps=c[3], num_stages=c[4])
-            for c in _CONFIGS[key]
-        ]  # fmt: skip
-        _TUNED[key] = triton.autotune(configs=configs, key=["N_TUNE", "K", "D"])(_kernel(layout))
-    return _TUNED[key]
-
-
-def traffic(n: int, k: int, d: int, itemsize: int, block_n: int, block_k: int) -> dict[str, float]:
-    """The opening comment's traffic formulas, in bytes (atomics: a count), for one call of
-    the Triton backend with this tile config; "compulsory" is inputs read once and the
-    public outputs (labels int64, sqdist fp32) written once."""
-    programs = -(-n // block_n)
-    tiles = -(-k // block_k)
-    loads = n * d * itemsize * tiles + programs * k * (d * itemsize + 4) + 2 * n * d * itemsize
-    stores = 36 * n
-    return {
-        "global_load_bytes": float(loads),
-        "global_store_bytes": float(stores),
-        "atomic_ops": 0.0,
-        "compulsory_bytes": float((n + k) * d * itemsize + 12 * n),
-    }
+    return ASSIGN.configs(dtype, layout)
 
 
 def _assign_triton(
@@ -480,22 +404,14 @@ def _assign_triton(
     labels2 = torch.empty_like(labels)
     sqdist = torch.empty_like(best)
     x_sq = torch.empty_like(best)
-    layout = _layout(x, centroids)
+    layout = launch.layout(x, centroids, c_sq, best, second, third, labels, labels2, sqdist, x_sq)
     args = (
         x, centroids, c_sq, best, second, third, labels, labels2, sqdist, x_sq,
         n, k, d, min(1 << max(n - 1, 0).bit_length(), 1 << 30),
         x.stride(0), x.stride(1), centroids.stride(0), centroids.stride(1),
     )  # fmt: skip
-    ieee = x.dtype == torch.float32
-    if _interpreting() or deterministic or config is not None:
-        cfg = config or _triton_config(x.dtype, layout)
-        if cfg not in launch_configs(x.dtype, layout):
-            raise ValueError(f"kmeans_assign: {cfg} is not a {layout} config for {x.dtype}")
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)  # one grid axis: no 65,535 cap on N
-        _kernel(layout)[grid](*args, IEEE_FP32=ieee, **cfg)
-    else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        _tuned_kernel(layout, x.dtype)[grid](*args, IEEE_FP32=ieee)
+    consts = {"IEEE_FP32": x.dtype == torch.float32}
+    ASSIGN.launch(n, args, consts, dtype=x.dtype, layout=layout, deterministic=deterministic, config=config)
     if exact and k > 1:
         # fp32 inputs use the IEEE dot (u = 2^-24). fp16/bf16 products are exact in fp32,
         # but tensor cores may truncate while accumulating (Fasi et al., 2021): assume
@@ -650,7 +566,7 @@ def kmeans_assign(
     if backend == "torch":
         labels, sqdist = kmeans_assign_torch(x, centroids, chunk_size=chunk_size, exact=exact)
     elif backend == "triton":
-        if x.device.type != "cuda" and not _interpreting():
+        if x.device.type != "cuda" and not dispatch.interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors (x is on {x.device}); use backend='torch' or 'auto'")
         labels, sqdist = _assign_triton(x, centroids, exact, deterministic)
     else:
