@@ -40,12 +40,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
-from mode_fast.core.config import add_arguments, option
+from mode_fast.core.config import option
 from mode_fast.core.errors import ConfigError
 from mode_fast.core.runs import die_with_parent, process_start
 
@@ -406,17 +405,3 @@ def ray_address_option() -> Any:
         help="Ray cluster to join with --executor ray (default: RAY_ADDRESS, else a local Ray)",
         result=False,
     )
-
-
-@dataclass(frozen=True)
-class ExecutorOptions:
-    """The executor flags alone, for a parser whose job has no config class yet."""
-
-    executor: str = executor_option()
-    ray_address: str | None = ray_address_option()
-
-
-def add_executor_arguments(parser: Any) -> None:
-    """--executor and --ray-address (as declared by `executor_option`, `ray_address_option`).
-    A job with a config declares the two fields with those instead."""
-    add_arguments(parser, ExecutorOptions)

@@ -56,7 +56,14 @@ import numpy as np
 from mode_fast import __version__
 from mode_fast.core.config import ADDED, added_defaults, check_ranges, flag_of, manifest_args, option, result_values
 from mode_fast.core.errors import ConfigError
-from mode_fast.core.executor import LocalExecutor, RayExecutor, make_executor, run_with_progress
+from mode_fast.core.executor import (
+    LocalExecutor,
+    RayExecutor,
+    executor_option,
+    make_executor,
+    ray_address_option,
+    run_with_progress,
+)
 from mode_fast.core.files import save_npy, sha256_file, write_json
 from mode_fast.core.runs import RunState, fingerprint
 from mode_fast.curation import shards as curation
@@ -98,8 +105,8 @@ class CurateConfig:
     unchanged is a no-op, overwrite=True starts over.
 
     The fields are declared in the order run.json records the result-changing ones (and
-    --help lists them). executor and ray_address are not declared: their flags are
-    `mode_fast.core.executor.add_executor_arguments`'s (shared with cluster).
+    --help lists them); executor and ray_address are declared by `mode_fast.core.executor`
+    (the same two flags as cluster's).
     """
 
     pools: tuple[str | os.PathLike, ...] = option(
@@ -156,8 +163,8 @@ class CurateConfig:
         cli_default=None,
     )
     overwrite: bool = option(False, help="start over: remove this job's earlier outputs in --out first", result=False)
-    executor: str = "local"  # flag: core.executor.add_executor_arguments
-    ray_address: str | None = None  # flag: core.executor.add_executor_arguments
+    executor: str = executor_option()
+    ray_address: str | None = ray_address_option()
 
     def __post_init__(self) -> None:
         if self.semantics not in SEMANTICS:

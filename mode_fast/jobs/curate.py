@@ -1,7 +1,6 @@
 """`mode-fast curate`: MetaCLIP curation (`mode_fast.curation.run`), from the command line.
 
-The flags are `CurateConfig`'s fields (`mode_fast.core.config`) plus the executor's
-(`mode_fast.core.executor.add_executor_arguments`, shared with cluster). The curation's
+The flags are `CurateConfig`'s fields (`mode_fast.core.config`). The curation's
 log lines go to stderr as bare lines; the summary line goes to stdout.
 """
 
@@ -11,20 +10,16 @@ import argparse
 import sys
 
 from mode_fast.core import config
-from mode_fast.core.executor import add_executor_arguments
-from mode_fast.curation.run import CurateConfig, curate, log_to, run_curation
+from mode_fast.curation.run import CurateConfig, log_to, run_curation
 from mode_fast.curation.worldwide import format_language_summary
-
-__all__ = ["CurateConfig", "add_arguments", "curate", "run"]  # curate: deprecated, one release
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_arguments(parser, CurateConfig)
-    add_executor_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config.config_from_args(CurateConfig, args, executor=args.executor, ray_address=args.ray_address)
+    cfg = config.config_from_args(CurateConfig, args)
     with log_to(lambda msg: print(msg, file=sys.stderr)):
         summary = run_curation(cfg)
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
