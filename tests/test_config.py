@@ -76,3 +76,23 @@ def test_declared_bounds_are_checked_with_the_flag_named(tmp_path, argv, message
 def test_flag_of_names_positionals_and_options():
     assert flag_of(Probe, "data") == "data"
     assert flag_of(Probe, "note") == "--note"
+
+
+@dataclass(frozen=True)
+class Late:
+    """A config whose manifest order differs from its --help order: `late` was added after
+    the others (ADDED), `c` sits in group "a" but is declared after group "b"."""
+
+    late: bool = option(False, help="added later", result=ADDED, group="a")
+    a: int = option(1, help="first of a", result=True, group="a")
+    b: int = option(2, help="the only one of b", result=True, group="b")
+    c: int = option(3, help="second of a", result=True, group="a")
+
+
+def test_added_fields_come_last_in_the_manifest_and_the_parser_goes_group_by_group():
+    assert list(manifest_args(Late(late=True))) == ["--a", "--b", "--c", "--late"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Late)
+    assert [a.dest for a in parser._actions if a.dest != "help"] == ["late", "a", "c", "b"]
+    assert parser.format_usage().index("--c") < parser.format_usage().index("--b")
+    assert [[a.dest for a in g._group_actions] for g in parser._action_groups[2:]] == [["late", "a", "c"], ["b"]]

@@ -18,8 +18,9 @@ from test_loader import key_topic, make_shards, write_assignments
 from mode_fast import cli
 from mode_fast.core.errors import InputError
 from mode_fast.data import loader as L
-from mode_fast.jobs import train
+from mode_fast.jobs import train as train_job
 from mode_fast.training import loop as training
+from mode_fast.training.run import TrainConfig, run_training
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
 
@@ -29,12 +30,12 @@ BASE = ["--model", "mode-fast-tiny", "--batch-size", "16", "--warmup", "2", "--l
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    train_job.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def run_train(argv: list[str]) -> Path:
-    return train.train(parse(BASE + argv))
+    return run_training(TrainConfig.from_args(parse(BASE + argv)))
 
 
 def metrics(job_dir: Path) -> list[dict]:
@@ -208,8 +209,8 @@ def test_resume_after_interruption_is_bit_identical(pool, tmp_path):
     assert not (b / "seed/checkpoints/final.pt").exists()
     assert torch.load(b / "seed/checkpoints/latest.pt", weights_only=True)["job_step"] == 5
     # resumed with loader workers: the data order does not depend on them
-    resumed = train.train(parse(BASE[:-3] + ["--workers", "2", "--no-progress"] + common
-                                + ["--out", str(b), "--resume"]))  # fmt: skip
+    resumed = run_training(TrainConfig.from_args(parse(BASE[:-3] + ["--workers", "2", "--no-progress"] + common
+                                + ["--out", str(b), "--resume"])))  # fmt: skip
 
     wa, wb = weights(full), weights(resumed)
     assert wa.keys() == wb.keys()
@@ -258,7 +259,7 @@ def test_checkpoints_are_written_atomically(pool, tmp_path, monkeypatch):
 def test_two_gloo_processes_match_one_process(pool, tmp_path):
     common = ["--data", str(pool / "shards"), "--steps", "4", "--model", "mode-fast-tiny",
               "--warmup", "2", "--lr", "1e-3", "--workers", "0", "--no-progress"]  # fmt: skip
-    one = train.train(parse(common + ["--batch-size", "16", "--out", str(tmp_path / "one")]))
+    one = run_training(TrainConfig.from_args(parse(common + ["--batch-size", "16", "--out", str(tmp_path / "one")])))
     torchrun(2, common + ["--batch-size", "8", "--out", str(tmp_path / "two")])
     two = tmp_path / "two/seed/checkpoints/final.pt"
     assert json.loads((tmp_path / "two/seed/config.json").read_text())["world_size"] == 2
