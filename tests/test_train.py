@@ -16,11 +16,12 @@ import torch
 from test_loader import key_topic, make_shards, write_assignments
 
 from mode_fast import cli
+from mode_fast.core.config import result_flags
 from mode_fast.core.errors import InputError
 from mode_fast.data import loader as L
 from mode_fast.jobs import train as train_job
 from mode_fast.training import loop as training
-from mode_fast.training.run import TrainConfig, run_training
+from mode_fast.training.run import TrainConfig, run_training, train
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
 
@@ -85,6 +86,33 @@ def test_seed_trains_and_logs(seed_run):
     ckpt = torch.load(seed_run / "seed/checkpoints/final.pt", weights_only=True)
     assert (ckpt["job_step"], ckpt["schedule_step"], ckpt["schedule_total"]) == (8, 8, 12)
     assert json.loads((seed_run / "seed/data.json").read_text())["samples"] == 200
+
+
+def test_run_json_args_are_the_configs_result_flags(seed_run, pool, tmp_path):
+    """run.json's "args" come from TrainConfig: its result-changing flags (--deterministic, added
+    later, only when set, and last) plus the derived --global-batch; every one a flag of the parser
+    built from the config."""
+    parser = argparse.ArgumentParser()
+    train_job.add_arguments(parser)
+    parser_flags = {s for a in parser._actions for s in a.option_strings}
+    derived = {"--global-batch"}  # --batch-size is per process; run.json records batch x processes
+
+    recorded = json.loads((seed_run / "seed/run.json").read_text())["args"]
+    assert set(recorded) == result_flags(TrainConfig) - {"--deterministic"} | derived
+    assert set(recorded) - derived <= parser_flags
+
+    out = tmp_path / "det"
+    run_train(["--data", str(pool / "shards"), "--out", str(out), "--steps", "1", "--deterministic"])
+    recorded = json.loads((out / "seed/run.json").read_text())["args"]
+    assert set(recorded) == result_flags(TrainConfig) | derived
+    assert list(recorded)[-2:] == ["--deterministic", "--global-batch"]  # where 0.1 wrote them
+    config = json.loads((out / "seed/config.json").read_text())
+    assert list(config)[: len(recorded)] == [f[2:].replace("-", "_") for f in recorded]
+
+    # the 0.1 entry still runs the job (here: finds it finished), with a warning
+    with pytest.warns(DeprecationWarning, match="run_training"):
+        assert train(parse(BASE + ["--data", str(pool / "shards"), "--out", str(out), "--steps", "1",
+                                   "--deterministic"])) == out / "seed/checkpoints/final.pt"  # fmt: skip
 
 
 def test_experts_fork_from_the_seed_and_train_on_their_cluster(seed_run, pool):
