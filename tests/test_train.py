@@ -152,6 +152,15 @@ def test_expert_errors(seed_run, pool):
         run_train(data + ["--expert", "2", "--steps", "9"])  # expert_0 holds a finished run
     with pytest.raises(ValueError, match="needs --clusters"):
         run_train(["--data", str(pool / "shards"), "--out", str(seed_run), "--expert", "0"])
+    with pytest.raises(ValueError, match="--stage expert needs --expert K"):
+        run_train(data + ["--stage", "expert"])
+    with pytest.raises(ValueError, match="drop --stage seed"):
+        run_train(data + ["--stage", "seed", "--expert", "0"])
+    # the same checks from Python, where no parser resolves --stage
+    with pytest.raises(ValueError, match="needs --clusters"):
+        TrainConfig(data=("x",), out=seed_run, stage="expert", expert=0)
+    with pytest.raises(ValueError, match="drop --stage seed"):
+        TrainConfig(data=("x",), out=seed_run, expert=0, clusters=pool / "clusters")
 
 
 def test_assignment_keys_that_match_no_shard_key_are_named(seed_run, pool, tmp_path):

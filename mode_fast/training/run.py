@@ -248,10 +248,16 @@ class TrainConfig:
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
         """The config of parsed arguments (`mode_fast.core.config.add_arguments(parser, TrainConfig)`),
         the stage resolved from --stage, --expert and --clusters."""
-        return config_from_args(cls, args, stage=_resolve_stage(args.stage, args.expert, args.clusters))
+        return config_from_args(cls, args, stage=_resolve_stage(args.stage, args.expert))
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.expert is not None and self.stage == "seed":
+            raise ConfigError("--expert K trains an expert: drop --stage seed (or use --stage expert)")
+        if self.stage == "expert" and self.expert is None:
+            raise ConfigError("--stage expert needs --expert K")
+        if self.stage == "expert" and self.clusters is None:
+            raise ConfigError("--expert K needs --clusters DIR (the `mode-fast cluster` output)")
         if not self.data:
             raise ConfigError("--data: give the training shards")
         if self.caption_key.startswith("json:"):
@@ -270,18 +276,10 @@ class TrainConfig:
         return {**result_values(self), "global_batch": self.batch_size * world_size}
 
 
-def _resolve_stage(stage: str | None, expert: int | None, clusters: Path | None) -> str:
-    """--stage from the flags: an expert when --expert is given (which needs --clusters); the
-    seed otherwise. --expert's range is TrainConfig's check."""
-    if expert is not None:
-        if stage == "seed":
-            raise ConfigError("--expert K trains an expert: drop --stage seed (or use --stage expert)")
-        if clusters is None:
-            raise ConfigError("--expert K needs --clusters DIR (the `mode-fast cluster` output)")
-        return "expert"
-    if stage == "expert":
-        raise ConfigError("--stage expert needs --expert K")
-    return "seed"
+def _resolve_stage(stage: str | None, expert: int | None) -> str:
+    """--stage as given, else an expert when --expert is given, else the seed (whether the
+    three flags agree is TrainConfig's check, from the CLI or Python alike)."""
+    return stage or ("seed" if expert is None else "expert")
 
 
 # --------------------------------------------------------------------------- setup steps
