@@ -162,7 +162,7 @@ class TrainConfig:
     stage: str = option(
         "seed", help="seed: train on all the data; expert: see --expert (default: seed)",
         result=True, group=_STAGE, choices=("seed", "expert"),
-        cli_default=None,  # resolved from --expert and --clusters (TrainConfig.from_args)
+        cli_default=None,  # resolved from --expert (TrainConfig.from_args)
     )  # fmt: skip
     expert: int | None = option(
         None, help="train expert K from the seed checkpoint on cluster K's data",
@@ -247,7 +247,7 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
         """The config of parsed arguments (`mode_fast.core.config.add_arguments(parser, TrainConfig)`),
-        the stage resolved from --stage, --expert and --clusters."""
+        --stage resolved from --stage and --expert."""
         return config_from_args(cls, args, stage=_resolve_stage(args.stage, args.expert))
 
     def __post_init__(self) -> None:
