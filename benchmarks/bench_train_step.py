@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mode_fast.jobs import train
 from mode_fast.training import loop as training
 from mode_fast.training import models
+from mode_fast.training.run import TrainConfig, run_training
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -208,20 +208,15 @@ def pool(tmp_path_factory) -> Path:
 @pytest.mark.benchmark(group="mode-fast train job mode-fast-tiny batch 64")
 def test_train_job(benchmark, pool, tmp_path, workers):
     """`mode-fast train` end to end: loader, step, logging; samples/s from its metrics."""
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
     runs: list[Path] = []
 
     def job() -> None:
         out = tmp_path / f"run{len(runs)}"
         runs.append(out)
-        train.train(parser.parse_args([
-            "--data", str(pool), "--out", str(out), "--model", "mode-fast-tiny", "--batch-size", "64",
-            "--steps", "20", "--warmup", "2", "--workers", str(workers), "--no-progress",
-            "--save-every", "1000", "--device", DEVICE,
-        ]))  # fmt: skip
+        run_training(TrainConfig(
+            data=(str(pool),), out=out, model="mode-fast-tiny", batch_size=64, steps=20, warmup=2,
+            workers=workers, no_progress=True, save_every=1000, device=DEVICE,
+        ))  # fmt: skip
 
     benchmark.pedantic(job, rounds=2, iterations=1)
     rows = [json.loads(line) for out in runs for line in (out / "seed/metrics.jsonl").read_text().splitlines()]

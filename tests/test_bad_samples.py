@@ -27,7 +27,8 @@ from test_train import BASE, metrics, parse, run_train, torchrun, weights
 from mode_fast import cli
 from mode_fast.data import loader as L
 from mode_fast.data.images import MAX_PIXELS, OVER_PIXEL_LIMIT, UNDECODABLE, decode_image
-from mode_fast.jobs import train
+from mode_fast.training import run as train
+from mode_fast.training.run import TrainConfig, run_training
 
 torch.set_num_threads(1)  # bitwise equality of resumed runs needs the same sums; shared 2-core machine
 
@@ -194,12 +195,12 @@ def reference(bad_pool, tmp_path_factory) -> dict:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logging.getLogger("mode_fast.jobs.train").addHandler(handler)
+    logging.getLogger("mode_fast.training.run").addHandler(handler)
     try:
         final = run_train(_args(bad_pool, out, "--max-bad-share", "0.05"))
     finally:
         train.train_step = real
-        logging.getLogger("mode_fast.jobs.train").removeHandler(handler)
+        logging.getLogger("mode_fast.training.run").removeHandler(handler)
     return {"final": final, "job": out / "seed", "batches": seen, "log": [r.getMessage() for r in records]}
 
 
@@ -231,7 +232,7 @@ def test_killed_and_resumed_with_workers_is_bit_identical(bad_pool, reference, t
     ckpt = torch.load(out / "seed/checkpoints/latest.pt", weights_only=True)
     assert ckpt["job_step"] == 5 and ckpt["skipped_images"] == [[shard1(bad_pool), OVERSIZED, OVER_PIXEL_LIMIT]]
     assert json.loads((out / "seed/data.json").read_text())["skipped_images"]["skipped_total"] == 1
-    resumed = train.train(parse(BASE[:-3] + ["--workers", "2", "--no-progress"] + _args(bad_pool, out, "--max-bad-share", "0.05")))  # fmt: skip
+    resumed = run_training(TrainConfig.from_args(parse(BASE[:-3] + ["--workers", "2", "--no-progress"] + _args(bad_pool, out, "--max-bad-share", "0.05"))))  # fmt: skip
     _same_weights(reference["final"], resumed)
     assert [r["loss"] for r in metrics(out / "seed")] == [r["loss"] for r in metrics(reference["job"])]
     assert (

@@ -92,6 +92,7 @@ def test_manifest_keys_are_the_declared_flags_not_the_field_names():
     assert added_defaults(Renamed) == {"--more": 0}
 
 
+@dataclass(frozen=True)
 class Either:
     t: float | None = option(None, help="a threshold", result=True, exclusive="size")
     target_size: int | None = option(None, help="a size", result=True, exclusive="size")
@@ -108,3 +109,23 @@ def test_exclusive_fields_share_one_group_and_manifest_keys_are_the_declared_fla
     assert manifest_args(cfg) == {"--t": None, "--target-size": 2, "--estimate": True}
     assert manifest_args(cfg, {"estimate_only": True, "derived_value": 1}) == {"--estimate": True, "--derived-value": 1}
     assert result_flags(Either) == {"--t", "--target-size", "--estimate"}
+
+
+@dataclass(frozen=True)
+class Late:
+    """A config whose manifest order differs from its --help order: `late` was added after
+    the others (ADDED), `c` sits in group "a" but is declared after group "b"."""
+
+    late: bool = option(False, help="added later", result=ADDED, group="a")
+    a: int = option(1, help="first of a", result=True, group="a")
+    b: int = option(2, help="the only one of b", result=True, group="b")
+    c: int = option(3, help="second of a", result=True, group="a")
+
+
+def test_added_fields_come_last_in_the_manifest_and_the_parser_goes_group_by_group():
+    assert list(manifest_args(Late(late=True))) == ["--a", "--b", "--c", "--late"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Late)
+    assert [a.dest for a in parser._actions if a.dest != "help"] == ["late", "a", "c", "b"]
+    assert parser.format_usage().index("--c") < parser.format_usage().index("--b")
+    assert [[a.dest for a in g._group_actions] for g in parser._action_groups[2:]] == [["late", "a", "c"], ["b"]]

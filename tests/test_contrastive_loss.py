@@ -303,11 +303,12 @@ def test_train_deterministic_flag_reaches_the_loss():
 
     from mode_fast.jobs import train
     from mode_fast.training.loop import make_loss
+    from mode_fast.training.run import TrainConfig
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     for argv, want in (([], False), (["--deterministic"], True)):
-        cfg = train.TrainConfig.from_args(parser.parse_args(["--data", "x.tar", "--out", "run", *argv]))
+        cfg = TrainConfig.from_args(parser.parse_args(["--data", "x.tar", "--out", "run", *argv]))
         assert cfg.deterministic is want
         for siglip in (False, True):
             loss, source = make_loss(siglip, deterministic=cfg.deterministic)

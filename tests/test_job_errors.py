@@ -15,7 +15,7 @@ import torch
 from test_loader import make_shards
 
 from mode_fast import cli
-from mode_fast.jobs import train as train_job
+from mode_fast.training import run as train_run
 
 torch.set_num_threads(1)  # shared 2-core machine
 
@@ -50,7 +50,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was built before the error")
 
-    monkeypatch.setattr(train_job, "create_model", refuse)
+    monkeypatch.setattr(train_run, "create_model", refuse)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -151,7 +151,7 @@ def test_non_finite_numbers_from_python_are_config_errors(txt_pool, tmp_path):
     with pytest.raises(ConfigError, match="--t must be a positive finite number"):
         CurateConfig(pools=[str(txt_pool)], out=tmp_path / "o", t=float("inf"))
     with pytest.raises(ConfigError, match="--lr must be a finite number, got inf"):
-        train_job.TrainConfig(data=(str(txt_pool),), out=tmp_path / "o", lr=float("inf"))
+        train_run.TrainConfig(data=(str(txt_pool),), out=tmp_path / "o", lr=float("inf"))
 
 
 @pytest.mark.parametrize("argv,named", [

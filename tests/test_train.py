@@ -16,10 +16,12 @@ import torch
 from test_loader import key_topic, make_shards, write_assignments
 
 from mode_fast import cli
+from mode_fast.core.config import result_flags
 from mode_fast.core.errors import InputError
 from mode_fast.data import loader as L
-from mode_fast.jobs import train
+from mode_fast.jobs import train as train_job
 from mode_fast.training import loop as training
+from mode_fast.training.run import TrainConfig, run_training, train
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
 
@@ -29,12 +31,12 @@ BASE = ["--model", "mode-fast-tiny", "--batch-size", "16", "--warmup", "2", "--l
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    train_job.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def run_train(argv: list[str]) -> Path:
-    return train.train(parse(BASE + argv))
+    return run_training(TrainConfig.from_args(parse(BASE + argv)))
 
 
 def metrics(job_dir: Path) -> list[dict]:
@@ -86,6 +88,33 @@ def test_seed_trains_and_logs(seed_run):
     assert json.loads((seed_run / "seed/data.json").read_text())["samples"] == 200
 
 
+def test_run_json_args_are_the_configs_result_flags(seed_run, pool, tmp_path):
+    """run.json's "args" come from TrainConfig: its result-changing flags (--deterministic, added
+    later, only when set, and last) plus the derived --global-batch; every one a flag of the parser
+    built from the config."""
+    parser = argparse.ArgumentParser()
+    train_job.add_arguments(parser)
+    parser_flags = {s for a in parser._actions for s in a.option_strings}
+    derived = {"--global-batch"}  # --batch-size is per process; run.json records batch x processes
+
+    recorded = json.loads((seed_run / "seed/run.json").read_text())["args"]
+    assert set(recorded) == result_flags(TrainConfig) - {"--deterministic"} | derived
+    assert set(recorded) - derived <= parser_flags
+
+    out = tmp_path / "det"
+    run_train(["--data", str(pool / "shards"), "--out", str(out), "--steps", "1", "--deterministic"])
+    recorded = json.loads((out / "seed/run.json").read_text())["args"]
+    assert set(recorded) == result_flags(TrainConfig) | derived
+    assert list(recorded)[-2:] == ["--deterministic", "--global-batch"]  # where 0.1 wrote them
+    config = json.loads((out / "seed/config.json").read_text())
+    assert list(config)[: len(recorded)] == [f[2:].replace("-", "_") for f in recorded]
+
+    # the 0.1 entry still runs the job (here: finds it finished), with a warning
+    with pytest.warns(DeprecationWarning, match="run_training"):
+        assert train(parse(BASE + ["--data", str(pool / "shards"), "--out", str(out), "--steps", "1",
+                                   "--deterministic"])) == out / "seed/checkpoints/final.pt"  # fmt: skip
+
+
 def test_experts_fork_from_the_seed_and_train_on_their_cluster(seed_run, pool):
     seed_w = weights(seed_run / "seed/checkpoints/final.pt")
     finals = {}
@@ -123,6 +152,15 @@ def test_expert_errors(seed_run, pool):
         run_train(data + ["--expert", "2", "--steps", "9"])  # expert_0 holds a finished run
     with pytest.raises(ValueError, match="needs --clusters"):
         run_train(["--data", str(pool / "shards"), "--out", str(seed_run), "--expert", "0"])
+    with pytest.raises(ValueError, match="--stage expert needs --expert K"):
+        run_train(data + ["--stage", "expert"])
+    with pytest.raises(ValueError, match="drop --stage seed"):
+        run_train(data + ["--stage", "seed", "--expert", "0"])
+    # the same checks from Python, where no parser resolves --stage
+    with pytest.raises(ValueError, match="needs --clusters"):
+        TrainConfig(data=("x",), out=seed_run, stage="expert", expert=0)
+    with pytest.raises(ValueError, match="drop --stage seed"):
+        TrainConfig(data=("x",), out=seed_run, expert=0, clusters=pool / "clusters")
 
 
 def test_assignment_keys_that_match_no_shard_key_are_named(seed_run, pool, tmp_path):
@@ -208,8 +246,8 @@ def test_resume_after_interruption_is_bit_identical(pool, tmp_path):
     assert not (b / "seed/checkpoints/final.pt").exists()
     assert torch.load(b / "seed/checkpoints/latest.pt", weights_only=True)["job_step"] == 5
     # resumed with loader workers: the data order does not depend on them
-    resumed = train.train(parse(BASE[:-3] + ["--workers", "2", "--no-progress"] + common
-                                + ["--out", str(b), "--resume"]))  # fmt: skip
+    resumed = run_training(TrainConfig.from_args(parse(BASE[:-3] + ["--workers", "2", "--no-progress"] + common
+                                + ["--out", str(b), "--resume"])))  # fmt: skip
 
     wa, wb = weights(full), weights(resumed)
     assert wa.keys() == wb.keys()
@@ -258,7 +296,7 @@ def test_checkpoints_are_written_atomically(pool, tmp_path, monkeypatch):
 def test_two_gloo_processes_match_one_process(pool, tmp_path):
     common = ["--data", str(pool / "shards"), "--steps", "4", "--model", "mode-fast-tiny",
               "--warmup", "2", "--lr", "1e-3", "--workers", "0", "--no-progress"]  # fmt: skip
-    one = train.train(parse(common + ["--batch-size", "16", "--out", str(tmp_path / "one")]))
+    one = run_training(TrainConfig.from_args(parse(common + ["--batch-size", "16", "--out", str(tmp_path / "one")])))
     torchrun(2, common + ["--batch-size", "8", "--out", str(tmp_path / "two")])
     two = tmp_path / "two/seed/checkpoints/final.pt"
     assert json.loads((tmp_path / "two/seed/config.json").read_text())["world_size"] == 2

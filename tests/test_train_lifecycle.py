@@ -31,7 +31,7 @@ STEPS = 12  # one epoch of the 200-pair pool at batch 16
 KILLER = textwrap.dedent("""
     import os, signal, sys, torch
     from mode_fast import cli
-    from mode_fast.jobs import train
+    from mode_fast.training import run as train
     kill_step, kill_final = int(sys.argv[1]), sys.argv[2] == "final"
     real_step, real_save, real_ckpt, calls, final = train.train_step, torch.save, train.save_checkpoint, [0], [False]
     def step(*a, **k):
@@ -190,7 +190,7 @@ def test_sigint_checkpoints_and_a_second_run_stops_naming_the_holder(pool, refer
 
     # a finished job rerun is a no-op that says so
     before = _files(job)  # run.json is rewritten (atomically) with the same bytes
-    with caplog.at_level(logging.WARNING, logger="mode_fast.jobs.train"):
+    with caplog.at_level(logging.WARNING, logger="mode_fast.training.run"):
         assert run_train(args[len(BASE) :]) == job / "checkpoints/final.pt"
     assert "already finished" in caplog.text and "nothing to do" in caplog.text
     assert _files(job) == before

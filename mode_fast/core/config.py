@@ -114,7 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: Any) -> None:
     hints = typing.get_type_hints(cls)
     groups: dict[str | None, Any] = {None: parser}
     exclusive: dict[str, Any] = {}
-    for f, opt in options(cls):
+    order = list(dict.fromkeys(opt.group for _, opt in options(cls)))
+    # group by group, as --help shows them (the usage line too): a field may then be declared
+    # where the manifest's order wants it, and still sit in its section
+    for f, opt in sorted(options(cls), key=lambda fo: order.index(fo[1].group)):
         if opt.group not in groups:
             groups[opt.group] = parser.add_argument_group(opt.group)
         target = groups[opt.group]
@@ -173,12 +176,16 @@ def _json(value: Any) -> Any:
 
 
 def result_values(cfg: Any) -> dict[str, Any]:
-    """field name -> value (JSON) of the result-changing fields, in declaration order; an
-    ``ADDED`` field only when it is not at its default."""
+    """field name -> value (JSON) of the result-changing fields, in declaration order, then the
+    ``ADDED`` ones not at their default (after the others, where a record written before they
+    existed had them appended)."""
     out = {}
     for f, opt in options(cfg):
+        if opt.result is True:
+            out[f.name] = _json(getattr(cfg, f.name))
+    for f, opt in options(cfg):
         value = getattr(cfg, f.name)
-        if opt.result is True or (opt.result == ADDED and value != f.default):
+        if opt.result == ADDED and value != f.default:
             out[f.name] = _json(value)
     return out
 

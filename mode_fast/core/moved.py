@@ -43,7 +43,7 @@ MOVED = {
     "mode_fast.data.sample": "mode_fast.demo.sample",
     "mode_fast.curate": "mode_fast.curation.run",
     "mode_fast.cluster": "mode_fast.clustering.run",
-    "mode_fast.train": "mode_fast.jobs.train",
+    "mode_fast.train": "mode_fast.training.run",
     "mode_fast.evaluate": "mode_fast.evaluation.run",
     "mode_fast.open_clip_main": "mode_fast.jobs.open_clip_main",
 }

@@ -1,6 +1,6 @@
 """Training checkpoints: the one format train writes and train, experts and eval read.
 
-A checkpoint is one `torch.save` dict, format "mode_fast.jobs.train/1": model_name and
+A checkpoint is one `torch.save` dict, format "mode_fast.train/1": model_name and
 model_kwargs (to rebuild the architecture), state_dict, optimizer, the job and schedule
 positions, the job's result-changing config and every rank's RNG state. It is written
 atomically through `mode_fast.core.files` (mode from the umask), so a reader sees the old file
@@ -34,7 +34,7 @@ import torch
 from mode_fast.core import files
 from mode_fast.core.errors import InputError, Interrupted
 
-CHECKPOINT_FORMAT = "mode_fast.jobs.train/1"
+CHECKPOINT_FORMAT = "mode_fast.train/1"  # a format name, not a module path: checkpoints of 0.1 carry it
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
