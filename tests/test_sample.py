@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from mode_fast.cli import main
-from mode_fast.data import sample as sample_module
+from mode_fast.demo import sample as sample_module
 from mode_fast.demo.sample import CLASS_NAMES, DOMAIN_OF_CLASS, DOMAINS, TEMPLATES, sample_captions, write_sample
 
 ARGS = {"num_pairs": 800, "shard_size": 300, "eval_pairs": 96, "seed": 3}  # 3 pool shards, last one short
