@@ -252,27 +252,6 @@ def _open_run(cfg: CurateConfig, shards: list[Path], meta: _Metadata) -> RunStat
     )
 
 
-def _curate(
-    cfg: CurateConfig,
-    meta: _Metadata,
-    shards: list[Path],
-    runner: LocalExecutor | RayExecutor,
-    state: RunState,
-) -> dict[str, Any]:
-    """The steps: match, count, balance, the t table, sample; returns the summary."""
-    files = curation.shard_files(cfg.out, shards)
-    config = curation.match_config(meta.sha256, cfg.caption_key, cfg.key_field, cfg.semantics)
-    reused = _match(cfg, meta, files, config, runner, state)
-    tally = _count(cfg, files, len(meta.entries))
-    balanced = _balance(cfg, meta, files, tally.counts)
-    ladder = _ladder(files, balanced)
-    summary = _summary(cfg, meta, tally, balanced, ladder, reused)
-    if not cfg.estimate_only:
-        summary |= _sample(cfg, files, config, balanced, runner, state)
-        _write_manifest(cfg, meta, files, tally, balanced)  # last: marks the curation finished
-    return summary
-
-
 def _outputs(cfg: CurateConfig) -> list[Path]:
     """Every file a finished curation needs (run.json checks them before a no-op rerun)."""
     out, work = cfg.out, cfg.work
@@ -512,32 +491,6 @@ def _sample(
         log.info(f"sample: removed {removed} curated shards of inputs no longer in the pool")
     curation.write_kept_keys(files, cfg.out / "kept_keys.txt", balanced.kept)
     return {"sampled_shards": len(tasks), "stale_outputs_removed": removed}
-
-
-def _write_manifest(
-    cfg: CurateConfig,
-    meta: _Metadata,
-    files: list[curation.ShardFiles],
-    tally: curation.MatchTally,
-    balanced: _Balanced,
-) -> None:
-    manifest = {
-        "tool": f"mode-fast {__version__}",
-        "inputs": [f.fingerprint | {"records": n} for f, n in zip(files, tally.records_per_shard)],
-        "metadata": {"source": meta.source, "sha256": meta.sha256, "entries": len(meta.entries)},
-        "caption_key": cfg.caption_key,
-        "key_field": cfg.key_field,
-        "t": balanced.t,
-        "seed": cfg.seed,
-        "target_size": cfg.target_size,
-        "entry_count_sha256": sha256_file(cfg.out / "entry_count.npy"),
-        "pool_size": balanced.pool_size,
-        "matched": balanced.matched,
-        "kept": balanced.kept,
-    }
-    if balanced.t_by_language is not None:
-        manifest |= {"semantics": cfg.semantics, "t_by_language": balanced.t_by_language}
-    write_json(cfg.out / "manifest.json", manifest)
 
 
 def _write_manifest(
