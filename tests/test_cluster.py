@@ -536,6 +536,7 @@ def test_cluster_run_json_args_are_the_configs_result_flags(io_module, tmp_path)
     assert cluster.run(parser.parse_args(argv)) == 0
     recorded = json.loads((tmp_path / "o" / MANIFEST).read_text())["args"]
     assert set(recorded) == result_flags(ClusterConfig)
+    assert recorded["--balanced"] is True and recorded["--balanced-coarse"] is True  # the settings, as 0.1 wrote
     assert recorded["--experts"] == 2 and recorded["--embedder"] == "hash16"
 
 

@@ -129,3 +129,18 @@ def test_added_fields_come_last_in_the_manifest_and_the_parser_goes_group_by_gro
     assert [a.dest for a in parser._actions if a.dest != "help"] == ["late", "a", "c", "b"]
     assert parser.format_usage().index("--c") < parser.format_usage().index("--b")
     assert [[a.dest for a in g._group_actions] for g in parser._action_groups[2:]] == [["late", "a", "c"], ["b"]]
+
+
+@dataclass(frozen=True)
+class Negated:
+    balanced: bool = option(True, help="plain k-means", result=True, flag="--no-balanced", action="store_false")
+
+
+def test_a_negative_switch_records_the_setting_under_the_fields_name():
+    """run.json of 0.1 holds "--balanced": true/false; the switch that turns it off is the flag."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Negated)
+    cfg = config_from_args(Negated, parser.parse_args(["--no-balanced"]))
+    assert manifest_args(cfg) == {"--balanced": False}
+    assert manifest_args(Negated()) == {"--balanced": True}
+    assert result_flags(Negated) == {"--balanced"}

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import sys
 import tarfile
 from pathlib import Path
 
@@ -530,8 +531,10 @@ def test_run_json_args_are_the_configs_result_flags(tmp_path, meta, make_pool):
         parser.parse_args([str(tmp_path / "pool"), "--out", str(out), "--t", "5", "--target-size", "3"])
 
 
-def test_old_curate_entry_warns_and_still_logs_to_its_callback(tmp_path, meta, make_pool):
-    from mode_fast.jobs.curate import curate as old_curate
+def test_old_curate_entry_warns_and_still_logs_to_its_callback(tmp_path, meta, make_pool, monkeypatch):
+    monkeypatch.delitem(sys.modules, "mode_fast.curate", raising=False)  # imported fresh: it warns
+    with pytest.warns(DeprecationWarning, match="mode_fast.curate moved to mode_fast.curation.run"):
+        from mode_fast.curate import curate as old_curate  # 0.1's path
 
     make_pool(tmp_path / "pool", make_records(100), 1)
     logged: list[str] = []

@@ -94,9 +94,13 @@ def _flag(f: dataclasses.Field, opt: Option) -> str:
 
 def _arg_key(f: dataclasses.Field, opt: Option) -> str:
     """A field's key in run.json "args": its flag (``--baseline`` for a field ``baselines``
-    declared with that flag); a positional's, ``--`` and its name."""
+    declared with that flag). A positional's, and a negative switch's (``--no-balanced``
+    storing ``balanced=False``), is ``--`` and the field's name: the manifest records the
+    setting, not the switch that turns it off."""
     flag = _flag(f, opt)
-    return flag if flag.startswith("-") else "--" + f.name.replace("_", "-")
+    if not flag.startswith("-") or opt.argparse.get("action") == "store_false":
+        return "--" + f.name.replace("_", "-")
+    return flag
 
 
 def _base_type(annotation: Any) -> Any:
