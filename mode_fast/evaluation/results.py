@@ -1,8 +1,9 @@
-"""Evaluation results as files: the method order, the markdown table, the plots.
+"""Evaluation results as files: the method order, the markdown table, the plots, and the
+per-task records in CLIP_benchmark's layout.
 
 `mode-fast eval` writes them (results.json, results.md, accuracy.png, expert_weights.png,
-retrieval.png); the demo (`mode_fast.demo.pipeline`) prints the same table. Library module:
-never imports a job module.
+retrieval.png, clip_benchmark/TASK__METHOD.json); the demo (`mode_fast.demo.pipeline`)
+prints the same table. Library module: never imports a job module.
 """
 
 from __future__ import annotations
@@ -10,12 +11,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from mode_fast.core.files import atomic_write, write_json
 
 RECALL_KS = (1, 5, 10)
+CB_DIR = "clip_benchmark"  # eval's records in CLIP_benchmark's result layout, one per task and method
+CB_LANGUAGE = "en"
+
+
+def path_key(name: str) -> str:
+    """A task or model name as one path component: percent-quoted, dots included, so no
+    name is '..', a hidden file, or an fnmatch pattern."""
+    return quote(name, safe="").replace(".", "%2E")
 
 
 def method_order(results: dict[str, Any], n_experts: int) -> list[str]:
@@ -46,6 +56,23 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{100 * t['top1'][m]:.1f}" for m in methods) + " |")
         avg = results["average"]["top1"]
         lines.append("| **average** | " + " | ".join(f"**{100 * avg[m]:.1f}**" for m in methods) + " |")
+        if all("mean_per_class_recall" in t for t in results["tasks"].values()):  # results before 0.3 lack it
+            lines += [
+                "",
+                "Zero-shot top-5 accuracy / mean per-class recall (%)",
+                "",
+                "| task | " + " | ".join(methods) + " |",
+                "|---" * (len(methods) + 1) + "|",
+            ]
+            rows = [*results["tasks"].items(), ("**average**", results["average"])]
+            for name, t in rows:
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(
+                        f"{100 * t['top5'][m]:.1f} / {100 * t['mean_per_class_recall'][m]:.1f}" for m in methods
+                    )
+                    + " |"
+                )
         lines += [
             "",
             "MoDE expert weights (classes per expert)",
@@ -194,12 +221,58 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> None:
+def clip_benchmark_records(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task and method, a record in CLIP_benchmark's result layout (the JSON its
+    clip_benchmark/cli.py dumps and `clip_benchmark build` gathers into a CSV): dataset (the
+    task's name), model (the method), pretrained (its checkpoint; the run folder for the
+    ensembles), task (zeroshot_classification / zeroshot_retrieval), metrics, language.
+    Classification metrics are acc1, acc5 (null under 5 classes, where CLIP_benchmark gives
+    NaN) and mean_per_class_recall; retrieval ones image_retrieval_recall@K (text->image)
+    and text_retrieval_recall@K (image->text). Keyed by file name, TASK__METHOD.json."""
+    methods = method_order(results, results["n_experts"])
+    checkpoints = results["experts"] | results["single_model_checkpoints"]
+    records = {}
+
+    def record(task: str, method: str, kind: str, metrics: dict[str, Any], best: str) -> None:
+        pretrained = checkpoints.get(best if method == "best_expert" else method, results["run"])
+        records[f"{path_key(task)}__{path_key(method)}.json"] = {
+            "dataset": task,
+            "model": method,
+            "pretrained": pretrained,
+            "task": kind,
+            "metrics": metrics,
+            "language": CB_LANGUAGE,
+        }
+
+    for name, t in results["tasks"].items():
+        for m in methods:
+            metrics = {
+                "acc1": t["top1"][m],
+                "acc5": t["top5"][m] if t["n_classes"] >= 5 else None,
+                "mean_per_class_recall": t["mean_per_class_recall"][m],
+            }
+            record(name, m, "zeroshot_classification", metrics, t["best_expert"])
+    for name, t in results["retrieval"].items():
+        for m in methods:
+            r = t["recall"][m]
+            metrics = {f"image_retrieval_recall@{k}": r[f"text_to_image_R@{k}"] for k in RECALL_KS}
+            metrics |= {f"text_retrieval_recall@{k}": r[f"image_to_text_R@{k}"] for k in RECALL_KS}
+            record(name, m, "zeroshot_retrieval", metrics, t["best_expert"])
+    return records
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> list[Path]:
+    """Every result file under `out`; returns the CLIP_benchmark records written."""
     out.mkdir(parents=True, exist_ok=True)
     plot_results(results, out)
     with atomic_write(out / "results.md", "w") as f:
         f.write(markdown_table(results))
+    written = []
+    for filename, rec in clip_benchmark_records(results).items():
+        write_json(out / CB_DIR / filename, rec)
+        written.append(out / CB_DIR / filename)
     write_json(out / "results.json", results)  # last: its presence marks a finished evaluation
+    return written
 
 
 # --------------------------------------------------------------------------- statistics for reports

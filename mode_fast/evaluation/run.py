@@ -20,7 +20,9 @@ split, sklearn:digits[:N]; --retrieval [NAME=]SHARDS) and their class names and 
 are read by `mode_fast.evaluation.tasks`; the scoring is `mode_fast.evaluation.scoring`.
 
 Outputs in --out, each written atomically: results.json, results.md, accuracy.png,
-expert_weights.png (and retrieval.png with --retrieval). results.json keeps, per
+expert_weights.png (and retrieval.png with --retrieval), and clip_benchmark/TASK__METHOD.json,
+each task's metrics for each method in CLIP_benchmark's result layout
+(mode_fast.evaluation.results.clip_benchmark_records). results.json keeps, per
 classification task, each method's per-image correctness (`correct`, 1/0 in image order) and
 the `labels`, so differences between methods can be given paired standard errors.
 scores/TASK/model-NAME.npz holds one model's scores on one task and scores/TASK/weights.npz
@@ -51,7 +53,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 
@@ -62,7 +63,7 @@ from mode_fast.core.files import save_npz
 from mode_fast.core.runs import MANIFEST, RunState, fingerprint
 from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE
 from mode_fast.evaluation.ensemble import ENSEMBLE_INPUTS
-from mode_fast.evaluation.results import method_order, write_outputs
+from mode_fast.evaluation.results import CB_DIR, method_order, path_key, write_outputs
 from mode_fast.evaluation.scoring import (
     ENSEMBLES,
     FINAL,
@@ -72,6 +73,7 @@ from mode_fast.evaluation.scoring import (
     embedder_for,
     find_experts,
     finished_train_job,
+    flatten_captions,
     load_models,
     logit_scale,
     retrieval_summary,
@@ -94,7 +96,7 @@ RESULTS_FORMAT = "mode_fast.eval/1"
 RESULTS = "results.json"
 SCORES = "scores"
 OUTPUTS = (RESULTS, "results.md", "accuracy.png", "expert_weights.png", "retrieval.png")
-EVAL_OUTPUTS = (SCORES, *OUTPUTS)  # this job's files in --out (what --overwrite removes)
+EVAL_OUTPUTS = (SCORES, CB_DIR, *OUTPUTS)  # this job's files in --out (what --overwrite removes)
 Task = ClassificationTask | RetrievalTask
 
 
@@ -106,7 +108,8 @@ class EvalConfig:
     run: Path = option(help="train run folder (RUN/seed, RUN/expert_K)", result=False)
     clusters: Path = option(help="`mode-fast cluster` output folder (or its centers.npz)", result=False)
     data: tuple[str, ...] = option(
-        help="classification tasks: [NAME=]shards/folder/CSV/sample eval dir, or "
+        help="classification tasks: [NAME=]shards/folder/CSV/sample eval dir, a CLIP_benchmark "
+        "webdataset folder [NAME=]FOLDER[:SPLIT] (split default test), or "
         "[NAME=]sklearn:digits[:N] (scikit-learn's bundled handwritten digits; N: a "
         "class-balanced subset)",
         result=True,
@@ -116,7 +119,8 @@ class EvalConfig:
     )
     retrieval: tuple[str, ...] = option(
         (),
-        help="[NAME=]captioned webdataset shards for image-text retrieval",
+        help="[NAME=]captioned webdataset shards for image-text retrieval, or a CLIP_benchmark "
+        "retrieval folder [NAME=]FOLDER[:SPLIT] (several captions per image)",
         result=True,
         nargs="*",
         metavar="SHARDS",
@@ -134,19 +138,21 @@ class EvalConfig:
     # a JSON-list file or a built-in name (tasks.CLASS_SETS); kept as typed (run.json records it)
     classes: str | Path | None = option(
         None,
-        help="JSON list of class names, or `imagenet` for open_clip's 1000 ImageNet class names "
-        "(default: classes.json beside the data)",
+        help="JSON list of class names, `imagenet` for open_clip's 1000 ImageNet class names, or "
+        "cb:NAME for clip-benchmark's (default: classes.json beside the data, a CLIP_benchmark "
+        "folder's classnames.txt)",
         result=True,
-        metavar="FILE|imagenet",
+        metavar="FILE|imagenet|cb:NAME",
     )
     # a JSON-list file or a built-in name (tasks.TEMPLATE_SETS)
     templates: str | Path | None = option(
         None,
         help="JSON list of prompt templates with '{}', or `openai-imagenet` (open_clip's 80) / "
-        "`simple-imagenet` (its 7) (default: templates.json beside the data, else the "
-        "task's own for sklearn:digits, else simple-imagenet)",
+        "`simple-imagenet` (its 7), or cb:NAME for clip-benchmark's (default: templates.json "
+        "beside the data or a CLIP_benchmark folder's zeroshot_classification_templates.txt, "
+        "else the task's own for sklearn:digits, else simple-imagenet)",
         result=True,
-        metavar="FILE|openai-imagenet|simple-imagenet",
+        metavar="FILE|openai-imagenet|simple-imagenet|cb:NAME",
     )
     label_field: str = option("label", help="label field of .json when there is no .cls", result=True)
     caption_key: str = option(
@@ -270,9 +276,8 @@ def _plan(cfg: EvalConfig) -> _Plan:
 
 # --------------------------------------------------------------------------- units and run.json
 def _key(name: str) -> str:
-    """A task or model name as one path component and unit-name part: percent-quoted, dots
-    included, so no name is '..', a hidden file, or an fnmatch pattern."""
-    return quote(name, safe="").replace(".", "%2E")
+    """A task or model name as one path component and unit-name part (results.path_key)."""
+    return path_key(name)
 
 
 def _score_unit(task: str, model: str) -> str:
@@ -402,8 +407,8 @@ def _evaluate(cfg: EvalConfig, plan: _Plan, state: RunState) -> dict[str, Any]:
         _weigh_task(cfg, plan, task, state, ensembler)
     state.where = "writing the results"
     results = _assemble(cfg, plan)
-    write_outputs(results, cfg.out)
-    state.finish([cfg.out / name for name in OUTPUTS if (cfg.out / name).exists()])
+    records = write_outputs(results, cfg.out)
+    state.finish([*(cfg.out / name for name in OUTPUTS if (cfg.out / name).exists()), *records])
     return results
 
 
@@ -414,6 +419,10 @@ def _clear_stale(out: Path, state: RunState) -> None:
     unbroken run leaves it."""
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
+    if (out / CB_DIR).is_dir() and not (out / CB_DIR).is_symlink():
+        for path in (out / CB_DIR).iterdir():  # only the records this job writes: its own names
+            if path.suffix == ".json" and (path.is_file() or path.is_symlink()):
+                path.unlink()
     vouched = {f for files in state.units.values() for f in files}
     found = sorted((out / SCORES).rglob("*"), reverse=True) if (out / SCORES).is_dir() else []
     for path in found:  # deepest first, so emptied folders go too
@@ -460,10 +469,15 @@ def _score_task(
     loaded = models(todo)
     scores, targets = task_scores(task, loaded, cfg.device, cfg.batch_size, cfg.max_bad_share)
     reads = np.asarray(json.dumps(task.reads.skips_dict()))
-    stored = np.asarray(targets, dtype=np.int64 if task.kind == "classification" else str)
+    extra = {}
+    if task.kind == "classification":
+        stored = np.asarray(targets, dtype=np.int64)
+    else:  # the captions in score-column order, and each one's image (several per image: CLIP_benchmark)
+        captions, extra["caption_image"] = flatten_captions(targets)
+        stored = np.asarray(captions, dtype=str)
     for m, s in zip(loaded, scores):
         path = _score_path(cfg.out, task.name, m.name)
-        save_npz(path, scores=s, targets=stored, reads=reads, logit_scale=np.float64(logit_scale(m)))
+        save_npz(path, scores=s, targets=stored, reads=reads, logit_scale=np.float64(logit_scale(m)), **extra)
         state.mark_done(_score_unit(task.name, m.name), [path])
 
 
@@ -514,7 +528,8 @@ def _assemble(cfg: EvalConfig, plan: _Plan) -> dict[str, Any]:
         if task.kind == "classification":
             summary = classification_summary(task, scores, targets, experts, pair, scales, cfg.ensemble_inputs)
         else:
-            summary = retrieval_summary(task, scores, experts, pair, scales, cfg.ensemble_inputs)
+            (caption_image,) = _read_unit(_score_path(cfg.out, task.name, experts[0]), "caption_image")
+            summary = retrieval_summary(task, scores, experts, pair, scales, cfg.ensemble_inputs, caption_image)
         section = "tasks" if task.kind == "classification" else "retrieval"
         results[section][task.name] = summary | json.loads(str(reads))
     _averages(results)
@@ -526,7 +541,7 @@ def _averages(results: dict[str, Any]) -> None:
     if results["tasks"]:
         results["average"] = {
             metric: {m: float(np.mean([t[metric][m] for t in results["tasks"].values()])) for m in methods}
-            for metric in ("top1", "top5")
+            for metric in ("top1", "top5", "mean_per_class_recall")
         }
     if results["retrieval"]:
         results["retrieval_average"] = {

@@ -3,7 +3,8 @@
 `task_scores` is the expensive part: one pass over a task's images gives every model's
 cosine similarities (image x class for classification, image x caption for retrieval),
 float32 as the models compute them. `classification_summary` / `retrieval_summary` turn
-stored scores into results: top-1/top-5 or recall@1/5/10 both ways, for each model, the
+stored scores into results: top-1/top-5 and mean per-class recall (CLIP_benchmark's third
+classification metric) or recall@1/5/10 both ways, for each model, the
 best expert (an oracle pick), the plain mean of the experts and MoDE's weighted ensemble
 (mode_fast.evaluation.ensemble; Ma et al., "MoDE: CLIP Data Experts via Clustering", CVPR
 2024, arXiv:2404.16030). Both ensembles combine plain cosine similarities, as MoDE's public
@@ -153,6 +154,41 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((top == labels[:, None]).any(1).mean())
 
 
+def mean_per_class_recall(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The mean over the classes present in `labels` of the share of their images whose
+    top-1 (first argmax) is right: scikit-learn's balanced_accuracy_score of (labels,
+    argmax), which CLIP_benchmark reports as mean_per_class_recall. numpy only: eval does
+    not import scikit-learn."""
+    y = np.asarray(labels)
+    hit = np.asarray(logits).argmax(1) == y
+    present, inverse = np.unique(y, return_inverse=True)
+    per_class = np.bincount(inverse, weights=hit, minlength=len(present)) / np.bincount(inverse)
+    return float(per_class.mean())
+
+
+def recall_at_k_positives(sim: np.ndarray, positive: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """sim[i, j] = score of query i for item j; positive[i, j] says item j is right for
+    query i (each query has at least one). A query is a hit at k when its best-scored right
+    item ranks under k, the rank being how many items score strictly higher (ties count for
+    the query, as recall_at_k): CLIP_benchmark's recall@k, "at least one true positive in
+    the top k". With one right item per query (the identity) it is recall_at_k."""
+    best = np.where(positive, sim, -np.inf).max(1)
+    rank = (sim > best[:, None]).sum(1)
+    return {f"R@{k}": float((rank < k).mean()) for k in ks}
+
+
+def flatten_captions(targets: Sequence[Any]) -> tuple[list[str], np.ndarray]:
+    """A retrieval task's targets (a caption per image, or a list of captions per image) as
+    (all captions in image order, the image index of each)."""
+    captions: list[str] = []
+    image: list[int] = []
+    for i, t in enumerate(targets):
+        group = [t] if isinstance(t, str) else list(t)
+        captions += group
+        image += [i] * len(group)
+    return captions, np.asarray(image, dtype=np.int64)
+
+
 def recall_at_k(sim: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
     """sim[i, j] = score of query i for item j; the right item of query i is i.
     Rank of the right item = how many items score strictly higher (ties count for the query)."""
@@ -220,7 +256,8 @@ def task_scores(
 ) -> tuple[list[np.ndarray], list[Any]]:
     """One pass over the task's images: per model the cosine similarities (float32, [N, C]
     with the classes or [N, N] with the captions), and the labels or captions in image
-    order. A model's scores do not depend on which other models share the pass. Images
+    order (for a task with several captions per image, [N, all captions] and the lists;
+    `flatten_captions`). A model's scores do not depend on which other models share the pass. Images
     skipped as bad (undecodable, over the pixel limit) are left out; more than
     `max_bad_share` of the task's images stops it (InputError, one line)."""
     import torch
@@ -244,7 +281,7 @@ def task_scores(
             if task.kind == "classification":
                 text = zero_shot_classifier(m, task.classes, task.templates, device, batch)
             else:
-                text = _encode_texts(m, targets, device, batch)
+                text = _encode_texts(m, flatten_captions(targets)[0], device, batch)
             scores.append((f @ text.T).cpu().numpy().astype(np.float32, copy=False))
     return scores, targets
 
@@ -276,8 +313,9 @@ def classification_summary(
     scored = _with_ensembles(scores, experts, weights[0], scales, inputs)
     top1 = {k: topk_accuracy(v, y, 1) for k, v in scored.items()}
     top5 = {k: topk_accuracy(v, y, 5) for k, v in scored.items()}
+    recall = {k: mean_per_class_recall(v, y) for k, v in scored.items()}
     best = max(experts, key=lambda e: top1[e])
-    for d in (top1, top5):
+    for d in (top1, top5, recall):
         d["best_expert"] = d[best]
     return {
         "kind": "classification",
@@ -290,6 +328,7 @@ def classification_summary(
         "best_expert": best,
         "top1": top1,
         "top5": top5,
+        "mean_per_class_recall": recall,
         "correct": {k: (v.argmax(1) == y).astype(int).tolist() for k, v in scored.items()},
         "labels": y.tolist(),
     }
@@ -302,13 +341,22 @@ def retrieval_summary(
     weights: tuple[np.ndarray, np.ndarray],
     scales: dict[str, float],
     inputs: str = "cosine",
+    caption_image: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """results.json's entry for a retrieval task (see classification_summary); MoDE's
-    weights come from the captions, the query texts."""
+    weights come from the captions, the query texts. `caption_image` (the image of each
+    caption, `flatten_captions`) is for tasks with several captions per image: image->text
+    is a hit when any of the image's captions ranks under k, text->image is per caption."""
     scored = _with_ensembles(scores, experts, weights[0], scales, inputs)
+    n_images, n_captions = next(iter(scored.values())).shape
+    one_each = caption_image is None or np.array_equal(caption_image, np.arange(n_images))
+    positive = None if one_each else np.arange(n_images)[:, None] == np.asarray(caption_image)[None, :]
     recall = {}
     for k, s in scored.items():
-        i2t, t2i = recall_at_k(s), recall_at_k(s.T)
+        if positive is None:  # pair i is (image i, caption i): as before several captions per image
+            i2t, t2i = recall_at_k(s), recall_at_k(s.T)
+        else:
+            i2t, t2i = recall_at_k_positives(s, positive), recall_at_k_positives(s.T, positive.T)
         r = {f"image_to_text_{m}": v for m, v in i2t.items()} | {f"text_to_image_{m}": v for m, v in t2i.items()}
         r["mean_recall"] = float(np.mean(list(r.values())))
         recall[k] = r
@@ -317,7 +365,8 @@ def retrieval_summary(
     return {
         "kind": "retrieval",
         "source": task.source,
-        "n_pairs": int(next(iter(scored.values())).shape[0]),
+        "n_pairs": int(n_images),
+        **({} if one_each else {"n_captions": int(n_captions)}),
         "expert_weights": weights[0].tolist(),
         "captions_per_expert": weights[1].tolist(),
         "best_expert": best,

@@ -12,12 +12,25 @@ Classification (each --data SPEC, optionally NAME=SPEC):
   download; needs scikit-learn), drawn as dark ink on white paper at 32x32 like the sample's
   glyphs, classes "digit zero".."digit nine"; `sklearn:digits:N` takes a class-balanced
   deterministic subset of N images.
+- a CLIP_benchmark webdataset folder (LAION-AI/CLIP_benchmark `build_wds_dataset`, the
+  `wds_*` datasets on the Hugging Face hub), as it is: FOLDER/SPLIT/0.tar..(nshards-1).tar
+  (SPLIT `test` unless the spec ends in `:SPLIT`, e.g. `cars=wds_cars:train`), labels in
+  .cls, class names in FOLDER/classnames.txt and templates (with `{c}`) in
+  FOLDER/zeroshot_classification_templates.txt, one a line. A folder whose
+  dataset_type.txt says `retrieval` is a retrieval task (--retrieval), several captions per
+  image (.txt lines).
 Class names: --classes FILE (a JSON list), or --classes imagenet (open_clip's 1000 ImageNet
 names, index = the usual sorted-wnid label), else classes.json beside the data. Prompt
 templates (each with one "{}"): --templates FILE, or --templates openai-imagenet (open_clip's
 80 OPENAI_IMAGENET_TEMPLATES) or simple-imagenet (its 7 SIMPLE_IMAGENET_TEMPLATES), else
 templates.json beside the data, else the task's own (digits) or SIMPLE_IMAGENET_TEMPLATES.
-Retrieval: captioned webdataset shards (caption from .txt, else a .json field).
+`--classes cb:NAME` / `--templates cb:NAME` take the lists the clip-benchmark package ships
+(clip_benchmark/datasets/en_classnames.json, en_zeroshot_classification_templates.json;
+read as package data, nothing of clip_benchmark is imported). For a CLIP_benchmark folder
+the options come first, then its own classnames.txt / zeroshot_classification_templates.txt.
+Retrieval: captioned webdataset shards (caption from .txt, else a .json field), one caption
+per image; or a CLIP_benchmark retrieval folder, each image with the captions on the lines
+of its .txt (`RetrievalTask.multi`).
 
 Images are decoded as the items are read (mode_fast.data.images.decode_image: bounded
 memory, JPEGs over the pixel limit decoded reduced): an image that cannot be decoded or is
@@ -88,7 +101,8 @@ class ClassificationTask:
 
 @dataclass
 class RetrievalTask:
-    """Captioned images: pair i is (image i, caption i)."""
+    """Captioned images: pair i is (image i, caption i); with `multi` (a CLIP_benchmark
+    retrieval folder) items() yields each image with the list of its captions."""
 
     name: str
     source: str
@@ -98,6 +112,7 @@ class RetrievalTask:
     files: list[Path] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     bad: BadImages = field(default_factory=BadImages)
+    multi: bool = False  # several captions per image
 
     @property
     def classes(self) -> list[str]:  # no class names: the captions are the texts
@@ -171,16 +186,89 @@ def named_templates(name: str) -> list[str]:
     return [t("{}") for t in lists[name]]  # open_clip keeps them as lambdas
 
 
+# --------------------------------------------------------------------------- CLIP_benchmark
+CB_PREFIX = "cb:"
+CB_CLASSES = "en_classnames.json"
+CB_TEMPLATES = "en_zeroshot_classification_templates.json"
+CB_SPLIT = "test"  # build_wds_dataset's default split
+CB_CLASSNAMES_TXT = "classnames.txt"
+CB_TEMPLATES_TXT = "zeroshot_classification_templates.txt"
+CB_TYPE_TXT = "dataset_type.txt"
+CB_NSHARDS_TXT = "nshards.txt"
+CB_DATASET_PREFIXES = ("wds/", "vtab/", "tfds/")  # CLIP_benchmark looks NAME up with and without
+
+
+def cb_template(template: str) -> str:
+    """CLIP_benchmark's templates mark the class with `{c}` (template.format(c=name)); here
+    with `{}`."""
+    return template.replace("{c}", "{}") if isinstance(template, str) else template
+
+
+def _cb_package_json(filename: str, option: str) -> dict[str, Any]:
+    """One of the JSON files clip-benchmark ships in clip_benchmark/datasets/, read as data:
+    the package is located, not imported (its builder imports torchvision, datasets, ...)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip_benchmark")
+    if spec is None or not spec.submodule_search_locations:
+        raise EvalError(f"{option} {CB_PREFIX}NAME needs the clip-benchmark package: pip install 'clip-benchmark>=1.6'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / filename
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{option} {CB_PREFIX}NAME: cannot read clip-benchmark's {path} ({e})") from e
+    if not isinstance(value, dict):
+        raise EvalError(f"{option} {CB_PREFIX}NAME: clip-benchmark's {path} is not a JSON object")
+    return value
+
+
+def _cb_lookup(table: dict[str, Any], name: str, option: str, what: str) -> Any:
+    """table[NAME], NAME also without a wds/, vtab/ or tfds/ prefix (as CLIP_benchmark looks
+    it up); an unknown NAME is one line naming the close ones."""
+    import difflib
+
+    keys = [name] + [name[len(p) :] for p in CB_DATASET_PREFIXES if name.startswith(p)]
+    for key in keys:
+        if key in table:
+            return table[key]
+    close = difflib.get_close_matches(keys[-1], list(table), n=5, cutoff=0.5)
+    hint = f"close names: {', '.join(CB_PREFIX + c for c in close)}" if close else f"known: {', '.join(sorted(table))}"
+    tail = "; a CLIP_benchmark folder's classnames.txt is read without --classes" if what == "class names" else ""
+    raise EvalError(f"{option} {CB_PREFIX}{name}: clip-benchmark ships no {what} for {name!r} ({hint}){tail}")
+
+
+def cb_classes(name: str) -> list[str]:
+    """--classes cb:NAME: clip-benchmark's English class names of NAME. Its imagenet1k is
+    open_clip's list, with the same two repeated names: they take the same renames as
+    --classes imagenet (IMAGENET_RENAMES), so labels stay unambiguous."""
+    names = list(_cb_lookup(_cb_package_json(CB_CLASSES, "--classes"), name, "--classes", "class names"))
+    if len(names) == 1000 and name.rsplit("/", 1)[-1] == "imagenet1k":
+        for i, new in IMAGENET_RENAMES.items():
+            names[i] = new
+    return names
+
+
+def cb_templates(name: str) -> list[str]:
+    """--templates cb:NAME: clip-benchmark's English zero-shot templates of NAME ({c} -> {})."""
+    got = _cb_lookup(_cb_package_json(CB_TEMPLATES, "--templates"), name, "--templates", "templates")
+    if not isinstance(got, list):  # class-specific prompts (CuPL) are a dict: not a template list
+        raise EvalError(f"--templates {CB_PREFIX}{name}: clip-benchmark's entry is not a list of templates")
+    return [cb_template(t) for t in got]
+
+
 def _option_list(
     value: Path | str | None, option: str, shortcuts: Sequence[str], load_named: Callable[[str], list[str]]
 ) -> tuple[list[Any], str] | None:
-    """--classes / --templates: a shortcut name (given exactly, e.g. `imagenet`) or a JSON-list
-    file; (the list, where it came from) or None when the option is not given. A file whose
-    name is a shortcut is still reachable as ./NAME."""
+    """--classes / --templates: a shortcut name (given exactly, e.g. `imagenet`), `cb:NAME`
+    (clip-benchmark's lists) or a JSON-list file; (the list, where it came from) or None when
+    the option is not given. A file whose name is a shortcut is still reachable as ./NAME."""
     if value is None:
         return None
     if isinstance(value, str) and value in shortcuts:
         return load_named(value), f"{option} {value}"
+    if isinstance(value, str) and value.startswith(CB_PREFIX) and not Path(value).is_file():
+        load_cb = cb_classes if option == "--classes" else cb_templates
+        return load_cb(value[len(CB_PREFIX) :]), f"{option} {value}"
     path = Path(value)
     if not path.is_file():
         raise EvalError(f"{option} {value}: no such file, and not a built-in name ({', '.join(shortcuts)})")
@@ -418,6 +506,9 @@ def load_task(
     name, path_text = split_spec(spec)
     if path_text.startswith(SKLEARN_PREFIX):
         return load_sklearn_task(name, path_text[len(SKLEARN_PREFIX) :], classes_file, templates_file)
+    cb = cb_folder(path_text)
+    if cb is not None:
+        return _cb_task(name, *cb, classes_file, templates_file, label_field)
     path = Path(path_text)
     # The sample's root folder: use its eval split.
     if path.is_dir() and (path / "eval").is_dir() and not list(path.glob("*.tar")):
@@ -503,6 +594,19 @@ def _shard_task(
 ) -> ClassificationTask:
     shards = _list_tars(str(path))
     classes, templates = _resolve_meta(shards[0].parent if not path.is_dir() else path, classes_file, templates_file)
+    return _labelled_shards(name, str(path), shards, classes, templates, label_field)
+
+
+def _labelled_shards(
+    name: str,
+    source: str,
+    shards: list[Path],
+    classes: list[str],
+    templates: list[str],
+    label_field: str,
+    options: dict[str, Any] | None = None,
+) -> ClassificationTask:
+    """The task of labelled webdataset shards (one reader for plain and CLIP_benchmark folders)."""
     report, bad = ReadReport(), BadImages()
 
     def items_tar() -> Iterator[tuple[Callable[[], Any], int]]:
@@ -523,15 +627,111 @@ def _shard_task(
 
     return ClassificationTask(
         name,
-        str(path),
+        source,
         classes,
         templates,
         items_tar,
         reads=report,
         files=shards,
-        options={"label_field": label_field},
+        options={"label_field": label_field, **(options or {})},
         bad=bad,
     )
+
+
+def cb_folder(path_text: str) -> tuple[Path, str] | None:
+    """(FOLDER, SPLIT) when `path_text` is a CLIP_benchmark webdataset folder, FOLDER or
+    FOLDER:SPLIT (build_wds_dataset's layout: FOLDER/SPLIT/*.tar beside classnames.txt,
+    zeroshot_classification_templates.txt or dataset_type.txt, or a split's nshards.txt), else
+    None. A folder with .tar shards of its own is a plain shard folder."""
+    path, split = Path(path_text), CB_SPLIT
+    if not path.exists() and ":" in path_text:
+        head, _, tail = path_text.rpartition(":")
+        if tail and "/" not in tail and Path(head).is_dir():
+            path, split = Path(head), tail
+    if not path.is_dir() or any(path.glob("*.tar")):
+        return None
+    markers = [path / CB_CLASSNAMES_TXT, path / CB_TEMPLATES_TXT, path / CB_TYPE_TXT]
+    found = any(m.is_file() for m in markers) or any(path.glob(f"*/{CB_NSHARDS_TXT}"))
+    return (path, split) if found else None
+
+
+def cb_dataset_type(folder: Path) -> str:
+    """dataset_type.txt (`classification` when absent, as build_wds_dataset assumes)."""
+    f = folder / CB_TYPE_TXT
+    return f.read_text(encoding="utf-8").strip().lower() if f.is_file() else "classification"
+
+
+def _numeric_name(p: Path) -> tuple[int, str]:
+    return (int(p.stem), "") if p.stem.isdigit() else (1 << 62, p.name)
+
+
+def cb_shards(folder: Path, split: str) -> list[Path]:
+    """SPLIT's shards: 0.tar..(n-1).tar by SPLIT/nshards.txt (build_wds_dataset reads exactly
+    those), else every .tar in SPLIT, in number order."""
+    where = folder / split
+    if not where.is_dir():
+        have = sorted(d.name for d in folder.iterdir() if d.is_dir() and any(d.glob("*.tar")))
+        raise EvalError(
+            f"{folder}: CLIP_benchmark folder without a {split}/ split (it has: {', '.join(have) or 'none'}); "
+            "pick one with FOLDER:SPLIT"
+        )
+    nfile = where / CB_NSHARDS_TXT
+    if nfile.is_file():
+        text = nfile.read_text(encoding="utf-8").strip()
+        if not text.isdigit() or int(text) < 1:
+            raise EvalError(f"{nfile}: expected a positive shard count, got {text[:40]!r}")
+        shards = [where / f"{i}.tar" for i in range(int(text))]
+        missing = [p.name for p in shards if not p.is_file()]
+        if missing:
+            raise EvalError(f"{nfile} says {text} shards but {where} lacks {', '.join(missing[:5])}")
+        return shards
+    shards = sorted(where.glob("*.tar"), key=_numeric_name)
+    if not shards:
+        raise EvalError(f"no webdataset shards found in {where}")
+    return shards
+
+
+def _cb_lines(path: Path) -> list[str] | None:
+    """A CLIP_benchmark .txt list: one entry a line, each stripped (as build_wds_dataset)."""
+    if not path.is_file():
+        return None
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _cb_task(
+    name: str,
+    folder: Path,
+    split: str,
+    classes_file: Path | str | None,
+    templates_file: Path | str | None,
+    label_field: str,
+) -> ClassificationTask:
+    """A CLIP_benchmark classification folder (see cb_folder): --classes / --templates
+    first, then its classnames.txt / zeroshot_classification_templates.txt."""
+    kind = cb_dataset_type(folder)
+    if kind == "retrieval":
+        raise EvalError(f"{folder}: a CLIP_benchmark retrieval dataset ({CB_TYPE_TXT}): pass it as --retrieval")
+    if kind != "classification":
+        raise EvalError(f"{folder}: CLIP_benchmark dataset type {kind!r} ({CB_TYPE_TXT}) is not supported here")
+    shards = cb_shards(folder, split)
+    given = option_classes(classes_file)
+    names = _cb_lines(folder / CB_CLASSNAMES_TXT)
+    if given is not None:
+        classes = given[0]
+    elif names is not None:
+        classes = _checked_classes(names, str(folder / CB_CLASSNAMES_TXT))
+    else:
+        raise EvalError(f"{folder}: no {CB_CLASSNAMES_TXT}: pass --classes FILE or --classes cb:NAME")
+    given_t = option_templates(templates_file)
+    lines = _cb_lines(folder / CB_TEMPLATES_TXT)
+    if given_t is not None:
+        templates = given_t[0]
+    elif lines is not None:
+        templates = check_templates([cb_template(t) for t in lines if t], str(folder / CB_TEMPLATES_TXT))
+    else:
+        templates = default_templates()
+    name = name or (folder.name if split == CB_SPLIT else f"{folder.name}:{split}")
+    return _labelled_shards(name, f"{folder}:{split}", shards, classes, templates, label_field, {"split": split})
 
 
 def _tar_label(group: TarGroup, label_field: str, where: str) -> Any:
@@ -584,8 +784,12 @@ def _check_retrieval_key(shards: Sequence[Path], caption_key: str) -> None:
 
 
 def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTask:
-    """Captioned webdataset shards; `caption_key` has curate's meaning (io.sample_caption)."""
+    """Captioned webdataset shards; `caption_key` has curate's meaning (io.sample_caption).
+    A CLIP_benchmark retrieval folder reads its own way (`_cb_retrieval_task`)."""
     name, path_text = split_spec(spec)
+    cb = cb_folder(path_text)
+    if cb is not None:
+        return _cb_retrieval_task(name, *cb)
     shards = _list_tars(path_text)
     _check_retrieval_key(shards, caption_key)
     report, bad = ReadReport(), BadImages()
@@ -616,4 +820,45 @@ def load_retrieval_task(spec: str, caption_key: str = "caption") -> RetrievalTas
         files=shards,
         options={"caption_key": caption_key},
         bad=bad,
+    )
+
+
+def _cb_retrieval_task(name: str, folder: Path, split: str) -> RetrievalTask:
+    """A CLIP_benchmark retrieval folder: each image with its captions, the lines of its .txt
+    (build_wds_dataset: .txt mapped through str.splitlines); blank lines are no captions, an
+    image with none is skipped (empty_caption)."""
+    kind = cb_dataset_type(folder)
+    if kind != "retrieval":
+        raise EvalError(
+            f"{folder}: a CLIP_benchmark {kind} dataset ({CB_TYPE_TXT} absent or not 'retrieval'): pass it as --data"
+        )
+    shards = cb_shards(folder, split)
+    report, bad = ReadReport(), BadImages()
+
+    def items() -> Iterator[tuple[Callable[[], Any], list[str]]]:
+        report.clear()
+        bad.clear()
+        for group, shard in _iter_tar(shards, report):
+            where = f"{shard} sample {group.key}"
+            image = _image_member(group)
+            text = group.read("txt").decode("utf-8", "replace") if "txt" in group.exts else None
+            captions = [c for c in (text or "").splitlines() if c.strip()]
+            if image is None or not captions:
+                reason = "no image" if image is None else ("missing_caption" if text is None else "empty_caption")
+                log.warning("%s: skipped (%s)", where, reason)
+                report.skip(shard, reason)
+                continue
+            load = _decoded(image, shard, group.key, report, bad)
+            if load is not None:
+                yield load, captions
+
+    return RetrievalTask(
+        name or (folder.name if split == CB_SPLIT else f"{folder.name}:{split}"),
+        f"{folder}:{split}",
+        items,
+        reads=report,
+        files=shards,
+        options={"layout": "clip_benchmark", "split": split},
+        bad=bad,
+        multi=True,
     )
