@@ -257,3 +257,29 @@ def test_recall_with_positives_is_recall_at_k_for_one_caption_each():
     rng = np.random.default_rng(1)
     sim = rng.standard_normal((9, 9))
     assert scoring.recall_at_k_positives(sim, np.eye(9, dtype=bool)) == scoring.recall_at_k(sim)
+
+
+def test_cb_records_leave_acc5_out_under_five_classes():
+    """CLIP_benchmark gives acc5 as NaN under 5 classes; the records say null (valid JSON)."""
+    from mode_fast.evaluation.results import clip_benchmark_records
+
+    methods = ["expert_0", "best_expert", "mean_ensemble", "mode_ensemble", "seed"]
+    task = {
+        "n_classes": 3,
+        "best_expert": "expert_0",
+        **{m: dict.fromkeys(methods, 0.5) for m in ("top1", "top5", "mean_per_class_recall")},
+    }
+    results = {
+        "n_experts": 1,
+        "run": "RUN",
+        "single_models": ["seed"],
+        "experts": {"expert_0": "RUN/expert_0/checkpoints/final.pt"},
+        "single_model_checkpoints": {"seed": "S.pt"},
+        "tasks": {"a.b/c": task},
+        "retrieval": {},
+    }
+    records = clip_benchmark_records(results)
+    assert sorted(records) == sorted(f"a%2Eb%2Fc__{m}.json" for m in methods)
+    assert records["a%2Eb%2Fc__seed.json"]["metrics"] == {"acc1": 0.5, "acc5": None, "mean_per_class_recall": 0.5}
+    assert records["a%2Eb%2Fc__best_expert.json"]["pretrained"] == "RUN/expert_0/checkpoints/final.pt"
+    assert records["a%2Eb%2Fc__mode_ensemble.json"]["pretrained"] == "RUN"
