@@ -13,7 +13,17 @@ import pytest
 import mode_fast
 from mode_fast.core.moved import BECAME_PACKAGES, MOVED
 
-API = ["Matcher", "ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss", "kmeans_assign", "KMeans", "expert_weights", "ModeEnsemble"]
+API = [
+    "Matcher",
+    "ClipLoss",
+    "SigLipLoss",
+    "clip_loss",
+    "siglip_loss",
+    "kmeans_assign",
+    "KMeans",
+    "expert_weights",
+    "ModeEnsemble",
+]
 
 
 def test_every_public_name_resolves_to_its_home():

@@ -133,7 +133,9 @@ class ExportFolder:
         if not path.is_file():
             raise InputError(f"{path} not found (listed in {self.file})")
         if sha256_file(path) != sha:
-            raise InputError(f"{path} does not have the sha256 {self.file} records: the export was changed; export again")
+            raise InputError(
+                f"{path} does not have the sha256 {self.file} records: the export was changed; export again"
+            )
 
     def _model(self, i: int, entry: Any) -> ExportedModel:
         from mode_fast.training.checkpoint import _model_spec
@@ -195,12 +197,10 @@ class ZeroShot:
 
 
 class ModeEnsemble:
-    """A MoDE ensemble loaded from an export folder (see the module docstring)::
-
-        ens = ModeEnsemble.load("export")
-        out = ens.zero_shot(pil_images, ["cat", "dog"], ["a photo of a {}."])
-        out.predictions, out.weights, ens.experts[0]   # open_clip models
-    """
+    """A MoDE ensemble loaded from an export folder (see the module docstring):
+    ``ModeEnsemble.load("export").zero_shot(pil_images, ["cat", "dog"], ["a photo of a {}."])``
+    gives the predictions and weights; ``.experts`` are the experts' open_clip models,
+    ``.loaded(name)`` one model with its transform and tokenizer."""
 
     def __init__(self, export: ExportFolder, device: str = "cpu", embedder: str | None = None) -> None:
         self.export = export
