@@ -199,3 +199,36 @@ def test_a_bad_export_folder_is_refused(env, tmp_path):
     (bad / "ensemble.json").write_text("{not json")
     with pytest.raises(InputError, match="cannot be read"):
         ModeEnsemble.load(bad)
+
+
+def test_a_siglip_run_without_a_seed_exports_its_kwargs(env, tmp_path, capsys):
+    """A sigmoid-loss model carries init_logit_scale/bias: ensemble.json records them and open_clip
+    needs them to build the logit_bias the file holds. A run without RUN/seed exports its experts."""
+    import open_clip
+
+    from mode_fast.training.checkpoint import CHECKPOINT_FORMAT
+    from mode_fast.training.models import model_kwargs
+
+    register_model_configs()
+    kwargs = model_kwargs(siglip=True)
+    run = tmp_path / "run"
+    for k in range(N_EXPERTS):
+        torch.manual_seed(k)
+        model = open_clip.create_model(MODEL, pretrained=None, **kwargs)
+        ckpt = run / f"expert_{k}" / "checkpoints" / "final.pt"
+        ckpt.parent.mkdir(parents=True)
+        state = {"format": CHECKPOINT_FORMAT, "model_name": MODEL, "model_kwargs": kwargs}
+        torch.save(state | {"state_dict": model.state_dict()}, ckpt)
+    assert export_cli(run, env["clusters"], tmp_path / "export") == 0
+    doc = json.loads((tmp_path / "export" / "ensemble.json").read_text())
+    assert [m["name"] for m in doc["models"]] == ["expert_0", "expert_1"]
+    for entry in doc["models"]:
+        assert entry["model_kwargs"] == kwargs
+        loaded = open_clip.create_model(
+            MODEL, pretrained=str(tmp_path / "export" / entry["file"]), **entry["model_kwargs"]
+        )
+        assert float(loaded.logit_bias.detach()) == -10.0
+    ens = ModeEnsemble.load(tmp_path / "export")
+    assert ens.seed is None and float(ens.expert(1).logit_bias.detach()) == -10.0
+    assert eval_cli(tmp_path / "export", tmp_path / "e", env["sample"]) == 2
+    assert "has no seed model: pass --baseline CKPT" in capsys.readouterr().err
