@@ -139,6 +139,13 @@ def test_rerun_is_a_noop_and_a_changed_checkpoint_stops(env, tmp_path, capsys, c
     assert "already holds this export" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in stamps} == stamps
     assert (out / "run.json").read_text() == manifest
+    # a lost model file is redone alone, to the same bytes (run.json's units, as after a kill)
+    sha = hashlib.sha256((out / "expert_1.safetensors").read_bytes()).hexdigest()
+    (out / "expert_1.safetensors").unlink()
+    assert export_cli(run, env["clusters"], out) == 0
+    assert hashlib.sha256((out / "expert_1.safetensors").read_bytes()).hexdigest() == sha
+    for name in ("seed.safetensors", "expert_0.safetensors"):
+        assert (out / name).stat().st_mtime_ns == stamps[name]
     save_random_model(run / "expert_1" / "checkpoints" / "final.pt", 7)  # retrained
     capsys.readouterr()
     assert export_cli(run, env["clusters"], out) == 2
