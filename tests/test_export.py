@@ -74,7 +74,8 @@ def test_each_exported_model_is_its_checkpoint_in_open_clip(env):
         assert entry["architecture"] == MODEL and entry["model_kwargs"] == {}
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         with safe_open(str(path), "pt") as f:
-            assert f.metadata()["mode_fast.architecture"] == MODEL
+            meta = json.loads(f.metadata()["mode_fast"])
+        assert meta == {"architecture": MODEL, "model_kwargs": {}, "model": entry["name"]}
         model = open_clip.create_model(MODEL, pretrained=str(path))
         ckpt = env["run"] / entry["name"] / "checkpoints" / "final.pt"
         expected = torch.load(ckpt, weights_only=True)["state_dict"]

@@ -6,7 +6,8 @@ cluster folder the experts were trained on, EXPORT gets (layout: `mode_fast.eval
 - NAME.safetensors per model (the seed when the run has one, every expert): the checkpoint's
   state_dict as it is, read through the one checkpoint checker
   (`mode_fast.training.checkpoint.load_checkpoint`), which
-  ``open_clip.create_model(ARCH, pretrained=FILE)`` loads (safetensors metadata names ARCH);
+  ``open_clip.create_model(ARCH, pretrained=FILE)`` loads (its safetensors metadata, one key
+  "mode_fast", names ARCH and the kwargs; the same checkpoint always gives the same bytes);
 - centers.npz (the cluster folder's, byte for byte) and embedder.json (the spec the clustering
   text encoder is rebuilt from; --embedder as in eval);
 - ensemble.json, written last: the models with their architecture, kwargs, file and sha256,
@@ -35,7 +36,7 @@ from mode_fast.core.config import manifest_args, option
 from mode_fast.core.errors import InputError, output_error
 from mode_fast.core.runs import RunState, fingerprint
 from mode_fast.evaluation.ensemble import SOFTMAX_TEMPERATURE
-from mode_fast.evaluation.mode_ensemble import ENSEMBLE_FILE, ENSEMBLE_FORMAT, MODEL_SUFFIX
+from mode_fast.evaluation.mode_ensemble import ENSEMBLE_FILE, ENSEMBLE_FORMAT, METADATA_KEY, MODEL_SUFFIX
 from mode_fast.evaluation.scoring import FINAL, find_experts, finished_train_job, unfinished_reason
 
 log = logging.getLogger("mode_fast.evaluation.export")
@@ -172,8 +173,9 @@ def _write_model(ckpt: Path, path: Path, name: str) -> None:
 
     data, arch, kwargs = _model_info(ckpt)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in data["state_dict"].items()}
-    meta = {"format": "pt", "mode_fast.architecture": arch, "mode_fast.model_kwargs": json.dumps(kwargs)}
-    meta["mode_fast.model"] = name
+    # One metadata key: safetensors writes its metadata map in a random order, and two exports of
+    # one checkpoint must be the same bytes (the same sha256 in ensemble.json).
+    meta = {METADATA_KEY: json.dumps({"architecture": arch, "model_kwargs": kwargs, "model": name}, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = files.temporary_name(path)
     try:

@@ -49,6 +49,7 @@ from mode_fast.evaluation.tasks import ClassificationTask, check_templates
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_FORMAT = "mode_fast.ensemble/1"
 MODEL_SUFFIX = ".safetensors"
+METADATA_KEY = "mode_fast"  # a model file's safetensors metadata: JSON of architecture, model_kwargs, model
 _NAME = re.compile(r"seed|expert_(0|[1-9][0-9]*)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
