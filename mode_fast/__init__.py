@@ -5,6 +5,7 @@ loads torch)::
 
     from mode_fast import Matcher, ClipLoss, SigLipLoss, clip_loss, siglip_loss
     from mode_fast import kmeans_assign, KMeans, expert_weights
+    from mode_fast import ModeEnsemble   # a `mode-fast export` folder: experts and MoDE weights
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _API = {
     "kmeans_assign": "mode_fast.kernels.kmeans_assign",
     "KMeans": "mode_fast.clustering.kmeans",
     "expert_weights": "mode_fast.evaluation.ensemble",
+    "ModeEnsemble": "mode_fast.evaluation.mode_ensemble",
 }
 __all__ = ["__version__", *sorted(_API)]
 

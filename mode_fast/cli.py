@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("mode_fast.jobs.cluster", "MoDE two-level clustering: fine k-means centers, coarse experts"),
     "train": ("mode_fast.jobs.train", "train MoDE data experts on open_clip models"),
     "eval": ("mode_fast.jobs.eval", "zero-shot evaluation of experts and their ensemble"),
+    "export": (
+        "mode_fast.jobs.export",
+        "a run's models as safetensors files open_clip loads, and its MoDE ensemble as one file",
+    ),
     "metadata": ("mode_fast.jobs.metadata", "build or merge a metadata list (WordNet, user lists)"),
     "sample": ("mode_fast.jobs.sample", "write the embedded synthetic sample pool"),
     "demo": ("mode_fast.jobs.demo", "the whole pipeline on the embedded sample: sample, curate, cluster, train, eval"),

@@ -13,7 +13,17 @@ import pytest
 import mode_fast
 from mode_fast.core.moved import BECAME_PACKAGES, MOVED
 
-API = ["Matcher", "ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss", "kmeans_assign", "KMeans", "expert_weights"]
+API = [
+    "Matcher",
+    "ClipLoss",
+    "SigLipLoss",
+    "clip_loss",
+    "siglip_loss",
+    "kmeans_assign",
+    "KMeans",
+    "expert_weights",
+    "ModeEnsemble",
+]
 
 
 def test_every_public_name_resolves_to_its_home():
@@ -26,6 +36,7 @@ def test_every_public_name_resolves_to_its_home():
         "kmeans_assign": "mode_fast.kernels.kmeans_assign",
         "KMeans": "mode_fast.clustering.kmeans",
         "expert_weights": "mode_fast.evaluation.ensemble",
+        "ModeEnsemble": "mode_fast.evaluation.mode_ensemble",
     }
     assert sorted(API) == sorted(n for n in mode_fast.__all__ if n != "__version__")
     for name in API:

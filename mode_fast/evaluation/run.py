@@ -2,7 +2,10 @@
 
 For each task the experts (RUN/expert_K/checkpoints/final.pt, K < the cluster file's expert
 count) and the single models (the seed RUN/seed/checkpoints/final.pt, or --baseline CKPT,
-repeatable) are scored, and from the experts' scores:
+repeatable) are scored, and from the experts' scores. --run may instead name a `mode-fast
+export` folder (its ensemble.json; mode_fast.evaluation.mode_ensemble): its expert and seed
+safetensors files are the models and its centers and embedder spec the clusters (--clusters
+may still name others), and the numbers are those of the run it was exported from.
 
 - best_expert: the expert with the highest score on this task (an oracle pick);
 - mean_ensemble: the plain mean of the experts' cosine similarities;
@@ -50,7 +53,7 @@ import logging
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,7 @@ from mode_fast.core.files import save_npz
 from mode_fast.core.runs import MANIFEST, RunState, fingerprint
 from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE
 from mode_fast.evaluation.ensemble import ENSEMBLE_INPUTS
+from mode_fast.evaluation.mode_ensemble import ExportFolder, is_export
 from mode_fast.evaluation.results import CB_DIR, method_order, path_key, write_outputs
 from mode_fast.evaluation.scoring import (
     ENSEMBLES,
@@ -105,8 +109,16 @@ class EvalConfig:
     """What `mode-fast eval` does, one field per flag (declared in --help's order; run.json's
     "args" are the result-changing ones, in this order). Checked on construction: ConfigError."""
 
-    run: Path = option(help="train run folder (RUN/seed, RUN/expert_K)", result=False)
-    clusters: Path = option(help="`mode-fast cluster` output folder (or its centers.npz)", result=False)
+    run: Path = option(
+        help="train run folder (RUN/seed, RUN/expert_K), or a `mode-fast export` folder (its ensemble.json)",
+        result=False,
+    )
+    clusters: Path | None = option(
+        None,
+        help="`mode-fast cluster` output folder (or its centers.npz); required unless --run is an export "
+        "folder, whose centers are the default",
+        result=False,
+    )
     data: tuple[str, ...] = option(
         help="classification tasks: [NAME=]shards/folder/CSV/sample eval dir, a CLIP_benchmark "
         "webdataset folder [NAME=]FOLDER[:SPLIT] (split default test), or "
@@ -217,6 +229,7 @@ class _Plan:
     experts: list[tuple[str, Path]]
     singles: list[tuple[str, Path]]
     tasks: list[Task]
+    export: ExportFolder | None = None  # --run is a `mode-fast export` folder: its models are its files
 
     @property
     def models(self) -> list[tuple[str, Path]]:
@@ -235,8 +248,12 @@ def _parse_baseline(spec: str) -> tuple[str, Path]:
     return name, p
 
 
-def _single_models(cfg: EvalConfig) -> list[tuple[str, Path]]:
+def _single_models(cfg: EvalConfig, export: ExportFolder | None = None) -> list[tuple[str, Path]]:
     singles = [_parse_baseline(b) for b in cfg.baselines]
+    if not singles and export is not None:
+        if export.seed is None:
+            raise EvalError(f"export {cfg.run} has no seed model: pass --baseline CKPT for the single model")
+        singles = [("seed", export.seed.path)]
     if not singles:
         seed = cfg.run / "seed" / FINAL
         if not seed.is_file():
@@ -258,20 +275,31 @@ def _single_models(cfg: EvalConfig) -> list[tuple[str, Path]]:
 
 
 def _plan(cfg: EvalConfig) -> _Plan:
-    folder = ClusterFolder(cfg.clusters)
+    # an export folder holds its models and, unless --clusters says otherwise, its clusters
+    export = ExportFolder(cfg.run) if is_export(cfg.run) else None
+    clusters = cfg.clusters if cfg.clusters is not None else export.root if export is not None else None
+    if clusters is None:
+        raise ConfigError("--clusters is required (the `mode-fast cluster` folder), unless --run is an export folder")
+    folder = ClusterFolder(clusters)
     n = folder.centers().n_experts
     _, embedder_source = folder.resolve_embedder(cfg.embedder or None)  # a factory in the folder needs the flag
-    experts = [(f"expert_{k}", p) for k, p in enumerate(find_experts(cfg.run, n))]
-    singles = _single_models(cfg)
+    if export is not None:
+        if len(export.expert_names) != n:
+            raise EvalError(f"{clusters} has {n} experts but export {cfg.run} has {len(export.expert_names)}")
+        experts = [(name, export.models[name].path) for name in export.expert_names]
+    else:
+        experts = [(f"expert_{k}", p) for k, p in enumerate(find_experts(cfg.run, n))]
+    singles = _single_models(cfg, export)
     for _, path in experts + singles:  # a crafted or foreign checkpoint is refused before --out is touched
-        check_model_checkpoint(path)
+        if export is None or export.model_at(path) is None:  # an export's files: checked (sha256) as they load
+            check_model_checkpoint(path)
     # Tasks are parsed (and their class lists checked) before any model loads: fail fast.
     tasks: list[Task] = [load_task(s, cfg.classes, cfg.templates, cfg.label_field) for s in cfg.data]
     tasks += [load_retrieval_task(s, cfg.caption_key) for s in cfg.retrieval]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise EvalError(f"two tasks are named alike in {names}: name them with NAME=SPEC")
-    return _Plan(folder, embedder_source, experts, singles, tasks)
+    return _Plan(folder, embedder_source, experts, singles, tasks, export)
 
 
 # --------------------------------------------------------------------------- units and run.json
@@ -438,7 +466,12 @@ def _model_loader(plan: _Plan, device: str) -> Callable[[list[str]], list[Loaded
 
     def get(names: list[str]) -> list[LoadedModel]:
         for name in names:
-            if name not in loaded:
+            if name in loaded:
+                continue
+            exported = plan.export.model_at(paths[name]) if plan.export is not None else None
+            if exported is not None:  # an export's safetensors file, by the export's reader
+                loaded[name] = replace(plan.export.load_model(exported.name, device), name=name)
+            else:
                 loaded[name] = load_models([(name, paths[name])], device)[0]
         return [loaded[name] for name in names]
 
