@@ -34,7 +34,8 @@ import sys, time, json
 sys.path[:0] = [{here!r}]
 import torch
 torch.set_num_threads({threads})
-from mode_fast.training import loop
+import open_clip, open_clip_train.main  # what the open_clip try imports before its reset
+from mode_fast.training import loop, loss
 from mode_fast.training.models import create_model
 import proc_memory as pm
 start = pm.status_mb("VmRSS"); pm.reset_peak(); t0 = time.perf_counter()
@@ -55,7 +56,8 @@ import sys, time, json
 sys.path[:0] = [{here!r}]
 import torch
 torch.set_num_threads({threads})
-import open_clip_train.main
+import open_clip, open_clip_train.main
+from mode_fast.training import loop, loss  # what the mode_fast try imports before its reset
 from mode_fast.jobs import open_clip_main
 import proc_memory as pm
 start = pm.status_mb("VmRSS"); pm.reset_peak(); t0 = time.perf_counter()
@@ -133,13 +135,14 @@ def main() -> None:
                             ("open_clip", args.chunk)):  # fmt: skip
         found = largest(provider, chunk, args.model, args.threads, args.budget_mb, args.start, args.cap)
         rows.append({"provider": provider, "chunk": chunk, **found})
-    machine = f"{cpu_name()}, {os.cpu_count()} cores visible, {args.threads} threads"
-    result = {"model": args.model, "budget_mb": args.budget_mb, "chunk": args.chunk, "cap": args.cap,
-              "machine": machine, "python": platform.python_version(), "seconds": time.time() - t0,
-              "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(render(result))
+        machine = f"{cpu_name()}, {os.cpu_count()} cores visible, {args.threads} threads"
+        result = {"model": args.model, "budget_mb": args.budget_mb, "chunk": args.chunk, "start": args.start, "cap": args.cap,
+                  "machine": machine, "python": platform.python_version(), "seconds": time.time() - t0,
+                  "rows": rows}  # fmt: skip
+        # written after each trainer: a search cut short keeps what it found
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(render(result))
     print(render(result))
 
 
@@ -148,12 +151,14 @@ def render(r: dict) -> str:
         f"# Largest per-process batch within {r['budget_mb']:g} MB of peak RSS growth, CPU: gradient caching",
         "",
         f"Command: `.venv/bin/python benchmarks/bench_grad_cache.py --model {r['model']} --budget-mb "
-        f"{r['budget_mb']:g} --chunk {r['chunk']} --cap {r['cap']}`. One optimizer step per try, each in a fresh "
+        f"{r['budget_mb']:g} --chunk {r['chunk']} --start {r.get('start', 256)} --cap {r['cap']}`. One optimizer step per try, each in a fresh "
         "process (see the script's docstring). mode_fast: `loop.train_step` (`--grad-cache-chunk`); open_clip: "
         "`mode-fast open-clip-train --dataset-type synthetic` (`--accum-freq`, micro-batch = --batch-size = the "
         "chunk).",
         "",
         f"Machine: {r['machine']}. Python {r['python']}. Whole search: {r['seconds']:.0f} s.",
+        "The s/step column holds the whole phase (model build; open_clip's trainer start-up) on a shared "
+        "machine: indicative only, not a speed comparison.",
         "",
         "| trainer | gradient cache chunk | largest batch | first failing | peak MB at largest | s/step at largest |",
         "|---|---|---|---|---|---|",
@@ -169,4 +174,8 @@ def render(r: dict) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--render"]:  # rewrite the .md of a .json
+        path = Path(sys.argv[2])
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        sys.exit()
     main()
