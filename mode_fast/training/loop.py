@@ -3,7 +3,8 @@
 open_clip's schedule (`cosine_lr`) and weight-decay groups (`param_groups`), the loss
 (`make_loss`: this project's, else open_clip's), processes and devices (`Dist`,
 `init_distributed`, `pick_device`), the batch sequence of a resumable job (`batches`) and
-one optimisation step (`train_step`), and metrics.jsonl (`MetricsLog`). The `mode-fast
+one optimisation step (`train_step`; `grad_cache_backward` for a batch whose activations do
+not fit at once), and metrics.jsonl (`MetricsLog`). The `mode-fast
 train` job composes them; checkpoints are in `mode_fast.training.checkpoint`, models in
 `mode_fast.training.models`. Library module: never imports a job module.
 """
@@ -139,24 +140,120 @@ def train_step(
     lr: float,
     grad_clip_norm: float,
     bf16: bool,
+    grad_cache_chunk: int | None = None,
 ) -> torch.Tensor:
     """One optimisation step at learning rate `lr`; returns the (detached) loss.
-    `train_model` is `model` or its DDP wrapper; the logit scale is clamped as CLIP does."""
+    `train_model` is `model` or its DDP wrapper; the logit scale is clamped as CLIP does.
+    grad_cache_chunk: the gradients come from `grad_cache_backward` in chunks of that many
+    samples when it is smaller than the batch (None, 0 or >= the batch: one graph)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     images = batch["images"].to(device, non_blocking=True)
     texts = batch["texts"].to(device, non_blocking=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with autocast:
-        out = train_model(images, texts)
-        loss = loss_fn(**out)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if grad_cache_chunk and grad_cache_chunk < images.shape[0]:
+        loss = grad_cache_backward(model, train_model, loss_fn, images, texts, grad_cache_chunk, bf16)
+    else:
+        with autocast:
+            out = train_model(images, texts)
+            loss = loss_fn(**out)
+        loss.backward()
     if grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    return loss.detach()
+
+
+class _RngState:
+    """The torch RNG state (CPU, and `device`'s when it is a GPU) at construction; `restore`
+    puts it back. GradCache's RandContext: the second pass over a chunk must draw the same
+    dropout and patch-dropout masks as the first."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def grad_cache_backward(
+    model: torch.nn.Module,
+    train_model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    chunk: int,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """Gradient caching (Gao et al., "Scaling Deep Contrastive Learning Batch Size under
+    Memory Limited Setup", 2021, arXiv:2101.06983): the parameter gradients of `loss_fn` over
+    the whole batch, accumulated into `.grad`, holding one chunk's activations at a time.
+    Returns the (detached) loss. The caller zeroes the gradients and steps the optimizer.
+
+    1. The features of the batch, `chunk` samples at a time (the last chunk smaller when
+       `chunk` does not divide the batch), without a graph; the RNG state before each chunk
+       is kept.
+    2. The loss on those features as leaves: d(loss)/d(features), and d(loss)/d(logit
+       scale, bias). The loss is the distributed one as in `train_step`: its collectives
+       run here, so every rank's feature gradients are those of the global batch.
+    3. Each chunk again, from its kept RNG state (the same dropout / patch-dropout masks),
+       with its graph, back-propagated with its slice of the feature gradients; the logit
+       scale and bias outputs of the last chunk carry theirs. Then the RNG state is left
+       where pass 1 left it, as if each chunk had run once.
+
+    With DDP (`train_model` wraps `model`), pass 1 runs on `model` (no graph, nothing to
+    reduce), every chunk of pass 3 but the last under `no_sync`, and the last chunk's
+    backward all-reduces the accumulated gradients once; it reaches every parameter
+    (the towers and the logit scale / bias), as DDP without unused-parameter search needs.
+
+    The result equals one graph over the batch up to float summation order: the parameter
+    gradients are sums over chunks instead of one sum over the batch (not bit-identical).
+    Memory: the activations of one chunk plus 2 x batch x embed_dim features, instead of
+    the activations of the whole batch. Cost: each chunk's forward runs twice.
+    """
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    device = images.device
+    spans = [slice(i, min(i + chunk, images.shape[0])) for i in range(0, images.shape[0], chunk)]
+    states, parts = [], []
+    with torch.no_grad(), autocast:
+        for s in spans:
+            states.append(_RngState(device))
+            parts.append(model(images[s], texts[s]))
+    after = _RngState(device)
+    first = parts[0]
+    img = torch.cat([p["image_features"] for p in parts]).requires_grad_()
+    txt = torch.cat([p["text_features"] for p in parts]).requires_grad_()
+    # the scale (and bias) as the model's forward returns them: leaves here, their
+    # gradients go back through the last chunk's graph to the parameters
+    extras = {k: first[k].detach().requires_grad_() for k in ("logit_scale", "logit_bias") if k in first}
+    del parts, first
+    with autocast:
+        loss = loss_fn(image_features=img, text_features=txt, **extras)
+    # allow_unused: open_clip's ClipLoss (the fallback) ignores a logit bias
+    grads = torch.autograd.grad(loss, [img, txt, *extras.values()], allow_unused=True)
+    d_img, d_txt = grads[0], grads[1]
+    d_extras = {k: g for k, g in zip(extras, grads[2:]) if g is not None}
+    ddp = train_model is not model
+    for k, (s, state) in enumerate(zip(spans, states)):
+        last = k == len(spans) - 1
+        state.restore()
+        sync = contextlib.nullcontext() if last or not ddp else train_model.no_sync()
+        with sync:
+            with autocast:
+                out = train_model(images[s], texts[s])
+            outputs, out_grads = [out["image_features"], out["text_features"]], [d_img[s], d_txt[s]]
+            if last:
+                outputs += [out[k] for k in d_extras]
+                out_grads += list(d_extras.values())
+            torch.autograd.backward(outputs, out_grads)
+    after.restore()
     return loss.detach()
 
 

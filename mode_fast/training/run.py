@@ -114,9 +114,9 @@ class TrainConfig:
     Declaration order is the order of the result-changing arguments in run.json, config.json
     and the checkpoints (written before the fields were declared here, so kept): --precision
     sits in the "model" section of --help but is declared after the optimisation fields, and
-    --deterministic (added later, `ADDED`) is recorded last. `result=False`: paths of outputs,
-    progress, and what stops a run without changing its weights (--max-bad-share, the
-    checkpoint cadence). --batch-size is per process: the manifest records `global_batch`.
+    --deterministic and --grad-cache-chunk (added later, `ADDED`) are recorded last, when
+    set. `result=False`: paths of outputs, progress, and what stops a run without changing
+    its weights (--max-bad-share, the checkpoint cadence). --batch-size is per process: the manifest records `global_batch`.
     """
 
     # data
@@ -214,6 +214,15 @@ class TrainConfig:
     eps: float = option(1e-6, help="", result=True, group=_OPT, low=0)
     warmup: int = option(100, help="linear warm-up steps (default: %(default)s)", result=True, group=_OPT, low=0)
     grad_clip_norm: float = option(1.0, help="0 disables (default: %(default)s)", result=True, group=_OPT, low=0)
+    grad_cache_chunk: int | None = option(
+        None,
+        help="gradient caching (GradCache): encode the per-process batch N samples at a time, "
+        "twice (features without a graph, then each chunk again with its graph), so only one "
+        "chunk's activations are held; the same gradients up to float rounding, one optimizer "
+        "step per batch. N need not divide --batch-size (the last chunk is smaller); N >= "
+        "--batch-size: off",
+        result=ADDED, group=_OPT, low=1, metavar="N",
+    )  # fmt: skip
     precision: str = option(
         "auto", help="auto: bf16 autocast on GPU, fp32 on CPU", result=True, group=_MODEL,
         choices=("auto", "fp32", "bf16"),
@@ -755,6 +764,7 @@ def _loop(run: _Run, train_loader: data_loader.TrainLoader, job_step: int, where
                     lr,
                     cfg.grad_clip_norm,
                     run.bf16,
+                    cfg.grad_cache_chunk,
                 )
                 done = step + 1
                 where[0] = f"step {done}/{s.job_steps}"
