@@ -14,6 +14,12 @@ through; `load_model` is the one place a model is rebuilt from a checkpoint, fro
 open_clip registry name and the whitelisted model kwargs alone, with no loader that could
 unpickle or fetch a file.
 
+Weights from outside mode-fast (an open_clip pretrained tag found in the local cache, a
+state_dict, open_clip's training checkpoint, .safetensors) are named by one spec syntax
+(`parse_model_spec`: ARCH:TAG or ARCH:FILE), read by the same weights-only reader
+(`read_weights`) and loaded only after their keys and shapes are checked against the
+architecture (`load_pretrained`).
+
 Library module: never imports a job module.
 """
 

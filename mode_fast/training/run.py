@@ -6,7 +6,10 @@ arXiv:2404.16030): a seed model trains on all the data for the first part of a c
 schedule (`--stage seed --epochs 27 --schedule-epochs 32`); each expert then resumes the
 seed's final checkpoint (model, optimizer, schedule position) and trains the rest of the
 schedule on its own cluster plus a share of the others (`--expert k --clusters DIR`).
-Experts are independent jobs.
+Experts are independent jobs. The seed may start from an open_clip model's weights
+(--pretrained SPEC) instead of a random init; an expert forked from outside weights
+(--seed-checkpoint SPEC: no optimizer or schedule in them) trains --steps/--epochs on a fresh
+optimizer and schedule, warm-up included (docs/experts.md, "Starting from a public CLIP").
 
 Output of one job, under OUT/seed or OUT/expert_K:
   checkpoints/latest.pt   full training state, written atomically every --save-every steps,
