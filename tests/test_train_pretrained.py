@@ -105,6 +105,15 @@ def test_bare_file_is_models_weights_and_without_the_flag_nothing_is_recorded(we
     assert "pretrained" not in manifest["inputs"] and "--pretrained" not in manifest["args"]  # result=ADDED
 
 
+def test_siglip_seed_from_clip_weights_keeps_its_bias_init(weights, pool, tmp_path):
+    """open_clip's rule (its issue #712): a SigLIP model loading a CLIP's weights (no logit_bias)
+    keeps its own bias init, -10 (SigLIP's paper); everything else is the file's."""
+    final = final_weights(run_train(["--data", str(pool / "shards"), "--out", str(tmp_path), "--steps", "1",
+                                     "--siglip", "--pretrained", str(weights["root"] / "plain.pt")]))  # fmt: skip
+    assert final.pop("logit_bias").item() == -10.0
+    assert_same(final, weights["sd"])
+
+
 # --------------------------------------------------------------------------- experts
 @pytest.mark.parametrize("spec", ["{root}/plain.pt", MODEL + ":{root}/model.safetensors"])
 def test_two_experts_fork_from_the_file_with_a_fresh_schedule(weights, pool, tmp_path, spec):
@@ -241,6 +250,7 @@ def test_eval_baseline_takes_a_file_spec(weights, eval_env, tmp_path):
     assert task["top1"]["tiny"] == task["top1"]["ref"] == task["top1"][f"{MODEL}-epoch_3"]
     (folder,) = (out / "scores").iterdir()
     scores = {n: np.load(folder / f"model-{n}.npz") for n in ("ref", "tiny")}
+    assert scores["ref"].files
     for key in scores["ref"].files:
         np.testing.assert_array_equal(scores["ref"][key], scores["tiny"][key])
     manifest = json.loads((out / "run.json").read_text())
