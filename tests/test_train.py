@@ -16,7 +16,7 @@ import torch
 from test_loader import key_topic, make_shards, write_assignments
 
 from mode_fast import cli
-from mode_fast.core.config import result_flags
+from mode_fast.core.config import added_defaults, result_flags
 from mode_fast.core.errors import InputError
 from mode_fast.data import loader as L
 from mode_fast.jobs import train as train_job
@@ -97,15 +97,15 @@ def test_run_json_args_are_the_configs_result_flags(seed_run, pool, tmp_path):
     parser_flags = {s for a in parser._actions for s in a.option_strings}
     derived = {"--global-batch"}  # --batch-size is per process; run.json records batch x processes
 
+    added = set(added_defaults(TrainConfig))  # recorded only when set (--deterministic, --pretrained, ...)
     recorded = json.loads((seed_run / "seed/run.json").read_text())["args"]
-    added = {"--deterministic", "--grad-cache-chunk"}  # ADDED: recorded only when set
     assert set(recorded) == result_flags(TrainConfig) - added | derived
     assert set(recorded) - derived <= parser_flags
 
     out = tmp_path / "det"
     run_train(["--data", str(pool / "shards"), "--out", str(out), "--steps", "1", "--deterministic"])
     recorded = json.loads((out / "seed/run.json").read_text())["args"]
-    assert set(recorded) == result_flags(TrainConfig) - {"--grad-cache-chunk"} | derived
+    assert set(recorded) == result_flags(TrainConfig) - (added - {"--deterministic"}) | derived
     assert list(recorded)[-2:] == ["--deterministic", "--global-batch"]  # where 0.1 wrote them
     config = json.loads((out / "seed/config.json").read_text())
     assert list(config)[: len(recorded)] == [f[2:].replace("-", "_") for f in recorded]

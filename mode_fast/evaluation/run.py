@@ -92,7 +92,7 @@ from mode_fast.evaluation.tasks import (
     load_task,
     task_fingerprint,
 )
-from mode_fast.training.checkpoint import check_model_checkpoint
+from mode_fast.training.checkpoint import Pretrained, check_model_checkpoint, parse_model_spec
 
 log = logging.getLogger("mode_fast.evaluation.run")
 
@@ -140,12 +140,13 @@ class EvalConfig:
     out: Path = option(help="output folder", result=False)
     baselines: tuple[str, ...] = option(
         (),
-        help="single model(s) to compare (default: RUN/seed/checkpoints/final.pt); repeatable",
+        help="single model(s) to compare (default: RUN/seed/checkpoints/final.pt): a train checkpoint, "
+        "or an open_clip model, ARCH:TAG (from the local cache) or ARCH:FILE; repeatable",
         result=True,
         flag="--baseline",
         cli_default=[],  # argparse's append copies its default and appends to the copy: a list
         action="append",
-        metavar="[NAME=]CKPT",
+        metavar="[NAME=]CKPT|SPEC",
     )
     # a JSON-list file or a built-in name (tasks.CLASS_SETS); kept as typed (run.json records it)
     classes: str | Path | None = option(
@@ -227,20 +228,29 @@ class _Plan:
     folder: ClusterFolder
     embedder_source: str  # the file (or --embedder) the encoder's spec comes from
     experts: list[tuple[str, Path]]
-    singles: list[tuple[str, Path]]
+    singles: list[tuple[str, Path | Pretrained]]
     tasks: list[Task]
     export: ExportFolder | None = None  # --run is a `mode-fast export` folder: its models are its files
 
     @property
-    def models(self) -> list[tuple[str, Path]]:
+    def models(self) -> list[tuple[str, Path | Pretrained]]:
         return self.experts + self.singles
 
 
-def _parse_baseline(spec: str) -> tuple[str, Path]:
+def _parse_baseline(spec: str) -> tuple[str, Path | Pretrained]:
+    """(name, model) of a --baseline: [NAME=]CKPT (a train checkpoint, or a run folder: its
+    seed) or [NAME=]ARCH:TAG / [NAME=]ARCH:FILE, outside weights as train's --pretrained
+    takes them (`checkpoint.parse_model_spec`; tags from the local cache only). Without
+    NAME, outside weights are named ARCH-TAG, or ARCH-STEM for a file."""
+    name = None
     if "=" in spec and not Path(spec).exists():
-        name, _, path = spec.partition("=")
-        return name, Path(path)
-    p = Path(spec)
+        name, _, spec = spec.partition("=")
+    model = parse_model_spec(spec, None, flag="--baseline")
+    if isinstance(model, Pretrained):
+        return name or f"{model.arch}-{model.tag or model.path.stem}", model
+    if name is not None:
+        return name, model
+    p = model
     # RUN/NAME/checkpoints/final.pt -> NAME; a run folder -> its seed checkpoint
     if p.is_dir():
         p = p / "seed" / "checkpoints" / "final.pt" if (p / "seed").is_dir() else p / "checkpoints" / "final.pt"
@@ -248,7 +258,7 @@ def _parse_baseline(spec: str) -> tuple[str, Path]:
     return name, p
 
 
-def _single_models(cfg: EvalConfig, export: ExportFolder | None = None) -> list[tuple[str, Path]]:
+def _single_models(cfg: EvalConfig, export: ExportFolder | None = None) -> list[tuple[str, Path | Pretrained]]:
     singles = [_parse_baseline(b) for b in cfg.baselines]
     if not singles and export is not None:
         if export.seed is None:
@@ -269,7 +279,7 @@ def _single_models(cfg: EvalConfig, export: ExportFolder | None = None) -> list[
     if clash:
         raise EvalError(f"single-model name {clash[0]!r} is used twice or clashes with a method: use NAME=CKPT")
     for name, ckpt in singles:
-        if not ckpt.is_file():
+        if not Path(ckpt).is_file():
             raise EvalError(f"{name}: checkpoint {ckpt} not found")
     return singles
 

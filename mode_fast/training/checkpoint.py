@@ -14,6 +14,12 @@ through; `load_model` is the one place a model is rebuilt from a checkpoint, fro
 open_clip registry name and the whitelisted model kwargs alone, with no loader that could
 unpickle or fetch a file.
 
+Weights from outside mode-fast (an open_clip pretrained tag found in the local cache, a
+state_dict, open_clip's training checkpoint, .safetensors) are named by one spec syntax
+(`parse_model_spec`: ARCH:TAG or ARCH:FILE), read by the same weights-only reader
+(`read_weights`) and loaded only after their keys and shapes are checked against the
+architecture (`load_pretrained`).
+
 Library module: never imports a job module.
 """
 
@@ -25,6 +31,7 @@ import pickle
 import random
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +102,8 @@ def load_checkpoint(path: str | Path, fields: Iterable[str] = (), mmap: bool = F
     download), holds pickled objects other than weights, or is not a mode-fast checkpoint.
     `mmap` maps the tensors instead of reading them (a check of the fields alone)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Interrupted:  # Ctrl-C while loading (a job's signal handler): not damage
-        raise
-    except pickle.UnpicklingError as e:
-        raise InputError(_unpickling_refusal(path, e)) from e
-    except Exception as e:  # torch/zipfile/pickle raise many types for a damaged file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"checkpoint {path} is damaged or truncated: {reason}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    ckpt = _read(path, mmap)
+    if not is_train_checkpoint(ckpt):
         raise InputError(f"{path} is not a mode-fast train checkpoint (format {CHECKPOINT_FORMAT})")
     for name in fields:
         if name not in ckpt:
@@ -120,6 +117,34 @@ def load_checkpoint(path: str | Path, fields: Iterable[str] = (), mmap: bool = F
     if "model_name" in ckpt or "model_kwargs" in ckpt:
         _model_spec(ckpt, path)
     return ckpt
+
+
+def _read(path: Path, mmap: bool = False) -> Any:
+    """What `torch.load(weights_only=True)` gives for `path` (tensors on the CPU): the one
+    read of a .pt file, mode-fast's or not; InputError naming the file when it is missing,
+    damaged or holds pickled objects other than weights."""
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Interrupted:  # Ctrl-C while loading (a job's signal handler): not damage
+        raise
+    except pickle.UnpicklingError as e:
+        raise InputError(_unpickling_refusal(path, e)) from e
+    except Exception as e:  # torch/zipfile/pickle raise many types for a damaged file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"checkpoint {path} is damaged or truncated: {reason}") from e
+
+
+def is_train_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is one train wrote (its format name), not other weights."""
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def is_train_checkpoint_file(path: str | Path) -> bool:
+    """Whether the file is a train checkpoint (read as data, its tensors mapped, not read)."""
+    path = Path(path)
+    return path.suffix != ".safetensors" and is_train_checkpoint(_read(path, mmap=True))
 
 
 def _check_positions(ckpt: dict[str, Any], path: Path) -> None:
@@ -184,27 +209,44 @@ def _model_spec(ckpt: dict[str, Any], path: str | Path) -> tuple[str, dict[str, 
     return name, {k: float(v) for k, v in kwargs.items()}
 
 
-def check_model_checkpoint(path: str | Path) -> None:
+def check_model_checkpoint(path: str | Path | Pretrained) -> None:
     """Refuse, before a job touches its outputs, a checkpoint `load_model` would refuse for
-    its fields (the weights are mapped, not read)."""
-    load_checkpoint(path, MODEL_FIELDS, mmap=True)
+    its fields (the weights are mapped, not read; outside weights are read whole)."""
+    if isinstance(path, Pretrained):
+        read_weights(path.path, mmap=True)
+    else:
+        load_checkpoint(path, MODEL_FIELDS, mmap=True)
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, Any]:
-    """(model in eval mode, open_clip's eval transform, tokenizer) from a train checkpoint.
-    The one place a model is rebuilt from a checkpoint: open_clip gets the checked name and
-    kwargs only, and loads no weights of its own (no pretrained tag, tower file or hub
-    weights): the checkpoint's state_dict is all there is."""
+def build_model(name: str, kwargs: dict[str, Any] | None = None) -> tuple[torch.nn.Module, Any]:
+    """(model, eval transform) of a checked architecture name and whitelisted kwargs, with
+    no weights of open_clip's own (no pretrained tag, tower file or hub weights)."""
     import open_clip
 
-    from mode_fast.training.models import get_tokenizer
-
-    ckpt = load_checkpoint(checkpoint, MODEL_FIELDS)
-    name, kwargs = _model_spec(ckpt, checkpoint)
     model, _, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=None, load_weights=False, pretrained_image=False, pretrained_text=False, device="cpu",
-        **kwargs,
+        **(kwargs or {}),
     )  # fmt: skip
+    return model, preprocess_val
+
+
+def load_model(
+    checkpoint: str | Path | Pretrained, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Any, Any]:
+    """(model in eval mode, open_clip's eval transform, tokenizer) from a train checkpoint or
+    outside weights (`Pretrained`). The one place a model is rebuilt for eval: open_clip
+    gets the checked name and kwargs only (`build_model`): the file's state_dict is all there is."""
+    from mode_fast.training.models import get_tokenizer, model_kwargs
+
+    if isinstance(checkpoint, Pretrained):
+        state = read_weights(checkpoint.path)
+        name = checkpoint.arch
+        model, preprocess_val = build_model(name, model_kwargs(siglip="logit_bias" in state))  # SigLIP's bias
+        load_pretrained(model, state, checkpoint)
+        return model.to(device).eval(), preprocess_val, get_tokenizer(name)
+    ckpt = load_checkpoint(checkpoint, MODEL_FIELDS)
+    name, kwargs = _model_spec(ckpt, checkpoint)
+    model, preprocess_val = build_model(name, kwargs)
     load_state(model, ckpt, "state_dict", checkpoint)
     return model.to(device).eval(), preprocess_val, get_tokenizer(name)
 
@@ -219,6 +261,120 @@ def load_state(target: Any, ckpt: dict[str, Any], field: str, path: str | Path) 
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
         what = ckpt.get("model_name") if field == "state_dict" else type(target).__name__
         raise InputError(f"checkpoint {path}: its {field} does not fit {what} ({reason})") from e
+
+
+# --------------------------------------------------------------------------- weights from outside
+# A file name that ends so, or holds a path separator, is a file, never a pretrained tag
+# (open_clip's tags are plain words: openai, laion2b_s34b_b79k, metaclip_fullcc, ...).
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+SPEC_SYNTAX = "ARCH:TAG (an open_clip pretrained tag in the local cache) or ARCH:FILE"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """An open_clip model's weights from outside mode-fast: an architecture of open_clip's
+    registry and the local file that holds them (for a tag, the cached file). `os.fspath`
+    gives the file, so run.json fingerprints it; `str` the spec as a user reads it."""
+
+    arch: str
+    path: Path
+    tag: str | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.arch}:{self.tag} ({self.path})" if self.tag else f"{self.arch}:{self.path}"
+
+
+def parse_model_spec(
+    text: str | Path, model: str | None = None, cache_dir: str | Path | None = None, flag: str = "--pretrained"
+) -> Pretrained | Path:
+    """The weights a spec names. `ARCH:TAG` (a tag of open_clip's pretrained registry, found
+    in the local cache: `models.cached_pretrained_file`) or `ARCH:FILE` (a state_dict,
+    open_clip's training checkpoint or .safetensors), ARCH an open_clip registry name. With
+    `model` given (train's --model), a bare TAG or FILE is that architecture's and an ARCH
+    must be `model`; without, a bare path is returned as a Path (a mode-fast checkpoint).
+    A rest that exists, holds a '/' or ends in a weights suffix is a file, else a tag."""
+    from mode_fast.core.errors import ConfigError
+    from mode_fast.training.models import cached_pretrained_file, is_known_model
+
+    text = str(text)
+    prefix, sep, rest = text.partition(":")
+    if sep and is_known_model(prefix):
+        arch = prefix
+        if model is not None and arch != model:
+            raise ConfigError(f"{flag} {text}: the weights are a {arch}, not --model {model}")
+    elif model is not None:
+        arch, rest = model, text
+    else:
+        return Path(text)
+    if not rest:
+        raise ConfigError(f"{flag} {text}: give {SPEC_SYNTAX}")
+    if Path(rest).exists() or "/" in rest or rest.lower().endswith(WEIGHT_SUFFIXES):
+        return Pretrained(arch, Path(rest))
+    return Pretrained(arch, cached_pretrained_file(arch, rest, cache_dir), rest)
+
+
+def read_weights(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict in a weights file, read as data: .safetensors through safetensors,
+    anything else through `torch.load(weights_only=True)` (`_read`). A plain state_dict, or
+    a dict with one under "state_dict" (open_clip's training checkpoints, mode-fast's);
+    DDP's "module." prefixes are dropped as open_clip's loader drops them. InputError naming
+    the file when it holds no dict of tensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise InputError(f"weights file {path} not found")
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"weights file {path} is not a readable .safetensors file: {reason}") from e
+    else:
+        obj = _read(path, mmap)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not _tensors(obj) or not obj:
+        raise InputError(f"weights file {path} holds no state_dict (a dict of tensors); refused")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def load_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
+    """Load an outside state_dict into `model` after open_clip's own format fixes (a scalar
+    logit scale or bias, the old text-tower key layout, text position ids of newer
+    transformers), checked whole first: every key of the model present with its shape, none
+    other, in one line naming `source`. One exception: a SigLIP model loading a CLIP's weights
+    keeps its own logit_bias init (open_clip does the same, issue #712)."""
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    own = model.state_dict()
+    state = dict(state)
+    if "positional_embedding" in state and "positional_embedding" not in own:
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and key in own and state[key].ndim != own[key].ndim and state[key].numel() == own[key].numel():
+            state[key] = state[key].reshape(own[key].shape)
+    if "text.transformer.embeddings.position_ids" not in own:
+        state.pop("text.transformer.embeddings.position_ids", None)
+    if "logit_bias" in own and "logit_bias" not in state:
+        state["logit_bias"] = own["logit_bias"]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                 for what, v in (("missing", missing), ("unexpected", unexpected), ("of another shape (file vs model)", shapes)) if v]  # fmt: skip
+        raise InputError(f"{source}: its weights do not fit the architecture: keys {'; '.join(parts)}")
+    model.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- random state

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mode_fast.core.errors import ConfigError, InputError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -212,3 +215,87 @@ def _cut(text: str, size: int) -> tuple[str, int, bool]:
     end = min(len(text) if newline < 0 else newline + 1, start + segment)
     extra = int(text.find("<", at, end) >= 0 and text.find("<", start, at) < 0)
     return _BLANK_LINES.sub("\n", text[:at]) + " <" * extra, extra, False
+
+
+# --- pretrained tags, from the local cache only ------------------------------------------------
+
+
+def pretrained_tags(name: str) -> list[str]:
+    """The pretrained tags open_clip's registry lists for architecture `name`."""
+    import open_clip
+
+    return list(open_clip.list_pretrained_tags_by_model(name))
+
+
+def cached_pretrained_file(name: str, tag: str, cache_dir: str | Path | None = None) -> Path:
+    """The local file open_clip would load for `name` with pretrained tag `tag`, found in the
+    cache only: nothing is downloaded (mode-fast runs offline). open_clip's own order:
+    a Hugging Face hub entry ("hf_hub": repo/file, its .safetensors twin first) in the hub
+    cache (`cache_dir`, else huggingface_hub's default: $HF_HUB_CACHE or ~/.cache/huggingface/hub),
+    then a URL entry as open_clip stores it (`cache_dir`, else ~/.cache/clip, the URL's file
+    name). InputError naming the tag and every path looked in when none is there; ConfigError
+    when the registry has no such tag for `name`, or the tag's weights need another
+    architecture (QuickGELU: open_clip's `-quickgelu` names)."""
+    import open_clip
+    from open_clip.constants import HF_WEIGHTS_NAME
+
+    register_model_configs()
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = pretrained_tags(name)
+        raise ConfigError(
+            f"{name}:{tag}: open_clip's registry has no pretrained tag {tag!r} for {name} "
+            f"(its tags: {', '.join(tags) if tags else 'none'}); a local file needs a path, e.g. {name}:./weights.pt"
+        )
+    if cfg.get("quick_gelu") and not name.endswith("-quickgelu"):
+        raise ConfigError(
+            f"{name}:{tag}: these weights were trained with QuickGELU: use {name}-quickgelu:{tag} (open_clip's name)"
+        )
+    looked: list[str] = []
+    if cfg.get("file"):  # an entry that names a local file itself
+        looked.append(str(cfg["file"]))
+        if Path(cfg["file"]).is_file():
+            return Path(cfg["file"])
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, filename = hub.rpartition("/")  # "org/name/" names the default file (open_clip's rule)
+        filename = filename or HF_WEIGHTS_NAME
+        names = [*_safe_alternatives(filename), filename]
+        root = Path(cache_dir) if cache_dir else hub_cache()
+        for n in names:
+            found = try_to_load_from_cache(repo, n, cache_dir=root)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+            looked.append(str(root / ("models--" + repo.replace("/", "--")) / "snapshots" / "*" / n))
+    if cfg.get("url"):
+        target = (Path(cache_dir) if cache_dir else Path("~/.cache/clip").expanduser()) / Path(cfg["url"]).name
+        if target.is_file():
+            return target
+        looked.append(str(target))
+    raise InputError(
+        f"pretrained {name}:{tag} is not in the local cache (looked in {', '.join(looked)}); mode-fast does not "
+        "download: fetch it once with open_clip.create_model(name, pretrained=tag) where a network is, "
+        "or give the file (ARCH:PATH)"
+    )
+
+
+def hub_cache() -> Path:
+    """huggingface_hub's cache folder, by its rule, read now (its constant is fixed at import):
+    $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _safe_alternatives(filename: str) -> list[str]:
+    """open_clip's .safetensors twins of a hub file name (`pretrained._get_safe_alternatives`)."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    if filename == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors"]
+    return []

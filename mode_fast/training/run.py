@@ -6,7 +6,10 @@ arXiv:2404.16030): a seed model trains on all the data for the first part of a c
 schedule (`--stage seed --epochs 27 --schedule-epochs 32`); each expert then resumes the
 seed's final checkpoint (model, optimizer, schedule position) and trains the rest of the
 schedule on its own cluster plus a share of the others (`--expert k --clusters DIR`).
-Experts are independent jobs.
+Experts are independent jobs. The seed may start from an open_clip model's weights
+(--pretrained SPEC) instead of a random init; an expert forked from outside weights
+(--seed-checkpoint SPEC: no optimizer or schedule in them) trains --steps/--epochs on a fresh
+optimizer and schedule, warm-up included (docs/experts.md, "Starting from a public CLIP").
 
 Output of one job, under OUT/seed or OUT/expert_K:
   checkpoints/latest.pt   full training state, written atomically every --save-every steps,
@@ -79,8 +82,13 @@ from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE, BadImages
 from mode_fast.training.checkpoint import (
     RESUME_FIELDS,
     SEED_FIELDS,
+    Pretrained,
+    is_train_checkpoint_file,
     load_checkpoint,
+    load_pretrained,
     load_state,
+    parse_model_spec,
+    read_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -169,8 +177,11 @@ class TrainConfig:
         result=True, group=_STAGE, low=0, metavar="K",
     )  # fmt: skip
     seed_checkpoint: Path | None = option(
-        None, help="the seed model to fork experts from (default: OUT/seed/checkpoints/final.pt)",
-        result=False, group=_STAGE,  # an input: run.json fingerprints the file
+        None,
+        help="the model to fork experts from (default: OUT/seed/checkpoints/final.pt): a train checkpoint "
+        "(the expert continues its schedule and optimizer), or outside weights, ARCH:TAG, ARCH:FILE or a "
+        "FILE of --model's weights (the expert trains --steps/--epochs on a fresh schedule and optimizer)",
+        result=False, group=_STAGE, metavar="CKPT|SPEC",  # an input: run.json fingerprints the file
     )  # fmt: skip
     # model (--precision: below)
     model: str = option(
@@ -182,6 +193,19 @@ class TrainConfig:
     deterministic: bool = option(
         False, help="the loss kernels' deterministic mode: no float atomics, the same bits every run",
         result=ADDED, group=_MODEL,
+    )  # fmt: skip
+    pretrained: str | None = option(
+        None,
+        help="the seed starts from these weights, not a random init: ARCH:TAG (open_clip's pretrained tag, "
+        "from the local cache only), ARCH:FILE, or TAG/FILE of --model (a state_dict, open_clip's training "
+        "checkpoint or .safetensors)",
+        result=ADDED, group=_MODEL, metavar="SPEC",
+    )  # fmt: skip
+    cache_dir: Path | None = option(
+        None,
+        help="where pretrained tags are looked up (default: huggingface_hub's cache, then ~/.cache/clip); "
+        "nothing is downloaded",
+        result=False, group=_MODEL, metavar="DIR",
     )  # fmt: skip
     patch_dropout: float | None = option(
         None, help="drop this share of image patches in training (FLIP; open_clip's force_patch_dropout)",
@@ -269,6 +293,10 @@ class TrainConfig:
             raise ConfigError("--expert K needs --clusters DIR (the `mode-fast cluster` output)")
         if not self.data:
             raise ConfigError("--data: give the training shards")
+        if self.pretrained is not None and self.stage == "expert":
+            raise ConfigError(
+                "--pretrained is for the seed: an expert forks from --seed-checkpoint (which takes the same SPEC)"
+            )
         if self.caption_key.startswith("json:"):
             raise ConfigError(
                 f"--caption-key {self.caption_key}: the caption key is a member extension or a .json field "
@@ -298,6 +326,8 @@ class _Start:
 
     resume_path: Path | None = None
     seed_ckpt: dict[str, Any] | None = None
+    pretrained: Pretrained | None = None  # outside weights to start from (a seed's --pretrained, or an expert's)
+    pretrained_state: dict[str, torch.Tensor] | None = None
 
 
 def _resume_path(cfg: TrainConfig) -> Path | None:
@@ -308,10 +338,12 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
     return latest if latest.is_file() else None
 
 
-def _required_seed(cfg: TrainConfig) -> Path:
-    """The seed checkpoint an expert starts from; InputError when it is not there."""
-    seed_path = _seed_path(cfg)
-    if not seed_path.is_file():
+def _required_seed(cfg: TrainConfig) -> Path | Pretrained:
+    """The seed checkpoint (or outside weights) an expert starts from; InputError when it is not there."""
+    seed_path = _seed_source(cfg)
+    if isinstance(seed_path, Pretrained) and not seed_path.path.is_file():
+        raise InputError(f"--seed-checkpoint {cfg.seed_checkpoint}: file {seed_path.path} not found")
+    if isinstance(seed_path, Path) and not seed_path.is_file():
         raise InputError(
             f"seed checkpoint {seed_path} not found: train the seed first "
             f"(`mode-fast train --stage seed --out {cfg.out} ...`) or pass --seed-checkpoint"
@@ -337,6 +369,8 @@ def _check_inputs(cfg: TrainConfig) -> None:
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         raise InputError(f"--resume {cfg.resume}: checkpoint not found")
     if cfg.stage != "expert":
+        if cfg.pretrained is not None and _resume_path(cfg) is None:
+            _pretrained(cfg)  # a tag not in the cache, a missing file: before any output
         return
     assert cfg.clusters is not None and cfg.expert is not None  # checked by TrainConfig
     folder = ClusterFolder(cfg.clusters)
@@ -351,9 +385,14 @@ def _starting_point(cfg: TrainConfig) -> _Start:
     """run.json (checked by `_open_run`) vouches that latest.pt, when there, is this job's:
     continuing is the default, and its own config is checked again in `_restore`."""
     resume_path = _resume_path(cfg)
-    if cfg.stage != "expert" or resume_path is not None:
+    if resume_path is not None:
         return _Start(resume_path)
+    if cfg.stage != "expert":
+        weights = _pretrained(cfg)
+        return _Start() if weights is None else _Start(pretrained=weights, pretrained_state=read_weights(weights.path))
     seed_path = _required_seed(cfg)
+    if isinstance(seed_path, Pretrained):
+        return _Start(pretrained=seed_path, pretrained_state=read_weights(seed_path.path))
     seed_ckpt = load_checkpoint(seed_path, SEED_FIELDS)
     if seed_ckpt["model_name"] != cfg.model:
         raise ConfigError(f"seed checkpoint {seed_path} is a {seed_ckpt['model_name']}, not --model {cfg.model}")
@@ -367,6 +406,35 @@ def _seed_path(cfg: TrainConfig) -> Path:
     return cfg.seed_checkpoint or cfg.out / "seed" / "checkpoints" / "final.pt"
 
 
+def _seed_source(cfg: TrainConfig) -> Path | Pretrained:
+    """What an expert forks from: a train checkpoint (a Path), or outside weights: an
+    ARCH:TAG or ARCH:FILE --seed-checkpoint, or a FILE that is not a train checkpoint
+    (--model's weights; told apart by reading it as data, its tensors mapped)."""
+    if cfg.seed_checkpoint is None:
+        return _seed_path(cfg)
+    source = parse_model_spec(cfg.seed_checkpoint, None, cfg.cache_dir, "--seed-checkpoint")
+    if isinstance(source, Pretrained):
+        if source.arch != cfg.model:
+            raise ConfigError(
+                f"--seed-checkpoint {cfg.seed_checkpoint}: the weights are a {source.arch}, not --model {cfg.model}"
+            )
+        return source
+    if source.is_file() and not is_train_checkpoint_file(source):
+        return Pretrained(cfg.model, source)
+    return source
+
+
+def _pretrained(cfg: TrainConfig) -> Pretrained | None:
+    """The seed's --pretrained weights, resolved (a tag: its file in the local cache)."""
+    if cfg.pretrained is None:
+        return None
+    weights = parse_model_spec(cfg.pretrained, cfg.model, cfg.cache_dir)
+    assert isinstance(weights, Pretrained)  # with a model given, a spec is always outside weights
+    if not weights.path.is_file():
+        raise InputError(f"--pretrained {cfg.pretrained}: file {weights.path} not found")
+    return weights
+
+
 def _run_inputs(cfg: TrainConfig) -> dict[str, Any]:
     """What the job reads, fingerprinted for run.json: shards, key list, assignments, seed."""
     from mode_fast.data.io import list_shards
@@ -378,12 +446,16 @@ def _run_inputs(cfg: TrainConfig) -> dict[str, Any]:
     inputs = {f"shard {p}": fingerprint(p) for p in shards}
     if cfg.keep_keys is not None and cfg.keep_keys.is_file():
         inputs["keep-keys"] = fingerprint(cfg.keep_keys)
+    weights = _pretrained(cfg) if cfg.stage == "seed" else None
+    if weights is not None:  # the file, under the spec as given (its "path" names the tag and the file)
+        inputs["pretrained"] = fingerprint(weights)
     if cfg.stage == "expert":
         assert cfg.clusters is not None
         for p in sorted((cfg.clusters / "assignments").glob("*")) if (cfg.clusters / "assignments").is_dir() else []:
             inputs[f"assignments {p.name}"] = fingerprint(p)
-        if _seed_path(cfg).is_file():
-            inputs["seed checkpoint"] = fingerprint(_seed_path(cfg))
+        source = _seed_source(cfg)
+        if Path(source).is_file():
+            inputs["seed checkpoint"] = fingerprint(source)
     return inputs
 
 
@@ -571,6 +643,10 @@ def _restore(run: _Run, start: _Start) -> int:
         run.logged_bad = len(run.bad)  # the earlier run logged them
         log.info("resumed %s at step %d of %d", start.resume_path, job_step, run.schedule.job_steps)
         return job_step
+    if start.pretrained is not None:
+        assert start.pretrained_state is not None
+        load_pretrained(run.model, start.pretrained_state, start.pretrained)  # a fresh optimizer and schedule
+        return 0
     if start.seed_ckpt is not None:
         seed = _seed_path(run.cfg)
         load_state(run.model, start.seed_ckpt, "state_dict", seed)
