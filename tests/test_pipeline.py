@@ -1,5 +1,7 @@
 """The end-to-end demo (`mode-fast demo --quick`) on a tiny sample: every step
-runs through the CLI, the single model gets the ensemble's training compute, a rerun resumes."""
+runs through the CLI; MoDE's comparison model is the seed continued on all the data for the
+experts' steps, the other single model gets the ensemble's training compute; a rerun resumes,
+and a demo finished before the same-schedule model existed runs only that model's step."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def test_demo_runs_every_step_and_reports(demo):
     assert names[-2:] == ["eval", "eval digits"]  # scikit-learn is in the dev environment
     results = json.loads((demo / "eval" / "results.json").read_text())
     assert list(results["tasks"]) == ["all16", "shapes", "textures", "glyphs", "scenes"]
-    assert results["single_models"] == ["seed", "same_compute"]
+    assert results["single_models"] == ["seed", "same_compute", "same_schedule"]
     assert "captions" in results["retrieval"]
     for png in ("accuracy.png", "expert_weights.png", "retrieval.png"):
         assert (demo / "eval" / png).stat().st_size > 1000
@@ -61,7 +63,9 @@ def test_summary_json_holds_every_section(demo):
     for name, task in summary["tasks"].items():
         assert task["chance"] == pytest.approx(1 / results["tasks"][name]["n_classes"])
         assert task["top1"] == results["tasks"][name]["top1"]
-        assert {"mode_ensemble", "mean_ensemble", "best_expert", "same_compute", "seed"} <= set(task["top1"])
+        assert {"mode_ensemble", "mean_ensemble", "best_expert", "same_compute", "same_schedule", "seed"} <= set(
+            task["top1"]
+        )
     assert summary["tasks"]["shapes"]["chance"] == 0.25 and summary["tasks"]["all16"]["chance"] == 1 / 16
     cur = summary["curation"]
     assert cur["pool_pairs"] == s.num_pairs and cur["kept_pairs"] == s.target_size
@@ -78,8 +82,8 @@ def test_summary_json_holds_every_section(demo):
         assert len(e["weights"]) == s.experts and sum(e["weights"]) == pytest.approx(1.0)
         assert e["largest_is_domain_expert"] == (e["largest"] == e["domain_expert"])
     for name, diffs in summary["comparison"].items():
-        for key in ("mode_ensemble - mean_ensemble", "mode_ensemble - best_expert", "mode_ensemble - same_compute"):
-            assert diffs[key]["se"] >= 0
+        for b in ("mean_ensemble", "best_expert", "same_schedule", "same_compute"):
+            assert diffs[f"mode_ensemble - {b}"]["se"] >= 0
         if name in summary["tasks"]:
             t = summary["tasks"][name]["top1"]
             assert diffs["mode_ensemble - same_compute"]["diff"] == pytest.approx(
@@ -134,7 +138,7 @@ def test_verdict_is_judged_at_the_printed_precision():
 def test_demo_scores_sklearn_digits_apart_from_the_headline(demo):
     s = pipeline.QUICK
     digits = json.loads((demo / "eval_digits" / "results.json").read_text())
-    assert list(digits["tasks"]) == ["digits"] and digits["single_models"] == ["seed", "same_compute"]
+    assert list(digits["tasks"]) == ["digits"] and digits["single_models"] == ["seed", "same_compute", "same_schedule"]
     task = digits["tasks"]["digits"]
     assert task["source"] == f"sklearn:digits:{s.digits}"
     assert (task["n_images"], task["n_classes"]) == (s.digits, 10)
@@ -225,3 +229,101 @@ def test_demo_run_json_records_the_result_flags_its_config_declares(demo):
     args = json.loads((demo / "run.json").read_text())["args"]
     assert result_flags(pipeline.DemoConfig) == {"--quick"}
     assert set(args) == {"--quick", *pipeline.dataclasses.asdict(pipeline.QUICK)}
+
+
+def test_same_schedule_model_is_the_seed_continued_on_all_the_data(demo):
+    """MoDE's comparison model (Ma et al. 2024): the seed's final state continued for the
+    experts' steps, at the same schedule position as every expert, on every curated pair."""
+    s = pipeline.QUICK
+    job = demo / "same_schedule" / "expert_0"
+    seed = ckpt(demo / "run" / "seed" / "checkpoints" / "final.pt")
+    expert = ckpt(demo / "run" / "expert_0" / "checkpoints" / "final.pt")
+    paper = ckpt(pipeline.same_schedule_checkpoint(demo))
+    assert seed["schedule_step"] == s.seed_steps and seed["schedule_total"] == s.seed_steps + s.expert_steps
+    # one expert's schedule: the seed's steps, then the experts' steps, to the schedule's end
+    assert paper["job_steps"] == expert["job_steps"] == s.expert_steps
+    assert paper["schedule_step"] == paper["schedule_total"] == seed["schedule_total"] == s.seed_steps + s.expert_steps
+    assert paper["config"]["global_batch"] == s.batch_size and paper["model_name"] == seed["model_name"]
+    # it started from the seed's final checkpoint (the one the experts forked), as its run.json records
+    inputs = json.loads((job / "run.json").read_text())["inputs"]
+    assert inputs["seed checkpoint"]["path"] == str(demo / "run" / "seed" / "checkpoints" / "final.pt")
+    # ... at the experts' schedule position: the same learning rates, step by step
+    lrs = [
+        [json.loads(line)["lr"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (job, demo / "run" / "expert_0")
+    ]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == s.expert_steps
+    # all the data: every curated pair (read from the curated shards), where an expert has a part
+    curated = {key for key, _, _ in report.captioned_records(sorted((demo / "curated" / "data").glob("*.tar")))}
+    assert len(curated) == s.target_size
+    assert json.loads((job / "data.json").read_text())["samples"] == len(curated)
+    assert json.loads((demo / "run" / "expert_0" / "data.json").read_text())["samples"] < len(curated)
+    # trained, not a copy of the seed
+    assert any(not torch.equal(seed["state_dict"][k], paper["state_dict"][k]) for k in seed["state_dict"])
+
+
+def test_summary_reports_both_comparisons_and_names_modes(demo):
+    """summary.json: both single models, which comparison each is, MoDE minus each with its
+    standard error; summary.md names MoDE's comparison as the paper's, then ours."""
+    s = pipeline.QUICK
+    summary = json.loads((demo / "summary.json").read_text())
+    results = json.loads((demo / "eval" / "results.json").read_text())
+    singles = summary["single_models"]
+    assert list(singles) == ["same_schedule", "same_compute"]
+    assert singles["same_schedule"]["training_steps"] == s.seed_steps + s.expert_steps
+    assert singles["same_compute"]["training_steps"] == s.seed_steps + s.experts * s.expert_steps
+    assert singles["same_schedule"]["comparison"].startswith("MoDE's (the one the paper makes")
+    for name, single in singles.items():
+        assert single["average_top1"] == results["average"]["top1"][name]
+        assert set(single["mode_ensemble_minus_it"]) == {*results["tasks"], "domain_average"}
+        for task, d in single["mode_ensemble_minus_it"].items():
+            assert d["se"] >= 0
+            if task in results["tasks"]:  # paired over the same images: the difference of the top-1s
+                t = results["tasks"][task]
+                assert d["diff"] == pytest.approx(t["top1"]["mode_ensemble"] - t["top1"][name])
+                n, a, b = t["n_images"], t["correct"]["mode_ensemble"], t["correct"][name]
+                diffs = [x - y for x, y in zip(a, b)]
+                mean = sum(diffs) / n
+                ref_se = (sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) ** 0.5  # the paired SE, by hand
+                assert d["se"] == pytest.approx(ref_se)
+    assert summary["compute"]["same_schedule_model_steps"] == s.seed_steps + s.expert_steps
+    avg = results["average"]["top1"]
+    text = (demo / "summary.md").read_text()
+    dom = summary["comparison"]["domain_average"]["mode_ensemble - same_schedule"]
+    assert "**MoDE's comparison** (the one the paper makes" in text
+    assert f"the seed continued on all the data ({100 * avg['same_schedule']:.1f}%)" in text
+    assert f"{100 * dom['diff']:+.1f} ± {100 * dom['se']:.1f} points" in text
+    assert "**Ours besides, at equal total training compute** (not in the paper)" in text
+    assert text.index("MoDE's comparison") < text.index("Ours besides")
+    table = text.split("## Comparison")[1]
+    assert "| same_schedule | same_compute |" in table and "| MoDE - same schedule | MoDE - same compute |" in table
+
+
+def test_a_demo_finished_before_the_same_schedule_model_runs_only_that_step(demo, capsys):
+    """An older demo folder (no same-schedule model; its evals without it) under the same
+    settings: the rerun trains only the new model, and the evals score only it."""
+    state = json.loads((demo / "run.json").read_text())
+    del state["units"]["train same-schedule single model"]
+    (demo / "run.json").write_text(json.dumps(state))
+    for ev in ("eval", "eval_digits"):  # as an eval without --baseline same_schedule wrote it
+        run = json.loads((demo / ev / "run.json").read_text())
+        run["args"]["--baseline"] = [b for b in run["args"]["--baseline"] if not b.startswith("same_schedule=")]
+        del run["inputs"]["model same_schedule"]
+        for unit in [u for u in run["units"] if u.endswith(":same_schedule")]:
+            for f in run["units"].pop(unit):
+                (demo / ev / f).unlink()
+        (demo / ev / "run.json").write_text(json.dumps(run))
+    import shutil
+
+    shutil.rmtree(demo / "same_schedule")
+    kept = {p: p.stat().st_mtime_ns for p in (demo / "eval" / "scores").rglob("model-*.npz")}
+    assert kept and cli.main(["demo", "--out", str(demo), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "finished before this mode-fast added train same-schedule single model: running it" in printed
+    steps = json.loads((demo / "timings.json").read_text())["runs"][-1]["steps"]
+    ran = [x["step"] for x in steps if not x.get("skipped")]
+    assert ran == ["train same-schedule single model", "eval", "eval digits"]
+    assert pipeline.same_schedule_checkpoint(demo).is_file()
+    assert all(p.stat().st_mtime_ns == m for p, m in kept.items())  # the other models' scores reused
+    assert "same_schedule" in json.loads((demo / "summary.json").read_text())["single_models"]
+    assert json.loads((demo / "run.json").read_text())["finished"]

@@ -7,9 +7,11 @@ printed before it runs, so the demo is also a recipe. MoDE at toy scale:
 - a seed model trains `seed_steps` of a (seed_steps + expert_steps)-step cosine schedule on
   all curated pairs; each of the n experts resumes it and trains the last `expert_steps` on
   its cluster (plus MoDE's small share of the others);
-- a single model of the same architecture trains seed_steps + n * expert_steps steps at the
-  same batch size on all the data: the same training compute as the whole ensemble;
-- eval scores experts, ensembles, the seed and that single model on the sample's held-out
+- MoDE's comparison (the paper's): the seed continued for expert_steps on all the data, i.e.
+  one model of one expert's schedule (seed_steps + expert_steps) on all the data;
+- ours besides: a single model of the same architecture trains seed_steps + n * expert_steps
+  steps at the same batch size on all the data: the same training compute as the whole ensemble;
+- eval scores experts, ensembles, the seed and both single models on the sample's held-out
   split (all 16 classes) and on one task per visual domain (4 classes each), plus image-text
   retrieval on the held-out captions;
 - when scikit-learn is installed, a second eval scores the same models on real data:
@@ -17,10 +19,11 @@ printed before it runs, so the demo is also a recipe. MoDE at toy scale:
   10 classes, no download), kept apart so that the headline average stays on the sample's
   tasks; without scikit-learn the step is skipped with a note.
 Outputs under --out: sample/, curated/, clusters/, run/ (seed, experts), single/ (the same-
-compute model), eval/ (results.json, results.md, plots), eval_digits/ (the same for the
-digits), report/ (the summary's plots), summary.md, summary.json (curation, clustering,
-experts, ensemble, comparison, per-task chance and top-1; `mode_fast.demo.report`), timings.json
-(one entry per run, appended), and the demo's own run.json and .lock.
+compute model), same_schedule/ (MoDE's comparison model; its job folder is expert_0), eval/
+(results.json, results.md, plots), eval_digits/ (the same for the digits), report/ (the
+summary's plots), summary.md, summary.json (curation, clustering, experts, ensemble, both
+comparisons, per-task chance and top-1; `mode_fast.demo.report`), timings.json (one entry per
+run, appended), and the demo's own run.json and .lock.
 Progress: each step's own progress lines pass through; when the output is not a terminal,
 progress bars (carriage-return updates) come out as one line every `PROGRESS_EVERY` seconds.
 Reruns follow the one lifecycle rule (mode_fast.core.runs; README "Reruns, kills and
@@ -29,8 +32,10 @@ interrupts"): --out is locked while the demo runs; its run.json records the sett
 naming them, and a rerun of the same command skips the finished steps (a step with its own
 run.json must also be finished by it: one killed mid-way runs again and continues) and
 says so; once a step has run, the later ones run too (their own run.json decides what is
-left: nothing, when their inputs did not change). Ctrl-C/SIGTERM reach the running step, which stops at its own consistent point;
-the demo then stops with one line, exit 130. A killed demo takes its running step along.
+left: nothing, when their inputs did not change). A demo folder finished before the same-
+schedule model was added (same settings, so the same run.json args) runs only that step; the
+evaluations then score only it. Ctrl-C/SIGTERM reach the running step, which stops at its own
+consistent point; the demo then stops with one line, exit 130. A killed demo takes its running step along.
 Job module: it runs the other jobs as processes (never imports them); a failed step ends the
 demo with one line (`mode_fast.core.errors.StepFailed`, exit 2) under the failing step's own error.
 """
@@ -60,12 +65,14 @@ from typing import Any
 
 from mode_fast.core.config import option
 from mode_fast.core.errors import ConfigError, Interrupted, StepFailed
-from mode_fast.core.files import atomic_write, inside, write_json, write_text
+from mode_fast.core.files import inside, write_bytes, write_json, write_text
 from mode_fast.core.runs import MANIFEST, RunState, die_with_parent, recorded_finished
 from mode_fast.data.io import ReadReport, iter_samples
 from mode_fast.demo.report import build_summary, plot_summary, summary_markdown
 
 PROGRESS_EVERY = 20.0  # seconds between progress-bar lines when not on a terminal
+SAME_SCHEDULE = "same_schedule"  # MoDE's comparison model's folder under --out (see _train_steps)
+PAPER_SHARE = 1.0  # its --expert-share: every other cluster's pairs too, i.e. all the data
 
 
 @dataclass(frozen=True)
@@ -213,7 +220,7 @@ def _prepare_steps(out: Path, s: Settings) -> list[Step]:
 def _train_steps(out: Path, s: Settings) -> list[Step]:
     py = [sys.executable, "-m", "mode_fast", "train", "--data", str(out / "curated" / "data")]
     py += _flags(batch_size=s.batch_size, warmup=s.warmup, workers=s.workers, model=s.model, seed=0, lr=s.lr, wd=s.wd)
-    run, single = out / "run", out / "single"
+    run, single, same_schedule = out / "run", out / "single", out / SAME_SCHEDULE
 
     def final(job: Path) -> Path:
         return job / "checkpoints" / "final.pt"
@@ -227,7 +234,31 @@ def _train_steps(out: Path, s: Settings) -> list[Step]:
     total = s.seed_steps + s.experts * s.expert_steps
     same = _flags(out=single, stage="seed", steps=total, schedule_steps=total)
     steps.append(Step("train same-compute single model", [*py, *same], final(single / "seed"), single / "seed"))
+    # MoDE's own comparison (Ma et al., CVPR 2024, arXiv:2404.16030): one model trained on all
+    # the data with the same schedule as one expert, i.e. the seed continued for the experts'
+    # steps on all the data. It is trained exactly as an expert is, minus the cluster filter:
+    # an expert job with --expert-share 1.0 keeps its own cluster and every other cluster's
+    # pairs (share_hash < 1 always), i.e. every curated pair (the cluster job assigns each),
+    # and like every expert it loads the seed's final model, optimizer and schedule position
+    # and trains the last expert_steps of the seed's schedule. So it and an expert differ only
+    # in the data of those steps. The alternatives give less: a seed job of seed+expert steps
+    # is the seed continued only where training is bit-reproducible (not on GPU without
+    # --deterministic) and trains the seed's steps again; --resume refuses a checkpoint whose
+    # --steps differ. Its train folder is SAME_SCHEDULE/expert_0 (the checkpoint says stage
+    # expert 0, share 1.0): the job's name, not a cluster.
+    seed_ckpt = final(run / "seed")
+    paper = _flags(
+        out=same_schedule, expert=0, clusters=out / "clusters", expert_share=PAPER_SHARE,
+        seed_checkpoint=seed_ckpt, steps=s.expert_steps,
+    )  # fmt: skip
+    job = same_schedule / "expert_0"
+    steps.append(Step("train same-schedule single model", [*py, *paper], final(job), job))
     return steps
+
+
+def same_schedule_checkpoint(out: Path) -> Path:
+    """The final checkpoint of MoDE's comparison model (see `_train_steps`)."""
+    return out / SAME_SCHEDULE / "expert_0" / "checkpoints" / "final.pt"
 
 
 def _eval_steps(out: Path, s: Settings, domain_specs: list[str]) -> list[Step]:
@@ -236,6 +267,7 @@ def _eval_steps(out: Path, s: Settings, domain_specs: list[str]) -> list[Step]:
     models = [sys.executable, "-m", "mode_fast", "eval", "--run", str(run), "--clusters", str(out / "clusters")]
     models += ["--baseline", f"seed={run / 'seed' / 'checkpoints' / 'final.pt'}"]
     models += ["--baseline", f"same_compute={out / 'single' / 'seed' / 'checkpoints' / 'final.pt'}"]
+    models += ["--baseline", f"same_schedule={same_schedule_checkpoint(out)}"]
     tasks = ["--data", f"all16={sample / 'eval'}", *domain_specs, "--retrieval", f"captions={sample / 'eval'}"]
     steps = [Step("eval", [*models, "--out", str(ev), *tasks], ev / "results.json", ev)]
     if have_sklearn():
@@ -249,7 +281,8 @@ def _eval_steps(out: Path, s: Settings, domain_specs: list[str]) -> list[Step]:
 def write_domain_tasks(sample: Path, out: Path) -> list[str]:
     """One eval task per visual domain: the held-out images of its classes, relabelled 0..k-1,
     as webdataset shards with their own classes.json and templates.json. The file names in
-    sample_info.json are data: each must lie inside its folder (`mode_fast.core.files.inside`)."""
+    sample_info.json are data: each must lie inside its folder (`mode_fast.core.files.inside`).
+    A shard already holding the same bytes is left as it is (its mtime too)."""
     info_path = sample / "sample_info.json"
     info = json.loads(info_path.read_text(encoding="utf-8"))
     classes = info["classes"]
@@ -262,7 +295,8 @@ def write_domain_tasks(sample: Path, out: Path) -> list[str]:
         folder = folders[domain]
         new_label = {old: i for i, old in enumerate(labels)}
         report = ReadReport()
-        with atomic_write(folder / f"{domain}-000000.tar") as f, tarfile.open(fileobj=f, mode="w") as tw:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tw:
             for shard in shards:
                 for group in iter_samples(shard, report):  # the walk every job shares
                     label = int(group.read("cls"))
@@ -273,6 +307,12 @@ def write_domain_tasks(sample: Path, out: Path) -> list[str]:
                         ti = tarfile.TarInfo(f"{group.key}.{ext}")
                         ti.size, ti.mtime = len(payload), 0
                         tw.addfile(ti, io.BytesIO(payload))
+        # Rewritten only when it differs: eval fingerprints a task's files by mtime, and a demo
+        # rerun that runs a new step (an older demo folder) would otherwise score every model
+        # on the domain tasks again. The tar is a pure function of the sample (mtime 0, no owner).
+        shard_path, data = folder / f"{domain}-000000.tar", buffer.getvalue()
+        if not (shard_path.is_file() and shard_path.read_bytes() == data):
+            write_bytes(shard_path, data)
         if report.skipped:
             print(f"note: domain task {domain}: {report.describe()}", flush=True)
         write_json(folder / "classes.json", [classes[i] for i in labels])
@@ -381,7 +421,7 @@ class _Driver:
 # --------------------------------------------------------------------------- the job
 # What --overwrite removes: the demo's outputs (its steps' folders included).
 DEMO_OUTPUTS = (
-    *("sample", "curated", "clusters", "run", "single", "tasks", "eval", "eval_digits", "report"),
+    *("sample", "curated", "clusters", "run", "single", SAME_SCHEDULE, "tasks", "eval", "eval_digits", "report"),
     *("summary.json", "summary.md", "timings.json"),
 )
 
@@ -396,9 +436,24 @@ def _open_run(out: Path, s: Settings, overwrite: bool) -> RunState:
             f"{out} holds a demo run without {MANIFEST} (an older mode-fast): "
             "rerun with --overwrite to start over, or use another --out"
         )
-    if state.finished:
-        _say(f"demo: {out} already finished with these settings: every step is skipped, the summary written again")
     return state
+
+
+def _say_what_is_left(out: Path, state: RunState, steps: list[Step]) -> None:
+    """A finished demo rerun: every step is skipped, unless it finished before steps were
+    added to the demo (MoDE's same-schedule model): then those run, and the evaluations
+    after them score only the new model (eval's own run.json keeps the other scores)."""
+    if not state.finished:
+        return
+    new = [step.name for step in steps if not state.is_done(step.name)]
+    if new:
+        _say(
+            f"demo: {out} finished before this mode-fast added {', '.join(new)}: running "
+            + ("it" if len(new) == 1 else "them")
+            + "; the evaluations then score only what is new"
+        )
+    else:
+        _say(f"demo: {out} already finished with these settings: every step is skipped, the summary written again")
 
 
 def _append_timings(path: Path, run: dict[str, Any], digits_note: str) -> dict[str, Any]:
@@ -428,6 +483,10 @@ def write_summary(out: Path, s: Settings, timings: dict[str, Any], digits_note: 
     compute = {
         "ensemble_steps": total,
         "single_model_steps": total,
+        # MoDE's comparison: the seed's steps (shared with every expert) and the experts' steps
+        # continued on all the data: one expert's schedule, seed_steps + expert_steps
+        "same_schedule_model_steps": s.seed_steps + s.expert_steps,
+        "same_schedule_model_steps_after_seed": s.expert_steps,
         "batch_size": s.batch_size,
         "ensemble_inference_forward_passes": s.experts,
         "single_model_inference_forward_passes": 1,
@@ -449,7 +508,9 @@ def run_pipeline(out: Path, s: Settings, overwrite: bool = False) -> dict[str, A
     t0, cpu0 = time.perf_counter(), _children_cpu()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with _open_run(out, s, overwrite) as state, _Driver(state, log).interrupts() as driver:
-        for step in _prepare_steps(out, s) + _train_steps(out, s):
+        steps = _prepare_steps(out, s) + _train_steps(out, s)
+        _say_what_is_left(out, state, steps)
+        for step in steps:
             driver.step(step)
         driver.where = "the domain tasks"
         for step in _eval_steps(out, s, write_domain_tasks(out / "sample", out / "tasks")):

@@ -3,7 +3,9 @@
 From a finished demo folder (sample/, curated/, clusters/, eval/ results): the curation's
 entry counts before and after (MetaCLIP's flattened head, kept tail), the experts'
 agreement with the sample's visual domains, each expert per domain task, MoDE's weights,
-the paired comparison with the single model of equal training compute; then summary.md
+the paired comparisons with two single models: MoDE's own (the paper's: one model trained on
+all the data with the same schedule as one expert, the seed continued on all the data) and
+ours besides (one model of the whole ensemble's training compute); then summary.md
 (worded from the measured numbers, whichever way they go) and the figures. Library
 module: the demo job (`mode_fast.demo.pipeline`) calls it; it never imports a job module.
 """
@@ -125,8 +127,20 @@ def _diff(task: dict[str, Any], a: str, b: str) -> dict[str, float]:
     return {"diff": d, "se": se}
 
 
-COMPARED = ("mean_ensemble", "best_expert", "same_compute")
-METHODS = ("mode_ensemble", "mean_ensemble", "best_expert", "same_compute", "seed")
+COMPARED = ("mean_ensemble", "best_expert", "same_schedule", "same_compute")
+METHODS = ("mode_ensemble", "mean_ensemble", "best_expert", "same_schedule", "same_compute", "seed")
+# The two single models the ensemble is compared with: which comparison each is, and who makes it.
+SINGLE_MODELS = {
+    "same_schedule": {
+        "comparison": "MoDE's (the one the paper makes; Ma et al., CVPR 2024, arXiv:2404.16030)",
+        "model": "one model trained on all the data with the same schedule as one expert: "
+        "the seed continued on all the data for the experts' steps",
+    },
+    "same_compute": {
+        "comparison": "ours, besides the paper's",
+        "model": "one model trained on all the data for the whole ensemble's training steps (equal total compute)",
+    },
+}
 
 
 def task_summary(t: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -191,6 +205,18 @@ def build_summary(
     if dom:
         comparison["domain_average"] = domain_average(comparison, dom)
     per_domain = {e: {d: results["tasks"][d]["top1"][e] for d in dom} for e in experts}
+    steps = {"same_schedule": compute["same_schedule_model_steps"], "same_compute": compute["single_model_steps"]}
+    singles = {
+        m: {
+            **about,
+            "training_steps": steps[m],
+            "average_top1": results["average"]["top1"][m],
+            "mode_ensemble_average_top1": results["average"]["top1"]["mode_ensemble"],
+            # paired over the same images, with its standard error (domain tasks: disjoint images)
+            "mode_ensemble_minus_it": {task: comparison[task][f"mode_ensemble - {m}"] for task in comparison},
+        }
+        for m, about in SINGLE_MODELS.items()
+    }
     own_best = {d: max(experts, key=lambda e: per_domain[e][d]) for d in dom}
     return {
         "settings": settings,
@@ -208,6 +234,7 @@ def build_summary(
         "ensemble": ensemble,
         "tasks": tasks,
         "comparison": comparison,
+        "single_models": singles,
     }
 
 
@@ -292,7 +319,7 @@ def plot_comparison(tasks: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 105)
     ax.set_xlabel("task")
     ax.set_ylabel("zero-shot top-1 (%), bars: ±1 SE")
-    ax.set_title("MoDE ensemble vs plain mean vs best expert vs single model of equal training compute")
+    ax.set_title("MoDE ensemble vs mean, best expert, one expert's schedule (MoDE's) and equal compute (ours)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return save_figure(fig, path)
 
@@ -356,10 +383,23 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     ]
 
 
+def _by(a: float, b: float) -> str:
+    """ "by D points" at the printed precision (nothing for a tie)."""
+    diff = abs(round(100 * a, 1) - round(100 * b, 1))
+    return "" if verdict(a, b) == "ties with" else f" by {diff:.1f} points"
+
+
+def _domain_diff(summary: dict[str, Any], model: str) -> str:
+    """MoDE minus `model` on the domain tasks' average, ± its SE ("" without domain tasks)."""
+    avg = summary["comparison"].get("domain_average")
+    if avg is None:
+        return ""
+    return f"; MoDE minus it on the domain tasks' average {_pm(avg[f'mode_ensemble - {model}'])} points (± 1 SE)"
+
+
 def _md_headline(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     avg = results["average"]["top1"]
-    ens, one, best = avg["mode_ensemble"], avg["same_compute"], avg["best_expert"]
-    diff = round(100 * ens, 1) - round(100 * one, 1)
+    ens, one, paper, best = avg["mode_ensemble"], avg["same_compute"], avg["same_schedule"], avg["best_expert"]
     c, tm = summary["compute"], summary["timings"]
     ran = [x for x in tm["steps"] if not x.get("skipped")]
     skipped = [x["step"] for x in tm["steps"] if x.get("skipped")]
@@ -375,14 +415,26 @@ def _md_headline(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         f"timings.json keeps all {summary['runs_recorded']} run(s).",
         "",
         f"MoDE: {results['n_experts']} experts, {c['ensemble_steps']} training steps of batch {c['batch_size']} "
-        f"in all (seed + experts). Single model: same architecture, {c['single_model_steps']} steps of batch "
-        f"{c['batch_size']} on all the data. {ensemble_note(results)}",
+        f"in all (seed + experts); each expert's weights saw {c['same_schedule_model_steps']} "
+        f"(the seed's {c['same_schedule_model_steps'] - c['same_schedule_model_steps_after_seed']} and its own "
+        f"{c['same_schedule_model_steps_after_seed']}). Two single models of the same architecture, on all the data: "
+        f"same_schedule, the seed continued for the experts' {c['same_schedule_model_steps_after_seed']} steps "
+        f"({c['same_schedule_model_steps']} steps, one expert's schedule), and same_compute, "
+        f"{c['single_model_steps']} steps of batch {c['batch_size']} (the whole ensemble's). "
+        f"{ensemble_note(results)}",
         "",
-        f"**Average zero-shot top-1 over {len(results['tasks'])} tasks: the MoDE ensemble ({100 * ens:.1f}%) "
-        f"{verdict(ens, one)} the single model of equal training compute ({100 * one:.1f}%) by {abs(diff):.1f} points**; "
-        f"plain mean of experts {100 * avg['mean_ensemble']:.1f}%, best expert per task {100 * best:.1f}%, "
+        f"Average zero-shot top-1 over {len(results['tasks'])} tasks, against each single model:",
+        "",
+        f"- **MoDE's comparison** (the one the paper makes, Ma et al., CVPR 2024: a model trained on all the data "
+        f"with the same schedule as one expert): **the MoDE ensemble ({100 * ens:.1f}%) {verdict(ens, paper)} "
+        f"the seed continued on all the data ({100 * paper:.1f}%){_by(ens, paper)}**{_domain_diff(summary, 'same_schedule')}.",
+        f"- **Ours besides, at equal total training compute** (not in the paper): **the MoDE ensemble "
+        f"({100 * ens:.1f}%) {verdict(ens, one)} the single model of equal training compute ({100 * one:.1f}%)"
+        f"{_by(ens, one)}**{_domain_diff(summary, 'same_compute')}.",
+        "",
+        f"Plain mean of experts {100 * avg['mean_ensemble']:.1f}%, best expert per task {100 * best:.1f}%, "
         f"seed {100 * avg['seed']:.1f}%. The ensemble costs {c['ensemble_inference_forward_passes']} forward "
-        "passes per image at inference, the single model 1.",
+        "passes per image at inference, each single model 1.",
         "",
     ]
 
@@ -462,7 +514,7 @@ def _md_ensemble(en: dict[str, Any], n: int) -> list[str]:
 
 def _md_comparison(summary: dict[str, Any]) -> list[str]:
     tasks, cmp_ = summary["tasks"], summary["comparison"]
-    header = ["task", "chance", *METHODS, "MoDE - mean", "MoDE - best expert", "MoDE - same compute", "mode != mean"]
+    header = ["task", "chance", *METHODS, *(f"MoDE - {b.replace('_', ' ')}" for b in COMPARED), "mode != mean"]
     rows = [
         [
             t,
@@ -476,12 +528,14 @@ def _md_comparison(summary: dict[str, Any]) -> list[str]:
     table = _table(header, rows)
     if "domain_average" in cmp_:
         avg = [_pm(cmp_["domain_average"][f"mode_ensemble - {b}"]) for b in COMPARED]
-        table.append("| domain tasks' average | | | | | | | " + " | ".join(avg) + " | |")
+        table.append("| domain tasks' average |" + " |" * (1 + len(METHODS)) + " " + " | ".join(avg) + " | |")
     return [
         "## Comparison",
         "",
         "Top-1 (%) ± its standard error; differences are MoDE ensemble minus the other, paired over the same "
         "images, ± their standard error. best_expert is an oracle (the expert that scored best on that task). "
+        "same_schedule is MoDE's comparison (the paper's: all the data, one expert's schedule); same_compute is "
+        "ours besides (all the data, the whole ensemble's training steps). "
         "\"mode != mean\" counts the images where MoDE's and the plain mean's correctness differ.",
         "",
         *table,
@@ -501,6 +555,8 @@ def _md_digits(digits: dict[str, Any]) -> str:
             f"{t['n_images']} images of {t['n_classes']} classes ({t['source']}; chance {100 / t['n_classes']:.0f}%), "
             f"never seen in training (the sample has only the digits one and seven, typeset). Zero-shot top-1: "
             f"the MoDE ensemble ({100 * top1['mode_ensemble']:.1f}%) "
+            f"{verdict(top1['mode_ensemble'], top1['same_schedule'])} the seed continued on all the data "
+            f"(MoDE's comparison, {100 * top1['same_schedule']:.1f}%) and "
             f"{verdict(top1['mode_ensemble'], top1['same_compute'])} the single model of equal "
             f"training compute ({100 * top1['same_compute']:.1f}%); mean of experts "
             f"{100 * top1['mean_ensemble']:.1f}%, best expert {100 * top1['best_expert']:.1f}%, seed "
