@@ -283,3 +283,30 @@ def test_cb_records_leave_acc5_out_under_five_classes():
     assert records["a%2Eb%2Fc__seed.json"]["metrics"] == {"acc1": 0.5, "acc5": None, "mean_per_class_recall": 0.5}
     assert records["a%2Eb%2Fc__best_expert.json"]["pretrained"] == "RUN/expert_0/checkpoints/final.pt"
     assert records["a%2Eb%2Fc__mode_ensemble.json"]["pretrained"] == "RUN"
+
+
+def test_eval_on_a_cb_folder_with_the_packages_class_names_and_templates(env, tmp_path):  # noqa: F811
+    """A CLIP_benchmark folder without its own lists, named by the package's: mnist's 10 class
+    names, cifar10's templates (images relabelled into 10 classes: the names are what is tested)."""
+    items = [(jpg, y % 10) for jpg, y in eval_items(env["sample"])]
+    folder = tmp_path / "wds_mnist"
+    write_cb_split(folder, "test", [{"jpg": jpg, "cls": str(y).encode()} for jpg, y in items])
+    out = tmp_path / "out"
+    assert eval_cli(env, out, "--data", f"mnist={folder}", "--classes", "cb:mnist", "--templates", "cb:cifar10") == 0
+    res = json.loads((out / "results.json").read_text())["tasks"]["mnist"]
+    shipped_classes = package_json("en_classnames.json")["mnist"]
+    shipped_templates = [
+        t.replace("{c}", "{}") for t in package_json("en_zeroshot_classification_templates.json")["cifar10"]
+    ]
+    assert res["n_classes"] == 10 == len(shipped_classes) and res["n_templates"] == len(shipped_templates)
+    # the same lists given as plain files give the same numbers: eval used the package's lists
+    (tmp_path / "classes.json").write_text(json.dumps(shipped_classes))
+    (tmp_path / "templates.json").write_text(json.dumps(shipped_templates))
+    plain = tmp_path / "plain"
+    files_args = ["--classes", str(tmp_path / "classes.json"), "--templates", str(tmp_path / "templates.json")]
+    assert eval_cli(env, plain, "--data", f"mnist={folder}", *files_args) == 0
+    ref = json.loads((plain / "results.json").read_text())["tasks"]["mnist"]
+    for key in ("expert_weights", "top1", "top5", "mean_per_class_recall", "correct"):
+        assert res[key] == ref[key], key
+    rec = json.loads((out / "clip_benchmark" / "mnist__seed.json").read_text())
+    assert rec["metrics"]["acc1"] == pytest.approx(res["top1"]["seed"])
