@@ -159,10 +159,10 @@ def _spec_name(spec: dict[str, Any]) -> str:
 
 def _model_info(ckpt: Path) -> tuple[dict[str, Any], str, dict[str, float]]:
     """(checkpoint, architecture, kwargs), through the one checkpoint checker."""
-    from mode_fast.training.checkpoint import MODEL_FIELDS, _model_spec, load_checkpoint
+    from mode_fast.training.checkpoint import MODEL_FIELDS, load_checkpoint, model_spec
 
     data = load_checkpoint(ckpt, MODEL_FIELDS)
-    arch, kwargs = _model_spec(data, ckpt)
+    arch, kwargs = model_spec(data, ckpt)
     return data, arch, kwargs
 
 
@@ -189,9 +189,9 @@ def _write_model(ckpt: Path, path: Path, name: str) -> None:
 
 
 def _entry(name: str, ckpt: Path, path: Path) -> dict[str, Any]:
-    from mode_fast.training.checkpoint import MODEL_FIELDS, _model_spec, load_checkpoint
+    from mode_fast.training.checkpoint import MODEL_FIELDS, load_checkpoint, model_spec
 
-    arch, kwargs = _model_spec(load_checkpoint(ckpt, MODEL_FIELDS, mmap=True), ckpt)
+    arch, kwargs = model_spec(load_checkpoint(ckpt, MODEL_FIELDS, mmap=True), ckpt)
     entry: dict[str, Any] = {"name": name, "role": "seed" if name == "seed" else "expert"}
     if name != "seed":
         entry["expert"] = int(name.split("_", 1)[1])

@@ -139,7 +139,7 @@ class ExportFolder:
             )
 
     def _model(self, i: int, entry: Any) -> ExportedModel:
-        from mode_fast.training.checkpoint import _model_spec
+        from mode_fast.training.checkpoint import model_spec
 
         if not isinstance(entry, dict):
             raise InputError(f"{self.file}: model {i} is not an object")
@@ -152,7 +152,7 @@ class ExportFolder:
             raise InputError(f"{self.file}: model {name} has no sha256 hex digest")
         # the checkpoint checker's rule for the architecture and kwargs (registry names only)
         spec = {"model_name": entry.get("architecture"), "model_kwargs": entry.get("model_kwargs", {})}
-        arch, kwargs = _model_spec(spec, self.file)
+        arch, kwargs = model_spec(spec, self.file)
         return ExportedModel(name, arch, kwargs, inside(self.root, file, self.file, "export the run again"), sha)
 
     def model_at(self, path: str | Path) -> ExportedModel | None:
@@ -164,11 +164,10 @@ class ExportFolder:
         architecture and kwargs only, no weights of open_clip's own, eval mode, open_clip's
         eval transform, the bounded tokenizer) with its weights from its safetensors file,
         whose sha256 is checked first."""
-        import open_clip
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from mode_fast.training.checkpoint import load_state
+        from mode_fast.training.checkpoint import build_model, load_state
         from mode_fast.training.models import get_tokenizer
 
         m = self.models[name]
@@ -177,10 +176,7 @@ class ExportFolder:
             state = load_file(m.path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{m.path} is not a readable safetensors file ({e}): export the run again") from e
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            m.architecture, pretrained=None, load_weights=False, pretrained_image=False, pretrained_text=False,
-            device="cpu", **m.model_kwargs,
-        )  # fmt: skip
+        model, preprocess = build_model(m.architecture, m.model_kwargs)  # the one constructor call
         load_state(model, {"state_dict": state, "model_name": m.architecture}, "state_dict", m.path)
         return LoadedModel(name, m.path, model.to(device).eval(), preprocess, get_tokenizer(m.architecture))
 

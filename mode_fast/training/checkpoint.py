@@ -68,7 +68,7 @@ def _tensors(v: Any) -> bool:
 
 # Every field train writes (train._save), with what it must be: a field a reader asks for is
 # checked here, so a crafted or foreign file gives one line, not a KeyError or TypeError.
-# model_name and model_kwargs have their own checks (`_model_spec`).
+# model_name and model_kwargs have their own checks (`model_spec`).
 _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "state_dict": ("a dict of tensors", _tensors),
     "optimizer": (
@@ -115,7 +115,7 @@ def load_checkpoint(path: str | Path, fields: Iterable[str] = (), mmap: bool = F
             )
     _check_positions(ckpt, path)
     if "model_name" in ckpt or "model_kwargs" in ckpt:
-        _model_spec(ckpt, path)
+        model_spec(ckpt, path)
     return ckpt
 
 
@@ -186,7 +186,7 @@ def _unpickling_refusal(path: Path, e: pickle.UnpicklingError) -> str:
 
 
 # --------------------------------------------------------------------------- the model
-def _model_spec(ckpt: dict[str, Any], path: str | Path) -> tuple[str, dict[str, Any]]:
+def model_spec(ckpt: dict[str, Any], path: str | Path) -> tuple[str, dict[str, Any]]:
     """(architecture name, constructor kwargs) of a checkpoint, refused unless the name is
     one in open_clip's registry (no 'hf-hub:'/'local-dir:' source that picks files to load)
     and the kwargs are ones mode-fast writes (`models.STORED_MODEL_KWARGS`), finite numbers."""
@@ -245,7 +245,7 @@ def load_model(
         load_pretrained(model, state, checkpoint)
         return model.to(device).eval(), preprocess_val, get_tokenizer(name)
     ckpt = load_checkpoint(checkpoint, MODEL_FIELDS)
-    name, kwargs = _model_spec(ckpt, checkpoint)
+    name, kwargs = model_spec(ckpt, checkpoint)
     model, preprocess_val = build_model(name, kwargs)
     load_state(model, ckpt, "state_dict", checkpoint)
     return model.to(device).eval(), preprocess_val, get_tokenizer(name)
