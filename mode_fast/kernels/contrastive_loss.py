@@ -1125,17 +1125,37 @@ class _InfoNCE(torch.autograd.Function):
         )
 
 
+def siglip_block_forward(img, txt, scale: float, bias: float, positives: bool, backend: str, chunk, kw) -> torch.Tensor:
+    """SigLIP loss of one block (fp32 scalar over img's rows) on a resolved backend.
+
+    positives=False: every pair a negative (another rank's texts). Needs nothing saved
+    but the two blocks: SigLIP's terms are independent, there is no normaliser."""
+    if backend == "triton" and positives:
+        return contrastive_forward(img, txt, scale, bias, True, **_fwd_kw(kw))[0]
+    if backend == "triton":
+        return rows_forward(img, txt, scale, bias, siglip=True, **_fwd_kw(kw)).sum() / img.shape[0]
+    return siglip_forward_torch(img, txt, scale, bias, positives, chunk)
+
+
+def siglip_block_backward(img, txt, scale: float, bias: float, grad: float, positives: bool, backend: str, chunk, kw):
+    """(d_img, d_txt fp32, d_scale, d_bias) of siglip_block_forward for upstream gradient grad."""
+    if backend == "triton" and positives:
+        return contrastive_backward(img, txt, scale, bias, None, None, grad, True, **kw)
+    if backend == "triton":
+        d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
+        d_txt = torch.zeros(txt.shape, dtype=torch.float32, device=img.device)
+        d_scale, d_bias = rows_backward(
+            img, txt, scale, bias, None, grad / img.shape[0], d_img, d_txt, siglip=True, **kw
+        )
+        return d_img, d_txt, d_scale, d_bias
+    return siglip_backward_torch(img, txt, scale, bias, grad, positives, chunk)
+
+
 class _SigLipLoss(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def forward(ctx, img, txt, scale_t, bias_t, positives, backend, chunk, kw):
-        scale, bias = float(scale_t), float(bias_t)
-        if backend == "triton" and positives:
-            loss, _, _ = contrastive_forward(img, txt, scale, bias, True, **_fwd_kw(kw))
-        elif backend == "triton":
-            loss = rows_forward(img, txt, scale, bias, siglip=True, **_fwd_kw(kw)).sum() / img.shape[0]
-        else:
-            loss = siglip_forward_torch(img, txt, scale, bias, positives, chunk)
+        loss = siglip_block_forward(img, txt, float(scale_t), float(bias_t), positives, backend, chunk, kw)
         ctx.save_for_backward(img, txt, scale_t, bias_t)
         ctx.opts = (positives, backend, chunk, kw)
         return loss
@@ -1145,19 +1165,9 @@ class _SigLipLoss(torch.autograd.Function):
     def backward(ctx, grad):
         img, txt, scale_t, bias_t = ctx.saved_tensors
         positives, backend, chunk, kw = ctx.opts
-        scale, bias = float(scale_t), float(bias_t)
-        if backend == "triton" and positives:
-            d_img, d_txt, d_scale, d_bias = contrastive_backward(
-                img, txt, scale, bias, None, None, float(grad), True, **kw
-            )
-        elif backend == "triton":
-            d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
-            d_txt = torch.zeros(txt.shape, dtype=torch.float32, device=img.device)
-            d_scale, d_bias = rows_backward(
-                img, txt, scale, bias, None, float(grad) / img.shape[0], d_img, d_txt, siglip=True, **kw
-            )
-        else:
-            d_img, d_txt, d_scale, d_bias = siglip_backward_torch(img, txt, scale, bias, float(grad), positives, chunk)
+        d_img, d_txt, d_scale, d_bias = siglip_block_backward(
+            img, txt, float(scale_t), float(bias_t), float(grad), positives, backend, chunk, kw
+        )
         return (
             d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
             d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,

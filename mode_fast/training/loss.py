@@ -31,7 +31,9 @@ rank's text block.
 
 Peak memory of the loss itself: O(B * D) saved for backward plus O(chunk * B)
 temporaries (torch backend) or a few tiles (Triton), where B is the number of columns
-(the gathered batch, or the local batch with ``ring=True``). No B x B tensor.
+(the gathered batch, or the local batch with ``ring=True`` and SigLIP's ``shift`` /
+``bidir`` / ``reduce``, whose visiting blocks are passed again in backward, not kept).
+No B x B tensor.
 """
 
 from __future__ import annotations
@@ -54,15 +56,18 @@ from mode_fast.kernels.contrastive_loss import (
     _kernel_kw,
     _row_dots,
     _sub_labels,
+    _without_autocast,
     clip_loss,
     local_clip_loss,
     pick_backend,
     ring_block_backward,
     ring_block_forward,
+    siglip_block_backward,
+    siglip_block_forward,
     siglip_loss,
 )
 
-__all__ = ["ClipLoss", "SigLipLoss", "ring_clip_loss"]
+__all__ = ["ClipLoss", "SigLipLoss", "ring_clip_loss", "siglip_loss_over_ranks"]
 
 
 def _check_world(rank: int, world_size: int, group) -> None:
@@ -97,6 +102,17 @@ def _exchange(tensors: list[torch.Tensor], send_to: int, recv_from: int, group) 
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     return received
+
+
+def _global(rank: int, group) -> int:
+    return dist.get_global_rank(group, rank) if group is not None else rank
+
+
+def _broadcast(x: torch.Tensor, src: int, rank: int, group) -> torch.Tensor:
+    """Group rank src's x on every rank (a fresh buffer elsewhere; src's own x, not copied)."""
+    buf = x.detach().contiguous() if rank == src else torch.empty_like(x)
+    dist.broadcast(buf, _global(src, group), group=group)
+    return buf
 
 
 class _RingClip(torch.autograd.Function):
@@ -272,27 +288,118 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class _ShiftRight(torch.autograd.Function):
-    """Receive the left neighbour's tensor, send ours right; gradients go the other way."""
+class _SigLipOverRanks(torch.autograd.Function):
+    """SigLIP of the local images against the local texts (positives) and every other
+    rank's text block (negatives only), the blocks visiting one at a time.
+
+    how="ring" (dist_impl shift / bidir): W - 1 hops to the right; how="reduce": each
+    rank's block broadcast in turn. Forward keeps only the local features: a visiting
+    block is dropped once its negatives are summed (SigLIP has no normaliser to keep).
+    Backward brings the blocks round again the same way, each with the gradient of its
+    owner's texts: on the ring an accumulator travels with the block and one last hop
+    brings it home; with "reduce" each block's gradient is summed onto its owner
+    (dist.reduce). Per-rank memory is O(B * D) whatever the world size.
+    """
 
     @staticmethod
-    def forward(ctx, x, rank, world_size, group):
-        ctx.ring = (rank, world_size, group)
-        return _exchange([x.detach()], (rank + 1) % world_size, (rank - 1) % world_size, group)[0]
+    @_without_autocast
+    def forward(ctx, img, txt, scale_t, bias_t, how, rank, world_size, group, backends, chunk, kw):
+        scale, bias = float(scale_t), float(bias_t)
+        backend, neg = backends  # the positives' and the negatives' (dispatch picks each variant)
+        loss = siglip_block_forward(img, txt, scale, bias, True, backend, chunk, kw)
+        if how == "ring":
+            blk = txt.detach()
+            for _ in range(world_size - 1):
+                blk = _exchange([blk], (rank + 1) % world_size, (rank - 1) % world_size, group)[0]
+                loss = loss + siglip_block_forward(img, blk, scale, bias, False, neg, chunk, kw)
+        else:
+            for src in range(world_size):
+                blk = _broadcast(txt, src, rank, group)
+                if src != rank:
+                    loss = loss + siglip_block_forward(img, blk, scale, bias, False, neg, chunk, kw)
+        del blk
+        ctx.save_for_backward(img, txt, scale_t, bias_t)
+        ctx.opts = (how, rank, world_size, group, backends, chunk, kw)
+        return loss
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad):
-        rank, world_size, group = ctx.ring
-        back = _exchange([grad], (rank - 1) % world_size, (rank + 1) % world_size, group)[0]
-        return back, None, None, None
+        img, txt, scale_t, bias_t = ctx.saved_tensors
+        how, rank, world_size, group, (backend, neg), chunk, kw = ctx.opts
+        scale, bias, g = float(scale_t), float(bias_t), float(grad)
+        d_img, d_txt, d_scale, d_bias = siglip_block_backward(img, txt, scale, bias, g, True, backend, chunk, kw)
+        right, left = (rank + 1) % world_size, (rank - 1) % world_size
+        if how == "ring":
+            blk, acc = txt.detach(), torch.zeros_like(d_txt)  # acc: the visiting block's gradient
+            for _ in range(world_size - 1):
+                blk, acc = _exchange([blk, acc], right, left, group)
+                di, dt, ds, db = siglip_block_backward(img, blk, scale, bias, g, False, neg, chunk, kw)
+                d_img += di
+                acc += dt
+                d_scale, d_bias = d_scale + ds, d_bias + db
+            # the accumulator now belongs to rank + 1: one more hop brings ours home
+            d_txt += _exchange([acc], right, left, group)[0]
+        else:
+            for src in range(world_size):
+                blk = _broadcast(txt, src, rank, group)
+                if src != rank:
+                    di, dt, ds, db = siglip_block_backward(img, blk, scale, bias, g, False, neg, chunk, kw)
+                    d_img += di
+                    d_scale, d_bias = d_scale + ds, d_bias + db
+                else:
+                    dt = torch.zeros_like(d_txt)
+                dist.reduce(dt, _global(src, group), group=group)  # every rank's share onto the owner
+                if src == rank:
+                    d_txt += dt
+        return (
+            d_img.to(img.dtype) if ctx.needs_input_grad[0] else None,
+            d_txt.to(txt.dtype) if ctx.needs_input_grad[1] else None,
+            _grad_like(d_scale, scale_t, ctx.needs_input_grad[2]),
+            _grad_like(d_bias, bias_t, ctx.needs_input_grad[3]),
+            *([None] * 7),
+        )
+
+
+def siglip_loss_over_ranks(
+    image_features,
+    text_features,
+    logit_scale,
+    logit_bias,
+    rank: int,
+    world_size: int,
+    how: str = "ring",
+    group=None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    *,
+    deterministic: bool = False,
+    bwd: str | None = None,
+) -> torch.Tensor:
+    """open_clip's distributed SigLIP loss of this rank (local pairs + every other rank's
+    texts as negatives), the text blocks visiting by ring hops (how="ring") or broadcasts
+    (how="reduce"), none kept for backward (see _SigLipOverRanks). Equal batches per rank."""
+    _check_features(image_features, text_features)
+    scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
+    bias_t = _as_scalar_tensor(logit_bias, "logit_bias", image_features)
+    backends = (
+        pick_backend(dispatch.SIGLIP, image_features, backend),
+        pick_backend(dispatch.SIGLIP_NEGATIVES, image_features, backend),
+    )
+    kw = _kernel_kw(False, deterministic, bwd)
+    return _SigLipOverRanks.apply(
+        image_features, text_features, scale_t, bias_t, how, rank, world_size, group, backends, chunk_size, kw
+    )
 
 
 class SigLipLoss(nn.Module):
     """open_clip.loss.SigLipLoss on the tiled sigmoid loss (module doc: extras).
 
     dist_impl: 'shift' and 'bidir' pass text blocks around the ring ('bidir' runs the
-    same one-directional ring: same values and gradients, more hops); 'gather' and
-    'reduce' all-gather the text features with gradient.
+    same one-directional ring: same values and gradients, more hops); 'reduce'
+    broadcasts each rank's block in turn; none of these keeps a visiting block for
+    backward, which passes the blocks again (siglip_loss_over_ranks). 'gather'
+    all-gathers the text features with gradient (memory grows with the world).
     """
 
     def __init__(
@@ -337,6 +444,23 @@ class SigLipLoss(nn.Module):
         )
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        if self.world_size > 1 and self.dist_impl != "gather":
+            _check_world(self.rank, self.world_size, self.group)
+            loss = siglip_loss_over_ranks(
+                image_features,
+                text_features,
+                logit_scale,
+                logit_bias,
+                self.rank,
+                self.world_size,
+                "reduce" if self.dist_impl == "reduce" else "ring",
+                self.group,
+                self.chunk_size,
+                self.backend,
+                deterministic=self.deterministic,
+                bwd=self.bwd,
+            )
+            return {"contrastive_loss": loss} if output_dict else loss
         loss = siglip_loss(
             image_features,
             text_features,
@@ -347,16 +471,10 @@ class SigLipLoss(nn.Module):
             deterministic=self.deterministic,
             bwd=self.bwd,
         )
-        if self.world_size > 1:
+        if self.world_size > 1:  # gather: every rank's text block at once, with gradient
             _check_world(self.rank, self.world_size, self.group)
-            if self.dist_impl in ("shift", "bidir"):
-                block = text_features
-                for _ in range(self.world_size - 1):
-                    block = _ShiftRight.apply(block, self.rank, self.world_size, self.group)
+            blocks = torch.distributed.nn.all_gather(text_features, group=self.group or dist.group.WORLD)
+            for k, block in enumerate(blocks):
+                if k != self.rank:
                     loss = loss + self._negatives(image_features, block, logit_scale, logit_bias)
-            else:
-                blocks = torch.distributed.nn.all_gather(text_features, group=self.group or dist.group.WORLD)
-                for k, block in enumerate(blocks):
-                    if k != self.rank:
-                        loss = loss + self._negatives(image_features, block, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss

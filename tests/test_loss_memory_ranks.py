@@ -1,0 +1,127 @@
+"""Per-rank memory of the distributed losses does not grow with the number of ranks.
+
+Not RSS (noisy): the bytes autograd keeps for backward after one forward, counted with
+torch.autograd.graph.saved_tensors_hooks (distinct storages), plus the communication
+buffers (received blocks) still referenced when forward returns. For every non-gather
+setting (SigLipLoss dist_impl shift / bidir / reduce, ClipLoss ring=True) these must be
+the same at 2 and 4 gloo ranks, up to a few O(B) statistics: nothing of a finished
+neighbour step is kept, backward passes the blocks around again. Losses and gradients
+are held to open_clip's classes at both sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss as OpenClipLoss
+from open_clip.loss import SigLipLoss as OpenSigLipLoss
+from test_loss_distributed import close, free_port, grads
+
+import mode_fast.training.loss as loss_mod
+from mode_fast.training.loss import ClipLoss, SigLipLoss
+
+B, D = 32, 16  # per rank, fp32: one block is 2 KiB, an O(B) statistic 128 bytes
+SLACK = 4 * B * 4  # a few fp32 O(B) vectors; a single kept block (B * D * 4) is 4x this
+
+SETTINGS = {
+    "siglip-shift": lambda r, w: SigLipLoss(rank=r, world_size=w, dist_impl="shift", chunk_size=7),
+    "siglip-bidir": lambda r, w: SigLipLoss(rank=r, world_size=w, dist_impl="bidir", chunk_size=7),
+    "siglip-reduce": lambda r, w: SigLipLoss(rank=r, world_size=w, dist_impl="reduce", chunk_size=7),
+    "clip-ring": lambda r, w: ClipLoss(ring=True, rank=r, world_size=w, chunk_size=7),
+}
+
+
+def _reference(name: str, rank: int, world: int):
+    if name.startswith("siglip-"):
+        return OpenSigLipLoss(rank=rank, world_size=world, dist_impl=name.split("-")[1])
+    return OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+
+
+def _forward_memory(loss_fn, args) -> tuple[int, int]:
+    """(bytes saved for backward, bytes of received buffers alive) after one forward."""
+    saved: dict[int, int] = {}
+    received: list[weakref.ref] = []
+
+    def pack(t):
+        s = t.untyped_storage()
+        saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    def track(fn):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            for t in out if isinstance(out, list) else [out]:
+                if isinstance(t, torch.Tensor):
+                    received.append(weakref.ref(t))
+            return out
+
+        return wrapped
+
+    originals = {n: getattr(loss_mod, n) for n in ("_exchange", "_broadcast") if hasattr(loss_mod, n)}
+    for n, fn in originals.items():
+        setattr(loss_mod, n, track(fn))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn(*args)
+        alive = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for r in received if (t := r()) is not None
+        }
+    finally:
+        for n, fn in originals.items():
+            setattr(loss_mod, n, fn)
+    del loss
+    return sum(saved.values()), sum(alive.values())
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(world)
+        img = F.normalize(torch.randn(world * B, D, generator=g), dim=1)
+        txt = F.normalize(torch.randn(world * B, D, generator=g), dim=1)
+        rows = slice(rank * B, (rank + 1) * B)
+        scale, bias = torch.tensor(12.0), torch.tensor(-6.0)
+        figures = {}
+        for name, make in SETTINGS.items():
+            extra = (bias,) if name.startswith("siglip") else ()
+            leaves = [x.clone().requires_grad_() for x in (img[rows], txt[rows], scale, *extra)]
+            figures[name] = _forward_memory(make(rank, world), leaves)
+            ours = grads(make(rank, world), img[rows], txt[rows], scale, *extra)
+            theirs = grads(_reference(name, rank, world), img[rows], txt[rows], scale, *extra)
+            close(ours, theirs, f"{name} at {world} ranks vs open_clip")
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(figures, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _figures(world: int, tmp_path) -> list[dict]:
+    out = str(tmp_path / f"world{world}")
+    mp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    return [json.load(open(f"{out}.{r}")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("memory")
+    return {w: _figures(w, tmp) for w in (2, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_saved_and_received_bytes_flat_from_2_to_4_ranks(figures, name):
+    two, four = figures[2][0][name], figures[4][0][name]
+    for ranks in (figures[2], figures[4]):  # every rank keeps the same
+        assert len({tuple(r[name]) for r in ranks}) == 1, f"{name}: ranks differ {[r[name] for r in ranks]}"
+    assert four[0] <= two[0] + SLACK, f"{name}: saved for backward {two[0]} B at 2 ranks, {four[0]} B at 4"
+    assert four[1] <= two[1] + SLACK, f"{name}: received buffers alive {two[1]} B at 2 ranks, {four[1]} B at 4"
+    # and nothing O(world * B * D): at most the local features, a block in flight and statistics
+    assert four[0] + four[1] <= 4 * B * D * 4 + SLACK, f"{name}: {four} bytes kept after forward"
