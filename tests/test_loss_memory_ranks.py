@@ -119,9 +119,14 @@ def figures(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_saved_and_received_bytes_flat_from_2_to_4_ranks(figures, name):
     two, four = figures[2][0][name], figures[4][0][name]
-    for ranks in (figures[2], figures[4]):  # every rank keeps the same
-        assert len({tuple(r[name]) for r in ranks}) == 1, f"{name}: ranks differ {[r[name] for r in ranks]}"
+    for ranks in (figures[2], figures[4]):  # every rank saves the same for backward
+        assert len({r[name][0] for r in ranks}) == 1, f"{name}: ranks differ {[r[name] for r in ranks]}"
     assert four[0] <= two[0] + SLACK, f"{name}: saved for backward {two[0]} B at 2 ranks, {four[0]} B at 4"
-    assert four[1] <= two[1] + SLACK, f"{name}: received buffers alive {two[1]} B at 2 ranks, {four[1]} B at 4"
+    # received buffers still referenced when forward returns: at most the one block in flight on
+    # any rank (when the last one is freed depends on timing), never one per neighbour
+    block = B * D * 4
+    for world in (2, 4):
+        alive = [r[name][1] for r in figures[world]]
+        assert max(alive) <= block + SLACK, f"{name}: received buffers alive {alive} B at {world} ranks"
     # and nothing O(world * B * D): at most the local features, a block in flight and statistics
     assert four[0] + four[1] <= 4 * B * D * 4 + SLACK, f"{name}: {four} bytes kept after forward"
