@@ -37,6 +37,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -147,8 +148,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cell(lib: str, setting: str, ranks: int, b: int, d: int, tmp: Path) -> list[dict]:
+def run_cell(lib: str, setting: str, ranks: int, b: int, d: int) -> list[dict]:
     """Start one fresh process per rank; their per-rank figures, by rank."""
+    # a folder of our own: pytest's tmp_path lives under a base folder that other pytest
+    # sessions of the same user prune (keeping 3), which happened mid-run on a shared machine
+    with tempfile.TemporaryDirectory(prefix="bench_loss_ranks_") as tmp:
+        return _run_cell(lib, setting, ranks, b, d, Path(tmp))
+
+
+def _run_cell(lib: str, setting: str, ranks: int, b: int, d: int, tmp: Path) -> list[dict]:
     port = _free_port()
     outs = [tmp / f"rank{r}.json" for r in range(ranks)]
     procs = [
@@ -191,7 +199,7 @@ if __name__ != "__main__":  # the worker and report modes run without pytest (le
     ]
 
     @pytest.mark.parametrize("lib,setting,ranks", CELLS, ids=lambda v: str(v).replace(" ", "-"))
-    def test_loss_ranks(benchmark, lib, setting, ranks, tmp_path):
+    def test_loss_ranks(benchmark, lib, setting, ranks):
         est = estimated_gb(lib, setting, ranks, B, D)
         benchmark.group = f"loss fwd+bwd per rank, gloo CPU, B={B} per rank, D={D}, fp32"
         benchmark.extra_info.update(
@@ -210,7 +218,7 @@ if __name__ != "__main__":  # the worker and report modes run without pytest (le
             benchmark.pedantic(lambda: None, rounds=1, iterations=1)
             return
         got = {}
-        benchmark.pedantic(lambda: got.update(ranks=run_cell(lib, setting, ranks, B, D, tmp_path)), rounds=1)
+        benchmark.pedantic(lambda: got.update(ranks=run_cell(lib, setting, ranks, B, D)), rounds=1)
         per_rank = sorted(got["ranks"], key=lambda x: x["rank"])
         benchmark.extra_info.update(
             peak_mb=round(max(x["peak_mb"] for x in per_rank), 1),
