@@ -255,13 +255,16 @@ def missing_cells(results: dict, ranks: list[int] | None = None) -> list[str]:
     return [f"{cell_name(lib, s)} @ {r}" for lib, s in settings() for r in ranks if (cell_name(lib, s), r) not in have]
 
 
-def render(results: dict) -> str:
+def render(results: dict, note: str = "") -> str:
     from report import device_name
 
     have = cells(results)
     ranks = sorted({r for _, r in have})
     any_info = next(iter(have.values()), {})
-    commits = sorted({i.get("loss_commit", "?") for i in have.values()})
+    # a cell records "<loss commit> (HEAD <head>)[ + uncommitted changes]"; HEAD may move mid-run
+    commits = sorted({i.get("loss_commit", "?").split(" (HEAD")[0] for i in have.values()})
+    dirty = any("uncommitted" in i.get("loss_commit", "") for i in have.values())
+    heads = sorted({i.get("loss_commit", "").partition("(HEAD ")[2].split(")")[0] for i in have.values()} - {""})
 
     def mb(info, key):
         if info is None:
@@ -274,11 +277,16 @@ def render(results: dict) -> str:
     lines = [
         "# Distributed loss fwd+bwd: per-rank peak RSS growth, gloo on the CPU",
         "",
-        f"Loss code measured: {', '.join(commits)}. B = {any_info.get('b')} rows per rank, "
+        f"Loss code measured: the last commit changing mode_fast/training/loss.py or mode_fast/kernels, "
+        f"{', '.join(commits)}{' with uncommitted changes' if dirty else ''} (checkout HEAD {', '.join(heads)}); "
+        "rerun after a change to the loss.",
+        "",
+        f"B = {any_info.get('b')} rows per rank, "
         f"D = {any_info.get('d')}, fp32, one thread per rank, one fresh process per rank and cell.",
         f"Device: {device_name(results.get('machine_info', {}))}",
         f"Run: {results.get('datetime', '?')}, Python {results.get('machine_info', {}).get('python_version', '?')}",
         "",
+        *([note, ""] if note else []),
         "## Peak RSS growth of the loss call (MB, largest rank)",
         "",
         head + f" | {ranks[-1]} / {ranks[0]} ranks |" if ranks else head,
@@ -320,8 +328,9 @@ def main(argv: list[str]) -> None:
         sys.path.insert(0, str(HERE))
         path = Path(argv[1])
         results = json.loads(path.read_text())
-        text = render(results)
-        out = Path(argv[3]) if len(argv) > 3 and argv[2] == "--out" else path.with_suffix(".md")
+        opts = dict(zip(argv[2::2], argv[3::2]))  # --out RESULTS.md, --note TEXT (the run's machine and load)
+        text = render(results, opts.get("--note", ""))
+        out = Path(opts.get("--out", path.with_suffix(".md")))
         out.write_text(text)
         print(text)
         missing = missing_cells(results)
@@ -330,7 +339,7 @@ def main(argv: list[str]) -> None:
                 f"{path}: {len(missing)} setting x ranks cells missing, first: {missing[0]}; rerun without RANKS_BENCH_ONLY"
             )
     else:
-        sys.exit(f"usage: {sys.argv[0]} worker ... | report RESULTS.json [--out RESULTS.md]")
+        sys.exit(f"usage: {sys.argv[0]} worker ... | report RESULTS.json [--out RESULTS.md] [--note TEXT]")
 
 
 if __name__ == "__main__":
