@@ -60,6 +60,8 @@ DEFAULT_CONTRASTIVE_BWD = "atomic"
 ENV_CONTRASTIVE_BWD = "MODE_FAST_CONTRASTIVE_BWD"
 # Variants of the k-means op (mode_fast.kernels.kmeans_assign)
 ASSIGN = "assign"
+# Variants of the SemDeDup op (mode_fast.kernels.semdedup)
+EARLIER_MAX = "earlier_max"  # per item, the most similar item before it
 
 _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
@@ -114,6 +116,7 @@ CAPABILITIES: tuple[Capability, ...] = (
     # dependency; backend="faiss" remains for raw speed, by name only.
     # See benchmarks/results/cpu/kmeans_assign.md.
     Capability("torch", "kmeans_assign", frozenset({ASSIGN}), _FLOATS, frozenset({"cpu", "cuda", "meta"})),
+    Capability("torch", "semdedup", frozenset({EARLIER_MAX}), _FLOATS, frozenset({"cpu", "cuda", "meta"})),
     Capability(
         "faiss", "kmeans_assign", frozenset({ASSIGN}), _FLOATS, frozenset({"cpu"}), auto=False, requires="faiss"
     ),

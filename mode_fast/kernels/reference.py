@@ -50,3 +50,12 @@ def kmeans_assign_cdist(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch
     dist = torch.cdist(x.float(), centroids.float())
     best, arg = dist.min(1)
     return arg, best * best
+
+
+def max_earlier_similarity_dense(x: torch.Tensor) -> torch.Tensor:
+    """SemDeDup's within-cluster maxima as the public code forms them (facebookresearch/SemDeDup,
+    ``semdedup``): the n x n similarity matrix, its diagonal zeroed, the strict upper triangle,
+    the column max. O(n^2) memory; row 0 and negative maxima read 0 there."""
+    sims = x @ x.T
+    sims.fill_diagonal_(0.0)
+    return torch.triu(sims, diagonal=1).max(dim=0).values
