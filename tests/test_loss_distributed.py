@@ -106,6 +106,18 @@ def _worker(rank: int, port: int) -> None:
             ours = grads(SigLipLoss(**kw, chunk_size=6), img[rows], txt[rows], scale, bias)
             theirs = grads(OpenSigLipLoss(**kw), img[rows], txt[rows], scale, bias)
             close(ours, theirs, f"SigLipLoss {impl} vs open_clip")
+
+        # open_clip trains under autocast: the over-ranks losses compute in the features' own
+        # dtype whatever autocast says (a bf16 matmul would move the loss by ~1e-3)
+        for name, fn, extra in [
+            ("ring", ClipLoss(ring=True, rank=rank, world_size=WORLD, chunk_size=4), ()),
+            ("SigLIP shift", SigLipLoss(rank=rank, world_size=WORLD, dist_impl="shift", chunk_size=6), (bias,)),
+            ("SigLIP reduce", SigLipLoss(rank=rank, world_size=WORLD, dist_impl="reduce", chunk_size=6), (bias,)),
+        ]:
+            plain = grads(fn, img[rows], txt[rows], scale, *extra)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                under = grads(fn, img[rows], txt[rows], scale, *extra)
+            close(under, plain, f"{name} under autocast")
     finally:
         dist.destroy_process_group()
 

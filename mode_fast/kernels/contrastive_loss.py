@@ -902,15 +902,22 @@ def siglip_forward_torch(img, txt, scale: float, bias: float, positives: bool = 
 
 
 def siglip_backward_torch(
-    img, txt, scale: float, bias: float, grad: float, positives: bool = True, chunk: int | None = None
+    img, txt, scale: float, bias: float, grad: float, positives: bool = True, chunk: int | None = None, into=None
 ):
-    """(d_img, d_txt fp32, d_scale, d_bias) of siglip_forward_torch: dx = g (sigmoid(x) - Id), g = grad / B."""
+    """(d_img, d_txt fp32, d_scale, d_bias) of siglip_forward_torch: dx = g (sigmoid(x) - Id), g = grad / B.
+
+    into=(d_img, d_txt): add the gradients to these fp32 buffers (negatives only) instead of
+    allocating new ones, and return them."""
     b, d = img.shape
     chunk = chunk or contrastive_default_chunk(txt.shape[0], img.device)
     t32 = _f32(txt)
     g = grad / b
-    d_img = torch.empty(b, d, dtype=torch.float32, device=img.device)
-    d_txt = torch.zeros(txt.shape[0], d, dtype=torch.float32, device=img.device)
+    if into is not None and positives:
+        raise ValueError("siglip_backward_torch: into= is for negatives-only blocks")
+    d_img, d_txt = into or (
+        torch.empty(b, d, dtype=torch.float32, device=img.device),
+        torch.zeros(txt.shape[0], d, dtype=torch.float32, device=img.device),
+    )
     d_scale = torch.zeros((), dtype=torch.float64, device=img.device)
     d_bias = torch.zeros((), dtype=torch.float64, device=img.device)
     for s in range(0, b, chunk):
@@ -919,13 +926,19 @@ def siglip_backward_torch(
         d_x = torch.mul(raw, scale).add_(bias).sigmoid_().mul_(g)
         d_scale += torch.dot(d_x.view(-1), raw.view(-1))
         d_bias += d_x.sum(dtype=torch.float64)
-        torch.mm(d_x, t32, out=d_img[s : s + chunk])
-        d_txt.addmm_(d_x.t(), a)
+        if into is None:
+            torch.mm(d_x, t32, out=d_img[s : s + chunk])
+            d_txt.addmm_(d_x.t(), a)
+        else:  # scaled here: the buffers already hold other blocks' gradients
+            d_img[s : s + chunk].addmm_(d_x, t32, alpha=scale)
+            d_txt.addmm_(d_x.t(), a, alpha=scale)
     if positives:
         d_scale -= g * _row_dots(img, txt).sum()
         d_bias -= g * b
         _sub_labels(d_img, d_txt, img, txt, 0, g)
-    return d_img.mul_(scale), d_txt.mul_(scale), float(d_scale), float(d_bias)
+    if into is None:
+        d_img.mul_(scale), d_txt.mul_(scale)
+    return d_img, d_txt, float(d_scale), float(d_bias)
 
 
 # --------------------------------------------------------------------------- blocks, either backend
@@ -1137,18 +1150,25 @@ def siglip_block_forward(img, txt, scale: float, bias: float, positives: bool, b
     return siglip_forward_torch(img, txt, scale, bias, positives, chunk)
 
 
-def siglip_block_backward(img, txt, scale: float, bias: float, grad: float, positives: bool, backend: str, chunk, kw):
-    """(d_img, d_txt fp32, d_scale, d_bias) of siglip_block_forward for upstream gradient grad."""
+def siglip_block_backward(
+    img, txt, scale: float, bias: float, grad: float, positives: bool, backend: str, chunk, kw, into=None
+):
+    """(d_img, d_txt fp32, d_scale, d_bias) of siglip_block_forward for upstream gradient grad.
+
+    into=(d_img, d_txt), negatives only: the gradients are added to these fp32 buffers, which
+    are returned (a ring step allocates nothing of size B * D)."""
     if backend == "triton" and positives:
         return contrastive_backward(img, txt, scale, bias, None, None, grad, True, **kw)
     if backend == "triton":
-        d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
-        d_txt = torch.zeros(txt.shape, dtype=torch.float32, device=img.device)
+        d_img, d_txt = into or (
+            torch.zeros(img.shape, dtype=torch.float32, device=img.device),
+            torch.zeros(txt.shape, dtype=torch.float32, device=img.device),
+        )
         d_scale, d_bias = rows_backward(
             img, txt, scale, bias, None, grad / img.shape[0], d_img, d_txt, siglip=True, **kw
         )
         return d_img, d_txt, d_scale, d_bias
-    return siglip_backward_torch(img, txt, scale, bias, grad, positives, chunk)
+    return siglip_backward_torch(img, txt, scale, bias, grad, positives, chunk, into)
 
 
 class _SigLipLoss(torch.autograd.Function):
