@@ -15,8 +15,17 @@ a script (`worker`), join one gloo group and measure, per rank:
   per rank (inputs made, then a barrier, then the kernel's peak-RSS mark reset: proc_memory).
   It includes the inputs' gradients (2 * B * D * 4 bytes) for both libraries alike.
 
-The table gives each cell's largest rank (ranks differ by a few MB). Repeated runs move a
-figure by up to about 30 MB (issue 25), so small differences are noise. A cell whose
+The allocator (RANKS_BENCH_MALLOC). glibc raises its mmap threshold the first time a large
+block is freed; later blocks of that size then come from the heap, which keeps freed space
+and fragments, so with the default allocator the peak RSS depends on the order of
+allocations as much as on what is alive: one 8-rank SigLIP cell at B = 4096 gave 93 to
+184 MB on different ranks of the same run, and 85 MB on every rank with the threshold
+fixed. "fixed" (the default) starts every worker, of both libraries, with
+MALLOC_MMAP_THRESHOLD_=131072: each large block is mapped on allocation and unmapped on
+free, so the peak is the memory the loss holds at once (what a caching GPU allocator sees
+too). "default" measures glibc as it comes (what a CPU job pays, noise included).
+
+The table gives each cell's largest rank. A cell whose
 estimated memory over all ranks exceeds RANKS_BENCH_MEM_GB (open_clip's local_loss=False
 holds (ranks * B)^2 logit matrices per rank) is recorded as skipped, with the estimate.
 
@@ -27,7 +36,7 @@ holds (ranks * B)^2 logit matrices per rank) is recorded as skipped, with the es
 Environment: RANKS_BENCH_B (rows per rank, 4096 as in issue 25; 2048 or less for a run on a
 2-core machine), RANKS_BENCH_D (512), RANKS_BENCH_RANKS ("2,4,8"), RANKS_BENCH_MEM_GB (8),
 RANKS_BENCH_ONLY (comma-separated substrings of the setting names to run; the report then
-lists the other cells as missing).
+lists the other cells as missing), RANKS_BENCH_MALLOC ("fixed" or "default", above).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ B = int(os.environ.get("RANKS_BENCH_B", "4096"))
 D = int(os.environ.get("RANKS_BENCH_D", "512"))
 RANKS = [int(r) for r in os.environ.get("RANKS_BENCH_RANKS", "2,4,8").split(",")]
 MEM_GB = float(os.environ.get("RANKS_BENCH_MEM_GB", "8"))
+MALLOC = os.environ.get("RANKS_BENCH_MALLOC", "fixed")
+FIXED_MMAP_THRESHOLD = "131072"  # glibc's initial threshold, pinned (module doc: the allocator)
 WARMUP_B = 16
 CLIP_MODES = [(ll, gg) for ll in (False, True) for gg in (False, True)]
 SIGLIP_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -157,6 +168,13 @@ def run_cell(lib: str, setting: str, ranks: int, b: int, d: int) -> list[dict]:
 
 
 def _run_cell(lib: str, setting: str, ranks: int, b: int, d: int, tmp: Path) -> list[dict]:
+    if MALLOC not in ("fixed", "default"):
+        raise ValueError(f"RANKS_BENCH_MALLOC must be 'fixed' or 'default', got {MALLOC!r}")
+    env = dict(os.environ)
+    if MALLOC == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = FIXED_MMAP_THRESHOLD
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     port = _free_port()
     outs = [tmp / f"rank{r}.json" for r in range(ranks)]
     procs = [
@@ -165,6 +183,7 @@ def _run_cell(lib: str, setting: str, ranks: int, b: int, d: int, tmp: Path) -> 
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=env,
         )
         for r, o in enumerate(outs)
     ]
@@ -209,6 +228,7 @@ if __name__ != "__main__":  # the worker and report modes run without pytest (le
             ranks=ranks,
             b=B,
             d=D,
+            malloc=MALLOC,
             loss_commit=loss_commit(),
         )
         if est > MEM_GB:
@@ -255,6 +275,12 @@ def missing_cells(results: dict, ranks: list[int] | None = None) -> list[str]:
     return [f"{cell_name(lib, s)} @ {r}" for lib, s in settings() for r in ranks if (cell_name(lib, s), r) not in have]
 
 
+def _malloc_note(malloc: str) -> str:
+    if malloc == "fixed":
+        return f"glibc with MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD} (peak = memory held at once)"
+    return "glibc as it comes (dynamic mmap threshold: heap fragmentation adds noise)"
+
+
 def render(results: dict, note: str = "") -> str:
     from report import device_name
 
@@ -282,7 +308,8 @@ def render(results: dict, note: str = "") -> str:
         "rerun after a change to the loss.",
         "",
         f"B = {any_info.get('b')} rows per rank, "
-        f"D = {any_info.get('d')}, fp32, one thread per rank, one fresh process per rank and cell.",
+        f"D = {any_info.get('d')}, fp32, one thread per rank, one fresh process per rank and cell; "
+        f"allocator: {_malloc_note(any_info.get('malloc', 'default'))}.",
         f"Device: {device_name(results.get('machine_info', {}))}",
         f"Run: {results.get('datetime', '?')}, Python {results.get('machine_info', {}).get('python_version', '?')}",
         "",
