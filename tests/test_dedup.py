@@ -168,6 +168,39 @@ def test_semantic_equals_the_public_rule(pool, tmp_path, order):
     assert len(keys) == summary["usable"]
 
 
+def test_semantic_on_images_through_a_model_spec(tmp_path):
+    """--semantic images: an open_clip model given as train --pretrained takes one
+    (ARCH:FILE, the weights read as data); its unit image embeddings go through the same
+    stage (the maxima equal the dense oracle's in keep order)."""
+    from mode_fast.demo.sample import write_sample
+    from mode_fast.training.checkpoint import build_model
+    from mode_fast.training.models import register_model_configs
+
+    info = write_sample(tmp_path / "sample", num_pairs=48, shard_size=24, eval_pairs=8, image_size=32)
+    shards = sorted((tmp_path / "sample").glob("pool/*.tar"))
+    assert len(shards) == 2, info
+    register_model_configs()
+    torch.manual_seed(0)
+    model, _ = build_model("mode-fast-tiny")
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "out"
+    summary = run_dedup(DedupConfig(shards=shards, out=out, semantic="images", image_model=f"mode-fast-tiny:{weights}",
+                                    clusters=3, eps="0.001,0.01", progress=False, batch_size=16))  # fmt: skip
+    assert summary["semantic"]["items"] == summary["usable"] - summary["exact"]["removed"] == 48
+    assert json.loads((out / "run.json").read_text())["inputs"]["image-model"]["path"].endswith("tiny.pt")
+    emb = np.load(out / ".work" / "candidates.npy")
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    labels, centers = np.load(out / ".work" / "labels.npy"), np.load(out / ".work" / "centers.npy")
+    for c in range(3):
+        members = np.flatnonzero(labels == c)
+        ordered = _public_order(members, torch.from_numpy(emb[members]), torch.from_numpy(centers[c]), "hard", 0, c)
+        with np.load(out / ".work" / "clusters" / f"{c}.npz") as z:
+            assert z["items"].tolist() == ordered.tolist()
+            m = max_earlier_similarity_dense(torch.from_numpy(emb[ordered]))
+            np.testing.assert_allclose(np.maximum(z["best"][1:], 0), m[1:].numpy(), atol=1e-6, rtol=0)
+
+
 def test_kept_keys_and_chains(pool, tmp_path):
     shards, records, _, _ = pool
     out = tmp_path / "out"
@@ -280,3 +313,55 @@ def test_config_errors(pool, tmp_path):
         DedupConfig(shards=shards, out=tmp_path / "o", semantic="images")
     with pytest.raises(InputError, match="--clusters"):
         run_dedup(_config(shards, tmp_path / "o", clusters=100))
+
+
+class SlowEmbedder(PlantedEmbedder):
+    """PlantedEmbedder that takes a second per shard, so a test can stop a run mid-way."""
+
+    name = "slow16"
+
+    def __call__(self, texts):
+        import time
+
+        time.sleep(1.0)
+        return super().__call__(texts)
+
+
+def slow_embedder() -> SlowEmbedder:
+    return SlowEmbedder()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_interrupt_and_kill_then_rerun(pool, tmp_path, sig):
+    """Ctrl-C ends with one line, exit 130; after Ctrl-C or SIGKILL the same command
+    continues (the shards already read are not read again) to the outputs of an unbroken run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shards, _, _, _ = pool
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "mode_fast", "dedup", *map(str, shards), "--out", str(out), "--clusters", "4",
+            "--eps", "0.001,0.05", "--embedder", "test_dedup:slow_embedder", "--no-progress"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((out / ".work" / "shards").glob("*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    if sig == "SIGINT":
+        assert proc.returncode == 130, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("mode-fast dedup: interrupted at read (") and "rerun the same command" in last, err
+        # the units done are recorded on the way out (a SIGKILLed run's last ones may not be: redone)
+        done = json.loads((out / "run.json").read_text())["units"]
+        assert 1 <= len([u for u in done if u.startswith("shard:")]) < 3
+    subprocess.run(argv, env=env, check=True, capture_output=True)
+    ref = tmp_path / "ref"
+    run_dedup(_config(shards, ref, eps="0.001,0.05", embedder=SlowEmbedder()))
+    for eps in ("eps_0.001", "eps_0.05"):
+        for name in ("kept_keys.txt", "duplicates.tsv", "summary.json"):
+            assert (out / eps / name).read_bytes() == (ref / eps / name).read_bytes(), (eps, name)
