@@ -239,6 +239,17 @@ def test_write_shards_as_curate(pool, tmp_path):
     assert written == (folder / "kept_keys.txt").read_text().splitlines()
 
 
+def test_worker_processes_write_what_one_process_writes(pool, tmp_path):
+    """--workers 2 (shards and clusters in worker processes) gives the bytes of a run in
+    this process."""
+    shards, _, _, _ = pool
+    run_dedup(_config(shards, tmp_path / "one", eps="0.001,0.05"))
+    run_dedup(_config(shards, tmp_path / "two", eps="0.001,0.05", workers=2))
+    for eps in ("eps_0.001", "eps_0.05"):
+        for name in ("kept_keys.txt", "duplicates.tsv", "summary.json"):
+            assert (tmp_path / "two" / eps / name).read_bytes() == (tmp_path / "one" / eps / name).read_bytes()
+
+
 def test_rerun_rule(pool, tmp_path, caplog):
     shards, _, _, _ = pool
     out = tmp_path / "out"

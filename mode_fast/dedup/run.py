@@ -135,6 +135,12 @@ class DedupConfig:
 _WORKER: dict[str, Any] = {}
 
 
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
 def _caption_embedder(spec: Any, device: str, batch_size: int) -> Any:
     from mode_fast.clustering.embedders import make_embedder
 
@@ -348,10 +354,15 @@ def _run(cfg: DedupConfig, ids: list[str], state: RunState) -> dict[str, Any]:
             state.mark_done(f"shard:{sid}", [_shard_output(out, sid)])
             step()
 
-        run_with_progress(runner, shard_task, todo, "read", disable=not cfg.progress, on_result=read)
+        # every worker pins torch to the same share of the cores, whatever the executor (as the
+        # cluster job does), so the float sums are the same; a run in this process is left alone
+        threads = max(1, (os.cpu_count() or 1) // max(1, runner.workers))
+        init = (_worker_init, (threads,))
+        run_with_progress(runner, shard_task, todo, "read", None if runner.runs_inline(len(todo)) else init,
+                          disable=not cfg.progress, on_result=read)  # fmt: skip
         pool = _load_pool(out, ids)
         parent_exact = first_occurrence(pool["hashes"]) if cfg.exact != "off" else np.arange(len(pool["keys"]))
-        semantic = _semantic(cfg, state, runner, pool, parent_exact) if cfg.semantic != "off" else None
+        semantic = _semantic(cfg, state, runner, init, pool, parent_exact) if cfg.semantic != "off" else None
     finally:
         runner.close()
     summary = _summary(cfg, pool, parent_exact, semantic)
@@ -391,7 +402,7 @@ def _load_pool(out: Path, ids: list[str]) -> dict[str, Any]:
 
 
 def _semantic(
-    cfg: DedupConfig, state: RunState, runner: Any, pool: dict[str, Any], parent_exact: np.ndarray
+    cfg: DedupConfig, state: RunState, runner: Any, init: Any, pool: dict[str, Any], parent_exact: np.ndarray
 ) -> dict[str, Any]:
     """k-means on the candidates (kept by the exact stage, embedded), then each cluster's
     maxima. Returns candidates (pool indices), labels, sizes, and per pool item best/arg
@@ -410,7 +421,8 @@ def _semantic(
             f"--clusters {cfg.clusters} is more than the {len(cand)} items the semantic stage has "
             "(after the exact stage): lower --clusters"
         )
-    paths = {"embeddings": work / "candidates.npy", "labels": work / "labels.npy", "centers": work / "centers.npy"}
+    paths = {"embeddings": work / "candidates.npy", "labels": work / "labels.npy", "centers": work / "centers.npy",
+             "members": work / "members.npy"}  # fmt: skip
     if not state.is_done("kmeans"):
         state.where = "kmeans"
         x = torch.from_numpy(np.ascontiguousarray(emb[cand], dtype=np.float32)).to(cfg.device)
@@ -419,7 +431,10 @@ def _semantic(
         km.fit(x)
         labels, _ = km.assign(x)
         files.save_npy(paths["embeddings"], x.cpu().numpy())
-        files.save_npy(paths["labels"], labels.cpu().numpy().astype(np.int64))
+        labels_np = labels.cpu().numpy().astype(np.int64)
+        files.save_npy(paths["labels"], labels_np)
+        # candidates grouped by cluster, pool order inside each: a cluster task reads its slice
+        files.save_npy(paths["members"], np.argsort(labels_np, kind="stable"))
         files.save_npy(paths["centers"], km.centroids.astype(np.float32))
         state.mark_done("kmeans", list(paths.values()))
     labels = np.load(paths["labels"])
@@ -430,15 +445,17 @@ def _semantic(
         return out_work / "clusters" / f"{c}.npz"
 
     common = {k: str(v) for k, v in paths.items()} | {"order": cfg.order, "seed": cfg.seed, "device": cfg.device}
-    todo = [dict(common, cluster=c, output=str(output(c))) for c in range(cfg.clusters)
-            if sizes[c] and not state.is_done(f"cluster:{c}")]  # fmt: skip
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    todo = [dict(common, cluster=c, start=int(starts[c]), end=int(starts[c + 1]), output=str(output(c)))
+            for c in range(cfg.clusters) if sizes[c] and not state.is_done(f"cluster:{c}")]  # fmt: skip
     step = state.track("maxima", int((sizes > 0).sum()), int((sizes > 0).sum()) - len(todo), unit="clusters")
 
     def done(result: dict[str, Any]) -> None:
         state.mark_done(f"cluster:{result['cluster']}", [output(result["cluster"])])
         step()
 
-    run_with_progress(runner, cluster_task, todo, "maxima", disable=not cfg.progress, on_result=done)
+    run_with_progress(runner, cluster_task, todo, "maxima", None if runner.runs_inline(len(todo)) else init,
+                      disable=not cfg.progress, on_result=done)  # fmt: skip
     best = np.full(n, np.nan, np.float32)
     arg = np.full(n, -1, np.int64)
     for c in np.flatnonzero(sizes):

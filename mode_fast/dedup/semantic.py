@@ -55,16 +55,17 @@ def cluster_maxima(
 def cluster_task(task: dict[str, Any]) -> dict[str, Any]:
     """Executor task: one cluster's maxima, written to task["output"] (.npz: items = the
     global candidate indices in keep order, best, arg = the global candidate index of the
-    match, -1 for the first). Reads the candidates' embeddings and labels memory-mapped."""
+    match, -1 for the first). Reads the candidates' embeddings and the grouped index
+    (task["members"][start:end]: the cluster's candidates in pool order) memory-mapped."""
     from mode_fast.core import files
 
     emb = np.load(task["embeddings"], mmap_mode="r")
-    labels = np.load(task["labels"], mmap_mode="r")
-    centers = np.load(task["centers"], allow_pickle=False)
+    centers = np.load(task["centers"], mmap_mode="r")
     c = int(task["cluster"])
-    members = np.flatnonzero(np.asarray(labels) == c)
+    # this cluster's candidates in pool order: a slice of the grouped index (no O(N) scan per cluster)
+    members = np.asarray(np.load(task["members"], mmap_mode="r")[task["start"] : task["end"]])
     x = torch.from_numpy(np.ascontiguousarray(emb[members], dtype=np.float32)).to(task["device"])
-    center = torch.from_numpy(centers[c]).to(task["device"])
+    center = torch.from_numpy(np.array(centers[c], dtype=np.float32)).to(task["device"])
     pos, best, arg = cluster_maxima(x, center, task["order"], task["seed"], c)
     items = members[pos]
     match = np.where(arg >= 0, items[np.maximum(arg, 0)], -1)
