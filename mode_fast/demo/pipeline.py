@@ -74,11 +74,13 @@ from mode_fast.core.errors import ConfigError, Interrupted, StepFailed
 from mode_fast.core.files import inside, write_bytes, write_json, write_text
 from mode_fast.core.runs import MANIFEST, RunState, die_with_parent, recorded_finished
 from mode_fast.data.io import ReadReport, iter_samples
+from mode_fast.dedup.run import KEPT_KEYS, eps_folder
 from mode_fast.demo.report import build_summary, dedup_line, plot_summary, summary_markdown
 
 PROGRESS_EVERY = 20.0  # seconds between progress-bar lines when not on a terminal
 SAME_SCHEDULE = "same_schedule"  # MoDE's comparison model's folder under --out (see _train_steps)
 DEDUP = "dedup"  # the dedup step's name and folder under --out
+ADDED_SETTINGS = ("dedup_eps", "dedup_clusters")  # Settings added after demo folders were written
 PAPER_SHARE = 1.0  # its --expert-share: every other cluster's pairs too, i.e. all the data
 
 
@@ -103,11 +105,12 @@ class Settings:
     # The dedup step (SemDeDup on the captions, `embedder`). eps 0.05 (removed when cosine > 0.95):
     # the sample's near-duplicates are a trailing punctuation mark, a doubled space or the first
     # letter's case changed; with MiniLM 95% of those pairs are above 0.939 and half at 1.0, and
-    # 0.05 finds about 90% of them on the 10k pool (0.02: 78%, 0.1: 98% but twice the other
-    # removals); the hash embedder ignores case and punctuation, so there every pair is at 1.0.
-    # Added with dedup: a demo run.json without them reads as these values (see _open_run).
+    # 0.05 finds about 90% of them on the 10k pool taken as one cluster (0.02: 78%, 0.1: 98% but
+    # twice the other removals); the hash embedder ignores case and punctuation: every pair at 1.0.
+    # 10 k-means clusters: a few hundred (quick: a few dozen) captions each. Added with the dedup
+    # step, so recorded in the demo's run.json only when not at these defaults (see _open_run).
     dedup_eps: float = 0.05
-    dedup_clusters: int = 20
+    dedup_clusters: int = 10
 
 
 # Full: 2 idle CPU cores within 15 minutes (measured: see README). Quick: the test.
@@ -144,7 +147,6 @@ QUICK = Settings(
     warmup=2,
     workers=0,
     digits=100,
-    dedup_clusters=4,
 )
 
 
@@ -213,7 +215,7 @@ def _flags(**values: Any) -> list[str]:
 
 def dedup_kept_keys(out: Path, s: Settings) -> Path:
     """The dedup step's kept list, the one curate reads (dedup writes one folder per eps)."""
-    return out / DEDUP / f"eps_{s.dedup_eps:g}" / "kept_keys.txt"
+    return out / DEDUP / eps_folder(s.dedup_eps) / KEPT_KEYS
 
 
 def _prepare_steps(out: Path, s: Settings) -> list[Step]:
@@ -461,10 +463,12 @@ DEMO_OUTPUTS = (
 
 def _open_run(out: Path, s: Settings, overwrite: bool) -> RunState:
     """The demo's own run.json and lock: its settings stop a rerun that differs."""
-    args = {"--quick": s == QUICK, **dataclasses.asdict(s)}
-    # settings added with a step: a run.json written before them reads as these values, so an
-    # older folder with the same settings is not refused (it runs the new step: _steps_alone)
-    added = {"dedup_eps": s.dedup_eps, "dedup_clusters": s.dedup_clusters}
+    # Settings added with a step are recorded only when not at their defaults (as a job's
+    # result=ADDED fields): a run.json written before them then matches this run's, so an older
+    # folder with the same settings is not refused (it runs the new step: _steps_alone).
+    added = {f.name: f.default for f in dataclasses.fields(Settings) if f.name in ADDED_SETTINGS}
+    values = {k: v for k, v in dataclasses.asdict(s).items() if k not in added or v != added[k]}
+    args = {"--quick": s == QUICK, **values}
     state = RunState.open(
         out, "demo", inputs={}, args=args, overwrite=overwrite, owned=DEMO_OUTPUTS, log=_say, defaults=added
     )

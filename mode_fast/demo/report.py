@@ -56,7 +56,8 @@ def dedup_score(pool: dict[str, str | None], kept: set[str]) -> dict[str, Any]:
     A pair is an injected near-duplicate and its original. A removed record is right when it
     is an injected near-duplicate, or the original of one whose near-duplicate was kept (either
     way one record of an injected pair went, which is all dedup can be asked for: SemDeDup
-    keeps the first record of a group in its own order, not the older one). precision = right
+    keeps the first record of a group in its own order, not the older one); an original removed
+    along with all its copies is one removal too many, so it counts as other. precision = right
     / removed; recall = injected pairs with at least one record removed / injected pairs;
     other_removed = removed - right: records removed for a similarity the sample did not
     inject (independently drawn captions that came out (nearly) the same). precision is None
@@ -85,19 +86,23 @@ def dedup_summary(sample: Path, dedup_folder: Path, curated: Path, settings: dic
     whether the curation read its list (a demo folder whose curation predates the dedup step
     ran dedup alone: its curated pool is the one curated without it)."""
     from mode_fast.core.files import sha256_file
+    from mode_fast.dedup.run import KEPT_KEYS, eps_folder
 
-    kept_file = dedup_folder / f"eps_{settings['dedup_eps']:g}" / "kept_keys.txt"
+    kept_file = dedup_folder / eps_folder(settings["dedup_eps"]) / KEPT_KEYS
     kept = set(kept_file.read_text(encoding="utf-8").split())
     pool = {
         key: meta.get("near_duplicate_of")
         for key, _, meta in captioned_records(sorted((sample / "pool").glob("*.tar")))
     }
     recorded = json.loads((curated / "run.json").read_text(encoding="utf-8")).get("args", {})
+    own = json.loads((kept_file.parent / "summary.json").read_text(encoding="utf-8"))  # dedup's, per stage
     return {
         "eps": settings["dedup_eps"],
         "clusters": settings["dedup_clusters"],
         "embedder": settings["embedder"],
         **dedup_score(pool, kept),
+        "removed_exact": own.get("removed_exact"),
+        "removed_semantic": own.get("removed_semantic"),
         "applied_to_curation": recorded.get("--keep-keys") == sha256_file(kept_file),
     }
 
@@ -525,7 +530,13 @@ def _md_dedup(d: dict[str, Any]) -> list[str]:
         f"`mode-fast dedup` on the pool: the exact stage (image bytes), then SemDeDup on the captions' "
         f"{d['embedder']} embeddings in {d['clusters']} k-means clusters, a pair removed when its cosine "
         f"similarity exceeds 1 - eps = {1 - d['eps']:g}. It removed **{d['removed']:,} of {d['pool']:,}** pool "
-        f"pairs. Against the sample's own record of what it duplicated ({d['injected_pairs']} injected "
+        f"pairs"
+        + (
+            f" ({d['removed_exact']:,} exact, {d['removed_semantic']:,} semantic)"
+            if d.get("removed_exact") is not None
+            else ""
+        )
+        + f". Against the sample's own record of what it duplicated ({d['injected_pairs']} injected "
         f"near-duplicates, each a tiny edit of an earlier caption with a new image): **precision "
         f"{_pct(d['precision'])}** ({d['right']} removals are an injected near-duplicate or the original of one "
         f"whose copy was kept), **recall {_pct(d['recall'])}** ({d['injected_pairs_found']} injected pairs lost "
