@@ -168,17 +168,41 @@ def test_semantic_equals_the_public_rule(pool, tmp_path, order):
     assert len(keys) == summary["usable"]
 
 
-def test_semantic_on_images_through_a_model_spec(tmp_path):
+@pytest.fixture(scope="module")
+def sample_pool(tmp_path_factory) -> list[Path]:
+    """The embedded sample's generator, small: 48 pairs (real JPEGs) in 2 shards."""
+    from mode_fast.demo.sample import write_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    write_sample(root, num_pairs=48, shard_size=24, eval_pairs=8, image_size=32)
+    shards = sorted(root.glob("pool/*.tar"))
+    assert len(shards) == 2
+    return shards
+
+
+def test_train_keep_keys_takes_kept_keys(sample_pool, tmp_path):
+    """train --keep-keys OUT/eps_X/kept_keys.txt trains on exactly the kept pairs."""
+    from test_train import run_train
+
+    out = tmp_path / "dedup"
+    summary = run_dedup(DedupConfig(shards=sample_pool, out=out, embedder="hash16", clusters=2, eps="0.3",
+                                    progress=False))  # fmt: skip
+    kept = summary["eps"]["0.3"]["kept"]
+    assert 0 < kept < 48
+    run_train(["--data", str(sample_pool[0].parent), "--out", str(tmp_path / "run"), "--steps", "1",
+               "--keep-keys", str(out / "eps_0.3" / "kept_keys.txt")])  # fmt: skip
+    data = json.loads((tmp_path / "run" / "seed" / "data.json").read_text())
+    assert data["samples"] == kept and data["skipped"] == {"filtered out": 48 - kept}
+
+
+def test_semantic_on_images_through_a_model_spec(sample_pool, tmp_path):
     """--semantic images: an open_clip model given as train --pretrained takes one
     (ARCH:FILE, the weights read as data); its unit image embeddings go through the same
     stage (the maxima equal the dense oracle's in keep order)."""
-    from mode_fast.demo.sample import write_sample
     from mode_fast.training.checkpoint import build_model
     from mode_fast.training.models import register_model_configs
 
-    info = write_sample(tmp_path / "sample", num_pairs=48, shard_size=24, eval_pairs=8, image_size=32)
-    shards = sorted((tmp_path / "sample").glob("pool/*.tar"))
-    assert len(shards) == 2, info
+    shards = sample_pool
     register_model_configs()
     torch.manual_seed(0)
     model, _ = build_model("mode-fast-tiny")
