@@ -301,6 +301,38 @@ def test_rerun_rule(pool, tmp_path, caplog):
         run_dedup(_config(shards, out, eps="0.05,0.2", clusters=3, embedder="hash16"))
 
 
+def test_a_changed_shard_is_reread_and_the_rest_redone(pool, tmp_path, caplog):
+    """A rewritten shard: that shard read again (its cached caption embeddings too), the
+    k-means and after redone; the outputs are those of a fresh run on the new pool."""
+    import shutil
+
+    shards, records, _, _ = pool
+    copies = []
+    for s in shards:
+        copies.append(tmp_path / "pool" / s.name)
+        copies[-1].parent.mkdir(exist_ok=True)
+        shutil.copy(s, copies[-1])
+    out = tmp_path / "out"
+    run_dedup(_config(copies, out, eps="0.001,0.05"))
+    from conftest import write_tar_members
+
+    members = []
+    for r in records[24:48]:  # shard 1, every caption a copy of topic 0's: more near-duplicates
+        caption = f"topic 0 copy {int(r['uid'][1:]) % 5} item {r['uid']}"
+        members += [(f"{r['uid']}.txt", caption.encode()), (f"{r['uid']}.jpg", r["jpg"])]
+    write_tar_members(copies[1], members)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / ".work" / "shards").glob("*.npz")}
+    caplog.clear()
+    run_dedup(_config(copies, out, eps="0.001,0.05"))
+    after = {p.name: p.stat().st_mtime_ns for p in (out / ".work" / "shards").glob("*.npz")}
+    assert [n for n in before if after[n] != before[n]] == [sorted(before)[1]]
+    assert "pool-0001.tar (changed) since the run" in caplog.text
+    run_dedup(_config(copies, tmp_path / "fresh", eps="0.001,0.05"))
+    for eps in ("eps_0.001", "eps_0.05"):
+        for name in ("kept_keys.txt", "duplicates.tsv", "summary.json"):
+            assert (out / eps / name).read_bytes() == (tmp_path / "fresh" / eps / name).read_bytes(), (eps, name)
+
+
 def _error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines

@@ -279,6 +279,8 @@ def _owned(out: Path) -> list[str]:
 def _recompute(field: str) -> list[str] | None:
     """What a changed field invalidates (None: stop, naming it)."""
     later = ["kmeans", "cluster:*", "write:*"]
+    if field == "input image-model":  # other weights: every shard's image embeddings
+        return ["shard:*", *later]
     if field.startswith("input "):
         return [f"shard:{field[6:]}", *later]
     if field in ("--eps", "--write-shards"):
@@ -300,18 +302,14 @@ def run_dedup(cfg: DedupConfig) -> dict[str, Any]:
             raise missing_shard(s)
     values = dict(manifest_args(cfg))
     if cfg.semantic == "captions":
-        from mode_fast.clustering.embedders import make_embedder
-
-        # recorded by name, as the cluster job does (what the embeddings depend on)
-        values["--embedder"] = (
-            make_embedder(cfg.embedder).name if isinstance(cfg.embedder, str | dict) else str(cfg.embedder.name)
-        )
+        values["--embedder"] = _embedder_name(cfg)  # by name, as the cluster job records it
     if cfg.semantic == "images":
-        from mode_fast.training.checkpoint import parse_model_spec
+        from mode_fast.training.checkpoint import check_model_checkpoint, parse_model_spec
 
         weights = parse_model_spec(cfg.image_model, flag="--image-model")  # a missing tag: before any output
         if not Path(os.fspath(weights)).is_file():
             raise InputError(f"--image-model {cfg.image_model}: file {os.fspath(weights)} not found")
+        check_model_checkpoint(weights)  # a file load_model would refuse: refused now, before any output
     inputs = {i: fingerprint(s) for s, i in zip(cfg.shards, ids)}
     if cfg.semantic == "images":
         inputs["image-model"] = fingerprint(os.fspath(weights))
@@ -335,6 +333,24 @@ def _shard_output(out: Path, sid: str) -> Path:
     return out / WORK / "shards" / f"{sid}.npz"
 
 
+def _caption_cache(cfg: DedupConfig, out: Path, shard: str) -> list[Path]:
+    """The cluster job's cache files of one shard's caption embeddings (none without them)."""
+    if cfg.semantic != "captions":
+        return []
+    from mode_fast.clustering.embedders import cache_files
+
+    return list(cache_files(out / EMBEDDINGS, shard, _embedder_name(cfg)))
+
+
+def _embedder_name(cfg: DedupConfig) -> str:
+    """The caption embedder's name (what its embeddings depend on; run.json records it)."""
+    from mode_fast.clustering.embedders import make_embedder
+
+    if isinstance(cfg.embedder, str | dict):
+        return str(make_embedder(cfg.embedder).name)  # cheap: models load lazily
+    return str(cfg.embedder.name)
+
+
 def _run(cfg: DedupConfig, ids: list[str], state: RunState) -> dict[str, Any]:
     out = cfg.out
     (out / WORK / "shards").mkdir(parents=True, exist_ok=True)
@@ -347,11 +363,15 @@ def _run(cfg: DedupConfig, ids: list[str], state: RunState) -> dict[str, Any]:
         }  # fmt: skip
         todo = [dict(common, shard=str(s), sid=i, output=str(_shard_output(out, i)))
                 for s, i in zip(cfg.shards, ids) if not state.is_done(f"shard:{i}")]  # fmt: skip
+        caches = {t["sid"]: _caption_cache(cfg, out, t["shard"]) for t in todo}
+        for paths in caches.values():  # a cache run.json does not vouch for (a changed shard, a kill) is redone
+            for f in paths:
+                f.unlink(missing_ok=True)
         step = state.track("read", len(ids), len(ids) - len(todo))
 
         def read(result: dict[str, Any]) -> None:
             sid = shard_id(result["shard"])
-            state.mark_done(f"shard:{sid}", [_shard_output(out, sid)])
+            state.mark_done(f"shard:{sid}", [_shard_output(out, sid), *caches[sid]])
             step()
 
         # every worker pins torch to the same share of the cores, whatever the executor (as the
