@@ -16,6 +16,7 @@ import torch
 
 from mode_fast import cli
 from mode_fast.core.errors import ConfigError, InputError
+from mode_fast.data.io import shard_id
 from mode_fast.data.loader import read_key_list
 from mode_fast.dedup.run import DedupConfig, eps_folder, run_dedup
 from mode_fast.kernels.reference import max_earlier_similarity_dense
@@ -363,15 +364,25 @@ def test_missing_and_damaged_shards(pool, tmp_path, capsys):
     assert "nope.tar" in _error_line(capsys)
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar" * 100)
-    argv = ["dedup", str(shards[0]), str(bad), "--out", str(tmp_path / "o2"), "--embedder", "hash16",
+    argv = ["dedup", str(bad), "--out", str(tmp_path / "o2"), "--embedder", "hash16", "--no-progress"]
+    assert cli.main(argv) == 2  # unreadable as a whole: one line naming it, nothing left behind
+    assert "bad.tar: not a readable tar file" in _error_line(capsys)
+    assert not (tmp_path / "o2").exists()
+    assert cli.main(["dedup", str(shards[0]), *argv[1:]]) == 2  # after a good shard: its read is kept for the rerun
+    assert "bad.tar: not a readable tar file" in _error_line(capsys)
+    units = json.loads((tmp_path / "o2" / "run.json").read_text())["units"]
+    assert [u for u in units if u.startswith("shard:")] == ["shard:" + shard_id(shards[0])]
+    # a truncated tar: the damaged record and the damaged end are counted, the rest deduplicated
+    cut = tmp_path / "cut.tar"
+    data = shards[1].read_bytes()
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    argv = ["dedup", str(shards[0]), str(cut), "--out", str(tmp_path / "o3"), "--embedder", "hash16",
             "--clusters", "2", "--no-progress"]  # fmt: skip
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    if code == 2:  # unreadable as a whole: one line naming it
-        assert "bad.tar" in err.strip().splitlines()[-1]
-    else:  # read as damage: counted
-        assert code == 0
-        assert json.loads((tmp_path / "o2" / "summary.json").read_text())["skipped"]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "o3" / "summary.json").read_text())
+    assert summary["skipped"] == {"corrupt_member": 1, "corrupt_tar_tail": 1}
+    assert summary["pool"] == summary["usable"] + 1
+    assert "(skipped 1, 1 damaged shard end)" in capsys.readouterr().out
 
 
 def test_config_errors(pool, tmp_path):
@@ -417,6 +428,7 @@ def test_interrupt_and_kill_then_rerun(pool, tmp_path, sig):
     deadline = time.monotonic() + 60
     while not list((out / ".work" / "shards").glob("*.npz")) and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.3)  # the shard's file is there; its unit is recorded just after (the next takes 1 s)
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     if sig == "SIGINT":

@@ -352,8 +352,7 @@ def _embedder_name(cfg: DedupConfig) -> str:
 
 
 def _run(cfg: DedupConfig, ids: list[str], state: RunState) -> dict[str, Any]:
-    out = cfg.out
-    (out / WORK / "shards").mkdir(parents=True, exist_ok=True)
+    out = cfg.out  # folders are made as files are written: a run refused at its first shard leaves nothing
     runner = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
     try:
         common = {
@@ -431,7 +430,7 @@ def _semantic(
 
     from mode_fast.clustering.kmeans import KMeans
 
-    work = out_work = cfg.out / WORK
+    work = cfg.out / WORK
     emb = pool["embeddings"]
     n = len(pool["keys"])
     finite = np.isfinite(emb).all(1) if emb.shape[1] else np.zeros(n, bool)
@@ -459,10 +458,9 @@ def _semantic(
         state.mark_done("kmeans", list(paths.values()))
     labels = np.load(paths["labels"])
     sizes = np.bincount(labels, minlength=cfg.clusters)
-    (out_work / "clusters").mkdir(parents=True, exist_ok=True)
 
     def output(c: int) -> Path:
-        return out_work / "clusters" / f"{c}.npz"
+        return work / "clusters" / f"{c}.npz"
 
     common = {k: str(v) for k, v in paths.items()} | {"order": cfg.order, "seed": cfg.seed, "device": cfg.device}
     starts = np.concatenate([[0], np.cumsum(sizes)])
