@@ -200,10 +200,14 @@ def test_semantic_on_images_through_a_model_spec(sample_pool, tmp_path):
     """--semantic images: an open_clip model given as train --pretrained takes one
     (ARCH:FILE, the weights read as data); its unit image embeddings go through the same
     stage (the maxima equal the dense oracle's in keep order)."""
+    from conftest import write_tar_members
+
     from mode_fast.training.checkpoint import build_model
     from mode_fast.training.models import register_model_configs
 
-    shards = sample_pool
+    odd = write_tar_members(tmp_path / "odd.tar", [("bad.txt", b"a torn picture"), ("bad.jpg", b"not a jpeg"),
+                                                   ("noimg.txt", b"a caption without a picture")])  # fmt: skip
+    shards = [*sample_pool, odd]
     register_model_configs()
     torch.manual_seed(0)
     model, _ = build_model("mode-fast-tiny")
@@ -212,7 +216,13 @@ def test_semantic_on_images_through_a_model_spec(sample_pool, tmp_path):
     out = tmp_path / "out"
     summary = run_dedup(DedupConfig(shards=shards, out=out, semantic="images", image_model=f"mode-fast-tiny:{weights}",
                                     clusters=3, eps="0.001,0.01", progress=False, batch_size=16))  # fmt: skip
-    assert summary["semantic"]["items"] == summary["usable"] - summary["exact"]["removed"] == 48
+    # the undecodable image and the missing one stay in, counted; the rest go through the model
+    assert summary["semantic"]["items"] == summary["usable"] - 2 == 48 and summary["exact"]["removed"] == 0
+    assert summary["exact"]["not_checked"] == 1
+    assert (
+        summary["semantic"]["not_embedded"]["no_image"] == 1 and sum(summary["semantic"]["not_embedded"].values()) == 2
+    )
+    assert {"bad", "noimg"} <= set((out / "eps_0.01" / "kept_keys.txt").read_text().split())
     assert json.loads((out / "run.json").read_text())["inputs"]["image-model"]["path"].endswith("tiny.pt")
     emb = np.load(out / ".work" / "candidates.npy")
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)

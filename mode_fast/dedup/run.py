@@ -407,14 +407,17 @@ def _load_pool(out: Path, ids: list[str]) -> dict[str, Any]:
             embs.append(z["embeddings"])
             metas.append(json.loads(str(z["meta"])))
         shard_of.append(np.full(len(keys[-1]), n, np.int64))
-    dims = {e.shape[1] for e in embs if len(e)}
+    # a shard with no embedded record (no image decoded) has no size of its own: NaN rows
+    embedded = [e for e in embs if len(e) and np.isfinite(e).all(1).any()]
+    dims = {e.shape[1] for e in embedded}
     if len(dims) > 1:
         raise InputError(f"the shards' embeddings have different sizes {sorted(dims)}: rerun with --overwrite")
     dim = dims.pop() if dims else 0
+    embs = [e if any(e is f for f in embedded) else np.full((len(e), dim), np.nan, np.float32) for e in embs]
     return {
         "keys": np.concatenate(keys) if keys else np.zeros(0, str),
         "hashes": [h for part in hashes for h in part.tolist()],
-        "embeddings": np.concatenate([e.reshape(len(e), dim) for e in embs]) if embs else np.zeros((0, dim)),
+        "embeddings": np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
         "shard": np.concatenate(shard_of),
         "meta": metas,
     }
