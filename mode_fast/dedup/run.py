@@ -33,13 +33,13 @@ from mode_fast.core.errors import ConfigError, InputError
 from mode_fast.core.executor import executor_option, make_executor, ray_address_option, run_with_progress
 from mode_fast.core.runs import MANIFEST, RunState, fingerprint
 from mode_fast.data.io import missing_shard, shard_id
+from mode_fast.data.loader import DEFAULT_IMAGE_KEY  # the image members train reads
 from mode_fast.dedup.exact import EXACT_MODES, NO_HASH, first_occurrence, image_bytes, record_hash
 from mode_fast.dedup.semantic import ORDERS, chain_ends, cluster_task
 
 logger = logging.getLogger(__name__)
 
 SEMANTIC_MODES = ("off", "captions", "images")
-DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"  # the training loader's (mode_fast.data.loader)
 WORK = ".work"
 EMBEDDINGS = "embeddings"  # the caption cache, as the cluster job lays it out
 SUMMARY = "summary.json"
