@@ -16,6 +16,7 @@ import torch
 
 from mode_fast import cli
 from mode_fast.core.errors import ConfigError, InputError
+from mode_fast.data.io import shard_id
 from mode_fast.data.loader import read_key_list
 from mode_fast.dedup.run import DedupConfig, eps_folder, run_dedup
 from mode_fast.kernels.reference import max_earlier_similarity_dense
@@ -168,17 +169,45 @@ def test_semantic_equals_the_public_rule(pool, tmp_path, order):
     assert len(keys) == summary["usable"]
 
 
-def test_semantic_on_images_through_a_model_spec(tmp_path):
+@pytest.fixture(scope="module")
+def sample_pool(tmp_path_factory) -> list[Path]:
+    """The embedded sample's generator, small: 48 pairs (real JPEGs) in 2 shards."""
+    from mode_fast.demo.sample import write_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    write_sample(root, num_pairs=48, shard_size=24, eval_pairs=8, image_size=32)
+    shards = sorted(root.glob("pool/*.tar"))
+    assert len(shards) == 2
+    return shards
+
+
+def test_train_keep_keys_takes_kept_keys(sample_pool, tmp_path):
+    """train --keep-keys OUT/eps_X/kept_keys.txt trains on exactly the kept pairs."""
+    from test_train import run_train
+
+    out = tmp_path / "dedup"
+    summary = run_dedup(DedupConfig(shards=sample_pool, out=out, embedder="hash16", clusters=2, eps="0.3",
+                                    progress=False))  # fmt: skip
+    kept = summary["eps"]["0.3"]["kept"]
+    assert 0 < kept < 48
+    run_train(["--data", str(sample_pool[0].parent), "--out", str(tmp_path / "run"), "--steps", "1",
+               "--keep-keys", str(out / "eps_0.3" / "kept_keys.txt")])  # fmt: skip
+    data = json.loads((tmp_path / "run" / "seed" / "data.json").read_text())
+    assert data["samples"] == kept and data["skipped"] == {"filtered out": 48 - kept}
+
+
+def test_semantic_on_images_through_a_model_spec(sample_pool, tmp_path):
     """--semantic images: an open_clip model given as train --pretrained takes one
     (ARCH:FILE, the weights read as data); its unit image embeddings go through the same
     stage (the maxima equal the dense oracle's in keep order)."""
-    from mode_fast.demo.sample import write_sample
+    from conftest import write_tar_members
+
     from mode_fast.training.checkpoint import build_model
     from mode_fast.training.models import register_model_configs
 
-    info = write_sample(tmp_path / "sample", num_pairs=48, shard_size=24, eval_pairs=8, image_size=32)
-    shards = sorted((tmp_path / "sample").glob("pool/*.tar"))
-    assert len(shards) == 2, info
+    odd = write_tar_members(tmp_path / "odd.tar", [("bad.txt", b"a torn picture"), ("bad.jpg", b"not a jpeg"),
+                                                   ("noimg.txt", b"a caption without a picture")])  # fmt: skip
+    shards = [*sample_pool, odd]
     register_model_configs()
     torch.manual_seed(0)
     model, _ = build_model("mode-fast-tiny")
@@ -187,7 +216,13 @@ def test_semantic_on_images_through_a_model_spec(tmp_path):
     out = tmp_path / "out"
     summary = run_dedup(DedupConfig(shards=shards, out=out, semantic="images", image_model=f"mode-fast-tiny:{weights}",
                                     clusters=3, eps="0.001,0.01", progress=False, batch_size=16))  # fmt: skip
-    assert summary["semantic"]["items"] == summary["usable"] - summary["exact"]["removed"] == 48
+    # the undecodable image and the missing one stay in, counted; the rest go through the model
+    assert summary["semantic"]["items"] == summary["usable"] - 2 == 48 and summary["exact"]["removed"] == 0
+    assert summary["exact"]["not_checked"] == 1
+    assert (
+        summary["semantic"]["not_embedded"]["no_image"] == 1 and sum(summary["semantic"]["not_embedded"].values()) == 2
+    )
+    assert {"bad", "noimg"} <= set((out / "eps_0.01" / "kept_keys.txt").read_text().split())
     assert json.loads((out / "run.json").read_text())["inputs"]["image-model"]["path"].endswith("tiny.pt")
     emb = np.load(out / ".work" / "candidates.npy")
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
@@ -277,6 +312,38 @@ def test_rerun_rule(pool, tmp_path, caplog):
         run_dedup(_config(shards, out, eps="0.05,0.2", clusters=3, embedder="hash16"))
 
 
+def test_a_changed_shard_is_reread_and_the_rest_redone(pool, tmp_path, caplog):
+    """A rewritten shard: that shard read again (its cached caption embeddings too), the
+    k-means and after redone; the outputs are those of a fresh run on the new pool."""
+    import shutil
+
+    shards, records, _, _ = pool
+    copies = []
+    for s in shards:
+        copies.append(tmp_path / "pool" / s.name)
+        copies[-1].parent.mkdir(exist_ok=True)
+        shutil.copy(s, copies[-1])
+    out = tmp_path / "out"
+    run_dedup(_config(copies, out, eps="0.001,0.05"))
+    from conftest import write_tar_members
+
+    members = []
+    for r in records[24:48]:  # shard 1, every caption a copy of topic 0's: more near-duplicates
+        caption = f"topic 0 copy {int(r['uid'][1:]) % 5} item {r['uid']}"
+        members += [(f"{r['uid']}.txt", caption.encode()), (f"{r['uid']}.jpg", r["jpg"])]
+    write_tar_members(copies[1], members)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / ".work" / "shards").glob("*.npz")}
+    caplog.clear()
+    run_dedup(_config(copies, out, eps="0.001,0.05"))
+    after = {p.name: p.stat().st_mtime_ns for p in (out / ".work" / "shards").glob("*.npz")}
+    assert [n for n in before if after[n] != before[n]] == [sorted(before)[1]]
+    assert "pool-0001.tar (changed) since the run" in caplog.text
+    run_dedup(_config(copies, tmp_path / "fresh", eps="0.001,0.05"))
+    for eps in ("eps_0.001", "eps_0.05"):
+        for name in ("kept_keys.txt", "duplicates.tsv", "summary.json"):
+            assert (out / eps / name).read_bytes() == (tmp_path / "fresh" / eps / name).read_bytes(), (eps, name)
+
+
 def _error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
@@ -307,15 +374,25 @@ def test_missing_and_damaged_shards(pool, tmp_path, capsys):
     assert "nope.tar" in _error_line(capsys)
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar" * 100)
-    argv = ["dedup", str(shards[0]), str(bad), "--out", str(tmp_path / "o2"), "--embedder", "hash16",
+    argv = ["dedup", str(bad), "--out", str(tmp_path / "o2"), "--embedder", "hash16", "--no-progress"]
+    assert cli.main(argv) == 2  # unreadable as a whole: one line naming it, nothing left behind
+    assert "bad.tar: not a readable tar file" in _error_line(capsys)
+    assert not (tmp_path / "o2").exists()
+    assert cli.main(["dedup", str(shards[0]), *argv[1:]]) == 2  # after a good shard: its read is kept for the rerun
+    assert "bad.tar: not a readable tar file" in _error_line(capsys)
+    units = json.loads((tmp_path / "o2" / "run.json").read_text())["units"]
+    assert [u for u in units if u.startswith("shard:")] == ["shard:" + shard_id(shards[0])]
+    # a truncated tar: the damaged record and the damaged end are counted, the rest deduplicated
+    cut = tmp_path / "cut.tar"
+    data = shards[1].read_bytes()
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    argv = ["dedup", str(shards[0]), str(cut), "--out", str(tmp_path / "o3"), "--embedder", "hash16",
             "--clusters", "2", "--no-progress"]  # fmt: skip
-    code = cli.main(argv)
-    err = capsys.readouterr().err
-    if code == 2:  # unreadable as a whole: one line naming it
-        assert "bad.tar" in err.strip().splitlines()[-1]
-    else:  # read as damage: counted
-        assert code == 0
-        assert json.loads((tmp_path / "o2" / "summary.json").read_text())["skipped"]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "o3" / "summary.json").read_text())
+    assert summary["skipped"] == {"corrupt_member": 1, "corrupt_tar_tail": 1}
+    assert summary["pool"] == summary["usable"] + 1
+    assert "(skipped 1, 1 damaged shard end)" in capsys.readouterr().out
 
 
 def test_config_errors(pool, tmp_path):
@@ -361,6 +438,7 @@ def test_interrupt_and_kill_then_rerun(pool, tmp_path, sig):
     deadline = time.monotonic() + 60
     while not list((out / ".work" / "shards").glob("*.npz")) and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.3)  # the shard's file is there; its unit is recorded just after (the next takes 1 s)
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     if sig == "SIGINT":

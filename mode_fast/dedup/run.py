@@ -33,13 +33,13 @@ from mode_fast.core.errors import ConfigError, InputError
 from mode_fast.core.executor import executor_option, make_executor, ray_address_option, run_with_progress
 from mode_fast.core.runs import MANIFEST, RunState, fingerprint
 from mode_fast.data.io import missing_shard, shard_id
+from mode_fast.data.loader import DEFAULT_IMAGE_KEY  # the image members train reads
 from mode_fast.dedup.exact import EXACT_MODES, NO_HASH, first_occurrence, image_bytes, record_hash
 from mode_fast.dedup.semantic import ORDERS, chain_ends, cluster_task
 
 logger = logging.getLogger(__name__)
 
 SEMANTIC_MODES = ("off", "captions", "images")
-DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"  # the training loader's (mode_fast.data.loader)
 WORK = ".work"
 EMBEDDINGS = "embeddings"  # the caption cache, as the cluster job lays it out
 SUMMARY = "summary.json"
@@ -279,6 +279,8 @@ def _owned(out: Path) -> list[str]:
 def _recompute(field: str) -> list[str] | None:
     """What a changed field invalidates (None: stop, naming it)."""
     later = ["kmeans", "cluster:*", "write:*"]
+    if field == "input image-model":  # other weights: every shard's image embeddings
+        return ["shard:*", *later]
     if field.startswith("input "):
         return [f"shard:{field[6:]}", *later]
     if field in ("--eps", "--write-shards"):
@@ -300,18 +302,14 @@ def run_dedup(cfg: DedupConfig) -> dict[str, Any]:
             raise missing_shard(s)
     values = dict(manifest_args(cfg))
     if cfg.semantic == "captions":
-        from mode_fast.clustering.embedders import make_embedder
-
-        # recorded by name, as the cluster job does (what the embeddings depend on)
-        values["--embedder"] = (
-            make_embedder(cfg.embedder).name if isinstance(cfg.embedder, str | dict) else str(cfg.embedder.name)
-        )
+        values["--embedder"] = _embedder_name(cfg)  # by name, as the cluster job records it
     if cfg.semantic == "images":
-        from mode_fast.training.checkpoint import parse_model_spec
+        from mode_fast.training.checkpoint import check_model_checkpoint, parse_model_spec
 
         weights = parse_model_spec(cfg.image_model, flag="--image-model")  # a missing tag: before any output
         if not Path(os.fspath(weights)).is_file():
             raise InputError(f"--image-model {cfg.image_model}: file {os.fspath(weights)} not found")
+        check_model_checkpoint(weights)  # a file load_model would refuse: refused now, before any output
     inputs = {i: fingerprint(s) for s, i in zip(cfg.shards, ids)}
     if cfg.semantic == "images":
         inputs["image-model"] = fingerprint(os.fspath(weights))
@@ -335,9 +333,26 @@ def _shard_output(out: Path, sid: str) -> Path:
     return out / WORK / "shards" / f"{sid}.npz"
 
 
+def _caption_cache(cfg: DedupConfig, out: Path, shard: str) -> list[Path]:
+    """The cluster job's cache files of one shard's caption embeddings (none without them)."""
+    if cfg.semantic != "captions":
+        return []
+    from mode_fast.clustering.embedders import cache_files
+
+    return list(cache_files(out / EMBEDDINGS, shard, _embedder_name(cfg)))
+
+
+def _embedder_name(cfg: DedupConfig) -> str:
+    """The caption embedder's name (what its embeddings depend on; run.json records it)."""
+    from mode_fast.clustering.embedders import make_embedder
+
+    if isinstance(cfg.embedder, str | dict):
+        return str(make_embedder(cfg.embedder).name)  # cheap: models load lazily
+    return str(cfg.embedder.name)
+
+
 def _run(cfg: DedupConfig, ids: list[str], state: RunState) -> dict[str, Any]:
-    out = cfg.out
-    (out / WORK / "shards").mkdir(parents=True, exist_ok=True)
+    out = cfg.out  # folders are made as files are written: a run refused at its first shard leaves nothing
     runner = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
     try:
         common = {
@@ -347,11 +362,15 @@ def _run(cfg: DedupConfig, ids: list[str], state: RunState) -> dict[str, Any]:
         }  # fmt: skip
         todo = [dict(common, shard=str(s), sid=i, output=str(_shard_output(out, i)))
                 for s, i in zip(cfg.shards, ids) if not state.is_done(f"shard:{i}")]  # fmt: skip
+        caches = {t["sid"]: _caption_cache(cfg, out, t["shard"]) for t in todo}
+        for paths in caches.values():  # a cache run.json does not vouch for (a changed shard, a kill) is redone
+            for f in paths:
+                f.unlink(missing_ok=True)
         step = state.track("read", len(ids), len(ids) - len(todo))
 
         def read(result: dict[str, Any]) -> None:
             sid = shard_id(result["shard"])
-            state.mark_done(f"shard:{sid}", [_shard_output(out, sid)])
+            state.mark_done(f"shard:{sid}", [_shard_output(out, sid), *caches[sid]])
             step()
 
         # every worker pins torch to the same share of the cores, whatever the executor (as the
@@ -388,14 +407,17 @@ def _load_pool(out: Path, ids: list[str]) -> dict[str, Any]:
             embs.append(z["embeddings"])
             metas.append(json.loads(str(z["meta"])))
         shard_of.append(np.full(len(keys[-1]), n, np.int64))
-    dims = {e.shape[1] for e in embs if len(e)}
+    # a shard with no embedded record (no image decoded) has no size of its own: NaN rows
+    embedded = [e for e in embs if len(e) and np.isfinite(e).all(1).any()]
+    dims = {e.shape[1] for e in embedded}
     if len(dims) > 1:
         raise InputError(f"the shards' embeddings have different sizes {sorted(dims)}: rerun with --overwrite")
     dim = dims.pop() if dims else 0
+    embs = [e if any(e is f for f in embedded) else np.full((len(e), dim), np.nan, np.float32) for e in embs]
     return {
         "keys": np.concatenate(keys) if keys else np.zeros(0, str),
         "hashes": [h for part in hashes for h in part.tolist()],
-        "embeddings": np.concatenate([e.reshape(len(e), dim) for e in embs]) if embs else np.zeros((0, dim)),
+        "embeddings": np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
         "shard": np.concatenate(shard_of),
         "meta": metas,
     }
@@ -411,7 +433,7 @@ def _semantic(
 
     from mode_fast.clustering.kmeans import KMeans
 
-    work = out_work = cfg.out / WORK
+    work = cfg.out / WORK
     emb = pool["embeddings"]
     n = len(pool["keys"])
     finite = np.isfinite(emb).all(1) if emb.shape[1] else np.zeros(n, bool)
@@ -439,10 +461,9 @@ def _semantic(
         state.mark_done("kmeans", list(paths.values()))
     labels = np.load(paths["labels"])
     sizes = np.bincount(labels, minlength=cfg.clusters)
-    (out_work / "clusters").mkdir(parents=True, exist_ok=True)
 
     def output(c: int) -> Path:
-        return out_work / "clusters" / f"{c}.npz"
+        return work / "clusters" / f"{c}.npz"
 
     common = {k: str(v) for k, v in paths.items()} | {"order": cfg.order, "seed": cfg.seed, "device": cfg.device}
     starts = np.concatenate([[0], np.cumsum(sizes)])

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`mode-fast dedup`: `run_dedup` on the listed shards (globs expanded)."""
-    from mode_fast.data.io import ShardError, list_shards
+    from mode_fast.data.io import CORRUPT_TAR_TAIL, ShardError, list_shards
 
     try:
         shards = list_shards(args.shards)
@@ -33,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
         f"eps {eps}: {s['removed_exact']} exact + {s['removed_semantic']} semantic removed, {s['kept']} kept"
         for eps, s in summary["eps"].items()
     )
-    skipped = sum(summary["skipped"].values())
-    print(f"{summary['usable']} usable records of {summary['pool']} (skipped {skipped or 'none'}); {removed}; "
-          f"outputs in {cfg.out}")  # fmt: skip
+    # a damaged shard end is counted per shard, not as a record (mode_fast.data.io)
+    skipped = sum(n for reason, n in summary["skipped"].items() if reason != CORRUPT_TAR_TAIL)
+    tails = summary["skipped"].get(CORRUPT_TAR_TAIL, 0)
+    damaged = f", {tails} damaged shard end{'s' if tails > 1 else ''}" if tails else ""
+    print(f"{summary['usable']} usable records of {summary['pool']} (skipped {skipped or 'none'}{damaged}); "
+          f"{removed}; outputs in {cfg.out}")  # fmt: skip
     return 0
