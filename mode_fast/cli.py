@@ -24,6 +24,7 @@ from mode_fast.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, Int
 COMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("mode_fast.jobs.curate", "MetaCLIP curation: match captions to metadata, count, balance"),
     "cluster": ("mode_fast.jobs.cluster", "MoDE two-level clustering: fine k-means centers, coarse experts"),
+    "dedup": ("mode_fast.jobs.dedup", "exact and semantic (SemDeDup) deduplication: kept keys per eps"),
     "train": ("mode_fast.jobs.train", "train MoDE data experts on open_clip models"),
     "eval": ("mode_fast.jobs.eval", "zero-shot evaluation of experts and their ensemble"),
     "export": (

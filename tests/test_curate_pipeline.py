@@ -511,7 +511,8 @@ def test_cli_estimate_and_run(tmp_path, meta, make_pool, capsys):
 
 def test_run_json_args_are_the_configs_result_flags(tmp_path, meta, make_pool):
     """The parser is built from CurateConfig, and run.json records its result-changing flags:
-    --metadata by the list's sha256, --semantics (added with MetaCLIP 2) only when not metaclip1."""
+    --metadata by the list's sha256, --semantics (added with MetaCLIP 2) only when not metaclip1,
+    --keep-keys (added with dedup) only when given."""
     import argparse
 
     from mode_fast.core.config import result_flags
@@ -525,7 +526,7 @@ def test_run_json_args_are_the_configs_result_flags(tmp_path, meta, make_pool):
     args = parser.parse_args([str(tmp_path / "pool"), "--out", str(out), "--metadata", str(meta), "--t", "5"])
     assert curate_job.run(args) == 0
     recorded = json.loads((out / "run.json").read_text())["args"]
-    assert set(recorded) == result_flags(CurateConfig) - {"--semantics"}
+    assert set(recorded) == result_flags(CurateConfig) - {"--semantics", "--keep-keys"}
     assert recorded["--metadata"] == metadata_sha256(METADATA) and recorded["--t"] == 5.0
     with pytest.raises(SystemExit):  # argparse: one of the two
         parser.parse_args([str(tmp_path / "pool"), "--out", str(out), "--t", "5", "--target-size", "3"])
@@ -565,3 +566,68 @@ def test_a_work_folder_named_by_the_old_shard_ids_is_redone_not_mixed(tmp_path, 
     redone, clean = outputs(out), outputs(tmp_path / "clean")
     del redone["run.json"], clean["run.json"]  # its outputs list names the old matches files too
     assert redone == clean
+
+
+# --- --keep-keys: curate only the listed records ---------------------------------------------
+
+
+def test_keep_keys_curates_as_if_the_pool_held_only_the_listed_records(tmp_path, meta, make_pool, caplog):
+    """The reference: the same curation over a pool written with only the listed records
+    (kept sets do not depend on sharding). Unlisted records are filtered, not skipped; a rerun
+    is a no-op; new file contents are redone (matches reused); the old contents come back."""
+    import hashlib
+
+    recs = make_records(500)
+    listed = [r for i, r in enumerate(recs) if i % 3]
+    make_pool(tmp_path / "pool", recs, 3)
+    make_pool(tmp_path / "listed", listed, 2)
+    keys = tmp_path / "kept_keys.txt"
+    keys.write_text("\n".join(r["uid"] for r in listed) + "\n\nnot-in-the-pool\n")  # blank and stray lines
+    out = tmp_path / "out"
+    got = run(tmp_path / "pool", out, meta, t=10, seed=2, keep_keys=keys)
+    ref = run(tmp_path / "listed", tmp_path / "ref", meta, t=10, seed=2)
+    assert sorted(kept_keys(out)) == sorted(kept_keys(tmp_path / "ref")) and 0 < got["kept"] < len(listed)
+    np.testing.assert_array_equal(np.load(out / "entry_count.npy"), np.load(tmp_path / "ref" / "entry_count.npy"))
+    for name in ("matched", "kept", "expected_kept", "skipped_total"):
+        assert got[name] == ref[name], name
+    assert got["pool_size"] == 500 and got["filtered_by_keep_keys"] == 500 - len(listed)
+    assert got["keep_keys"] == {"file": str(keys), "sha256": hashlib.sha256(keys.read_bytes()).hexdigest(),
+                                "keys": len(listed) + 1}  # fmt: skip
+    curated = {r.key for p in sorted((out / "data").iterdir()) for r in read_shard(p, "caption")}
+    assert curated == set(kept_keys(out))
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["args"]["--keep-keys"] == got["keep_keys"]["sha256"]
+
+    caplog.set_level(logging.INFO, logger="mode_fast.curation")
+    assert run(tmp_path / "pool", out, meta, t=10, seed=2, keep_keys=keys) == got  # a no-op
+    assert any("nothing to do" in m for m in caplog.messages)
+
+    fewer = [r for i, r in enumerate(listed) if i % 2]
+    keys.write_text("\n".join(r["uid"] for r in fewer) + "\n")  # same path, other content
+    redone = run(tmp_path / "pool", out, meta, t=10, seed=2, keep_keys=keys)
+    make_pool(tmp_path / "fewer", fewer, 1)
+    ref2 = run(tmp_path / "fewer", tmp_path / "ref2", meta, t=10, seed=2)
+    assert redone["matches_reused_shards"] == 3 and redone["sampled_shards"] == 3
+    assert sorted(kept_keys(out)) == sorted(kept_keys(tmp_path / "ref2")) and redone["kept"] == ref2["kept"]
+    assert redone["filtered_by_keep_keys"] == 500 - len(fewer)
+
+    without = run(tmp_path / "pool", out, meta, t=10, seed=2)  # no list: the whole pool again
+    assert "filtered_by_keep_keys" not in without and without["sampled_shards"] == 3
+    assert "--keep-keys" not in json.loads((out / "run.json").read_text())["args"]
+
+
+def test_keep_keys_errors_are_one_line(tmp_path, meta, make_pool, capsys):
+    make_pool(tmp_path / "pool", make_records(60), 1)
+    base = ["curate", str(tmp_path / "pool"), "--out", str(tmp_path / "out"), "--metadata", str(meta), "--t", "5"]
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "other_pool.txt").write_text("x1\nx2\n")
+    for name, says in [
+        ("missing.txt", "missing.txt: file not found (curate writes OUT/kept_keys.txt)"),
+        (".", "not a file"),
+        ("latin1.txt", "latin1.txt: not UTF-8 text"),
+        ("other_pool.txt", "lists none of the pool's 60 records (it holds keys like 'x1')"),
+    ]:
+        assert main([*base, "--keep-keys", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("mode-fast curate: error: --keep-keys ") and says in err[-1], err
+        assert not (tmp_path / "out" / "manifest.json").exists()

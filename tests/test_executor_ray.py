@@ -126,6 +126,23 @@ def test_cluster_ray_matches_local(pool, tmp_path, local_ray):
     assert np.array_equal(ca.expert_of_fine, cb.expert_of_fine)
 
 
+def test_dedup_ray_matches_local(pool, tmp_path, local_ray):
+    """mode-fast dedup: shards and clusters on Ray actors give the local run's bytes."""
+    from mode_fast.dedup.run import DedupConfig, run_dedup
+
+    def dedup(out: Path, executor: str) -> dict:
+        return run_dedup(DedupConfig(shards=sorted(pool.glob("*.tar")), out=out, embedder="hash16", clusters=8,
+                                     eps="0.01,0.1", workers=2, executor=executor, progress=False))  # fmt: skip
+
+    a = dedup(tmp_path / "local", "local")
+    local_ray()
+    b = dedup(tmp_path / "ray", "ray")
+    assert a == b and a["eps"]["0.1"]["removed_semantic"] > 0
+    for eps in ("eps_0.01", "eps_0.1"):
+        for name in ("kept_keys.txt", "duplicates.tsv"):
+            assert (tmp_path / "ray" / eps / name).read_bytes() == (tmp_path / "local" / eps / name).read_bytes()
+
+
 def test_cluster_ray_worker_killed(pool, tmp_path, local_ray):
     a = _cluster(pool, tmp_path / "local", "local")
     marker = tmp_path / "died"

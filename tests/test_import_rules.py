@@ -3,7 +3,7 @@
 Every import of every module in the package is parsed (function-local, relative and
 `importlib.import_module("...")` ones included) and judged by the package it names, so a new
 module is held to its folder's rule with no list of module names to keep up to date. Stages
-(curation, clustering, training, evaluation) may use one another as long as no two of them
+(curation, clustering, training, evaluation, dedup) may use one another as long as no two of them
 import each other; only the CLI imports the jobs.
 """
 
@@ -25,6 +25,7 @@ LAYERS = {
     "clustering": 2,
     "training": 2,
     "evaluation": 2,
+    "dedup": 2,
     "demo": 3,
     "jobs": 4,
     "cli": 5,

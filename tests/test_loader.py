@@ -14,6 +14,7 @@ import torch
 from mode_fast.clustering.folder import load_expert_assignments
 from mode_fast.core.errors import InputError
 from mode_fast.data import loader as L
+from mode_fast.data.io import read_key_list
 
 torch.set_num_threads(1)  # shared 2-core machine: oversubscribed OpenMP threads crawl
 
@@ -207,14 +208,14 @@ def test_too_few_samples_for_a_batch_is_an_error(shards):
 def test_keep_keys_filters_at_load_time(shards, tmp_path):
     kept = {f"k{i:05d}" for i in range(0, 200, 3)}
     (tmp_path / "kept_keys.txt").write_text("\n".join(sorted(kept)) + "\n\n")
-    keys_file = L.read_key_list(tmp_path / "kept_keys.txt")
+    keys_file = read_key_list(tmp_path / "kept_keys.txt")
     assert keys_file == kept
     stream = make_stream(shards, batch=8, keep=lambda k: k in keys_file)
     assert stream.index.total == len(kept)
     keys, _ = collect(stream.iter_batches())
     assert set(keys) <= kept and len(keys) == (len(kept) // 8) * 8
-    with pytest.raises(FileNotFoundError, match="kept_keys"):
-        L.read_key_list(tmp_path / "missing.txt")
+    with pytest.raises(InputError, match="missing.txt: file not found.*kept_keys"):
+        read_key_list(tmp_path / "missing.txt")
 
 
 def test_share_hash_is_uniform_and_fixed():

@@ -1,7 +1,9 @@
 """The end-to-end demo (`mode-fast demo --quick`) on a tiny sample: every step
-runs through the CLI; MoDE's comparison model is the seed continued on all the data for the
+runs through the CLI; dedup removes the sample's near-duplicates before curate (scored against
+the sample's own record of them); MoDE's comparison model is the seed continued on all the data for the
 experts' steps, the other single model gets the ensemble's training compute; a rerun resumes,
-and a demo finished before the same-schedule model existed runs only that model's step."""
+a demo finished before the same-schedule model existed runs only that model's step, and one
+curated before the dedup step runs only dedup."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def test_demo_runs_every_step_and_reports(demo):
     names = [x["step"] for x in timings["runs"][0]["steps"]]
     assert not any(x.get("skipped") for x in timings["runs"][0]["steps"])
     assert all(x["cpu_seconds"] >= 0 and x["seconds"] > 0 for x in timings["runs"][0]["steps"])
-    assert names[:4] == ["sample", "curate", "cluster", "train seed"]
+    assert names[:5] == ["sample", "dedup", "curate", "cluster", "train seed"]
     assert [n for n in names if n.startswith("train expert")] == [f"train expert {k}" for k in range(s.experts)]
     assert names[-2:] == ["eval", "eval digits"]  # scikit-learn is in the dev environment
     results = json.loads((demo / "eval" / "results.json").read_text())
@@ -101,7 +103,8 @@ def test_summary_json_holds_every_section(demo):
 
 
 def test_curation_counts_match_curates_own(demo):
-    """The summary's re-matching of captions agrees with curate's counts on the whole pool."""
+    """The summary's re-matching of captions agrees with curate's counts on the pool that
+    dedup kept (the records curate's --keep-keys lists)."""
     import numpy as np
 
     from mode_fast._matcher import Matcher
@@ -109,7 +112,9 @@ def test_curation_counts_match_curates_own(demo):
 
     entries = load_metadata(None)
     pool = report.captioned_records(sorted((demo / "sample" / "pool").glob("*.tar")))
-    _, ids = Matcher(entries).match_batch([c for _, c, _ in pool])
+    kept = set(pipeline.dedup_kept_keys(demo, pipeline.QUICK).read_text().split())
+    assert len(kept) < len(pool)
+    _, ids = Matcher(entries).match_batch([c for k, c, _ in pool if k in kept])
     np.testing.assert_array_equal(
         np.bincount(ids, minlength=len(entries)), np.load(demo / "curated" / "entry_count.npy")
     )
@@ -207,10 +212,12 @@ def test_rerun_skips_finished_training(demo, capsys):
     steps = runs[-1]["steps"]
     ran = [x["step"] for x in steps if not x.get("skipped")]
     assert not [n for n in ran if n.startswith("train") or n in ("sample", "curate", "cluster", "eval")]
-    assert {"sample", "curate", "cluster", "train seed", "eval"} <= {x["step"] for x in steps if x.get("skipped")}
+    assert {"sample", "dedup", "curate", "cluster", "train seed", "eval"} <= {
+        x["step"] for x in steps if x.get("skipped")
+    }
     printed = capsys.readouterr().out
     assert "skip: train seed: already done" in printed and "skip: cluster: already done" in printed
-    assert "skipped as already done: sample, curate, cluster, train seed" in (demo / "summary.md").read_text()
+    assert "skipped as already done: sample, dedup, curate, cluster, train seed" in (demo / "summary.md").read_text()
     after = ckpt(demo / "run" / "expert_0" / "checkpoints" / "final.pt")["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -228,7 +235,8 @@ def test_demo_run_json_records_the_result_flags_its_config_declares(demo):
     assert cfg.settings == pipeline.QUICK
     args = json.loads((demo / "run.json").read_text())["args"]
     assert result_flags(pipeline.DemoConfig) == {"--quick"}
-    assert set(args) == {"--quick", *pipeline.dataclasses.asdict(pipeline.QUICK)}
+    # settings added with the dedup step are recorded only off their defaults (older folders match)
+    assert set(args) == {"--quick", *pipeline.dataclasses.asdict(pipeline.QUICK)} - set(pipeline.ADDED_SETTINGS)
 
 
 def test_same_schedule_model_is_the_seed_continued_on_all_the_data(demo):
@@ -327,3 +335,95 @@ def test_a_demo_finished_before_the_same_schedule_model_runs_only_that_step(demo
     assert all(p.stat().st_mtime_ns == m for p, m in kept.items())  # the other models' scores reused
     assert "same_schedule" in json.loads((demo / "summary.json").read_text())["single_models"]
     assert json.loads((demo / "run.json").read_text())["finished"]
+
+
+# --------------------------------------------------------------------------- dedup
+
+
+def test_dedup_score_by_hand():
+    """a2 copies a1, b2 and b3 copy b1, c2 copies c1; d1, e1, e2 are plain. Removed: a2 (a
+    copy: right), b1 (an original whose copies were kept: right), c2 (a copy: right), c1 (an
+    original whose copy went too: one too many, other), e2 (in no injected pair: other)."""
+    pool = {"a1": None, "a2": "a1", "b1": None, "b2": "b1", "b3": "b1", "c1": None, "c2": "c1",
+            "d1": None, "e1": None, "e2": None}  # fmt: skip
+    kept = {"a1", "b2", "b3", "d1", "e1"}
+    got = report.dedup_score(pool, kept)
+    assert got == {
+        "pool": 10, "kept": 5, "removed": 5, "injected_pairs": 4, "injected_pairs_found": 4, "right": 3,
+        "other_removed": 2, "precision": 3 / 5, "recall": 4 / 4,
+    }  # fmt: skip
+    # nothing removed: precision undefined, no pair found; nothing injected: recall undefined
+    assert report.dedup_score(pool, set(pool)) == {**got, "kept": 10, "removed": 0, "injected_pairs_found": 0,
+                                                      "right": 0, "other_removed": 0, "precision": None, "recall": 0.0}  # fmt: skip
+    assert report.dedup_score({"x": None, "y": None}, {"x"})["recall"] is None
+    # an original removed while its only copy also went: still one pair, found once
+    assert report.dedup_score({"o": None, "c": "o", "z": None}, {"z"})["injected_pairs_found"] == 1
+
+
+def test_dedup_runs_before_curate_and_is_scored_on_the_samples_record(demo):
+    """summary.json's dedup figures against a count made here from the pool's .json members and
+    dedup's kept_keys.txt; curate read that list (its run.json records the file's sha256) and
+    curated only kept records; the summary line and paragraph state the figures."""
+    import hashlib
+
+    s = pipeline.QUICK
+    kept_file = pipeline.dedup_kept_keys(demo, s)
+    kept = set(kept_file.read_text().split())
+    dup_of = {}
+    for key, _, meta in report.captioned_records(sorted((demo / "sample" / "pool").glob("*.tar"))):
+        dup_of[key] = meta["near_duplicate_of"]
+    removed = set(dup_of) - kept
+    copies = {k for k, v in dup_of.items() if v}
+    assert copies and all(dup_of[c] in dup_of for c in copies)
+    right = [k for k in removed if dup_of[k] or any(dup_of[c] == k and c in kept for c in copies)]
+    found = [c for c in copies if c in removed or dup_of[c] in removed]
+    d = json.loads((demo / "summary.json").read_text())["dedup"]
+    assert (d["pool"], d["removed"], d["injected_pairs"]) == (s.num_pairs, len(removed), len(copies))
+    assert d["precision"] == len(right) / len(removed) and d["recall"] == len(found) / len(copies)
+    assert d["other_removed"] == len(removed) - len(right)
+    # the hash embedder ignores case and punctuation: each injected copy is its original's twin
+    assert d["recall"] == 1.0 and d["removed_semantic"] == d["removed"] > 0
+    assert d["applied_to_curation"] and (d["eps"], d["clusters"]) == (s.dedup_eps, s.dedup_clusters)
+    curate_args = json.loads((demo / "curated" / "run.json").read_text())["args"]
+    assert curate_args["--keep-keys"] == hashlib.sha256(kept_file.read_bytes()).hexdigest()
+    curated = {k for k, _, _ in report.captioned_records(sorted((demo / "curated" / "data").glob("*.tar")))}
+    assert curated <= kept and not curated & removed
+    assert json.loads((demo / "curated" / "summary.json").read_text())["filtered_by_keep_keys"] == len(removed)
+    assert json.loads((demo / "summary.json").read_text())["curation"]["deduplicated_away"] == len(removed)
+    text = (demo / "summary.md").read_text()
+    assert "## Deduplication (SemDeDup, before curation)" in text
+    assert f"It removed **{len(removed)} of {s.num_pairs}** pool pairs" in text
+    assert f"**recall {100 * d['recall']:.1f}%**" in text and "The curation below reads its kept list" in text
+    assert text.index("## Deduplication") < text.index("## Curation")
+
+
+def test_a_demo_curated_before_the_dedup_step_runs_only_dedup(demo, tmp_path, capsys):
+    """An older demo folder (finished, its curation without --keep-keys, no dedup/; its run.json
+    without dedup settings, as this one at their defaults): the rerun runs dedup alone, nothing after it, and says the
+    curated pool is not deduplicated; the next rerun is a no-op."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo, out)
+    s = pipeline.QUICK
+    pool, curated = str(out / "sample" / "pool"), str(out / "curated")
+    assert cli.main(["curate", pool, "--out", curated, "--target-size", str(s.target_size), "--seed", "0"]) == 0
+    state = json.loads((out / "run.json").read_text())
+    del state["units"]["dedup"]
+    assert not set(pipeline.ADDED_SETTINGS) & set(state["args"])
+    (out / "run.json").write_text(json.dumps(state))
+    shutil.rmtree(out / "dedup")
+    before = {p: p.stat().st_mtime_ns for p in (out / "curated").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "was curated before this mode-fast added dedup: running it alone" in printed
+    steps = json.loads((out / "timings.json").read_text())["runs"][-1]["steps"]
+    assert [x["step"] for x in steps if not x.get("skipped")] == ["dedup"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "curated").rglob("*") if p.is_file()} == before
+    d = json.loads((out / "summary.json").read_text())["dedup"]
+    assert not d["applied_to_curation"] and d["removed"] > 0
+    assert "the curated pool below is not deduplicated" in (out / "summary.md").read_text()
+    assert cli.main(["demo", "--out", str(out), "--quick"]) == 0  # now finished: every step skipped
+    steps = json.loads((out / "timings.json").read_text())["runs"][-1]["steps"]
+    assert all(x.get("skipped") for x in steps)

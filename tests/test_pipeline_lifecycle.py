@@ -135,14 +135,14 @@ def test_second_demo_on_the_same_out_stops_naming_the_holder(rerun):
 
 def test_rerun_skips_finished_steps_and_runs_the_killed_one_again(rerun):
     text, out = rerun["demo"].text, rerun["out"]
-    for name in ("sample", "curate", "cluster"):
+    for name in ("sample", "dedup", "curate", "cluster"):
         assert re.search(rf"^skip: {name}: already done \(", text, re.M), text
-    assert "records it finished" in text  # curate and cluster: their own run.json says so
+    assert "records it finished" in text  # dedup, curate and cluster: their own run.json says so
     assert "skip: train seed" not in text
     assert re.search(r"^\$ .* train .* --stage seed", text, re.M)
     assert recorded_finished(out / "run" / "seed")  # the killed step went on to finish
     demo_run = json.loads((out / "run.json").read_text())
-    assert set(demo_run["units"]) == {"sample", "curate", "cluster", "train seed"}
+    assert set(demo_run["units"]) == {"sample", "dedup", "curate", "cluster", "train seed"}
     assert demo_run["args"]["--quick"] is True and not demo_run["finished"]
 
 

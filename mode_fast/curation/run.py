@@ -15,6 +15,12 @@ the pool:
 2. sample (per shard, in parallel): a record with match set S is kept with probability
    ``1 - prod_{i in S} (1 - p_i)``, ``p_i = min(1, t / count_i)``.
 
+With ``keep_keys`` (``--keep-keys FILE``, one key per line: curate's or dedup's
+kept_keys.txt) only the records it lists are curated: the others are counted as filtered
+(``summary["filtered_by_keep_keys"]``), not as skipped, and take no part in the counts, t or
+the sample. Stored match lists are reused whatever the list; a list with other content
+(its sha256 is recorded) re-balances and re-samples.
+
 Sampling is reproducible and independent of sharding and workers: each record has one
 score from hashes of (seed, key, entry id) and is kept iff its score < t, so a smaller t
 keeps a subset of a larger t's set, the kept size for any t is known exactly before
@@ -55,7 +61,7 @@ import numpy as np
 
 from mode_fast import __version__
 from mode_fast.core.config import ADDED, added_defaults, check_ranges, flag_of, manifest_args, option, result_values
-from mode_fast.core.errors import ConfigError
+from mode_fast.core.errors import ConfigError, InputError
 from mode_fast.core.executor import (
     LocalExecutor,
     RayExecutor,
@@ -77,7 +83,7 @@ from mode_fast.curation.balance import (
     tail_entries,
 )
 from mode_fast.curation.metadata import load_metadata_from, metadata_sha256
-from mode_fast.data.io import DataKeyError, list_shards
+from mode_fast.data.io import DataKeyError, list_shards, read_key_list
 
 __all__ = ["CurateConfig", "curate", "log_to", "run_curation"]
 
@@ -155,6 +161,13 @@ class CurateConfig:
         result=ADDED,  # added with MetaCLIP 2: run.json files of before read as metaclip1
         choices=SEMANTICS,
     )
+    keep_keys: Path | None = option(
+        None,
+        help="curate only the records whose keys this file lists, one per line (curate's or dedup's "
+        "OUT/kept_keys.txt); the others are counted as filtered",
+        result=ADDED,  # added with dedup: run.json files of before read as no list; recorded by sha256
+        metavar="FILE",
+    )
     workers: int | None = option(
         1,
         help="processes (local) or actors (ray) over shards (default: all cores)",
@@ -181,6 +194,8 @@ class CurateConfig:
         check_ranges(self)
         object.__setattr__(self, "pools", tuple(self.pools))
         object.__setattr__(self, "out", Path(self.out))
+        if self.keep_keys is not None:
+            object.__setattr__(self, "keep_keys", Path(self.keep_keys))
 
     @property
     def worldwide(self) -> bool:
@@ -189,6 +204,24 @@ class CurateConfig:
     @property
     def work(self) -> Path:
         return self.out / curation.WORK
+
+
+@dataclass(frozen=True)
+class _KeyList:
+    """--keep-keys as read: the keys, and the sha256 of the file's bytes (what run.json and
+    the sample stamps record, so a list with other content is never taken for this one)."""
+
+    keys: set[str]
+    sha256: str
+    path: Path
+
+
+def _load_key_list(cfg: CurateConfig) -> _KeyList | None:
+    if cfg.keep_keys is None:
+        return None
+    flag = flag_of(CurateConfig, "keep_keys")
+    keys = read_key_list(cfg.keep_keys, flag)  # InputError, one line, when missing or unreadable
+    return _KeyList(keys, sha256_file(cfg.keep_keys), cfg.keep_keys)
 
 
 @dataclass(frozen=True)
@@ -219,13 +252,14 @@ def run_curation(cfg: CurateConfig) -> dict[str, Any]:
     started = time.perf_counter()
     shards = list_shards(cfg.pools)
     meta = _load_metadata(cfg)
-    with _open_run(cfg, shards, meta) as state, state.interrupts():
+    listed = _load_key_list(cfg)
+    with _open_run(cfg, shards, meta, listed) as state, state.interrupts():
         if state.finished and (cfg.out / "summary.json").exists():
             log.info(f"curate: {cfg.out} already holds this curation (same inputs and arguments): nothing to do")
             return json.loads((cfg.out / "summary.json").read_text())
         runner = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
         try:
-            summary = _curate(cfg, meta, shards, runner, state)
+            summary = _curate(cfg, meta, listed, shards, runner, state)
         finally:
             runner.close()
         summary["seconds"] = time.perf_counter() - started
@@ -234,11 +268,13 @@ def run_curation(cfg: CurateConfig) -> dict[str, Any]:
         return summary
 
 
-def _open_run(cfg: CurateConfig, shards: list[Path], meta: _Metadata) -> RunState:
+def _open_run(cfg: CurateConfig, shards: list[Path], meta: _Metadata, listed: _KeyList | None) -> RunState:
     """The shared lifecycle (mode_fast.core.runs): lock, run.json, interrupts. Curate recomputes
     whatever a changed field affects itself (per-shard stamps), so no field stops it."""
     values = result_values(cfg)
     values["metadata"] = meta.sha256  # the list's content, wherever it came from
+    if listed is not None:
+        values["keep_keys"] = listed.sha256  # likewise: the content, not the path
     return RunState.open(
         cfg.out,
         "curate",
@@ -270,6 +306,7 @@ def _outputs(cfg: CurateConfig) -> list[Path]:
 def _curate(
     cfg: CurateConfig,
     meta: _Metadata,
+    listed: _KeyList | None,
     shards: list[Path],
     runner: LocalExecutor | RayExecutor,
     state: RunState,
@@ -278,13 +315,14 @@ def _curate(
     files = curation.shard_files(cfg.out, shards)
     config = curation.match_config(meta.sha256, cfg.caption_key, cfg.key_field, cfg.semantics)
     reused = _match(cfg, meta, files, config, runner, state)
-    tally = _count(cfg, files, len(meta.entries))
-    balanced = _balance(cfg, meta, files, tally.counts)
-    ladder = _ladder(files, balanced)
-    summary = _summary(cfg, meta, tally, balanced, ladder, reused)
+    masks = curation.listed_masks(files, None if listed is None else listed.keys)
+    tally = _count(cfg, files, len(meta.entries), masks, listed)
+    balanced = _balance(cfg, meta, files, tally.counts, masks)
+    ladder = _ladder(files, balanced, masks)
+    summary = _summary(cfg, meta, tally, balanced, ladder, reused, listed)
     if not cfg.estimate_only:
-        summary |= _sample(cfg, files, config, balanced, runner, state)
-        _write_manifest(cfg, meta, files, tally, balanced)  # last: marks the curation finished
+        summary |= _sample(cfg, files, config, balanced, runner, state, masks, listed)
+        _write_manifest(cfg, meta, files, tally, balanced, listed)  # last: marks the curation finished
     return summary
 
 
@@ -321,10 +359,26 @@ def _match(
     return reused
 
 
-def _count(cfg: CurateConfig, files: list[curation.ShardFiles], n_entries: int) -> curation.MatchTally:
-    """Entry counts and skips over the pool; writes entry_count.npy."""
-    tally = curation.tally_matches(files, n_entries)
+def _count(
+    cfg: CurateConfig,
+    files: list[curation.ShardFiles],
+    n_entries: int,
+    masks: curation.Masks,
+    listed: _KeyList | None,
+) -> curation.MatchTally:
+    """Entry counts (of the listed records) and skips over the pool; writes entry_count.npy."""
+    tally = curation.tally_matches(files, n_entries, masks)
     records = sum(tally.records_per_shard)
+    if listed is not None:
+        flag = flag_of(CurateConfig, "keep_keys")
+        if records and tally.unlisted == records:  # not a filter: a list made for another pool
+            some = next(iter(sorted(listed.keys)), None)
+            raise InputError(
+                f"{flag} {listed.path} lists none of the pool's {records:,} records"
+                + (f" (it holds keys like {some!r})" if some is not None else " (it is empty)")
+                + "; give the kept_keys.txt made from this pool"
+            )
+        log.info(f"keep-keys: {tally.unlisted:,} of {records:,} records are not listed in {listed.path}: filtered")
     if records - tally.skipped == 0 and tally.skips["missing_caption"]:  # not bad data: a wrong key
         raise DataKeyError(
             f"caption key {cfg.caption_key!r} is in none of the {records:,} records; they have "
@@ -354,10 +408,12 @@ class _Balanced:
         return int(np.isfinite(self.balance.scores).sum())
 
 
-def _balance(cfg: CurateConfig, meta: _Metadata, files: list[curation.ShardFiles], counts: np.ndarray) -> _Balanced:
-    """Scores (one per record, pool order) fix the kept set for every t; chooses t and
-    writes entry_prob.npy. metaclip2: each language's t follows from English's."""
-    pool = curation.pool_scores(files, counts, cfg.seed, cfg.worldwide)
+def _balance(
+    cfg: CurateConfig, meta: _Metadata, files: list[curation.ShardFiles], counts: np.ndarray, masks: curation.Masks
+) -> _Balanced:
+    """Scores (one per record, pool order; unlisted records' +inf) fix the kept set for every
+    t; chooses t and writes entry_prob.npy. metaclip2: each language's t follows from English's."""
+    pool = curation.pool_scores(files, counts, cfg.seed, cfg.worldwide, masks)
     balance: PoolBalance | worldwide.WorldwideBalance = PoolBalance(counts, pool.scores)
     if meta.by_language is not None:
         layout = worldwide.LanguageMatchers.layout(meta.by_language)
@@ -405,10 +461,10 @@ def _choose_t(
     return DEFAULT_T
 
 
-def _ladder(files: list[curation.ShardFiles], balanced: _Balanced) -> list[dict[str, Any]]:
+def _ladder(files: list[curation.ShardFiles], balanced: _Balanced, masks: curation.Masks) -> list[dict[str, Any]]:
     """Expected and actual kept sizes for t/4 .. 4t, logged as a table."""
     balance, ts = balanced.balance, t_ladder(balanced.t)
-    expected = curation.expected_kept_by_t(files, {lt: balance.probabilities(lt) for lt in ts})
+    expected = curation.expected_kept_by_t(files, {lt: balance.probabilities(lt) for lt in ts}, masks)
     ladder = [{"t": lt, "expected_kept": expected[lt], "kept_with_seed": balance.kept(lt)} for lt in ts]
     log.info(_ladder_table(ladder, balanced.t, balanced.pool_size, balanced.matched))
     return ladder
@@ -429,7 +485,9 @@ def _summary(
     balanced: _Balanced,
     ladder: list[dict[str, Any]],
     reused: int,
+    listed: _KeyList | None,
 ) -> dict[str, Any]:
+    """pool_size counts every record read; matched and kept only listed ones (--keep-keys)."""
     counts, t = tally.counts, balanced.t
     summary: dict[str, Any] = {
         "pool_size": balanced.pool_size,
@@ -455,6 +513,11 @@ def _summary(
         "skipped_total": tally.skipped,
         "skipped_by_shard": tally.skips_by_shard,
     }
+    if listed is not None:  # absent without a list: summaries of before stay as they were
+        summary |= {
+            "keep_keys": {"file": str(listed.path), "sha256": listed.sha256, "keys": len(listed.keys)},
+            "filtered_by_keep_keys": tally.unlisted,
+        }
     if isinstance(balanced.balance, worldwide.WorldwideBalance) and meta.by_language is not None:
         summary |= {
             "semantics": cfg.semantics,
@@ -474,12 +537,20 @@ def _sample(
     balanced: _Balanced,
     runner: LocalExecutor | RayExecutor,
     state: RunState,
+    masks: curation.Masks,
+    listed: _KeyList | None,
 ) -> dict[str, Any]:
     """Pass 2: curated shards under OUT/data, kept_keys.txt; resumes finished shards."""
     counts_path = cfg.out / "entry_count.npy"
-    tasks = curation.sample_tasks(cfg.out, files, config, counts_path, balanced.t, cfg.seed, balanced.t_by_language)
+    tasks = curation.sample_tasks(
+        cfg.out, files, config, counts_path, balanced.t, cfg.seed, balanced.t_by_language,
+        masks, None if listed is None else listed.sha256,
+    )  # fmt: skip
     if len(tasks) < len(files):
-        log.info(f"sample: {len(files) - len(tasks)} of {len(files)} shards already written for this t, seed and input")
+        log.info(
+            f"sample: {len(files) - len(tasks)} of {len(files)} shards already written for this t, seed, "
+            "input and key list"
+        )
     if tasks:
         # From here until the end, data/ is a mix: no manifest or key list may claim otherwise.
         for name in ("manifest.json", "kept_keys.txt"):
@@ -499,6 +570,7 @@ def _write_manifest(
     files: list[curation.ShardFiles],
     tally: curation.MatchTally,
     balanced: _Balanced,
+    listed: _KeyList | None,
 ) -> None:
     manifest = {
         "tool": f"mode-fast {__version__}",
@@ -516,6 +588,8 @@ def _write_manifest(
     }
     if balanced.t_by_language is not None:
         manifest |= {"semantics": cfg.semantics, "t_by_language": balanced.t_by_language}
+    if listed is not None:
+        manifest["keep_keys"] = {"sha256": listed.sha256, "keys": len(listed.keys), "filtered": tally.unlisted}
     write_json(cfg.out / "manifest.json", manifest)
 
 

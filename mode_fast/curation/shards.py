@@ -25,6 +25,11 @@ Files under ``OUT/.work`` (`ShardFiles` names them per input shard, by
   OUT (`mode_fast.core.files.inside`), and nothing is removed unless every one does.
 
 Curated shards go to ``OUT/data/`` under their path relative to the pools' common folder.
+
+A key list (``curate --keep-keys``) is applied after matching: the match lists hold every
+record, so a changed list never re-matches; the records it does not list are treated as
+matching nothing from the count on (`listed_masks`, `drop_unlisted`), and the list's
+sha256 is in pass 2's stamp, so a changed list re-samples every shard.
 """
 
 from __future__ import annotations
@@ -247,9 +252,7 @@ def match_shard(task: dict[str, Any]) -> dict[str, Any]:
     # Skipped records keep their index (the writer counts records the same way) but
     # match nothing.
     if not all(text.has_caption):
-        lengths = np.diff(offsets)
-        ids = ids[np.repeat(np.asarray(text.has_caption), lengths)]
-        offsets = np.concatenate([[0], np.cumsum(np.where(text.has_caption, lengths, 0))]).astype(np.int64)
+        offsets, ids = drop_unlisted(offsets, ids, np.asarray(text.has_caption))
     meta = {
         "format": MATCHES_FORMAT,
         "fingerprint": task["fingerprint"],
@@ -273,6 +276,38 @@ def match_shard(task: dict[str, Any]) -> dict[str, Any]:
     return {"records": len(text.keys)}
 
 
+# --- a key list: the records it does not list match nothing ------------------------------------
+
+
+def drop_unlisted(offsets: np.ndarray, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The match lists (CSR) with the records where `keep` is False emptied: they keep their
+    index but match nothing, so every later step (counts, scores, expected sizes, sampling)
+    passes them over as unmatched."""
+    lengths = np.diff(offsets)
+    ids = ids[np.repeat(keep, lengths)]
+    offsets = np.concatenate([[0], np.cumsum(np.where(keep, lengths, 0))]).astype(np.int64)
+    return offsets, ids
+
+
+Masks = list[np.ndarray] | None  # per shard, pool order: is the record's key listed (None: no list)
+
+
+def listed_masks(files: Sequence[ShardFiles], listed: set[str] | None) -> Masks:
+    """Per shard, which records a key list holds (records in file order, as matched)."""
+    if listed is None:
+        return None
+    masks = []
+    for f in files:
+        (keys,) = read_matches(f.matches, "keys")
+        masks.append(np.fromiter((k in listed for k in keys.tolist()), dtype=bool, count=len(keys)))
+    return masks
+
+
+def _listed_matches(f: ShardFiles, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    offsets, ids = read_matches(f.matches, "offsets", "ids")
+    return (offsets, ids) if mask is None else drop_unlisted(offsets, ids, mask)
+
+
 # --- between the passes: what the match lists add up to ------------------------------------------
 
 
@@ -286,6 +321,7 @@ class MatchTally:
     skips_by_shard: dict[str, dict[str, int]]
     missing_fields: str | None  # what a record without its caption holds (the first seen)
     lone_surrogates: int
+    unlisted: int = 0  # records a key list (--keep-keys) does not hold: filtered, not skipped
 
     @property
     def skipped(self) -> int:
@@ -293,10 +329,15 @@ class MatchTally:
         return int(sum(v for k, v in self.skips.items() if k != CORRUPT_TAR_TAIL))
 
 
-def tally_matches(files: Sequence[ShardFiles], n_entries: int) -> MatchTally:
+def tally_matches(files: Sequence[ShardFiles], n_entries: int, masks: Masks = None) -> MatchTally:
+    """Sums over the pool; entry counts over the listed records only (`masks`)."""
     tally = MatchTally(np.zeros(n_entries, dtype=np.uint64), [], Counter(), {}, None, 0)
-    for f in files:
-        ids, offsets, meta_arr = read_matches(f.matches, "ids", "offsets", "meta")
+    for i, f in enumerate(files):
+        mask = None if masks is None else masks[i]
+        offsets, ids = _listed_matches(f, mask)
+        (meta_arr,) = read_matches(f.matches, "meta")
+        if mask is not None:
+            tally.unlisted += int((~mask).sum())
         tally.counts += np.bincount(ids, minlength=n_entries).astype(np.uint64)
         tally.records_per_shard.append(len(offsets) - 1)
         meta = json.loads(str(meta_arr))
@@ -318,10 +359,14 @@ class PoolScores:
     langs: np.ndarray | None  # metaclip2: each record's language
 
 
-def pool_scores(files: Sequence[ShardFiles], counts: np.ndarray, seed: int, with_langs: bool) -> PoolScores:
+def pool_scores(
+    files: Sequence[ShardFiles], counts: np.ndarray, seed: int, with_langs: bool, masks: Masks = None
+) -> PoolScores:
+    """Scores in pool order (+inf for unlisted records: never kept)."""
     score_parts, hash_parts, lang_parts = [], [], []
-    for f in files:
-        offsets, ids, hashes = read_matches(f.matches, "offsets", "ids", "key_hashes")
+    for i, f in enumerate(files):
+        offsets, ids = _listed_matches(f, None if masks is None else masks[i])
+        (hashes,) = read_matches(f.matches, "key_hashes")
         score_parts.append(record_scores(hashes, offsets, ids, counts, seed))
         hash_parts.append(hashes)
         if with_langs:
@@ -334,11 +379,13 @@ def pool_scores(files: Sequence[ShardFiles], counts: np.ndarray, seed: int, with
     return PoolScores(scores, int(duplicates), langs)
 
 
-def expected_kept_by_t(files: Sequence[ShardFiles], probs_by_t: dict[float, np.ndarray]) -> dict[float, float]:
+def expected_kept_by_t(
+    files: Sequence[ShardFiles], probs_by_t: dict[float, np.ndarray], masks: Masks = None
+) -> dict[float, float]:
     """Expected kept size of the pool for each t, given that t's entry probabilities."""
     expected = dict.fromkeys(probs_by_t, 0.0)
-    for f in files:
-        offsets, ids = read_matches(f.matches, "offsets", "ids")
+    for i, f in enumerate(files):
+        offsets, ids = _listed_matches(f, None if masks is None else masks[i])
         for t, probs in probs_by_t.items():
             expected[t] += expected_kept(offsets, ids, probs)
     return expected
@@ -355,13 +402,18 @@ def sample_tasks(
     t: float,
     seed: int,
     t_by_language: dict[str, float] | None = None,
+    masks: Masks = None,
+    keep_keys_sha256: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Pass 2 tasks for the shards not already written for this t, seed, counts and input."""
+    """Pass 2 tasks for the shards not already written for this t, seed, counts, input [and
+    key list: `masks`, stamped by the list's sha256; without one the stamp is as before]."""
     stamp_base = {"t": t, "seed": seed, "counts_sha256": sha256_file(counts_path)}
     by_language = {} if t_by_language is None else {"t_by_language": t_by_language}
     stamp_base |= by_language
+    if masks is not None:
+        stamp_base["keep_keys_sha256"] = keep_keys_sha256
     tasks = []
-    for f in files:
+    for i, f in enumerate(files):
         # relative: the stamp names the same file whatever the working folder of the next run
         stamp = stamp_base | {"input": f.fingerprint, "config": config, "dst": os.path.relpath(f.dst, out)}
         previous = _read_json(f.done)
@@ -385,6 +437,8 @@ def sample_tasks(
                 "stamp": stamp,
             }
             | by_language
+            # the mask, not the list, travels: a worker never holds the whole key set
+            | ({} if masks is None else {"listed": np.packbits(masks[i]).tobytes()})
         )
     return tasks
 
@@ -393,6 +447,9 @@ def sample_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Pass 2 for one shard (runs in a worker): write its curated shard, its kept keys and
     its done stamp; returns {"records": n, "kept": k}."""
     offsets, ids, hashes, keys = read_matches(Path(task["matches"]), "offsets", "ids", "key_hashes", "keys")
+    if "listed" in task:
+        listed = np.unpackbits(np.frombuffer(task["listed"], dtype=np.uint8), count=len(keys)).astype(bool)
+        offsets, ids = drop_unlisted(offsets, ids, listed)
     counts = np.load(task["counts_path"])
     t: Any = task["t"]
     if "t_by_language" in task:  # metaclip2: each record against its language's t

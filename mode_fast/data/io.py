@@ -546,6 +546,24 @@ def iter_samples(
 # --- wrong keys: name the key and what the records do have ------------------------------------
 
 
+def read_key_list(path: str | os.PathLike, flag: str = "key list") -> set[str]:
+    """A uid list, one key per line, as curate writes OUT/kept_keys.txt and dedup its
+    kept_keys.txt (the format `train --keep-keys` and `curate --keep-keys` read): each line
+    stripped of surrounding whitespace, blank lines ignored. InputError (one line naming
+    `flag` and the file) when it is missing, not a file, unreadable or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        what = "not a file" if path.exists() else "file not found"
+        raise InputError(f"{flag} {path}: {what} (curate writes OUT/kept_keys.txt)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {line.strip() for line in f if line.strip()}
+    except UnicodeDecodeError as e:
+        raise InputError(f"{flag} {path}: not UTF-8 text (byte {e.start}); expected one key per line") from None
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+
+
 class DataKeyError(InputError):
     """The image, caption or label key named by the user is not in the data."""
 

@@ -6,7 +6,7 @@ as an uninterrupted one-process run:
 
 1. Index (once, before training): every shard's tar headers are scanned (data is seeked
    over, not read) and the usable samples are kept: those with the image and caption keys,
-   in `keep_keys` (the uid list from `curate`), and passing the expert filter. This gives the
+   in `keep_keys` (a uid list: `mode_fast.data.io.read_key_list`), and passing the expert filter. This gives the
    per-shard counts that size an epoch; an epoch is `total // global_batch` steps and the
    tail is dropped, never wrapped around.
 2. Epoch plan: the shards are permuted with rng(seed, epoch) and their samples concatenated
@@ -217,15 +217,6 @@ class ExpertFilter:
                 self.first_unassigned = key
             return False
         return expert == self.expert or share_hash(self.seed, key) < self.other_share
-
-
-def read_key_list(path: str | Path) -> set[str]:
-    """A uid list, one key per line (curate's kept_keys.txt); blank lines ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"key list {path} not found (curate writes DIR/kept_keys.txt)")
-    with open(path, encoding="utf-8") as f:
-        return {line.strip() for line in f if line.strip()}
 
 
 # --------------------------------------------------------------------------- index

@@ -1,9 +1,13 @@
-"""The end-to-end demo on the embedded sample: sample -> curate -> cluster -> train -> eval.
+"""The end-to-end demo on the embedded sample: sample -> dedup -> curate -> cluster -> train -> eval.
 
     python -m mode_fast.demo.pipeline --out demo_out [--quick] [--overwrite]
 
 Each step is the documented CLI (`python -m mode_fast <job> ...`), run as a subprocess and
-printed before it runs, so the demo is also a recipe. MoDE at toy scale:
+printed before it runs, so the demo is also a recipe. Before curation, `mode-fast dedup`
+(the exact stage, then SemDeDup on the captions through the demo's caption embedder, at
+`dedup_eps`) removes near-duplicates, and curate reads its kept_keys.txt (`--keep-keys`); the
+summary scores that removal against the sample's own record of its injected near-duplicates
+(`mode_fast.demo.report.dedup_score`). MoDE at toy scale:
 - a seed model trains `seed_steps` of a (seed_steps + expert_steps)-step cosine schedule on
   all curated pairs; each of the n experts resumes it and trains the last `expert_steps` on
   its cluster (plus MoDE's small share of the others);
@@ -18,7 +22,7 @@ printed before it runs, so the demo is also a recipe. MoDE at toy scale:
   scikit-learn's bundled handwritten digits (`--data digits=sklearn:digits`, 1797 images,
   10 classes, no download), kept apart so that the headline average stays on the sample's
   tasks; without scikit-learn the step is skipped with a note.
-Outputs under --out: sample/, curated/, clusters/, run/ (seed, experts), single/ (the same-
+Outputs under --out: sample/, dedup/ (eps_<eps>/kept_keys.txt ...), curated/, clusters/, run/ (seed, experts), single/ (the same-
 compute model), same_schedule/ (MoDE's comparison model; its job folder is expert_0), eval/
 (results.json, results.md, plots), eval_digits/ (the same for the digits), report/ (the
 summary's plots), summary.md, summary.json (curation, clustering, experts, ensemble, both
@@ -34,7 +38,9 @@ run.json must also be finished by it: one killed mid-way runs again and continue
 says so; once a step has run, the later ones run too (their own run.json decides what is
 left: nothing, when their inputs did not change). A demo folder finished before the same-
 schedule model was added (same settings, so the same run.json args) runs only that step; the
-evaluations then score only it. Ctrl-C/SIGTERM reach the running step, which stops at its own
+evaluations then score only it. One whose curation predates the dedup step runs dedup alone
+(`_Driver.alone`): the steps after it are not rerun for it, so its curated pool stays the one
+curated without the list, and the summary says so. Ctrl-C/SIGTERM reach the running step, which stops at its own
 consistent point; the demo then stops with one line, exit 130. A killed demo takes its running step along.
 Job module: it runs the other jobs as processes (never imports them); a failed step ends the
 demo with one line (`mode_fast.core.errors.StepFailed`, exit 2) under the failing step's own error.
@@ -68,10 +74,13 @@ from mode_fast.core.errors import ConfigError, Interrupted, StepFailed
 from mode_fast.core.files import inside, write_bytes, write_json, write_text
 from mode_fast.core.runs import MANIFEST, RunState, die_with_parent, recorded_finished
 from mode_fast.data.io import ReadReport, iter_samples
-from mode_fast.demo.report import build_summary, plot_summary, summary_markdown
+from mode_fast.dedup.run import KEPT_KEYS, eps_folder
+from mode_fast.demo.report import build_summary, dedup_line, plot_summary, summary_markdown
 
 PROGRESS_EVERY = 20.0  # seconds between progress-bar lines when not on a terminal
 SAME_SCHEDULE = "same_schedule"  # MoDE's comparison model's folder under --out (see _train_steps)
+DEDUP = "dedup"  # the dedup step's name and folder under --out
+ADDED_SETTINGS = ("dedup_eps", "dedup_clusters")  # Settings added after demo folders were written
 PAPER_SHARE = 1.0  # its --expert-share: every other cluster's pairs too, i.e. all the data
 
 
@@ -93,6 +102,15 @@ class Settings:
     model: str = "mode-fast-tiny"
     lr: float = 5e-4
     wd: float = 0.2
+    # The dedup step (SemDeDup on the captions, `embedder`). eps 0.05 (removed when cosine > 0.95):
+    # the sample's near-duplicates are a trailing punctuation mark, a doubled space or the first
+    # letter's case changed; with MiniLM 95% of those pairs are above 0.939 and half at 1.0, and
+    # 0.05 finds about 90% of them on the 10k pool taken as one cluster (0.02: 78%, 0.1: 98% but
+    # twice the other removals); the hash embedder ignores case and punctuation: every pair at 1.0.
+    # 10 k-means clusters: a few hundred (quick: a few dozen) captions each. Added with the dedup
+    # step, so recorded in the demo's run.json only when not at these defaults (see _open_run).
+    dedup_eps: float = 0.05
+    dedup_clusters: int = 10
 
 
 # Full: 2 idle CPU cores within 15 minutes (measured: see README). Quick: the test.
@@ -195,19 +213,32 @@ def _flags(**values: Any) -> list[str]:
     return [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
+def dedup_kept_keys(out: Path, s: Settings) -> Path:
+    """The dedup step's kept list, the one curate reads (dedup writes one folder per eps)."""
+    return out / DEDUP / eps_folder(s.dedup_eps) / KEPT_KEYS
+
+
 def _prepare_steps(out: Path, s: Settings) -> list[Step]:
     py = [sys.executable, "-m", "mode_fast"]
-    sample, curated, clusters = out / "sample", out / "curated", out / "clusters"
+    sample, dedup, curated, clusters = out / "sample", out / DEDUP, out / "curated", out / "clusters"
     sizes = _flags(num_pairs=s.num_pairs, eval_pairs=s.eval_pairs, shard_size=s.shard_size)
+    semdedup = _flags(eps=s.dedup_eps, clusters=s.dedup_clusters, embedder=s.embedder)
+    curate = _flags(target_size=s.target_size, seed=0, keep_keys=dedup_kept_keys(out, s))
     cluster = _flags(fine_k=s.fine_k, experts=s.experts, embedder=s.embedder, sample=s.target_size)
     return [
         Step("sample", [*py, "sample", "--out", str(sample), *sizes], sample / "sample_info.json", sample),
         Step(
+            DEDUP,
+            [*py, "dedup", str(sample / "pool"), "--out", str(dedup), *semdedup],
+            dedup_kept_keys(out, s),
+            dedup,
+        ),
+        Step(
             "curate",
-            [*py, "curate", str(sample / "pool"), "--out", str(curated), *_flags(target_size=s.target_size, seed=0)],
+            [*py, "curate", str(sample / "pool"), "--out", str(curated), *curate],
             curated / "manifest.json",
             curated,
-        ),
+        ),  # fmt: skip
         Step(
             "cluster",
             [*py, "cluster", str(curated / "data"), "--out", str(clusters), *cluster],
@@ -339,8 +370,12 @@ class _Driver:
     step runs in its own process group (a terminal's Ctrl-C reaches the demo only, which
     passes it on once) and is killed by the kernel when the demo dies, however it dies."""
 
-    def __init__(self, state: RunState, log: list[dict[str, Any]]) -> None:
+    def __init__(self, state: RunState, log: list[dict[str, Any]], alone: frozenset[str] = frozenset()) -> None:
         self.state, self.log = state, log
+        # steps that run without making the later ones run: a step added to the demo before
+        # steps a folder had already finished (dedup before its curate), run as a measurement
+        # only, so an older folder is not curated, clustered and trained all over again
+        self.alone = alone
         self.proc: subprocess.Popen | None = None
         self.signal: int | None = None
         self.where = "start"
@@ -389,7 +424,7 @@ class _Driver:
                 "command": shlex.join(step.cmd),
             }
         )
-        self.ran = True
+        self.ran = self.ran or step.name not in self.alone
         if code == 0:
             self.state.mark_done(step.name, [step.output])
             self.state.flush()
@@ -421,15 +456,22 @@ class _Driver:
 # --------------------------------------------------------------------------- the job
 # What --overwrite removes: the demo's outputs (its steps' folders included).
 DEMO_OUTPUTS = (
-    *("sample", "curated", "clusters", "run", "single", SAME_SCHEDULE, "tasks", "eval", "eval_digits", "report"),
+    *("sample", DEDUP, "curated", "clusters", "run", "single", SAME_SCHEDULE, "tasks", "eval", "eval_digits", "report"),
     *("summary.json", "summary.md", "timings.json"),
 )
 
 
 def _open_run(out: Path, s: Settings, overwrite: bool) -> RunState:
     """The demo's own run.json and lock: its settings stop a rerun that differs."""
-    args = {"--quick": s == QUICK, **dataclasses.asdict(s)}
-    state = RunState.open(out, "demo", inputs={}, args=args, overwrite=overwrite, owned=DEMO_OUTPUTS, log=_say)
+    # Settings added with a step are recorded only when not at their defaults (as a job's
+    # result=ADDED fields): a run.json written before them then matches this run's, so an older
+    # folder with the same settings is not refused (it runs the new step: _steps_alone).
+    added = {f.name: f.default for f in dataclasses.fields(Settings) if f.name in ADDED_SETTINGS}
+    values = {k: v for k, v in dataclasses.asdict(s).items() if k not in added or v != added[k]}
+    args = {"--quick": s == QUICK, **values}
+    state = RunState.open(
+        out, "demo", inputs={}, args=args, overwrite=overwrite, owned=DEMO_OUTPUTS, log=_say, defaults=added
+    )
     if not state.resumed and any((out / name).exists() for name in DEMO_OUTPUTS):
         state.close()
         raise ConfigError(
@@ -439,19 +481,35 @@ def _open_run(out: Path, s: Settings, overwrite: bool) -> RunState:
     return state
 
 
-def _say_what_is_left(out: Path, state: RunState, steps: list[Step]) -> None:
+def _steps_alone(state: RunState, steps: list[Step]) -> frozenset[str]:
+    """Steps not done in a folder where a later step is: added to the demo after that folder
+    ran them (the dedup step before a finished curate). They run alone (`_Driver.alone`)."""
+    done = [state.is_done(step.name) for step in steps]
+    return frozenset(step.name for i, step in enumerate(steps) if not done[i] and any(done[i + 1 :]))
+
+
+def _say_what_is_left(out: Path, state: RunState, steps: list[Step], alone: frozenset[str]) -> None:
     """A finished demo rerun: every step is skipped, unless it finished before steps were
-    added to the demo (MoDE's same-schedule model): then those run, and the evaluations
-    after them score only the new model (eval's own run.json keeps the other scores)."""
+    added to the demo: then those run. After MoDE's same-schedule model the evaluations run
+    and score only the new model (eval's own run.json keeps the other scores); the dedup step
+    runs alone, the curation it would feed left as it was (`_steps_alone`)."""
+    if alone:
+        _say(
+            f"demo: {out} was curated before this mode-fast added {', '.join(sorted(alone))}: running it alone; "
+            "the curated pool and everything after it stay as they are, not deduplicated "
+            "(--overwrite runs the whole demo with it)"
+        )
     if not state.finished:
         return
-    new = [step.name for step in steps if not state.is_done(step.name)]
+    new = [step.name for step in steps if not state.is_done(step.name) and step.name not in alone]
     if new:
         _say(
             f"demo: {out} finished before this mode-fast added {', '.join(new)}: running "
             + ("it" if len(new) == 1 else "them")
             + "; the evaluations then score only what is new"
         )
+    elif alone:
+        return
     else:
         _say(f"demo: {out} already finished with these settings: every step is skipped, the summary written again")
 
@@ -494,6 +552,7 @@ def write_summary(out: Path, s: Settings, timings: dict[str, Any], digits_note: 
     print("\nsummary: curation, clustering and comparison figures ...", flush=True)
     summary = build_summary(out, s.__dict__, results, compute, timings)
     summary["digits"] = digits_note
+    print(dedup_line(summary["dedup"]), flush=True)
     plots: dict[str, Any] = {**plot_summary(summary, out / "report"), "_base": out}
     write_json(out / "summary.json", summary)
     text = summary_markdown(results, summary, digits, plots)
@@ -507,9 +566,12 @@ def run_pipeline(out: Path, s: Settings, overwrite: bool = False) -> dict[str, A
     log: list[dict[str, Any]] = []
     t0, cpu0 = time.perf_counter(), _children_cpu()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with _open_run(out, s, overwrite) as state, _Driver(state, log).interrupts() as driver:
+    with contextlib.ExitStack() as stack:
+        state = stack.enter_context(_open_run(out, s, overwrite))
         steps = _prepare_steps(out, s) + _train_steps(out, s)
-        _say_what_is_left(out, state, steps)
+        alone = _steps_alone(state, steps)
+        driver = stack.enter_context(_Driver(state, log, alone).interrupts())
+        _say_what_is_left(out, state, steps, alone)
         for step in steps:
             driver.step(step)
         driver.where = "the domain tasks"

@@ -1,6 +1,8 @@
 """The demo's report: what `python -m mode_fast.demo.pipeline` measures and how it says it.
 
-From a finished demo folder (sample/, curated/, clusters/, eval/ results): the curation's
+From a finished demo folder (sample/, dedup/, curated/, clusters/, eval/ results): how the
+deduplication before curation did against the sample's own record of its near-duplicates
+(`dedup_score`), the curation's
 entry counts before and after (MetaCLIP's flattened head, kept tail), the experts'
 agreement with the sample's visual domains, each expert per domain task, MoDE's weights,
 the paired comparisons with two single models: MoDE's own (the paper's: one model trained on
@@ -46,8 +48,68 @@ def captioned_records(shards: list[Path]) -> list[tuple[str, str, dict[str, Any]
     return out
 
 
+def dedup_score(pool: dict[str, str | None], kept: set[str]) -> dict[str, Any]:
+    """Deduplication against the sample's injected near-duplicates. `pool`: every pool key ->
+    the key of the record it is a near-duplicate of (the sample's ``near_duplicate_of``), or
+    None; `kept`: the keys dedup kept. Removed = the pool's keys not kept.
+
+    A pair is an injected near-duplicate and its original. A removed record is right when it
+    is an injected near-duplicate, or the original of one whose near-duplicate was kept (either
+    way one record of an injected pair went, which is all dedup can be asked for: SemDeDup
+    keeps the first record of a group in its own order, not the older one); an original removed
+    along with all its copies is one removal too many, so it counts as other. precision = right
+    / removed; recall = injected pairs with at least one record removed / injected pairs;
+    other_removed = removed - right: records removed for a similarity the sample did not
+    inject (independently drawn captions that came out (nearly) the same). precision is None
+    when nothing was removed, recall when nothing was injected."""
+    removed = set(pool) - kept
+    pairs = {copy: original for copy, original in pool.items() if original is not None and original in pool}
+    kept_copy_of = {original for copy, original in pairs.items() if copy in kept}
+    right = {key for key in removed if key in pairs or key in kept_copy_of}
+    found = sum(copy in removed or original in removed for copy, original in pairs.items())
+    return {
+        "pool": len(pool),
+        "kept": len(pool) - len(removed),
+        "removed": len(removed),
+        "injected_pairs": len(pairs),
+        "injected_pairs_found": found,
+        "right": len(right),
+        "other_removed": len(removed) - len(right),
+        "precision": len(right) / len(removed) if removed else None,
+        "recall": found / len(pairs) if pairs else None,
+    }
+
+
+def dedup_summary(sample: Path, dedup_folder: Path, curated: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The dedup step's figures: `dedup_score` of its kept_keys.txt against the sample's
+    near_duplicate_of fields (read from the pool's .json members), its eps and clusters, and
+    whether the curation read its list (a demo folder whose curation predates the dedup step
+    ran dedup alone: its curated pool is the one curated without it)."""
+    from mode_fast.core.files import sha256_file
+    from mode_fast.dedup.run import KEPT_KEYS, eps_folder
+
+    kept_file = dedup_folder / eps_folder(settings["dedup_eps"]) / KEPT_KEYS
+    kept = set(kept_file.read_text(encoding="utf-8").split())
+    pool = {
+        key: meta.get("near_duplicate_of")
+        for key, _, meta in captioned_records(sorted((sample / "pool").glob("*.tar")))
+    }
+    recorded = json.loads((curated / "run.json").read_text(encoding="utf-8")).get("args", {})
+    own = json.loads((kept_file.parent / "summary.json").read_text(encoding="utf-8"))  # dedup's, per stage
+    return {
+        "eps": settings["dedup_eps"],
+        "clusters": settings["dedup_clusters"],
+        "embedder": settings["embedder"],
+        **dedup_score(pool, kept),
+        "removed_exact": own.get("removed_exact"),
+        "removed_semantic": own.get("removed_semantic"),
+        "applied_to_curation": recorded.get("--keep-keys") == sha256_file(kept_file),
+    }
+
+
 def curation_summary(sample: Path, curated: Path) -> dict[str, Any]:
-    """Entry counts before curation (curate's entry_count.npy over the pool) and after (the
+    """Entry counts before curation (curate's entry_count.npy over the pool, the records the
+    dedup step removed left out) and after (the
     kept captions matched again with the same metadata): MetaCLIP flattens the head (entries
     matched more than t times come down to about t) and keeps the tail (entries at or under t
     keep every match)."""
@@ -68,6 +130,8 @@ def curation_summary(sample: Path, curated: Path) -> dict[str, Any]:
         kept_domains[meta.get("domain", "?")] = kept_domains.get(meta.get("domain", "?"), 0) + 1
     return {
         "pool_pairs": int(info["pool_size"]),
+        # records left out by --keep-keys (the dedup step's list): not counted in "before"
+        "deduplicated_away": int(info.get("filtered_by_keep_keys", 0)),
         "matched_pairs": int(info["matched"]),
         "kept_pairs": len(kept),
         "t": t,
@@ -224,6 +288,7 @@ def build_summary(
         "ensemble_inputs": results.get("ensemble_inputs", "scaled"),
         "timings": timings["runs"][-1],
         "runs_recorded": len(timings["runs"]),
+        "dedup": dedup_summary(out / "sample", out / "dedup", out / "curated", settings),
         "curation": curation_summary(out / "sample", out / "curated"),
         "clustering": clustering,
         "experts": {
@@ -439,12 +504,61 @@ def _md_headline(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def dedup_line(d: dict[str, Any]) -> str:
+    """One line: removed, precision, recall, other pairs removed (the demo prints it too)."""
+    return (
+        f"dedup (eps {d['eps']:g}): removed {d['removed']:,} of {d['pool']:,} pool pairs; against the "
+        f"sample's {d['injected_pairs']} injected near-duplicates precision {_pct(d['precision'])}, "
+        f"recall {_pct(d['recall'])}; {d['other_removed']:,} other pairs removed"
+    )
+
+
+def _md_dedup(d: dict[str, Any]) -> list[str]:
+    applied = (
+        "The curation below reads its kept list (`curate --keep-keys`)."
+        if d["applied_to_curation"]
+        else "**This folder's curation predates the dedup step, so it did not read its list: the curated "
+        "pool below is not deduplicated** (`--overwrite` runs the whole demo with it)."
+    )
+    return [
+        "## Deduplication (SemDeDup, before curation)",
+        "",
+        f"`mode-fast dedup` on the pool: the exact stage (image bytes), then SemDeDup on the captions' "
+        f"{d['embedder']} embeddings in {d['clusters']} k-means clusters, a pair removed when its cosine "
+        f"similarity exceeds 1 - eps = {1 - d['eps']:g}. It removed **{d['removed']:,} of {d['pool']:,}** pool "
+        f"pairs"
+        + (
+            f" ({d['removed_exact']:,} exact, {d['removed_semantic']:,} semantic)"
+            if d.get("removed_exact") is not None
+            else ""
+        )
+        + f". Against the sample's own record of what it duplicated ({d['injected_pairs']} injected "
+        f"near-duplicates, each a tiny edit of an earlier caption with a new image): **precision "
+        f"{_pct(d['precision'])}** ({d['right']} removals are an injected near-duplicate or the original of one "
+        f"whose copy was kept), **recall {_pct(d['recall'])}** ({d['injected_pairs_found']} injected pairs lost "
+        f"a record); **{d['other_removed']:,} other pairs removed** (captions drawn independently that came "
+        f"out nearly the same). {applied}",
+        "",
+    ]
+
+
 def _md_curation(cur: dict[str, Any]) -> list[str]:
     head, tail = cur["head"], cur["tail"]
+    away = cur.get("deduplicated_away", 0)
     return [
         "## Curation (MetaCLIP)",
         "",
-        f"{cur['pool_pairs']:,} pool pairs, {cur['matched_pairs']:,} matching a metadata entry, "
+        f"{cur['pool_pairs']:,} pool pairs"
+        + (
+            f" ({away:,} removed by dedup first; the counts below are over the other {cur['pool_pairs'] - away:,})"
+            if away
+            else ""
+        )
+        + f", {cur['matched_pairs']:,} matching a metadata entry, "
         f"{cur['kept_pairs']:,} kept (t = {cur['t']:.1f}). Head: {head['entries']} entries matched more than "
         f"t times had {head['matches_before']:,} matches, {head['matches_after']:,} after "
         f"(largest {head['largest_after']}). Tail: {tail['entries']} entries matched at most t times "
@@ -591,6 +705,7 @@ def summary_markdown(
 
     lines = [
         *_md_headline(results, summary),
+        *(_md_dedup(summary["dedup"]) if "dedup" in summary else []),
         *_md_curation(summary["curation"]),
         *img("curation", "entry counts before and after curation"),
         *_md_clustering(summary["clustering"]),

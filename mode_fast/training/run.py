@@ -79,6 +79,7 @@ from mode_fast.core.errors import ConfigError, InputError, Interrupted, ModeFast
 from mode_fast.core.runs import RunState, fingerprint, interrupts_as_error, interrupts_deferred
 from mode_fast.data import loader as data_loader
 from mode_fast.data.images import DEFAULT_MAX_BAD_SHARE, BadImages
+from mode_fast.data.io import read_key_list
 from mode_fast.training.checkpoint import (
     RESUME_FIELDS,
     SEED_FIELDS,
@@ -516,7 +517,7 @@ def _training_data(cfg: TrainConfig) -> _Data:
     except InputError as e:
         raise InputError(f"--data: {e}") from e
     spec = resolve_sample_spec(shards[0], cfg.image_key, cfg.caption_key)
-    keep_keys = data_loader.read_key_list(cfg.keep_keys) if cfg.keep_keys else None
+    keep_keys = read_key_list(cfg.keep_keys, "--keep-keys") if cfg.keep_keys else None
     expert_filter = _expert_filter(cfg) if cfg.stage == "expert" else None
     kept = {"seen": 0, "kept": 0}
 
