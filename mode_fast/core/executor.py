@@ -367,15 +367,16 @@ def run_with_progress(
     init: Init = None,
     disable: bool | None = None,
     on_result: Callable[[Any], None] | None = None,
+    unit: str = "shard",
 ) -> list[Any]:
-    """All results (in completion order) with a progress bar of shards and records/s
+    """All results (in completion order) with a progress bar of tasks (`unit`) and records/s
     (tasks that return a dict with 'records' count toward the rate); `on_result` is
     called with each result as it arrives (e.g. a RunState.track callback)."""
     results: list[Any] = []
     if not tasks:
         return results
     records, start = 0, time.perf_counter()
-    with tqdm(total=len(tasks), desc=desc, unit="shard", disable=disable) as bar:
+    with tqdm(total=len(tasks), desc=desc, unit=unit, disable=disable) as bar:
         for r in executor.map(fn, tasks, init):
             results.append(r)
             if on_result is not None:

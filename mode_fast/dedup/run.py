@@ -476,7 +476,7 @@ def _semantic(
         step()
 
     run_with_progress(runner, cluster_task, todo, "maxima", None if runner.runs_inline(len(todo)) else init,
-                      disable=not cfg.progress, on_result=done)  # fmt: skip
+                      disable=not cfg.progress, on_result=done, unit="cluster")  # fmt: skip
     best = np.full(n, np.nan, np.float32)
     arg = np.full(n, -1, np.int64)
     for c in np.flatnonzero(sizes):

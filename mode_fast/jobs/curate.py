@@ -24,8 +24,10 @@ def run(args: argparse.Namespace) -> int:
         summary = run_curation(cfg)
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
     what = "estimated" if summary["estimate_only"] else "kept"
+    unlisted = summary.get("filtered_by_keep_keys")
+    listed = f"  not in --keep-keys {unlisted:,}" if unlisted is not None else ""
     print(
-        f"pool {summary['pool_size']:,}  matched {summary['matched']:,}  {what} {summary['kept']:,} "
+        f"pool {summary['pool_size']:,}{listed}  matched {summary['matched']:,}  {what} {summary['kept']:,} "
         f"(expected {summary['expected_kept']:,.0f})  t={summary['t']:.6g}  skipped: {skipped}\n"
         f"outputs in {args.out}"
     )
