@@ -6,8 +6,8 @@ over torch.distributed. Extra keyword-only arguments:
 
 - ``group``: a process group (default: the global one). ``rank`` and ``world_size`` are
   then ranks and size *within* that group.
-- ``ring=True`` (ClipLoss): feature blocks travel around the ranks one neighbour at a
-  time and are never all gathered, so memory is O(local B * D) whatever the world size.
+- ``ring=True`` (ClipLoss): each rank's feature blocks visit every other rank one at a
+  time (step k: rank r's to rank r + k) and are never all gathered, so memory is O(local B * D) whatever the world size.
   Each rank's loss and gradients are those of ``local_loss=True, gather_with_grad=True``:
   the mean of the ranks' losses is the global-batch loss, each rank's feature gradients
   are d(sum of the ranks' losses)/d(its features), and the logit scale's gradient is
@@ -102,35 +102,37 @@ def _exchange(tensors: list[torch.Tensor], send_to: int, recv_from: int, group, 
         req.wait()
 
 
-class _Ring:
-    """Blocks passed to the right around the ring, received into two buffer sets made once.
+class _Visits:
+    """Every other rank's blocks, one at a time, in one receive buffer set made once.
 
-    A fresh buffer per hop would be freed a hop later at a new size class of the heap: on
-    the CPU, glibc raises its mmap threshold after the first free and serves the next
-    blocks from a heap that fragments, so the process's peak RSS grew by about two blocks
-    per hop (measured: SigLIP shift +30 MB from 2 to 8 ranks at B = 1024, flat with
-    MALLOC_MMAP_THRESHOLD_ fixed). Alternating two buffer sets keeps exactly the current
-    and the incoming block alive, on every allocator. The caller may update the current
-    tensors in place (a travelling gradient accumulator) before the next hop sends them.
+    Step k (1 .. W - 1): this rank sends its own tensors to rank + k and receives rank - k's.
+    Passing blocks along a ring would hold two buffer sets from three ranks on (the one being
+    forwarded and the one arriving) against one at two ranks; sending the owner's tensors
+    directly holds one set at every world size, with the same bytes sent per step. The
+    buffers are made once: a fresh buffer per step was measured to grow the CPU process's
+    peak RSS by about two blocks per step (glibc raises its mmap threshold after the first
+    free and serves later blocks from a heap that fragments).
     """
 
     def __init__(self, tensors: list[torch.Tensor], rank: int, world_size: int, group):
-        self.current = [t.detach() for t in tensors]
-        self._sets: list[list[torch.Tensor] | None] = [None, None]  # made on first use
-        self._next = 0
-        self.right, self.left, self.group = (rank + 1) % world_size, (rank - 1) % world_size, group
+        self.own = [t.detach() for t in tensors]
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self._into: list[torch.Tensor] | None = None  # made on first use
 
-    def hop(self, which: list[int] | None = None) -> list[torch.Tensor]:
-        """Pass the current tensors (those at `which`, default all) one rank to the right; the
-        ones from the left become current (the rest are dropped). Returns the current list."""
-        which = range(len(self.current)) if which is None else which
-        if self._sets[self._next] is None:
-            self._sets[self._next] = [torch.empty_like(t) for t in self.current if t is not None]
-        into = self._sets[self._next]
-        _exchange([self.current[i] for i in which], self.right, self.left, self.group, [into[i] for i in which])
-        self.current = [into[i] if i in which else None for i in range(len(into))]
-        self._next ^= 1
-        return self.current
+    def visit(self, k: int) -> list[torch.Tensor]:
+        """Rank (rank - k)'s tensors (the buffers are overwritten by the next visit)."""
+        if self._into is None:
+            self._into = [torch.empty_like(t) for t in self.own]
+        w = self.world_size
+        _exchange(self.own, (self.rank + k) % w, (self.rank - k) % w, self.group, self._into)
+        return self._into
+
+    def send_back(self, k: int, grads: list[torch.Tensor], into: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Return step k's gradients to the visitor's owner (rank - k) and receive this rank's
+        own from rank + k, into `into`."""
+        w = self.world_size
+        _exchange(grads, (self.rank - k) % w, (self.rank + k) % w, self.group, into)
+        return into
 
 
 def _global(rank: int, group) -> int:
@@ -146,13 +148,13 @@ def _broadcast(x: torch.Tensor, src: int, rank: int, group, buf: torch.Tensor) -
 
 
 class _RingClip(torch.autograd.Function):
-    """Local-rows CLIP loss against every rank's block, blocks passed around the ring.
+    """Local-rows CLIP loss against every rank's block, the blocks visiting one at a time.
 
-    Forward: W - 1 hops of (images, texts); the row LSE of local images against each text
-    block and of local texts against each image block, each step merged into the running
-    LSE (ring_block_forward). Backward: the blocks go around again carrying gradient
-    accumulators; every rank adds its rows' contributions to the visiting block's
-    gradient (ring_block_backward), and one last hop brings each block's gradient home.
+    Forward: W - 1 visits of another rank's (images, texts) (_Visits); the row LSE of local
+    images against each text block and of local texts against each image block, each step
+    merged into the running LSE (ring_block_forward). Backward: the blocks visit again;
+    every rank adds its rows' contributions to its own gradients and the visiting block's
+    to an accumulator (ring_block_backward), which goes straight back to the block's owner.
     """
 
     @staticmethod
@@ -161,9 +163,9 @@ class _RingClip(torch.autograd.Function):
         scale = float(scale_t)
         lse_i = ring_block_forward(img, txt, scale, None, backend, chunk=chunk, **kw)
         lse_t = ring_block_forward(txt, img, scale, None, backend, chunk=chunk, **kw)
-        ring = _Ring([img, txt], rank, world_size, group)
-        for _ in range(world_size - 1):
-            blk_i, blk_t = ring.hop()
+        visits = _Visits([img, txt], rank, world_size, group)
+        for k in range(1, world_size):
+            blk_i, blk_t = visits.visit(k)
             ring_block_forward(img, blk_t, scale, lse_i, backend, chunk=chunk, **kw)
             ring_block_forward(txt, blk_i, scale, lse_t, backend, chunk=chunk, **kw)
         pos = scale * _row_dots(img, txt)
@@ -180,17 +182,20 @@ class _RingClip(torch.autograd.Function):
         g = float(grad) / (2.0 * b)
         d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
         d_txt = torch.zeros_like(d_img)
-        # the visiting block's features and their gradient accumulators travel together
-        ring = _Ring([img, txt, torch.zeros_like(d_img), torch.zeros_like(d_img)], rank, world_size, group)
-        d_scale = 0.0
-        for step in range(world_size):
-            blk_i, blk_t, acc_i, acc_t = ring.hop() if step else ring.current
+        # the local block: its column gradients are this rank's own
+        d_scale = ring_block_backward(img, txt, scale, lse_i, g, d_img, d_txt, backend, chunk=chunk, **kw)
+        d_scale += ring_block_backward(txt, img, scale, lse_t, g, d_txt, d_img, backend, chunk=chunk, **kw)
+        if world_size > 1:
+            visits = _Visits([img, txt], rank, world_size, group)
+            acc_i, acc_t, in_i, in_t = (torch.empty_like(d_img) for _ in range(4))  # made once (see _Visits)
+        for k in range(1, world_size):
+            blk_i, blk_t = visits.visit(k)
+            acc_i.zero_(), acc_t.zero_()  # the visiting block's gradients
             d_scale += ring_block_backward(img, blk_t, scale, lse_i, g, d_img, acc_t, backend, chunk=chunk, **kw)
             d_scale += ring_block_backward(txt, blk_i, scale, lse_t, g, d_txt, acc_i, backend, chunk=chunk, **kw)
-        if world_size > 1:  # the accumulators now belong to rank + 1: one more hop brings ours
-            acc_i, acc_t = ring.hop([2, 3])[2:]
-        d_img += acc_i
-        d_txt += acc_t
+            visits.send_back(k, [acc_i, acc_t], [in_i, in_t])
+            d_img += in_i
+            d_txt += in_t
         _sub_labels(d_img, d_txt, img, txt, 0, 2.0 * g * scale)  # the positives: -2g delta_ij of dLogits
         d_scale -= 2.0 * g * float(_row_dots(img, txt).sum())
         return (
@@ -321,13 +326,13 @@ class _SigLipOverRanks(torch.autograd.Function):
     """SigLIP of the local images against the local texts (positives) and every other
     rank's text block (negatives only), the blocks visiting one at a time.
 
-    how="ring" (dist_impl shift / bidir): W - 1 hops to the right; how="reduce": each
-    rank's block broadcast in turn. Forward keeps only the local features: a visiting
-    block is dropped once its negatives are summed (SigLIP has no normaliser to keep).
-    Backward brings the blocks round again the same way, each with the gradient of its
-    owner's texts: on the ring an accumulator travels with the block and one last hop
-    brings it home; with "reduce" each block's gradient is summed onto its owner
-    (dist.reduce). Per-rank memory is O(B * D) whatever the world size.
+    how="ring" (dist_impl shift / bidir): W - 1 visits (_Visits: step k, rank r's block to
+    rank r + k); how="reduce": each rank's block broadcast in turn. Forward keeps only the
+    local features: a visiting block is dropped once its negatives are summed (SigLIP has
+    no normaliser to keep). Backward brings the blocks again the same way; the gradient of
+    a visiting block goes straight back to its owner ("ring") or is summed onto it
+    (dist.reduce). Per-rank memory is O(B * D) whatever the world size, in buffers made
+    once per call.
     """
 
     @staticmethod
@@ -337,12 +342,12 @@ class _SigLipOverRanks(torch.autograd.Function):
         backend, neg = backends  # the positives' and the negatives' (dispatch picks each variant)
         loss = siglip_block_forward(img, txt, scale, bias, True, backend, chunk, kw)
         if how == "ring":
-            ring = _Ring([txt], rank, world_size, group)
-            for _ in range(world_size - 1):
-                (blk,) = ring.hop()
+            visits = _Visits([txt], rank, world_size, group)
+            for k in range(1, world_size):
+                (blk,) = visits.visit(k)
                 loss = loss + siglip_block_forward(img, blk, scale, bias, False, neg, chunk, kw)
         else:
-            buf = torch.empty_like(txt)  # one receive buffer for every broadcast (see _Ring)
+            buf = torch.empty_like(txt)  # one receive buffer for every broadcast (see _Visits)
             for src in range(world_size):
                 blk = _broadcast(txt, src, rank, group, buf)
                 if src != rank:
@@ -359,15 +364,16 @@ class _SigLipOverRanks(torch.autograd.Function):
         scale, bias, g = float(scale_t), float(bias_t), float(grad)
         d_img, d_txt, d_scale, d_bias = siglip_block_backward(img, txt, scale, bias, g, True, backend, chunk, kw)
         if how == "ring":
-            ring = _Ring([txt, torch.zeros_like(d_txt)], rank, world_size, group)  # block + its gradient
-            for _ in range(world_size - 1):
-                blk, acc = ring.hop()
+            visits = _Visits([txt], rank, world_size, group)
+            acc, incoming = torch.empty_like(d_txt), torch.empty_like(d_txt)  # made once (see _Visits)
+            for k in range(1, world_size):
+                (blk,) = visits.visit(k)
+                acc.zero_()  # the visiting block's gradient
                 _, _, ds, db = siglip_block_backward(img, blk, scale, bias, g, False, neg, chunk, kw, (d_img, acc))
                 d_scale, d_bias = d_scale + ds, d_bias + db
-            # the accumulator now belongs to rank + 1: one more hop brings ours home
-            d_txt += ring.hop([1])[1]
+                d_txt += visits.send_back(k, [acc], [incoming])[0]
         else:
-            buf, dt = torch.empty_like(txt), torch.empty_like(d_txt)  # made once (see _Ring)
+            buf, dt = torch.empty_like(txt), torch.empty_like(d_txt)  # made once (see _Visits)
             for src in range(world_size):
                 blk = _broadcast(txt, src, rank, group, buf)
                 dt.zero_()
@@ -402,7 +408,7 @@ def siglip_loss_over_ranks(
     bwd: str | None = None,
 ) -> torch.Tensor:
     """open_clip's distributed SigLIP loss of this rank (local pairs + every other rank's
-    texts as negatives), the text blocks visiting by ring hops (how="ring") or broadcasts
+    texts as negatives), the text blocks visiting by point-to-point steps (how="ring") or broadcasts
     (how="reduce"), none kept for backward (see _SigLipOverRanks). Equal batches per rank."""
     _check_features(image_features, text_features)
     scale_t = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
@@ -420,9 +426,9 @@ def siglip_loss_over_ranks(
 class SigLipLoss(nn.Module):
     """open_clip.loss.SigLipLoss on the tiled sigmoid loss (module doc: extras).
 
-    dist_impl: 'shift' and 'bidir' pass text blocks around the ring ('bidir' runs the
-    same one-directional ring: same values and gradients, more hops); 'reduce'
-    broadcasts each rank's block in turn; none of these keeps a visiting block for
+    dist_impl: 'shift' and 'bidir' send each rank's text block to every other rank in
+    turn (open_clip passes them along a ring, 'bidir' in both directions; same values and
+    gradients, same bytes per step); 'reduce' broadcasts each rank's block in turn; none of these keeps a visiting block for
     backward, which passes the blocks again (siglip_loss_over_ranks). 'gather'
     all-gathers the text features with gradient (memory grows with the world).
     """
