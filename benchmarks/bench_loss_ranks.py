@@ -80,7 +80,9 @@ def estimated_gb(lib: str, setting: str, ranks: int, b: int, d: int) -> float:
     """Rough memory of one cell over all its ranks (to skip what cannot fit, not a measurement)."""
     n = ranks * b
     per_rank = 6 * n * d * 4  # gathered features and their gradients
-    if lib == "open_clip" and "local_loss=False" in setting:
+    if lib == "open_clip" and "SigLipLoss" in setting:
+        per_rank += ranks * 4 * b * b * 4  # every block's logits stay in the graph
+    elif lib == "open_clip" and "local_loss=False" in setting:
         per_rank += 5 * n * n * 4  # logits, their transpose's softmax, and the gradients
     elif lib == "open_clip":
         per_rank += 5 * b * n * 4
@@ -268,6 +270,20 @@ def cells(results: dict) -> dict[tuple[str, int], dict]:
     return out
 
 
+def merge(runs: list[dict]) -> dict:
+    """One results dict from several runs: a later run's cell replaces an earlier one's (a rerun
+    of some settings after a change); machine and date of the first run, every run's dates kept."""
+    out = dict(runs[0])
+    by_cell = {}
+    for run in runs:
+        for bench in run["benchmarks"]:
+            info = bench.get("extra_info", {})
+            by_cell[(cell_name(info["library"], info["setting"]), info["ranks"])] = bench
+    out["benchmarks"] = list(by_cell.values())
+    out["datetime"] = ", ".join(r.get("datetime", "?") for r in runs)
+    return out
+
+
 def missing_cells(results: dict, ranks: list[int] | None = None) -> list[str]:
     """Every (setting, ranks) cell the table must have and the results lack (measured or skipped)."""
     have = cells(results)
@@ -353,9 +369,10 @@ def main(argv: list[str]) -> None:
         worker(lib, setting, int(rank), int(world), int(port), int(b), int(d), out)
     elif argv and argv[0] == "report":
         sys.path.insert(0, str(HERE))
-        path = Path(argv[1])
-        results = json.loads(path.read_text())
-        opts = dict(zip(argv[2::2], argv[3::2]))  # --out RESULTS.md, --note TEXT (the run's machine and load)
+        first_opt = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
+        paths, path = [Path(a) for a in argv[1:first_opt]], Path(argv[1])
+        results = merge([json.loads(p.read_text()) for p in paths])
+        opts = dict(zip(argv[first_opt::2], argv[first_opt + 1 :: 2]))  # --out RESULTS.md, --note TEXT
         text = render(results, opts.get("--note", ""))
         out = Path(opts.get("--out", path.with_suffix(".md")))
         out.write_text(text)
@@ -366,7 +383,9 @@ def main(argv: list[str]) -> None:
                 f"{path}: {len(missing)} setting x ranks cells missing, first: {missing[0]}; rerun without RANKS_BENCH_ONLY"
             )
     else:
-        sys.exit(f"usage: {sys.argv[0]} worker ... | report RESULTS.json [--out RESULTS.md] [--note TEXT]")
+        sys.exit(
+            f"usage: {sys.argv[0]} worker ... | report RESULTS.json [MORE.json ...] [--out RESULTS.md] [--note TEXT]"
+        )
 
 
 if __name__ == "__main__":
