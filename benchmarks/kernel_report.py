@@ -122,6 +122,33 @@ def kmeans_launches() -> list[Launch]:
     return out
 
 
+def semdedup_launches() -> list[Launch]:
+    """SemDeDup's earlier max: every (dtype, layout, config) of semdedup.launch_configs, at a
+    cluster of n = 100,001 items, D = 768 (the general form at D = 129, unspecialised)."""
+    sd = importlib.import_module("mode_fast.kernels.semdedup")
+    n = 100_001  # not a multiple of 16: the usual cluster
+    layouts = {"aligned": (768, (768, 1)), "general": (129, (258, 2))}
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for layout, (d, xs) in layouts.items():
+            for cfg in sd.launch_configs(dtype, layout):
+                x = _aligned_tensor(dtype)
+                args = dict(X_ptr=x, BEST_ptr=_aligned_tensor(torch.float32), ARG_ptr=_aligned_tensor(torch.int64),
+                            N=n, D=d, N_TUNE=1 << (n - 1).bit_length(), X_stride_n=xs[0], X_stride_d=xs[1])  # fmt: skip
+                tiles = "x".join(str(cfg[b]) for b in ("BLOCK_J", "BLOCK_I", "BLOCK_D"))
+                out.append(Launch(
+                    kernel="semdedup",
+                    variant=f"{_TDTYPE[dtype]} {layout} {tiles} w{cfg['num_warps']} s{cfg['num_stages']}",
+                    fn=sd.EARLIER.kernel(layout), args=args,
+                    constexprs={"BLOCK_J": cfg["BLOCK_J"], "BLOCK_I": cfg["BLOCK_I"],
+                                "BLOCK_D": cfg["BLOCK_D"], "IEEE_FP32": dtype == torch.float32},
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    spill_free=True, owner="semdedup.py",
+                    extra={"dtype": _TDTYPE[dtype], "layout": layout},
+                ))  # fmt: skip
+    return out
+
+
 # contrastive modes: (kernel, mode, constexprs). The flags that only select terms (merge,
 # row_term, col_term) are runtime ints that are never specialised, so each mode below is
 # one compiled variant however the wrapper sets them.
@@ -200,7 +227,7 @@ NOTES = [
 ]
 
 # New kernels (rectangular / ring / SigLIP-block ...): append their launch functions here.
-REGISTRY: list[Callable[[], list[Launch]]] = [kmeans_launches, contrastive_launches]
+REGISTRY: list[Callable[[], list[Launch]]] = [kmeans_launches, contrastive_launches, semdedup_launches]
 
 
 # ---------------------------------------------------------------------------------
@@ -394,7 +421,8 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
         "`python benchmarks/kernel_report.py`. Each row is one config a wrapper can launch, "
         "compiled with the argument specialisation of a real launch (headline sizes: "
         "k-means N=10,000,001 K=1024 D=768, its general form unspecialised; "
-        "contrastive B=32k D=768, its general form D=129 unspecialised). "
+        "contrastive B=32k D=768, its general form D=129 unspecialised; "
+        "semdedup n=100,001 D=768, its general form D=129 unspecialised). "
         "Spills: ptxas -v bytes of spill stores / loads. Shared: Triton's dynamic shared "
         "memory per block. TC: tensor-core instructions in the code (PTX mma.sync / wgmma; "
         "SASS HMMA / HGMMA); atomics: global atom/red in the PTX (SASS ATOM/RED). "

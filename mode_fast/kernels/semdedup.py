@@ -15,7 +15,7 @@ exists and only the triangle is computed:
 - torch path (the CPU backend): square T x T tiles, row tile J against the column tiles up
   to and including J's own (the diagonal tile, masked to i < j), one matmul per tile into a
   reused T x T buffer, a row max per tile merged into a running max. Scratch O(T^2 + n)
-  (16 MB at T = 2048), plus an fp32 copy of x for 16-bit inputs.
+  (4 MB at T = 1024), plus an fp32 copy of x for 16-bit inputs.
 - Triton (CUDA): each program owns BLOCK_J items and loops over the item tiles before them
   (BLOCK_I wide, up to the tile holding its last item), accumulating x_J . x_I over D in
   BLOCK_D slices (fp32 accumulation; IEEE dot for fp32 inputs), a causal mask i < j, and a
@@ -69,20 +69,17 @@ except ImportError:  # pragma: no cover - depends on the install
 # ---------------------------------------------------------------------------------
 # torch path: the CPU backend (and a fallback on any device)
 # ---------------------------------------------------------------------------------
-# Scratch of the torch path, in similarity entries: one square tile (T = 2048, 16 MB of fp32).
-_CHUNK_ENTRIES = 1 << 22
-# Smallest tile: below it the matmuls are too small to run near peak.
-_MIN_TILE = 256
+# Scratch of the torch path, in similarity entries: one square tile (T = 1024, 4 MB of fp32).
+# Tiles of 512-2048 ran within noise of each other on the 2-core dev box (1 thread, n = 8k,
+# D = 512: 0.29-0.31 s); smaller ones make more, less efficient matmuls.
+_CHUNK_ENTRIES = 1 << 20
 
 
 def default_tile(n: int, chunk_entries: int = _CHUNK_ENTRIES) -> int:
     """Side T of the torch path's square tiles: the largest power of two with T^2 <=
-    chunk_entries, and no wider than about n / 4, so that even a small cluster skips most of
-    the upper triangle (4 row tiles compute 10 of 16 tiles), but at least _MIN_TILE."""
+    chunk_entries, or n when that is smaller (one tile: a single matmul, masked)."""
     t = 1 << (max(int(chunk_entries).bit_length() - 1, 0) // 2)
-    while t > _MIN_TILE and 4 * t > n:
-        t //= 2
-    return max(t, 1)
+    return max(min(t, n), 1)
 
 
 def max_earlier_similarity_torch(
@@ -206,15 +203,17 @@ if triton is not None:
 # dtype class (fp32 inputs always take the IEEE dot, so there is no "ieee" class here).
 # Every entry compiles with 0 bytes of register spills for sm_90a and sm_80 (ptxas from the
 # triton wheel; benchmarks/results/static/kernels.md, asserted by
-# tests/test_kernels_compile.py). The tiles are k-means assign's spill-free ones: this body
-# holds less (a running max and argmax, not a top 3). On CUDA the wrapper autotunes over
-# its list; the first entry is the one deterministic=True pins.
+# tests/test_kernels_compile.py). The 16-bit and general tiles are k-means assign's; its
+# aligned fp32 tiles (BLOCK_D 32, 3 stages) spill 16-56 B here (the causal mask and the
+# argmax's index tile are live beside the IEEE FMA accumulator), so a compile sweep picked
+# BLOCK_D 16, or 2 stages at 32. On CUDA the wrapper autotunes over its list; the first
+# entry is the one deterministic=True pins.
 EARLIER = launch.Launcher(
     "max_earlier_similarity",
     blocks=("BLOCK_J", "BLOCK_I", "BLOCK_D"),
     table={
         ("aligned", "16bit"): ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)),
-        ("aligned", "fp32"): ((128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)),
+        ("aligned", "fp32"): ((128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (128, 64, 32, 8, 2), (64, 64, 16, 4, 3)),
         ("general", "16bit"): ((64, 64, 32, 4, 2), (64, 64, 32, 4, 3)),
         ("general", "fp32"): ((64, 64, 16, 4, 1), (32, 64, 16, 4, 2)),
     },  # fmt: skip
