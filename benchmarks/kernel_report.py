@@ -41,7 +41,7 @@ for _path in (REPO, REPO / "benchmarks"):  # also when loaded by file path (the 
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from kernel_traffic import contrastive_traffic, kmeans_assign_traffic
+from kernel_traffic import contrastive_traffic, kmeans_assign_traffic, semdedup_traffic
 
 from mode_fast.core.files import write_json, write_text
 
@@ -403,6 +403,15 @@ def traffic_rows() -> list[dict]:
                     rows.append({"kernel": f"contrastive_{direction} {label}",
                                  "shape": f"B={b // 1024}k D=768 {_TDTYPE[dtype]}",
                                  "tiles": f"{bm}x{bn}", **v})  # fmt: skip
+    sd = importlib.import_module("mode_fast.kernels.semdedup")
+    n, d = 100_001, 768
+    for dtype in (torch.bfloat16, torch.float32):
+        blocks = ("BLOCK_J", "BLOCK_I", "BLOCK_D")
+        tiles = dict.fromkeys(tuple(c[b] for b in blocks) for c in sd.launch_configs(dtype))
+        for cfg in tiles:
+            t = semdedup_traffic(n, d, dtype.itemsize, cfg[0], cfg[1])
+            rows.append({"kernel": "semdedup", "shape": f"n=100k D=768 {_TDTYPE[dtype]}",
+                         "tiles": f"{cfg[0]}x{cfg[1]}x{cfg[2]}", **t})  # fmt: skip
     return rows
 
 
@@ -447,7 +456,7 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
     lines += [
         "",
         "## Counted global-memory traffic per call (formulas in the opening comments of "
-        "kmeans_assign.py and contrastive_loss.py, computed by benchmarks/kernel_traffic.py)",
+        "kmeans_assign.py, contrastive_loss.py and semdedup.py, computed by benchmarks/kernel_traffic.py)",
         "",
         "Loads as issued by the kernel (re-reads served by L2 count); compulsory = inputs "
         "read once, outputs written once. GB = 1e9 bytes. Issued loads are L2 requests; "

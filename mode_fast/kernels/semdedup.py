@@ -43,7 +43,10 @@ programs, program p reading the ~(p + 1) BLOCK_J / BLOCK_I item tiles before its
     x_J, re-read per I tile     ~ n^2 D s / (2 BLOCK_I)
     x_I tiles                   ~ n^2 D s / (2 BLOCK_J)
     outputs                     12 n (best fp32, arg int64);  atomics 0
-Compulsory: n D s read, 12 n written.
+Compulsory: n D s read, 12 n written. At n = 100k, D = 768, bf16, 128 x 128 tiles: 120 GB
+issued against 0.2 GB compulsory; a program's own x_J block (196 KB) and the I tiles it walks
+are L2 requests, so DRAM traffic should be far lower (unmeasured until a GPU profile;
+benchmarks/kernel_report.py prints the table for every tile, kernel_traffic.py computes it).
 
 Inputs are used as given: SemDeDup's similarity is the cosine, so pass rows normalised to
 unit length (``torch.nn.functional.normalize``).
