@@ -3,12 +3,14 @@
 The reference is what facebookresearch/SemDeDup's users run for each cluster: the n x n
 similarity matrix ``x @ x.T``, its diagonal zeroed, ``triu(., 1)``, the column max
 (mode_fast.kernels.reference.max_earlier_similarity_dense). mode-fast's torch path (the CPU
-backend) computes only the strict triangle, in square tiles with a 4 MB scratch.
+backend) computes only the strict triangle, in square tiles with a 1 MB scratch.
 
 CPU rows, each cell a fresh process running this file as a script (`worker`), fp32, unit-norm
-random rows (the data does not change the work), all of the machine's threads:
+random rows (the data does not change the work):
 
-- time and memory at n = SEMDEDUP_BENCH_SIZES (1k, 4k, 8k, 16k), D = SEMDEDUP_BENCH_D (512):
+- time and memory at n = SEMDEDUP_BENCH_SIZES (1k, 4k, 8k, 16k), D = SEMDEDUP_BENCH_D (512),
+  with SEMDEDUP_BENCH_THREADS torch threads ("0,1": the machine's default and one thread, the
+  steadier figure on a shared machine, where other jobs' load stalls multi-threaded matmuls):
   time_s the median of SEMDEDUP_BENCH_ROUNDS calls (wall), cpu_s the process CPU time of the
   same calls (steadier on a shared machine); peak_mb the peak RSS growth of the first call
   with x already in memory (proc_memory: the kernel's peak mark reset just before the call);
@@ -16,7 +18,7 @@ random rows (the data does not change the work), all of the machine's threads:
   maxima_sum = sum of max(best, 0): the two methods' results side by side.
 - the largest cluster each handles within SEMDEDUP_BENCH_BUDGET_MB (1024) of peak RSS growth:
   n doubled from 1024 until a probe exceeds the budget or n reaches SEMDEDUP_BENCH_CAP
-  (131072: the time of one call grows as n^2, ~1-2 minutes there on 2 cores), then bisected to
+  (131072: the time of one call grows as n^2, ~1-5 minutes there on 2 shared cores), then bisected to
   1/64 of the bracket's low end; each probe a fresh process, one call. A capped search reports
   the cap as a lower bound.
 
@@ -44,6 +46,7 @@ ROOT = HERE.parent
 SIZES = [int(s) for s in os.environ.get("SEMDEDUP_BENCH_SIZES", "1024,4096,8192,16384").split(",")]
 D = int(os.environ.get("SEMDEDUP_BENCH_D", "512"))
 ROUNDS = int(os.environ.get("SEMDEDUP_BENCH_ROUNDS", "3"))
+THREADS = [int(t) for t in os.environ.get("SEMDEDUP_BENCH_THREADS", "0,1").split(",")]
 BUDGET_MB = float(os.environ.get("SEMDEDUP_BENCH_BUDGET_MB", "1024"))
 CAP = int(os.environ.get("SEMDEDUP_BENCH_CAP", "131072"))
 START = 1024
@@ -53,7 +56,7 @@ METHODS = {
 }
 
 
-def worker(method: str, n: int, d: int, rounds: int, out: str) -> None:
+def worker(method: str, n: int, d: int, rounds: int, threads: int, out: str) -> None:
     """One fresh process: imports and a warm-up (fixed cost), x made, then the measured calls."""
     sys.path[:0] = [str(HERE), str(ROOT)]
     from proc_memory import reset_peak, status_mb
@@ -63,6 +66,9 @@ def worker(method: str, n: int, d: int, rounds: int, out: str) -> None:
 
     from mode_fast.kernels.reference import max_earlier_similarity_dense
     from mode_fast.kernels.semdedup import max_earlier_similarity
+
+    if threads:
+        torch.set_num_threads(threads)
 
     def step(x):
         if method == "reference":
@@ -92,14 +98,14 @@ def worker(method: str, n: int, d: int, rounds: int, out: str) -> None:
     }))  # fmt: skip
 
 
-def run_cell(method: str, n: int, d: int = D, rounds: int = ROUNDS) -> dict:
+def run_cell(method: str, n: int, d: int = D, rounds: int = ROUNDS, threads: int = 0) -> dict:
     """One fresh process; its figures."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench_semdedup_") as tmp:
         out = Path(tmp) / "cell.json"
         proc = subprocess.run(
-            [sys.executable, __file__, "worker", method, str(n), str(d), str(rounds), str(out)],
+            [sys.executable, __file__, "worker", method, str(n), str(d), str(rounds), str(threads), str(out)],
             capture_output=True, text=True, timeout=3600,
         )  # fmt: skip
         if proc.returncode:
@@ -134,11 +140,12 @@ if __name__ != "__main__":  # the worker and report modes run without pytest (le
     import pytest
 
     @pytest.mark.parametrize("n", SIZES)
+    @pytest.mark.parametrize("threads", THREADS)
     @pytest.mark.parametrize("method", list(METHODS))
-    def test_cpu_time_and_memory(benchmark, method, n):
-        benchmark.group = f"cpu semdedup step n={n} D={D} fp32, fresh process"
+    def test_cpu_time_and_memory(benchmark, method, threads, n):
+        benchmark.group = f"cpu semdedup step n={n} D={D} fp32, {threads or 'default'} threads, fresh process"
         got = {}
-        benchmark.pedantic(lambda: got.update(run_cell(method, n)), rounds=1, iterations=1)
+        benchmark.pedantic(lambda: got.update(run_cell(method, n, threads=threads)), rounds=1, iterations=1)
         benchmark.extra_info.update(provider=METHODS[method], baseline=method == "reference", **got)
 
     @pytest.mark.parametrize("method", list(METHODS))
@@ -202,33 +209,32 @@ def render(results: dict, note: str = "") -> str:
         if "largest_n" in info:
             budget[info["method"]] = info
         elif "method" in info and "peak_mb" in info and "cpu_s" in info:
-            cells[(info["method"], info["n"])] = info
-    sizes = sorted({n for _, n in cells})
+            cells[(info["method"], info["threads"], info["n"])] = info
+    keys = sorted({(t, n) for _, t, n in cells}, key=lambda k: (-k[0], k[1]))
     mi = results.get("machine_info", {})
     any_cell = next(iter(cells.values()), {})
     lines = [
         "# SemDeDup within-cluster step, CPU: mode-fast vs the public code's method",
         "",
-        f"Device: {device_name(mi)}; {any_cell.get('threads', '?')} threads. "
-        f"Run: {results.get('datetime', '?')}, Python {mi.get('python_version', '?')}.",
+        f"Device: {device_name(mi)}. Run: {results.get('datetime', '?')}, Python {mi.get('python_version', '?')}.",
         "",
         *([note, ""] if note else []),
         f"D = {any_cell.get('d', D)}, fp32, unit-norm random rows; each cell a fresh process. Reference: "
         f"{METHODS['reference']}. mode-fast: {METHODS['mode_fast']}. Time: median wall of "
-        f"{any_cell.get('rounds', '?')} calls (CPU time beside it); peak: peak RSS growth of one call with x "
-        "already in memory. Ratios: reference / mode-fast (above 1: mode-fast faster or smaller).",
+        f"{any_cell.get('rounds', '?')} calls (process CPU time beside it); peak: peak RSS growth of one call with "
+        "x already in memory. Ratios: reference / mode-fast (above 1: mode-fast faster or smaller).",
         "",
-        "| n | reference time (s) | mode-fast time (s) | time ratio | reference CPU (s) | mode-fast CPU (s) "
+        "| threads | n | reference time (s) | mode-fast time (s) | time ratio | reference CPU (s) | mode-fast CPU (s) "
         "| reference peak (MB) | mode-fast peak (MB) | memory ratio | maxima sums (ref / mode-fast) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n in sizes:
-        r, m = cells.get(("reference", n)), cells.get(("mode_fast", n))
+    for t, n in keys:
+        r, m = cells.get(("reference", t, n)), cells.get(("mode_fast", t, n))
         if not (r and m):
-            lines.append(f"| {n:,} | missing |")
+            lines.append(f"| {t} | {n:,} | missing |")
             continue
         lines.append(
-            f"| {n:,} | {r['time_s']:.3f} | {m['time_s']:.3f} | {r['time_s'] / m['time_s']:.2f}x "
+            f"| {r['threads']} | {n:,} | {r['time_s']:.3f} | {m['time_s']:.3f} | {r['time_s'] / m['time_s']:.2f}x "
             f"| {r['cpu_s']:.3f} | {m['cpu_s']:.3f} | {r['peak_mb']:,.1f} | {m['peak_mb']:,.1f} "
             f"| {r['peak_mb'] / max(m['peak_mb'], 0.1):,.0f}x | {r['maxima_sum']:.3f} / {m['maxima_sum']:.3f} |"
         )
@@ -261,8 +267,8 @@ def render(results: dict, note: str = "") -> str:
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "worker":
-        method, n, d, rounds, out = argv[1:]
-        worker(method, int(n), int(d), int(rounds), out)
+        method, n, d, rounds, threads, out = argv[1:]
+        worker(method, int(n), int(d), int(rounds), int(threads), out)
     elif argv and argv[0] == "report":
         sys.path.insert(0, str(HERE))
         path = Path(argv[1])

@@ -177,7 +177,7 @@ def test_tiles_do_not_change_results():
 
 
 def test_default_tile():
-    assert default_tile(100) == 100 and default_tile(4000) == 1024 and default_tile(10**6) == 1024
+    assert default_tile(100) == 100 and default_tile(4000) == 512 and default_tile(10**6) == 512
     assert default_tile(10**6, chunk_entries=1 << 16) == 256 and default_tile(10**6, chunk_entries=5000) == 64
 
 
