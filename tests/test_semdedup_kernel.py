@@ -176,9 +176,27 @@ def test_tiles_do_not_change_results():
         assert torch.equal(a, ref[1])
 
 
+@pytest.mark.parametrize("chunk_entries", [2 * 512 * 512, 3 * 512 * 512, 1 << 22])
+def test_row_blocks_against_wider_column_tiles(chunk_entries):
+    """R = 512 rows against C = 1024 or 1536 columns: the diagonal block sits inside the last
+    column tile at an offset, and earlier tiles merge by the strict rule."""
+    x = _copies(1300, 12, seed=8)
+    best, arg = max_earlier_similarity_torch(x, chunk_entries=chunk_entries)
+    _check_dense(x, best)
+    ref = max_earlier_similarity_torch(x, tile=100)
+    torch.testing.assert_close(best, ref[0], rtol=0, atol=1e-6)
+    assert torch.equal(arg, ref[1])
+    first = {}
+    for j, row in enumerate(x.tolist()):
+        if tuple(row) in first:
+            assert arg[j].item() == first[tuple(row)]
+        first.setdefault(tuple(row), j)
+
+
 def test_default_tile():
-    assert default_tile(100) == 100 and default_tile(4000) == 512 and default_tile(10**6) == 512
-    assert default_tile(10**6, chunk_entries=1 << 16) == 256 and default_tile(10**6, chunk_entries=5000) == 64
+    assert default_tile(100) == (100, 41900) and default_tile(10**6) == (512, 8192)
+    assert default_tile(10**6, chunk_entries=1 << 16) == (512, 512)
+    assert default_tile(10**6, chunk_entries=3 * 512 * 512 + 7) == (512, 1536)
 
 
 @pytest.mark.parametrize("where", [0, 4, 9])

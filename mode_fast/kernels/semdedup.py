@@ -12,10 +12,10 @@ max: O(n^2) memory, which is what caps the cluster sizes its users can pick, and
 multiply-adds, twice the n^2 D / 2 the strict triangle needs. Here the n x n matrix never
 exists and only the triangle is computed:
 
-- torch path (the CPU backend): square T x T tiles, row tile J against the column tiles up
-  to and including J's own (the diagonal tile, masked to i < j), one matmul per tile into a
-  reused T x T buffer, a row max per tile merged into a running max. Scratch O(T^2 + n)
-  (1 MB at T = 512), plus an fp32 copy of x for 16-bit inputs.
+- torch path (the CPU backend): 512 items j at a time against the items before them, in
+  column tiles of up to 8192 (the last holding the diagonal block, masked to i < j), one
+  matmul per tile into a reused buffer, a row max per tile merged into a running max.
+  Scratch O(R C + n) (16 MB), plus an fp32 copy of x for 16-bit inputs.
 - Triton (CUDA): each program owns BLOCK_J items and loops over the item tiles before them
   (BLOCK_I wide, up to the tile holding its last item), accumulating x_J . x_I over D in
   BLOCK_D slices (fp32 accumulation; IEEE dot for fp32 inputs), a causal mask i < j, and a
@@ -72,25 +72,31 @@ except ImportError:  # pragma: no cover - depends on the install
 # ---------------------------------------------------------------------------------
 # torch path: the CPU backend (and a fallback on any device)
 # ---------------------------------------------------------------------------------
-# Scratch of the torch path, in similarity entries: one square tile (T = 512, 1 MB of fp32).
-# On the 2-core dev box (one thread, D = 512) tiles of 256-2048 ran within noise of each
-# other at n = 8k (0.29-0.31 s); at n = 1k, 256-512 beat one 1024 tile (4.2-4.7 vs 6.3 ms,
-# the dense method 8.8 ms): they skip the upper triangle's tiles.
-_CHUNK_ENTRIES = 1 << 18
+# The torch path's tiles: ROWS items j against up to chunk_entries // ROWS earlier items i per
+# matmul (16 MB of fp32 scratch; 8192 columns at 512 rows). Few, large matmuls: with 512 x 512
+# tiles the 2-thread runs on the shared 2-core dev box were 1.4-2.5x slower than the dense
+# method (each small matmul pays the thread pool's wake-up and barrier, and under other jobs'
+# load a stalled thread), while one thread was 1.8-6.7x faster
+# (benchmarks/results/cpu/semdedup_t512.md).
+_CHUNK_ENTRIES = 1 << 22
+_ROWS = 512
 
 
-def default_tile(n: int, chunk_entries: int = _CHUNK_ENTRIES) -> int:
-    """Side T of the torch path's square tiles: the largest power of two with T^2 <=
-    chunk_entries, or n when that is smaller (one tile: a single matmul, masked)."""
-    t = 1 << (max(int(chunk_entries).bit_length() - 1, 0) // 2)
-    return max(min(t, n), 1)
+def default_tile(n: int, chunk_entries: int = _CHUNK_ENTRIES) -> tuple[int, int]:
+    """(rows R, columns C) of the torch path's tiles: R = 512 items (fewer when n is smaller)
+    against C = chunk_entries // R earlier items, a multiple of R (at least R)."""
+    r = max(min(_ROWS, n), 1)
+    return r, max(chunk_entries // r // r, 1) * r
 
 
 def max_earlier_similarity_torch(
     x: torch.Tensor, chunk_entries: int = _CHUNK_ENTRIES, tile: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch path: T x T tiles of the strict lower triangle, one matmul each into a
-    reused buffer (scratch T^2 fp32, T = tile or default_tile(n, chunk_entries))."""
+    """The torch path: rows [j0, j0 + R) against the items before them in column tiles of C
+    (the last one holding the diagonal, masked to i < j), one matmul per tile into a reused
+    R x C buffer (scratch chunk_entries fp32; R, C = default_tile(n, chunk_entries), or
+    R = C = tile when given). On CUDA the fp32 matmul follows torch's TF32 setting (off
+    unless the caller allows it)."""
     n = x.shape[0]
     device = x.device
     best = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
@@ -100,20 +106,21 @@ def max_earlier_similarity_torch(
     # fp16/bf16: products are exact in fp32, so one fp32 copy (O(n D)) gives fp32 sums, and
     # the CPU's fp32 matmul is its fast one.
     xf = x if x.dtype == torch.float32 else x.float()
-    t = tile or default_tile(n, chunk_entries)
-    buf = torch.empty(min(t, n), min(t, n), dtype=torch.float32, device=device)
-    # The diagonal tile's columns i >= j (row r, column c: c >= r), as one fixed mask.
-    ahead = torch.ones(min(t, n), min(t, n), dtype=torch.bool, device=device).triu_()
-    for j0 in range(0, n, t):
-        j1 = min(j0 + t, n)
+    r, c = (tile, tile) if tile else default_tile(n, chunk_entries)
+    buf = torch.empty(min(r, n), min(c, n), dtype=torch.float32, device=device)
+    # The diagonal block's columns i >= j (row a, column b: b >= a), as one fixed mask.
+    ahead = torch.ones(min(r, n), min(r, n), dtype=torch.bool, device=device).triu_()
+    for j0 in range(0, n, r):
+        j1 = min(j0 + r, n)
         rows = xf[j0:j1]
         m = j1 - j0
-        # Column tiles from the first to the diagonal one (i0 == j0), in index order.
-        for i0 in range(0, j0 + 1, t):
-            i1 = min(i0 + t, j1)
+        # Column tiles in index order, the last one ending at j1 (C is a multiple of R, so
+        # the diagonal block [j0, j1) lies inside it).
+        for i0 in range(0, j1, c):
+            i1 = min(i0 + c, j1)
             sims = torch.mm(rows, xf[i0:i1].T, out=buf[:m, : i1 - i0])
-            if i0 == j0:
-                sims.masked_fill_(ahead[:m, :m], float("-inf"))
+            if i1 == j1:
+                sims[:, j0 - i0 :].masked_fill_(ahead[:m, :m], float("-inf"))
             # torch.max gives the first index among equal maxima; a later tile (higher
             # indices) wins only when strictly greater, so ties go to the lowest i.
             value, idx = sims.max(dim=1)
@@ -125,7 +132,7 @@ def max_earlier_similarity_torch(
                 blk_arg = torch.where(better, idx + i0, blk_arg)
         best[j0:j1] = blk_best
         arg[j0:j1] = blk_arg
-    # Row 0 has no earlier item: its tile row is all masked (max -inf at column 0).
+    # Row 0 has no earlier item: its row is all masked (max -inf at column 0).
     best[0], arg[0] = float("-inf"), -1
     return best, arg
 
