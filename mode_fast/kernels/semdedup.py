@@ -15,7 +15,8 @@ exists and only the triangle is computed:
 - torch path (the CPU backend): 512 items j at a time against the items before them, in
   column tiles of up to 8192 (the last holding the diagonal block, masked to i < j), one
   matmul per tile into a reused buffer, a row max per tile merged into a running max.
-  Scratch O(R C + n) (16 MB), plus an fp32 copy of x for 16-bit inputs.
+  Scratch O(R C + C D + n): measured peak RSS growth 35 MB at D = 512 (the 16 MB buffer and
+  a column tile's worth of x), plus an fp32 copy of x for 16-bit inputs.
 - Triton (CUDA): each program owns BLOCK_J items and loops over the item tiles before them
   (BLOCK_I wide, up to the tile holding its last item), accumulating x_J . x_I over D in
   BLOCK_D slices (fp32 accumulation; IEEE dot for fp32 inputs), a causal mask i < j, and a
@@ -118,7 +119,8 @@ def max_earlier_similarity_torch(
         # the diagonal block [j0, j1) lies inside it).
         for i0 in range(0, j1, c):
             i1 = min(i0 + c, j1)
-            sims = torch.mm(rows, xf[i0:i1].T, out=buf[:m, : i1 - i0])
+            # a contiguous view of the buffer: a strided out= would make mm write a temporary
+            sims = torch.mm(rows, xf[i0:i1].T, out=buf.view(-1)[: m * (i1 - i0)].view(m, i1 - i0))
             if i1 == j1:
                 sims[:, j0 - i0 :].masked_fill_(ahead[:m, :m], float("-inf"))
             # torch.max gives the first index among equal maxima; a later tile (higher
