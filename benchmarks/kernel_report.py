@@ -41,7 +41,7 @@ for _path in (REPO, REPO / "benchmarks"):  # also when loaded by file path (the 
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from kernel_traffic import contrastive_traffic, kmeans_assign_traffic
+from kernel_traffic import contrastive_traffic, kmeans_assign_traffic, semdedup_traffic
 
 from mode_fast.core.files import write_json, write_text
 
@@ -117,6 +117,33 @@ def kmeans_launches() -> list[Launch]:
                                 "BLOCK_D": cfg["BLOCK_D"], "IEEE_FP32": dtype == torch.float32},
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     spill_free=True, owner="kmeans_assign.py",
+                    extra={"dtype": _TDTYPE[dtype], "layout": layout},
+                ))  # fmt: skip
+    return out
+
+
+def semdedup_launches() -> list[Launch]:
+    """SemDeDup's earlier max: every (dtype, layout, config) of semdedup.launch_configs, at a
+    cluster of n = 100,001 items, D = 768 (the general form at D = 129, unspecialised)."""
+    sd = importlib.import_module("mode_fast.kernels.semdedup")
+    n = 100_001  # not a multiple of 16: the usual cluster
+    layouts = {"aligned": (768, (768, 1)), "general": (129, (258, 2))}
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for layout, (d, xs) in layouts.items():
+            for cfg in sd.launch_configs(dtype, layout):
+                x = _aligned_tensor(dtype)
+                args = dict(X_ptr=x, BEST_ptr=_aligned_tensor(torch.float32), ARG_ptr=_aligned_tensor(torch.int64),
+                            N=n, D=d, N_TUNE=1 << (n - 1).bit_length(), X_stride_n=xs[0], X_stride_d=xs[1])  # fmt: skip
+                tiles = "x".join(str(cfg[b]) for b in ("BLOCK_J", "BLOCK_I", "BLOCK_D"))
+                out.append(Launch(
+                    kernel="semdedup",
+                    variant=f"{_TDTYPE[dtype]} {layout} {tiles} w{cfg['num_warps']} s{cfg['num_stages']}",
+                    fn=sd.EARLIER.kernel(layout), args=args,
+                    constexprs={"BLOCK_J": cfg["BLOCK_J"], "BLOCK_I": cfg["BLOCK_I"],
+                                "BLOCK_D": cfg["BLOCK_D"], "IEEE_FP32": dtype == torch.float32},
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    spill_free=True, owner="semdedup.py",
                     extra={"dtype": _TDTYPE[dtype], "layout": layout},
                 ))  # fmt: skip
     return out
@@ -200,7 +227,7 @@ NOTES = [
 ]
 
 # New kernels (rectangular / ring / SigLIP-block ...): append their launch functions here.
-REGISTRY: list[Callable[[], list[Launch]]] = [kmeans_launches, contrastive_launches]
+REGISTRY: list[Callable[[], list[Launch]]] = [kmeans_launches, contrastive_launches, semdedup_launches]
 
 
 # ---------------------------------------------------------------------------------
@@ -376,6 +403,15 @@ def traffic_rows() -> list[dict]:
                     rows.append({"kernel": f"contrastive_{direction} {label}",
                                  "shape": f"B={b // 1024}k D=768 {_TDTYPE[dtype]}",
                                  "tiles": f"{bm}x{bn}", **v})  # fmt: skip
+    sd = importlib.import_module("mode_fast.kernels.semdedup")
+    n, d = 100_001, 768
+    for dtype in (torch.bfloat16, torch.float32):
+        blocks = ("BLOCK_J", "BLOCK_I", "BLOCK_D")
+        tiles = dict.fromkeys(tuple(c[b] for b in blocks) for c in sd.launch_configs(dtype))
+        for cfg in tiles:
+            t = semdedup_traffic(n, d, dtype.itemsize, cfg[0], cfg[1])
+            rows.append({"kernel": "semdedup", "shape": f"n=100k D=768 {_TDTYPE[dtype]}",
+                         "tiles": f"{cfg[0]}x{cfg[1]}x{cfg[2]}", **t})  # fmt: skip
     return rows
 
 
@@ -394,7 +430,8 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
         "`python benchmarks/kernel_report.py`. Each row is one config a wrapper can launch, "
         "compiled with the argument specialisation of a real launch (headline sizes: "
         "k-means N=10,000,001 K=1024 D=768, its general form unspecialised; "
-        "contrastive B=32k D=768, its general form D=129 unspecialised). "
+        "contrastive B=32k D=768, its general form D=129 unspecialised; "
+        "semdedup n=100,001 D=768, its general form D=129 unspecialised). "
         "Spills: ptxas -v bytes of spill stores / loads. Shared: Triton's dynamic shared "
         "memory per block. TC: tensor-core instructions in the code (PTX mma.sync / wgmma; "
         "SASS HMMA / HGMMA); atomics: global atom/red in the PTX (SASS ATOM/RED). "
@@ -419,7 +456,7 @@ def render(rows: list[dict], traffic: list[dict], versions: dict) -> str:
     lines += [
         "",
         "## Counted global-memory traffic per call (formulas in the opening comments of "
-        "kmeans_assign.py and contrastive_loss.py, computed by benchmarks/kernel_traffic.py)",
+        "kmeans_assign.py, contrastive_loss.py and semdedup.py, computed by benchmarks/kernel_traffic.py)",
         "",
         "Loads as issued by the kernel (re-reads served by L2 count); compulsory = inputs "
         "read once, outputs written once. GB = 1e9 bytes. Issued loads are L2 requests; "

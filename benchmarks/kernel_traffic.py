@@ -1,7 +1,7 @@
 """Counted global-memory traffic of the Triton kernels, per call, in bytes (atomics: a count).
 
 The formulas are stated in each kernel file's opening comment (mode_fast/kernels/
-kmeans_assign.py and contrastive_loss.py, "Global-memory traffic per call"); this module
+kmeans_assign.py, contrastive_loss.py and semdedup.py, "Global-memory traffic per call"); this module
 computes them for benchmarks/kernel_report.py (the traffic table), the benchmarks (counted
 traffic next to each config's time) and tests/test_contrastive_loss.py (dispatch's default
 backward mode is the one with the lower count). Loads as issued by the kernel: re-reads
@@ -24,6 +24,20 @@ def kmeans_assign_traffic(n: int, k: int, d: int, itemsize: int, block_n: int, b
         "global_store_bytes": float(stores),
         "atomic_ops": 0.0,
         "compulsory_bytes": float((n + k) * d * itemsize + 12 * n),
+    }
+
+
+def semdedup_traffic(n: int, d: int, itemsize: int, block_j: int, block_i: int) -> dict[str, float]:
+    """semdedup.py's traffic formulas for one call of the Triton backend with this tile config:
+    item block b loops over the I tiles starting below its last item, and each I tile loads
+    the block's rows and the tile's rows over all of D (full tiles, as issued). "compulsory"
+    is x read once and the outputs (best fp32, arg int64) written once."""
+    tiles = sum(-(-(min((b + 1) * block_j, n) - 1) // block_i) for b in range(-(-n // block_j)))
+    return {
+        "global_load_bytes": float(tiles * (block_j + block_i) * d * itemsize),
+        "global_store_bytes": float(12 * n),
+        "atomic_ops": 0.0,
+        "compulsory_bytes": float(n * d * itemsize + 12 * n),
     }
 
 

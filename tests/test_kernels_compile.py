@@ -1,5 +1,5 @@
 """The Triton kernels compile for real GPUs (Hopper sm_90a, Ampere sm_80), here on the CPU,
-and the k-means and contrastive-loss kernels do so without register spills in every config
+and the k-means, contrastive-loss and SemDeDup kernels do so without register spills in every config
 the wrappers can launch.
 
 The interpreter runs a kernel through numpy and forgives what the compiler refuses
@@ -9,7 +9,7 @@ benchmarks/kernel_report.py lowers each launch config through Triton's own pipel
 the argument specialisation of a real launch and assembles it with the ptxas shipped in
 the triton wheel (-v: registers, spills); this test builds that report (into
 $KERNEL_REPORT_DIR when set, for CI to keep, else a temporary folder) and checks it: 0
-spill bytes for every k-means and contrastive-loss config, on both targets.
+spill bytes for every k-means, contrastive-loss and SemDeDup config, on both targets.
 """
 
 from __future__ import annotations
@@ -172,3 +172,50 @@ def test_each_contrastive_launch_compiles_to_the_variant_the_report_measured(lay
         assert measured and all(ln.fn is kernel for ln in measured)
         launched = report._specialise(report.Launch("k", "v", kernel, real, measured[0].constexprs))
         assert launched == report._specialise(measured[0])
+
+
+sd = importlib.import_module("mode_fast.kernels.semdedup")
+
+
+def test_semdedup_never_spills(rows):
+    mine = [r for r in rows if r["kernel"] == "semdedup"]
+    assert mine and all(r["spill_free_required"] for r in mine)
+    assert {r["target"] for r in mine} == set(report.TARGETS)
+    spilling = [f"{_name(r)}: {r['spill_store_bytes']}/{r['spill_load_bytes']} B"
+                for r in mine if r["spill_store_bytes"] or r["spill_load_bytes"]]  # fmt: skip
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+    # no atomics (each program writes only its own items); 16-bit inputs on tensor cores
+    assert all(r["ptx_global_atomics"] == 0 and r["sass_global_atomics"] == 0 for r in mine)
+    for r in mine:
+        if r["dtype"] != "fp32" and r["layout"] == "aligned":
+            tc = r["sass_hgmma"] if r["target"] == "sm_90a" else r["sass_hmma"]
+            assert tc > 0, f"{_name(r)}: no tensor-core instruction"
+
+
+def test_report_covers_every_semdedup_config_the_wrapper_can_launch():
+    covered = {(ln.extra["dtype"], ln.extra["layout"], ln.variant.split(" ", 2)[-1])
+               for ln in report.semdedup_launches()}  # fmt: skip
+    for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for layout in ("aligned", "general"):
+            for c in sd.launch_configs(dtype, layout):
+                desc = f"{c['BLOCK_J']}x{c['BLOCK_I']}x{c['BLOCK_D']} w{c['num_warps']} s{c['num_stages']}"
+                assert (tname, layout, desc) in covered
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_semdedup_launch_compiles_to_the_variant_the_report_measured(layout, dtype):
+    """Whatever the cluster size and layout, the wrapper's launch specialises to the very
+    signature the report compiled for its form."""
+    x = LAYOUTS[layout](dtype)
+    best, arg = torch.empty(77), torch.empty(77, dtype=torch.int64)
+    family = launch.layout(x, best, arg)
+    assert family == ("aligned" if layout in ("contiguous", "padded_rows") else "general")
+    n = 12_345
+    real = dict(X_ptr=x, BEST_ptr=best, ARG_ptr=arg, N=n, D=x.shape[1], N_TUNE=1 << (n - 1).bit_length(),
+                X_stride_n=x.stride(0), X_stride_d=x.stride(1))  # fmt: skip
+    label = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    measured = [ln for ln in report.semdedup_launches() if ln.extra["layout"] == family and ln.extra["dtype"] == label]
+    assert measured and all(ln.fn is sd.EARLIER.kernel(family) for ln in measured)
+    launched = report._specialise(report.Launch("k", "v", sd.EARLIER.kernel(family), real, measured[0].constexprs))
+    assert launched == report._specialise(measured[0])

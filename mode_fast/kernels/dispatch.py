@@ -106,6 +106,17 @@ CAPABILITIES: tuple[Capability, ...] = (
         min_cuda=(7, 0),
         min_cuda_bf16=(8, 0),
     ),
+    Capability(
+        "triton",
+        "semdedup",
+        frozenset({EARLIER_MAX}),
+        _FLOATS,
+        frozenset({"cuda"}),
+        requires="triton",
+        interpretable=True,
+        min_cuda=(7, 0),
+        min_cuda_bf16=(8, 0),
+    ),
     # torch: the chunked PyTorch paths, every device, every variant.
     Capability("torch", "contrastive", frozenset(CONTRASTIVE_VARIANTS), _FLOATS, frozenset({"cpu", "cuda", "meta"})),
     # k-means on the CPU: torch, not faiss. Measured on the 2-core AMD EPYC dev box (AVX-512;
