@@ -108,7 +108,9 @@ class _Visits:
     Step k (1 .. W - 1): this rank sends its own tensors to rank + k and receives rank - k's.
     Passing blocks along a ring would hold two buffer sets from three ranks on (the one being
     forwarded and the one arriving) against one at two ranks; sending the owner's tensors
-    directly holds one set at every world size, with the same bytes sent per step. The
+    directly holds one set at every world size, with the same bytes sent per step. In
+    backward the gradients coming home are received into that same set (the step is done
+    with the visiting block by then), so a step holds the visitor and its gradient only. The
     buffers are made once: a fresh buffer per step was measured to grow the CPU process's
     peak RSS by about two blocks per step (glibc raises its mmap threshold after the first
     free and serves later blocks from a heap that fragments).
@@ -118,6 +120,7 @@ class _Visits:
         self.own = [t.detach() for t in tensors]
         self.rank, self.world_size, self.group = rank, world_size, group
         self._into: list[torch.Tensor] | None = None  # made on first use
+        self._back: list[torch.Tensor] | None = None
 
     def visit(self, k: int) -> list[torch.Tensor]:
         """Rank (rank - k)'s tensors (the buffers are overwritten by the next visit)."""
@@ -127,12 +130,16 @@ class _Visits:
         _exchange(self.own, (self.rank + k) % w, (self.rank - k) % w, self.group, self._into)
         return self._into
 
-    def send_back(self, k: int, grads: list[torch.Tensor], into: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Return step k's gradients to the visitor's owner (rank - k) and receive this rank's
-        own from rank + k, into `into`."""
+    def send_back(self, k: int, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Return step k's gradients to the visitor's owner (rank - k) and receive this rank's own
+        from rank + k, into the visiting blocks' buffers (step k is done with them) where dtype
+        and shape fit, else into buffers made once. Read them before the next visit."""
+        if self._back is None:
+            fits = [b.dtype == g.dtype and b.shape == g.shape for b, g in zip(self._into, grads)]
+            self._back = [b if fit else torch.empty_like(g) for b, g, fit in zip(self._into, grads, fits)]
         w = self.world_size
-        _exchange(grads, (self.rank - k) % w, (self.rank + k) % w, self.group, into)
-        return into
+        _exchange(grads, (self.rank - k) % w, (self.rank + k) % w, self.group, self._back)
+        return self._back
 
 
 def _global(rank: int, group) -> int:
@@ -187,13 +194,13 @@ class _RingClip(torch.autograd.Function):
         d_scale += ring_block_backward(txt, img, scale, lse_t, g, d_txt, d_img, backend, chunk=chunk, **kw)
         if world_size > 1:
             visits = _Visits([img, txt], rank, world_size, group)
-            acc_i, acc_t, in_i, in_t = (torch.empty_like(d_img) for _ in range(4))  # made once (see _Visits)
+            acc_i, acc_t = torch.empty_like(d_img), torch.empty_like(d_img)  # made once (see _Visits)
         for k in range(1, world_size):
             blk_i, blk_t = visits.visit(k)
             acc_i.zero_(), acc_t.zero_()  # the visiting block's gradients
             d_scale += ring_block_backward(img, blk_t, scale, lse_i, g, d_img, acc_t, backend, chunk=chunk, **kw)
             d_scale += ring_block_backward(txt, blk_i, scale, lse_t, g, d_txt, acc_i, backend, chunk=chunk, **kw)
-            visits.send_back(k, [acc_i, acc_t], [in_i, in_t])
+            in_i, in_t = visits.send_back(k, [acc_i, acc_t])
             d_img += in_i
             d_txt += in_t
         _sub_labels(d_img, d_txt, img, txt, 0, 2.0 * g * scale)  # the positives: -2g delta_ij of dLogits
@@ -365,13 +372,13 @@ class _SigLipOverRanks(torch.autograd.Function):
         d_img, d_txt, d_scale, d_bias = siglip_block_backward(img, txt, scale, bias, g, True, backend, chunk, kw)
         if how == "ring":
             visits = _Visits([txt], rank, world_size, group)
-            acc, incoming = torch.empty_like(d_txt), torch.empty_like(d_txt)  # made once (see _Visits)
+            acc = torch.empty_like(d_txt)  # made once (see _Visits)
             for k in range(1, world_size):
                 (blk,) = visits.visit(k)
                 acc.zero_()  # the visiting block's gradient
                 _, _, ds, db = siglip_block_backward(img, blk, scale, bias, g, False, neg, chunk, kw, (d_img, acc))
                 d_scale, d_bias = d_scale + ds, d_bias + db
-                d_txt += visits.send_back(k, [acc], [incoming])[0]
+                d_txt += visits.send_back(k, [acc])[0]
         else:
             buf, dt = torch.empty_like(txt), torch.empty_like(d_txt)  # made once (see _Visits)
             for src in range(world_size):
