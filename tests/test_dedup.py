@@ -16,8 +16,7 @@ import torch
 
 from mode_fast import cli
 from mode_fast.core.errors import ConfigError, InputError
-from mode_fast.data.io import shard_id
-from mode_fast.data.io import read_key_list
+from mode_fast.data.io import read_key_list, shard_id
 from mode_fast.dedup.run import DedupConfig, eps_folder, run_dedup
 from mode_fast.kernels.reference import max_earlier_similarity_dense
 
