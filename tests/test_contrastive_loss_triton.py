@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreted import run_interpreted
 from kernel_launches import counting
 
 # (B, D, strided): odd B and D, B below one tile, widths 640 / 1152 (not powers of two)
@@ -244,16 +244,7 @@ def _determinism(b: int, d: int, strided: bool) -> dict:
 
 
 def _interpreted(b: int, d: int, strided: bool, rect: bool | str = False) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(b), str(d), str(int(strided)), str(int(rect))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted([__file__, str(b), str(d), str(int(strided)), str(int(rect))])
 
 
 @pytest.mark.parametrize("b,d,strided", CASES)

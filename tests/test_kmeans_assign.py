@@ -7,14 +7,12 @@ and this process has already imported it without the variable.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 from mode_fast.kernels import reference
 from mode_fast.kernels.kmeans_assign import kmeans_assign
@@ -379,10 +377,7 @@ _INTERP_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(["-c", _INTERP_SCRIPT])
 
 
 @pytest.mark.parametrize("case", ["odd", "k_gt_n", "one", "raw", "ties", "pairs", "strided", "offset", "fp16"])

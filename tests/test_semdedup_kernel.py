@@ -15,15 +15,14 @@ compare the compiled kernel with the torch path on CUDA (skipped without one).
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 from mode_fast.core.errors import ConfigError
 from mode_fast.kernels import reference
@@ -327,10 +326,7 @@ _INTERP_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(["-c", _INTERP_SCRIPT])
 
 
 @pytest.mark.parametrize(
