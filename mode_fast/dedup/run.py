@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,6 +394,12 @@ def _run(cfg: DedupConfig, ids: list[str], state: RunState) -> dict[str, Any]:
             state.mark_done(unit, write_eps(cfg, eps, pool, parent_exact, semantic, summary))
         written += [out / eps_folder(eps) / name for name in (KEPT_KEYS, DUPLICATES, SUMMARY)]
     files.write_json(out / SUMMARY, summary)
+    # an eps of an earlier run in this folder that this run dropped: its kept_keys.txt would
+    # read as this run's (made with other arguments), so it goes
+    current = {eps_folder(eps) for eps in cfg.eps}
+    for stale in sorted(p for p in out.glob("eps_*") if p.is_dir() and p.name not in current):
+        logger.warning("dedup: removing %s (an eps of an earlier run, not in --eps)", stale)
+        shutil.rmtree(stale)
     state.finish([out / SUMMARY, *written])
     return summary
 
