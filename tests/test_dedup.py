@@ -309,6 +309,13 @@ def test_rerun_rule(pool, tmp_path, caplog):
     assert json.loads((out / "summary.json").read_text())["semantic"]["clusters"] == 3
     with pytest.raises(ConfigError, match="--embedder"):
         run_dedup(_config(shards, out, eps="0.05,0.2", clusters=3, embedder="hash16"))
+    # with the semantic stage off, its models take no part: another embedder redoes nothing
+    exact_only = tmp_path / "exact_only"
+    run_dedup(_config(shards, exact_only, semantic="off"))
+    caplog.clear()
+    run_dedup(_config(shards, exact_only, semantic="off", embedder="hash16", image_model="ViT-B-32:openai"))
+    assert "nothing to do" in caplog.text
+    assert "--embedder" not in json.loads((exact_only / "run.json").read_text())["args"]
 
 
 def test_a_changed_shard_is_reread_and_the_rest_redone(pool, tmp_path, caplog):

@@ -304,6 +304,10 @@ def run_dedup(cfg: DedupConfig) -> dict[str, Any]:
     values = dict(manifest_args(cfg))
     if cfg.semantic == "captions":
         values["--embedder"] = _embedder_name(cfg)  # by name, as the cluster job records it
+    else:  # a stage that is off takes no part in the result: changing its model redoes nothing
+        values.pop("--embedder", None)
+    if cfg.semantic != "images":
+        values.pop("--image-model", None)
     if cfg.semantic == "images":
         from mode_fast.training.checkpoint import check_model_checkpoint, parse_model_spec
 
