@@ -12,12 +12,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from local_ports import free_port
 from test_train import metrics, pool, run_train, weights  # noqa: F401 - pool is a fixture
 
 from mode_fast.training import loop
@@ -132,14 +132,8 @@ def _ddp_worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_processes_match_one_process():
-    mp.spawn(_ddp_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def test_train_job_with_grad_cache_ends_on_the_same_weights(pool, tmp_path):  # noqa: F811

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from local_ports import free_port
 
 WORLD = 2
 LOCAL_B, D = 11, 20  # odd; 22 gathered rows span two 16-row tiles of the interpreted kernels
@@ -130,19 +130,13 @@ def worker(rank: int, port: int, backend: str, out_path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_every_distributed_setting_matches_open_clip_in_fresh_processes(backend, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MODE_FAST_BACKEND")}
     if backend == "triton":
         pytest.importorskip("triton")
         env["TRITON_INTERPRET"] = "1"
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / f"rank{r}.json" for r in range(WORLD)]
     procs = [
         subprocess.Popen(

@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from local_ports import free_port
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
-from test_loss_distributed import close, free_port, grads
+from test_loss_distributed import close, grads
 
 import mode_fast.training.loss as loss_mod
 from mode_fast.training.loss import ClipLoss, SigLipLoss

@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from local_ports import free_port
 from test_train import BASE, metrics, pool, run_train, weights  # noqa: F401  (pool: fixture)
 
 torch.set_num_threads(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(argv: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -41,7 +35,7 @@ def test_two_node_torchrun_matches_one_process(pool, tmp_path):
     common = ["--data", str(pool / "shards"), "--steps", "4", "--model", "mode-fast-tiny",
               "--warmup", "2", "--lr", "1e-3", "--workers", "0", "--no-progress"]  # fmt: skip
     one = run_train([*common, "--batch-size", "16", "--out", str(tmp_path / "one")])
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         _launch(["-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
                  "--master-addr", "127.0.0.1", "--master-port", port,
