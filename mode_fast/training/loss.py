@@ -92,10 +92,13 @@ def _gather(x: torch.Tensor, with_grad: bool, keep_local: bool, rank: int, world
     return torch.cat(parts, 0)
 
 
+def _global(rank: int, group) -> int:
+    return dist.get_global_rank(group, rank) if group is not None else rank
+
+
 def _exchange(tensors: list[torch.Tensor], send_to: int, recv_from: int, group, into: list[torch.Tensor]) -> None:
     """Send each tensor to group rank send_to; receive same-shaped ones from recv_from into `into`."""
-    to = dist.get_global_rank(group, send_to) if group is not None else send_to
-    frm = dist.get_global_rank(group, recv_from) if group is not None else recv_from
+    to, frm = _global(send_to, group), _global(recv_from, group)
     ops = [dist.P2POp(dist.isend, t.contiguous(), to, group=group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, r, frm, group=group) for r in into]
     for req in dist.batch_isend_irecv(ops):
@@ -140,10 +143,6 @@ class _Visits:
         w = self.world_size
         _exchange(grads, (self.rank - k) % w, (self.rank + k) % w, self.group, self._back)
         return self._back
-
-
-def _global(rank: int, group) -> int:
-    return dist.get_global_rank(group, rank) if group is not None else rank
 
 
 def _broadcast(x: torch.Tensor, src: int, rank: int, group, buf: torch.Tensor) -> torch.Tensor:
