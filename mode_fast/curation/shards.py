@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,11 +462,16 @@ def sample_shard(task: dict[str, Any]) -> dict[str, Any]:
             f"{task['path']}: wrote {written} records but meant to keep {int(keep.sum())}; "
             "the shard changed since it was matched"
         )
-    with atomic_write(task["kept_keys"], "w") as f:
-        f.writelines(f"{key}\n" for key in keys[keep])
+    write_shard_keys(task["kept_keys"], keys[keep].tolist())
     # Written last: its presence (with this stamp) marks the shard done.
     write_json(task["done"], task["stamp"] | {"kept": written})
     return {"records": len(keep), "kept": written}
+
+
+def write_shard_keys(path: str | Path, keys: Iterable[str]) -> None:
+    """One shard's kept keys, one a line: the pieces write_kept_keys joins into kept_keys.txt."""
+    with atomic_write(path, "w") as f:
+        f.writelines(f"{key}\n" for key in keys)
 
 
 def write_kept_keys(files: Sequence[ShardFiles], path: Path, kept: int) -> None:

@@ -570,9 +570,9 @@ def write_eps(
     summary: dict[str, Any],
 ) -> list[Path]:  # fmt: skip
     """One eps's folder; returns the files written. kept_keys.txt goes through curate's own
-    writer (`mode_fast.curation.shards`: per-shard key lists and stamps under the folder's
+    writers (`mode_fast.curation.shards`: per-shard key lists and stamps under the folder's
     .work/, joined in pool order), and so do the shards (`write_kept`)."""
-    from mode_fast.curation.shards import shard_files, write_kept_keys
+    from mode_fast.curation.shards import shard_files, write_kept_keys, write_shard_keys
     from mode_fast.data.io import CORRUPT_TAR_TAIL, read_shard, write_kept
 
     folder = cfg.out / eps_folder(eps)
@@ -585,8 +585,7 @@ def write_eps(
     for n, f in enumerate(sfiles):
         mine = pool["shard"] == n
         shard_keys = keys[mine & kept]
-        with files.atomic_write(f.kept_keys, "w") as fh:
-            fh.writelines(f"{k}\n" for k in shard_keys.tolist())
+        write_shard_keys(f.kept_keys, shard_keys.tolist())
         if cfg.write_shards == eps:
             # write_kept indexes records as read_shard yields them, skipped ones included
             usable_kept = iter(kept[mine].tolist())
